@@ -1,0 +1,22 @@
+"""avmp-triton: Asymmetric Virtual Memory Paging for hybrid Mamba-Transformer inference.
+
+Two physically distinct pools (KV pages, SSM blocks) behind one handle space, all state in
+device tensors, allocation and migration done by Triton kernels.
+"""
+from avmp_triton import _triton_env  # noqa: F401  (must run before triton is imported)
+from avmp_triton.allocator import (
+    AllocatorStats,
+    AVMPAllocator,
+    InvalidHandleError,
+    PaddedUnifiedAllocator,
+    PoolExhaustedError,
+    PoolStats,
+    StaticDualAllocator,
+)
+from avmp_triton.spec import HybridModelSpec, get_preset, list_presets
+
+__all__ = [
+    "AVMPAllocator", "AllocatorStats", "HybridModelSpec", "InvalidHandleError", "PaddedUnifiedAllocator",
+    "PoolExhaustedError", "PoolStats", "StaticDualAllocator", "get_preset", "list_presets",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,591 @@
+"""Device-resident arena allocators: AVMP and the two baselines, on one machinery.
+
+Memory model (see DESIGN.md): one uint8 arena split into equal slabs; every slab belongs to one
+pool; a pool hands out units of one size (KV page or SSM block, each rounded up to 16 bytes only).
+All state is in device tensors and is changed only by the Triton kernels in
+``avmp_triton.kernels.alloc``; Python validates arguments, launches, and (on the rare failure
+path) plans a rebalance from a small snapshot of the slab counters.
+
+The three allocators differ only in policy:
+
+- ``AVMPAllocator``: two pools (KV pages, SSM blocks); on failure capacity moves between them,
+  first whole free slabs, else compacted ones (live units copied out, handles rebound).
+- ``StaticDualAllocator``: the same two pools with a fixed split, never rebalanced.
+- ``PaddedUnifiedAllocator``: one pool whose unit is max(page, block), as vLLM pads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
+from avmp_triton.kernels import alloc as K
+from avmp_triton.spec import HybridModelSpec
+
+KIND_FREE, KIND_KV, KIND_SSM = 0, 1, 2
+_KIND_NAMES = {KIND_KV: "kv", KIND_SSM: "ssm"}
+_KIND_OF_NAME = {None: 0, "kv": KIND_KV, "ssm": KIND_SSM}
+
+SLAB_ALIGN = 128
+UNIT_ALIGN = 16
+MAX_MIGRATION_BATCH = 256
+
+# single-program kernels walk their input in blocks of this many lanes
+_BLOCK = 1024
+_NUM_WARPS = 8
+# unit copy: one program copies CHUNK int32 words in BLOCK-word steps
+_COPY_CHUNK = 8192
+_COPY_BLOCK = 2048
+
+
+class PoolExhaustedError(RuntimeError):
+    """Not enough capacity, even after rebalancing. The allocator is unchanged."""
+
+
+class InvalidHandleError(ValueError):
+    """A handle that is out of range, free, of the wrong kind, or repeated. Nothing was changed."""
+
+
+_ERROR_TEXT = {
+    int(K.ERR_RANGE): "is out of range",
+    int(K.ERR_NOT_LIVE): "is not allocated (free or already freed)",
+    int(K.ERR_WRONG_KIND): "is of the wrong kind",
+    int(K.ERR_DUPLICATE): "appears more than once in one call",
+}
+
+
+def _round_up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+def default_slab_bytes(unit_bytes: list[int], min_slab_bytes: int = 2 << 20, waste_ok: float = 0.01) -> int:
+    """Smallest multiple of the largest unit (>= ``min_slab_bytes``) whose tail waste is small.
+
+    Tail waste of a pool is ``slab % unit``; we take the first of 8 candidate sizes whose summed
+    tail fraction over the pools is at most ``waste_ok``, else the candidate with the least waste.
+    Smaller slabs keep migration fine-grained and compaction cheap.
+    """
+    big = max(unit_bytes)
+    k0 = max(1, math.ceil(min_slab_bytes / big))
+    best = None
+    for k in range(k0, k0 + 8):
+        slab = _round_up(k * big, SLAB_ALIGN)
+        waste = sum((slab % u) / slab for u in unit_bytes)
+        if waste <= waste_ok:
+            return slab
+        if best is None or waste < best[0]:
+            best = (waste, slab)
+    return best[1]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PoolStats:
+    unit_bytes: int
+    units_per_slab: int
+    slabs: int
+    free_slabs: int
+    units: int
+    used_units: int
+    free_units: int
+    slab_tail_bytes: int  # bytes at the end of this pool's slabs that hold no unit
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AllocatorStats:
+    pools: dict  # "kv", "ssm" (or "unified") -> PoolStats
+    live_kv: int
+    live_ssm: int
+    handles_live: int
+    handles_capacity: int
+    padding_bytes: int       # live units' bytes beyond their exact size (padding and alignment)
+    slab_tail_bytes: int
+    arena_tail_bytes: int    # capacity asked for but not usable as whole slabs
+    migrations: int          # rebalance events that moved capacity
+    slabs_moved: int
+    units_moved: int         # live units relocated by compaction
+    bytes_copied: int
+
+
+class ArenaAllocator:
+    """Shared machinery; use one of the three policies below."""
+
+    _unified: bool = False
+    _migrates: bool = False
+
+    def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, kv_fraction: float = 0.5,
+                 page_tokens: int = 16, slab_bytes: int | None = None, migration_batch: int = 16):
+        if not isinstance(spec, HybridModelSpec):
+            raise TypeError(f"spec must be a HybridModelSpec, got {type(spec).__name__}")
+        if spec.num_attn_layers < 1 or spec.num_mamba_layers < 1:
+            raise ValueError(f"spec {spec.name!r} needs attention and Mamba layers, got "
+                             f"{spec.num_attn_layers} and {spec.num_mamba_layers}")
+        if not _is_int(page_tokens) or page_tokens < 1:
+            raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
+        if not _is_int(capacity_bytes) or capacity_bytes <= 0:
+            raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
+        if isinstance(kv_fraction, bool) or not isinstance(kv_fraction, (int, float)) or not 0.0 <= kv_fraction <= 1.0:
+            raise ValueError(f"kv_fraction must be in [0, 1], got {kv_fraction!r}")
+        if not _is_int(migration_batch) or not 1 <= migration_batch <= MAX_MIGRATION_BATCH:
+            raise ValueError(f"migration_batch must be an int in [1, {MAX_MIGRATION_BATCH}], got {migration_batch!r}")
+        self.device = _resolve_device(device)
+        self.spec = spec
+        self.page_tokens = page_tokens
+        self.migration_batch = migration_batch
+
+        # exact unit sizes, then the unit each pool hands out
+        self.kv_page_raw = spec.kv_bytes_per_token * page_tokens
+        self.ssm_block_raw = spec.ssm_state_raw_bytes
+        page = _round_up(self.kv_page_raw, UNIT_ALIGN)
+        block = spec.ssm_block_bytes
+        if self._unified:
+            self.pool_names = ("unified",)
+            unit = max(page, block)
+            self.unit_bytes = (unit, unit)
+            self._pool_of = {KIND_KV: 0, KIND_SSM: 0}
+        else:
+            self.pool_names = ("kv", "ssm")
+            self.unit_bytes = (page, block)
+            self._pool_of = {KIND_KV: 0, KIND_SSM: 1}
+
+        if slab_bytes is None:
+            slab_bytes = default_slab_bytes(sorted(set(self.unit_bytes)))
+        if not _is_int(slab_bytes) or slab_bytes % SLAB_ALIGN or slab_bytes < max(self.unit_bytes):
+            raise ValueError(f"slab_bytes must be a multiple of {SLAB_ALIGN} holding the largest unit "
+                             f"({max(self.unit_bytes)} bytes), got {slab_bytes!r}")
+        self.slab_bytes = slab_bytes
+        self.num_slabs = capacity_bytes // slab_bytes
+        min_slabs = 1 if self._unified else 2
+        if self.num_slabs < min_slabs:
+            raise ValueError(f"capacity_bytes={capacity_bytes} holds {self.num_slabs} slab(s) of {slab_bytes} "
+                             f"bytes; at least {min_slabs} needed")
+        self.capacity_bytes = capacity_bytes
+        self.units_per_slab = tuple(slab_bytes // u for u in self.unit_bytes)
+        self.max_units_per_slab = max(self.units_per_slab)
+        self.num_handles = self.num_slabs * self.max_units_per_slab  # never fewer than live units
+
+        S, dev = self.num_slabs, self.device
+        if self._unified:
+            n_pool0 = S
+        else:
+            n_pool0 = min(S, max(0, round(kv_fraction * S)))
+        owner = torch.ones(S, dtype=torch.int32)
+        owner[:n_pool0] = 0
+        if self._unified:
+            owner.zero_()
+
+        self.arena = torch.empty(S * slab_bytes, dtype=torch.uint8, device=dev)
+        self._arena_words = self.arena.view(torch.int32)
+        H = self.num_handles
+        self.handle_table = torch.full((H,), -1, dtype=torch.int64, device=dev)
+        self.handle_kind = torch.zeros(H, dtype=torch.int32, device=dev)
+        self._handle_stack = torch.arange(H - 1, -1, -1, dtype=torch.int32, device=dev)  # handle 0 pops first
+        self._stack_base = (0, S * self.units_per_slab[0])
+        self._free_units = torch.empty(self._stack_base[1] + S * self.units_per_slab[1], dtype=torch.int64, device=dev)
+        self.slab_owner = owner.to(dev)
+        self.slab_live = torch.zeros(S, dtype=torch.int32, device=dev)
+        self._slot_handle = torch.full((S, self.max_units_per_slab), -1, dtype=torch.int32, device=dev)
+        self._mark = torch.zeros(H, dtype=torch.int32, device=dev)
+        self._status = torch.zeros(3, dtype=torch.int64, device=dev)
+        tops = [0, 0, H]
+        for p in range(len(self.pool_names)):
+            slots = _slab_slots(torch.nonzero(owner == p).flatten(), slab_bytes, self.unit_bytes[p],
+                                self.units_per_slab[p])
+            base = self._stack_base[p]
+            self._free_units[base:base + slots.numel()] = slots.flip(0).to(dev)  # lowest slot pops first
+            tops[p] = slots.numel()
+        self._tops = torch.tensor(tops, dtype=torch.int64, device=dev)
+        self._workspaces: dict[int, torch.Tensor] = {}
+
+        self.migrations = 0
+        self.slabs_moved = 0
+        self.units_moved = 0
+        self.bytes_copied = 0
+
+    # ------------------------------------------------------------------ Python API (syncs)
+    def alloc_kv(self, n: int) -> torch.Tensor:
+        """Allocate ``n`` KV pages. Returns ``[n]`` int32 handles on the device."""
+        return self._alloc(KIND_KV, n)
+
+    def alloc_ssm(self, n: int) -> torch.Tensor:
+        """Allocate ``n`` SSM blocks. Returns ``[n]`` int32 handles on the device."""
+        return self._alloc(KIND_SSM, n)
+
+    def free(self, handles: torch.Tensor, kind: str | None = None) -> None:
+        """Free ``[n]`` int32 handles of either kind (or only ``kind``: "kv" / "ssm"). All or nothing."""
+        req = self._kind_arg(kind)
+        self._check_handles_arg(handles, "handles")
+        n = handles.numel()
+        if n == 0:
+            return
+        p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
+        K.free_kernel[(1,)](
+            handles, n, self._status, self._mark, *self._state_args(),
+            self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1],
+            self.max_units_per_slab, self.num_handles,
+            REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        self._raise_on_handle_error(self._status.tolist(), kind, "handles")
+
+    def resolve(self, handles: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """Byte offsets ``[n]`` int64 of live handles in the arena."""
+        req = self._kind_arg(kind)
+        self._check_handles_arg(handles, "handles")
+        out = torch.empty(handles.numel(), dtype=torch.int64, device=self.device)
+        if handles.numel():
+            K.resolve_kernel[(1,)](handles, handles.numel(), out, self._status, self.handle_table,
+                                   self.handle_kind, self.num_handles, REQ_KIND=req, BLOCK=_BLOCK,
+                                   num_warps=_NUM_WARPS)
+            self._raise_on_handle_error(self._status.tolist(), kind, "handles")
+        return out
+
+    def rebalance(self, to_kind: str, num_slabs: int) -> None:
+        """Move ``num_slabs`` slabs of capacity into the ``to_kind`` pool now ("kv" or "ssm").
+
+        Free slabs go first; the rest are emptied by compaction. Raises PoolExhaustedError (state
+        unchanged) when the other pool cannot give that many, ValueError for bad arguments.
+        """
+        if to_kind not in ("kv", "ssm"):
+            raise ValueError(f"to_kind must be 'kv' or 'ssm', got {to_kind!r}")
+        if not _is_int(num_slabs) or not 0 <= num_slabs <= self.num_slabs:
+            raise ValueError(f"num_slabs must be an int in [0, {self.num_slabs}], got {num_slabs!r}")
+        if not self._migrates:
+            raise PoolExhaustedError(f"{type(self).__name__} never moves capacity between pools")
+        if num_slabs:
+            self._move_capacity(_KIND_OF_NAME[to_kind], num_slabs, eager=False)
+
+    # ------------------------------------------------------------------ device hot path (no sync)
+    def grow_kv(self, block_table: torch.Tensor, num_pages: torch.Tensor, need: torch.Tensor,
+                failed: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``need[r]`` new KV page handles to row r of ``block_table``, on the device.
+
+        Args:
+            block_table: ``[R, W]`` int32, -1 padded; row r holds ``num_pages[r]`` handles.
+            num_pages: ``[R]`` int32, updated in place.
+            need: ``[R]`` int32 pages to add (0 for rows that need none).
+            failed: optional ``[R]`` int32 output buffer.
+        Returns:
+            ``failed`` ``[R]`` int32: 0 granted; 7 no capacity; 6 bad count (need < 0 or the row
+            would pass W). A row gets all its pages or none, rows are served in order, and once
+            one row does not fit no later row is granted. Nothing is rebalanced here (no sync):
+            call ``make_room`` / ``rebalance`` from the host on failure.
+        """
+        R, W = self._check_table_args(block_table, num_pages)
+        self._check_vec(need, "need", R)
+        if failed is None:
+            failed = torch.empty(R, dtype=torch.int32, device=self.device)
+        else:
+            self._check_vec(failed, "failed", R)
+        rp, log_r = _pow2(R)
+        pool = self._pool_of[KIND_KV]
+        K.grow_kernel[(1,)](block_table, num_pages, need, failed, self._workspace(rp), R, W,
+                            block_table.stride(0), rp, *self._state_args(), self._stack_base[pool],
+                            self.slab_bytes, self.unit_bytes[pool], self.max_units_per_slab,
+                            POOL=pool, LOG_R=log_r, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        return failed
+
+    def release_rows(self, rows: torch.Tensor, block_table: torch.Tensor, num_pages: torch.Tensor,
+                     ssm_handles: torch.Tensor | None = None, status: torch.Tensor | None = None) -> torch.Tensor:
+        """Free every handle of the listed rows on the device; reset the rows to -1 / 0.
+
+        Args:
+            rows: ``[M]`` int32 row indices, -1 entries skipped (fixed size for CUDA graphs).
+            block_table: ``[R, W]`` int32; num_pages: ``[R]`` int32.
+            ssm_handles: optional ``[R]`` int32 SSM handle per row (-1 for none), freed too.
+            status: optional ``[3]`` int64 output.
+        Returns:
+            ``status`` ``[3]`` int64 (code, position, value); code 0 = done. On any bad row or
+            handle nothing is freed; ``check_status`` turns a failure into an exception.
+        """
+        R, W = self._check_table_args(block_table, num_pages)
+        self._check_vec(rows, "rows", None)
+        if ssm_handles is not None:
+            self._check_vec(ssm_handles, "ssm_handles", R)
+        if status is None:
+            status = torch.empty(3, dtype=torch.int64, device=self.device)
+        elif status.dtype != torch.int64 or status.shape != (3,) or status.device != self.device:
+            raise ValueError(f"status must be a [3] int64 tensor on {self.device}, got "
+                             f"{tuple(status.shape)} {status.dtype} on {status.device}")
+        M = rows.numel()
+        rp, log_r = _pow2(M)
+        p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
+        K.release_kernel[(1,)](
+            rows, M, block_table, num_pages, ssm_handles if ssm_handles is not None else num_pages,
+            status, self._workspace(rp), self._mark, R, W, block_table.stride(0), rp,
+            *self._state_args(), self._stack_base[1], self.slab_bytes, self.unit_bytes[0],
+            self.unit_bytes[1], self.max_units_per_slab, self.num_handles,
+            POOL_KV=p0, POOL_SSM=p1, HAS_SSM=ssm_handles is not None, LOG_R=log_r, BLOCK=_BLOCK,
+            num_warps=_NUM_WARPS)
+        return status
+
+    def check_status(self, status: torch.Tensor) -> None:
+        """Host check of a ``release_rows`` status (syncs); raises what the Python API would."""
+        code, pos, val = status.tolist()
+        if code in (int(K.ERR_BAD_ROW), int(K.ERR_BAD_COUNT)):
+            what = "is out of range" if code == int(K.ERR_BAD_ROW) else "has a num_pages outside [0, W]"
+            raise ValueError(f"rows[{pos + _pow2(0)[0] if pos < 0 else pos}]: row {val} {what}")
+        self._raise_on_handle_error([code, pos, val], None, "released entry")
+
+    def make_room(self, kind: str, n: int) -> None:
+        """Host-side rebalance so that ``n`` more units of ``kind`` fit (AVMP only; syncs)."""
+        k = _KIND_OF_NAME.get(kind)
+        if not k:
+            raise ValueError(f"kind must be 'kv' or 'ssm', got {kind!r}")
+        n = self._check_count(n)
+        pool = self._pool_of[k]
+        free = int(self._tops[pool])
+        if free >= n:
+            return
+        if not self._migrates:
+            raise self._exhausted(k, n, free)
+        deficit = n - free
+        self._move_capacity(k, math.ceil(deficit / self.units_per_slab[pool]), eager=True, n=n, free=free)
+
+    # ------------------------------------------------------------------ accounting
+    def stats(self) -> AllocatorStats:
+        """A snapshot of the accounting (syncs)."""
+        tops = self._tops.tolist()
+        owner = self.slab_owner.cpu()
+        live = self.slab_live.cpu()
+        kinds = torch.bincount(self.handle_kind.cpu().long(), minlength=3).tolist()
+        pools = {}
+        tail_total = 0
+        for p, name in enumerate(self.pool_names):
+            mine = owner == p
+            slabs = int(mine.sum())
+            units = slabs * self.units_per_slab[p]
+            tail = slabs * (self.slab_bytes - self.units_per_slab[p] * self.unit_bytes[p])
+            tail_total += tail
+            pools[name] = PoolStats(unit_bytes=self.unit_bytes[p], units_per_slab=self.units_per_slab[p],
+                                    slabs=slabs, free_slabs=int((mine & (live == 0)).sum()), units=units,
+                                    used_units=units - tops[p], free_units=tops[p], slab_tail_bytes=tail)
+        live_kv, live_ssm = kinds[KIND_KV], kinds[KIND_SSM]
+        padding = (live_kv * (self.unit_bytes[self._pool_of[KIND_KV]] - self.kv_page_raw)
+                   + live_ssm * (self.unit_bytes[self._pool_of[KIND_SSM]] - self.ssm_block_raw))
+        return AllocatorStats(
+            pools=pools, live_kv=live_kv, live_ssm=live_ssm, handles_live=live_kv + live_ssm,
+            handles_capacity=self.num_handles, padding_bytes=padding, slab_tail_bytes=tail_total,
+            arena_tail_bytes=self.capacity_bytes - self.num_slabs * self.slab_bytes,
+            migrations=self.migrations, slabs_moved=self.slabs_moved, units_moved=self.units_moved,
+            bytes_copied=self.bytes_copied)
+
+    # ------------------------------------------------------------------ internals
+    def _state_args(self):
+        return (self.handle_table, self.handle_kind, self._handle_stack, self._free_units, self._tops,
+                self._slot_handle, self.slab_live)
+
+    def _alloc(self, kind: int, n) -> torch.Tensor:
+        n = self._check_count(n)
+        out = torch.empty(n, dtype=torch.int32, device=self.device)
+        if n == 0:
+            return out
+        code, _, avail = self._launch_alloc(kind, n, out)
+        if code == int(K.ERR_NO_SPACE):
+            if not self._migrates:
+                raise self._exhausted(kind, n, avail)
+            self._move_capacity(kind, math.ceil((n - avail) / self.units_per_slab[self._pool_of[kind]]),
+                                eager=True, n=n, free=avail)
+            code, _, avail = self._launch_alloc(kind, n, out)
+            assert code == 0, "rebalance planned room that the pool does not have"
+        return out
+
+    def _launch_alloc(self, kind: int, n: int, out: torch.Tensor):
+        pool = self._pool_of[kind]
+        K.alloc_kernel[(1,)](out, n, self._status, *self._state_args(), self._stack_base[pool],
+                             self.slab_bytes, self.unit_bytes[pool], self.max_units_per_slab,
+                             POOL=pool, KIND=kind, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        return self._status.tolist()
+
+    def _exhausted(self, kind: int, n: int, free: int) -> PoolExhaustedError:
+        return PoolExhaustedError(
+            f"cannot allocate n={n} {_KIND_NAMES[kind]} unit(s): {free} free in pool "
+            f"{self.pool_names[self._pool_of[kind]]!r} and no capacity can be moved into it")
+
+    def _move_capacity(self, kind: int, need: int, *, eager: bool, n: int | None = None, free: int | None = None):
+        """Plan (from a snapshot of the slab counters) and run a migration of ``need`` slabs."""
+        p = self._pool_of[kind]
+        d = 1 - p
+        owner = self.slab_owner.cpu()
+        live = self.slab_live.cpu()
+        donor = torch.nonzero(owner == d).flatten().tolist()
+        free_slabs = [s for s in donor if live[s] == 0]
+        if len(free_slabs) >= need:
+            # step 1: whole free slabs, no data moves; eagerly up to migration_batch of them
+            take = min(len(free_slabs), max(need, self.migration_batch)) if eager else need
+            victims = free_slabs[:take]
+        else:
+            # step 2: compaction; the least-occupied donor slabs are emptied into the others
+            busy = sorted((s for s in donor if live[s] > 0), key=lambda s: (int(live[s]), s))
+            live_total = int(live[donor].sum()) if donor else 0
+            if len(donor) < need or (len(donor) - need) * self.units_per_slab[d] < live_total:
+                if n is not None:
+                    raise self._exhausted(kind, n, free)
+                raise PoolExhaustedError(
+                    f"cannot move {need} slab(s) into the {_KIND_NAMES[kind]} pool: the "
+                    f"{self.pool_names[d]!r} pool has {len(donor)} slab(s) holding {live_total} live unit(s)")
+            victims = free_slabs + busy[:need - len(free_slabs)]
+        self._move_slabs(victims, d, p, int(live[victims].sum()))
+
+    def _move_slabs(self, victims: list[int], d: int, p: int, n_moves: int) -> None:
+        dev = self.device
+        victims_t = torch.tensor(victims, dtype=torch.int32, device=dev)
+        flag = torch.zeros(self.num_slabs, dtype=torch.int32, device=dev)
+        flag[victims_t.long()] = 1
+        stacks_d = self._free_units[self._stack_base[d]:]
+        K.drop_slabs_kernel[(1,)](stacks_d, self._tops, flag, self.slab_bytes, POOL=d, BLOCK=_BLOCK,
+                                  num_warps=_NUM_WARPS)
+        if n_moves:
+            moves = torch.empty(3, n_moves, dtype=torch.int64, device=dev)
+            K.collect_moves_kernel[(1,)](victims_t, len(victims), moves, n_moves, stacks_d, self._tops,
+                                         self._slot_handle, self.slab_bytes, self.unit_bytes[d],
+                                         self.units_per_slab[d], self.max_units_per_slab, POOL=d,
+                                         BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+            chunks = math.ceil(self.unit_bytes[d] // 4 / _COPY_CHUNK)
+            K.move_units_kernel[(n_moves, chunks)](self._arena_words, moves, n_moves, self.handle_table,
+                                                   self._slot_handle, self.slab_live, self.slab_bytes,
+                                                   self.unit_bytes[d], self.max_units_per_slab,
+                                                   CHUNK=_COPY_CHUNK, BLOCK=_COPY_BLOCK, num_warps=8)
+        K.adopt_slabs_kernel[(1,)](victims_t, len(victims), self._free_units[self._stack_base[p]:], self._tops,
+                                   self.slab_owner, self.slab_live, self._slot_handle, self.slab_bytes,
+                                   self.unit_bytes[p], self.units_per_slab[p], self.max_units_per_slab,
+                                   POOL=p, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        self.migrations += 1
+        self.slabs_moved += len(victims)
+        self.units_moved += n_moves
+        self.bytes_copied += n_moves * self.unit_bytes[d]
+
+    def _workspace(self, rp: int) -> torch.Tensor:
+        # kept per size so a captured CUDA graph replays on the same buffer
+        ws = self._workspaces.get(rp)
+        if ws is None:
+            ws = self._workspaces[rp] = torch.empty(2 * rp, dtype=torch.int64, device=self.device)
+        return ws
+
+    def _kind_arg(self, kind) -> int:
+        if kind not in _KIND_OF_NAME:
+            raise ValueError(f"kind must be None, 'kv' or 'ssm', got {kind!r}")
+        return _KIND_OF_NAME[kind]
+
+    def _check_count(self, n) -> int:
+        if not _is_int(n):
+            raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
+        if not 0 <= n <= self.num_handles:
+            raise ValueError(f"n must be in [0, {self.num_handles}] (the handle capacity), got {n}")
+        return int(n)
+
+    def _check_handles_arg(self, t, name: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of int32, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"{name} is on {t.device}, the allocator on {self.device}")
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
+
+    def _check_vec(self, t, name: str, length: int | None) -> None:
+        self._check_handles_arg(t, name)
+        if length is not None and t.numel() != length:
+            raise ValueError(f"{name} must have {length} entries (one per block-table row), got {t.numel()}")
+
+    def _check_table_args(self, block_table, num_pages):
+        if not isinstance(block_table, torch.Tensor):
+            raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+        if block_table.device != self.device:
+            raise ValueError(f"block_table is on {block_table.device}, the allocator on {self.device}")
+        if block_table.dim() != 2 or block_table.stride(1) != 1:
+            raise ValueError(f"block_table must be 2-D [R, W] with contiguous rows, got shape "
+                             f"{tuple(block_table.shape)} strides {block_table.stride()}")
+        R, W = block_table.shape
+        self._check_vec(num_pages, "num_pages", R)
+        return R, W
+
+    def _raise_on_handle_error(self, status, kind, name: str) -> None:
+        code, pos, val = status
+        if code == 0:
+            return
+        text = _ERROR_TEXT.get(code, f"failed with code {code}")
+        if code == int(K.ERR_WRONG_KIND) and kind:
+            text = f"is not a {kind!r} handle"
+        where = f"{name}[{pos}]" if code != int(K.ERR_DUPLICATE) else name
+        raise InvalidHandleError(f"{where}: handle {val} {text}; nothing was changed")
+
+    def __repr__(self) -> str:
+        pools = ", ".join(f"{n}: {self.units_per_slab[i]} x {self.unit_bytes[i]} B/slab"
+                          for i, n in enumerate(self.pool_names))
+        return (f"{type(self).__name__}(spec={self.spec.name!r}, slabs={self.num_slabs} x {self.slab_bytes} B, "
+                f"{pools}, device={self.device})")
+
+
+class AVMPAllocator(ArenaAllocator):
+    """Two exact-size pools behind one handle space; capacity moves between them on demand.
+
+    Args:
+        spec: the model's cache geometry.
+        capacity_bytes: arena size; whole slabs of it are used.
+        device: "cuda" when available, else "cpu" (kernels in the Triton interpreter).
+        kv_fraction: share of slabs the KV pool starts with.
+        page_tokens: tokens per KV page.
+        slab_bytes: slab size (multiple of 128, holds one SSM block); derived from the spec if None.
+        migration_batch: free slabs handed over per rebalance at most beyond the ones needed (1-256).
+    """
+
+    _migrates = True
+
+
+class StaticDualAllocator(ArenaAllocator):
+    """Two exact-size pools with a fixed split (SGLang-style); never rebalanced."""
+
+    def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, ssm_fraction: float = 0.5, device=None,
+                 page_tokens: int = 16, slab_bytes: int | None = None):
+        if isinstance(ssm_fraction, bool) or not isinstance(ssm_fraction, (int, float)) or not 0.0 <= ssm_fraction <= 1.0:
+            raise ValueError(f"ssm_fraction must be in [0, 1], got {ssm_fraction!r}")
+        self.ssm_fraction = ssm_fraction
+        super().__init__(spec, capacity_bytes, device=device, kv_fraction=1.0 - ssm_fraction,
+                         page_tokens=page_tokens, slab_bytes=slab_bytes)
+
+
+class PaddedUnifiedAllocator(ArenaAllocator):
+    """One pool whose unit is max(KV page, SSM block), as vLLM pads; the padding is waste."""
+
+    _unified = True
+
+    def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, page_tokens: int = 16,
+                 slab_bytes: int | None = None):
+        super().__init__(spec, capacity_bytes, device=device, page_tokens=page_tokens, slab_bytes=slab_bytes)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _pow2(n: int) -> tuple[int, int]:
+    log = max(0, (max(n, 1) - 1).bit_length())
+    return 1 << log, log
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type == "cpu":
+        from avmp_triton._triton_env import require_interpreter
+        require_interpreter()
+    else:
+        raise ValueError(f"device must be cuda or cpu, got {device!r}")
+    return dev
+
+
+def _slab_slots(slabs: torch.Tensor, slab_bytes: int, unit: int, ups: int) -> torch.Tensor:
+    """Byte offsets of every unit of ``slabs`` in slab order, unit order."""
+    return (slabs.long()[:, None] * slab_bytes + torch.arange(ups)[None, :] * unit).flatten()

@@ -1,0 +1,550 @@
+"""Allocator kernels: batched alloc, free, per-row growth/release and slab migration.
+
+All allocator state lives in device tensors (see ``avmp_triton/allocator.py`` for the layout):
+
+    table      [H] int64   handle -> byte offset in the arena, -1 when free
+    kinds      [H] int32   handle -> 0 free, 1 KV page, 2 SSM block
+    hstack     [H] int32   stack of free handle ids (top in tops[2])
+    stacks     [..] int64  per-pool stacks of free unit offsets; pool 1 starts at ``base1``
+    tops       [3] int64   top of pool 0, top of pool 1, top of the handle stack
+    slot_handle[S, U] int32  reverse map: unit slot of a slab -> handle, -1 when free
+    slab_live  [S] int32   live units per slab
+    slab_owner [S] int32   pool of each slab
+
+The mutating kernels run as ONE program: a single CTA walks its input in blocks, so the order in
+which stack entries are taken and given back is fixed by the input order, and the same call
+sequence always yields the same table (the only atomics are commutative counter updates).
+They must never be autotuned (autotuning re-runs a kernel).
+
+Pops take ``stack[top - 1 - i]`` for the i-th unit; pushes write ``stack[top + i]``.
+"""
+import triton
+import triton.language as tl
+
+KIND_KV = tl.constexpr(1)
+KIND_SSM = tl.constexpr(2)
+
+# error codes written to status[0]; the launcher turns them into exceptions
+ERR_NONE = tl.constexpr(0)
+ERR_RANGE = tl.constexpr(1)       # handle outside [0, num_handles)
+ERR_NOT_LIVE = tl.constexpr(2)    # handle is free
+ERR_WRONG_KIND = tl.constexpr(3)  # live handle of the other kind
+ERR_DUPLICATE = tl.constexpr(4)   # handle given twice in one call
+ERR_BAD_ROW = tl.constexpr(5)     # row index outside the block table
+ERR_BAD_COUNT = tl.constexpr(6)   # num_pages of a row outside [0, width]
+ERR_NO_SPACE = tl.constexpr(7)    # not enough free units or handles
+
+_BIG = tl.constexpr(2**62)
+
+
+@triton.jit
+def _slot_of(off, slab_bytes, unit):
+    slab = off // slab_bytes
+    return slab, (off - slab * slab_bytes) // unit
+
+
+@triton.jit
+def _pop_units(pos, m, kind, top, htop, stack_ptr, hstack_ptr, table_ptr, kinds_ptr,
+               slot_handle_ptr, slab_live_ptr, slab_bytes, unit, max_ups):
+    """Take unit ``top-1-pos`` and handle ``htop-1-pos`` for every lane in ``m``; bind them."""
+    off = tl.load(stack_ptr + (top - 1 - pos), mask=m, other=0)
+    h = tl.load(hstack_ptr + (htop - 1 - pos), mask=m, other=0)
+    tl.store(table_ptr + h, off, mask=m)
+    tl.store(kinds_ptr + h, (h * 0 + kind).to(tl.int32), mask=m)
+    slab, idx = _slot_of(off, slab_bytes, unit)
+    tl.store(slot_handle_ptr + slab * max_ups + idx, h, mask=m)
+    tl.atomic_add(slab_live_ptr + slab, (h * 0 + 1).to(tl.int32), mask=m)
+    return h
+
+
+@triton.jit
+def _push_units(h, m, top0, top1, htop, stacks_ptr, base1, hstack_ptr, table_ptr, kinds_ptr,
+                slot_handle_ptr, slab_live_ptr, slab_bytes, unit0, unit1, max_ups,
+                POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr):
+    """Give back the (validated, distinct) handles ``h`` of lanes ``m`` and their units."""
+    hs = tl.where(m, h, 0)
+    kind = tl.load(kinds_ptr + hs, mask=m, other=0)
+    off = tl.load(table_ptr + hs, mask=m, other=0)
+    pool = tl.where(kind == KIND_KV, POOL_KV, POOL_SSM)
+    in0 = m & (pool == 0)
+    in1 = m & (pool == 1)
+    c0 = tl.cumsum(in0.to(tl.int64), 0)
+    c1 = tl.cumsum(in1.to(tl.int64), 0)
+    ch = tl.cumsum(m.to(tl.int64), 0)
+    tl.store(stacks_ptr + (top0 + c0 - 1), off, mask=in0)
+    tl.store(stacks_ptr + (base1 + top1 + c1 - 1), off, mask=in1)
+    tl.store(hstack_ptr + (htop + ch - 1), hs.to(tl.int32), mask=m)
+    tl.store(table_ptr + hs, (off * 0 - 1), mask=m)
+    tl.store(kinds_ptr + hs, (kind * 0).to(tl.int32), mask=m)
+    unit = tl.where(pool == 0, unit0, unit1)
+    slab, idx = _slot_of(off, slab_bytes, unit)
+    tl.store(slot_handle_ptr + slab * max_ups + idx, (hs * 0 - 1).to(tl.int32), mask=m)
+    tl.atomic_add(slab_live_ptr + slab, (hs * 0 - 1).to(tl.int32), mask=m)
+    n0 = tl.sum(in0.to(tl.int64), 0)
+    n1 = tl.sum(in1.to(tl.int64), 0)
+    nh = tl.sum(m.to(tl.int64), 0)
+    return top0 + n0, top1 + n1, htop + nh
+
+
+@triton.jit
+def _check_handles(h, m, req_kind, mark_ptr, kinds_ptr, num_handles):
+    """Per-lane error code for freeing ``h``; marks live handles to catch duplicates."""
+    inr = (h >= 0) & (h < num_handles)
+    hs = tl.where(inr, h, 0)
+    kind = tl.load(kinds_ptr + hs, mask=m & inr, other=0)
+    live = kind != 0
+    wrong = (req_kind != 0) & (kind != req_kind)
+    chk = m & inr & live & (~wrong)
+    old = tl.atomic_xchg(mark_ptr + hs, (hs * 0 + 1).to(tl.int32), mask=chk)
+    dup = chk & (old != 0)
+    code = tl.where(~inr, ERR_RANGE,
+                    tl.where(~live, ERR_NOT_LIVE,
+                             tl.where(wrong, ERR_WRONG_KIND, tl.where(dup, ERR_DUPLICATE, ERR_NONE))))
+    return tl.where(m, code, ERR_NONE)
+
+
+@triton.jit
+def _clear_marks(h, m, mark_ptr, num_handles):
+    inr = m & (h >= 0) & (h < num_handles)
+    tl.store(mark_ptr + tl.where(inr, h, 0), (h * 0).to(tl.int32), mask=inr)
+
+
+@triton.jit
+def _first_error(code, pos, val, err_pos, err_code, err_val):
+    """Keep the error at the lowest input position seen so far."""
+    bad = code != ERR_NONE
+    first = tl.min(tl.where(bad, pos, _BIG), 0)
+    sel = bad & (pos == first)
+    b_code = tl.sum(tl.where(sel, code, 0).to(tl.int64), 0)
+    b_val = tl.sum(tl.where(sel, val, 0).to(tl.int64), 0)
+    better = first < err_pos
+    return (tl.where(better, first, err_pos), tl.where(better, b_code, err_code),
+            tl.where(better, b_val, err_val))
+
+
+@triton.jit
+def alloc_kernel(
+    out_ptr,          # [n] int32 handles (output)
+    n,
+    status_ptr,       # [3] int64 (code, requested, available)
+    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr, slab_live_ptr,
+    base, slab_bytes, unit, max_ups,
+    POOL: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    top = tl.load(tops_ptr + POOL)
+    htop = tl.load(tops_ptr + 2)
+    avail = tl.minimum(top, htop)
+    if avail >= n:
+        start = 0
+        while start < n:
+            pos = start + tl.arange(0, BLOCK).to(tl.int64)
+            m = pos < n
+            h = _pop_units(pos, m, KIND, top, htop, stacks_ptr + base, hstack_ptr, table_ptr,
+                           kinds_ptr, slot_handle_ptr, slab_live_ptr, slab_bytes, unit, max_ups)
+            tl.store(out_ptr + pos, h, mask=m)
+            start += BLOCK
+        tl.store(tops_ptr + POOL, top - n)
+        tl.store(tops_ptr + 2, htop - n)
+        tl.store(status_ptr, ERR_NONE)
+    else:
+        tl.store(status_ptr, ERR_NO_SPACE)
+    tl.store(status_ptr + 1, n + avail * 0)
+    tl.store(status_ptr + 2, avail)
+
+
+@triton.jit
+def free_kernel(
+    handles_ptr,      # [n] int32
+    n,
+    status_ptr,       # [3] int64 (code, position, value)
+    mark_ptr,         # [H] int32 scratch, all zero between calls
+    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr, slab_live_ptr,
+    base1, slab_bytes, unit0, unit1, max_ups, num_handles,
+    REQ_KIND: tl.constexpr, POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    err_pos = tl.full((), _BIG, tl.int64)
+    err_code = tl.full((), 0, tl.int64)
+    err_val = tl.full((), 0, tl.int64)
+    start = 0
+    while start < n:
+        pos = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = pos < n
+        h = tl.load(handles_ptr + pos, mask=m, other=0)
+        code = _check_handles(h, m, REQ_KIND, mark_ptr, kinds_ptr, num_handles)
+        err_pos, err_code, err_val = _first_error(code, pos, h, err_pos, err_code, err_val)
+        start += BLOCK
+    tl.debug_barrier()
+    start = 0
+    while start < n:
+        pos = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = pos < n
+        _clear_marks(tl.load(handles_ptr + pos, mask=m, other=0), m, mark_ptr, num_handles)
+        start += BLOCK
+    tl.debug_barrier()
+    if err_pos == _BIG:
+        top0 = tl.load(tops_ptr)
+        top1 = tl.load(tops_ptr + 1)
+        htop = tl.load(tops_ptr + 2)
+        start = 0
+        while start < n:
+            pos = start + tl.arange(0, BLOCK).to(tl.int64)
+            m = pos < n
+            h = tl.load(handles_ptr + pos, mask=m, other=0)
+            top0, top1, htop = _push_units(h, m, top0, top1, htop, stacks_ptr, base1, hstack_ptr,
+                                           table_ptr, kinds_ptr, slot_handle_ptr, slab_live_ptr,
+                                           slab_bytes, unit0, unit1, max_ups, POOL_KV, POOL_SSM)
+            start += BLOCK
+        tl.store(tops_ptr, top0)
+        tl.store(tops_ptr + 1, top1)
+        tl.store(tops_ptr + 2, htop)
+    tl.store(status_ptr, err_code)
+    tl.store(status_ptr + 1, err_pos)
+    tl.store(status_ptr + 2, err_val)
+
+
+@triton.jit
+def resolve_kernel(
+    handles_ptr,      # [n] int32
+    n,
+    out_ptr,          # [n] int64 byte offsets (output)
+    status_ptr,       # [3] int64 (code, position, value)
+    table_ptr, kinds_ptr, num_handles,
+    REQ_KIND: tl.constexpr, BLOCK: tl.constexpr,
+):
+    err_pos = tl.full((), _BIG, tl.int64)
+    err_code = tl.full((), 0, tl.int64)
+    err_val = tl.full((), 0, tl.int64)
+    start = 0
+    while start < n:
+        pos = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = pos < n
+        h = tl.load(handles_ptr + pos, mask=m, other=0)
+        inr = (h >= 0) & (h < num_handles)
+        hs = tl.where(inr, h, 0)
+        kind = tl.load(kinds_ptr + hs, mask=m & inr, other=0)
+        off = tl.load(table_ptr + hs, mask=m & inr, other=-1)
+        wrong = (REQ_KIND != 0) & (kind != REQ_KIND)
+        code = tl.where(~inr, ERR_RANGE, tl.where(kind == 0, ERR_NOT_LIVE,
+                                                  tl.where(wrong, ERR_WRONG_KIND, ERR_NONE)))
+        code = tl.where(m, code, ERR_NONE)
+        tl.store(out_ptr + pos, tl.where(code == ERR_NONE, off, -1), mask=m)
+        err_pos, err_code, err_val = _first_error(code, pos, h, err_pos, err_code, err_val)
+        start += BLOCK
+    tl.store(status_ptr, err_code)
+    tl.store(status_ptr + 1, err_pos)
+    tl.store(status_ptr + 2, err_val)
+
+
+@triton.jit
+def _find_row(g, m, start_ptr, LOG_R: tl.constexpr):
+    """Largest i with start[i] <= g (start non-decreasing, start[0] == 0): vector binary search."""
+    lo = g * 0
+    hi = lo + (1 << LOG_R) - 1
+    for _ in tl.static_range(LOG_R):
+        mid = (lo + hi + 1) // 2
+        s = tl.load(start_ptr + mid, mask=m, other=_BIG)
+        go = s <= g
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def grow_kernel(
+    block_table_ptr,  # [R, W] int32 KV handles, -1 padded (updated in place)
+    num_pages_ptr,    # [R] int32 pages held per row (updated in place)
+    need_ptr,         # [R] int32 pages to add per row
+    failed_ptr,       # [R] int32 out: 0 granted, ERR_NO_SPACE, ERR_BAD_COUNT (overflow or need < 0)
+    work_ptr,         # [2, RP] int64 scratch: start and count of each row's new pages
+    R, W, stride_bt, RP,
+    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr, slab_live_ptr,
+    base, slab_bytes, unit, max_ups,
+    POOL: tl.constexpr, LOG_R: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Append ``need[r]`` fresh KV pages to every row r, granting rows in order while units last.
+
+    A row is granted all its pages or none; once a row does not fit, no later row with a
+    non-zero need is granted (first come, first served). No host synchronisation.
+    """
+    top = tl.load(tops_ptr + POOL)
+    htop = tl.load(tops_ptr + 2)
+    avail = tl.minimum(top, htop)
+    asked = tl.full((), 0, tl.int64)    # pages asked so far (granted or not): keeps order strict
+    granted = tl.full((), 0, tl.int64)  # pages granted so far
+    start = 0
+    while start < RP:
+        r = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = r < R
+        need = tl.load(need_ptr + r, mask=m, other=0).to(tl.int64)
+        held = tl.load(num_pages_ptr + r, mask=m, other=0).to(tl.int64)
+        bad = m & ((need < 0) | (held + need > W) | (held < 0))
+        eff = tl.where(m & ~bad, need, 0)
+        cum = asked + tl.cumsum(eff, 0)
+        ok = m & ~bad & ((eff == 0) | (cum <= avail))
+        give = tl.where(ok, eff, 0)
+        tl.store(work_ptr + r, granted + tl.cumsum(give, 0) - give, mask=r < RP)
+        tl.store(work_ptr + RP + r, give, mask=r < RP)
+        tl.store(failed_ptr + r, tl.where(bad, ERR_BAD_COUNT, tl.where(ok, 0, ERR_NO_SPACE)).to(tl.int32), mask=m)
+        tl.store(num_pages_ptr + r, (held + give).to(tl.int32), mask=m)
+        asked += tl.sum(eff, 0)
+        granted += tl.sum(give, 0)
+        start += BLOCK
+    tl.debug_barrier()
+    # scatter the granted pages: flat page g belongs to the last row whose start <= g
+    g0 = 0
+    while g0 < granted:
+        g = g0 + tl.arange(0, BLOCK).to(tl.int64)
+        m = g < granted
+        row = _find_row(g, m, work_ptr, LOG_R)
+        row_start = tl.load(work_ptr + row, mask=m, other=0)
+        row_give = tl.load(work_ptr + RP + row, mask=m, other=0)
+        held = tl.load(num_pages_ptr + row, mask=m, other=0).to(tl.int64)
+        col = held - row_give + (g - row_start)
+        h = _pop_units(g, m, KIND_KV, top, htop, stacks_ptr + base, hstack_ptr, table_ptr, kinds_ptr,
+                       slot_handle_ptr, slab_live_ptr, slab_bytes, unit, max_ups)
+        tl.store(block_table_ptr + row * stride_bt + col, h, mask=m)
+        g0 += BLOCK
+    tl.store(tops_ptr + POOL, top - granted)
+    tl.store(tops_ptr + 2, htop - granted)
+
+
+@triton.jit
+def _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt, num_pages_ptr, ssm_ptr,
+               LOG_R: tl.constexpr, HAS_SSM: tl.constexpr):
+    """Flat index g of a release -> (address kind, pointer offset, handle, required kind)."""
+    i = _find_row(g, m, work_ptr, LOG_R)
+    j = g - tl.load(work_ptr + i, mask=m, other=0)
+    r = tl.load(rows_ptr + i, mask=m, other=0).to(tl.int64)
+    held = tl.load(num_pages_ptr + r, mask=m, other=0).to(tl.int64)
+    is_kv = j < held
+    h_kv = tl.load(block_table_ptr + r * stride_bt + j, mask=m & is_kv, other=-1)
+    if HAS_SSM:
+        h_ssm = tl.load(ssm_ptr + r, mask=m & ~is_kv, other=-1)
+        h = tl.where(is_kv, h_kv, h_ssm)
+    else:
+        h = h_kv
+    req = tl.where(is_kv, KIND_KV, KIND_SSM)
+    return r, j, is_kv, h.to(tl.int64), req
+
+
+@triton.jit
+def release_kernel(
+    rows_ptr,         # [M] int32 rows to release, -1 = skip
+    M,
+    block_table_ptr,  # [R, W] int32 (released rows are reset to -1)
+    num_pages_ptr,    # [R] int32 (released rows are reset to 0)
+    ssm_ptr,          # [R] int32 SSM handle per row, -1 = none (reset to -1); unused if not HAS_SSM
+    status_ptr,       # [3] int64 (code, flat position, value)
+    work_ptr,         # [2, RP] int64 scratch
+    mark_ptr,
+    R, W, stride_bt, RP,
+    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr, slab_live_ptr,
+    base1, slab_bytes, unit0, unit1, max_ups, num_handles,
+    POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr, HAS_SSM: tl.constexpr,
+    LOG_R: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Free every handle of the listed rows (KV pages, then the row's SSM block); all or nothing."""
+    err_pos = tl.full((), _BIG, tl.int64)
+    err_code = tl.full((), 0, tl.int64)
+    err_val = tl.full((), 0, tl.int64)
+    total = tl.full((), 0, tl.int64)
+    start = 0
+    while start < RP:
+        i = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = i < M
+        r = tl.load(rows_ptr + i, mask=m, other=-1).to(tl.int64)
+        use = m & (r >= 0)
+        bad_row = use & (r >= R)
+        rs = tl.where(use & ~bad_row, r, 0)
+        held = tl.load(num_pages_ptr + rs, mask=use & ~bad_row, other=0).to(tl.int64)
+        bad_cnt = use & ~bad_row & ((held < 0) | (held > W))
+        cnt = tl.where(use & ~bad_row & ~bad_cnt, held, 0)
+        if HAS_SSM:
+            cnt += (tl.load(ssm_ptr + rs, mask=use & ~bad_row & ~bad_cnt, other=-1) >= 0).to(tl.int64)
+        code = tl.where(bad_row, ERR_BAD_ROW, tl.where(bad_cnt, ERR_BAD_COUNT, ERR_NONE))
+        err_pos, err_code, err_val = _first_error(code, i - RP, r, err_pos, err_code, err_val)  # row errors first
+        tl.store(work_ptr + i, total + tl.cumsum(cnt, 0) - cnt, mask=i < RP)
+        tl.store(work_ptr + RP + i, cnt, mask=i < RP)
+        total += tl.sum(cnt, 0)
+        start += BLOCK
+    tl.debug_barrier()
+    if err_pos == _BIG:
+        g0 = 0
+        while g0 < total:
+            g = g0 + tl.arange(0, BLOCK).to(tl.int64)
+            m = g < total
+            r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
+                                             num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
+            code = _check_handles(h, m, req, mark_ptr, kinds_ptr, num_handles)
+            err_pos, err_code, err_val = _first_error(code, g, h, err_pos, err_code, err_val)
+            g0 += BLOCK
+        tl.debug_barrier()
+        g0 = 0
+        while g0 < total:
+            g = g0 + tl.arange(0, BLOCK).to(tl.int64)
+            m = g < total
+            r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
+                                             num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
+            _clear_marks(h, m, mark_ptr, num_handles)
+            g0 += BLOCK
+        tl.debug_barrier()
+    if err_pos == _BIG:
+        top0 = tl.load(tops_ptr)
+        top1 = tl.load(tops_ptr + 1)
+        htop = tl.load(tops_ptr + 2)
+        g0 = 0
+        while g0 < total:
+            g = g0 + tl.arange(0, BLOCK).to(tl.int64)
+            m = g < total
+            r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
+                                             num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
+            top0, top1, htop = _push_units(h, m, top0, top1, htop, stacks_ptr, base1, hstack_ptr,
+                                           table_ptr, kinds_ptr, slot_handle_ptr, slab_live_ptr,
+                                           slab_bytes, unit0, unit1, max_ups, POOL_KV, POOL_SSM)
+            g0 += BLOCK
+        tl.debug_barrier()
+        g0 = 0
+        while g0 < total:
+            g = g0 + tl.arange(0, BLOCK).to(tl.int64)
+            m = g < total
+            r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
+                                             num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
+            tl.store(block_table_ptr + r * stride_bt + j, (h * 0 - 1).to(tl.int32), mask=m & is_kv)
+            if HAS_SSM:
+                tl.store(ssm_ptr + r, (h * 0 - 1).to(tl.int32), mask=m & ~is_kv)
+            g0 += BLOCK
+        tl.debug_barrier()
+        start = 0
+        while start < RP:
+            i = start + tl.arange(0, BLOCK).to(tl.int64)
+            m = i < M
+            r = tl.load(rows_ptr + i, mask=m, other=-1).to(tl.int64)
+            tl.store(num_pages_ptr + r, (r * 0).to(tl.int32), mask=m & (r >= 0))
+            start += BLOCK
+        tl.store(tops_ptr, top0)
+        tl.store(tops_ptr + 1, top1)
+        tl.store(tops_ptr + 2, htop)
+    tl.store(status_ptr, err_code)
+    tl.store(status_ptr + 1, err_pos)
+    tl.store(status_ptr + 2, err_val)
+
+
+@triton.jit
+def drop_slabs_kernel(
+    stack_ptr,        # the donor pool's stack
+    tops_ptr,
+    victim_ptr,       # [S] int32: 1 for slabs leaving the pool
+    slab_bytes,
+    POOL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Remove the free units of leaving slabs from a pool's stack, keeping the others' order."""
+    top = tl.load(tops_ptr + POOL)
+    w = tl.full((), 0, tl.int64)
+    start = 0
+    while start < top:
+        pos = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = pos < top
+        off = tl.load(stack_ptr + pos, mask=m, other=0)
+        leaving = tl.load(victim_ptr + off // slab_bytes, mask=m, other=1)
+        keep = m & (leaving == 0)
+        c = tl.cumsum(keep.to(tl.int64), 0)
+        tl.debug_barrier()  # every lane has read its entry before any lane overwrites one
+        tl.store(stack_ptr + (w + c - 1), off, mask=keep)
+        w += tl.sum(keep.to(tl.int64), 0)
+        tl.debug_barrier()
+        start += BLOCK
+    tl.store(tops_ptr + POOL, w)
+
+
+@triton.jit
+def collect_moves_kernel(
+    victims_ptr,      # [k] int32 slabs to empty
+    k,
+    moves_ptr,        # [3, n_moves] int64 out: handle, src offset, dst offset
+    n_moves,
+    stack_ptr, tops_ptr, slot_handle_ptr,
+    slab_bytes, unit, ups, max_ups,
+    POOL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """List the live units of the victim slabs and pop a destination unit for each."""
+    top = tl.load(tops_ptr + POOL)
+    j = tl.full((), 0, tl.int64)
+    i = 0
+    while i < k:
+        s = tl.load(victims_ptr + i).to(tl.int64)
+        c0 = 0
+        while c0 < ups:
+            idx = c0 + tl.arange(0, BLOCK).to(tl.int64)
+            h = tl.load(slot_handle_ptr + s * max_ups + idx, mask=idx < ups, other=-1)
+            live = h >= 0
+            pos = j + tl.cumsum(live.to(tl.int64), 0) - 1
+            dst = tl.load(stack_ptr + (top - 1 - pos), mask=live, other=0)
+            tl.store(moves_ptr + pos, h.to(tl.int64), mask=live)
+            tl.store(moves_ptr + n_moves + pos, s * slab_bytes + idx * unit, mask=live)
+            tl.store(moves_ptr + 2 * n_moves + pos, dst, mask=live)
+            j += tl.sum(live.to(tl.int64), 0)
+            c0 += BLOCK
+        i += 1
+    tl.store(tops_ptr + POOL, top - j)
+
+
+@triton.jit
+def move_units_kernel(
+    arena_ptr,        # [capacity / 4] int32 view of the arena
+    moves_ptr,        # [3, n_moves] int64: handle, src offset, dst offset
+    n_moves,
+    table_ptr, slot_handle_ptr, slab_live_ptr,
+    slab_bytes, unit, max_ups,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Copy unit ``pid0`` (chunk ``pid1``) to its new place; chunk 0 also rebinds its handle."""
+    j = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    h = tl.load(moves_ptr + j)
+    src = tl.load(moves_ptr + n_moves + j)
+    dst = tl.load(moves_ptr + 2 * n_moves + j)
+    words = unit // 4
+    src_w = tl.multiple_of(src // 4, 4)  # units are 16-byte aligned: 16-byte vector copies
+    dst_w = tl.multiple_of(dst // 4, 4)
+    for b in tl.static_range(CHUNK // BLOCK):
+        o = c * CHUNK + b * BLOCK + tl.arange(0, BLOCK)
+        m = o < words
+        x = tl.load(arena_ptr + src_w + o, mask=m)
+        tl.store(arena_ptr + dst_w + o, x, mask=m)
+    if c == 0:
+        tl.store(table_ptr + h, dst)
+        s_slab, s_idx = _slot_of(src, slab_bytes, unit)
+        d_slab, d_idx = _slot_of(dst, slab_bytes, unit)
+        tl.store(slot_handle_ptr + s_slab * max_ups + s_idx, -1)
+        tl.store(slot_handle_ptr + d_slab * max_ups + d_idx, h.to(tl.int32))
+        tl.atomic_add(slab_live_ptr + d_slab, 1)
+
+
+@triton.jit
+def adopt_slabs_kernel(
+    victims_ptr,      # [k] int32 slabs joining the pool (empty)
+    k,
+    stack_ptr, tops_ptr, slab_owner_ptr, slab_live_ptr, slot_handle_ptr,
+    slab_bytes, unit, ups, max_ups,
+    POOL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Hand empty slabs to pool POOL and push their units so the first victim's unit 0 pops first."""
+    top = tl.load(tops_ptr + POOL)
+    i = 0
+    while i < k:
+        s = tl.load(victims_ptr + (k - 1 - i)).to(tl.int64)
+        tl.store(slab_owner_ptr + s, POOL)
+        tl.store(slab_live_ptr + s, 0)
+        c0 = 0
+        while c0 < max_ups:
+            q = c0 + tl.arange(0, BLOCK)
+            tl.store(slot_handle_ptr + s * max_ups + q, -1, mask=q < max_ups)
+            c0 += BLOCK
+        c0 = 0
+        while c0 < ups:
+            q = c0 + tl.arange(0, BLOCK).to(tl.int64)
+            tl.store(stack_ptr + (top + q), s * slab_bytes + (ups - 1 - q) * unit, mask=q < ups)
+            c0 += BLOCK
+        top += ups
+        i += 1
+    tl.store(tops_ptr + POOL, top)
