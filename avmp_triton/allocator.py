@@ -215,7 +215,7 @@ class ArenaAllocator:
     def free(self, handles: torch.Tensor, kind: str | None = None) -> None:
         """Free ``[n]`` int32 handles of either kind (or only ``kind``: "kv" / "ssm"). All or nothing."""
         req = self._kind_arg(kind)
-        self._check_handles_arg(handles, "handles")
+        handles = self._handles_arg(handles, "handles")
         n = handles.numel()
         if n == 0:
             return
@@ -230,7 +230,7 @@ class ArenaAllocator:
     def resolve(self, handles: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """Byte offsets ``[n]`` int64 of live handles in the arena."""
         req = self._kind_arg(kind)
-        self._check_handles_arg(handles, "handles")
+        handles = self._handles_arg(handles, "handles")
         out = torch.empty(handles.numel(), dtype=torch.int64, device=self.device)
         if handles.numel():
             K.resolve_kernel[(1,)](handles, handles.numel(), out, self._status, self.handle_table,
@@ -323,7 +323,7 @@ class ArenaAllocator:
         code, pos, val = status.tolist()
         if code in (int(K.ERR_BAD_ROW), int(K.ERR_BAD_COUNT)):
             what = "is out of range" if code == int(K.ERR_BAD_ROW) else "has a num_pages outside [0, W]"
-            raise ValueError(f"rows[{pos + _pow2(0)[0] if pos < 0 else pos}]: row {val} {what}")
+            raise ValueError(f"rows[{pos}]: row {val} {what}; nothing was changed")
         self._raise_on_handle_error([code, pos, val], None, "released entry")
 
     def make_room(self, kind: str, n: int) -> None:
@@ -473,18 +473,23 @@ class ArenaAllocator:
             raise ValueError(f"n must be in [0, {self.num_handles}] (the handle capacity), got {n}")
         return int(n)
 
-    def _check_handles_arg(self, t, name: str) -> None:
+    def _handles_arg(self, t, name: str) -> torch.Tensor:
+        """Validate a 1-D int32 device tensor; the Python API accepts strided views."""
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of int32, got {type(t).__name__}")
         if t.dtype != torch.int32:
             raise TypeError(f"{name} must be int32, got {t.dtype}")
         if t.device != self.device:
             raise ValueError(f"{name} is on {t.device}, the allocator on {self.device}")
-        if t.dim() != 1 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D tensor, got shape {tuple(t.shape)}")
+        return t.contiguous()
 
     def _check_vec(self, t, name: str, length: int | None) -> None:
-        self._check_handles_arg(t, name)
+        """Device-path buffers are updated in place, so they must be contiguous already."""
+        self._handles_arg(t, name)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place)")
         if length is not None and t.numel() != length:
             raise ValueError(f"{name} must have {length} entries (one per block-table row), got {t.numel()}")
 

@@ -198,7 +198,7 @@ def free_kernel(
         tl.store(tops_ptr + 1, top1)
         tl.store(tops_ptr + 2, htop)
     tl.store(status_ptr, err_code)
-    tl.store(status_ptr + 1, err_pos)
+    tl.store(status_ptr + 1, tl.where(err_code == ERR_NONE, -1, err_pos))
     tl.store(status_ptr + 2, err_val)
 
 
@@ -231,7 +231,7 @@ def resolve_kernel(
         err_pos, err_code, err_val = _first_error(code, pos, h, err_pos, err_code, err_val)
         start += BLOCK
     tl.store(status_ptr, err_code)
-    tl.store(status_ptr + 1, err_pos)
+    tl.store(status_ptr + 1, tl.where(err_code == ERR_NONE, -1, err_pos))
     tl.store(status_ptr + 2, err_val)
 
 
@@ -362,7 +362,7 @@ def release_kernel(
         if HAS_SSM:
             cnt += (tl.load(ssm_ptr + rs, mask=use & ~bad_row & ~bad_cnt, other=-1) >= 0).to(tl.int64)
         code = tl.where(bad_row, ERR_BAD_ROW, tl.where(bad_cnt, ERR_BAD_COUNT, ERR_NONE))
-        err_pos, err_code, err_val = _first_error(code, i - RP, r, err_pos, err_code, err_val)  # row errors first
+        err_pos, err_code, err_val = _first_error(code, i, r, err_pos, err_code, err_val)
         tl.store(work_ptr + i, total + tl.cumsum(cnt, 0) - cnt, mask=i < RP)
         tl.store(work_ptr + RP + i, cnt, mask=i < RP)
         total += tl.sum(cnt, 0)
@@ -425,7 +425,7 @@ def release_kernel(
         tl.store(tops_ptr + 1, top1)
         tl.store(tops_ptr + 2, htop)
     tl.store(status_ptr, err_code)
-    tl.store(status_ptr + 1, err_pos)
+    tl.store(status_ptr + 1, tl.where(err_code == ERR_NONE, -1, err_pos))
     tl.store(status_ptr + 2, err_val)
 
 
