@@ -1,0 +1,3 @@
+from avmp_triton.demo import main
+
+main()
