@@ -219,12 +219,7 @@ class ArenaAllocator:
         n = handles.numel()
         if n == 0:
             return
-        p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
-        K.free_kernel[(1,)](
-            handles, n, self._status, self._mark, *self._state_args(),
-            self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1],
-            self.max_units_per_slab, self.num_handles,
-            REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        self._launch_free(handles, req)
         self._raise_on_handle_error(self._status.tolist(), kind, "handles")
 
     def resolve(self, handles: torch.Tensor, kind: str | None = None) -> torch.Tensor:
@@ -379,22 +374,33 @@ class ArenaAllocator:
         out = torch.empty(n, dtype=torch.int32, device=self.device)
         if n == 0:
             return out
-        code, _, avail = self._launch_alloc(kind, n, out)
+        self._launch_alloc(kind, n, out)
+        code, _, avail = self._status.tolist()
         if code == int(K.ERR_NO_SPACE):
             if not self._migrates:
                 raise self._exhausted(kind, n, avail)
             self._move_capacity(kind, math.ceil((n - avail) / self.units_per_slab[self._pool_of[kind]]),
                                 eager=True, n=n, free=avail)
-            code, _, avail = self._launch_alloc(kind, n, out)
+            self._launch_alloc(kind, n, out)
+            code, _, avail = self._status.tolist()
             assert code == 0, "rebalance planned room that the pool does not have"
         return out
 
-    def _launch_alloc(self, kind: int, n: int, out: torch.Tensor):
+    def _launch_alloc(self, kind: int, n: int, out: torch.Tensor) -> None:
+        """One launch, no sync: status lands in ``self._status`` (code, n, available)."""
         pool = self._pool_of[kind]
         K.alloc_kernel[(1,)](out, n, self._status, *self._state_args(), self._stack_base[pool],
                              self.slab_bytes, self.unit_bytes[pool], self.max_units_per_slab,
                              POOL=pool, KIND=kind, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
-        return self._status.tolist()
+
+    def _launch_free(self, handles: torch.Tensor, req: int) -> None:
+        """One launch, no sync: status lands in ``self._status`` (code, position, value)."""
+        p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
+        K.free_kernel[(1,)](
+            handles, handles.numel(), self._status, self._mark, *self._state_args(),
+            self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1],
+            self.max_units_per_slab, self.num_handles,
+            REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
 
     def _exhausted(self, kind: int, n: int, free: int) -> PoolExhaustedError:
         return PoolExhaustedError(

@@ -1,0 +1,207 @@
+"""Allocator microbenchmark (GPU): batched alloc+free, device-side growth/release, compaction.
+
+Measures, all on one GPU in one run:
+- device time (CUDA graph replay, do_bench median) of one batched alloc + one batched free,
+  n in 1, 16, 256, 4096, for AVMP and both baselines (same kernels, different policy);
+- host time per Python-API call (alloc_kv + free, each launching once and syncing once);
+- device time of grow_kv (one page per row) + release_rows for 256 requests;
+- compaction throughput: the unit-copy kernel moving M MiB of scattered live pages, against a
+  plain torch device copy of the same number of bytes (contiguous), and the whole rebalance call.
+
+Writes JSON to --out (default perf/results/bench_alloc_<gpu>.json) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import time
+
+import torch
+import triton
+import triton.testing
+
+from avmp_triton import AVMPAllocator, PaddedUnifiedAllocator, StaticDualAllocator, get_preset
+from avmp_triton.allocator import KIND_KV, _COPY_BLOCK, _COPY_CHUNK
+from avmp_triton.kernels import alloc as K
+
+
+def _median_ms(fn, rep=200):
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+GRAPH_REPS = 20
+
+
+def _per_call_us(fn):
+    """Device time of ``fn`` in us: GRAPH_REPS calls captured in one CUDA graph, replay median / reps."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(GRAPH_REPS):
+            fn()
+    return _median_ms(g.replay) * 1e3 / GRAPH_REPS
+
+
+def bench_alloc_free(spec, capacity, make, ns):
+    rows = []
+    for name, ctor in make.items():
+        alloc = ctor(spec, capacity)
+        # half-full pools, scattered: the realistic state for a serving allocator
+        pre = alloc.alloc_kv(alloc.stats().pools[alloc.pool_names[0]].free_units // 2)
+        alloc.free(pre[torch.randperm(pre.numel(), device="cuda")[: pre.numel() // 2]].contiguous())
+        for n in ns:
+            out = torch.empty(n, dtype=torch.int32, device="cuda")
+
+            def pair():
+                alloc._launch_alloc(KIND_KV, n, out)
+                alloc._launch_free(out, 0)
+
+            dev_us = _per_call_us(pair)
+            assert int(alloc._status[0]) == 0, "benchmark pair failed"
+            # host time of the Python API: each call launches once and syncs once
+            for _ in range(5):
+                alloc.free(alloc.alloc_kv(n))
+            reps = 200
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                alloc.free(alloc.alloc_kv(n))
+            host_us = (time.perf_counter() - t0) / reps * 1e6
+            rows.append(dict(allocator=name, n=n, device_us_alloc_plus_free=dev_us,
+                             host_us_python_alloc_plus_free=host_us))
+        del alloc
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_grow_release(spec, capacity, R=256, W=512):
+    """One decode step's allocator work for R requests: +1 page each, then release of every row."""
+    alloc = AVMPAllocator(spec, capacity, device="cuda")
+    bt = torch.full((R, W), -1, dtype=torch.int32, device="cuda")
+    npg = torch.zeros(R, dtype=torch.int32, device="cuda")
+    ones = torch.ones(R, dtype=torch.int32, device="cuda")
+    rows = torch.arange(R, dtype=torch.int32, device="cuda")
+    failed = torch.empty(R, dtype=torch.int32, device="cuda")
+    status = torch.empty(3, dtype=torch.int64, device="cuda")
+
+    def step():
+        alloc.grow_kv(bt, npg, ones, failed)
+        alloc.release_rows(rows, bt, npg, status=status)
+
+    us = _per_call_us(step)
+    torch.cuda.synchronize()
+    assert int(status[0]) == 0 and int(failed.sum()) == 0
+    return dict(requests=R, width=W, device_us_grow_plus_release=us,
+                note="grow_kv(+1 page for each of R rows) then release_rows(all R rows)")
+
+
+def bench_compaction(spec, mib_list):
+    """Rebalance with compaction moving M MiB of scattered live pages; the copy kernel vs torch copy."""
+    rows = []
+    for mib in mib_list:
+        probe = AVMPAllocator(spec, 1 << 30, device="cuda")
+        page, slab, ups = probe.unit_bytes[0], probe.slab_bytes, probe.units_per_slab[0]
+        del probe
+        n_moves = (mib << 20) // page
+        # every KV slab half live: emptying `victims` slabs moves about n_moves pages
+        victims = math.ceil(n_moves / (ups // 2))
+        kv_slabs = 3 * victims + 2
+        alloc = AVMPAllocator(spec, (kv_slabs + 2) * slab, device="cuda",
+                              kv_fraction=kv_slabs / (kv_slabs + 2), migration_batch=1)
+        kv = alloc.alloc_kv(alloc.stats().pools["kv"].free_units)
+        alloc.arena.random_(0, 256)
+        perm = torch.randperm(kv.numel(), device="cuda")
+        alloc.free(kv[perm[: kv.numel() // 2]].contiguous())
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        alloc.rebalance("ssm", victims)
+        torch.cuda.synchronize()
+        rebalance_ms = (time.perf_counter() - t0) * 1e3
+        moved = alloc.stats().units_moved
+        nbytes = moved * page
+        # the copy kernel alone, replayed on a moves list of the same size: scattered live pages
+        # to scattered free pages of the KV pool (disjoint, so every replay does the same work)
+        live = kv[perm[kv.numel() // 2:]]
+        live = live[alloc.handle_kind[live.long()] == 1][:moved].contiguous()
+        free_pages = alloc.alloc_kv(moved)
+        moves = torch.stack([live.long(), alloc.resolve(live), alloc.resolve(free_pages)]).contiguous()
+        chunks = math.ceil(page // 4 / _COPY_CHUNK)
+
+        def kernel():
+            K.move_units_kernel[(moved, chunks)](alloc._arena_words, moves, moved, alloc.handle_table,
+                                                 alloc._slot_handle, alloc.slab_live, alloc.slab_bytes, page,
+                                                 alloc.max_units_per_slab, CHUNK=_COPY_CHUNK,
+                                                 BLOCK=_COPY_BLOCK, num_warps=8)
+
+        kern_ms = _median_ms(kernel)
+        a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        b = torch.empty_like(a)
+        a.random_(0, 256)
+        copy_ms = _median_ms(lambda: b.copy_(a))
+        rows.append(dict(mib_moved=nbytes / 2**20, units=moved, unit_bytes=page, kernel_ms=kern_ms,
+                         torch_copy_ms=copy_ms, kernel_gbps=2 * nbytes / kern_ms / 1e6,
+                         torch_copy_gbps=2 * nbytes / copy_ms / 1e6, ratio_vs_copy=copy_ms / kern_ms,
+                         rebalance_call_ms=rebalance_ms,
+                         note="GB/s count bytes read + written; rebalance_call_ms is host wall time of "
+                              "the whole rebalance (plan, drop, collect, copy, adopt) incl. first-call compile"))
+        del alloc, a, b
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return os.environ.get("AVMP_COMMIT", "unknown")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--spec", default="jamba-1.5-mini")
+    ap.add_argument("--capacity-gib", type=float, default=8.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_alloc needs a CUDA GPU: it reports device time or nothing")
+    spec = get_preset(args.spec)
+    capacity = int(args.capacity_gib * 2**30)
+    make = {
+        "avmp": lambda s, c: AVMPAllocator(s, c, device="cuda"),
+        "static_dual_0.5": lambda s, c: StaticDualAllocator(s, c, ssm_fraction=0.5, device="cuda"),
+        "padded_unified": lambda s, c: PaddedUnifiedAllocator(s, c, device="cuda"),
+    }
+    ns = [1, 16, 256, 4096]
+    res = dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+        commit=_commit(), spec=spec.name, capacity_bytes=capacity,
+        alloc_free=bench_alloc_free(spec, capacity, {k: v for k, v in make.items() if k != "padded_unified"}, ns)
+        # the padded pool's unit is a whole SSM block: it needs a bigger arena to hold n=4096 units
+        + bench_alloc_free(spec, 48 << 30, {"padded_unified": make["padded_unified"]}, ns),
+        grow_release=bench_grow_release(spec, capacity),
+        compaction=bench_compaction(spec, [64, 256, 1024]),
+    )
+    out = args.out or f"perf/results/bench_alloc_{res['gpu'].replace(' ', '_')}.json"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"GPU {res['gpu']}  torch {res['torch']}  triton {res['triton']}  commit {res['commit'][:10]}")
+    print(f"{'allocator':18s} {'n':>5s} {'device us':>10s} {'host us':>9s}   (alloc + free pair)")
+    for r in res["alloc_free"]:
+        print(f"{r['allocator']:18s} {r['n']:5d} {r['device_us_alloc_plus_free']:10.2f} "
+              f"{r['host_us_python_alloc_plus_free']:9.1f}")
+    gr = res["grow_release"]
+    print(f"grow_kv + release_rows, {gr['requests']} requests: {gr['device_us_grow_plus_release']:.2f} us device")
+    print(f"{'MiB moved':>10s} {'kernel ms':>10s} {'copy ms':>9s} {'kernel GB/s':>12s} {'copy GB/s':>10s} {'ratio':>6s} {'rebalance ms':>13s}")
+    for r in res["compaction"]:
+        print(f"{r['mib_moved']:10.1f} {r['kernel_ms']:10.3f} {r['torch_copy_ms']:9.3f} {r['kernel_gbps']:12.0f} "
+              f"{r['torch_copy_gbps']:10.0f} {r['ratio_vs_copy']:6.2f} {r['rebalance_call_ms']:13.2f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
