@@ -32,9 +32,16 @@ SLAB_ALIGN = 128
 UNIT_ALIGN = 16
 MAX_MIGRATION_BATCH = 256
 
-# single-program kernels walk their input in blocks of this many lanes
+# single-program kernels walk their input in blocks of BLOCK lanes; their time is latency-bound
+# (a few dependent memory round trips per block), so a whole batch in one block is fastest
 _BLOCK = 1024
 _NUM_WARPS = 8
+
+
+def _launch_shape(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a single-program kernel over ``n`` items: a fixed table, no autotuning
+    (these kernels mutate state)."""
+    return _BLOCK, _NUM_WARPS
 # unit copy: one program copies CHUNK int32 words in BLOCK-word steps
 _COPY_CHUNK = 8192
 _COPY_BLOCK = 2048
@@ -228,9 +235,10 @@ class ArenaAllocator:
         handles = self._handles_arg(handles, "handles")
         out = torch.empty(handles.numel(), dtype=torch.int64, device=self.device)
         if handles.numel():
+            block, warps = _launch_shape(handles.numel())
             K.resolve_kernel[(1,)](handles, handles.numel(), out, self._status, self.handle_table,
-                                   self.handle_kind, self.num_handles, REQ_KIND=req, BLOCK=_BLOCK,
-                                   num_warps=_NUM_WARPS)
+                                   self.handle_kind, self.num_handles, REQ_KIND=req, BLOCK=block,
+                                   num_warps=warps)
             self._raise_on_handle_error(self._status.tolist(), kind, "handles")
         return out
 
@@ -273,10 +281,11 @@ class ArenaAllocator:
             self._check_vec(failed, "failed", R)
         rp, log_r = _pow2(R)
         pool = self._pool_of[KIND_KV]
+        block, warps = _launch_shape(R)
         K.grow_kernel[(1,)](block_table, num_pages, need, failed, self._workspace(rp), R, W,
                             block_table.stride(0), rp, *self._state_args(), self._stack_base[pool],
                             self.slab_bytes, self.unit_bytes[pool], self.max_units_per_slab,
-                            POOL=pool, LOG_R=log_r, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                            POOL=pool, LOG_R=log_r, BLOCK=block, num_warps=warps)
         return failed
 
     def release_rows(self, rows: torch.Tensor, block_table: torch.Tensor, num_pages: torch.Tensor,
@@ -304,13 +313,14 @@ class ArenaAllocator:
         M = rows.numel()
         rp, log_r = _pow2(M)
         p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
+        block, warps = _launch_shape(M)
         K.release_kernel[(1,)](
             rows, M, block_table, num_pages, ssm_handles if ssm_handles is not None else num_pages,
             status, self._workspace(rp), self._mark, R, W, block_table.stride(0), rp,
             *self._state_args(), self._stack_base[1], self.slab_bytes, self.unit_bytes[0],
             self.unit_bytes[1], self.max_units_per_slab, self.num_handles,
-            POOL_KV=p0, POOL_SSM=p1, HAS_SSM=ssm_handles is not None, LOG_R=log_r, BLOCK=_BLOCK,
-            num_warps=_NUM_WARPS)
+            POOL_KV=p0, POOL_SSM=p1, HAS_SSM=ssm_handles is not None, LOG_R=log_r, BLOCK=block,
+            num_warps=warps)
         return status
 
     def check_status(self, status: torch.Tensor) -> None:
@@ -389,18 +399,20 @@ class ArenaAllocator:
     def _launch_alloc(self, kind: int, n: int, out: torch.Tensor) -> None:
         """One launch, no sync: status lands in ``self._status`` (code, n, available)."""
         pool = self._pool_of[kind]
+        block, warps = _launch_shape(n)
         K.alloc_kernel[(1,)](out, n, self._status, *self._state_args(), self._stack_base[pool],
                              self.slab_bytes, self.unit_bytes[pool], self.max_units_per_slab,
-                             POOL=pool, KIND=kind, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                             POOL=pool, KIND=kind, BLOCK=block, num_warps=warps)
 
     def _launch_free(self, handles: torch.Tensor, req: int) -> None:
         """One launch, no sync: status lands in ``self._status`` (code, position, value)."""
         p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
+        block, warps = _launch_shape(handles.numel())
         K.free_kernel[(1,)](
             handles, handles.numel(), self._status, self._mark, *self._state_args(),
             self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1],
             self.max_units_per_slab, self.num_handles,
-            REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+            REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=block, num_warps=warps)
 
     def _exhausted(self, kind: int, n: int, free: int) -> PoolExhaustedError:
         return PoolExhaustedError(

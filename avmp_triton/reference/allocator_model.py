@@ -80,7 +80,8 @@ class AllocatorModel:
     def __init__(self, *, unit_bytes: tuple[int, int], units_per_slab: tuple[int, int], slab_bytes: int,
                  slab_owner: list[int], pool_of: dict[int, int], pool_names: tuple[str, ...],
                  migrates: bool, migration_batch: int, kv_page_raw: int, ssm_block_raw: int,
-                 capacity_bytes: int):
+                 capacity_bytes: int, name: str = "allocator"):
+        self.name = name  # the device class name (it appears in one error message)
         self.unit_bytes = tuple(unit_bytes)
         self.units_per_slab = tuple(units_per_slab)
         self.slab_bytes = slab_bytes
@@ -122,7 +123,7 @@ class AllocatorModel:
                    pool_of=allocator._pool_of, pool_names=allocator.pool_names,
                    migrates=allocator._migrates, migration_batch=allocator.migration_batch,
                    kv_page_raw=allocator.kv_page_raw, ssm_block_raw=allocator.ssm_block_raw,
-                   capacity_bytes=allocator.capacity_bytes)
+                   capacity_bytes=allocator.capacity_bytes, name=type(allocator).__name__)
 
     # ------------------------------------------------------------------ geometry helpers
     def _slab_units(self, s: int, p: int) -> list[int]:
@@ -328,8 +329,6 @@ class AllocatorModel:
         if not self.migrates:
             raise self._exhausted(k, n, free)
         self._move_capacity(k, math.ceil((n - free) / self.units_per_slab[p]), eager=True, n=n, free=free)
-
-    name = "allocator"  # the device class name, for the static allocator's rebalance message
 
     # ------------------------------------------------------------------ rebalancing
     def plan_victims(self, kind: int, need: int, *, eager: bool) -> list[int] | None:
