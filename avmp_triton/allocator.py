@@ -40,8 +40,13 @@ _NUM_WARPS = 8
 
 def _launch_shape(n: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for a single-program kernel over ``n`` items: a fixed table, no autotuning
-    (these kernels mutate state)."""
-    return _BLOCK, _NUM_WARPS
+    (these kernels mutate state). Picked on an H100 with perf/tune_alloc_block.py
+    (perf/results/tune_alloc_block_H100.json)."""
+    if n <= 256:
+        return 256, 8
+    if n <= 1024:
+        return 1024, 16
+    return 4096, 16
 # unit copy: one program copies CHUNK int32 words in BLOCK-word steps
 _COPY_CHUNK = 8192
 _COPY_BLOCK = 2048
@@ -191,7 +196,6 @@ class ArenaAllocator:
         self._stack_base = (0, S * self.units_per_slab[0])
         self._free_units = torch.empty(self._stack_base[1] + S * self.units_per_slab[1], dtype=torch.int64, device=dev)
         self.slab_owner = owner.to(dev)
-        self.slab_live = torch.zeros(S, dtype=torch.int32, device=dev)
         self._slot_handle = torch.full((S, self.max_units_per_slab), -1, dtype=torch.int32, device=dev)
         self._mark = torch.zeros(H, dtype=torch.int32, device=dev)
         self._status = torch.zeros(3, dtype=torch.int64, device=dev)
@@ -347,6 +351,12 @@ class ArenaAllocator:
         self._move_capacity(k, math.ceil(deficit / self.units_per_slab[pool]), eager=True, n=n, free=free)
 
     # ------------------------------------------------------------------ accounting
+    @property
+    def slab_live(self) -> torch.Tensor:
+        """``[S]`` int32 live units per slab, counted from the reverse map (kept off the hot path:
+        per-slab counters updated by every alloc/free would serialise on atomics)."""
+        return (self._slot_handle >= 0).sum(1, dtype=torch.int32)
+
     def stats(self) -> AllocatorStats:
         """A snapshot of the accounting (syncs)."""
         tops = self._tops.tolist()
@@ -377,7 +387,7 @@ class ArenaAllocator:
     # ------------------------------------------------------------------ internals
     def _state_args(self):
         return (self.handle_table, self.handle_kind, self._handle_stack, self._free_units, self._tops,
-                self._slot_handle, self.slab_live)
+                self._slot_handle)
 
     def _alloc(self, kind: int, n) -> torch.Tensor:
         n = self._check_count(n)
@@ -460,11 +470,11 @@ class ArenaAllocator:
                                          BLOCK=_BLOCK, num_warps=_NUM_WARPS)
             chunks = math.ceil(self.unit_bytes[d] // 4 / _COPY_CHUNK)
             K.move_units_kernel[(n_moves, chunks)](self._arena_words, moves, n_moves, self.handle_table,
-                                                   self._slot_handle, self.slab_live, self.slab_bytes,
+                                                   self._slot_handle, self.slab_bytes,
                                                    self.unit_bytes[d], self.max_units_per_slab,
                                                    CHUNK=_COPY_CHUNK, BLOCK=_COPY_BLOCK, num_warps=8)
         K.adopt_slabs_kernel[(1,)](victims_t, len(victims), self._free_units[self._stack_base[p]:], self._tops,
-                                   self.slab_owner, self.slab_live, self._slot_handle, self.slab_bytes,
+                                   self.slab_owner, self._slot_handle, self.slab_bytes,
                                    self.unit_bytes[p], self.units_per_slab[p], self.max_units_per_slab,
                                    POOL=p, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         self.migrations += 1

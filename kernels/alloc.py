@@ -8,7 +8,6 @@ All allocator state lives in device tensors (see ``avmp_triton/allocator.py`` fo
     stacks     [..] int64  per-pool stacks of free unit offsets; pool 1 starts at ``base1``
     tops       [3] int64   top of pool 0, top of pool 1, top of the handle stack
     slot_handle[S, U] int32  reverse map: unit slot of a slab -> handle, -1 when free
-    slab_live  [S] int32   live units per slab
     slab_owner [S] int32   pool of each slab
 
 The mutating kernels run as ONE program: a single CTA walks its input in blocks, so the order in
@@ -45,7 +44,7 @@ def _slot_of(off, slab_bytes, unit):
 
 @triton.jit
 def _pop_units(pos, m, kind, top, htop, stack_ptr, hstack_ptr, table_ptr, kinds_ptr,
-               slot_handle_ptr, slab_live_ptr, slab_bytes, unit, max_ups):
+               slot_handle_ptr, slab_bytes, unit, max_ups):
     """Take unit ``top-1-pos`` and handle ``htop-1-pos`` for every lane in ``m``; bind them."""
     off = tl.load(stack_ptr + (top - 1 - pos), mask=m, other=0)
     h = tl.load(hstack_ptr + (htop - 1 - pos), mask=m, other=0)
@@ -53,13 +52,12 @@ def _pop_units(pos, m, kind, top, htop, stack_ptr, hstack_ptr, table_ptr, kinds_
     tl.store(kinds_ptr + h, (h * 0 + kind).to(tl.int32), mask=m)
     slab, idx = _slot_of(off, slab_bytes, unit)
     tl.store(slot_handle_ptr + slab * max_ups + idx, h, mask=m)
-    tl.atomic_add(slab_live_ptr + slab, (h * 0 + 1).to(tl.int32), mask=m)
     return h
 
 
 @triton.jit
 def _push_units(h, m, top0, top1, htop, stacks_ptr, base1, hstack_ptr, table_ptr, kinds_ptr,
-                slot_handle_ptr, slab_live_ptr, slab_bytes, unit0, unit1, max_ups,
+                slot_handle_ptr, slab_bytes, unit0, unit1, max_ups,
                 POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr):
     """Give back the (validated, distinct) handles ``h`` of lanes ``m`` and their units."""
     hs = tl.where(m, h, 0)
@@ -79,7 +77,6 @@ def _push_units(h, m, top0, top1, htop, stacks_ptr, base1, hstack_ptr, table_ptr
     unit = tl.where(pool == 0, unit0, unit1)
     slab, idx = _slot_of(off, slab_bytes, unit)
     tl.store(slot_handle_ptr + slab * max_ups + idx, (hs * 0 - 1).to(tl.int32), mask=m)
-    tl.atomic_add(slab_live_ptr + slab, (hs * 0 - 1).to(tl.int32), mask=m)
     n0 = tl.sum(in0.to(tl.int64), 0)
     n1 = tl.sum(in1.to(tl.int64), 0)
     nh = tl.sum(m.to(tl.int64), 0)
@@ -127,7 +124,7 @@ def alloc_kernel(
     out_ptr,          # [n] int32 handles (output)
     n,
     status_ptr,       # [3] int64 (code, requested, available)
-    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr, slab_live_ptr,
+    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
     base, slab_bytes, unit, max_ups,
     POOL: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -140,7 +137,7 @@ def alloc_kernel(
             pos = start + tl.arange(0, BLOCK).to(tl.int64)
             m = pos < n
             h = _pop_units(pos, m, KIND, top, htop, stacks_ptr + base, hstack_ptr, table_ptr,
-                           kinds_ptr, slot_handle_ptr, slab_live_ptr, slab_bytes, unit, max_ups)
+                           kinds_ptr, slot_handle_ptr, slab_bytes, unit, max_ups)
             tl.store(out_ptr + pos, h, mask=m)
             start += BLOCK
         tl.store(tops_ptr + POOL, top - n)
@@ -158,7 +155,7 @@ def free_kernel(
     n,
     status_ptr,       # [3] int64 (code, position, value)
     mark_ptr,         # [H] int32 scratch, all zero between calls
-    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr, slab_live_ptr,
+    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
     base1, slab_bytes, unit0, unit1, max_ups, num_handles,
     REQ_KIND: tl.constexpr, POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -191,7 +188,7 @@ def free_kernel(
             m = pos < n
             h = tl.load(handles_ptr + pos, mask=m, other=0)
             top0, top1, htop = _push_units(h, m, top0, top1, htop, stacks_ptr, base1, hstack_ptr,
-                                           table_ptr, kinds_ptr, slot_handle_ptr, slab_live_ptr,
+                                           table_ptr, kinds_ptr, slot_handle_ptr,
                                            slab_bytes, unit0, unit1, max_ups, POOL_KV, POOL_SSM)
             start += BLOCK
         tl.store(tops_ptr, top0)
@@ -257,7 +254,7 @@ def grow_kernel(
     failed_ptr,       # [R] int32 out: 0 granted, ERR_NO_SPACE, ERR_BAD_COUNT (overflow or need < 0)
     work_ptr,         # [2, RP] int64 scratch: start and count of each row's new pages
     R, W, stride_bt, RP,
-    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr, slab_live_ptr,
+    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
     base, slab_bytes, unit, max_ups,
     POOL: tl.constexpr, LOG_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -301,7 +298,7 @@ def grow_kernel(
         held = tl.load(num_pages_ptr + row, mask=m, other=0).to(tl.int64)
         col = held - row_give + (g - row_start)
         h = _pop_units(g, m, KIND_KV, top, htop, stacks_ptr + base, hstack_ptr, table_ptr, kinds_ptr,
-                       slot_handle_ptr, slab_live_ptr, slab_bytes, unit, max_ups)
+                       slot_handle_ptr, slab_bytes, unit, max_ups)
         tl.store(block_table_ptr + row * stride_bt + col, h, mask=m)
         g0 += BLOCK
     tl.store(tops_ptr + POOL, top - granted)
@@ -338,7 +335,7 @@ def release_kernel(
     work_ptr,         # [2, RP] int64 scratch
     mark_ptr,
     R, W, stride_bt, RP,
-    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr, slab_live_ptr,
+    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
     base1, slab_bytes, unit0, unit1, max_ups, num_handles,
     POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr, HAS_SSM: tl.constexpr,
     LOG_R: tl.constexpr, BLOCK: tl.constexpr,
@@ -399,7 +396,7 @@ def release_kernel(
             r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
                                              num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
             top0, top1, htop = _push_units(h, m, top0, top1, htop, stacks_ptr, base1, hstack_ptr,
-                                           table_ptr, kinds_ptr, slot_handle_ptr, slab_live_ptr,
+                                           table_ptr, kinds_ptr, slot_handle_ptr,
                                            slab_bytes, unit0, unit1, max_ups, POOL_KV, POOL_SSM)
             g0 += BLOCK
         tl.debug_barrier()
@@ -493,7 +490,7 @@ def move_units_kernel(
     arena_ptr,        # [capacity / 4] int32 view of the arena
     moves_ptr,        # [3, n_moves] int64: handle, src offset, dst offset
     n_moves,
-    table_ptr, slot_handle_ptr, slab_live_ptr,
+    table_ptr, slot_handle_ptr,
     slab_bytes, unit, max_ups,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -517,14 +514,13 @@ def move_units_kernel(
         d_slab, d_idx = _slot_of(dst, slab_bytes, unit)
         tl.store(slot_handle_ptr + s_slab * max_ups + s_idx, -1)
         tl.store(slot_handle_ptr + d_slab * max_ups + d_idx, h.to(tl.int32))
-        tl.atomic_add(slab_live_ptr + d_slab, 1)
 
 
 @triton.jit
 def adopt_slabs_kernel(
     victims_ptr,      # [k] int32 slabs joining the pool (empty)
     k,
-    stack_ptr, tops_ptr, slab_owner_ptr, slab_live_ptr, slot_handle_ptr,
+    stack_ptr, tops_ptr, slab_owner_ptr, slot_handle_ptr,
     slab_bytes, unit, ups, max_ups,
     POOL: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -534,7 +530,6 @@ def adopt_slabs_kernel(
     while i < k:
         s = tl.load(victims_ptr + (k - 1 - i)).to(tl.int64)
         tl.store(slab_owner_ptr + s, POOL)
-        tl.store(slab_live_ptr + s, 0)
         c0 = 0
         while c0 < max_ups:
             q = c0 + tl.arange(0, BLOCK)

@@ -132,7 +132,7 @@ def bench_compaction(spec, mib_list):
 
         def kernel():
             K.move_units_kernel[(moved, chunks)](alloc._arena_words, moves, moved, alloc.handle_table,
-                                                 alloc._slot_handle, alloc.slab_live, alloc.slab_bytes, page,
+                                                 alloc._slot_handle, alloc.slab_bytes, page,
                                                  alloc.max_units_per_slab, CHUNK=_COPY_CHUNK,
                                                  BLOCK=_COPY_BLOCK, num_warps=8)
 
