@@ -19,6 +19,7 @@ import dataclasses
 import math
 
 import torch
+import triton
 
 from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
 from avmp_triton.kernels import alloc as K
@@ -47,6 +48,8 @@ def _launch_shape(n: int) -> tuple[int, int]:
     if n <= 1024:
         return 1024, 16
     return 4096, 16
+# alloc runs one program per _ALLOC_BLOCK handles
+_ALLOC_BLOCK = 256
 # unit copy: one program copies CHUNK int32 words in BLOCK-word steps
 _COPY_CHUNK = 8192
 _COPY_BLOCK = 2048
@@ -197,7 +200,9 @@ class ArenaAllocator:
         self._free_units = torch.empty(self._stack_base[1] + S * self.units_per_slab[1], dtype=torch.int64, device=dev)
         self.slab_owner = owner.to(dev)
         self._slot_handle = torch.full((S, self.max_units_per_slab), -1, dtype=torch.int32, device=dev)
-        self._mark = torch.zeros(H, dtype=torch.int32, device=dev)
+        self._mark = torch.zeros(H, dtype=torch.int64, device=dev)
+        self._epoch = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._ticket = torch.zeros(1, dtype=torch.int32, device=dev)
         self._status = torch.zeros(3, dtype=torch.int64, device=dev)
         tops = [0, 0, H]
         for p in range(len(self.pool_names)):
@@ -320,7 +325,7 @@ class ArenaAllocator:
         block, warps = _launch_shape(M)
         K.release_kernel[(1,)](
             rows, M, block_table, num_pages, ssm_handles if ssm_handles is not None else num_pages,
-            status, self._workspace(rp), self._mark, R, W, block_table.stride(0), rp,
+            status, self._workspace(rp), self._mark, self._epoch, R, W, block_table.stride(0), rp,
             *self._state_args(), self._stack_base[1], self.slab_bytes, self.unit_bytes[0],
             self.unit_bytes[1], self.max_units_per_slab, self.num_handles,
             POOL_KV=p0, POOL_SSM=p1, HAS_SSM=ssm_handles is not None, LOG_R=log_r, BLOCK=block,
@@ -409,17 +414,17 @@ class ArenaAllocator:
     def _launch_alloc(self, kind: int, n: int, out: torch.Tensor) -> None:
         """One launch, no sync: status lands in ``self._status`` (code, n, available)."""
         pool = self._pool_of[kind]
-        block, warps = _launch_shape(n)
-        K.alloc_kernel[(1,)](out, n, self._status, *self._state_args(), self._stack_base[pool],
-                             self.slab_bytes, self.unit_bytes[pool], self.max_units_per_slab,
-                             POOL=pool, KIND=kind, BLOCK=block, num_warps=warps)
+        K.alloc_kernel[(triton.cdiv(n, _ALLOC_BLOCK),)](
+            out, n, self._status, self._ticket, *self._state_args(), self._stack_base[pool],
+            self.slab_bytes, self.unit_bytes[pool], self.max_units_per_slab,
+            POOL=pool, KIND=kind, BLOCK=_ALLOC_BLOCK, num_warps=4)
 
     def _launch_free(self, handles: torch.Tensor, req: int) -> None:
         """One launch, no sync: status lands in ``self._status`` (code, position, value)."""
         p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
         block, warps = _launch_shape(handles.numel())
         K.free_kernel[(1,)](
-            handles, handles.numel(), self._status, self._mark, *self._state_args(),
+            handles, handles.numel(), self._status, self._mark, self._epoch, *self._state_args(),
             self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1],
             self.max_units_per_slab, self.num_handles,
             REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=block, num_warps=warps)

@@ -84,26 +84,21 @@ def _push_units(h, m, top0, top1, htop, stacks_ptr, base1, hstack_ptr, table_ptr
 
 
 @triton.jit
-def _check_handles(h, m, req_kind, mark_ptr, kinds_ptr, num_handles):
-    """Per-lane error code for freeing ``h``; marks live handles to catch duplicates."""
+def _check_handles(h, m, req_kind, epoch, mark_ptr, kinds_ptr, num_handles):
+    """Per-lane error code for freeing ``h``. Each call stamps its live handles with a fresh epoch:
+    a handle that already carries this call's epoch is a duplicate, and no clearing pass is needed."""
     inr = (h >= 0) & (h < num_handles)
     hs = tl.where(inr, h, 0)
     kind = tl.load(kinds_ptr + hs, mask=m & inr, other=0)
     live = kind != 0
     wrong = (req_kind != 0) & (kind != req_kind)
     chk = m & inr & live & (~wrong)
-    old = tl.atomic_xchg(mark_ptr + hs, (hs * 0 + 1).to(tl.int32), mask=chk)
-    dup = chk & (old != 0)
+    old = tl.atomic_xchg(mark_ptr + hs, hs.to(tl.int64) * 0 + epoch, mask=chk)
+    dup = chk & (old == epoch)
     code = tl.where(~inr, ERR_RANGE,
                     tl.where(~live, ERR_NOT_LIVE,
                              tl.where(wrong, ERR_WRONG_KIND, tl.where(dup, ERR_DUPLICATE, ERR_NONE))))
     return tl.where(m, code, ERR_NONE)
-
-
-@triton.jit
-def _clear_marks(h, m, mark_ptr, num_handles):
-    inr = m & (h >= 0) & (h < num_handles)
-    tl.store(mark_ptr + tl.where(inr, h, 0), (h * 0).to(tl.int32), mask=inr)
 
 
 @triton.jit
@@ -124,29 +119,34 @@ def alloc_kernel(
     out_ptr,          # [n] int32 handles (output)
     n,
     status_ptr,       # [3] int64 (code, requested, available)
+    ticket_ptr,       # [1] int32 programs finished, 0 between calls
     table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
     base, slab_bytes, unit, max_ups,
     POOL: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """Pop n units and n handles; program p binds positions [p*BLOCK, (p+1)*BLOCK).
+
+    Every program reads the same tops; the last program to finish (by an acq_rel ticket) is the
+    only writer of tops and status, so no program can see a half-updated stack.
+    """
     top = tl.load(tops_ptr + POOL)
     htop = tl.load(tops_ptr + 2)
     avail = tl.minimum(top, htop)
-    if avail >= n:
-        start = 0
-        while start < n:
-            pos = start + tl.arange(0, BLOCK).to(tl.int64)
-            m = pos < n
-            h = _pop_units(pos, m, KIND, top, htop, stacks_ptr + base, hstack_ptr, table_ptr,
-                           kinds_ptr, slot_handle_ptr, slab_bytes, unit, max_ups)
-            tl.store(out_ptr + pos, h, mask=m)
-            start += BLOCK
-        tl.store(tops_ptr + POOL, top - n)
-        tl.store(tops_ptr + 2, htop - n)
-        tl.store(status_ptr, ERR_NONE)
-    else:
-        tl.store(status_ptr, ERR_NO_SPACE)
-    tl.store(status_ptr + 1, n + avail * 0)
-    tl.store(status_ptr + 2, avail)
+    ok = avail >= n
+    pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = (pos < n) & ok
+    h = _pop_units(pos, m, KIND, top, htop, stacks_ptr + base, hstack_ptr, table_ptr,
+                   kinds_ptr, slot_handle_ptr, slab_bytes, unit, max_ups)
+    tl.store(out_ptr + pos, h, mask=m)
+    ticket = tl.atomic_add(ticket_ptr, 1)
+    if ticket == tl.num_programs(0) - 1:
+        if ok:
+            tl.store(tops_ptr + POOL, top - n)
+            tl.store(tops_ptr + 2, htop - n)
+        tl.store(status_ptr, tl.where(ok, ERR_NONE, ERR_NO_SPACE).to(tl.int64))
+        tl.store(status_ptr + 1, n + avail * 0)
+        tl.store(status_ptr + 2, avail)
+        tl.store(ticket_ptr, 0)
 
 
 @triton.jit
@@ -154,7 +154,8 @@ def free_kernel(
     handles_ptr,      # [n] int32
     n,
     status_ptr,       # [3] int64 (code, position, value)
-    mark_ptr,         # [H] int32 scratch, all zero between calls
+    mark_ptr,         # [H] int64 duplicate marks: the epoch of the last call that saw each handle
+    epoch_ptr,        # [1] int64 call counter
     table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
     base1, slab_bytes, unit0, unit1, max_ups, num_handles,
     REQ_KIND: tl.constexpr, POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr, BLOCK: tl.constexpr,
@@ -162,21 +163,16 @@ def free_kernel(
     err_pos = tl.full((), _BIG, tl.int64)
     err_code = tl.full((), 0, tl.int64)
     err_val = tl.full((), 0, tl.int64)
+    epoch = tl.load(epoch_ptr) + 1
     start = 0
     while start < n:
         pos = start + tl.arange(0, BLOCK).to(tl.int64)
         m = pos < n
         h = tl.load(handles_ptr + pos, mask=m, other=0)
-        code = _check_handles(h, m, REQ_KIND, mark_ptr, kinds_ptr, num_handles)
+        code = _check_handles(h, m, REQ_KIND, epoch, mark_ptr, kinds_ptr, num_handles)
         err_pos, err_code, err_val = _first_error(code, pos, h, err_pos, err_code, err_val)
         start += BLOCK
-    tl.debug_barrier()
-    start = 0
-    while start < n:
-        pos = start + tl.arange(0, BLOCK).to(tl.int64)
-        m = pos < n
-        _clear_marks(tl.load(handles_ptr + pos, mask=m, other=0), m, mark_ptr, num_handles)
-        start += BLOCK
+    tl.store(epoch_ptr, epoch)
     tl.debug_barrier()
     if err_pos == _BIG:
         top0 = tl.load(tops_ptr)
@@ -333,7 +329,8 @@ def release_kernel(
     ssm_ptr,          # [R] int32 SSM handle per row, -1 = none (reset to -1); unused if not HAS_SSM
     status_ptr,       # [3] int64 (code, flat position, value)
     work_ptr,         # [2, RP] int64 scratch
-    mark_ptr,
+    mark_ptr,         # [H] int64 duplicate marks (see free_kernel)
+    epoch_ptr,
     R, W, stride_bt, RP,
     table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
     base1, slab_bytes, unit0, unit1, max_ups, num_handles,
@@ -366,24 +363,17 @@ def release_kernel(
         start += BLOCK
     tl.debug_barrier()
     if err_pos == _BIG:
+        epoch = tl.load(epoch_ptr) + 1
         g0 = 0
         while g0 < total:
             g = g0 + tl.arange(0, BLOCK).to(tl.int64)
             m = g < total
             r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
                                              num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
-            code = _check_handles(h, m, req, mark_ptr, kinds_ptr, num_handles)
+            code = _check_handles(h, m, req, epoch, mark_ptr, kinds_ptr, num_handles)
             err_pos, err_code, err_val = _first_error(code, g, h, err_pos, err_code, err_val)
             g0 += BLOCK
-        tl.debug_barrier()
-        g0 = 0
-        while g0 < total:
-            g = g0 + tl.arange(0, BLOCK).to(tl.int64)
-            m = g < total
-            r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
-                                             num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
-            _clear_marks(h, m, mark_ptr, num_handles)
-            g0 += BLOCK
+        tl.store(epoch_ptr, epoch)
         tl.debug_barrier()
     if err_pos == _BIG:
         top0 = tl.load(tops_ptr)
