@@ -46,6 +46,18 @@ def _per_call_us(fn):
     return _median_ms(g.replay) * 1e3 / GRAPH_REPS
 
 
+def _kernel_means_us(fn, iters=50):
+    """Mean device time per launch of each Triton kernel in ``fn``, from the profiler's CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / e.count for e in prof.key_averages()
+            if e.key.endswith("_kernel") and e.count}
+
+
 def bench_alloc_free(spec, capacity, make, ns):
     rows = []
     for name, ctor in make.items():
@@ -62,6 +74,7 @@ def bench_alloc_free(spec, capacity, make, ns):
 
             dev_us = _per_call_us(pair)
             assert int(alloc._status[0]) == 0, "benchmark pair failed"
+            per_kernel = _kernel_means_us(pair)
             # host time of the Python API: each call launches once and syncs once
             for _ in range(5):
                 alloc.free(alloc.alloc_kv(n))
@@ -71,7 +84,8 @@ def bench_alloc_free(spec, capacity, make, ns):
                 alloc.free(alloc.alloc_kv(n))
             host_us = (time.perf_counter() - t0) / reps * 1e6
             rows.append(dict(allocator=name, n=n, device_us_alloc_plus_free=dev_us,
-                             host_us_python_alloc_plus_free=host_us))
+                             host_us_python_alloc_plus_free=host_us,
+                             profiler_mean_us_per_kernel=per_kernel))
         del alloc
         torch.cuda.empty_cache()
     return rows
@@ -190,10 +204,13 @@ def main():
     with open(out, "w") as f:
         json.dump(res, f, indent=2)
     print(f"GPU {res['gpu']}  torch {res['torch']}  triton {res['triton']}  commit {res['commit'][:10]}")
-    print(f"{'allocator':18s} {'n':>5s} {'device us':>10s} {'host us':>9s}   (alloc + free pair)")
+    print(f"{'allocator':18s} {'n':>5s} {'pair us':>8s} {'alloc us':>9s} {'free us':>8s} {'host us':>8s}"
+          "   (device: graph median of the pair; per kernel: profiler mean)")
     for r in res["alloc_free"]:
-        print(f"{r['allocator']:18s} {r['n']:5d} {r['device_us_alloc_plus_free']:10.2f} "
-              f"{r['host_us_python_alloc_plus_free']:9.1f}")
+        k = r["profiler_mean_us_per_kernel"]
+        print(f"{r['allocator']:18s} {r['n']:5d} {r['device_us_alloc_plus_free']:8.2f} "
+              f"{k.get('alloc_kernel', float('nan')):9.2f} {k.get('free_kernel', float('nan')):8.2f} "
+              f"{r['host_us_python_alloc_plus_free']:8.1f}")
     gr = res["grow_release"]
     print(f"grow_kv + release_rows, {gr['requests']} requests: {gr['device_us_grow_plus_release']:.2f} us device")
     print(f"{'MiB moved':>10s} {'kernel ms':>10s} {'copy ms':>9s} {'kernel GB/s':>12s} {'copy GB/s':>10s} {'ratio':>6s} {'rebalance ms':>13s}")
