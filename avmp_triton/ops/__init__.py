@@ -1,0 +1,22 @@
+"""Launchers of the kernels that read the arena through the handle table (attention, Mamba)."""
+from avmp_triton.ops.mamba_prefill import causal_conv1d_prefill, mamba1_scan_prefill, mamba2_scan_prefill  # noqa: F401
+from avmp_triton.ops.paged_attention import (  # noqa: F401
+    DecodeConfig,
+    decode_config,
+    decode_workspace,
+    decode_workspace_numel,
+    kv_append,
+    kv_append_arena,
+    paged_decode_attention,
+    paged_decode_attention_arena,
+)
+from avmp_triton.ops.paged_prefill import paged_prefill_attention, prefill_launch_config  # noqa: F401
+from avmp_triton.ops.mamba import (  # noqa: F401
+    MambaStateOps,
+    causal_conv1d_update,
+    conv1d_launch_config,
+    mamba1_launch_config,
+    mamba1_state_update,
+    mamba2_launch_config,
+    mamba2_state_update,
+)

@@ -1,0 +1,455 @@
+"""Paged decode attention and KV append over the arena: validation, launch configuration, custom ops.
+
+Kernels: ``avmp_triton/kernels/paged_attention.py``. Reference: ``avmp_triton/reference/attention.py``.
+
+Two ways to call each op:
+
+- with an allocator (``AVMPAllocator`` or either baseline): ``paged_decode_attention(q, alloc, ...)``,
+  ``kv_append(k, v, alloc, ...)`` take the arena, the handle table, the page layout
+  (``kv_page_layout(alloc.spec, alloc.page_tokens)``), the KV dtype and the layer count from it;
+- low level: ``paged_decode_attention_arena(q, arena, handle_table, layout, ...)`` and
+  ``kv_append_arena(...)`` take the tensors and a ``KVPageLayout``.
+
+Both end in the custom ops ``torch.ops.avmp.paged_decode_attention`` and ``torch.ops.avmp.kv_append``
+(mutating ``out`` / ``workspace`` and ``arena``), so they compose with ``torch.compile`` and can be
+captured in a CUDA graph: the launcher makes only shape-based decisions (no ``.item()``, no host sync)
+and every buffer it allocates has a size fixed by the shapes.
+
+Device-side sentinels (not checked on the host, which would need a sync): a -1 entry of the block
+table, a handle outside the table or a free handle (table entry -1) inside a request's live length
+is skipped, i.e. its tokens are masked out of the softmax; a request with ``seq_len`` 0, or with
+nothing readable, gets a zero output row; a ``seq_len`` beyond ``W * page_tokens`` is clamped. Page
+offsets must be 16-byte aligned (the allocators guarantee it: units are rounded to 16 bytes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from avmp_triton import _triton_env
+from avmp_triton.kernels import paged_attention as K
+from avmp_triton.layout import KVPageLayout, kv_page_layout
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SPLITS = 128          # explicit num_splits at most
+MAX_AUTO_SPLITS = 32      # what the launcher picks by itself at most
+MIN_BLOCKS_PER_SPLIT = 4  # a split should walk at least this many BLOCK_N blocks of the longest request
+WAVES = 2                 # split until B * Hkv * num_splits fills this many waves of the SMs
+DEFAULT_SM_COUNT = 132    # H100 SXM; used where no CUDA device says otherwise (CPU runs)
+
+
+# ---------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DecodeConfig:
+    """Launch parameters of the decode kernel (each is a compile-time constant of the kernel)."""
+    num_splits: int       # split-KV programs per (request, kv head); 1 = no workspace, no combine
+    pages_per_iter: int   # pages gathered per loop step: BLOCK_N = pages_per_iter * page_tokens
+    num_warps: int
+    num_stages: int
+    use_dot: bool         # scores and P@V with tl.dot (group padded to >= 16 rows), else broadcast-sum
+
+    def block_n(self, page_tokens: int) -> int:
+        return self.pages_per_iter * page_tokens
+
+
+def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_tokens: int,
+                  max_seq_len: int, sm_count: int = DEFAULT_SM_COUNT, num_splits: int | None = None,
+                  pages_per_iter: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None, use_dot: bool | None = None) -> DecodeConfig:
+    """The launch table: a few shape rules, no autotuning; every field can be overridden.
+
+    - ``use_dot``: tensor cores for GQA groups of >= 4 q heads (padded to 16 rows; decode is bound by
+      memory, so the padding costs nothing but registers); smaller groups broadcast-multiply and sum.
+    - ``BLOCK_N``: 64 tokens per step for D <= 128, 32 for D = 256 (dot path); the broadcast path keeps
+      its [group, BLOCK_N, D] fp32 product at <= 8192 elements. At least one page, at least 16 tokens.
+    - ``num_splits``: enough splits that B * Hkv * splits fills ``WAVES`` waves of ``sm_count`` SMs, but
+      no more than leave ``MIN_BLOCKS_PER_SPLIT`` blocks of the longest context per split.
+    """
+    group = num_q_heads // num_kv_heads
+    if use_dot is None:
+        use_dot = group >= 4
+    if pages_per_iter is None:
+        if use_dot:
+            block_n = 64 if head_dim <= 128 else 32
+        else:
+            block_n = min(64, max(16, 8192 // (triton.next_power_of_2(group) * head_dim)))
+        pages_per_iter = max(1, block_n // page_tokens)
+    if num_warps is None:
+        num_warps = 4 if head_dim <= 128 else 8
+    if num_stages is None:
+        num_stages = 3 if head_dim <= 128 else 2
+    if num_splits is None:
+        ctas = max(1, batch * num_kv_heads)
+        want = math.ceil(WAVES * sm_count / ctas)
+        blocks = math.ceil(max_seq_len / (pages_per_iter * page_tokens))
+        num_splits = max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT, MAX_AUTO_SPLITS))
+    return DecodeConfig(num_splits=num_splits, pages_per_iter=pages_per_iter, num_warps=num_warps,
+                        num_stages=num_stages, use_dot=use_dot)
+
+
+def decode_workspace_numel(batch: int, num_q_heads: int, head_dim: int, num_splits: int) -> int:
+    """fp32 elements of the split-KV workspace: partial acc [B, Hq, S, D] then (max, sum) [B, Hq, S, 2]."""
+    return 0 if num_splits <= 1 else batch * num_q_heads * num_splits * (head_dim + 2)
+
+
+def decode_workspace(batch: int, num_q_heads: int, head_dim: int, num_splits: int, device) -> torch.Tensor:
+    """A workspace to pass as ``workspace=`` (allocate it before capturing a CUDA graph)."""
+    return torch.empty(max(1, decode_workspace_numel(batch, num_q_heads, head_dim, num_splits)),
+                       dtype=torch.float32, device=device)
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result
+def _sm_count(device_index: int) -> int:
+    n = _SM_COUNTS.get(device_index)
+    if n is None:
+        n = _SM_COUNTS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return n
+
+
+# Scratch workspaces used when the caller passes none, one per (device, size) and never freed, so a
+# CUDA graph captured on one keeps a valid buffer. Shared by every call: two calls running at the
+# same time on different streams must pass their own ``workspace``.
+_SCRATCH: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, numel: int) -> torch.Tensor:
+    key = (str(device), numel)
+    ws = _SCRATCH.get(key)
+    if ws is None:
+        ws = _SCRATCH[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    return ws
+
+
+# ------------------------------------------------------------------------------------ custom ops
+def _layout_args(layout: KVPageLayout) -> list[int]:
+    return [layout.page_tokens, layout.num_kv_heads, layout.head_dim, layout.elem_bytes,
+            layout.stride_layer, layout.stride_kv, layout.stride_head, layout.stride_token]
+
+
+@torch.library.custom_op("avmp::paged_decode_attention", mutates_args=("out", "workspace"))
+def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, out: torch.Tensor, workspace: Optional[torch.Tensor],
+                     layout: list[int], layer: int, scale: float, num_splits: int, pages_per_iter: int,
+                     num_warps: int, num_stages: int, use_dot: bool) -> None:
+    """Validated inputs only (see ``paged_decode_attention_arena``); writes ``out``."""
+    page_tokens, num_kv_heads, head_dim, elem_bytes, s_layer, s_kv, s_head, s_token = layout
+    B, Hq, D = q.shape
+    if B == 0:
+        return
+    _check_aligned(arena)
+    interp = _triton_env.interpreter_active()
+    group = Hq // num_kv_heads
+    kv = arena.view(q.dtype)
+    if num_splits > 1:
+        n = decode_workspace_numel(B, Hq, D, num_splits)
+        ws = _scratch(q.device, n) if workspace is None else workspace
+        ws_acc, ws_ml = ws[:B * Hq * num_splits * D], ws[B * Hq * num_splits * D:n]
+    else:
+        ws_acc = ws_ml = out  # unused
+    K.paged_decode_kernel[(B, num_kv_heads, num_splits)](
+        q, kv, handle_table, block_table, seq_lens, out, ws_acc, ws_ml,
+        handle_table.numel(), block_table.shape[1], Hq,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        layer * s_layer, s_kv, s_head, s_token, scale * K.LOG2E,
+        GROUP=group, GROUP_PAD=max(16 if use_dot else 1, triton.next_power_of_2(group)), HEAD_DIM=D,
+        PAGE_TOKENS=page_tokens, BLOCK_N=pages_per_iter * page_tokens, NUM_SPLITS=num_splits,
+        ELEM_BYTES=elem_bytes, USE_DOT=use_dot,
+        DOT_FP32=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16),
+        PIPELINE=not interp,
+        num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        splits_pad = triton.next_power_of_2(num_splits)
+        K.paged_decode_combine_kernel[(B, Hq)](
+            ws_acc, ws_ml, out, Hq, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_PAD=splits_pad, CHUNK=min(splits_pad, 16), HEAD_DIM=D,
+            num_warps=4 if D <= 128 else 8)
+
+
+@_paged_decode_op.register_fake
+def _(q, arena, handle_table, block_table, seq_lens, out, workspace, layout, layer, scale, num_splits,
+      pages_per_iter, num_warps, num_stages, use_dot):
+    return None
+
+
+@torch.library.custom_op("avmp::kv_append", mutates_args=("arena",))
+def _kv_append_op(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
+                  block_table: torch.Tensor, token_req: torch.Tensor, token_pos: torch.Tensor,
+                  layout: list[int], layer: int) -> None:
+    """Validated inputs only (see ``kv_append_arena``); writes into ``arena``."""
+    page_tokens, num_kv_heads, head_dim, elem_bytes, s_layer, s_kv, s_head, s_token = layout
+    T = k.shape[0]
+    if T == 0:
+        return
+    _check_aligned(arena)
+    K.kv_append_kernel[(T,)](
+        k, v, arena.view(k.dtype), handle_table, block_table, token_req, token_pos,
+        handle_table.numel(), block_table.shape[0], block_table.shape[1],
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_table.stride(0),
+        layer * s_layer, s_kv, s_head, s_token,
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        PAGE_TOKENS=page_tokens, ELEM_BYTES=elem_bytes, num_warps=4)
+
+
+@_kv_append_op.register_fake
+def _(k, v, arena, handle_table, block_table, token_req, token_pos, layout, layer):
+    return None
+
+
+# ------------------------------------------------------------------------------------ public API
+def paged_decode_attention(q: torch.Tensor, alloc, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                           layer: int = 0, scale: float | None = None, out: torch.Tensor | None = None,
+                           workspace: torch.Tensor | None = None, max_seq_len: int | None = None,
+                           num_splits: int | None = None, pages_per_iter: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           use_dot: bool | None = None) -> torch.Tensor:
+    """Decode attention of one query token per request over its KV pages in ``alloc``'s arena.
+
+    Args:
+        q: ``[B, Hq, D]`` in the spec's ``kv_dtype`` (rows of D contiguous); ``Hq`` a multiple of Hkv.
+        alloc: an allocator (``AVMPAllocator``, ``StaticDualAllocator``, ``PaddedUnifiedAllocator``);
+            arena, handle table, page layout (``alloc.page_tokens``) and layer count come from it.
+        block_table: ``[B, W]`` int32 KV handles, -1 padded (rows contiguous).
+        seq_lens: ``[B]`` int32 tokens per request (0 allowed: zero output row).
+        layer: attention layer (0 <= layer < ``spec.num_attn_layers``).
+        scale: softmax scale, ``D ** -0.5`` by default.
+        out: optional ``[B, Hq, D]`` output buffer of q's dtype.
+        workspace: optional fp32 buffer of >= ``decode_workspace_numel(B, Hq, D, num_splits)`` elements
+            (only used when num_splits > 1); by default a shared per-size scratch buffer.
+        max_seq_len: upper bound of ``seq_lens`` used to pick num_splits (shape-based, no sync);
+            default ``W * page_tokens``.
+        num_splits, pages_per_iter, num_warps, num_stages, use_dot: override ``decode_config``.
+    Returns:
+        ``out`` ``[B, Hq, D]`` in q's dtype.
+    """
+    arena, table, layout, num_layers, kv_dtype = _from_alloc(alloc)
+    return paged_decode_attention_arena(
+        q, arena, table, layout, block_table, seq_lens, num_layers=num_layers, layer=layer, kv_dtype=kv_dtype,
+        scale=scale, out=out, workspace=workspace, max_seq_len=max_seq_len, num_splits=num_splits,
+        pages_per_iter=pages_per_iter, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
+
+
+def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
+                                 layout: KVPageLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+                                 num_layers: int, layer: int = 0, kv_dtype: torch.dtype | None = None,
+                                 scale: float | None = None, out: torch.Tensor | None = None,
+                                 workspace: torch.Tensor | None = None, max_seq_len: int | None = None,
+                                 num_splits: int | None = None, pages_per_iter: int | None = None,
+                                 num_warps: int | None = None, num_stages: int | None = None,
+                                 use_dot: bool | None = None) -> torch.Tensor:
+    """``paged_decode_attention`` on raw tensors.
+
+    Args:
+        arena: ``[N]`` uint8, contiguous; viewed as ``kv_dtype`` (default: q's dtype) inside.
+        handle_table: ``[H]`` int64 handle -> byte offset (-1 when free).
+        layout: ``KVPageLayout`` of the pages (``avmp_triton.layout.kv_page_layout(spec, page_tokens)``).
+        num_layers: attention layers per page (bounds ``layer``).
+        Others as in ``paged_decode_attention``.
+    """
+    dev = _check_tensor(q, "q", dtypes=SUPPORTED_DTYPES, dim=3)
+    if kv_dtype is not None and q.dtype != kv_dtype:
+        raise TypeError(f"q must have the KV dtype {kv_dtype}, got {q.dtype}")
+    if q.stride(2) != 1:
+        raise ValueError(f"q must have contiguous rows (stride 1 over D), got strides {q.stride()}")
+    B, Hq, D = q.shape
+    _check_arena(arena, handle_table, dev)
+    _check_layout(layout, q.dtype, D, "q")
+    layer = _check_layer(layer, num_layers)
+    _check_page_fits(layout, num_layers, arena)
+    Hkv = layout.num_kv_heads
+    if Hq < 1 or Hq % Hkv:
+        raise ValueError(f"q has {Hq} heads, not a positive multiple of the layout's num_kv_heads={Hkv}")
+    _check_tensor(block_table, "block_table", dtypes=(torch.int32,), dim=2, device=dev)
+    if block_table.shape[0] != B or block_table.shape[1] < 1 or block_table.stride(1) != 1:
+        raise ValueError(f"block_table must be [B={B}, W>=1] with contiguous rows, got shape "
+                         f"{tuple(block_table.shape)} strides {block_table.stride()}")
+    _check_tensor(seq_lens, "seq_lens", dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+    if seq_lens.shape[0] != B:
+        raise ValueError(f"seq_lens must have B={B} entries, got {seq_lens.shape[0]}")
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    W = block_table.shape[1]
+    if max_seq_len is None:
+        max_seq_len = W * layout.page_tokens
+    elif not _is_int(max_seq_len) or max_seq_len < 0:
+        raise ValueError(f"max_seq_len must be a non-negative int, got {max_seq_len!r}")
+    cfg = decode_config(batch=B, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, page_tokens=layout.page_tokens,
+                        max_seq_len=max_seq_len, sm_count=_sm_count(dev.index) if dev.type == "cuda" else DEFAULT_SM_COUNT,
+                        num_splits=num_splits, pages_per_iter=pages_per_iter, num_warps=num_warps,
+                        num_stages=num_stages, use_dot=use_dot)
+    _check_config(cfg, layout.page_tokens)
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
+    else:
+        _check_tensor(out, "out", dtypes=(q.dtype,), dim=3, device=dev)
+        if tuple(out.shape) != (B, Hq, D) or out.stride(2) != 1:
+            raise ValueError(f"out must be [B, Hq, D]={[B, Hq, D]} with contiguous rows, got shape "
+                             f"{tuple(out.shape)} strides {out.stride()}")
+    if workspace is not None:
+        _check_tensor(workspace, "workspace", dtypes=(torch.float32,), dim=1, device=dev, contiguous=True)
+        need = decode_workspace_numel(B, Hq, D, cfg.num_splits)
+        if workspace.numel() < need:
+            raise ValueError(f"workspace has {workspace.numel()} elements; num_splits={cfg.num_splits} needs {need}")
+    torch.ops.avmp.paged_decode_attention(
+        q, arena, handle_table, block_table, seq_lens, out, workspace, _layout_args(layout), layer, float(scale),
+        cfg.num_splits, cfg.pages_per_iter, cfg.num_warps, cfg.num_stages, cfg.use_dot)
+    return out
+
+
+def kv_append(k: torch.Tensor, v: torch.Tensor, alloc, block_table: torch.Tensor, token_req: torch.Tensor,
+              token_pos: torch.Tensor, *, layer: int = 0) -> None:
+    """Write K and V of new tokens into their page slots of ``alloc``'s arena (layer ``layer``).
+
+    Args:
+        k, v: ``[T, Hkv, D]`` in the spec's ``kv_dtype`` (rows of D contiguous).
+        block_table: ``[B, W]`` int32 KV handles, -1 padded.
+        token_req: ``[T]`` int32 block-table row of each token; -1 = padding, skipped.
+        token_pos: ``[T]`` int32 position of each token in its request: it goes to slot
+            ``pos % page_tokens`` of page ``block_table[req, pos // page_tokens]``.
+    Tokens with an invalid row, a negative position, a position past the table width, a -1 handle,
+    a handle outside the table or a free handle are skipped (nothing is written for them).
+    Two tokens aimed at the same slot race: the written value is one of them.
+    """
+    arena, table, layout, num_layers, kv_dtype = _from_alloc(alloc)
+    kv_append_arena(k, v, arena, table, layout, block_table, token_req, token_pos, num_layers=num_layers,
+                    layer=layer, kv_dtype=kv_dtype)
+
+
+def kv_append_arena(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
+                    layout: KVPageLayout, block_table: torch.Tensor, token_req: torch.Tensor,
+                    token_pos: torch.Tensor, *, num_layers: int, layer: int = 0,
+                    kv_dtype: torch.dtype | None = None) -> None:
+    """``kv_append`` on raw tensors (arena, handle table and layout as in ``paged_decode_attention_arena``)."""
+    dev = _check_tensor(k, "k", dtypes=SUPPORTED_DTYPES, dim=3)
+    _check_tensor(v, "v", dtypes=(k.dtype,), dim=3, device=dev)
+    if kv_dtype is not None and k.dtype != kv_dtype:
+        raise TypeError(f"k must have the KV dtype {kv_dtype}, got {k.dtype}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError(f"k and v must have contiguous rows (stride 1 over D), got strides {k.stride()} "
+                         f"and {v.stride()}")
+    T, Hkv, D = k.shape
+    _check_arena(arena, handle_table, dev)
+    _check_layout(layout, k.dtype, D, "k")
+    layer = _check_layer(layer, num_layers)
+    _check_page_fits(layout, num_layers, arena)
+    if Hkv != layout.num_kv_heads:
+        raise ValueError(f"k has {Hkv} kv heads, the layout {layout.num_kv_heads}")
+    _check_tensor(block_table, "block_table", dtypes=(torch.int32,), dim=2, device=dev)
+    if block_table.shape[1] < 1 or block_table.stride(1) != 1:
+        raise ValueError(f"block_table must be [B, W>=1] with contiguous rows, got shape "
+                         f"{tuple(block_table.shape)} strides {block_table.stride()}")
+    for name, t in (("token_req", token_req), ("token_pos", token_pos)):
+        _check_tensor(t, name, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+        if t.shape[0] != T:
+            raise ValueError(f"{name} must have T={T} entries (one per token), got {t.shape[0]}")
+    torch.ops.avmp.kv_append(k, v, arena, handle_table, block_table, token_req, token_pos,
+                             _layout_args(layout), layer)
+
+
+# ------------------------------------------------------------------------------------ validation
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _from_alloc(alloc):
+    from avmp_triton.allocator import ArenaAllocator
+    if not isinstance(alloc, ArenaAllocator):
+        raise TypeError(f"alloc must be an allocator (AVMPAllocator, StaticDualAllocator, PaddedUnifiedAllocator), "
+                        f"got {type(alloc).__name__}")
+    layout = kv_page_layout(alloc.spec, alloc.page_tokens)
+    return alloc.arena, alloc.handle_table, layout, alloc.spec.num_attn_layers, alloc.spec.kv_dtype
+
+
+def _check_tensor(t, name: str, *, dtypes, dim: int, device=None, contiguous: bool = False) -> torch.device:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if device is None:
+        if t.device.type == "cpu":
+            _triton_env.require_interpreter()
+        elif t.device.type != "cuda":
+            raise ValueError(f"{name} must be on a cuda device (or the cpu under Triton's interpreter), got {t.device}")
+    elif t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    return t.device
+
+
+def _check_arena(arena, handle_table, dev) -> None:
+    _check_tensor(arena, "arena", dtypes=(torch.uint8,), dim=1, device=dev, contiguous=True)
+    _check_tensor(handle_table, "handle_table", dtypes=(torch.int64,), dim=1, device=dev, contiguous=True)
+
+
+def _check_aligned(arena: torch.Tensor) -> None:
+    # inside the ops, on real tensors: dynamo cannot trace data_ptr()
+    if arena.data_ptr() % 16:
+        raise ValueError(f"arena must start 16-byte aligned, its data pointer is {arena.data_ptr():#x}")
+
+
+def _check_layout(layout, dtype: torch.dtype, head_dim: int, name: str) -> None:
+    if not isinstance(layout, KVPageLayout):
+        raise TypeError(f"layout must be a KVPageLayout, got {type(layout).__name__}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if layout.head_dim != head_dim:
+        raise ValueError(f"{name} has head_dim {head_dim}, the layout {layout.head_dim}")
+    if layout.elem_bytes != dtype.itemsize:
+        raise TypeError(f"{name} is {dtype} ({dtype.itemsize} bytes), the layout's elements are "
+                        f"{layout.elem_bytes} bytes")
+    pt = layout.page_tokens
+    if not _is_int(pt) or pt < 1 or pt & (pt - 1):
+        raise ValueError(f"layout.page_tokens must be a power of two, got {pt!r}")
+    vec = 16 // dtype.itemsize
+    for f in ("stride_layer", "stride_kv", "stride_head", "stride_token"):
+        s = getattr(layout, f)
+        if not _is_int(s) or s < head_dim or s % vec:
+            raise ValueError(f"layout.{f} must be an int >= head_dim and a multiple of {vec} elements "
+                             f"(16 bytes), got {s!r}")
+
+
+def _check_layer(layer, num_layers) -> int:
+    if not _is_int(num_layers) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    if not _is_int(layer) or not 0 <= layer < num_layers:
+        raise ValueError(f"layer must be an int in [0, {num_layers}), got {layer!r}")
+    return layer
+
+
+def _check_page_fits(layout: KVPageLayout, num_layers: int, arena: torch.Tensor) -> None:
+    if arena.numel() % layout.elem_bytes:
+        raise ValueError(f"arena has {arena.numel()} bytes, not a whole number of {layout.elem_bytes}-byte elements")
+    page_bytes = num_layers * layout.stride_layer * layout.elem_bytes
+    if page_bytes > arena.numel():
+        raise ValueError(f"a page of num_layers={num_layers} layers is {page_bytes} bytes, more than the "
+                         f"arena's {arena.numel()}")
+
+
+def _check_config(cfg: DecodeConfig, page_tokens: int) -> None:
+    if not _is_int(cfg.num_splits) or not 1 <= cfg.num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {cfg.num_splits!r}")
+    p = cfg.pages_per_iter
+    if not _is_int(p) or p < 1 or p & (p - 1):
+        raise ValueError(f"pages_per_iter must be a power of two, got {p!r}")
+    if not isinstance(cfg.use_dot, bool):
+        raise TypeError(f"use_dot must be a bool, got {cfg.use_dot!r}")
+    if cfg.use_dot and p * page_tokens < 16:
+        raise ValueError(f"use_dot needs >= 16 tokens per step: pages_per_iter={p} x page_tokens={page_tokens}")
+    if cfg.num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {cfg.num_warps!r}")
+    if not _is_int(cfg.num_stages) or not 1 <= cfg.num_stages <= 8:
+        raise ValueError(f"num_stages must be an int in [1, 8], got {cfg.num_stages!r}")

@@ -1,0 +1,291 @@
+"""Launcher of paged prefill / append attention (``kernels/paged_prefill.py``).
+
+Variable-length causal attention of each request's new tokens over its cached prefix and
+themselves, K/V read in place through the handle table. The new tokens' K/V must already be in
+the pages (append first, as vLLM and FlashInfer do).
+
+Everything here is decided from shapes: no host synchronisation, fixed grid for fixed shapes, an
+``out=`` buffer, so a step can be captured in a CUDA graph. The op is registered as
+``torch.ops.avmp.paged_prefill_attention`` (mutates ``out``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
+from avmp_triton._triton_env import interpreter_active, require_interpreter
+from avmp_triton.kernels.paged_prefill import paged_prefill_kernel
+from avmp_triton.layout import KVPageLayout
+
+__all__ = ["paged_prefill_attention", "prefill_launch_config"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+# (BLOCK_M rows, BLOCK_N kv positions, num_warps, num_stages) by head_dim for 16-bit inputs on a
+# GPU. Not autotuned (the op writes ``out``; no launcher of this package autotunes) and not yet
+# timed: picked from sm_90 compiles (triton 3.6, bf16, GQA 4) as the largest tiles that keep
+# within 227 KiB of shared memory and spill no registers (e.g. D=128: 251 regs, 98 KiB;
+# 4 warps spill at D >= 128). perf/ has no prefill sweep yet.
+_GPU_TABLE = {
+    16: (128, 64, 8, 3),
+    32: (128, 64, 8, 3),
+    64: (128, 64, 8, 3),
+    128: (128, 64, 8, 3),
+    256: (64, 32, 8, 2),
+}
+# fp32 (tests only) multiplies in IEEE fp32 without tensor cores: larger tiles spill
+_GPU_FP32 = (32, 16, 8, 1)
+# the interpreter pays per operation, not per element: middling tiles, few programs
+_CPU_CONFIG = (32, 32, 4, 1)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (max(n, 1) - 1).bit_length())
+
+
+def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu: bool,
+                          max_seqlen_q: int | None = None) -> tuple[int, int, int, int]:
+    """Default ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``.
+
+    ``BLOCK_M`` counts rows (query tokens x the ``gqa`` query heads of one KV head); a short
+    ``max_seqlen_q`` shrinks it so a decode-like batch does not pad every tile to 128 rows.
+    """
+    if not on_gpu:
+        bm, bn, warps, stages = _CPU_CONFIG
+    elif dtype == torch.float32:
+        bm, bn, warps, stages = _GPU_FP32
+    else:
+        bm, bn, warps, stages = _GPU_TABLE[head_dim]
+    bm = max(bm, _pow2_at_least(gqa))
+    if max_seqlen_q is not None:
+        short = max(16, _pow2_at_least(gqa * max_seqlen_q))
+        if short < bm:
+            bm = short
+            if on_gpu and bm <= 32:
+                warps = 4  # a 16- or 32-row tile keeps no more than one warpgroup busy
+    return bm, bn, warps, stages
+
+
+# ------------------------------------------------------------------ custom op
+@torch.library.custom_op("avmp::paged_prefill_attention", mutates_args=("out",))
+def _paged_prefill_op(
+    out: torch.Tensor, q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, kv: torch.Tensor, handle_table: torch.Tensor,
+    page_tokens: int, num_kv_heads: int, layer_off: int, stride_kv: int, stride_kv_head: int,
+    stride_kv_token: int, scale: float, block_m: int, block_n: int, num_warps: int, num_stages: int,
+) -> None:
+    """Validated launch; use ``paged_prefill_attention``. ``kv`` is the arena viewed as q's dtype."""
+    T, Hq, D = q.shape
+    B = seq_lens.shape[0]
+    if T == 0 or B == 0:
+        return
+    gqa = Hq // num_kv_heads
+    block_q = block_m // gqa
+    grid = (T // block_q + B, num_kv_heads)
+    interp = interpreter_active()
+    # Triton launches on the current device; q may live on another one
+    guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    with guard:
+        paged_prefill_kernel[grid](
+            q, out, cu_seqlens_q, seq_lens, block_table, handle_table, kv,
+            B, block_table.shape[1], handle_table.shape[0],
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+            layer_off, stride_kv, stride_kv_head, stride_kv_token, scale * _LOG2E,
+            GQA=gqa, HEAD_DIM=D, PAGE_TOKENS=page_tokens, ELEM_BYTES=q.element_size(),
+            BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+            PIPELINE=not interp,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST_DOT=interp and q.dtype == torch.bfloat16,
+            num_warps=num_warps, num_stages=num_stages)
+
+
+@_paged_prefill_op.register_fake
+def _(out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, page_tokens, num_kv_heads,
+      layer_off, stride_kv, stride_kv_head, stride_kv_token, scale, block_m, block_n, num_warps,
+      num_stages) -> None:
+    return None
+
+
+# ------------------------------------------------------------------ public API
+def paged_prefill_attention(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    arena: torch.Tensor,
+    handle_table: torch.Tensor,
+    layout: KVPageLayout,
+    layer: int,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    num_layers: int | None = None,
+    max_seqlen_q: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed new tokens over their requests' paged KV cache.
+
+    Args:
+        q: ``[T, Hq, D]`` fp16 / bf16 / fp32, the new tokens of all requests packed; last dim
+            contiguous.
+        cu_seqlens_q: ``[B+1]`` int32, request b's tokens are ``q[cu[b]:cu[b+1]]``
+            (non-decreasing, ``cu[0] = 0``, ``cu[B] <= T``; rows past ``cu[B]`` are not written).
+        seq_lens: ``[B]`` int32, context of request b including its new tokens
+            (``seq_lens[b] >= q_len_b``); the new tokens are its last ``q_len_b`` positions.
+        block_table: ``[B, W]`` int32 KV page handles, -1 padded; row b needs
+            ``cdiv(seq_lens[b], page_tokens)`` live handles. Rows contiguous.
+        arena: the allocator's arena, uint8 or already viewed as q's dtype (1-D, contiguous).
+        handle_table: ``[H]`` int64, handle -> byte offset in the arena (-1 when free). Live
+            offsets must be multiples of 16 bytes (the allocator's units are): the kernel tells
+            the compiler so, to load K/V in 16-byte vectors.
+        layout: the KV page layout (``avmp_triton.layout.kv_page_layout``); its element size
+            must be q's and its head_dim D; ``Hq`` must be a multiple of its ``num_kv_heads``.
+        layer: attention layer (index among the attention layers) to read.
+        scale: softmax scale, default ``D ** -0.5``.
+        out: optional ``[T, Hq, D]`` output of q's dtype (last dim contiguous).
+        num_layers: attention layers in a page; when given, ``layer`` is checked against it.
+        max_seqlen_q: optional upper bound of ``q_len_b`` (a hint for the tile size only; never
+            trusted for correctness).
+        block_m, block_n, num_warps, num_stages: launch overrides. ``block_m`` counts rows
+            (query tokens x the ``Hq // Hkv`` heads of one KV head; power of two >= 16 and
+            >= Hq // Hkv), ``block_n`` KV positions per step (power of two >= 16).
+
+    Returns:
+        ``out`` ``[T, Hq, D]``. Token i of request b (absolute position
+        ``seq_lens[b] - q_len_b + i``) attends to positions ``<=`` its own. KV pages whose handle
+        is -1 or not live are skipped; a row that sees no live position is zero.
+    """
+    _check_tensor(q, "q", dim=3)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    dev = q.device
+    if dev.type == "cpu":
+        require_interpreter()
+    elif dev.type != "cuda":
+        raise ValueError(f"q must be on a cuda device (or cpu with the interpreter), got {dev}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must have a contiguous last dim, got strides {q.stride()}")
+    T, Hq, D = q.shape
+
+    for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (seq_lens, "seq_lens")):
+        _check_tensor(t, name, dim=1, dtype=torch.int32, device=dev)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    B = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != B + 1:
+        raise ValueError(f"cu_seqlens_q must have B+1 = {B + 1} entries (seq_lens has B = {B}), "
+                         f"got {cu_seqlens_q.shape[0]}")
+    _check_tensor(block_table, "block_table", dim=2, dtype=torch.int32, device=dev)
+    if block_table.shape[0] != B:
+        raise ValueError(f"block_table must have B = {B} rows, got shape {tuple(block_table.shape)}")
+    if block_table.shape[1] < 1:
+        raise ValueError(f"block_table must have at least one column, got shape {tuple(block_table.shape)}")
+    if block_table.stride(1) != 1:
+        raise ValueError(f"block_table rows must be contiguous, got strides {block_table.stride()}")
+    _check_tensor(handle_table, "handle_table", dim=1, dtype=torch.int64, device=dev)
+    if not handle_table.is_contiguous():
+        raise ValueError("handle_table must be contiguous")
+    _check_tensor(arena, "arena", dim=1, device=dev)
+    if arena.dtype not in (torch.uint8, q.dtype):
+        raise TypeError(f"arena must be uint8 or q's dtype {q.dtype}, got {arena.dtype}")
+    if not arena.is_contiguous():
+        raise ValueError("arena must be contiguous")
+
+    if not isinstance(layout, KVPageLayout):
+        raise TypeError(f"layout must be a KVPageLayout, got {type(layout).__name__}")
+    if layout.elem_bytes != q.element_size():
+        raise TypeError(f"layout.elem_bytes ({layout.elem_bytes}) differs from q's element size "
+                        f"({q.element_size()}, {q.dtype}): K/V must be stored in q's dtype")
+    if layout.head_dim != D:
+        raise ValueError(f"q's head dim D={D} differs from layout.head_dim={layout.head_dim}")
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim D must be a power of two in [16, 256], got {D}")
+    Hkv = layout.num_kv_heads
+    if Hq < 1 or Hq % Hkv:
+        raise ValueError(f"q heads Hq={Hq} must be a positive multiple of layout.num_kv_heads={Hkv}")
+    gqa = Hq // Hkv
+    if not _is_int(layer) or layer < 0:
+        raise ValueError(f"layer must be a non-negative int, got {layer!r}")
+    if num_layers is not None:
+        if not _is_int(num_layers) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if layer >= num_layers:
+            raise ValueError(f"layer={layer} is out of range for num_layers={num_layers}")
+    layer_span = (layer * layout.stride_layer + layout.stride_kv
+                  + (Hkv - 1) * layout.stride_head + (layout.page_tokens - 1) * layout.stride_token + D)
+    arena_elems = arena.numel() * arena.element_size() // q.element_size()
+    if layer_span > arena_elems:
+        raise ValueError(f"layer={layer} lies beyond the arena ({arena_elems} elements of {q.dtype})")
+
+    if scale is None:
+        scale = D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+    if max_seqlen_q is not None and (not _is_int(max_seqlen_q) or max_seqlen_q < 1):
+        raise ValueError(f"max_seqlen_q must be a positive int, got {max_seqlen_q!r}")
+
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        _check_tensor(out, "out", dim=3, dtype=q.dtype, device=dev)
+        if out.shape != q.shape:
+            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+        if out.stride(-1) != 1:
+            raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
+
+    bm, bn, warps, stages = prefill_launch_config(D, q.dtype, gqa, on_gpu=dev.type == "cuda",
+                                                  max_seqlen_q=max_seqlen_q)
+    bm = _block_arg(block_m, "block_m", bm)
+    bn = _block_arg(block_n, "block_n", bn)
+    if bm < gqa:
+        raise ValueError(f"block_m={bm} must be >= Hq // Hkv = {gqa} (one token's query heads)")
+    warps = warps if num_warps is None else num_warps
+    if warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
+    stages = stages if num_stages is None else num_stages
+    if not _is_int(stages) or stages < 1:
+        raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
+
+    if B == 0:
+        if T:
+            raise ValueError(f"q has T={T} tokens but there are no requests (seq_lens is empty)")
+        return out
+    if T == 0:
+        return out
+    kv = arena if arena.dtype == q.dtype else arena[:arena.numel() // q.element_size() * q.element_size()].view(q.dtype)
+    torch.ops.avmp.paged_prefill_attention(
+        out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table,
+        layout.page_tokens, Hkv, layer * layout.stride_layer, layout.stride_kv, layout.stride_head,
+        layout.stride_token, float(scale), bm, bn, warps, stages)
+    return out
+
+
+def _block_arg(v, name: str, default: int) -> int:
+    if v is None:
+        return default
+    if not _is_int(v) or v < 16 or v & (v - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
+    return v
+
+
+def _check_tensor(t, name: str, *, dim: int, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, q on {device}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")

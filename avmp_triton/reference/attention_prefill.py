@@ -1,0 +1,79 @@
+"""Pure-torch reference of paged prefill / append attention (``avmp_triton.ops.paged_prefill``).
+
+Gathers each request's pages through the handle table into contiguous K/V, then runs plain
+causal attention in fp64. Slow, host-synchronising, for tests only.
+"""
+from __future__ import annotations
+
+import torch
+
+from avmp_triton.layout import KVPageLayout
+
+
+def gather_kv(arena: torch.Tensor, handle_table: torch.Tensor, handles: torch.Tensor, num_tokens: int,
+              layout: KVPageLayout, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[num_tokens, Hkv, D]`` of one request from its page handles ``[>= cdiv(num_tokens, P)]``.
+
+    Every handle needed must be live (``handle_table[h] >= 0``); an assert says which is not.
+    """
+    P, Hkv, D = layout.page_tokens, layout.num_kv_heads, layout.head_dim
+    n_pages = -(-num_tokens // P)
+    elems = arena.view(torch.uint8)
+    elems = elems[:elems.numel() // layout.elem_bytes * layout.elem_bytes].view(dtype)
+    hs = handles[:n_pages].long().cpu()
+    assert bool((hs >= 0).all()), f"a needed page handle is -1: {hs.tolist()}"
+    offs = handle_table.cpu()[hs]
+    assert bool((offs >= 0).all()), f"a needed page handle is free: {hs.tolist()} -> {offs.tolist()}"
+    pos = torch.arange(num_tokens)
+    page, tok = pos // P, pos % P
+    base = offs[page] // layout.elem_bytes + layer * layout.stride_layer + tok * layout.stride_token  # [L]
+    idx = (base[:, None, None] + torch.arange(Hkv)[None, :, None] * layout.stride_head
+           + torch.arange(D)[None, None, :])  # [L, Hkv, D]
+    idx = idx.to(elems.device)
+    return elems[idx], elems[idx + layout.stride_kv]
+
+
+def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         compute_dtype: torch.dtype = torch.float64,
+                         key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One request: ``q [Lq, Hq, D]`` are the last Lq positions of ``k, v [L, Hkv, D]``.
+
+    Returns ``[Lq, Hq, D]`` in ``compute_dtype``; a query sees the positions ``<=`` its own, and
+    only those where ``key_valid [L]`` (bool) is true if given; a query that sees none gets zeros.
+    """
+    Lq, Hq, D = q.shape
+    L, Hkv, _ = k.shape
+    g = Hq // Hkv
+    qc = q.to(compute_dtype).transpose(0, 1)                                   # [Hq, Lq, D]
+    kc = k.to(compute_dtype).repeat_interleave(g, dim=1).transpose(0, 1)      # [Hq, L, D]
+    vc = v.to(compute_dtype).repeat_interleave(g, dim=1).transpose(0, 1)
+    s = (qc @ kc.transpose(1, 2)) * scale                                      # [Hq, Lq, L]
+    q_pos = torch.arange(L - Lq, L, device=q.device)
+    visible = torch.arange(L, device=q.device)[None, :] <= q_pos[:, None]      # [Lq, L]
+    if key_valid is not None:
+        visible = visible & key_valid.to(q.device)[None, :]
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with nothing visible: 0
+    return (p @ vc).transpose(0, 1)
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                                block_table: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
+                                layout: KVPageLayout, layer: int, scale: float | None = None,
+                                compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Reference of ``paged_prefill_attention``: same arguments, returns ``[T, Hq, D]`` float32.
+
+    Rows of q outside ``cu_seqlens_q[0]:cu_seqlens_q[-1]`` are NaN (the kernel leaves them unwritten).
+    """
+    T, Hq, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.full((T, Hq, D), float("nan"), dtype=torch.float32, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    for b, ctx in enumerate(seq_lens.tolist()):
+        lo, hi = cu[b], cu[b + 1]
+        if hi == lo:
+            continue
+        assert ctx >= hi - lo, f"request {b}: seq_len {ctx} < q_len {hi - lo}"
+        k, v = gather_kv(arena, handle_table, block_table[b], ctx, layout, layer, q.dtype)
+        out[lo:hi] = causal_attention_ref(q[lo:hi], k, v, scale, compute_dtype).float()
+    return out

@@ -1,0 +1,352 @@
+"""Mamba prefill kernels: causal conv1d, Mamba1 selective scan, Mamba2 scan (serial and chunked).
+
+Every kernel runs over a variable-length packed chunk (``cu_seqlens``) and reads and writes each
+request's state IN PLACE in its SSM block, resolved through the handle table on the device:
+
+    block offset (bytes) = table[ssm_handles[b]]          (-1: no block)
+    layer state          = block offset + state_off_bytes (SSMBlockLayout.ssm_offset/conv_offset)
+
+and the state pointer is the arena viewed as the state dtype, so element index = byte offset /
+ELEM_BYTES (blocks are 16-byte aligned, layer offsets a multiple of the element size).
+
+Conventions shared by every kernel here:
+
+- Program axis 0 is the request ``b`` in ``[0, B]``; ``b == B`` stands for the packed tail
+  ``[cu_seqlens[B], T)`` (padding, e.g. for CUDA graphs), whose outputs are written as zeros.
+- A request whose handle is -1 (or out of range, or free in the table) is skipped: its outputs
+  are zeros and its state is neither read nor written.
+- ``has_initial_state[b] != 0`` starts from the block's state, else from zeros.
+- Math in fp32; the state is stored back in its own dtype.
+- Runtime loop bounds use ``while`` (the interpreter cannot run ``range`` over runtime bounds).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, num_handles, state_off_bytes,
+             ELEM_BYTES: tl.constexpr):
+    """(start, end, active, has_init, state element base) of request ``i_b`` (``B``: the tail)."""
+    is_req = i_b < B
+    start = tl.load(cu_ptr + tl.minimum(i_b, B))
+    end = tl.load(cu_ptr + i_b + 1, mask=is_req, other=T)
+    start = tl.minimum(tl.maximum(start, 0), T)       # defined behaviour on a bad cu_seqlens
+    end = tl.minimum(tl.maximum(end, start), T)
+    handle = tl.load(handles_ptr + i_b, mask=is_req, other=-1).to(tl.int64)
+    in_range = (handle >= 0) & (handle < num_handles)
+    blk = tl.load(table_ptr + tl.where(in_range, handle, 0), mask=in_range, other=-1)
+    active = blk >= 0
+    flag = tl.load(init_ptr + i_b, mask=is_req, other=0).to(tl.int32)
+    has_init = active & (flag != 0)
+    base = (tl.where(active, blk, 0) + state_off_bytes) // ELEM_BYTES
+    return start, end, active, has_init, base
+
+
+@triton.jit
+def _softplus(x):
+    # torch.nn.functional.softplus with threshold 20
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+
+
+@triton.jit
+def _silu(x):
+    return x / (1.0 + tl.exp(-x))
+
+
+# ------------------------------------------------------------------------------------ conv1d
+@triton.jit
+def causal_conv1d_prefill_kernel(
+    x_ptr,            # [T, C] input (x, or x|B|C for Mamba2)
+    w_ptr,            # [C, WIDTH]
+    bias_ptr,         # [C] (unused without HAS_BIAS)
+    out_ptr,          # [T, C] output, x's dtype
+    state_ptr,        # arena viewed as the conv dtype; a layer's state is [WIDTH - 1, C]
+    table_ptr,        # [H] int64 handle -> block byte offset, -1 free
+    handles_ptr,      # [B] int32 SSM handle per request, -1 skip
+    cu_ptr,           # [B + 1] int32 token ranges in the packed inputs
+    init_ptr,         # [B] int32/bool start from the block's state
+    T, C, B, num_handles,
+    state_off_bytes,  # byte offset of this layer's conv state inside a block
+    stride_x_t, stride_out_t, stride_w_c,
+    WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    ELEM_BYTES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (B + 1, cdiv(C, BLOCK_C), token blocks). Tokens are independent, so each program does
+    BLOCK_T tokens of one request. Only token block 0 touches the state: its tokens are the only
+    ones whose window reaches back before the chunk (BLOCK_T >= WIDTH - 1), and it writes the new
+    state after a barrier, so no thread can read an overwritten row."""
+    i_b = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_t = tl.program_id(2)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    o_t = start + i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < end
+
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        pos = o_t - (WIDTH - 1) + k          # packed index of the input under tap k
+        m_x = m_t & (pos >= start)
+        b_x = tl.load(x_ptr + pos.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
+                      mask=m_x[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        if k < WIDTH - 1:
+            # before the chunk: state row (pos - start + WIDTH - 1), oldest first
+            row = pos - start + (WIDTH - 1)
+            m_s = m_t & (pos < start) & has_init
+            b_s = tl.load(state_ptr + base + row.to(tl.int64)[:, None] * C + o_c[None, :],
+                          mask=m_s[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+            b_x += b_s
+        b_w = tl.load(w_ptr + o_c * stride_w_c + k, mask=m_c, other=0.0).to(tl.float32)
+        acc += b_x * b_w[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = _silu(acc)
+    acc = tl.where(active, acc, 0.0)
+    tl.store(out_ptr + o_t.to(tl.int64)[:, None] * stride_out_t + o_c[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+
+    if WIDTH > 1:
+        # new state row r = input (end - (WIDTH - 1) + r) of [old state ; chunk]
+        o_r = tl.arange(0, BLOCK_W)
+        m_r = o_r < WIDTH - 1
+        m_own = active & (i_t == 0)
+        pos = end - (WIDTH - 1) + o_r
+        m_x = m_r & (pos >= start) & m_own
+        b_new = tl.load(x_ptr + pos.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
+                        mask=m_x[:, None] & m_c[None, :], other=0.0).to(state_ptr.dtype.element_ty)
+        row = pos - start + (WIDTH - 1)
+        m_s = m_r & (pos < start) & has_init & m_own
+        b_old = tl.load(state_ptr + base + row.to(tl.int64)[:, None] * C + o_c[None, :],
+                        mask=m_s[:, None] & m_c[None, :], other=0.0)
+        b_new = tl.where(m_s[:, None], b_old, b_new)
+        tl.debug_barrier()  # every thread has read the old rows it needs
+        tl.store(state_ptr + base + o_r.to(tl.int64)[:, None] * C + o_c[None, :], b_new,
+                 mask=(m_r & m_own)[:, None] & m_c[None, :])
+
+
+# ------------------------------------------------------------------------------- Mamba1 scan
+@triton.jit
+def mamba1_scan_prefill_kernel(
+    x_ptr,            # [T, D]
+    dt_ptr,           # [T, D]
+    z_ptr,            # [T, D] (unused without HAS_Z)
+    A_ptr,            # [D, N]
+    B_ptr,            # [T, N]
+    C_ptr,            # [T, N]
+    D_ptr,            # [D] (unused without HAS_D)
+    dt_bias_ptr,      # [D] (unused without HAS_DT_BIAS)
+    out_ptr,          # [T, D] output, x's dtype
+    state_ptr,        # arena viewed as the ssm dtype; a layer's state is [D, N]
+    table_ptr, handles_ptr, cu_ptr, init_ptr,
+    T, D, N, B, num_handles,
+    state_off_bytes,
+    stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t, stride_A_d,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (B + 1, cdiv(D, BLOCK_D)): one program carries a [BLOCK_D, N] state through the
+    request's tokens in registers. h = exp(dt A) h + dt x B;  y = h C + D x;  y *= silu(z)."""
+    i_b = tl.program_id(0)
+    i_d = tl.program_id(1)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    m_dn = m_d[:, None] & m_n[None, :]
+    b_A = tl.load(A_ptr + o_d[:, None] * stride_A_d + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    if HAS_D:
+        b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        b_bias = tl.load(dt_bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    p_state = state_ptr + base + o_d.to(tl.int64)[:, None] * N + o_n[None, :]
+    b_h = tl.load(p_state, mask=m_dn & has_init, other=0.0).to(tl.float32)
+
+    t = start
+    while t < end:
+        t64 = t.to(tl.int64)
+        b_x = tl.load(x_ptr + t64 * stride_x_t + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_dt = tl.load(dt_ptr + t64 * stride_dt_t + o_d, mask=m_d, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            b_dt += b_bias
+        if DT_SOFTPLUS:
+            b_dt = _softplus(b_dt)
+        b_B = tl.load(B_ptr + t64 * stride_B_t + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_C = tl.load(C_ptr + t64 * stride_C_t + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_h = b_h * tl.exp(b_dt[:, None] * b_A) + (b_dt * b_x)[:, None] * b_B[None, :]
+        b_y = tl.sum(b_h * b_C[None, :], axis=1)
+        if HAS_D:
+            b_y += b_D * b_x
+        if HAS_Z:
+            b_z = tl.load(z_ptr + t64 * stride_z_t + o_d, mask=m_d, other=0.0).to(tl.float32)
+            b_y *= _silu(b_z)
+        b_y = tl.where(active, b_y, 0.0)
+        tl.store(out_ptr + t64 * stride_out_t + o_d, b_y.to(out_ptr.dtype.element_ty), mask=m_d)
+        t += 1
+    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_dn & active)
+
+
+# ------------------------------------------------------------------------------- Mamba2 scan
+@triton.jit
+def mamba2_scan_prefill_kernel(
+    x_ptr,            # [T, NH, P]
+    dt_ptr,           # [T, NH]
+    z_ptr,            # [T, NH, P] (unused without HAS_Z)
+    A_ptr,            # [NH]
+    B_ptr,            # [T, G, N]
+    C_ptr,            # [T, G, N]
+    D_ptr,            # [NH] (unused without HAS_D)
+    dt_bias_ptr,      # [NH] (unused without HAS_DT_BIAS)
+    out_ptr,          # [T, NH, P] output, x's dtype
+    state_ptr,        # arena viewed as the ssm dtype; a layer's state is [NH, P, N]
+    table_ptr, handles_ptr, cu_ptr, init_ptr,
+    T, P, N, B, num_handles, heads_per_group,
+    state_off_bytes,
+    stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t, stride_B_g,
+    stride_C_t, stride_C_g, stride_out_t, stride_out_h,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Time-serial Mamba2 (SSD) scan. Grid (B + 1, NH, cdiv(P, BLOCK_P)); a [BLOCK_P, N] state
+    slice of head h lives in registers. dA = exp(dt A_h);  h = dA h + dt x B^T;  y = h C + D x."""
+    i_b = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_p = tl.program_id(2)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES)
+    i_g = i_h // heads_per_group
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_p = o_p < P
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    m_pn = m_p[:, None] & m_n[None, :]
+    b_A = tl.load(A_ptr + i_h).to(tl.float32)
+    if HAS_D:
+        b_D = tl.load(D_ptr + i_h).to(tl.float32)
+    if HAS_DT_BIAS:
+        b_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
+    p_state = state_ptr + base + (i_h * P + o_p).to(tl.int64)[:, None] * N + o_n[None, :]
+    b_h = tl.load(p_state, mask=m_pn & has_init, other=0.0).to(tl.float32)
+
+    t = start
+    while t < end:
+        t64 = t.to(tl.int64)
+        b_x = tl.load(x_ptr + t64 * stride_x_t + i_h * stride_x_h + o_p, mask=m_p, other=0.0).to(tl.float32)
+        b_dt = tl.load(dt_ptr + t64 * stride_dt_t + i_h).to(tl.float32)
+        if HAS_DT_BIAS:
+            b_dt += b_bias
+        if DT_SOFTPLUS:
+            b_dt = _softplus(b_dt)
+        b_B = tl.load(B_ptr + t64 * stride_B_t + i_g * stride_B_g + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_C = tl.load(C_ptr + t64 * stride_C_t + i_g * stride_C_g + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_h = b_h * tl.exp(b_dt * b_A) + (b_dt * b_x)[:, None] * b_B[None, :]
+        b_y = tl.sum(b_h * b_C[None, :], axis=1)
+        if HAS_D:
+            b_y += b_D * b_x
+        if HAS_Z:
+            b_z = tl.load(z_ptr + t64 * stride_z_t + i_h * stride_z_h + o_p, mask=m_p, other=0.0).to(tl.float32)
+            b_y *= _silu(b_z)
+        b_y = tl.where(active, b_y, 0.0)
+        tl.store(out_ptr + t64 * stride_out_t + i_h * stride_out_h + o_p, b_y.to(out_ptr.dtype.element_ty),
+                 mask=m_p)
+        t += 1
+    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_pn & active)
+
+
+@triton.jit
+def mamba2_chunk_scan_prefill_kernel(
+    x_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, out_ptr,  # as the serial kernel
+    state_ptr, table_ptr, handles_ptr, cu_ptr, init_ptr,
+    T, P, N, B, num_handles, heads_per_group,
+    state_off_bytes,
+    stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t, stride_B_g,
+    stride_C_t, stride_C_g, stride_out_t, stride_out_h,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Chunked Mamba2 (SSD) scan, fused: grid (B + 1, NH, cdiv(P, BLOCK_P)); one program walks its
+    request CHUNK tokens at a time, the [BLOCK_P, N] state passed from chunk to chunk in registers.
+
+    Within a chunk, with a_t = dt_t A_h and c_t = sum_{s<=t} a_s (inclusive cumsum):
+        y_t   = sum_{s<=t} (C_t . B_s) exp(c_t - c_s) dt_s x_s     (intra: [L,L] @ [L,P])
+              + exp(c_t) C_t . h_prev                             (inter: [L,N] @ [N,P])
+        h_new = exp(c_L) h_prev + sum_s exp(c_L - c_s) dt_s x_s B_s^T  ([P,L] @ [L,N])
+    Padded tokens past the end get dt = 0: they neither decay the state nor feed it.
+    The dot operands are cast to DOT_DTYPE (the inputs' dtype on GPU: tensor cores for bf16/fp16;
+    fp32 in Triton's interpreter, whose tl.dot multiplies bf16 bit patterns as integers), fp32
+    accumulation.
+    """
+    i_b = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_p = tl.program_id(2)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES)
+    i_g = i_h // heads_per_group
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_p = o_p < P
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    m_pn = m_p[:, None] & m_n[None, :]
+    o_l = tl.arange(0, CHUNK)
+    causal = o_l[:, None] >= o_l[None, :]
+    b_A = tl.load(A_ptr + i_h).to(tl.float32)
+    if HAS_D:
+        b_D = tl.load(D_ptr + i_h).to(tl.float32)
+    if HAS_DT_BIAS:
+        b_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
+    p_state = state_ptr + base + (i_h * P + o_p).to(tl.int64)[:, None] * N + o_n[None, :]
+    b_h = tl.load(p_state, mask=m_pn & has_init, other=0.0).to(tl.float32)
+    dot_ty = DOT_DTYPE
+
+    c0 = start
+    while c0 < end:
+        o_t = (c0 + o_l).to(tl.int64)
+        m_t = o_t < end
+        b_dt = tl.load(dt_ptr + o_t * stride_dt_t + i_h, mask=m_t, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            b_dt += b_bias
+        if DT_SOFTPLUS:
+            b_dt = _softplus(b_dt)
+        b_dt = tl.where(m_t, b_dt, 0.0)
+        b_cum = tl.cumsum(b_dt * b_A, axis=0)            # [L], non-increasing (A < 0)
+        b_last = tl.sum(b_dt * b_A, axis=0)
+        m_tp = m_t[:, None] & m_p[None, :]
+        m_tn = m_t[:, None] & m_n[None, :]
+        b_x = tl.load(x_ptr + o_t[:, None] * stride_x_t + i_h * stride_x_h + o_p[None, :], mask=m_tp, other=0.0)
+        b_B = tl.load(B_ptr + o_t[:, None] * stride_B_t + i_g * stride_B_g + o_n[None, :], mask=m_tn, other=0.0)
+        b_C = tl.load(C_ptr + o_t[:, None] * stride_C_t + i_g * stride_C_g + o_n[None, :], mask=m_tn, other=0.0)
+        b_B = b_B.to(dot_ty)
+        b_C = b_C.to(dot_ty)
+
+        # intra-chunk: masked decay before exp, so nothing above the diagonal can overflow
+        b_cb = tl.dot(b_C, tl.trans(b_B), input_precision=DOT_PRECISION)           # [L, L]
+        b_seg = tl.where(causal, b_cum[:, None] - b_cum[None, :], float("-inf"))
+        b_cb = b_cb * tl.exp(b_seg) * b_dt[None, :]
+        b_y = tl.dot(b_cb.to(dot_ty), b_x.to(dot_ty), input_precision=DOT_PRECISION)  # [L, P]
+        # inter-chunk: the state entering this chunk
+        b_y += tl.dot(b_C, tl.trans(b_h).to(dot_ty), input_precision=DOT_PRECISION) * tl.exp(b_cum)[:, None]
+        b_xf = b_x.to(tl.float32)
+        if HAS_D:
+            b_y += b_D * b_xf
+        if HAS_Z:
+            b_z = tl.load(z_ptr + o_t[:, None] * stride_z_t + i_h * stride_z_h + o_p[None, :],
+                          mask=m_tp, other=0.0).to(tl.float32)
+            b_y *= _silu(b_z)
+        b_y = tl.where(active, b_y, 0.0)
+        tl.store(out_ptr + o_t[:, None] * stride_out_t + i_h * stride_out_h + o_p[None, :],
+                 b_y.to(out_ptr.dtype.element_ty), mask=m_tp)
+
+        # state passing to the next chunk
+        b_w = tl.exp(b_last - b_cum) * b_dt                                          # [L]
+        b_xw = (b_xf * b_w[:, None]).to(dot_ty)
+        b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_xw), b_B, input_precision=DOT_PRECISION)
+        c0 += CHUNK
+    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_pn & active)

@@ -1,0 +1,170 @@
+"""Paged prefill / append attention (chunked prefill) reading K/V through the handle table.
+
+Every request b has ``q_len_b = cu_seqlens_q[b+1] - cu_seqlens_q[b]`` new query tokens, packed
+into ``q [T, Hq, D]``, and a context of ``seq_lens[b]`` tokens whose last ``q_len_b`` are the new
+ones (their K/V already appended to the pages). Query token i of request b sits at absolute
+position ``seq_lens[b] - q_len_b + i`` and attends causally to positions ``<=`` its own.
+
+K/V live in the arena, one KV page per handle (layout in ``avmp_triton/layout.py``)::
+
+    page[layer][K|V][kv_head][token][head_dim]
+
+Grid: ``(num_tiles, Hkv)``. One program takes one tile of ``BLOCK_Q`` query tokens of one
+request and every query head of one KV head's group (GQA packing): its ``BLOCK_M`` rows are
+``(token, head-in-group)`` pairs, so a K/V tile loaded once serves the whole group. Tiles are
+numbered without a precomputed map: request b owns tiles ``[cu[b] // BLOCK_Q + b,
+cu[b+1] // BLOCK_Q + b + 1)`` (at least ``cdiv(q_len_b, BLOCK_Q)`` of them), so
+``num_tiles = T // BLOCK_Q + B`` bounds the grid from shapes alone and a program finds its request
+by a binary search over ``cu_seqlens_q``; surplus tiles exit at once.
+
+KV is walked in steps of ``BLOCK_N`` positions (any power of two; each row resolves its own page,
+so BLOCK_N need not be a multiple of ``page_tokens``): first the blocks every row of the tile may
+see (no causal mask), then the diagonal blocks with the causal mask. Online softmax in fp32 with
+exp2. Pages whose handle is -1, out of range or free are skipped (their scores are -inf); a row
+that sees nothing writes zeros.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton 3.6's interpreter multiplies bf16 operands as their raw uint16 bits
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attn_block(
+    acc, m_i, l_i, b_q,
+    start, kv_end, q_pos, bt_row_ptr, max_pages, handle_table_ptr, num_handles,
+    p_kv_head, stride_kv, stride_kv_token, qk_scale,
+    PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One ``BLOCK_N`` step of KV positions ``[start, start + BLOCK_N)``; CAUSAL on diagonal blocks."""
+    o_n = start + tl.arange(0, BLOCK_N)
+    i_page = o_n // PAGE_TOKENS
+    i_tok = o_n - i_page * PAGE_TOKENS
+    m_n = (o_n < kv_end) & (i_page < max_pages)
+    # each row resolves its page: handle -> byte offset (duplicate loads hit the cache)
+    h = tl.load(bt_row_ptr + i_page, mask=m_n, other=-1)
+    m_n = m_n & (h >= 0) & (h < num_handles)
+    off = tl.load(handle_table_ptr + tl.where(m_n, h, 0).to(tl.int64), mask=m_n, other=-1)
+    m_n = m_n & (off >= 0)
+    # units start on 16-byte boundaries (the allocator's UNIT_ALIGN): say so, or every K/V load
+    # is split into element-sized accesses
+    o_page = tl.multiple_of(tl.where(m_n, off, 0) // ELEM_BYTES, 16 // ELEM_BYTES)
+    o_kv = o_page + i_tok.to(tl.int64) * stride_kv_token
+    o_d = tl.arange(0, HEAD_DIM)
+    p_k = p_kv_head + o_kv[:, None] + o_d[None, :]
+    b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
+    b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST) * qk_scale
+    if CAUSAL:
+        m_s = m_n[None, :] & (o_n[None, :] <= q_pos[:, None])
+    else:
+        m_s = m_n[None, :]
+    b_s = tl.where(m_s, b_s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    # a row with nothing visible yet keeps m = -inf; subtract 0 then so exp2 never sees -inf - -inf
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    b_p = tl.exp2(b_s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    b_v = tl.load(p_k + stride_kv, mask=m_n[:, None], other=0.0)
+    acc = acc * alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def paged_prefill_kernel(
+    q_ptr,             # [T, Hq, D] fp16 / bf16 / fp32
+    out_ptr,           # [T, Hq, D] same dtype as q (output)
+    cu_seqlens_q_ptr,  # [B+1] int32 query token ranges
+    seq_lens_ptr,      # [B] int32 context length including the new tokens
+    block_table_ptr,   # [B, W] int32 KV handles, -1 padded
+    handle_table_ptr,  # [H] int64 handle -> byte offset in the arena, -1 when free
+    kv_ptr,            # arena viewed as the KV dtype (same dtype as q)
+    num_seqs, max_pages, num_handles,
+    stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt_b,
+    layer_off,         # layer * stride_layer, in elements
+    stride_kv, stride_kv_head, stride_kv_token,
+    qk_scale,          # softmax scale * log2(e)
+    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    PIPELINE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # heaviest tiles (the last ones, furthest along the context) start first
+    i_tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    i_kvh = tl.program_id(1).to(tl.int64)
+
+    # request of this tile: largest b with cu[b] // BLOCK_Q + b <= i_tile (strictly increasing in b)
+    lo = i_tile * 0
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        go = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid <= i_tile
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    i_b = lo
+    q_start = tl.load(cu_seqlens_q_ptr + i_b)
+    q_len = tl.load(cu_seqlens_q_ptr + i_b + 1) - q_start
+    q_lo = (i_tile - (q_start // BLOCK_Q + i_b)) * BLOCK_Q
+    if q_lo >= q_len:
+        return
+    ctx_len = tl.load(seq_lens_ptr + i_b)
+    prefix = ctx_len - q_len
+
+    # rows are (token, head-in-group) pairs
+    o_m = tl.arange(0, BLOCK_M)
+    i_qt = q_lo + o_m // GQA
+    i_qh = i_kvh * GQA + o_m % GQA
+    m_m = (o_m < BLOCK_Q * GQA) & (i_qt < q_len)
+    q_pos = tl.where(m_m, prefix + i_qt, -1)  # -1: the row sees nothing
+    o_d = tl.arange(0, HEAD_DIM)
+    o_row = (q_start + i_qt).to(tl.int64)
+    p_q = q_ptr + o_row[:, None] * stride_q_t + i_qh[:, None] * stride_q_h + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    bt_row_ptr = block_table_ptr + i_b.to(tl.int64) * stride_bt_b
+    p_kv_head = kv_ptr + layer_off + i_kvh * stride_kv_head
+    # every row of the tile sees positions <= prefix + q_lo: those blocks need no causal mask
+    full_end = tl.maximum((prefix + q_lo + 1) // BLOCK_N * BLOCK_N, 0)
+    kv_end = prefix + tl.minimum(q_lo + BLOCK_Q, q_len)
+    if PIPELINE:
+        # scf.for loops get software-pipelined (num_stages); the interpreter cannot run a
+        # runtime-bounded range, so it takes the while loops below
+        for start in tl.range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
+                                        handle_table_ptr, num_handles, p_kv_head, stride_kv,
+                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
+                                        BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
+        for start in tl.range(full_end, kv_end, BLOCK_N):
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
+                                        handle_table_ptr, num_handles, p_kv_head, stride_kv,
+                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
+                                        BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
+    else:
+        start = full_end * 0
+        while start < full_end:
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
+                                        handle_table_ptr, num_handles, p_kv_head, stride_kv,
+                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
+                                        BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
+            start += BLOCK_N
+        while start < kv_end:
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
+                                        handle_table_ptr, num_handles, p_kv_head, stride_kv,
+                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
+                                        BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
+            start += BLOCK_N
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    b_o = tl.where((l_i > 0.0)[:, None], acc / l_safe[:, None], 0.0)
+    p_o = out_ptr + o_row[:, None] * stride_o_t + i_qh[:, None] * stride_o_h + o_d[None, :]
+    tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_m[:, None])

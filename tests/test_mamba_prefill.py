@@ -1,0 +1,548 @@
+"""Mamba prefill ops (avmp_triton/ops/mamba_prefill.py) against the pure-torch references.
+
+Each op runs over one packed chunk of requests with lengths 5, 1, 3 (skipped: handle -1), 17, 2
+and two padding tokens past cu_seqlens[B]; the SSM blocks are scattered over an AVMPAllocator
+arena full of random bytes (random state values in every live block), has_initial_state mixed.
+Checks: outputs (NaN-poisoned, so every element must be written), final states in the arena,
+every other byte of the arena unchanged; two chunks (the second continuing) == one chunk, also
+with a compaction between the chunks that moves the live blocks.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from avmp_triton import AVMPAllocator, HybridModelSpec
+from avmp_triton.layout import ssm_block_layout
+from avmp_triton.ops.mamba_prefill import causal_conv1d_prefill, mamba1_scan_prefill, mamba2_scan_prefill
+from avmp_triton.reference.mamba_prefill import (
+    causal_conv1d_prefill_ref,
+    mamba1_scan_prefill_ref,
+    mamba2_scan_prefill_ref,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LENS = [5, 1, 3, 17, 2]
+SKIP = 2                     # request with handle -1
+INIT = [1, 0, 1, 0, 1]       # len 5 and len 2 continue, len 1 and len 17 start from zeros
+PAD = 2                      # packed tokens past cu_seqlens[B]
+LAYER = 1
+N_BLOCKS = 30
+
+_BASE = dict(num_attn_layers=1, num_kv_heads=1, head_dim=8, kv_dtype=torch.float16, num_mamba_layers=2)
+CONV_SPEC = HybridModelSpec(name="conv20", **_BASE, mamba_version=1, d_inner=20, d_state=4, d_conv=4)
+M1_SPEC = HybridModelSpec(name="m1", **_BASE, mamba_version=1, d_inner=24, d_state=8, d_conv=4)
+M2_SPEC = HybridModelSpec(name="m2", **_BASE, mamba_version=2, d_inner=32, mamba_num_heads=4,
+                          mamba_head_dim=8, d_state=16, n_groups=2, d_conv=4)
+
+F32, BF16 = torch.float32, torch.bfloat16
+# (input dtype, state dtype)
+DTYPES = [(F32, F32), (F32, BF16), (BF16, BF16)]
+DT_IDS = ["in32-st32", "in32-st16", "in16-st16"]
+
+
+def _tol(in_dtype, state_dtype, chunked=False):
+    if in_dtype == BF16:
+        return dict(atol=6e-2, rtol=4e-2) if chunked else dict(atol=3e-2, rtol=2e-2)
+    if state_dtype == BF16:
+        return dict(atol=2e-2, rtol=1e-2)
+    return dict(atol=2e-4, rtol=2e-4)
+
+
+# ------------------------------------------------------------------------------- fixtures
+class Env:
+    """An allocator with N_BLOCKS scattered SSM blocks of random states and random bytes elsewhere."""
+
+    def __init__(self, spec: HybridModelSpec, state_dtype, ssm_slabs: int = 9, per_slab: int = 4):
+        spec = dataclasses.replace(spec, conv_dtype=state_dtype, ssm_dtype=state_dtype)
+        self.spec = spec
+        self.layout = ssm_block_layout(spec)
+        slab = -(-per_slab * spec.ssm_block_bytes // 128) * 128
+        kv_slabs = 3
+        self.alloc = AVMPAllocator(spec, (kv_slabs + ssm_slabs) * slab, device=DEVICE, slab_bytes=slab,
+                                   kv_fraction=kv_slabs / (kv_slabs + ssm_slabs))
+        a = self.alloc
+        a.arena.copy_(torch.randint(0, 256, a.arena.shape, dtype=torch.uint8, device=DEVICE))
+        # a few KV pages first, so SSM handles are not 0..n-1 either
+        a.alloc_kv(3)
+        self.blocks = a.alloc_ssm(N_BLOCKS)
+        for h in self.blocks.tolist():
+            self.fill_block(h)
+
+    def fill_block(self, h: int) -> None:
+        """Random (finite, moderate) states in every layer of block ``h``."""
+        off = int(self.alloc.handle_table[h])
+        for layer in range(self.spec.num_mamba_layers):
+            for start, nbytes, dt in (
+                    (self.layout.ssm_offset(layer), self.layout.ssm_layer_bytes, self.spec.ssm_dtype),
+                    (self.layout.conv_offset(layer), self.layout.conv_layer_bytes, self.spec.conv_dtype)):
+                region = self.alloc.arena[off + start:off + start + nbytes].view(dt)
+                region.copy_(torch.randn(region.numel(), device=DEVICE).to(dt))
+
+    def batch(self, lens=LENS, init=INIT, skip=SKIP, pad=PAD, handles=None):
+        """(ssm_handles, cu_seqlens, has_initial_state, T) with scattered handles."""
+        if handles is None:
+            pick = torch.randperm(N_BLOCKS, device="cpu")[:len(lens)]
+            handles = self.blocks.cpu()[pick].clone()
+            if skip is not None:
+                handles[skip] = -1
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        return (handles.to(torch.int32).to(DEVICE), cu.to(DEVICE),
+                torch.tensor(init, dtype=torch.int32, device=DEVICE), int(cu[-1]) + pad)
+
+    def state_bytes(self, handles, kind: str, layer: int = LAYER) -> torch.Tensor:
+        """Mask of the arena bytes the op may write: ``kind``'s layer state of each live handle."""
+        mask = torch.zeros(self.alloc.arena.numel(), dtype=torch.bool, device=DEVICE)
+        start = self.layout.conv_offset(layer) if kind == "conv" else self.layout.ssm_offset(layer)
+        nbytes = self.layout.conv_layer_bytes if kind == "conv" else self.layout.ssm_layer_bytes
+        for h in handles.tolist():
+            if h >= 0:
+                off = int(self.alloc.handle_table[h])
+                mask[off + start:off + start + nbytes] = True
+        return mask
+
+
+def check_arena(env: Env, before, got, want, handles, kind: str, state_dtype, tol) -> None:
+    """Untouched bytes exact; written states close to the reference's."""
+    mask = env.state_bytes(handles, kind)
+    assert torch.equal(got[~mask], before[~mask]), "bytes outside the written states changed"
+    g = got[mask].view(state_dtype).float()
+    w = want[mask].view(state_dtype).float()
+    torch.testing.assert_close(g, w, **tol)
+    assert not torch.equal(got[mask], before[mask]), "no state was written"
+
+
+def rand(*shape, dtype=F32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+def conv_inputs(spec, T, in_dtype, bias=True):
+    C = spec.conv_channels
+    return dict(x=rand(T, C, dtype=in_dtype), weight=rand(C, spec.d_conv, scale=0.5),
+                bias=rand(C) if bias else None)
+
+
+def m1_inputs(spec, T, in_dtype):
+    Di, N = spec.d_inner, spec.d_state
+    return dict(x=rand(T, Di, dtype=in_dtype), dt=rand(T, Di, dtype=in_dtype, scale=0.5),
+                A=-torch.rand(Di, N, device=DEVICE) * 1.5 - 0.2, B=rand(T, N, dtype=in_dtype),
+                C=rand(T, N, dtype=in_dtype), D=rand(Di), z=rand(T, Di, dtype=in_dtype), dt_bias=rand(Di, scale=0.5) - 1.0)
+
+
+def m2_inputs(spec, T, in_dtype, G=None):
+    H, P, N = spec.mamba_num_heads, spec.mamba_head_dim, spec.d_state
+    G = spec.n_groups if G is None else G
+    return dict(x=rand(T, H, P, dtype=in_dtype), dt=rand(T, H, dtype=in_dtype, scale=0.5),
+                A=-torch.rand(H, device=DEVICE) * 1.5 - 0.2, B=rand(T, G, N, dtype=in_dtype),
+                C=rand(T, G, N, dtype=in_dtype), D=rand(H), z=rand(T, H, P, dtype=in_dtype),
+                dt_bias=rand(H, scale=0.5) - 1.0)
+
+
+TOKEN_INPUTS = ("x", "dt", "B", "C", "z")
+
+
+def _take(inputs: dict, idx: torch.Tensor) -> dict:
+    """The tokens ``idx`` of the per-token inputs; parameters untouched."""
+    return {k: (v[idx].contiguous() if k in TOKEN_INPUTS and v is not None else v) for k, v in inputs.items()}
+
+
+# ------------------------------------------------------------------------------- ops, uniformly
+def run_op(kind, inputs, arena, table, handles, cu, init, spec, *, out=None, algorithm="serial",
+           activation="silu", chunk_size=16):
+    if kind == "conv":
+        return causal_conv1d_prefill(inputs["x"], inputs["weight"], inputs["bias"], arena, table, handles, cu,
+                                     init, spec, LAYER, activation=activation, out=out)
+    fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
+    extra = dict(algorithm=algorithm, chunk_size=chunk_size) if kind == "m2" else {}
+    return fn(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], arena, table, handles, cu, init,
+              spec, LAYER, D=inputs["D"], z=inputs["z"], dt_bias=inputs["dt_bias"], out=out, **extra)
+
+
+def run_ref(kind, inputs, arena, table, handles, cu, init, spec, activation="silu"):
+    if kind == "conv":
+        return causal_conv1d_prefill_ref(inputs["x"], inputs["weight"], inputs["bias"], arena, table, handles,
+                                         cu, init, spec, LAYER, activation=activation)
+    fn = mamba1_scan_prefill_ref if kind == "m1" else mamba2_scan_prefill_ref
+    return fn(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], arena, table, handles, cu, init,
+              spec, LAYER, D=inputs["D"], z=inputs["z"], dt_bias=inputs["dt_bias"])
+
+
+SPEC_OF = {"conv": CONV_SPEC, "m1": M1_SPEC, "m2": M2_SPEC}
+INPUTS_OF = {"conv": conv_inputs, "m1": m1_inputs, "m2": m2_inputs}
+STATE_KIND = {"conv": "conv", "m1": "ssm", "m2": "ssm"}
+# (op, algorithm): Mamba2 is tested on both paths
+CASES = [("conv", None), ("m1", None), ("m2", "serial"), ("m2", "chunked")]
+CASE_IDS = ["conv", "mamba1", "mamba2-serial", "mamba2-chunked"]
+
+
+# ------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("in_dtype,state_dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("kind,algorithm", CASES, ids=CASE_IDS)
+def test_prefill_matches_reference(kind, algorithm, in_dtype, state_dtype):
+    env = Env(SPEC_OF[kind], state_dtype)
+    handles, cu, init, T = env.batch()
+    inputs = INPUTS_OF[kind](env.spec, T, in_dtype)
+    a = env.alloc
+    before = a.arena.clone()
+    ref_arena = a.arena.clone()
+    want = run_ref(kind, inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
+    out = torch.full_like(want, float("nan"))
+    got = run_op(kind, inputs, a.arena, a.handle_table, handles, cu, init, env.spec, out=out, algorithm=algorithm)
+    assert got is out
+    tol = _tol(in_dtype, state_dtype, chunked=algorithm == "chunked")
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    s, e = int(cu[SKIP]), int(cu[SKIP + 1])
+    assert torch.all(got[s:e] == 0) and torch.all(got[T - PAD:] == 0), "skipped / padding tokens not zero"
+    check_arena(env, before, a.arena, ref_arena, handles, STATE_KIND[kind], state_dtype, tol)
+
+
+@pytest.mark.parametrize("kind,algorithm", CASES, ids=CASE_IDS)
+def test_two_chunks_equal_one(kind, algorithm):
+    """Each request split in two (some parts empty); the second chunk continues from the blocks."""
+    state_dtype = F32
+    env = Env(SPEC_OF[kind], state_dtype)
+    first = [2, 1, 0, 9, 0]
+    second = [n - f for n, f in zip(LENS, first)]         # [3, 0, 3, 8, 2]
+    handles, cu, init, T = env.batch(pad=0)
+    inputs = INPUTS_OF[kind](env.spec, T, F32)
+    a = env.alloc
+    one_arena = a.arena.clone()
+    want = run_op(kind, inputs, one_arena, a.handle_table, handles, cu, init, env.spec, algorithm=algorithm)
+
+    # the same tokens, reordered into two packed chunks
+    starts = cu.tolist()
+    idx1 = torch.cat([torch.arange(starts[b], starts[b] + first[b]) for b in range(len(LENS))]).to(DEVICE)
+    idx2 = torch.cat([torch.arange(starts[b] + first[b], starts[b + 1]) for b in range(len(LENS))]).to(DEVICE)
+    in1, in2 = _take(inputs, idx1), _take(inputs, idx2)
+    _, cu1, _, _ = env.batch(lens=first, handles=handles, pad=0)
+    _, cu2, init2, _ = env.batch(lens=second, init=[1] * len(LENS), handles=handles, pad=0)
+    y1 = run_op(kind, in1, a.arena, a.handle_table, handles, cu1, init, env.spec, algorithm=algorithm)
+    y2 = run_op(kind, in2, a.arena, a.handle_table, handles, cu2, init2, env.spec, algorithm=algorithm)
+    got = torch.empty_like(want)
+    got[idx1] = y1
+    got[idx2] = y2
+    tol = dict(atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(got, want, **tol)
+    mask = env.state_bytes(handles, STATE_KIND[kind])
+    assert torch.equal(a.arena[~mask], one_arena[~mask])
+    torch.testing.assert_close(a.arena[mask].view(state_dtype), one_arena[mask].view(state_dtype), **tol)
+
+
+@pytest.mark.parametrize("kind,algorithm", CASES, ids=CASE_IDS)
+def test_compaction_between_chunks(kind, algorithm):
+    """Free the other blocks and hand SSM slabs to the KV pool between two chunks: the live blocks
+    move (table entries change), the second chunk follows them, the result equals one chunk."""
+    state_dtype = BF16 if kind == "m1" else F32
+    env = Env(SPEC_OF[kind], state_dtype)
+    a = env.alloc
+    per_slab = a.units_per_slab[1]
+    slab_of = lambda h: int(a.handle_table[h]) // a.slab_bytes  # noqa: E731
+    while True:  # live blocks on at least two slabs, so compaction must move one
+        handles, cu, init, T = env.batch(pad=0, skip=None)
+        if len({slab_of(h) for h in handles.tolist()}) > 1:
+            break
+    inputs = INPUTS_OF[kind](env.spec, T, F32)
+    first = [3, 1, 2, 10, 1]
+    second = [n - f for n, f in zip(LENS, first)]
+    one_arena, one_table = a.arena.clone(), a.handle_table.clone()
+    want = run_op(kind, inputs, one_arena, one_table, handles, cu, init, env.spec, algorithm=algorithm)
+
+    starts = cu.tolist()
+    idx1 = torch.cat([torch.arange(starts[b], starts[b] + first[b]) for b in range(len(LENS))]).to(DEVICE)
+    idx2 = torch.cat([torch.arange(starts[b] + first[b], starts[b + 1]) for b in range(len(LENS))]).to(DEVICE)
+    in1, in2 = _take(inputs, idx1), _take(inputs, idx2)
+    _, cu1, _, _ = env.batch(lens=first, handles=handles, pad=0)
+    _, cu2, init2, _ = env.batch(lens=second, init=[1] * len(LENS), handles=handles, pad=0)
+    y1 = run_op(kind, in1, a.arena, a.handle_table, handles, cu1, init, env.spec, algorithm=algorithm)
+
+    live = set(handles.tolist())
+    others = torch.tensor([h for h in env.blocks.tolist() if h not in live], dtype=torch.int32, device=DEVICE)
+    a.free(others, "ssm")
+    old = a.handle_table[handles.long()].clone()
+    ssm_slabs = int((a.slab_owner == 1).sum())
+    a.rebalance("kv", ssm_slabs - -(-len(live) // per_slab))
+    moved = a.handle_table[handles.long()] != old
+    assert bool(moved.any()), "compaction moved none of the live blocks"
+
+    y2 = run_op(kind, in2, a.arena, a.handle_table, handles, cu2, init2, env.spec, algorithm=algorithm)
+    got = torch.empty_like(want)
+    got[idx1] = y1
+    got[idx2] = y2
+    tol = _tol(F32, state_dtype)
+    torch.testing.assert_close(got, want, **tol)
+    lay = env.layout
+    for h in handles.tolist():
+        o_new, o_old = int(a.handle_table[h]), int(one_table[h])
+        # the whole block moved with its handle: every layer, the written one close, the rest exact
+        for layer in range(env.spec.num_mamba_layers):
+            for start, nbytes, written in ((lay.ssm_offset(layer), lay.ssm_layer_bytes, STATE_KIND[kind] == "ssm"),
+                                           (lay.conv_offset(layer), lay.conv_layer_bytes, STATE_KIND[kind] == "conv")):
+                g = a.arena[o_new + start:o_new + start + nbytes]
+                w = one_arena[o_old + start:o_old + start + nbytes]
+                if written and layer == LAYER:
+                    torch.testing.assert_close(g.view(state_dtype), w.view(state_dtype), **tol)
+                else:
+                    assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("d_conv", [2, 3])
+def test_conv_other_widths_and_no_bias(d_conv):
+    spec = dataclasses.replace(CONV_SPEC, d_conv=d_conv)
+    env = Env(spec, F32)
+    handles, cu, init, T = env.batch()
+    inputs = conv_inputs(env.spec, T, F32, bias=False)
+    a = env.alloc
+    before, ref_arena = a.arena.clone(), a.arena.clone()
+    want = run_ref("conv", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec, activation=None)
+    got = run_op("conv", inputs, a.arena, a.handle_table, handles, cu, init, env.spec, activation=None)
+    tol = _tol(F32, F32)
+    torch.testing.assert_close(got, want, **tol)
+    check_arena(env, before, a.arena, ref_arena, handles, "conv", F32, tol)
+
+
+def test_conv_short_request_keeps_older_rows():
+    """A 1-token chunk after a state: the new state is [old row 1, old row 2, x]."""
+    env = Env(CONV_SPEC, F32)
+    handles, cu, init, T = env.batch(lens=[1], init=[1], skip=None, pad=0)
+    inputs = conv_inputs(env.spec, T, F32)
+    off = int(env.alloc.handle_table[int(handles[0])]) + env.layout.conv_offset(LAYER)
+    state = env.alloc.arena[off:off + env.layout.conv_layer_bytes].view(F32).view(3, -1)
+    old = state.clone()
+    run_op("conv", inputs, env.alloc.arena, env.alloc.handle_table, handles, cu, init, env.spec)
+    assert torch.equal(state[:2], old[1:]) and torch.equal(state[2], inputs["x"][0])
+
+
+@pytest.mark.parametrize("max_seqlen", [None, 150])
+def test_conv_many_token_blocks(max_seqlen):
+    """Requests longer than one token block (64): only block 0 reads and writes the state."""
+    env = Env(CONV_SPEC, F32)
+    handles, cu, init, T = env.batch(lens=[150, 3, 70, 65], init=[1, 1, 0, 1], skip=None, pad=1)
+    inputs = conv_inputs(env.spec, T, F32)
+    a = env.alloc
+    before, ref_arena = a.arena.clone(), a.arena.clone()
+    want = run_ref("conv", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
+    out = torch.full_like(want, float("nan"))
+    got = causal_conv1d_prefill(inputs["x"], inputs["weight"], inputs["bias"], a.arena, a.handle_table, handles,
+                                cu, init, env.spec, LAYER, activation="silu", out=out, max_seqlen=max_seqlen)
+    tol = _tol(F32, F32)
+    torch.testing.assert_close(got, want, **tol)
+    check_arena(env, before, a.arena, ref_arena, handles, "conv", F32, tol)
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_mamba2_group_counts(G):
+    """Groups other than the spec's (1 = shared B/C, 4 = one per head), bool has_initial_state."""
+    env = Env(M2_SPEC, F32)
+    handles, cu, init, T = env.batch()
+    init = init.bool()
+    inputs = m2_inputs(env.spec, T, F32, G=G)
+    a = env.alloc
+    ref_arena = a.arena.clone()
+    want = run_ref("m2", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
+    for algorithm in ("serial", "chunked"):
+        arena = a.arena.clone()
+        got = run_op("m2", inputs, arena, a.handle_table, handles, cu, init, env.spec, algorithm=algorithm)
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(arena.view(F32), ref_arena.view(F32), atol=2e-4, rtol=2e-4, equal_nan=True)
+
+
+def test_optional_inputs_absent():
+    """No D, z, dt_bias; no softplus (dt given positive)."""
+    for kind in ("m1", "m2"):
+        env = Env(SPEC_OF[kind], F32)
+        handles, cu, init, T = env.batch()
+        inputs = INPUTS_OF[kind](env.spec, T, F32)
+        inputs.update(D=None, z=None, dt_bias=None)
+        inputs["dt"] = inputs["dt"].abs()
+        a = env.alloc
+        ref_arena = a.arena.clone()
+        fn_ref = mamba1_scan_prefill_ref if kind == "m1" else mamba2_scan_prefill_ref
+        fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
+        args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
+        want = fn_ref(*args, ref_arena, a.handle_table, handles, cu, init, env.spec, LAYER, dt_softplus=False)
+        got = fn(*args, a.arena, a.handle_table, handles, cu, init, env.spec, LAYER, dt_softplus=False)
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(a.arena.view(F32), ref_arena.view(F32), atol=2e-4, rtol=2e-4, equal_nan=True)
+
+
+def test_custom_ops_registered_and_fake():
+    """The ops are torch.ops.avmp.*, mutate out and arena, and trace under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for name in ("causal_conv1d_prefill", "mamba1_scan_prefill", "mamba2_scan_prefill"):
+        schema = getattr(torch.ops.avmp, name).default._schema
+        mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+        assert mutated == {"out", "arena"}, (name, mutated)
+    env = Env(M2_SPEC, F32)
+    handles, cu, init, T = env.batch()
+    inputs = m2_inputs(env.spec, T, F32)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = {k: (mode.from_tensor(v) if v is not None else None) for k, v in inputs.items()}
+        arena = mode.from_tensor(env.alloc.arena)
+        y = run_op("m2", fake, arena, mode.from_tensor(env.alloc.handle_table), mode.from_tensor(handles),
+                   mode.from_tensor(cu), mode.from_tensor(init), env.spec, algorithm="chunked")
+        assert y.shape == inputs["x"].shape and y.dtype == inputs["x"].dtype
+
+
+@pytest.mark.parametrize("kind,algorithm", [("conv", None), ("m1", None), ("m2", "chunked")],
+                         ids=["conv", "mamba1", "mamba2-chunked"])
+def test_custom_op_opcheck(kind, algorithm):
+    """torch.library.opcheck: schema (declared mutations), fake impl, autograd registration, AOT."""
+    env = Env(SPEC_OF[kind], F32)
+    handles, cu, init, T = env.batch()
+    i = INPUTS_OF[kind](env.spec, T, F32)
+    a = env.alloc
+    common = (a.arena, a.handle_table, handles, cu, init)
+    if kind == "conv":
+        out = torch.empty_like(i["x"])
+        op = torch.ops.avmp.causal_conv1d_prefill.default
+        args = (i["x"], i["weight"], i["bias"], out, *common, env.layout.conv_offset(LAYER), F32, True, T)
+    else:
+        out = torch.empty_like(i["x"])
+        op = (torch.ops.avmp.mamba1_scan_prefill if kind == "m1" else torch.ops.avmp.mamba2_scan_prefill).default
+        args = (i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"], out, *common,
+                env.layout.ssm_offset(LAYER), F32, True) + ((True, 16) if kind == "m2" else ())
+    torch.library.opcheck(op, args)
+
+
+def _bad_calls():
+    """(description, callable builder, expected error, match) for the launchers' validation."""
+    env1, env2, envc = Env(M1_SPEC, F32), Env(M2_SPEC, F32), Env(CONV_SPEC, F32)
+    cases = []
+
+    def add(name, kind, env, mutate, err, match):
+        cases.append((name, kind, env, mutate, err, match))
+
+    add("layer out of range", "m1", env1, lambda c: c.update(layer=2), ValueError, r"layer .*got 2")
+    add("cu_seqlens length", "m1", env1, lambda c: c.update(cu=c["cu"][:-1]), ValueError, r"cu_seqlens .*got 5")
+    add("cu_seqlens dtype", "conv", envc, lambda c: c.update(cu=c["cu"].long()), TypeError, r"cu_seqlens .*int64")
+    add("handles dtype", "m2", env2, lambda c: c.update(handles=c["handles"].long()), TypeError, "ssm_handles")
+    add("init length", "m2", env2, lambda c: c.update(init=c["init"][:-1]), ValueError, "has_initial_state")
+    add("arena dtype", "m1", env1, lambda c: c.update(arena=c["arena"].view(torch.int32)), TypeError, "arena")
+    add("table dtype", "m1", env1, lambda c: c.update(table=c["table"].int()), TypeError, "handle_table")
+    add("x channels", "conv", envc, lambda c: c["inputs"].update(x=c["inputs"]["x"][:, :7].contiguous()), ValueError,
+        r"conv_channels=20.*\(30, 7\)")
+    add("weight width", "conv", envc, lambda c: c["inputs"].update(weight=c["inputs"]["weight"][:, :3].contiguous()),
+        ValueError, "weight")
+    add("x non-contiguous", "m1", env1, lambda c: c["inputs"].update(x=c["inputs"]["x"].t().contiguous().t()),
+        ValueError, "x must be contiguous")
+    add("A shape", "m1", env1, lambda c: c["inputs"].update(A=c["inputs"]["A"][:, :3].contiguous()),
+        ValueError, r"A must have shape \(24, 8\)")
+    add("B tokens", "m1", env1, lambda c: c["inputs"].update(B=c["inputs"]["B"][1:]), ValueError, "B must")
+    add("dt dtype", "m1", env1, lambda c: c["inputs"].update(dt=c["inputs"]["dt"].double()), TypeError, "dt")
+    add("groups", "m2", env2,
+        lambda c: c["inputs"].update(B=rand(30, 3, 16), C=rand(30, 3, 16)), ValueError, r"n_groups \(3")
+    add("head dim", "m2", env2, lambda c: c["inputs"].update(x=rand(30, 4, 7)), ValueError, "head_dim=8")
+    add("out dtype", "m2", env2, lambda c: c.update(out=torch.empty(30, 4, 8, dtype=BF16, device=DEVICE)),
+        TypeError, "out")
+    add("out aliases x", "m2", env2, lambda c: c.update(out=c["inputs"]["x"]), ValueError, "share memory with x")
+    add("algorithm", "m2", env2, lambda c: c.update(algorithm="fast"), ValueError, "algorithm")
+    add("chunk size", "m2", env2, lambda c: c.update(chunk_size=24), ValueError, "chunk_size")
+    add("mamba1 op, mamba2 spec", "m1", env2, lambda c: None, ValueError, "Mamba1 spec")
+    add("activation", "conv", envc, lambda c: c.update(activation="relu"), ValueError, "activation")
+    return cases
+
+
+def test_launchers_validate():
+    for name, kind, env, mutate, err, match in _bad_calls():
+        handles, cu, init, T = env.batch()
+        assert T == 30
+        make = conv_inputs if kind == "conv" else (m1_inputs if env.spec.mamba_version == 1 else m2_inputs)
+        inputs = make(env.spec, T, F32)
+        c = dict(inputs=inputs, arena=env.alloc.arena, table=env.alloc.handle_table, handles=handles, cu=cu,
+                 init=init, layer=LAYER, out=None, algorithm="serial", chunk_size=16, activation="silu")
+        mutate(c)
+        before = env.alloc.arena.clone()
+        i = c["inputs"]
+        with pytest.raises(err, match=match):
+            if kind == "conv":
+                causal_conv1d_prefill(i["x"], i["weight"], i["bias"], c["arena"], c["table"], c["handles"], c["cu"],
+                                      c["init"], env.spec, c["layer"], activation=c["activation"], out=c["out"])
+            else:
+                fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
+                extra = dict(algorithm=c["algorithm"], chunk_size=c["chunk_size"]) if kind == "m2" else {}
+                fn(i["x"], i["dt"], i["A"], i["B"], i["C"], c["arena"], c["table"], c["handles"], c["cu"],
+                   c["init"], env.spec, c["layer"], D=i["D"], z=i["z"], dt_bias=i["dt_bias"], out=c["out"], **extra)
+        assert torch.equal(env.alloc.arena, before), name
+
+
+# ------------------------------------------------------------------------------- GPU, real sizes
+GPU_LENS = [1000, 517, 3, 528]          # T = 2048
+JAMBA = HybridModelSpec(name="jamba-like", num_attn_layers=1, num_kv_heads=8, head_dim=128, num_mamba_layers=2,
+                        mamba_version=1, d_inner=8192, d_state=16, d_conv=4)
+NEMOTRON = HybridModelSpec(name="nemotron-h-like", num_attn_layers=1, num_kv_heads=8, head_dim=128,
+                           num_mamba_layers=2, mamba_version=2, d_inner=8192, mamba_num_heads=128,
+                           mamba_head_dim=64, d_state=128, n_groups=8, d_conv=4)
+
+
+def _gpu_env(spec, capacity, kv_fraction, device="cuda", lens=GPU_LENS, **kw):
+    a = AVMPAllocator(spec, capacity, device=device, kv_fraction=kv_fraction, **kw)
+    hs = a.alloc_ssm(16)
+    handles = hs[torch.randperm(16, device=device)[:len(lens)]].clone()
+    lay = ssm_block_layout(spec)
+    for h in hs.tolist():
+        off = int(a.handle_table[h])
+        for layer in range(spec.num_mamba_layers):
+            for start, nbytes, dt in ((lay.ssm_offset(layer), lay.ssm_layer_bytes, spec.ssm_dtype),
+                                      (lay.conv_offset(layer), lay.conv_layer_bytes, spec.conv_dtype)):
+                r = a.arena[off + start:off + start + nbytes].view(dt)
+                r.copy_(torch.randn(r.numel(), device=device).to(dt))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    init = torch.tensor([1, 0, 1, 1], dtype=torch.int32, device=device)
+    return a, handles, cu, init
+
+
+def _close_rel(got, want, rel):
+    """bf16 at real sizes: relative error of the whole tensor (elementwise bounds are meaningless
+    where long sums cancel), plus a loose elementwise bound for gross local errors."""
+    g, w = got.float(), want.float()
+    err = ((g - w).norm() / w.norm().clamp_min(1e-6)).item()
+    assert err < rel, f"relative error {err:.3g} >= {rel}"
+    torch.testing.assert_close(g, w, atol=0.5, rtol=0.1)
+
+
+def _gpu_check(kind, spec, a, handles, cu, init, inputs, algorithm, tol):
+    T = int(cu[-1])
+    before = a.arena.clone()
+    ref_arena = a.arena.clone()
+    want = run_ref(kind, inputs, ref_arena, a.handle_table, handles, cu, init, spec)
+    out = torch.full_like(want, float("nan"))
+    got = run_op(kind, inputs, a.arena, a.handle_table, handles, cu, init, spec, out=out, algorithm=algorithm,
+                 chunk_size=64)
+    assert got.shape[0] == T and not got.isnan().any()
+    _close_rel(got, want, tol)
+    lay = ssm_block_layout(spec)
+    start, nbytes = ((lay.conv_offset(LAYER), lay.conv_layer_bytes) if kind == "conv"
+                     else (lay.ssm_offset(LAYER), lay.ssm_layer_bytes))
+    dt = spec.conv_dtype if kind == "conv" else spec.ssm_dtype
+    mask = torch.zeros(a.arena.numel(), dtype=torch.bool, device=a.arena.device)
+    for h in handles.tolist():
+        off = int(a.handle_table[h])
+        mask[off + start:off + start + nbytes] = True
+        _close_rel(a.arena[off + start:off + start + nbytes].view(dt), ref_arena[off + start:off + start + nbytes].view(dt),
+                   tol)
+    assert torch.equal(a.arena[~mask], before[~mask])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_jamba_conv_and_scan():
+    a, handles, cu, init = _gpu_env(JAMBA, 256 << 20, 0.5)
+    T = int(cu[-1])
+    tol = 1e-2
+    _gpu_check("conv", JAMBA, a, handles, cu, init, conv_inputs(JAMBA, T, BF16), None, tol)
+    _gpu_check("m1", JAMBA, a, handles, cu, init, m1_inputs(JAMBA, T, BF16), None, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("algorithm", ["serial", "chunked"])
+def test_gpu_nemotron_conv_and_scan_over_4gib(algorithm):
+    """Blocks past 4 GiB in the arena (int64 addressing): the SSM pool is the top 5 % of 4.5 GiB."""
+    a, handles, cu, init = _gpu_env(NEMOTRON, (9 << 30) // 2, 0.95)
+    assert int(a.handle_table[handles.long()].min()) >= 1 << 32
+    T = int(cu[-1])
+    tol = 2e-2
+    if algorithm == "serial":
+        _gpu_check("conv", NEMOTRON, a, handles, cu, init, conv_inputs(NEMOTRON, T, BF16), None, tol)
+    _gpu_check("m2", NEMOTRON, a, handles, cu, init, m2_inputs(NEMOTRON, T, BF16), algorithm, tol)

@@ -1,0 +1,445 @@
+"""Paged prefill / append attention against the pure-torch reference.
+
+Pages come from a real AVMPAllocator and are scattered into the block tables with randperm; the
+whole arena holds random values (other layers, other pages, SSM blocks), each request's K/V are
+written into its pages through the layout by a helper of this file (no dependency on kv_append).
+Outputs are NaN-poisoned; the arena, the tables and the inputs must come back unchanged.
+"""
+import math
+
+import pytest
+import torch
+
+from avmp_triton import AVMPAllocator, HybridModelSpec
+from avmp_triton.layout import kv_page_layout
+from avmp_triton.ops.paged_prefill import paged_prefill_attention, prefill_launch_config
+from avmp_triton.reference.attention_prefill import causal_attention_ref, paged_prefill_attention_ref
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+SLAB_PAGES = 4
+
+
+def make_spec(num_kv_heads, head_dim, dtype, num_layers, page_tokens):
+    return HybridModelSpec(
+        name="prefill-test", num_attn_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        kv_dtype=dtype, num_mamba_layers=1, mamba_version=1, d_inner=8, d_state=4,
+        conv_dtype=torch.float32, ssm_dtype=torch.float32, page_tokens=page_tokens)
+
+
+def write_kv(arena, handle_table, handles, k, v, layout, layer):
+    """Write one request's K/V ``[L, Hkv, D]`` into its pages, through ``layout.elem_offset``."""
+    L, Hkv, D = k.shape
+    elems = arena.view(k.dtype)
+    dev = k.device
+    t = torch.arange(L, device=dev)
+    page_off = handle_table[handles.long()[t // layout.page_tokens]] // layout.elem_bytes
+    head = torch.arange(Hkv, device=dev)[None, :, None]
+    tok = (t % layout.page_tokens)[:, None, None]
+    dim = torch.arange(D, device=dev)[None, None, :]
+    for kv, src in ((0, k), (1, v)):
+        elems[page_off[:, None, None] + layout.elem_offset(layer, kv, head, tok, dim)] = src
+
+
+class Case:
+    """A batch of requests over scattered pages of a real allocator, K/V written in place."""
+
+    def __init__(self, q_lens, prefixes, hq, hkv, d, page_tokens, layer, dtype=torch.float32,
+                 extra_pages=7, pad_cols=2, num_layers=None, spread=False, device=DEVICE, gen=None):
+        self.gen = gen
+        self.num_layers = num_layers or layer + 2
+        self.spec = make_spec(hkv, d, dtype, self.num_layers, page_tokens)
+        self.layout = kv_page_layout(self.spec)
+        self.layer, self.dtype, self.device = layer, dtype, device
+        P = page_tokens
+        self.ctx = [p + q for p, q in zip(prefixes, q_lens)]
+        n_pages = [-(-c // P) for c in self.ctx]
+        n_total = sum(n_pages) + extra_pages
+        page = self.spec.kv_bytes_per_token * P
+        kv_slabs = -(-n_total // SLAB_PAGES)
+        slabs = kv_slabs + 2
+        self.alloc = AVMPAllocator(self.spec, slabs * SLAB_PAGES * page, device=device,
+                                   slab_bytes=SLAB_PAGES * page, page_tokens=P, kv_fraction=kv_slabs / slabs)
+        # every element random (other layers, unused pages, SSM blocks), never zeros
+        self.alloc.arena.view(dtype).normal_(generator=gen if device == "cpu" else None)
+        self.handles = self.alloc.alloc_kv(n_total)
+        perm = self.handles[torch.randperm(n_total, generator=gen).to(device)]
+        if spread:  # round robin over the slabs: the k-th page of every slab before any (k+1)-th
+            slab = (self.alloc.handle_table[perm.long()] // self.alloc.slab_bytes).tolist()
+            count, rank = {}, []
+            for s_ in slab:
+                rank.append(count.get(s_, 0))
+                count[s_] = rank[-1] + 1
+            perm = perm[torch.tensor(rank).argsort(stable=True).to(device)]
+        B = len(q_lens)
+        self.block_table = torch.full((B, max(n_pages) + pad_cols), -1, dtype=torch.int32, device=device)
+        self.k, self.v = [], []
+        i = 0
+        for b, c in enumerate(self.ctx):
+            self.block_table[b, :n_pages[b]] = perm[i:i + n_pages[b]]
+            i += n_pages[b]
+            k = self.randn(c, hkv, d)
+            v = self.randn(c, hkv, d)
+            write_kv(self.alloc.arena, self.alloc.handle_table, self.block_table[b], k, v, self.layout, layer)
+            self.k.append(k)
+            self.v.append(v)
+        self.spare = perm[i:]  # live pages no request uses
+        cu = [0]
+        for ql in q_lens:
+            cu.append(cu[-1] + ql)
+        self.cu = torch.tensor(cu, dtype=torch.int32, device=device)
+        self.seq_lens = torch.tensor(self.ctx, dtype=torch.int32, device=device)
+        self.q_lens = list(q_lens)
+        self.q = self.randn(cu[-1], hq, d)
+
+    def randn(self, *shape):
+        return torch.randn(*shape, generator=self.gen, device="cpu").to(self.device, self.dtype)
+
+    def args(self, **over):
+        a = dict(q=self.q, cu_seqlens_q=self.cu, seq_lens=self.seq_lens, block_table=self.block_table,
+                 arena=self.alloc.arena, handle_table=self.alloc.handle_table, layout=self.layout,
+                 layer=self.layer)
+        a.update(over)
+        return a
+
+    def run(self, **kw):
+        out = torch.full_like(self.q, float("nan"))
+        got = paged_prefill_attention(**self.args(), out=out, num_layers=self.num_layers, **kw)
+        assert got is out
+        return out
+
+    def reference(self):
+        return paged_prefill_attention_ref(self.q, self.cu, self.seq_lens, self.block_table, self.alloc.arena,
+                                           self.alloc.handle_table, self.layout, self.layer)
+
+    def direct(self):
+        """Causal attention on the K/V as written, without pages: checks the reference's gather too."""
+        scale = self.q.shape[-1] ** -0.5
+        cu = self.cu.tolist()
+        return torch.cat([causal_attention_ref(self.q[cu[b]:cu[b + 1]], self.k[b], self.v[b], scale).float()
+                          for b in range(len(self.ctx))])
+
+
+def _fresh_gen():
+    seed = torch.seed() % 2**31
+    print(f"seed {seed}")  # fresh inputs each run; pytest shows the seed of a failing test
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def gen():
+    return _fresh_gen()
+
+
+def check_case(case, **kw):
+    before = (case.alloc.arena.clone(), case.alloc.handle_table.clone(), case.block_table.clone(), case.q.clone())
+    out = case.run(**kw)
+    assert torch.isfinite(out).all(), "an output element was left unwritten (NaN poison) or overflowed"
+    ref = case.reference()
+    torch.testing.assert_close(out.float(), ref, **TOL[case.dtype])
+    torch.testing.assert_close(ref, case.direct(), atol=1e-5, rtol=1e-5)
+    after = (case.alloc.arena, case.alloc.handle_table, case.block_table, case.q)
+    for x, y, name in zip(before, after, ("arena", "handle_table", "block_table", "q")):
+        assert torch.equal(x, y), f"{name} was modified"
+    return out
+
+
+# q_lens, prefixes, (Hq, Hkv), D, page_tokens, layer
+CASES = {
+    "one-request": ([5], [0], (2, 2), 64, 16, 0),
+    "gqa-two": ([1, 17], [33, 15], (4, 2), 64, 16, 1),
+    "three-p8": ([17, 5, 1], [0, 33, 15], (4, 2), 64, 8, 2),
+    "d128": ([5, 17], [15, 0], (2, 2), 128, 8, 1),
+    "gqa3-empty-request": ([17, 0, 1], [33, 20, 0], (3, 1), 64, 16, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, gen):
+    q_lens, prefixes, (hq, hkv), d, p, layer = CASES[name]
+    check_case(Case(q_lens, prefixes, hq, hkv, d, p, layer, gen=gen))
+
+
+@pytest.mark.parametrize("blocks", [dict(block_m=16, block_n=16), dict(block_n=64, num_warps=8),
+                                    dict(max_seqlen_q=17)])
+def test_block_overrides(blocks, gen):
+    # block_m=16 with 2 heads per group: 8-token tiles, several diagonal tiles per request;
+    # block_n=64 spans 8 pages of 8 tokens, more than any request holds
+    check_case(Case([17, 5], [33, 0], 4, 2, 64, 8, 1, gen=gen), **blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype, gen):
+    check_case(Case([5, 17], [15, 33], 4, 2, 64, 16, 1, dtype=dtype, gen=gen))
+
+
+def test_entries_past_live_pages_are_never_read(gen):
+    """-1 padding and live handles of other requests past the live pages give the same output."""
+    case = Case([17, 5], [15, 33], 4, 2, 64, 8, 1, pad_cols=4, gen=gen)
+    first = check_case(case)
+    for b, c in enumerate(case.ctx):
+        n = -(-c // case.layout.page_tokens)
+        w = case.block_table.shape[1] - n
+        case.block_table[b, n:] = case.spare[torch.randint(0, case.spare.numel(), (w,), generator=gen)]
+    assert torch.equal(case.run(), first)
+
+
+def test_missing_pages_are_skipped(gen):
+    """Needed entries that are -1, freed or out of range hide their positions; nothing sees garbage."""
+    case = Case([17, 5, 1], [33, 15, 0], 4, 2, 64, 8, 1, extra_pages=3, gen=gen)
+    a = case.alloc
+    freed = case.spare[:1]
+    a.free(freed)
+    case.block_table[0, 1] = -1                 # request 0: positions 8..15
+    case.block_table[0, 3] = freed[0]           # request 0: positions 24..31 (free handle)
+    case.block_table[1, 0] = a.num_handles + 5  # request 1: positions 0..7 (no such handle)
+    case.block_table[2, 0] = -1                 # request 2: its only token sees nothing -> zeros
+    out = case.run()
+    assert torch.isfinite(out).all()
+    hidden = {0: [(8, 16), (24, 32)], 1: [(0, 8)], 2: [(0, 1)]}
+    cu = case.cu.tolist()
+    scale = case.q.shape[-1] ** -0.5
+    for b, ranges in hidden.items():
+        valid = torch.ones(case.ctx[b], dtype=torch.bool)
+        for lo, hi in ranges:
+            valid[lo:hi] = False
+        want = causal_attention_ref(case.q[cu[b]:cu[b + 1]], case.k[b], case.v[b], scale, key_valid=valid)
+        torch.testing.assert_close(out[cu[b]:cu[b + 1]], want.float(), **TOL[case.dtype])
+    assert torch.equal(out[cu[2]:], torch.zeros_like(out[cu[2]:]))
+
+
+@pytest.mark.parametrize("draw", range(4))
+def test_random_batches(draw, gen):
+    """Random mixes of the odd sizes: B 1-3, q lens {1, 5, 17}, prefixes {0, 15, 33}, pages 8 / 16."""
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
+    B = pick([1, 2, 3])
+    hq, hkv = pick([(4, 2), (2, 2), (4, 1)])
+    case = Case([pick([1, 5, 17]) for _ in range(B)], [pick([0, 15, 33]) for _ in range(B)], hq, hkv, 64,
+                pick([8, 16]), pick([0, 1]), gen=gen)
+    check_case(case)
+
+
+def test_compaction_between_calls(gen):
+    """Live pages move (handles rebound) between two calls; the output stays bit-identical."""
+    # 9 pages spread one per slab over 9 of 12 KV slabs; the spare pages are freed: 3 free slabs
+    case = Case([17, 5, 1], [15, 33, 60], 4, 2, 64, 16, 1, extra_pages=39, spread=True, gen=gen)
+    a = case.alloc
+    a.free(case.spare)
+    first = check_case(case)
+    offsets = a.handle_table.clone()
+    free_slabs = a.stats().pools["kv"].free_slabs
+    assert free_slabs == 3
+    a.rebalance("ssm", free_slabs + 2)  # the free slabs, then two slabs emptied by compaction
+    assert a.stats().units_moved == 2
+    live = case.block_table[case.block_table >= 0].long()
+    assert int((a.handle_table[live] != offsets[live]).sum()) == 2, "the compacted pages are the batch's"
+    second = case.run()
+    assert torch.equal(second, first)
+    torch.testing.assert_close(second, case.reference(), **TOL[case.dtype])
+
+
+def test_rows_past_cu_end_are_left_alone(gen):
+    """q may be padded (a fixed-size buffer): rows past cu_seqlens_q[B] are not written."""
+    case = Case([5, 17], [15, 0], 4, 2, 64, 16, 1, gen=gen)
+    q = torch.cat([case.q, case.randn(3, *case.q.shape[1:])])
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_attention(**case.args(q=q), out=out)
+    assert torch.isnan(out[-3:]).all()
+    torch.testing.assert_close(out[:-3], case.reference(), **TOL[case.dtype])
+
+
+def _i32(*shape):
+    return torch.zeros(*shape, dtype=torch.int32, device=DEVICE)
+
+
+def test_empty_batch():
+    case = Case([3], [0], 2, 2, 64, 16, 0)
+    q = case.q[:0]
+    out = paged_prefill_attention(**case.args(q=q, cu_seqlens_q=_i32(2), seq_lens=_i32(1)))
+    assert out.shape == (0, 2, 64)
+    out = paged_prefill_attention(**case.args(q=q, cu_seqlens_q=_i32(1), seq_lens=_i32(0),
+                                              block_table=case.block_table[:0]))
+    assert out.shape == (0, 2, 64)
+
+
+
+
+# name -> (overrides built from a valid case, exception, message pattern)
+BAD = {
+    "q-not-tensor": (lambda c: dict(q=c.q.tolist()), TypeError, "q must be a torch.Tensor"),
+    "q-2d": (lambda c: dict(q=c.q[:, 0]), ValueError, "q must be 3-D"),
+    "q-int": (lambda c: dict(q=c.q.to(torch.int32)), TypeError, "q must be float16"),
+    "q-strided": (lambda c: dict(q=c.q.transpose(1, 2).contiguous().transpose(1, 2)), ValueError,
+                  "q must have a contiguous last dim"),
+    "cu-int64": (lambda c: dict(cu_seqlens_q=c.cu.long()), TypeError, "cu_seqlens_q must be torch.int32"),
+    "cu-length": (lambda c: dict(cu_seqlens_q=c.cu[:-1]), ValueError, r"cu_seqlens_q must have B\+1 = 3"),
+    "seq-lens-2d": (lambda c: dict(seq_lens=c.seq_lens[None]), ValueError, "seq_lens must be 1-D"),
+    "seq-lens-strided": (lambda c: dict(seq_lens=_i32(4)[::2]), ValueError, "seq_lens must be contiguous"),
+    "block-table-rows": (lambda c: dict(block_table=c.block_table[:1]), ValueError, "block_table must have B = 2"),
+    "block-table-int64": (lambda c: dict(block_table=c.block_table.long()), TypeError,
+                          "block_table must be torch.int32"),
+    "block-table-cols": (lambda c: dict(block_table=c.block_table.t().contiguous().t()), ValueError,
+                         "block_table rows must be contiguous"),
+    "handle-table-int32": (lambda c: dict(handle_table=c.alloc.handle_table.int()), TypeError,
+                           "handle_table must be torch.int64"),
+    "arena-dtype": (lambda c: dict(arena=c.alloc.arena.view(torch.int32)), TypeError, "arena must be uint8"),
+    "arena-2d": (lambda c: dict(arena=c.alloc.arena.view(2, -1)), ValueError, "arena must be 1-D"),
+    "layout-type": (lambda c: dict(layout=dict(page_tokens=16)), TypeError, "layout must be a KVPageLayout"),
+    "layout-dtype": (lambda c: dict(q=c.q.half()), TypeError, "layout.elem_bytes"),
+    "head-dim": (lambda c: dict(q=c.q[..., :32].contiguous()), ValueError, "head dim D=32"),
+    "gqa": (lambda c: dict(q=c.q[:, :3].contiguous()), ValueError, "Hq=3 must be a positive multiple"),
+    "layer-negative": (lambda c: dict(layer=-1), ValueError, "layer must be a non-negative int"),
+    "layer-range": (lambda c: dict(layer=c.num_layers, num_layers=c.num_layers), ValueError,
+                    "layer=3 is out of range"),
+    "layer-arena": (lambda c: dict(layer=10**9), ValueError, "layer=1000000000 lies beyond the arena"),
+    "scale": (lambda c: dict(scale=float("nan")), ValueError, "scale must be"),
+    "out-shape": (lambda c: dict(out=torch.empty(8, 4, 65, device=DEVICE)), ValueError, "out must have q's shape"),
+    "out-device": (lambda c: dict(out=torch.empty(8, 4, 64, device="meta")), ValueError, "out is on meta"),
+    "out-dtype": (lambda c: dict(out=torch.empty(8, 4, 64, dtype=torch.float64, device=DEVICE)), TypeError,
+                  "out must be torch.float32"),
+    "block-m": (lambda c: dict(block_m=24), ValueError, "block_m must be a power of two"),
+    "block-n": (lambda c: dict(block_n=8), ValueError, "block_n must be a power of two >= 16"),
+    "num-warps": (lambda c: dict(num_warps=3), ValueError, "num_warps"),
+    "num-stages": (lambda c: dict(num_stages=0), ValueError, "num_stages"),
+    "max-seqlen-q": (lambda c: dict(max_seqlen_q=0), ValueError, "max_seqlen_q"),
+    "no-requests": (lambda c: dict(cu_seqlens_q=_i32(1), seq_lens=_i32(0), block_table=c.block_table[:0]),
+                    ValueError, "no requests"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_case():
+    return Case([5, 3], [4, 0], 4, 2, 64, 16, 1)
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+def test_validation_names_the_bad_value(bad, small_case):
+    make, exc, match = BAD[bad]
+    with pytest.raises(exc, match=match):
+        paged_prefill_attention(**small_case.args(**make(small_case)))
+
+
+def test_block_m_smaller_than_group():
+    # Hq // Hkv = 32 query heads per KV head do not fit 16 rows
+    c = Case([2], [0], 32, 1, 64, 16, 0)
+    with pytest.raises(ValueError, match="block_m=16 must be >= Hq // Hkv = 32"):
+        paged_prefill_attention(**c.args(), block_m=16)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gqa", [1, 4, 7, 64])
+def test_default_configs_are_launchable(d, dtype, gqa):
+    for on_gpu in (True, False):
+        for max_q in (None, 1, 5, 4096):
+            bm, bn, warps, stages = prefill_launch_config(d, dtype, gqa, on_gpu=on_gpu, max_seqlen_q=max_q)
+            assert bm >= 16 and bm & (bm - 1) == 0 and bm >= gqa
+            assert bn >= 16 and bn & (bn - 1) == 0
+            assert warps in (4, 8) and stages >= 1
+            if on_gpu:  # K and V tiles of every stage within an H100's 227 KiB of shared memory
+                assert 2 * bn * d * dtype.itemsize * stages <= 227 << 10
+
+
+def test_custom_op_opcheck(gen):
+    c = Case([5, 2], [3, 0], 2, 1, 16, 8, 1, gen=gen)
+    L = c.layout
+    kv = c.alloc.arena.view(c.dtype)
+    args = (torch.empty_like(c.q), c.q, c.cu, c.seq_lens, c.block_table, kv, c.alloc.handle_table,
+            L.page_tokens, L.num_kv_heads, c.layer * L.stride_layer, L.stride_kv, L.stride_head,
+            L.stride_token, 0.25, 16, 16, 4, 1)
+    torch.library.opcheck(torch.ops.avmp.paged_prefill_attention.default, args)
+    out = torch.full_like(c.q, float("nan"))
+    torch.ops.avmp.paged_prefill_attention(out, *args[1:])
+    ref = paged_prefill_attention_ref(c.q, c.cu, c.seq_lens, c.block_table, c.alloc.arena,
+                                      c.alloc.handle_table, L, c.layer, scale=0.25)
+    torch.testing.assert_close(out, ref, **TOL[c.dtype])
+
+
+# ------------------------------------------------------------------ GPU, real sizes
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_real_sizes(dtype):
+    # 32 query / 8 KV heads, D=128, prefixes up to 4096, 512-token chunks, a decode-like request
+    case = Case([512, 512, 300, 1], [0, 1024, 4096, 4095], 32, 8, 128, 16, 1, dtype=dtype,
+                extra_pages=64, device="cuda", gen=_fresh_gen())
+    out = case.run()
+    assert torch.isfinite(out).all()
+    ref = case.reference()
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("d,hq,hkv,page_tokens", [(64, 16, 2, 16), (256, 8, 8, 32), (128, 28, 4, 64)])
+def test_gpu_head_dims(d, hq, hkv, page_tokens):
+    case = Case([333, 64, 7], [1500, 0, 2049], hq, hkv, d, page_tokens, 2, dtype=torch.bfloat16,
+                device="cuda", gen=_fresh_gen())
+    out = case.run()
+    torch.testing.assert_close(out.float(), case.reference(), **TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_fp32_and_overrides():
+    case = Case([129, 17], [700, 31], 8, 2, 128, 16, 0, device="cuda", gen=_fresh_gen())
+    ref = case.reference()
+    for kw in ({}, dict(block_m=32, block_n=16, num_warps=4, num_stages=2), dict(max_seqlen_q=129)):
+        torch.testing.assert_close(case.run(**kw), ref, **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_arena_over_4gib():
+    """int64 addressing: every page of the batch sits past 4 GiB."""
+    spec = make_spec(8, 128, torch.bfloat16, 2, 16)
+    layout = kv_page_layout(spec)
+    alloc = AVMPAllocator(spec, (4 << 30) + (256 << 20), device="cuda", kv_fraction=0.95)
+    page = alloc.unit_bytes[0]
+    skip = alloc.alloc_kv((4 << 30) // page + 8)
+    assert int(alloc.resolve(skip[-1:])[0]) >= 4 << 30
+    q_lens, prefixes = [256, 31], [1000, 3000]
+    n_pages = [-(-(p + q) // 16) for p, q in zip(prefixes, q_lens)]
+    handles = alloc.alloc_kv(sum(n_pages))
+    assert int(alloc.resolve(handles).min()) > 4 << 30
+    handles = handles[torch.randperm(handles.numel(), device="cuda")]
+    bt = torch.full((2, max(n_pages) + 3), -1, dtype=torch.int32, device="cuda")
+    g = _fresh_gen()
+    i = 0
+    for b, (p, ql) in enumerate(zip(prefixes, q_lens)):
+        bt[b, :n_pages[b]] = handles[i:i + n_pages[b]]
+        i += n_pages[b]
+        kv = torch.randn(2, p + ql, 8, 128, generator=g).to("cuda", torch.bfloat16)
+        write_kv(alloc.arena, alloc.handle_table, bt[b], kv[0], kv[1], layout, 1)
+    cu = torch.tensor([0, 256, 287], dtype=torch.int32, device="cuda")
+    sl = torch.tensor([p + q for p, q in zip(prefixes, q_lens)], dtype=torch.int32, device="cuda")
+    q = torch.randn(287, 32, 128, generator=g).to("cuda", torch.bfloat16)
+    out = paged_prefill_attention(q, cu, sl, bt, alloc.arena, alloc.handle_table, layout, 1)
+    ref = paged_prefill_attention_ref(q, cu, sl, bt, alloc.arena, alloc.handle_table, layout, 1)
+    torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_cuda_graph_replay():
+    """Fixed shapes, no host sync: a captured call replays over new contents and lengths."""
+    case = Case([64, 64], [100, 300], 8, 2, 128, 16, 0, dtype=torch.bfloat16, device="cuda", gen=_fresh_gen())
+    out = torch.empty_like(case.q)
+    kw = dict(out=out, max_seqlen_q=64)
+    paged_prefill_attention(**case.args(), **kw)  # compile before capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        paged_prefill_attention(**case.args(), **kw)
+    case.q.copy_(torch.randn_like(case.q))
+    case.seq_lens.copy_(torch.tensor([150, 330], dtype=torch.int32))  # fewer live tokens, same pages
+    case.cu.copy_(torch.tensor([0, 50, 100], dtype=torch.int32))
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = case.reference()
+    torch.testing.assert_close(out[:100].float(), ref[:100], **TOL[torch.bfloat16])
+    assert math.isnan(float(out[100:].float().sum()))  # rows past cu[B] are left alone
