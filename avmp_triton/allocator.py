@@ -184,7 +184,7 @@ class ArenaAllocator:
         if self._unified:
             n_pool0 = S
         else:
-            n_pool0 = min(S, max(0, round(kv_fraction * S)))
+            n_pool0 = min(S, int(kv_fraction * S + 0.5))  # round half up, not to even
         owner = torch.ones(S, dtype=torch.int32)
         owner[:n_pool0] = 0
         if self._unified:

@@ -347,8 +347,8 @@ def release_kernel(
         i = start + tl.arange(0, BLOCK).to(tl.int64)
         m = i < M
         r = tl.load(rows_ptr + i, mask=m, other=-1).to(tl.int64)
-        use = m & (r >= 0)
-        bad_row = use & (r >= R)
+        use = m & (r != -1)
+        bad_row = use & ((r < 0) | (r >= R))
         rs = tl.where(use & ~bad_row, r, 0)
         held = tl.load(num_pages_ptr + rs, mask=use & ~bad_row, other=0).to(tl.int64)
         bad_cnt = use & ~bad_row & ((held < 0) | (held > W))
@@ -406,7 +406,7 @@ def release_kernel(
             i = start + tl.arange(0, BLOCK).to(tl.int64)
             m = i < M
             r = tl.load(rows_ptr + i, mask=m, other=-1).to(tl.int64)
-            tl.store(num_pages_ptr + r, (r * 0).to(tl.int32), mask=m & (r >= 0))
+            tl.store(num_pages_ptr + r, (r * 0).to(tl.int32), mask=m & (r != -1))
             start += BLOCK
         tl.store(tops_ptr, top0)
         tl.store(tops_ptr + 1, top1)

@@ -368,8 +368,8 @@ def test_grow_serves_rows_in_order_all_or_nothing():
     assert len(hold) == 13
 
 
-def test_grow_release_more_rows_than_one_block():
-    """Over 1024 rows and entries: the single-program kernels walk several blocks."""
+def test_grow_release_over_a_thousand_rows():
+    """Over a thousand rows and pages at the real launch shapes (small blocks: see below)."""
     gen = torch.Generator().manual_seed(77)
     a = make(AVMPAllocator, "block>page", slabs=40, kv_fraction=0.75)  # 30 x 42 = 1260 pages
     m = AllocatorModel.like(a)
@@ -390,6 +390,89 @@ def test_grow_release_more_rows_than_one_block():
     assert len(live) > 0
     a.free(i32(live))
     m.free(live)
+    assert_matches(m, a)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Shrink every launch's block so that small inputs take the multi-block / multi-program paths."""
+    import avmp_triton.allocator as A
+
+    monkeypatch.setattr(A, "_launch_shape", lambda n: (16, 1))
+    # raising=True: if a knob is renamed this fixture fails loudly instead of silently testing less
+    for name, value in (("_BLOCK", 16), ("_ALLOC_BLOCK", 16), ("_COPY_CHUNK", 32), ("_COPY_BLOCK", 16)):
+        monkeypatch.setattr(A, name, value)
+
+
+@pytest.mark.parametrize("geom", list(GEOMS))
+def test_kernels_walk_several_blocks(geom, small_blocks):
+    """Same policy with 16-lane blocks: every loop over handles, rows, pages, slots and words wraps."""
+    gen = torch.Generator().manual_seed(41)
+    a = make(AVMPAllocator, geom, slabs=12, kv_fraction=0.75)
+    m = AllocatorModel.like(a)
+    units = Units(a, gen)
+    kv = alloc_both(a, m, "kv", a.stats().pools["kv"].free_units - 1)
+    assert len(kv) > 16
+    units.stamp(kv, KIND_KV)
+    drop = shuffled(kv, gen)[: len(kv) // 2]
+    a.free(i32(drop))
+    m.free(drop)
+    units.forget(drop)
+    assert_matches(m, a)
+    R, W = 37, 2
+    _, bt, npg = _tables(R, W)
+    m_bt, m_npg = [[-1] * W for _ in range(R)], [0] * R
+    need = torch.randint(0, 3, (R,), generator=gen).tolist()
+    failed = a.grow_kv(bt, npg, i32(need))
+    assert failed.tolist() == m.grow(m_bt, m_npg, need)
+    assert bt.tolist() == m_bt and npg.tolist() == m_npg
+    units.stamp([h for row in m_bt for h in row if h >= 0], KIND_KV)
+    rows = shuffled(list(range(R)) + [-1] * 5, gen)[:33]
+    freed = [h for r in rows if r >= 0 for h in m_bt[r][: m_npg[r]]]
+    status = a.release_rows(i32(rows), bt, npg)
+    assert tuple(status.tolist()) == m.release(rows, m_bt, m_npg) == (0, -1, 0)
+    units.forget(freed)
+    assert_matches(m, a)
+    units.verify()
+    # compaction both ways: collect / move / adopt walk slabs of up to 42 units and 128-word units
+    _fill_donor_scattered(a, m, units, gen, KIND_SSM)
+    a.rebalance("kv", 1)
+    m.rebalance("kv", 1)
+    _fill_donor_scattered(a, m, units, gen, KIND_KV)
+    a.rebalance("ssm", 2)
+    m.rebalance("ssm", 2)
+    assert a.stats().units_moved > 0
+    assert_matches(m, a)
+    units.verify()
+    # a bad handle deep in a long free is still found first and nothing changes
+    live = shuffled(units.live(), gen)
+    bad = live[:40] + [a.num_handles] + live[40:45]
+    expect_error(a, m, InvalidHandleError, lambda: a.free(i32(bad)), lambda: m.free(bad),
+                 names=("handles[40]", f"handle {a.num_handles}"))
+    dup = live[:30] + live[3:4]
+    expect_error(a, m, InvalidHandleError, lambda: a.free(i32(dup)), lambda: m.free(dup), names=(f"handle {live[3]}",))
+    a.free(i32(live))
+    m.free(live)
+    assert_matches(m, a)
+    assert a.stats().handles_live == 0
+
+
+def test_grow_order_is_strict_across_blocks(small_blocks):
+    """By hand, with 16-row blocks: a miss in the first block holds back every later block."""
+    a = make(AVMPAllocator, slabs=7)
+    m = AllocatorModel.like(a)
+    alloc_both(a, m, "kv", a.stats().pools["kv"].free_units - 3)  # 3 pages left
+    R = 40
+    _, bt, npg = _tables(R, 4)
+    m_bt, m_npg = [[-1] * 4 for _ in range(R)], [0] * R
+    need = [4] + [0] * 19 + [1] * 20
+    failed = a.grow_kv(bt, npg, i32(need))
+    assert failed.tolist() == [7] + [0] * 19 + [7] * 20 == m.grow(m_bt, m_npg, need)
+    assert (npg == 0).all() and (bt == -1).all()
+    need = [2] + [0] * 19 + [1] * 20  # now rows 0 and 20 fit, 21.. do not
+    failed = a.grow_kv(bt, npg, i32(need))
+    assert failed.tolist() == [0] + [0] * 19 + [0] + [7] * 19 == m.grow(m_bt, m_npg, need)
+    assert bt.tolist() == m_bt and npg.tolist() == m_npg
     assert_matches(m, a)
 
 
@@ -430,6 +513,7 @@ def test_release_errors_change_nothing(cls):
         units.verify()
 
     attempt([1, -1, R, 0], ValueError, 5, 2, R, f"rows[2]: row {R}")          # row out of range
+    attempt([1, -5, 0], ValueError, 5, 1, -5, "rows[1]: row -5")             # negative row other than -1
     npg[2] = W + 1
     m_npg[2] = W + 1
     attempt([0, 2], ValueError, 6, 1, 2, "rows[1]: row 2")                    # bad page count
@@ -523,6 +607,35 @@ def test_forced_rebalance_compacts_and_keeps_bytes(to_kind, geom):
     # one more slab cannot be emptied: PoolExhaustedError, nothing changed
     expect_error(a, m, PoolExhaustedError, lambda: a.rebalance(to_kind, len(donor) - k),
                  lambda: m.rebalance(to_kind, len(donor) - k), names=(len(donor) - k,))
+    units.verify()
+
+
+def test_compaction_hands_over_free_slabs_first():
+    """Fewer free donor slabs than needed: all free ones go first, then the least occupied."""
+    gen = torch.Generator().manual_seed(13)
+    a = make(AVMPAllocator, slabs=8)  # 4 KV slabs of 4 pages
+    m = AllocatorModel.like(a)
+    units = Units(a, gen)
+    _fill_donor_scattered(a, m, units, gen, KIND_KV)
+    live = a.slab_live.tolist()
+    emptied = max(range(4), key=lambda s: (live[s], s))  # empty the fullest slab: it must go first
+    mine = [h for h in units.live(KIND_KV) if m.table[h] // SLAB == emptied]
+    mine = shuffled(mine, gen)
+    a.free(i32(mine))
+    m.free(mine)
+    units.forget(mine)
+    live = a.slab_live.tolist()
+    busiest_last = sorted((s for s in range(4) if s != emptied), key=lambda s: (live[s], s))
+    a.rebalance("ssm", 2)
+    m.rebalance("ssm", 2)
+    assert_matches(m, a)
+    moved = sorted([emptied, busiest_last[0]])
+    assert [s for s in range(4) if a.slab_owner[s] == 1] == moved
+    assert a.stats().units_moved == live[busiest_last[0]] > 0
+    got = alloc_both(a, m, "ssm", a.stats().pools["ssm"].free_units)
+    # the first victim (the free slab) is on top: its unit 0 pops first, then the compacted slab's
+    assert a.resolve(i32(got[:2])).tolist() == [emptied * SLAB, emptied * SLAB + 224]
+    units.stamp(got, KIND_SSM)
     units.verify()
 
 
@@ -658,7 +771,7 @@ def test_invalid_handles_change_nothing(cls):
                  names=("handles[1]", f"handle {gone}", "not allocated"))
     expect_error(a, m, InvalidHandleError, lambda: a.resolve(i32([gone])), lambda: m.resolve([gone]),
                  names=(f"handle {gone}",))
-    # an error anywhere in a long call (past the first 1024-lane block) frees nothing either
+    # an error in a long call frees nothing either
     still = [h for h in kv if h != gone][:3]
     assert len(still) == 3
     long = still + [never] * 1099 + [gone]  # position 3 is the first bad one

@@ -5,9 +5,11 @@ the random bytes written when it was allocated (compaction moves them, nothing m
 them); no two live units overlap; the accounting adds up. Every failing call (PoolExhaustedError,
 InvalidHandleError, a refused release) must change nothing at all.
 """
+import os
+
 import pytest
 import torch
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -324,7 +326,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert st_.migrations == st_.slabs_moved == st_.units_moved == 0
 
 
-_FAST = dict(deadline=None, suppress_health_check=list(HealthCheck))
+# Shrinking a failing run takes minutes in the interpreter on 2 cores; the unshrunk run (at most 30
+# steps, each checked against the model) is printed either way. AVMP_SHRINK=1 asks for a minimal one.
+_PHASES = list(Phase) if os.environ.get("AVMP_SHRINK") == "1" else [p for p in Phase if p != Phase.shrink]
+_FAST = dict(deadline=None, suppress_health_check=list(HealthCheck), phases=_PHASES)
 
 TestAVMPAllocatorStateful = AllocatorMachine.TestCase
 TestAVMPAllocatorStateful.settings = settings(max_examples=35, stateful_step_count=30, **_FAST)

@@ -273,9 +273,9 @@ class AllocatorModel:
         W = len(block_table[0]) if R else 0
         entries = []  # (row, column or None for the SSM handle, handle, required kind)
         for i, r in enumerate(rows):
-            if r < 0:
+            if r == -1:
                 continue
-            if r >= R:
+            if not 0 <= r < R:
                 return ERR_BAD_ROW, i, r
             held = num_pages[r]
             if not 0 <= held <= W:
