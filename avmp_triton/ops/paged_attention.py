@@ -38,7 +38,7 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 128          # explicit num_splits at most
 MAX_AUTO_SPLITS = 32      # what the launcher picks by itself at most
-MIN_BLOCKS_PER_SPLIT = 4  # a split should walk at least this many BLOCK_N blocks of the longest request
+MIN_BLOCKS_PER_SPLIT = 2  # a split should walk at least this many BLOCK_N blocks of the longest request
 WAVES = 2                 # split until B * Hkv * num_splits fills this many waves of the SMs
 DEFAULT_SM_COUNT = 132    # H100 SXM; used where no CUDA device says otherwise (CPU runs)
 
@@ -82,7 +82,7 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     if num_warps is None:
         num_warps = 4 if head_dim <= 128 else 8
     if num_stages is None:
-        num_stages = 3 if head_dim <= 128 else 2
+        num_stages = 2  # H100 sweep (perf/results/bench_attention_sweep_H100.json): 2 >= 3, 4 at every cell
     if num_splits is None:
         ctas = max(1, batch * num_kv_heads)
         want = math.ceil(WAVES * sm_count / ctas)
