@@ -446,8 +446,10 @@ def test_decode_config_table():
     assert c.use_dot and c.block_n(16) == 64 and c.num_splits == 9      # 32 CTAs -> 2 waves of 132 SMs
     c = decode_config(batch=64, num_q_heads=32, num_kv_heads=8, head_dim=128, page_tokens=16, max_seq_len=4096)
     assert c.num_splits == 1                                              # 512 CTAs already fill the GPU
+    c = decode_config(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, page_tokens=16, max_seq_len=128)
+    assert c.num_splits == 1                                              # 2 blocks: too short to split
     c = decode_config(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, page_tokens=16, max_seq_len=256)
-    assert c.num_splits == 1                                              # 4 blocks: too short to split
+    assert c.num_splits == 2                                              # 4 blocks: 2 splits of 2
     c = decode_config(batch=1, num_q_heads=4, num_kv_heads=2, head_dim=256, page_tokens=16, max_seq_len=10 ** 6)
     assert not c.use_dot and c.num_splits == 32 and c.block_n(16) == 16 and c.num_warps == 8
     c = decode_config(batch=1, num_q_heads=8, num_kv_heads=8, head_dim=64, page_tokens=16, max_seq_len=64,
