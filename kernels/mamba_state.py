@@ -57,7 +57,6 @@ def mamba1_state_update_kernel(
     num_handles,
     state_off,        # element offset of this layer's state inside a unit
     d_inner,
-    batch,
     stride_x_b, stride_dt_b, stride_A_d, stride_B_b, stride_C_b, stride_z_b, stride_out_b,
     D_STATE: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr,
@@ -65,62 +64,50 @@ def mamba1_state_update_kernel(
     ALIGN: tl.constexpr,      # the state's element offset is a multiple of ALIGN
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,    # next_power_of_2(D_STATE)
-    REQS: tl.constexpr,       # requests per program
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
 ):
-    """One program: requests ``[pid0 * REQS, +REQS)``, channels ``[pid1 * BLOCK_D, +BLOCK_D)``, all
-    D_STATE states.
+    """One program: request ``pid0``, channels ``[pid1 * BLOCK_D, +BLOCK_D)``, all D_STATE states.
 
     state = state * exp(A * dt) + B * dt * x;  out = state @ C + D * x;  out *= silu(z)
     with dt = softplus(dt + dt_bias) if DT_SOFTPLUS. fp32 math; the state is stored in its dtype
     and ``out`` uses the fp32 state before rounding. The tile ``[BLOCK_D, D_STATE]`` is one
     contiguous run of the state, so it loads and stores with full-width coalesced accesses.
     """
+    i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     i_n = tl.arange(0, BLOCK_N)
     m_d = i_d < d_inner
     m_n = i_n < D_STATE
+
+    valid, o_unit = _unit_elem_offset(handles_ptr, table_ptr, i_b, num_handles, ELEM_BYTES)
+    o_state = tl.multiple_of(o_unit + state_off, ALIGN)
     m_dn = m_d[:, None] & m_n[None, :]
-    # per-channel parameters: loaded once, shared by the REQS requests of this program (A is as
-    # large as an fp32 state tile: re-reading it per request doubled the L2 traffic)
-    b_A = tl.load(A_ptr + i_d[:, None] * stride_A_d + i_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    m_st = m_dn & valid
+    p_state = state_ptr + o_state + i_d[:, None] * D_STATE + i_n[None, :]
+    b_state = tl.load(p_state, mask=m_st, other=0.0).to(tl.float32)
+
+    b_x = tl.load(x_ptr + i_b * stride_x_b + i_d, mask=m_d, other=0.0).to(tl.float32)
+    b_dt = tl.load(dt_ptr + i_b * stride_dt_b + i_d, mask=m_d, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
-        b_dt_bias = tl.load(dt_bias_ptr + i_d, mask=m_d, other=0.0).to(tl.float32)
+        b_dt += tl.load(dt_bias_ptr + i_d, mask=m_d, other=0.0).to(tl.float32)
+    if DT_SOFTPLUS:
+        b_dt = _softplus(b_dt)
+    b_A = tl.load(A_ptr + i_d[:, None] * stride_A_d + i_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    b_B = tl.load(B_ptr + i_b * stride_B_b + i_n, mask=m_n, other=0.0).to(tl.float32)
+    b_C = tl.load(C_ptr + i_b * stride_C_b + i_n, mask=m_n, other=0.0).to(tl.float32)
+
+    b_dA = tl.exp(b_A * b_dt[:, None])
+    b_state = b_state * b_dA + b_B[None, :] * (b_dt * b_x)[:, None]
+    tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_st)
+
+    b_out = tl.sum(b_state * b_C[None, :], axis=1)
     if HAS_D:
-        b_D = tl.load(D_ptr + i_d, mask=m_d, other=0.0).to(tl.float32)
-
-    for r in tl.static_range(REQS):
-        i_b = tl.program_id(0).to(tl.int64) * REQS + r
-        row_ok = i_b < batch
-        i_b = tl.minimum(i_b, batch - 1)
-        valid, o_unit = _unit_elem_offset(handles_ptr, table_ptr, i_b, num_handles, ELEM_BYTES)
-        valid = valid & row_ok
-        o_state = tl.multiple_of(o_unit + state_off, ALIGN)
-        m_st = m_dn & valid
-        p_state = state_ptr + o_state + i_d[:, None] * D_STATE + i_n[None, :]
-        b_state = tl.load(p_state, mask=m_st, other=0.0).to(tl.float32)
-
-        b_x = tl.load(x_ptr + i_b * stride_x_b + i_d, mask=m_d, other=0.0).to(tl.float32)
-        b_dt = tl.load(dt_ptr + i_b * stride_dt_b + i_d, mask=m_d, other=0.0).to(tl.float32)
-        if HAS_DT_BIAS:
-            b_dt += b_dt_bias
-        if DT_SOFTPLUS:
-            b_dt = _softplus(b_dt)
-        b_B = tl.load(B_ptr + i_b * stride_B_b + i_n, mask=m_n, other=0.0).to(tl.float32)
-        b_C = tl.load(C_ptr + i_b * stride_C_b + i_n, mask=m_n, other=0.0).to(tl.float32)
-
-        b_dA = tl.exp(b_A * b_dt[:, None])
-        b_state = b_state * b_dA + b_B[None, :] * (b_dt * b_x)[:, None]
-        tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_st)
-
-        b_out = tl.sum(b_state * b_C[None, :], axis=1)
-        if HAS_D:
-            b_out += b_x * b_D
-        if HAS_Z:
-            b_z = tl.load(z_ptr + i_b * stride_z_b + i_d, mask=m_d, other=0.0).to(tl.float32)
-            b_out *= b_z * tl.sigmoid(b_z)
-        b_out = tl.where(valid, b_out, 0.0)
-        tl.store(out_ptr + i_b * stride_out_b + i_d, b_out.to(out_ptr.dtype.element_ty), mask=m_d & row_ok)
+        b_out += b_x * tl.load(D_ptr + i_d, mask=m_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        b_z = tl.load(z_ptr + i_b * stride_z_b + i_d, mask=m_d, other=0.0).to(tl.float32)
+        b_out *= b_z * tl.sigmoid(b_z)
+    b_out = tl.where(valid, b_out, 0.0)
+    tl.store(out_ptr + i_b * stride_out_b + i_d, b_out.to(out_ptr.dtype.element_ty), mask=m_d)
 
 
 @triton.heuristics({

@@ -241,14 +241,6 @@ def test_mamba1_two_steps(seed, batch, ssm_dtype, in_dtype):
               torch.float32, "state after two steps")
 
 
-def test_mamba1_several_requests_per_program(seed):
-    """batch >= 16 takes the path where one program updates 4 requests (18: a partial last group),
-    with a -1 row among them."""
-    alloc, live = make_pool(mamba1_spec(torch.float32), per_slab=4, slabs=12, live=24, kv_fraction=0.25)
-    handles = batch_handles(live, 18)
-    run_ssm_step(alloc, handles, 1, mamba1_inputs(alloc.spec, 18, torch.float32))
-
-
 @pytest.mark.parametrize("opts", [dict(D=False, z=False, bias=False, softplus=False),
                                   dict(D=True, z=False, bias=True, softplus=True, use_out=False),
                                   dict(block_d=16, num_warps=2)])

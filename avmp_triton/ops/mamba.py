@@ -46,11 +46,6 @@ _MAX_GRID_YZ = 65535
 # launch table (hand-made, no autotuning: the kernels update state in place)
 # Bandwidth-bound: each program should move tens of KB with full-width loads along d_state.
 
-# Mamba1: one program updates this many requests of one channel block, so A (fp32, as large as the
-# state tile) is read once per program rather than once per request
-MAMBA1_REQS_PER_PROGRAM = 4
-
-
 def mamba1_launch_config(d_inner: int, d_state: int) -> tuple[int, int]:
     """(BLOCK_D, num_warps) for Mamba1: a ``[BLOCK_D, d_state]`` tile of ~4096 states per program
     (d_state 16: 256 channels, 16 KiB of bf16 state read and written plus 16 KiB of fp32 A)."""
@@ -92,15 +87,14 @@ def _mamba1_op(arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: tor
         return
     itemsize = state_dtype.itemsize
     off = state_offset // itemsize
-    reqs = MAMBA1_REQS_PER_PROGRAM if batch >= 4 * MAMBA1_REQS_PER_PROGRAM else 1
-    grid = (triton.cdiv(batch, reqs), triton.cdiv(d_inner, block_d))
+    grid = (batch, triton.cdiv(d_inner, block_d))
     K.mamba1_state_update_kernel[grid](
         arena.view(state_dtype), handle_table, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
-        handle_table.numel(), off, d_inner, batch,
+        handle_table.numel(), off, d_inner,
         x.stride(0), dt.stride(0), A.stride(0), B.stride(0), C.stride(0),
         z.stride(0) if z is not None else 0, out.stride(0),
         D_STATE=d_state, DT_SOFTPLUS=dt_softplus, ELEM_BYTES=itemsize, ALIGN=_align(off, itemsize),
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), REQS=reqs, num_warps=num_warps)
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=num_warps)
 
 
 @_mamba1_op.register_fake
