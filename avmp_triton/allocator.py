@@ -121,6 +121,9 @@ class AllocatorStats:
     slabs_moved: int
     units_moved: int         # live units relocated by compaction
     bytes_copied: int
+    # of ``migrations`` / ``slabs_moved``: the moves of the proactive watermark policy (AVMP only)
+    proactive_migrations: int = 0
+    proactive_slabs_moved: int = 0
 
 
 class ArenaAllocator:
@@ -382,12 +385,19 @@ class ArenaAllocator:
         live_kv, live_ssm = kinds[KIND_KV], kinds[KIND_SSM]
         padding = (live_kv * (self.unit_bytes[self._pool_of[KIND_KV]] - self.kv_page_raw)
                    + live_ssm * (self.unit_bytes[self._pool_of[KIND_SSM]] - self.ssm_block_raw))
+        pro_events, pro_slabs = self.proactive_counters()
         return AllocatorStats(
             pools=pools, live_kv=live_kv, live_ssm=live_ssm, handles_live=live_kv + live_ssm,
             handles_capacity=self.num_handles, padding_bytes=padding, slab_tail_bytes=tail_total,
             arena_tail_bytes=self.capacity_bytes - self.num_slabs * self.slab_bytes,
-            migrations=self.migrations, slabs_moved=self.slabs_moved, units_moved=self.units_moved,
-            bytes_copied=self.bytes_copied)
+            migrations=self.migrations + pro_events, slabs_moved=self.slabs_moved + pro_slabs,
+            units_moved=self.units_moved, bytes_copied=self.bytes_copied,
+            proactive_migrations=pro_events, proactive_slabs_moved=pro_slabs)
+
+    def proactive_counters(self) -> tuple[int, int]:
+        """(events, slabs moved) of the proactive policy so far, read from the device (syncs);
+        (0, 0) without a policy."""
+        return (0, 0)
 
     # ------------------------------------------------------------------ internals
     def _state_args(self):
@@ -568,9 +578,49 @@ class AVMPAllocator(ArenaAllocator):
         page_tokens: tokens per KV page.
         slab_bytes: slab size (multiple of 128, holds one SSM block); derived from the spec if None.
         migration_batch: free slabs handed over per rebalance at most beyond the ones needed (1-256).
+        proactive: optional ``(low, high)`` watermarks on the pools' free fractions,
+            ``0 <= low <= high <= 1``: each ``proactive_step()`` moves up to ``migration_batch``
+            completely free slabs into a pool whose free fraction is below ``low`` from the other
+            pool when that one's is above ``high`` (decided on the device, no host sync), never
+            taking the donor below ``low`` or its last slab.
     """
 
     _migrates = True
+
+    def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, kv_fraction: float = 0.5,
+                 page_tokens: int = 16, slab_bytes: int | None = None, migration_batch: int = 16,
+                 proactive: tuple[float, float] | None = None):
+        self.proactive = _check_proactive(proactive)
+        super().__init__(spec, capacity_bytes, device=device, kv_fraction=kv_fraction, page_tokens=page_tokens,
+                         slab_bytes=slab_bytes, migration_batch=migration_batch)
+        if self.proactive is not None:
+            dev = self.device
+            self._proactive_fp = tuple(_watermark_fp(x) for x in self.proactive)
+            self._proactive_flag = torch.zeros(self.num_slabs, dtype=torch.int32, device=dev)
+            self._proactive_victims = torch.zeros(min(self.num_slabs, self.migration_batch), dtype=torch.int32,
+                                                  device=dev)
+            self._proactive_counters = torch.zeros(2, dtype=torch.int64, device=dev)
+
+    def proactive_step(self) -> None:
+        """One launch of the watermark policy (see ``kernels/alloc.py:proactive_kernel``): no host
+        sync, so it can sit in a captured decode step. Moves only completely free slabs (no data
+        moves); counts its moves in a device counter that ``stats()`` reads. No-op without a policy.
+        """
+        if self.proactive is None:
+            return
+        low_fp, high_fp = self._proactive_fp
+        K.proactive_kernel[(1,)](
+            self._free_units, self._tops, self.slab_owner, self._slot_handle, self._proactive_flag,
+            self._proactive_victims, self._proactive_counters, self.num_slabs, self._stack_base[1],
+            self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1], self.units_per_slab[0],
+            self.units_per_slab[1], self.max_units_per_slab, low_fp, high_fp, self.migration_batch,
+            SCALE=WATERMARK_SCALE, BLOCK=_PROACTIVE_BLOCK, BLOCK_U=_PROACTIVE_BLOCK_U, num_warps=4)
+
+    def proactive_counters(self) -> tuple[int, int]:
+        if self.proactive is None:
+            return (0, 0)
+        events, slabs = self._proactive_counters.tolist()
+        return int(events), int(slabs)
 
 
 class StaticDualAllocator(ArenaAllocator):
@@ -597,6 +647,31 @@ class PaddedUnifiedAllocator(ArenaAllocator):
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+# watermarks are compared in integers: free * SCALE < round(low * SCALE) * units
+WATERMARK_SCALE = 1 << 20
+_PROACTIVE_BLOCK = 256
+_PROACTIVE_BLOCK_U = 32
+
+
+def _watermark_fp(x: float) -> int:
+    return int(round(float(x) * WATERMARK_SCALE))
+
+
+def _check_proactive(proactive):
+    if proactive is None:
+        return None
+    try:
+        low, high = proactive
+    except (TypeError, ValueError):
+        raise ValueError(f"proactive must be None or (low, high) watermarks, got {proactive!r}") from None
+    for name, x in (("low", low), ("high", high)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x <= 1.0:
+            raise ValueError(f"proactive {name} watermark must be a number in [0, 1], got {x!r}")
+    if low > high:
+        raise ValueError(f"proactive watermarks need low <= high, got low={low!r} high={high!r}")
+    return (float(low), float(high))
 
 
 def _pow2(n: int) -> tuple[int, int]:

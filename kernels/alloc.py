@@ -533,3 +533,127 @@ def adopt_slabs_kernel(
         top += ups
         i += 1
     tl.store(tops_ptr + POOL, top)
+
+
+@triton.jit
+def _proactive_below(top, units, low_fp, SCALE: tl.constexpr):
+    """Free fraction top / units < low (exact integer test; a pool with no units counts as empty)."""
+    return tl.where(units > 0, top * SCALE < low_fp * units, low_fp > 0)
+
+
+@triton.jit
+def proactive_kernel(
+    stacks_ptr,       # [..] int64 both pools' free-unit stacks; pool 1 starts at base1
+    tops_ptr,         # [3] int64 top of pool 0, pool 1, handle stack
+    slab_owner_ptr,   # [S] int32 pool of each slab
+    slot_handle_ptr,  # [S, max_ups] int32 reverse map (handle or -1)
+    flag_ptr,         # [S] int32 scratch: 1 for a slab leaving its pool; all 0 between calls
+    victims_ptr,      # [>= batch] int32 scratch: the slabs moved, lowest index first
+    counters_ptr,     # [2] int64 (events that moved >= 1 slab, slabs moved), accumulated
+    S, base1, slab_bytes, unit0, unit1, ups0, ups1, max_ups,
+    low_fp, high_fp,  # watermarks on the free fraction, as integers over SCALE
+    batch,            # most slabs moved per call
+    SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_U: tl.constexpr,
+):
+    """Watermark policy, decided on the device: if one pool's free fraction is below ``low`` while
+    the other's is above ``high``, move up to ``batch`` completely free slabs (no live unit) of the
+    other pool, lowest-numbered first, to it. No unit is copied. The move never takes the donor's
+    free fraction below ``low`` (k free slabs are taken only while
+    (top_d - k ups_d) * SCALE >= low_fp * (units_d - k ups_d)), so a move cannot trip the opposite
+    move by itself, and the donor keeps at least one slab. The cheap check reads the tops and the
+    slab owners only; the per-slab live count (from the reverse map) runs only when the watermarks
+    trip.
+    """
+    top0 = tl.load(tops_ptr)
+    top1 = tl.load(tops_ptr + 1)
+    n0 = tl.full((), 0, tl.int64)
+    n1 = tl.full((), 0, tl.int64)
+    start = 0
+    while start < S:
+        s = start + tl.arange(0, BLOCK).to(tl.int64)
+        o = tl.load(slab_owner_ptr + s, mask=s < S, other=-1)
+        n0 += tl.sum((o == 0).to(tl.int64), 0)
+        n1 += tl.sum((o == 1).to(tl.int64), 0)
+        start += BLOCK
+    units0 = n0 * ups0
+    units1 = n1 * ups1
+    to0 = _proactive_below(top0, units0, low_fp, SCALE) & (top1 * SCALE > high_fp * units1)
+    to1 = _proactive_below(top1, units1, low_fp, SCALE) & (top0 * SCALE > high_fp * units0)
+    if to0 | to1:
+        # p receives, d gives (to0 and to1 never hold together: low <= high)
+        p = tl.where(to0, 0, 1).to(tl.int64)
+        d = 1 - p
+        top_d = tl.where(to0, top1, top0)
+        units_d = tl.where(to0, units1, units0)
+        ups_d = tl.where(to0, ups1, ups0).to(tl.int64)
+        ups_p = tl.where(to0, ups0, ups1).to(tl.int64)
+        unit_p = tl.where(to0, unit0, unit1).to(tl.int64)
+        base_d = tl.where(to0, base1, 0).to(tl.int64)
+        base_p = tl.where(to0, 0, base1).to(tl.int64)
+        top_p = tl.where(to0, top0, top1)
+        # donor stays at or above the low watermark (denominator > 0: the donor is above high <= 1)
+        cap = (top_d * SCALE - low_fp * units_d) // (ups_d * (SCALE - low_fp))
+        cap = tl.minimum(tl.minimum(cap, batch), tl.where(to0, n1, n0) - 1)  # the donor keeps a slab
+        # 1. the first `cap` completely free donor slabs, by index
+        found = tl.full((), 0, tl.int64)
+        start = 0
+        while (start < S) & (found < cap):
+            s = start + tl.arange(0, BLOCK).to(tl.int64)
+            ms = s < S
+            o = tl.load(slab_owner_ptr + s, mask=ms, other=-1)
+            cand = ms & (o == d)
+            live = tl.zeros((BLOCK,), dtype=tl.int64)
+            u0 = 0
+            while u0 < ups_d:
+                u = u0 + tl.arange(0, BLOCK_U).to(tl.int64)
+                h = tl.load(slot_handle_ptr + s[:, None] * max_ups + u[None, :],
+                            mask=cand[:, None] & (u[None, :] < ups_d), other=-1)
+                live += tl.sum((h >= 0).to(tl.int64), 1)
+                u0 += BLOCK_U
+            free = cand & (live == 0)
+            rank = found + tl.cumsum(free.to(tl.int64), 0)
+            take = free & (rank <= cap)
+            tl.store(flag_ptr + s, (s * 0 + 1).to(tl.int32), mask=take)
+            tl.store(victims_ptr + (rank - 1), s.to(tl.int32), mask=take)
+            found += tl.sum(take.to(tl.int64), 0)
+            start += BLOCK
+        tl.debug_barrier()
+        if found > 0:
+            # 2. drop the victims' units from the donor stack, keeping the others' order
+            w = tl.full((), 0, tl.int64)
+            start = 0
+            while start < top_d:
+                pos = start + tl.arange(0, BLOCK).to(tl.int64)
+                m = pos < top_d
+                off = tl.load(stacks_ptr + base_d + pos, mask=m, other=0)
+                leaving = tl.load(flag_ptr + off // slab_bytes, mask=m, other=1)
+                keep = m & (leaving == 0)
+                c = tl.cumsum(keep.to(tl.int64), 0)
+                tl.debug_barrier()  # every lane has read its entry before any lane overwrites one
+                tl.store(stacks_ptr + base_d + (w + c - 1), off, mask=keep)
+                w += tl.sum(keep.to(tl.int64), 0)
+                tl.debug_barrier()
+                start += BLOCK
+            # 3. adopt: last victim pushed first, its units high to low, so victims[0] unit 0 pops first
+            i = 0
+            while i < found:
+                s1 = tl.load(victims_ptr + (found - 1 - i)).to(tl.int64)
+                tl.store(slab_owner_ptr + s1, p.to(tl.int32))
+                tl.store(flag_ptr + s1, 0)
+                c0 = 0
+                while c0 < max_ups:
+                    q = c0 + tl.arange(0, BLOCK)
+                    tl.store(slot_handle_ptr + s1 * max_ups + q, -1, mask=q < max_ups)
+                    c0 += BLOCK
+                c0 = 0
+                while c0 < ups_p:
+                    q = c0 + tl.arange(0, BLOCK).to(tl.int64)
+                    tl.store(stacks_ptr + base_p + (top_p + q), s1 * slab_bytes + (ups_p - 1 - q) * unit_p,
+                             mask=q < ups_p)
+                    c0 += BLOCK
+                top_p += ups_p
+                i += 1
+            tl.store(tops_ptr + d, w)
+            tl.store(tops_ptr + p, top_p)
+            tl.store(counters_ptr, tl.load(counters_ptr) + 1)
+            tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + found)

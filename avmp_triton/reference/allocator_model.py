@@ -34,6 +34,12 @@ Policy (mirrors ``kernels/alloc.py``):
   donor stack (order of the rest kept), each live unit (victim order, slot order) is copied to a
   unit popped from the donor stack, and the victims' units are pushed onto p's stack so that the
   first victim's unit 0 pops first.
+- ``proactive_step`` (AVMP with watermarks (low, high)): with f_p = free units / units of pool p,
+  compared exactly as integers (``free * SCALE < round(low * SCALE) * units``; a pool without
+  units counts as empty): if f_0 < low and f_1 > high, pool 0 receives from pool 1, else if
+  f_1 < low and f_0 > high, pool 1 receives from pool 0. It takes the lowest-numbered completely
+  free donor slabs, at most ``migration_batch``, at most as many as keep the donor's free
+  fraction >= low, and never the donor's last slab, and hands them over as a rebalance does (drop, then adopt; no copy).
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from typing import Iterable
 
 from avmp_triton.allocator import (
     KIND_FREE,
+    WATERMARK_SCALE,
     KIND_KV,
     KIND_SSM,
     AllocatorStats,
@@ -80,7 +87,8 @@ class AllocatorModel:
     def __init__(self, *, unit_bytes: tuple[int, int], units_per_slab: tuple[int, int], slab_bytes: int,
                  slab_owner: list[int], pool_of: dict[int, int], pool_names: tuple[str, ...],
                  migrates: bool, migration_batch: int, kv_page_raw: int, ssm_block_raw: int,
-                 capacity_bytes: int, name: str = "allocator"):
+                 capacity_bytes: int, name: str = "allocator",
+                 proactive: tuple[float, float] | None = None):
         self.name = name  # the device class name (it appears in one error message)
         self.unit_bytes = tuple(unit_bytes)
         self.units_per_slab = tuple(units_per_slab)
@@ -112,18 +120,23 @@ class AllocatorModel:
         self.units_moved = 0
         self.bytes_copied = 0
         self.last_moves: list[tuple[int, int, int]] = []  # (handle, src, dst) of the last compaction
+        self.proactive = None if proactive is None else (float(proactive[0]), float(proactive[1]))
+        self.proactive_migrations = 0
+        self.proactive_slabs_moved = 0
 
     @classmethod
     def like(cls, allocator) -> "AllocatorModel":
         """A model of a freshly built ``allocator`` (any of the three classes), from its geometry."""
-        if int(allocator._tops[2]) != allocator.num_handles or allocator.migrations:
+        if (int(allocator._tops[2]) != allocator.num_handles or allocator.migrations
+                or any(allocator.proactive_counters())):
             raise ValueError("AllocatorModel.like needs a fresh allocator (no live handle, no migration)")
         return cls(unit_bytes=allocator.unit_bytes, units_per_slab=allocator.units_per_slab,
                    slab_bytes=allocator.slab_bytes, slab_owner=allocator.slab_owner.tolist(),
                    pool_of=allocator._pool_of, pool_names=allocator.pool_names,
                    migrates=allocator._migrates, migration_batch=allocator.migration_batch,
                    kv_page_raw=allocator.kv_page_raw, ssm_block_raw=allocator.ssm_block_raw,
-                   capacity_bytes=allocator.capacity_bytes, name=type(allocator).__name__)
+                   capacity_bytes=allocator.capacity_bytes, name=type(allocator).__name__,
+                   proactive=getattr(allocator, "proactive", None))
 
     # ------------------------------------------------------------------ geometry helpers
     def _slab_units(self, s: int, p: int) -> list[int]:
@@ -392,6 +405,43 @@ class AllocatorModel:
         self.units_moved += len(moves)
         self.bytes_copied += len(moves) * self.unit_bytes[d]
 
+    def proactive_step(self) -> int:
+        """The watermark policy of ``AVMPAllocator.proactive_step``; returns the slabs moved."""
+        if self.proactive is None:
+            return 0
+        scale = WATERMARK_SCALE
+        low, high = (int(round(x * scale)) for x in self.proactive)
+        units = [self.slab_owner.count(p) * self.units_per_slab[p] for p in (0, 1)]
+        free = [len(self.unit_stacks[p]) for p in (0, 1)]
+
+        def below(p):
+            return free[p] * scale < low * units[p] if units[p] > 0 else low > 0
+
+        def above(p):
+            return free[p] * scale > high * units[p]
+
+        if below(0) and above(1):
+            p, d = 0, 1
+        elif below(1) and above(0):
+            p, d = 1, 0
+        else:
+            return 0
+        ups_d = self.units_per_slab[d]
+        cap = min(self.migration_batch, (free[d] * scale - low * units[d]) // (ups_d * (scale - low)),
+                  self.slab_owner.count(d) - 1)
+        victims = [s for s in range(self.num_slabs) if self.slab_owner[s] == d and self.slab_live[s] == 0][:cap]
+        if not victims:
+            return 0
+        leaving = set(victims)
+        self.unit_stacks[d] = [o for o in self.unit_stacks[d] if o // self.slab_bytes not in leaving]
+        for s in reversed(victims):
+            self.slab_owner[s] = p
+            self.slot_handle[s] = [-1] * self.max_units_per_slab
+            self.unit_stacks[p].extend(reversed(self._slab_units(s, p)))
+        self.proactive_migrations += 1
+        self.proactive_slabs_moved += len(victims)
+        return len(victims)
+
     # ------------------------------------------------------------------ accounting
     def stats(self) -> AllocatorStats:
         pools = {}
@@ -414,8 +464,10 @@ class AllocatorModel:
             pools=pools, live_kv=live_kv, live_ssm=live_ssm, handles_live=live_kv + live_ssm,
             handles_capacity=self.num_handles, padding_bytes=padding, slab_tail_bytes=tail_total,
             arena_tail_bytes=self.capacity_bytes - self.num_slabs * self.slab_bytes,
-            migrations=self.migrations, slabs_moved=self.slabs_moved, units_moved=self.units_moved,
-            bytes_copied=self.bytes_copied)
+            migrations=self.migrations + self.proactive_migrations,
+            slabs_moved=self.slabs_moved + self.proactive_slabs_moved, units_moved=self.units_moved,
+            bytes_copied=self.bytes_copied, proactive_migrations=self.proactive_migrations,
+            proactive_slabs_moved=self.proactive_slabs_moved)
 
     def check_invariants(self) -> None:
         """Internal consistency of the model itself (every free or live unit accounted once)."""
@@ -447,6 +499,7 @@ class AllocatorModel:
             "slab_live": list(self.slab_live),
             "slot_handle": [list(r) for r in self.slot_handle],
             "counters": [self.migrations, self.slabs_moved, self.units_moved, self.bytes_copied],
+            "proactive": [self.proactive_migrations, self.proactive_slabs_moved],
         }
 
 
@@ -467,6 +520,7 @@ def device_state(allocator) -> dict:
         "slab_live": allocator.slab_live.tolist(),
         "slot_handle": allocator._slot_handle.tolist(),
         "counters": [allocator.migrations, allocator.slabs_moved, allocator.units_moved, allocator.bytes_copied],
+        "proactive": list(allocator.proactive_counters()),
     }
 
 
