@@ -1,3 +1,4 @@
-from avmp_triton.demo import main
+"""``python -m avmp_triton``: the main job (see ``avmp_triton.cli``)."""
+from avmp_triton.cli import main
 
-main()
+raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""A short allocator demo: the main job until the workload comparison lands.
+"""A short allocator demo (`python -m avmp_triton demo`).
 
 Runs on the GPU when one is present, else on the CPU through Triton's interpreter, and prints
 what it did: exact unit sizes, a batched allocation, a decode-step growth on the device, and a

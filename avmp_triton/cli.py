@@ -1,0 +1,408 @@
+"""The main job: ``python -m avmp_triton`` / ``avmp``.
+
+With no arguments it runs ``compare`` on the embedded default: jamba-1.5-mini, the ShareGPT trace
+(512 requests, seed 0), a budget of 64 typical requests (64 SSM blocks + 64 x 29 KV pages, 0.97 GiB),
+and the variants padded_unified, static_dual_0.5, static_dual_0.9 and avmp_mb16, through one
+continuous-batching scheduler, then prints a table.
+
+Backend: on a GPU the allocator's Triton kernels ("device"). On a CPU-only machine the kernels can
+only run in Triton's interpreter, which costs milliseconds per decode tick; ``--backend auto``
+(the default) first runs the scheduler on the pure-Python reference allocator ("model": the same
+state machine and decisions, tested equal to the kernels after every call), measures the
+interpreter's cost per tick, and runs the device backend too only if the whole comparison would
+fit in the time budget (then it checks that both gave the same metrics). It always prints which
+backend produced the table.
+
+Subcommands: ``compare`` (the default), ``sweep`` (the full grid, ``avmp_triton.sweep``),
+``report`` (``avmp_triton.report``), ``demo`` (the allocator demo, ``avmp_triton.demo``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import avmp_triton  # noqa: F401  (chooses Triton's interpreter on CPU-only hosts before triton is imported)
+from avmp_triton import sweep as sw
+from avmp_triton.spec import get_preset, list_presets
+from avmp_triton.workloads import WORKLOADS, make_workload
+
+__all__ = ["DEFAULT_BUDGET_K", "DEFAULT_SPEC", "DEFAULT_VARIANTS", "DEFAULT_WORKLOAD", "main", "run_compare"]
+
+DEFAULT_SPEC = "jamba-1.5-mini"
+DEFAULT_WORKLOAD = "sharegpt"
+DEFAULT_BUDGET_K = 64
+DEFAULT_SEED = 0
+DEFAULT_VARIANTS = ("padded_unified", "static_dual_0.5", "static_dual_0.9", "avmp_mb16")
+# auto backend on CPU: run the kernels in the interpreter only if that is estimated to take at most this long
+INTERPRETER_BUDGET_S = 75.0
+PROBE_TICKS = 24
+SUBCOMMANDS = ("compare", "sweep", "report", "demo")
+# RunMetrics fields that may differ between the device and the model backend
+_BACKEND_FIELDS = {"backend", "host_syncs_per_step", "alloc_time_us_per_step_mean", "alloc_time_us_per_step_p50",
+                   "alloc_time_kind"}
+
+
+# --------------------------------------------------------------------------------------- argument types
+def _int_at_least(lo: int, what: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{what} must be >= {lo}, got {s!r}")
+        return v
+    parse.__name__ = what
+    return parse
+
+
+def _positive_float(what: str):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {s!r}") from None
+        if not v > 0 or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{what} must be a positive number, got {s!r}")
+        return v
+    parse.__name__ = what
+    return parse
+
+
+def _name_list(valid, what: str, parse_item=str):
+    valid = tuple(valid)
+
+    def parse(s: str) -> tuple:
+        items = [x.strip() for x in s.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{what}: give at least one, comma-separated, got {s!r}")
+        out = []
+        for x in items:
+            if valid and x not in valid:
+                raise argparse.ArgumentTypeError(f"unknown {what} {x!r} (choose from {', '.join(valid)})")
+            out.append(parse_item(x))
+        if len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError(f"{what}: repeated name in {s!r}")
+        return tuple(out)
+    parse.__name__ = what
+    return parse
+
+
+def _int_list(what: str, lo: int):
+    item = _int_at_least(lo, what)
+
+    def parse(s: str) -> tuple:
+        items = [x.strip() for x in s.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{what}: give at least one integer, comma-separated, got {s!r}")
+        return tuple(dict.fromkeys(item(x) for x in items))
+    parse.__name__ = what
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------- compare
+def _run_all(spec, reqs, budget, variants, backend, device, desc, progress):
+    from tqdm import tqdm
+
+    from avmp_triton.scheduler import Scheduler
+
+    n = len(reqs)
+    bar = tqdm(total=n * len(variants), desc=desc, unit="req", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    out = {}
+    try:
+        for i, v in enumerate(variants):
+            bar.set_postfix_str(v)
+            alloc = sw.make_allocator(v, spec, budget.capacity_bytes, device)
+            base = i * n
+
+            def cb(done, total, base=base):
+                bar.update(base + done - bar.n)
+
+            out[v] = Scheduler(alloc, max_running=sw.MAX_RUNNING, backend=backend).run(reqs, progress=cb)
+            bar.update(base + n - bar.n)
+    finally:
+        bar.close()
+    return out
+
+
+def _probe_interpreter(spec, reqs, budget) -> float:
+    """Seconds per decode tick of the device backend under Triton's interpreter (AVMP, this cell)."""
+    from avmp_triton.scheduler import Scheduler
+
+    alloc = sw.make_allocator("avmp_mb16", spec, budget.capacity_bytes, "cpu")
+    t0 = time.perf_counter()
+    Scheduler(alloc, max_running=sw.MAX_RUNNING, backend="device").run(reqs, max_ticks=PROBE_TICKS)
+    return (time.perf_counter() - t0) / PROBE_TICKS
+
+
+def _same(a, b) -> bool:
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return all(da[k] == db[k] for k in da if k not in _BACKEND_FIELDS)
+
+
+def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLOAD, budget_k: int | None = None,
+                capacity_gib: float | None = None, seed: int = DEFAULT_SEED, num_requests: int | None = None,
+                variants=DEFAULT_VARIANTS, backend: str = "auto", progress: bool = True, out=print) -> dict:
+    """Run the comparison and print its table; returns {"backend", "metrics": {variant: RunMetrics}, ...}."""
+    t_start = time.perf_counter()
+    spec = get_preset(spec_name)
+    device = "cuda" if _cuda() else "cpu"
+    opt = f"--capacity-gib {capacity_gib}" if capacity_gib is not None else f"--budget-blocks {budget_k}"
+    try:
+        if capacity_gib is not None:
+            budget = sw.make_budget(spec, workload, capacity_bytes=int(capacity_gib * 2**30))
+        else:
+            budget = sw.make_budget(spec, workload, budget_k if budget_k is not None else DEFAULT_BUDGET_K)
+        for v in variants:  # fail fast on a budget too small for an allocator
+            sw.make_allocator(v, spec, budget.capacity_bytes, device)
+    except ValueError as e:
+        raise ValueError(f"{opt}: {e}" if budget_k is not None or capacity_gib is not None else str(e)) from None
+    try:
+        reqs = make_workload(workload, seed, num_requests=num_requests)
+    except ValueError as e:
+        raise ValueError(f"--num-requests {num_requests}: {e}") from None
+    out(f"avmp compare: {spec.name}, {workload} ({len(reqs)} requests, seed {seed}), budget {budget.describe()}")
+    note = ""
+    if device == "cuda":
+        chosen = "device" if backend in ("auto", "device") else "model"
+        metrics = _run_all(spec, reqs, budget, variants, chosen, device, f"{chosen} backend", progress)
+        note = "Triton kernels on the GPU" if chosen == "device" else "pure-Python reference allocator"
+    elif backend == "model":
+        chosen = "model"
+        metrics = _run_all(spec, reqs, budget, variants, "model", device, "model backend", progress)
+        note = "pure-Python reference allocator (asked for)"
+    elif backend == "device":
+        chosen = "device"
+        metrics = _run_all(spec, reqs, budget, variants, "device", device, "device backend (Triton interpreter)",
+                           progress)
+        note = "Triton kernels in Triton's interpreter on the CPU (asked for)"
+    else:  # auto on CPU
+        metrics = _run_all(spec, reqs, budget, variants, "model", device, "model backend", progress)
+        ticks = sum(m.makespan_ticks for m in metrics.values())
+        per_tick = _probe_interpreter(spec, reqs, budget)
+        estimate = ticks * per_tick
+        left = INTERPRETER_BUDGET_S - (time.perf_counter() - t_start)
+        if estimate <= left:
+            dev_metrics = _run_all(spec, reqs, budget, variants, "device", device,
+                                   "device backend (Triton interpreter)", progress)
+            agree = all(_same(metrics[v], dev_metrics[v]) for v in variants)
+            metrics, chosen = dev_metrics, "device"
+            note = (f"Triton kernels in Triton's interpreter on the CPU; the pure-Python reference allocator gave "
+                    f"{'the same metrics' if agree else 'DIFFERENT metrics (a bug: please report)'}")
+        else:
+            chosen = "model"
+            note = (f"pure-Python reference allocator, same decisions as the kernels (tested equal); the kernels in "
+                    f"Triton's interpreter would need ~{_dur(estimate)} for these {ticks:,} ticks "
+                    f"({per_tick * 1e3:.0f} ms/tick), over the {INTERPRETER_BUDGET_S:.0f} s budget of this run. "
+                    f"Force them with --backend device, or run on a GPU")
+    out(f"backend: {chosen} ({note})")
+    out("")
+    out(_table(metrics, len(reqs)))
+    out("")
+    out(_verdict(metrics, len(reqs)))
+    out(f"done in {time.perf_counter() - t_start:.1f} s")
+    return {"backend": chosen, "metrics": metrics, "budget": budget, "num_requests": len(reqs)}
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _dur(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
+def _table(metrics: dict, n: int) -> str:
+    cols = ["variant", "completed", "makespan", "mean batch", "preemptions", "recomputed tok", "migrations",
+            "KV util", "SSM util"]
+    rows = []
+    for v, m in metrics.items():
+        done = f"{m.completed}/{n}" + (f" ({m.unservable} unservable)" if m.unservable else "")
+        rows.append([v, done, f"{m.makespan_ticks:,}", f"{m.batch_mean:.1f}", f"{m.preemptions:,}",
+                     f"{m.recomputed_tokens:,}", f"{m.migrations:,}", f"{m.kv_util_mean:.2f}",
+                     f"{m.ssm_util_mean:.2f}"])
+    width = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, width)))  # noqa: E731
+    lines = [fmt(cols), "  ".join("-" * w for w in width)] + [fmt(r) for r in rows]
+    lines.append("makespan: decode ticks to drain the workload; mean batch: requests running per tick; "
+                 "util: live units / pool units (padded: one pool)")
+    return "\n".join(lines)
+
+
+def _verdict(metrics: dict, n: int) -> str:
+    full = {v: m for v, m in metrics.items() if m.completed == n}
+    partial = [v for v in metrics if v not in full]
+    msg = []
+    if full:
+        best = min(full, key=lambda v: full[v].makespan_ticks)
+        top = full[best].makespan_ticks
+        tied = [v for v in full if full[v].makespan_ticks == top]
+        others = sorted((v for v in full if v not in tied), key=lambda v: full[v].makespan_ticks)
+        s = (f"fastest to serve all {n} requests: {' = '.join(tied)} ({top:,} ticks"
+             + (", tied" if len(tied) > 1 else ""))
+        if others:
+            s += "; " + ", ".join(f"{(full[best].makespan_ticks / full[v].makespan_ticks - 1) * 100:+.0f}% vs {v}"
+                                  for v in others)
+        msg.append(s + ")")
+    if partial:
+        msg.append("did not serve every request (unservable in this budget: they never fit even into an empty arena): "
+                   + ", ".join(f"{v} ({metrics[v].completed}/{n})" for v in partial))
+    return "\n".join(msg)
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def _prog() -> str:
+    base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "avmp" if base == "avmp" else "python -m avmp_triton"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    prog = _prog()
+    fmt = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(
+        prog=prog, formatter_class=fmt,
+        description="AVMP: asymmetric virtual memory paging for hybrid Mamba-Transformer inference.\n\n"
+                    "With no command, runs `compare` on the default: jamba-1.5-mini, ShareGPT (512 requests), a\n"
+                    f"budget of {DEFAULT_BUDGET_K} typical requests, allocators padded / static 0.5 / static 0.9 / "
+                    "AVMP,\non the GPU if present, else on the CPU (see `compare --help` for the backend choice).",
+        epilog=f"examples:\n  {prog}\n  {prog} compare --spec nemotron-h-8b --workload mixed_long --budget-blocks 16\n"
+               f"  {prog} sweep --quick --jobs 2\n  {prog} report --results perf/results/sweep_cpu_model\n"
+               f"  {prog} demo")
+    ap.add_argument("--version", action="version", version=f"avmp-triton {avmp_triton.__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    # compare
+    c = sub.add_parser(
+        "compare", formatter_class=fmt, help="compare allocators on one workload (the default command)",
+        description="Run one workload through the scheduler once per allocator variant and print a table.\n\n"
+                    "Backends: 'device' = the allocator's Triton kernels (on a CPU-only machine they run in Triton's\n"
+                    "interpreter, milliseconds per decode tick); 'model' = the pure-Python reference allocator, the\n"
+                    "same state machine and decisions (tested equal), fast on a CPU; 'auto' = device on a GPU; on a\n"
+                    "CPU, model, plus the interpreter if its measured cost fits the run's time budget "
+                    f"({INTERPRETER_BUDGET_S:.0f} s).")
+    c.add_argument("--spec", default=DEFAULT_SPEC, choices=list_presets(), metavar="NAME",
+                   help=f"model cache geometry, one of: {', '.join(list_presets())} (default: {DEFAULT_SPEC})")
+    c.add_argument("--workload", default=DEFAULT_WORKLOAD, choices=WORKLOADS, metavar="NAME",
+                   help=f"one of: {', '.join(WORKLOADS)} (default: {DEFAULT_WORKLOAD})")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--budget-blocks", type=_int_at_least(1, "--budget-blocks"), default=None, metavar="K",
+                   help="memory budget of K typical requests of the workload: K SSM blocks + K x (pages of its mean "
+                        f"request) KV pages (default: {DEFAULT_BUDGET_K})")
+    g.add_argument("--capacity-gib", type=_positive_float("--capacity-gib"), default=None, metavar="GIB",
+                   help="memory budget in GiB instead")
+    c.add_argument("--seed", type=_int_at_least(0, "--seed"), default=DEFAULT_SEED, help="workload seed (default: 0)")
+    c.add_argument("--num-requests", type=_int_at_least(1, "--num-requests"), default=None, metavar="N",
+                   help="requests (default: the workload's count: 512, 256, 256, 512)")
+    c.add_argument("--variants", type=_name_list(sw.VARIANTS, "variant"), default=DEFAULT_VARIANTS, metavar="LIST",
+                   help=f"comma-separated, from: {', '.join(sw.VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
+    c.add_argument("--backend", choices=("auto", "device", "model"), default="auto",
+                   help="allocator backend (default: auto)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # sweep
+    default_out = f"perf/results/sweep_{'cuda_device' if _cuda() else 'cpu_model'}"
+    s = sub.add_parser(
+        "sweep", formatter_class=fmt, help="run the full comparison grid (one JSON per cell, resumable) and report",
+        description="Every variant on specs x workloads x budgets x seeds; one JSON per cell under OUT/<spec>/<workload>/"
+                    "<budget>/<variant>_seed<k>.json; cells already there are skipped; then writes OUT/report.md.\n"
+                    f"Default grid: {len(sw.SPECS)} specs x {len(WORKLOADS)} workloads x {len(sw.BUDGETS)} budgets x "
+                    f"{len(sw.SEEDS)} seeds x {len(sw.VARIANTS)} variants = "
+                    f"{len(sw.SPECS) * len(WORKLOADS) * len(sw.BUDGETS) * len(sw.SEEDS) * len(sw.VARIANTS)} cells.\n"
+                    "Backend: device (Triton kernels) on a GPU, model (pure-Python reference) on a CPU.")
+    s.add_argument("--out", default=default_out, help=f"results directory (default: {default_out})")
+    s.add_argument("--jobs", type=_int_at_least(1, "--jobs"), default=None,
+                   help="parallel processes (default: CPU count with the model backend, 1 with the device backend)")
+    s.add_argument("--quick", action="store_true",
+                   help=f"{sw.QUICK_NUM_REQUESTS} requests per workload instead of the defaults (every spec, "
+                        "workload, budget, seed and variant still runs)")
+    s.add_argument("--num-requests", type=_int_at_least(1, "--num-requests"), default=None, metavar="N",
+                   help="requests per workload (overrides --quick)")
+    s.add_argument("--specs", type=_name_list(list_presets(), "spec"), default=sw.SPECS, metavar="LIST",
+                   help=f"comma-separated (default: {','.join(sw.SPECS)})")
+    s.add_argument("--workloads", type=_name_list(WORKLOADS, "workload"), default=WORKLOADS, metavar="LIST",
+                   help=f"comma-separated (default: {','.join(WORKLOADS)})")
+    s.add_argument("--budgets", type=_int_list("budget", 1), default=sw.BUDGETS, metavar="LIST",
+                   help=f"budgets K (typical requests), comma-separated (default: {','.join(map(str, sw.BUDGETS))})")
+    s.add_argument("--seeds", type=_int_list("seed", 0), default=sw.SEEDS, metavar="LIST",
+                   help=f"comma-separated (default: {','.join(map(str, sw.SEEDS))})")
+    s.add_argument("--variants", type=_name_list(sw.VARIANTS, "variant"), default=tuple(sw.VARIANTS), metavar="LIST",
+                   help=f"comma-separated (default: all: {','.join(sw.VARIANTS)})")
+    s.add_argument("--backend", choices=("device", "model"), default=None,
+                   help="default: device on a GPU, model on a CPU")
+    s.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # report
+    r = sub.add_parser("report", help="write report.md and PNG plots from a sweep's results",
+                       description="Read every cell JSON under RESULTS; write report.md and PNG plots into OUT.")
+    r.add_argument("--results", default=default_out, help=f"results directory (default: {default_out})")
+    r.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the results directory)")
+    r.add_argument("--no-plots", action="store_true", help="tables only")
+
+    # demo
+    d = sub.add_parser("demo", help="allocator demo: batched allocation, device growth, migration with compaction",
+                       description="The allocator demo (GPU if present, else CPU via the Triton interpreter).")
+    d.add_argument("--preset", default="jamba-1.5-mini", choices=list_presets(), metavar="NAME",
+                   help=f"model cache geometry, one of: {', '.join(list_presets())}")
+    d.add_argument("--slabs", type=_int_at_least(8, "--slabs"), default=12, help="arena size in slabs (>= 8)")
+    d.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda if available")
+    ap.command_parsers = {"compare": c, "sweep": s, "report": r, "demo": d}
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["compare"] + argv
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    subparser = ap.command_parsers[args.command]  # errors found after parsing name the command
+
+    if args.command == "compare":
+        try:
+            run_compare(spec_name=args.spec, workload=args.workload, budget_k=args.budget_blocks,
+                        capacity_gib=args.capacity_gib, seed=args.seed, num_requests=args.num_requests,
+                        variants=args.variants, backend=args.backend, progress=not args.no_progress)
+        except ValueError as e:
+            subparser.error(str(e))
+        return 0
+
+    if args.command == "sweep":
+        if args.num_requests is not None and "sharegpt" in args.workloads:
+            try:
+                make_workload("sharegpt", 0, num_requests=args.num_requests)
+            except ValueError as e:
+                subparser.error(f"--num-requests {args.num_requests}: {e}")
+        try:
+            sw.run_sweep(args.out, specs=args.specs, workloads=args.workloads, budgets=args.budgets, seeds=args.seeds,
+                         variants=args.variants, jobs=args.jobs, quick=args.quick, num_requests=args.num_requests,
+                         backend=args.backend, progress=not args.no_progress)
+        except ValueError as e:
+            subparser.error(str(e))
+        if not args.no_report:
+            from avmp_triton.report import write_report
+            print(f"report: {write_report(args.out)}")
+        return 0
+
+    if args.command == "report":
+        from avmp_triton.report import write_report
+        try:
+            path = write_report(args.results, args.out, plots=not args.no_plots)
+        except FileNotFoundError as e:
+            subparser.error(f"--results {args.results!r}: {e}")
+        print(f"report: {path}")
+        return 0
+
+    if args.command == "demo":
+        from avmp_triton.demo import run_demo
+        if not run_demo(args.preset, args.slabs, args.device):
+            print("demo check failed: live data or accounting was not preserved", file=sys.stderr)
+            return 1
+        return 0
+    ap.error(f"unknown command {args.command!r}")  # unreachable: argparse checks the choices
+    return 2

@@ -1,0 +1,404 @@
+"""The workload comparison: every allocator variant on a grid of specs, workloads, budgets and seeds.
+
+One cell = (spec, workload, budget, seed, variant): a fresh allocator of that variant, the seeded
+workload, one ``Scheduler.run``, one JSON file
+``<results_dir>/<spec>/<workload>/<budget>/<variant>_seed<k>.json`` holding the run's
+``RunMetrics``, the cell's parameters, the budget in units, the backend, the package versions and
+the git commit. The sweep is resumable: a cell whose JSON exists is skipped (files are written
+atomically, so an interrupted sweep leaves no half file). Cells run in parallel processes.
+
+Variants (``VARIANTS``):
+
+* ``padded_unified``: one pool, unit = max(KV page, SSM block), with the attention page inflated to
+  as many tokens as fill one SSM block (vLLM's hybrid page-size unification: 544 tokens per page for
+  Jamba-1.5-Mini), so its cost is the partly filled last page of every request rather than padding
+  bytes.
+* ``static_dual_0.5``, ``static_dual_0.9``: two exact-size pools with a fixed split, that share of
+  the slabs for SSM blocks (0.9 is SGLang's default).
+* ``avmp_mb1``, ``avmp_mb16``, ``avmp_mb128``, ``avmp_mb256``: AVMP, starting at half the slabs for
+  each pool, moving capacity on demand, at most that many free slabs handed over per rebalance
+  (``migration_batch``).
+* ``avmp_proactive``: AVMP with migration batch 16 and the proactive watermark policy
+  ``(low, high) = (0.05, 0.25)``: each tick, free slabs move ahead of need into a pool whose free
+  fraction is below 5% from one whose free fraction is above 25% (decided on the device).
+
+Budgets (``make_budget``): a budget ``k<K>`` is the memory of K concurrent *typical* requests of the
+workload, each one SSM block plus the KV pages of the workload's mean request length
+(prompt + output tokens of ``make_workload(workload, seed=0)`` at its default count):
+``capacity = K x ssm_block_bytes + K x ceil(mean_tokens / page_tokens) x kv_page_bytes``, i.e.
+"K SSM blocks + K*P pages". The grid's budgets are K = 16, 32, 64 (``BUDGETS``). Every workload
+offers far more concurrent work than that (one arrival per tick for requests living hundreds of
+ticks, or a burst of 256), so every budget keeps the pools under pressure, and the smallest one
+hard. The padded allocator's unit is an SSM block's size for both kinds, with vLLM-sized attention
+pages (hundreds of tokens each), so every request holds a partly filled last page. A request that cannot fit even into an
+empty arena of a variant is counted ``unservable`` by the scheduler (never silently dropped).
+
+Backend: ``"device"`` (the allocator's Triton kernels) on a GPU; on a CPU-only machine the
+scheduler's ``"model"`` backend (``AllocatorModel``, the pure-Python reference of the same state
+machine, tested equal to the kernels after every call) so the grid finishes in minutes instead of
+days under Triton's interpreter. Metrics other than the allocator time are identical between the two;
+the allocator time per step under the model backend is host wall time of the Python model, not
+device time. Every JSON records its backend.
+
+Grid: 3 specs x 4 workloads x 3 budgets x 3 seeds x 8 variants = 864 cells; on a 2-core CPU with
+the model backend it takes about 3 minutes with ``--jobs 2`` (so no reduced grid is needed there).
+``quick=True`` (CLI ``--quick``) runs
+every spec, workload, budget, seed and variant with ``QUICK_NUM_REQUESTS`` requests per workload
+instead of the workloads' default counts (512/256/256/512).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import avmp_triton  # noqa: F401  (sets up Triton's interpreter on CPU-only hosts before triton is imported)
+from avmp_triton.allocator import AVMPAllocator, PaddedUnifiedAllocator, StaticDualAllocator
+from avmp_triton.spec import get_preset, list_presets
+from avmp_triton.workloads import WORKLOADS, make_workload
+
+__all__ = [
+    "BUDGETS", "QUICK_NUM_REQUESTS", "SCHEMA", "SEEDS", "SPECS", "VARIANTS", "Budget", "Cell", "Variant",
+    "cell_path", "default_backend", "default_device", "git_info", "grid", "load_results", "make_allocator",
+    "make_budget", "run_cell", "run_sweep", "typical_tokens", "versions",
+]
+
+SCHEMA = 1
+SPECS: tuple[str, ...] = ("jamba-1.5-mini", "nemotron-h-8b", "granite-4.0-h-small")
+BUDGETS: tuple[int, ...] = (16, 32, 64)
+SEEDS: tuple[int, ...] = (0, 1, 2)
+QUICK_NUM_REQUESTS = 128
+PROACTIVE_WATERMARKS = (0.05, 0.25)
+MAX_RUNNING = 256
+SERIES_DECIMALS = 4  # utilization series are rounded to this many decimals in the JSON files
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    allocator: str          # class name
+    params: dict            # constructor keywords besides spec, capacity and device
+    label: str              # short human description
+
+    def build(self, spec, capacity_bytes: int, device):
+        cls = {"AVMPAllocator": AVMPAllocator, "StaticDualAllocator": StaticDualAllocator,
+               "PaddedUnifiedAllocator": PaddedUnifiedAllocator}[self.allocator]
+        params = dict(self.params)
+        if params.get("page_tokens") == "vllm":
+            params["page_tokens"] = vllm_attention_page_tokens(spec)
+        return cls(spec, capacity_bytes, device=device, **params)
+
+
+def vllm_attention_page_tokens(spec) -> int:
+    """The attention block size vLLM picks for a hybrid model so that one attention page is at
+    least one Mamba state: the smallest multiple of 16 tokens whose KV bytes reach the SSM block
+    (vLLM's hybrid page-size unification; e.g. 544 tokens for Jamba-1.5-Mini)."""
+    return 16 * math.ceil(spec.ssm_block_bytes / (16 * spec.kv_bytes_per_token))
+
+
+def _variants() -> dict[str, Variant]:
+    v = [Variant("padded_unified", "PaddedUnifiedAllocator", {"page_tokens": "vllm"},
+                 "one pool, one unit size; attention pages inflated to the SSM block's size as vLLM does"),
+         Variant("static_dual_0.5", "StaticDualAllocator", {"ssm_fraction": 0.5}, "fixed split, 50% SSM"),
+         Variant("static_dual_0.9", "StaticDualAllocator", {"ssm_fraction": 0.9}, "fixed split, 90% SSM (SGLang)")]
+    for mb in (1, 16, 128, 256):
+        v.append(Variant(f"avmp_mb{mb}", "AVMPAllocator", {"migration_batch": mb}, f"AVMP, migration batch {mb}"))
+    v.append(Variant("avmp_proactive", "AVMPAllocator",
+                     {"migration_batch": 16, "proactive": PROACTIVE_WATERMARKS},
+                     f"AVMP mb 16 + proactive watermarks {PROACTIVE_WATERMARKS}"))
+    return {x.name: x for x in v}
+
+
+VARIANTS: dict[str, Variant] = _variants()
+
+
+# ------------------------------------------------------------------------------------------ budgets
+@functools.lru_cache(maxsize=None)
+def typical_tokens(workload: str) -> float:
+    """Mean prompt + output tokens of ``make_workload(workload, 0)`` at its default count."""
+    reqs = make_workload(workload, 0)
+    return sum(r.prompt_tokens + r.output_tokens for r in reqs) / len(reqs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    label: str              # "k32", or "gib1.5" for an explicit capacity
+    k: int | None           # concurrent typical requests (None for an explicit capacity)
+    typical_tokens: float | None
+    typical_pages: int | None
+    ssm_blocks: int | None  # = k
+    kv_pages: int | None    # = k * typical_pages
+    capacity_bytes: int
+
+    def describe(self) -> str:
+        gib = self.capacity_bytes / 2**30
+        if self.k is None:
+            return f"{gib:.3f} GiB"
+        return (f"k{self.k}: {self.ssm_blocks} SSM blocks + {self.kv_pages} KV pages "
+                f"({self.k} requests of {self.typical_tokens:.0f} tokens) = {gib:.3f} GiB")
+
+
+def make_budget(spec, workload: str, k: int | None = None, *, capacity_bytes: int | None = None) -> Budget:
+    """The budget of K typical requests of ``workload`` for ``spec`` (see the module docstring), or an
+    explicit ``capacity_bytes``."""
+    if (k is None) == (capacity_bytes is None):
+        raise ValueError("give exactly one of k and capacity_bytes")
+    if capacity_bytes is not None:
+        if capacity_bytes <= 0:
+            raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
+        return Budget(f"gib{capacity_bytes / 2**30:g}", None, None, None, None, None, int(capacity_bytes))
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"budget k must be a positive int, got {k!r}")
+    tok = typical_tokens(workload)
+    pages = math.ceil(tok / spec.page_tokens)
+    cap = k * spec.ssm_block_bytes + k * pages * spec.kv_page_bytes
+    return Budget(f"k{k}", k, round(tok, 3), pages, k, k * pages, cap)
+
+
+# ---------------------------------------------------------------------------------------- the cells
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    spec: str
+    workload: str
+    budget_k: int
+    seed: int
+    variant: str
+
+    @property
+    def budget(self) -> str:
+        return f"k{self.budget_k}"
+
+
+def grid(specs: Iterable[str] = SPECS, workloads: Iterable[str] = WORKLOADS, budgets: Iterable[int] = BUDGETS,
+         seeds: Iterable[int] = SEEDS, variants: Iterable[str] = tuple(VARIANTS)) -> list[Cell]:
+    specs, workloads, budgets, seeds, variants = map(tuple, (specs, workloads, budgets, seeds, variants))
+    for s in specs:
+        if s not in list_presets():
+            raise ValueError(f"unknown spec {s!r}; valid: {', '.join(list_presets())}")
+    for w in workloads:
+        if w not in WORKLOADS:
+            raise ValueError(f"unknown workload {w!r}; valid: {', '.join(WORKLOADS)}")
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+    return [Cell(s, w, k, seed, v) for s in specs for w in workloads for k in budgets for seed in seeds
+            for v in variants]
+
+
+def cell_path(results_dir: str | os.PathLike, cell: Cell) -> Path:
+    return Path(results_dir) / cell.spec / cell.workload / cell.budget / f"{cell.variant}_seed{cell.seed}.json"
+
+
+def default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_backend(device: str | None = None) -> str:
+    """"device" (Triton kernels) on a GPU, "model" (pure-Python reference) on CPU."""
+    return "device" if (device or default_device()).startswith("cuda") else "model"
+
+
+@functools.lru_cache(maxsize=1)
+def versions() -> dict:
+    import numpy
+    import torch
+    import triton
+    return {"avmp_triton": avmp_triton.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton.__version__, "numpy": numpy.__version__, "platform": platform.platform()}
+
+
+@functools.lru_cache(maxsize=1)
+def git_info() -> dict:
+    """Commit of the working tree this package runs from (None outside a git checkout), and which
+    tracked files differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        changed = sorted(ln[3:] for ln in status.splitlines() if ln.strip())
+        return {"commit": commit, "dirty": bool(changed), "changed_files": changed}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None, "changed_files": None}
+
+
+def make_allocator(variant: str, spec, capacity_bytes: int, device: str | None = None):
+    return VARIANTS[variant].build(spec, capacity_bytes, device or default_device())
+
+
+def _round_series(metrics: dict) -> dict:
+    for key in ("kv_util_series", "ssm_util_series"):
+        if key in metrics and metrics[key] is not None:
+            metrics[key] = [round(float(x), SERIES_DECIMALS) for x in metrics[key]]
+    return metrics
+
+
+def run_cell(cell: Cell, *, backend: str | None = None, device: str | None = None, num_requests: int | None = None,
+             time_allocator: bool = True, progress: Callable[[int, int], None] | None = None,
+             budget: Budget | None = None, git: dict | None = None) -> dict:
+    """Run one cell and return its JSON record (not written)."""
+    from avmp_triton.scheduler import Scheduler
+
+    device = device or default_device()
+    backend = backend or default_backend(device)
+    spec = get_preset(cell.spec)
+    budget = budget or make_budget(spec, cell.workload, cell.budget_k)
+    reqs = make_workload(cell.workload, cell.seed, num_requests=num_requests)
+    alloc = make_allocator(cell.variant, spec, budget.capacity_bytes, device)
+    t0 = time.perf_counter()
+    m = Scheduler(alloc, max_running=MAX_RUNNING, time_allocator=time_allocator, backend=backend).run(
+        reqs, progress=progress)
+    wall = time.perf_counter() - t0
+    v = VARIANTS[cell.variant]
+    return {
+        "schema": SCHEMA,
+        "cell": {"spec": cell.spec, "workload": cell.workload, "budget": budget.label, "budget_k": budget.k,
+                 "seed": cell.seed, "variant": cell.variant, "num_requests": len(reqs),
+                 "num_requests_arg": num_requests, "max_running": MAX_RUNNING},
+        "budget": {**dataclasses.asdict(budget), "slab_bytes": alloc.slab_bytes, "num_slabs": alloc.num_slabs,
+                   "ssm_block_bytes": spec.ssm_block_bytes, "kv_page_bytes": spec.kv_page_bytes,
+                   "page_tokens": alloc.page_tokens},
+        "variant": {"allocator": v.allocator, "params": {k: (list(x) if isinstance(x, tuple) else x)
+                                                         for k, x in v.params.items()}, "label": v.label},
+        "backend": m.backend,
+        "device": str(alloc.device),
+        "metrics": _round_series(dataclasses.asdict(m)),
+        "wall_s": round(wall, 4),
+        "versions": versions(),
+        "git": git if git is not None else git_info(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _dumps(record: dict) -> str:
+    """Indented JSON with the long series each kept on one line."""
+    series = {}
+    met = dict(record["metrics"])
+    for key in ("kv_util_series", "ssm_util_series"):
+        if isinstance(met.get(key), list):
+            series[key] = json.dumps(met[key], separators=(",", ":"))
+            met[key] = f"@@{key}@@"
+    text = json.dumps({**record, "metrics": met}, indent=1)
+    for key, s in series.items():
+        text = text.replace(f'"@@{key}@@"', s)
+    return text + "\n"
+
+
+def write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(_dumps(record))
+    os.replace(tmp, path)
+
+
+def _existing_ok(path: Path, num_requests: int | None, backend: str) -> bool:
+    """True when ``path`` holds a finished cell of this configuration; raises on one of another
+    configuration (results of different request counts or backends must not mix in one directory)."""
+    try:
+        rec = json.loads(path.read_text())
+        cell = rec["cell"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # unreadable: run it again
+    if cell.get("num_requests_arg") != num_requests or rec.get("backend") != backend:
+        raise ValueError(f"{path} holds a cell of another configuration (num_requests={cell.get('num_requests_arg')}, "
+                         f"backend={rec.get('backend')!r}; this sweep: num_requests={num_requests}, "
+                         f"backend={backend!r}); use another results directory")
+    return True
+
+
+def _worker_init() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def _run_and_write(cell: Cell, out: str, backend: str, device: str, num_requests: int | None, git: dict) -> tuple:
+    rec = run_cell(cell, backend=backend, device=device, num_requests=num_requests, git=git)
+    write_json(cell_path(out, cell), rec)
+    return cell, rec["wall_s"]
+
+
+def run_sweep(out: str | os.PathLike, *, specs: Sequence[str] = SPECS, workloads: Sequence[str] = WORKLOADS,
+              budgets: Sequence[int] = BUDGETS, seeds: Sequence[int] = SEEDS,
+              variants: Sequence[str] = tuple(VARIANTS), jobs: int | None = None, quick: bool = False,
+              num_requests: int | None = None, backend: str | None = None, device: str | None = None,
+              progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Run every missing cell of the grid into ``out``; returns counts {"cells", "skipped", "ran", "seconds"}."""
+    device = device or default_device()
+    backend = backend or default_backend(device)
+    if backend not in ("device", "model"):
+        raise ValueError(f"backend must be 'device' or 'model', got {backend!r}")
+    if quick and num_requests is None:
+        num_requests = QUICK_NUM_REQUESTS
+    if jobs is None:
+        jobs = 1 if backend == "device" and device.startswith("cuda") else (os.cpu_count() or 1)
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    cells = grid(specs, workloads, budgets, seeds, variants)
+    todo = [c for c in cells if not (cell_path(out, c).exists() and _existing_ok(cell_path(out, c), num_requests,
+                                                                                   backend))]
+    skipped = len(cells) - len(todo)
+    git = git_info()
+    log(f"sweep: {len(cells)} cells ({skipped} done already, {len(todo)} to run) into {out}; backend {backend!r} "
+        f"on {device}; {jobs} job(s); requests per workload: "
+        f"{num_requests if num_requests is not None else 'workload defaults (512/256/256/512)'}")
+    if backend == "model":
+        log("backend 'model': the pure-Python reference allocator (same semantics as the Triton kernels, tested "
+            "equal); allocator time per step is its host wall time, not device time")
+    t0 = time.perf_counter()
+    bar = _bar(len(todo), "cells", progress)
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            for c in todo:
+                _run_and_write(c, str(out), backend, device, num_requests, git)
+                bar.update(1)
+        else:
+            ctx = multiprocessing.get_context("spawn")  # safe with CUDA and with torch's thread pools
+            # the longest cells (padded allocators drain slowly) first, so no straggler ends the sweep
+            todo.sort(key=lambda c: (c.variant != "padded_unified", c.budget_k, c.workload))
+            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as ex:
+                futs = [ex.submit(_run_and_write, c, str(out), backend, device, num_requests, git) for c in todo]
+                try:
+                    for f in cf.as_completed(futs):
+                        f.result()
+                        bar.update(1)
+                except BaseException:
+                    for f in futs:
+                        f.cancel()
+                    raise
+    finally:
+        bar.close()
+    secs = time.perf_counter() - t0
+    log(f"sweep: ran {len(todo)} cells in {secs:.1f} s; {len(cells)} cells in {out}")
+    return {"cells": len(cells), "skipped": skipped, "ran": len(todo), "seconds": secs}
+
+
+def _bar(total: int, unit: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def load_results(results_dir: str | os.PathLike) -> list[dict]:
+    """Every cell JSON under ``results_dir`` (files with a "cell" and a "metrics" entry)."""
+    recs = []
+    for p in sorted(Path(results_dir).rglob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and "cell" in rec and "metrics" in rec:
+            rec["_path"] = str(p)
+            recs.append(rec)
+    return recs

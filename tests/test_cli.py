@@ -1,0 +1,183 @@
+"""The main job's CLI (avmp_triton/cli.py), the sweep (avmp_triton/sweep.py) and the report
+(avmp_triton/report.py): small, fast runs through the model backend, argument errors, a resumed
+sweep, a report with plots, and the bootstrap CI on hand-made samples."""
+import json
+
+import numpy as np
+import pytest
+
+from avmp_triton import cli
+from avmp_triton import sweep as sw
+from avmp_triton.report import paired_bootstrap_ci, write_report
+from avmp_triton.spec import get_preset
+
+SMALL = ["--num-requests", "20", "--budget-blocks", "8", "--backend", "model", "--no-progress"]
+
+
+def test_compare_prints_every_variant(capsys):
+    variants = list(sw.VARIANTS)
+    assert cli.main(["compare", *SMALL, "--variants", ",".join(variants)]) == 0
+    out = capsys.readouterr().out
+    assert "backend: model" in out
+    lines = out.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("variant"))
+    for col in ("completed", "makespan", "mean batch", "preemptions", "recomputed tok", "migrations", "KV util",
+                "SSM util"):
+        assert col in lines[header]
+    rows = {ln.split()[0]: ln for ln in lines[header + 2: header + 2 + len(variants)]}
+    assert sorted(rows) == sorted(variants)
+    assert all("/20" in r for r in rows.values())
+
+
+def test_default_command_is_compare(capsys):
+    # options without a command go to `compare`
+    assert cli.main([*SMALL, "--variants", "static_dual_0.5,avmp_mb16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("avmp compare: jamba-1.5-mini, sharegpt (20 requests, seed 0)")
+    assert "avmp_mb16" in out and "static_dual_0.5" in out
+
+
+def test_auto_backend_on_cpu_runs_kernels_when_cheap(capsys, monkeypatch):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("auto means the device backend on a GPU")
+    monkeypatch.setattr(cli, "INTERPRETER_BUDGET_S", 120.0)
+    assert cli.main(["compare", "--workload", "uniform_short", "--num-requests", "3", "--budget-blocks", "2",
+                     "--variants", "avmp_mb16", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: device (Triton kernels in Triton's interpreter" in out
+    assert "gave the same metrics" in out
+
+
+def test_help(capsys):
+    for argv in (["--help"], ["compare", "--help"], ["sweep", "--help"], ["report", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("compare", "sweep", "report", "demo", "--budget-blocks", "--quick", "--jobs", "--results"):
+        assert word in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["compare", "--spec", "no-such-model"], "no-such-model"),
+    (["compare", "--workload", "nope"], "nope"),
+    (["compare", "--variants", "static_dual_0.5,bogus"], "bogus"),
+    (["compare", "--seed", "-3"], "--seed"),
+    (["compare", "--budget-blocks", "zero"], "zero"),
+    (["compare", "--budget-blocks", "4", "--capacity-gib", "2"], "--capacity-gib"),
+    (["compare", "--capacity-gib", "0.001", "--backend", "model"], "--capacity-gib 0.001"),
+    (["compare", "--num-requests", "100000000", "--backend", "model"], "--num-requests 100000000"),
+    (["sweep", "--jobs", "0"], "--jobs"),
+    (["sweep", "--budgets", "16,x"], "'x'"),
+    (["frobnicate"], "frobnicate"),
+    (["--backend", "gpu"], "gpu"),
+])
+def test_bad_arguments_exit_2_naming_them(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and needle in err
+
+
+def test_budget_is_k_typical_requests():
+    spec = get_preset("jamba-1.5-mini")
+    b = sw.make_budget(spec, "sharegpt", 64)
+    pages = -(-sw.typical_tokens("sharegpt") // spec.page_tokens)
+    assert (b.ssm_blocks, b.kv_pages) == (64, 64 * pages)
+    assert b.capacity_bytes == 64 * spec.ssm_block_bytes + 64 * pages * spec.kv_page_bytes
+
+
+TINY = ["--specs", "jamba-1.5-mini", "--workloads", "sharegpt,agentic_burst", "--budgets", "16", "--seeds", "0,1",
+        "--variants", "padded_unified,static_dual_0.5,static_dual_0.9,avmp_mb16", "--num-requests", "12",
+        "--no-progress"]
+
+
+def test_sweep_writes_cells_resumes_and_reports(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert cli.main(["sweep", "--out", str(out), "--jobs", "2", "--no-report", *TINY]) == 0
+    files = sorted(out.rglob("*.json"))
+    assert len(files) == 2 * 2 * 4
+    p = out / "jamba-1.5-mini" / "sharegpt" / "k16" / "avmp_mb16_seed1.json"
+    rec = json.loads(p.read_text())
+    assert rec["cell"] == {"spec": "jamba-1.5-mini", "workload": "sharegpt", "budget": "k16", "budget_k": 16,
+                           "seed": 1, "variant": "avmp_mb16", "num_requests": 12, "num_requests_arg": 12,
+                           "max_running": sw.MAX_RUNNING}
+    assert rec["backend"] == rec["metrics"]["backend"] == sw.default_backend()
+    assert rec["metrics"]["completed"] + rec["metrics"]["unservable"] == 12
+    assert rec["metrics"]["units_returned_at_drain"] is True
+    assert {"torch", "triton", "numpy", "avmp_triton"} <= set(rec["versions"])
+    assert "commit" in rec["git"]
+    assert rec["budget"]["ssm_blocks"] == 16 and rec["budget"]["capacity_bytes"] > 0
+
+    # resume: nothing runs again, files untouched
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    p.unlink()
+    capsys.readouterr()
+    assert cli.main(["sweep", "--out", str(out), "--jobs", "1", *TINY]) == 0
+    log = capsys.readouterr().out
+    assert "(15 done already, 1 to run)" in log
+    assert p.exists()
+    assert all(f.stat().st_mtime_ns == mtimes[f] for f in files if f != p)
+    # the sweep wrote the report at the end
+    assert (out / "report.md").exists()
+
+    # another configuration in the same directory is refused
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", "--out", str(out), *TINY[:-3], "--num-requests", "13", "--no-progress"])
+    assert e.value.code == 2
+
+    # report into another directory
+    rep_dir = tmp_path / "rep"
+    assert cli.main(["report", "--results", str(out), "--out", str(rep_dir)]) == 0
+    text = (rep_dir / "report.md").read_text()
+    pngs = sorted(x.name for x in rep_dir.glob("*.png"))
+    assert "makespan_sharegpt.png" in pngs and "makespan_agentic_burst.png" in pngs
+    assert any(x.startswith("utilization_jamba-1.5-mini_sharegpt_k16_seed0") for x in pngs)
+    for x in pngs:
+        assert (rep_dir / x).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({x})" in text
+    for v in ("padded_unified", "static_dual_0.5", "static_dual_0.9", "avmp_mb16"):
+        assert f"| k16 | {v} |" in text or f"| k16 | **{v}** |" in text
+    assert "paired bootstrap 95% CIs" in text
+    assert "Backend: **model**" in text or "Backend: **device**" in text
+    assert "## Who wins where" in text
+
+
+def test_report_without_results_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        write_report(tmp_path)
+
+
+def test_bootstrap_constant_ratio_and_diff():
+    b = np.array([100.0, 250.0, 80.0, 1000.0, 33.0])
+    ci = paired_bootstrap_ci(b * 0.8, b)
+    assert ci.n == 5 and ci.statistic == "ratio"
+    assert ci.point == pytest.approx(0.8) and ci.lo == pytest.approx(0.8) and ci.hi == pytest.approx(0.8)
+    ci = paired_bootstrap_ci(b + 7, b, statistic="diff")
+    assert (ci.point, ci.lo, ci.hi) == pytest.approx((7.0, 7.0, 7.0))
+
+
+def test_bootstrap_known_interval_and_determinism():
+    # differences: fifty 0s and fifty 1s. A resample's mean is Binomial(100, 1/2) / 100, whose 2.5% and
+    # 97.5% quantiles are 0.40 and 0.60; the point estimate is 0.5.
+    a = np.array([0.0] * 50 + [1.0] * 50)
+    ci = paired_bootstrap_ci(a, np.zeros(100), statistic="diff", n_resamples=10_000, seed=0)
+    assert ci.point == 0.5
+    assert 0.39 <= ci.lo <= 0.41 and 0.59 <= ci.hi <= 0.61
+    assert ci.excludes(0.0) and not ci.excludes(0.5)
+    assert paired_bootstrap_ci(a, np.zeros(100), statistic="diff") == ci  # fixed seed: same result
+    # ratio: avmp / baseline of 0.5 or 2 in equal numbers -> geometric mean 1, interval around it
+    r = paired_bootstrap_ci([1.0, 4.0] * 20, [2.0, 2.0] * 20)
+    assert r.point == pytest.approx(1.0)
+    assert r.lo < 1.0 < r.hi and not r.excludes(1.0)
+
+
+def test_bootstrap_rejects_bad_samples():
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci([1.0, 0.0], [1.0, 1.0])  # ratio needs positive values
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci([1.0], [1.0], statistic="median")
