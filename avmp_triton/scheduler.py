@@ -206,7 +206,9 @@ class _ModelBackend:
 
 
 class _Timer:
-    """Allocator time per tick: CUDA events (device time) on a GPU device backend, else host wall."""
+    """Allocator time per tick: on a GPU device backend the span between CUDA events recorded around
+    each allocator call (it includes launch gaps and host syncs inside the call, so it bounds the
+    device time from above); else host wall time."""
 
     def __init__(self, enabled: bool, cuda: bool):
         self.enabled = enabled
