@@ -77,7 +77,7 @@ class RunMetrics:
     # allocator time (only when the scheduler was built with time_allocator=True)
     alloc_time_us_per_step_mean: float | None
     alloc_time_us_per_step_p50: float | None
-    alloc_time_kind: str | None     # "cuda_events" (event span around allocator calls) or "host_wall"
+    alloc_time_kind: str | None     # "cuda_profiler_mean" (device time of the run's GPU work) or "host_wall"
     host_syncs_per_step: float      # device backend: host reads of device state per tick
     # end state
     units_returned_at_drain: bool   # every unit and handle free again after the run

@@ -449,10 +449,13 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
          "metrics but the allocator time are identical to a device run; allocator time per step is the host wall "
          "time of the Python model, *not* GPU time, and is shown for completeness only."
          if "model" in backends else " — the allocator's Triton kernels; allocator time per step is "
-         f"{'/'.join(time_kinds)}: the span between CUDA events recorded around the step's allocator calls. That "
-         "span includes the host's launch gaps and syncs inside it (and any other process's kernels on a shared "
-         "GPU), so it is an upper bound on the allocator's device time, not the kernels' time; the kernels alone "
-         "are timed in perf/bench_alloc.py (grow + release of 256 requests: ~13 us on an H100)."))
+         f"{'/'.join(time_kinds)}: "
+         + ("the device time of all GPU work of the run (kernels, copies, memsets; with no model compute it is all "
+            "the allocator's) from the CUDA profiler, divided by the ticks; host launch gaps are not counted."
+            if "cuda_profiler_mean" in time_kinds else
+            "the span between CUDA events recorded around the step's allocator calls, which includes the host's "
+            "launch gaps and syncs (and any other process's kernels on a shared GPU): an upper bound on the "
+            "allocator's device time.")))
     dirty_note = ""
     if dirty:
         dirty_note = (f" plus uncommitted changes to {', '.join(f'`{f}`' for f in changed)}" if changed

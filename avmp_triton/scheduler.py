@@ -206,50 +206,51 @@ class _ModelBackend:
 
 
 class _Timer:
-    """Allocator time per tick: on a GPU device backend the span between CUDA events recorded around
-    each allocator call (it includes launch gaps and host syncs inside the call, so it bounds the
-    device time from above); else host wall time."""
+    """Allocator time per tick.
+
+    GPU device backend: the device time of every kernel, copy and memset the run issues, from the
+    CUDA profiler (CUPTI), divided by the ticks. With no model compute every device operation is
+    the allocator's, and host launch gaps are not counted. The profiler gives totals, not per-tick
+    samples, so there is a mean and no median. Elsewhere: host wall time around the allocator calls.
+    """
 
     def __init__(self, enabled: bool, cuda: bool):
         self.enabled = enabled
-        self.kind = None if not enabled else ("cuda_events" if cuda else "host_wall")
+        self.kind = None if not enabled else ("cuda_profiler_mean" if cuda else "host_wall")
         self._cuda = cuda
-        self._ticks: list = []   # per tick: seconds (host) or list of (start, end) events
-        self._cur = None
+        self._ticks: list[float] = []
         self._t0 = 0.0
+        self._prof = None
+        if enabled and cuda:
+            torch.cuda.synchronize()
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self._prof.__enter__()
 
     def new_tick(self) -> None:
         if self.enabled:
-            self._cur = [] if self._cuda else 0.0
-            self._ticks.append(self._cur)
+            self._ticks.append(0.0)
 
     def __enter__(self):
-        if self.enabled:
-            if self._cuda:
-                ev = torch.cuda.Event(enable_timing=True)
-                ev.record()
-                self._cur.append([ev, None])
-            else:
-                self._t0 = time.perf_counter()
+        if self.enabled and not self._cuda:
+            self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        if self.enabled:
-            if self._cuda:
-                ev = torch.cuda.Event(enable_timing=True)
-                ev.record()
-                self._cur[-1][1] = ev
-            else:
-                self._ticks[-1] += time.perf_counter() - self._t0
+        if self.enabled and not self._cuda:
+            self._ticks[-1] += time.perf_counter() - self._t0
         return False
 
-    def per_tick_us(self) -> list[float] | None:
-        if not self.enabled:
-            return None
+    def summary_us(self) -> tuple[float | None, float | None]:
+        """(mean, median) allocator time per tick in microseconds; median None on the GPU."""
+        if not self.enabled or not self._ticks:
+            return None, None
         if self._cuda:
             torch.cuda.synchronize()
-            return [sum(s.elapsed_time(e) for s, e in pairs) * 1e3 for pairs in self._ticks]
-        return [x * 1e6 for x in self._ticks]
+            self._prof.__exit__(None, None, None)
+            total_us = sum(e.self_device_time_total for e in self._prof.key_averages())
+            return total_us / len(self._ticks), None
+        us = [x * 1e6 for x in self._ticks]
+        return mean(us), percentile(us, 50)
 
 
 # --------------------------------------------------------------------------------------- scheduler
@@ -583,7 +584,7 @@ class Scheduler:
             progress(finished_or_dropped, N)
 
         waits = (first_admit - arrival)[first_admit >= 0]
-        alloc_us = timer.per_tick_us()
+        alloc_mean_us, alloc_p50_us = timer.summary_us()
         fails = growth_failures + admission_failures
         return RunMetrics(
             allocator=type(a).__name__, backend=be.name, num_requests=N,
@@ -603,8 +604,8 @@ class Scheduler:
             slabs_moved=end.slabs_moved - start_stats.slabs_moved,
             proactive_slabs_moved=end.proactive_slabs_moved - start_stats.proactive_slabs_moved,
             bytes_moved=end.bytes_copied - start_stats.bytes_copied,
-            alloc_time_us_per_step_mean=mean(alloc_us) if alloc_us is not None else None,
-            alloc_time_us_per_step_p50=percentile(alloc_us, 50) if alloc_us is not None else None,
+            alloc_time_us_per_step_mean=alloc_mean_us,
+            alloc_time_us_per_step_p50=alloc_p50_us,
             alloc_time_kind=timer.kind,
             host_syncs_per_step=be.syncs / t if t else 0.0,
             units_returned_at_drain=bool(drained),
