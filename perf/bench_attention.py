@@ -62,6 +62,7 @@ from avmp_triton.ops.paged_attention import decode_config, decode_workspace, pag
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402  (perf/peers.py)
+from _results import finish  # noqa: E402  (perf/_results.py)
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 SPEC = "jamba-1.5-mini"
@@ -726,17 +727,7 @@ def main() -> None:
                       + f"  ({row['cell_s']:.0f} s)", flush=True)
     res["failures"] = runner.failures
     res["wall_s"] = time.time() - t_start
-    out = args.out or (f"perf/results/bench_attention{'_sweep' if args.sweep_configs else ''}_"
-                       f"{res['env']['gpu'].replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
-    print_table(res)
-    print(f"wrote {out} ({res['wall_s']:.0f} s)")
-    if runner.failures:
-        print(f"\n{len(runner.failures)} CHECK(S) FAILED:\n  " + "\n  ".join(runner.failures), file=sys.stderr)
-        sys.exit(1)
-
+    finish(res, "bench_attention", args.out, args.sweep_configs, runner.failures, print_table)
 
 if __name__ == "__main__":
     main()

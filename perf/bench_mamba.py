@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import sys
 import time
@@ -60,6 +59,7 @@ from avmp_triton.reference import mamba as R
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402  (perf/peers.py)
+from _results import finish  # noqa: E402  (perf/_results.py)
 from bench_attention import CheckFailed, copy_bandwidth, environment, graphed  # noqa: E402
 
 CASES = {"mamba1": "jamba-1.5-mini", "mamba2": "nemotron-h-8b"}
@@ -495,17 +495,7 @@ def main() -> None:
                 res[key].append(row)
     res["failures"] = runner.failures
     res["wall_s"] = time.time() - t_start
-    out = args.out or (f"perf/results/bench_mamba{'_sweep' if args.sweep_configs else ''}_"
-                       f"{res['env']['gpu'].replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
-    print_table(res)
-    print(f"wrote {out} ({res['wall_s']:.0f} s)")
-    if runner.failures:
-        print(f"\n{len(runner.failures)} CHECK(S) FAILED:\n  " + "\n  ".join(runner.failures), file=sys.stderr)
-        sys.exit(1)
-
+    finish(res, "bench_mamba", args.out, args.sweep_configs, runner.failures, print_table)
 
 if __name__ == "__main__":
     main()
