@@ -1,4 +1,4 @@
-"""Mamba prefill kernels: causal conv1d, Mamba1 selective scan, Mamba2 scan (serial and chunked).
+"""Mamba prefill kernels: causal conv1d, Mamba1 and Mamba2 scans (each serial and chunked).
 
 Every kernel runs over a variable-length packed chunk (``cu_seqlens``) and reads and writes each
 request's state IN PLACE in its SSM block, resolved through the handle table on the device:
@@ -188,6 +188,108 @@ def mamba1_scan_prefill_kernel(
         b_y = tl.where(active, b_y, 0.0)
         tl.store(out_ptr + t64 * stride_out_t + o_d, b_y.to(out_ptr.dtype.element_ty), mask=m_d)
         t += 1
+    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_dn & active)
+
+
+@triton.jit
+def _linear_recurrence(a1, b1, a2, b2):
+    """Compose h -> a1 h + b1 (earlier) with h -> a2 h + b2 (later)."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _mamba1_chunk_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, o_t, m_t, o_d, m_d, o_n, m_n,
+                         stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, HAS_Z: tl.constexpr):
+    """Raw [L, BLOCK_D] x, dt, z and [L, BLOCK_N] B, C tiles of one chunk (masked rows: zeros)."""
+    t64 = o_t.to(tl.int64)[:, None]
+    m_td = m_t[:, None] & m_d[None, :]
+    m_tn = m_t[:, None] & m_n[None, :]
+    b_x = tl.load(x_ptr + t64 * stride_x_t + o_d[None, :], mask=m_td, other=0.0)
+    b_dt = tl.load(dt_ptr + t64 * stride_dt_t + o_d[None, :], mask=m_td, other=0.0)
+    b_z = b_x
+    if HAS_Z:
+        b_z = tl.load(z_ptr + t64 * stride_z_t + o_d[None, :], mask=m_td, other=0.0)
+    b_B = tl.load(B_ptr + t64 * stride_B_t + o_n[None, :], mask=m_tn, other=0.0)
+    b_C = tl.load(C_ptr + t64 * stride_C_t + o_n[None, :], mask=m_tn, other=0.0)
+    return b_x, b_dt, b_z, b_B, b_C
+
+
+@triton.jit
+def mamba1_chunk_scan_prefill_kernel(
+    x_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, out_ptr,  # as the serial kernel
+    state_ptr, table_ptr, handles_ptr, cu_ptr, init_ptr,
+    T, D, N, B, num_handles,
+    state_off_bytes,
+    stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t, stride_A_d,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Chunked Mamba1 selective scan: grid (B + 1, cdiv(D, BLOCK_D)), one program walks its
+    request CHUNK tokens at a time with the [BLOCK_D, N] state in registers.
+
+    Mamba1's decay exp(dt A) differs per (channel, state), so there is no matrix form as in
+    Mamba2; instead each chunk's recurrence h_t = a_t h_{t-1} + b_t is solved for all of its
+    tokens at once by a parallel prefix scan over [CHUNK, BLOCK_D, N] pairs (a, b), and
+    h_t = A_t h_in + B_t. The next chunk's inputs are loaded before this chunk's math, so the
+    memory latency overlaps the scan. Padded tokens get dt = 0: a = 1, b = 0, the state passes.
+    """
+    i_b = tl.program_id(0)
+    i_d = tl.program_id(1)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    m_dn = m_d[:, None] & m_n[None, :]
+    o_l = tl.arange(0, CHUNK)
+    is_last = (o_l == CHUNK - 1)[:, None, None]
+    b_A = tl.load(A_ptr + o_d[:, None] * stride_A_d + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    if HAS_D:
+        b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        b_bias = tl.load(dt_bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    p_state = state_ptr + base + o_d.to(tl.int64)[:, None] * N + o_n[None, :]
+    b_h = tl.load(p_state, mask=m_dn & has_init, other=0.0).to(tl.float32)
+
+    o_t = start + o_l
+    m_t = o_t < end
+    b_x, b_dt, b_z, b_B, b_C = _mamba1_chunk_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, o_t, m_t, o_d, m_d, o_n,
+                                                    m_n, stride_x_t, stride_dt_t, stride_z_t, stride_B_t,
+                                                    stride_C_t, HAS_Z)
+    c0 = start
+    while c0 < end:
+        # prefetch the next chunk (all-masked past the end)
+        o_t_next = o_t + CHUNK
+        m_t_next = o_t_next < end
+        n_x, n_dt, n_z, n_B, n_C = _mamba1_chunk_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, o_t_next, m_t_next,
+                                                        o_d, m_d, o_n, m_n, stride_x_t, stride_dt_t, stride_z_t,
+                                                        stride_B_t, stride_C_t, HAS_Z)
+        f_x = b_x.to(tl.float32)
+        f_dt = b_dt.to(tl.float32)
+        if HAS_DT_BIAS:
+            f_dt += b_bias[None, :]
+        if DT_SOFTPLUS:
+            f_dt = _softplus(f_dt)
+        f_dt = tl.where(m_t[:, None], f_dt, 0.0)
+        b_a = tl.exp(f_dt[:, :, None] * b_A[None, :, :])                                    # [L, BD, N]
+        b_b = (f_dt * f_x)[:, :, None] * b_B.to(tl.float32)[:, None, :]
+        b_pa, b_pb = tl.associative_scan((b_a, b_b), 0, _linear_recurrence)
+        b_hs = b_pa * b_h[None, :, :] + b_pb                                                 # h after each token
+        b_y = tl.sum(b_hs * b_C.to(tl.float32)[:, None, :], axis=2)                          # [L, BD]
+        if HAS_D:
+            b_y += b_D[None, :] * f_x
+        if HAS_Z:
+            b_y *= _silu(b_z.to(tl.float32))
+        b_y = tl.where(active, b_y, 0.0)
+        tl.store(out_ptr + o_t.to(tl.int64)[:, None] * stride_out_t + o_d[None, :],
+                 b_y.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+        b_h = tl.sum(tl.where(is_last, b_hs, 0.0), axis=0)
+        b_x, b_dt, b_z, b_B, b_C = n_x, n_dt, n_z, n_B, n_C
+        o_t = o_t_next
+        m_t = m_t_next
+        c0 += CHUNK
     tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_dn & active)
 
 

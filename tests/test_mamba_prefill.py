@@ -14,6 +14,7 @@ import torch
 
 from avmp_triton import AVMPAllocator, HybridModelSpec
 from avmp_triton.layout import ssm_block_layout
+from avmp_triton.ops.mamba import MambaStateOps
 from avmp_triton.ops.mamba_prefill import causal_conv1d_prefill, mamba1_scan_prefill, mamba2_scan_prefill
 from avmp_triton.reference.mamba_prefill import (
     causal_conv1d_prefill_ref,
@@ -147,32 +148,37 @@ def _take(inputs: dict, idx: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------------------- ops, uniformly
+# chunk sizes on the CPU: small, so LENS cross several chunk boundaries (Mamba2's tl.dot needs 16)
+CPU_CHUNK = {"m1": 4, "m2": 16}
+
+
 def run_op(kind, inputs, arena, table, handles, cu, init, spec, *, out=None, algorithm="serial",
-           activation="silu", chunk_size=16):
+           activation="silu", chunk_size="cpu", dt_softplus=True):
     if kind == "conv":
-        return causal_conv1d_prefill(inputs["x"], inputs["weight"], inputs["bias"], arena, table, handles, cu,
-                                     init, spec, LAYER, activation=activation, out=out)
+        return causal_conv1d_prefill(arena, table, handles, spec, LAYER, inputs["x"], inputs["weight"],
+                                     inputs["bias"], activation, cu_seqlens=cu, has_initial_state=init, out=out)
     fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
-    extra = dict(algorithm=algorithm, chunk_size=chunk_size) if kind == "m2" else {}
-    return fn(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], arena, table, handles, cu, init,
-              spec, LAYER, D=inputs["D"], z=inputs["z"], dt_bias=inputs["dt_bias"], out=out, **extra)
+    extra = {} if chunk_size is None else dict(chunk_size=CPU_CHUNK[kind] if chunk_size == "cpu" else chunk_size)
+    return fn(arena, table, handles, spec, LAYER, inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"],
+              inputs["D"], inputs["z"], inputs["dt_bias"], cu_seqlens=cu, has_initial_state=init,
+              dt_softplus=dt_softplus, out=out, algorithm=algorithm, **extra)
 
 
-def run_ref(kind, inputs, arena, table, handles, cu, init, spec, activation="silu"):
+def run_ref(kind, inputs, arena, table, handles, cu, init, spec, activation="silu", dt_softplus=True):
     if kind == "conv":
         return causal_conv1d_prefill_ref(inputs["x"], inputs["weight"], inputs["bias"], arena, table, handles,
                                          cu, init, spec, LAYER, activation=activation)
     fn = mamba1_scan_prefill_ref if kind == "m1" else mamba2_scan_prefill_ref
     return fn(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], arena, table, handles, cu, init,
-              spec, LAYER, D=inputs["D"], z=inputs["z"], dt_bias=inputs["dt_bias"])
+              spec, LAYER, D=inputs["D"], z=inputs["z"], dt_bias=inputs["dt_bias"], dt_softplus=dt_softplus)
 
 
 SPEC_OF = {"conv": CONV_SPEC, "m1": M1_SPEC, "m2": M2_SPEC}
 INPUTS_OF = {"conv": conv_inputs, "m1": m1_inputs, "m2": m2_inputs}
 STATE_KIND = {"conv": "conv", "m1": "ssm", "m2": "ssm"}
-# (op, algorithm): Mamba2 is tested on both paths
-CASES = [("conv", None), ("m1", None), ("m2", "serial"), ("m2", "chunked")]
-CASE_IDS = ["conv", "mamba1", "mamba2-serial", "mamba2-chunked"]
+# (op, algorithm): both scans on both paths
+CASES = [("conv", None), ("m1", "serial"), ("m1", "chunked"), ("m2", "serial"), ("m2", "chunked")]
+CASE_IDS = ["conv", "mamba1-serial", "mamba1-chunked", "mamba2-serial", "mamba2-chunked"]
 
 
 # ------------------------------------------------------------------------------- tests
@@ -322,8 +328,9 @@ def test_conv_many_token_blocks(max_seqlen):
     before, ref_arena = a.arena.clone(), a.arena.clone()
     want = run_ref("conv", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
     out = torch.full_like(want, float("nan"))
-    got = causal_conv1d_prefill(inputs["x"], inputs["weight"], inputs["bias"], a.arena, a.handle_table, handles,
-                                cu, init, env.spec, LAYER, activation="silu", out=out, max_seqlen=max_seqlen)
+    got = causal_conv1d_prefill(a.arena, a.handle_table, handles, env.spec, LAYER, inputs["x"], inputs["weight"],
+                                inputs["bias"], "silu", cu_seqlens=cu, has_initial_state=init, out=out,
+                                max_seqlen=max_seqlen)
     tol = _tol(F32, F32)
     torch.testing.assert_close(got, want, **tol)
     check_arena(env, before, a.arena, ref_arena, handles, "conv", F32, tol)
@@ -346,23 +353,84 @@ def test_mamba2_group_counts(G):
         torch.testing.assert_close(arena.view(F32), ref_arena.view(F32), atol=2e-4, rtol=2e-4, equal_nan=True)
 
 
-def test_optional_inputs_absent():
-    """No D, z, dt_bias; no softplus (dt given positive)."""
-    for kind in ("m1", "m2"):
-        env = Env(SPEC_OF[kind], F32)
-        handles, cu, init, T = env.batch()
-        inputs = INPUTS_OF[kind](env.spec, T, F32)
-        inputs.update(D=None, z=None, dt_bias=None)
-        inputs["dt"] = inputs["dt"].abs()
-        a = env.alloc
-        ref_arena = a.arena.clone()
-        fn_ref = mamba1_scan_prefill_ref if kind == "m1" else mamba2_scan_prefill_ref
+@pytest.mark.parametrize("kind,algorithm", CASES[1:], ids=CASE_IDS[1:])
+def test_optional_inputs_absent(kind, algorithm):
+    """No D, z, dt_bias; no softplus (the default; dt given positive)."""
+    env = Env(SPEC_OF[kind], F32)
+    handles, cu, init, T = env.batch()
+    inputs = INPUTS_OF[kind](env.spec, T, F32)
+    inputs.update(D=None, z=None, dt_bias=None)
+    inputs["dt"] = inputs["dt"].abs()
+    a = env.alloc
+    ref_arena = a.arena.clone()
+    fn_ref = mamba1_scan_prefill_ref if kind == "m1" else mamba2_scan_prefill_ref
+    fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
+    args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
+    want = fn_ref(*args, ref_arena, a.handle_table, handles, cu, init, env.spec, LAYER)
+    got = fn(a.arena, a.handle_table, handles, env.spec, LAYER, *args, cu_seqlens=cu, has_initial_state=init,
+             algorithm=algorithm, chunk_size=CPU_CHUNK[kind])
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(a.arena.view(F32), ref_arena.view(F32), atol=2e-4, rtol=2e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind,algorithm", CASES, ids=CASE_IDS)
+def test_layout_instead_of_spec(kind, algorithm):
+    """An SSMBlockLayout plus the state dtype addresses the same bytes as the spec."""
+    env = Env(SPEC_OF[kind], BF16)
+    handles, cu, init, T = env.batch()
+    inputs = INPUTS_OF[kind](env.spec, T, F32)
+    a = env.alloc
+    arena2 = a.arena.clone()
+    want = run_op(kind, inputs, arena2, a.handle_table, handles, cu, init, env.spec, algorithm=algorithm)
+    dtype_kw = {"conv_dtype" if kind == "conv" else "state_dtype": BF16}
+    if kind == "conv":
+        got = causal_conv1d_prefill(a.arena, a.handle_table, handles, env.layout, LAYER, inputs["x"],
+                                    inputs["weight"], inputs["bias"], "silu", cu_seqlens=cu, has_initial_state=init,
+                                    **dtype_kw)
+    else:
         fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
-        args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
-        want = fn_ref(*args, ref_arena, a.handle_table, handles, cu, init, env.spec, LAYER, dt_softplus=False)
-        got = fn(*args, a.arena, a.handle_table, handles, cu, init, env.spec, LAYER, dt_softplus=False)
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
-        torch.testing.assert_close(a.arena.view(F32), ref_arena.view(F32), atol=2e-4, rtol=2e-4, equal_nan=True)
+        got = fn(a.arena, a.handle_table, handles, env.layout, LAYER, inputs["x"], inputs["dt"], inputs["A"],
+                 inputs["B"], inputs["C"], inputs["D"], inputs["z"], inputs["dt_bias"], cu_seqlens=cu,
+                 has_initial_state=init, dt_softplus=True, algorithm=algorithm, chunk_size=CPU_CHUNK[kind],
+                 **dtype_kw)
+    assert torch.equal(got, want) and torch.equal(a.arena, arena2)
+
+
+@pytest.mark.parametrize("kind,algorithm", CASES, ids=CASE_IDS)
+def test_bound_ops_match_functions(kind, algorithm):
+    """MambaStateOps(alloc).<prefill op>(handles, layer, ...) == the function on alloc's tensors."""
+    env = Env(SPEC_OF[kind], F32)
+    handles, cu, init, T = env.batch()
+    inputs = INPUTS_OF[kind](env.spec, T, F32)
+    a = env.alloc
+    arena2 = a.arena.clone()
+    want = run_op(kind, inputs, arena2, a.handle_table, handles, cu, init, env.spec, algorithm=algorithm)
+    ops = MambaStateOps(a)
+    meta = dict(cu_seqlens=cu, has_initial_state=init)
+    if kind == "conv":
+        got = ops.causal_conv1d_prefill(handles, LAYER, inputs["x"], inputs["weight"], inputs["bias"], "silu", **meta)
+    else:
+        fn = ops.mamba1_scan_prefill if kind == "m1" else ops.mamba2_scan_prefill
+        got = fn(handles, LAYER, inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+                 inputs["z"], inputs["dt_bias"], **meta, dt_softplus=True, algorithm=algorithm,
+                 chunk_size=CPU_CHUNK[kind])
+    assert torch.equal(got, want) and torch.equal(a.arena, arena2)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 8, 32])
+def test_mamba1_chunk_sizes(chunk_size):
+    """Every chunk size gives the reference result (17 tokens: full, partial and single chunks)."""
+    env = Env(M1_SPEC, F32)
+    handles, cu, init, T = env.batch()
+    inputs = m1_inputs(env.spec, T, F32)
+    a = env.alloc
+    before, ref_arena = a.arena.clone(), a.arena.clone()
+    want = run_ref("m1", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
+    got = run_op("m1", inputs, a.arena, a.handle_table, handles, cu, init, env.spec, algorithm="chunked",
+                 chunk_size=chunk_size)
+    tol = _tol(F32, F32)
+    torch.testing.assert_close(got, want, **tol)
+    check_arena(env, before, a.arena, ref_arena, handles, "ssm", F32, tol)
 
 
 def test_custom_ops_registered_and_fake():
@@ -384,8 +452,8 @@ def test_custom_ops_registered_and_fake():
         assert y.shape == inputs["x"].shape and y.dtype == inputs["x"].dtype
 
 
-@pytest.mark.parametrize("kind,algorithm", [("conv", None), ("m1", None), ("m2", "chunked")],
-                         ids=["conv", "mamba1", "mamba2-chunked"])
+@pytest.mark.parametrize("kind,algorithm", [("conv", None), ("m1", "chunked"), ("m2", "chunked")],
+                         ids=["conv", "mamba1-chunked", "mamba2-chunked"])
 def test_custom_op_opcheck(kind, algorithm):
     """torch.library.opcheck: schema (declared mutations), fake impl, autograd registration, AOT."""
     env = Env(SPEC_OF[kind], F32)
@@ -401,7 +469,7 @@ def test_custom_op_opcheck(kind, algorithm):
         out = torch.empty_like(i["x"])
         op = (torch.ops.avmp.mamba1_scan_prefill if kind == "m1" else torch.ops.avmp.mamba2_scan_prefill).default
         args = (i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"], out, *common,
-                env.layout.ssm_offset(LAYER), F32, True) + ((True, 16) if kind == "m2" else ())
+                env.layout.ssm_offset(LAYER), F32, True) + ((True, 16) if kind == "m2" else (True, 4, 16, 4))
     torch.library.opcheck(op, args)
 
 
@@ -418,10 +486,10 @@ def _bad_calls():
     add("cu_seqlens dtype", "conv", envc, lambda c: c.update(cu=c["cu"].long()), TypeError, r"cu_seqlens .*int64")
     add("handles dtype", "m2", env2, lambda c: c.update(handles=c["handles"].long()), TypeError, "ssm_handles")
     add("init length", "m2", env2, lambda c: c.update(init=c["init"][:-1]), ValueError, "has_initial_state")
-    add("arena dtype", "m1", env1, lambda c: c.update(arena=c["arena"].view(torch.int32)), TypeError, "arena")
-    add("table dtype", "m1", env1, lambda c: c.update(table=c["table"].int()), TypeError, "handle_table")
+    add("arena dtype", "m1", env1, lambda c: c.update(arena=c["arena"].view(torch.int32)), ValueError, "arena")
+    add("table dtype", "m1", env1, lambda c: c.update(table=c["table"].int()), ValueError, "handle_table")
     add("x channels", "conv", envc, lambda c: c["inputs"].update(x=c["inputs"]["x"][:, :7].contiguous()), ValueError,
-        r"conv_channels=20.*\(30, 7\)")
+        r"x must have shape \(30, 20\), got \(30, 7\)")
     add("weight width", "conv", envc, lambda c: c["inputs"].update(weight=c["inputs"]["weight"][:, :3].contiguous()),
         ValueError, "weight")
     add("x non-contiguous", "m1", env1, lambda c: c["inputs"].update(x=c["inputs"]["x"].t().contiguous().t()),
@@ -431,14 +499,20 @@ def _bad_calls():
     add("B tokens", "m1", env1, lambda c: c["inputs"].update(B=c["inputs"]["B"][1:]), ValueError, "B must")
     add("dt dtype", "m1", env1, lambda c: c["inputs"].update(dt=c["inputs"]["dt"].double()), TypeError, "dt")
     add("groups", "m2", env2,
-        lambda c: c["inputs"].update(B=rand(30, 3, 16), C=rand(30, 3, 16)), ValueError, r"n_groups \(3")
-    add("head dim", "m2", env2, lambda c: c["inputs"].update(x=rand(30, 4, 7)), ValueError, "head_dim=8")
+        lambda c: c["inputs"].update(B=rand(30, 3, 16), C=rand(30, 3, 16)), ValueError, r"n_groups \(B.shape\[1\] = 3\)")
+    add("head dim", "m2", env2, lambda c: c["inputs"].update(x=rand(30, 4, 7)), ValueError,
+        r"4 \* 7 must equal the layout's d_inner \(32\)")
     add("out dtype", "m2", env2, lambda c: c.update(out=torch.empty(30, 4, 8, dtype=BF16, device=DEVICE)),
         TypeError, "out")
     add("out aliases x", "m2", env2, lambda c: c.update(out=c["inputs"]["x"]), ValueError, "share memory with x")
     add("algorithm", "m2", env2, lambda c: c.update(algorithm="fast"), ValueError, "algorithm")
     add("chunk size", "m2", env2, lambda c: c.update(chunk_size=24), ValueError, "chunk_size")
-    add("mamba1 op, mamba2 spec", "m1", env2, lambda c: None, ValueError, "Mamba1 spec")
+    add("mamba2 chunk below 16", "m2", env2, lambda c: c.update(chunk_size=8), ValueError, r"chunk_size .*got 8")
+    add("mamba1 algorithm", "m1", env1, lambda c: c.update(algorithm="parallel"), ValueError, "'parallel'")
+    add("mamba1 chunk size", "m1", env1, lambda c: c.update(chunk_size=512), ValueError, r"chunk_size .*got 512")
+    add("dt_softplus not bool", "m1", env1, lambda c: c.update(dt_softplus=1), TypeError, "dt_softplus")
+    add("layout without dtype", "m2", env2, lambda c: c.update(layout=env2.layout), TypeError, "state_dtype")
+    add("mamba1 op, mamba2 spec", "m1", env2, lambda c: None, ValueError, "this op is Mamba1")
     add("activation", "conv", envc, lambda c: c.update(activation="relu"), ValueError, "activation")
     return cases
 
@@ -450,19 +524,20 @@ def test_launchers_validate():
         make = conv_inputs if kind == "conv" else (m1_inputs if env.spec.mamba_version == 1 else m2_inputs)
         inputs = make(env.spec, T, F32)
         c = dict(inputs=inputs, arena=env.alloc.arena, table=env.alloc.handle_table, handles=handles, cu=cu,
-                 init=init, layer=LAYER, out=None, algorithm="serial", chunk_size=16, activation="silu")
+                 init=init, layer=LAYER, out=None, algorithm="serial", chunk_size=16, activation="silu",
+                 dt_softplus=True, layout=env.spec)
         mutate(c)
         before = env.alloc.arena.clone()
         i = c["inputs"]
         with pytest.raises(err, match=match):
+            where = (c["arena"], c["table"], c["handles"], c["layout"], c["layer"])
+            meta = dict(cu_seqlens=c["cu"], has_initial_state=c["init"], out=c["out"])
             if kind == "conv":
-                causal_conv1d_prefill(i["x"], i["weight"], i["bias"], c["arena"], c["table"], c["handles"], c["cu"],
-                                      c["init"], env.spec, c["layer"], activation=c["activation"], out=c["out"])
+                causal_conv1d_prefill(*where, i["x"], i["weight"], i["bias"], c["activation"], **meta)
             else:
                 fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
-                extra = dict(algorithm=c["algorithm"], chunk_size=c["chunk_size"]) if kind == "m2" else {}
-                fn(i["x"], i["dt"], i["A"], i["B"], i["C"], c["arena"], c["table"], c["handles"], c["cu"],
-                   c["init"], env.spec, c["layer"], D=i["D"], z=i["z"], dt_bias=i["dt_bias"], out=c["out"], **extra)
+                fn(*where, i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"], **meta,
+                   dt_softplus=c["dt_softplus"], algorithm=c["algorithm"], chunk_size=c["chunk_size"])
         assert torch.equal(env.alloc.arena, before), name
 
 
@@ -508,7 +583,7 @@ def _gpu_check(kind, spec, a, handles, cu, init, inputs, algorithm, tol):
     want = run_ref(kind, inputs, ref_arena, a.handle_table, handles, cu, init, spec)
     out = torch.full_like(want, float("nan"))
     got = run_op(kind, inputs, a.arena, a.handle_table, handles, cu, init, spec, out=out, algorithm=algorithm,
-                 chunk_size=64)
+                 chunk_size=64 if kind == "m2" else None)
     assert got.shape[0] == T and not got.isnan().any()
     _close_rel(got, want, tol)
     lay = ssm_block_layout(spec)
@@ -526,12 +601,14 @@ def _gpu_check(kind, spec, a, handles, cu, init, inputs, algorithm, tol):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_jamba_conv_and_scan():
+@pytest.mark.parametrize("algorithm", ["serial", "chunked"])
+def test_gpu_jamba_conv_and_scan(algorithm):
     a, handles, cu, init = _gpu_env(JAMBA, 256 << 20, 0.5)
     T = int(cu[-1])
     tol = 1e-2
-    _gpu_check("conv", JAMBA, a, handles, cu, init, conv_inputs(JAMBA, T, BF16), None, tol)
-    _gpu_check("m1", JAMBA, a, handles, cu, init, m1_inputs(JAMBA, T, BF16), None, tol)
+    if algorithm == "serial":
+        _gpu_check("conv", JAMBA, a, handles, cu, init, conv_inputs(JAMBA, T, BF16), None, tol)
+    _gpu_check("m1", JAMBA, a, handles, cu, init, m1_inputs(JAMBA, T, BF16), algorithm, tol)
 
 
 @pytest.mark.gpu

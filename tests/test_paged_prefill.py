@@ -12,7 +12,7 @@ import torch
 
 from avmp_triton import AVMPAllocator, HybridModelSpec
 from avmp_triton.layout import kv_page_layout
-from avmp_triton.ops.paged_prefill import paged_prefill_attention, prefill_launch_config
+from avmp_triton.ops.paged_prefill import paged_prefill_attention, paged_prefill_attention_arena, prefill_launch_config
 from avmp_triton.reference.attention_prefill import causal_attention_ref, paged_prefill_attention_ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -107,7 +107,7 @@ class Case:
 
     def run(self, **kw):
         out = torch.full_like(self.q, float("nan"))
-        got = paged_prefill_attention(**self.args(), out=out, num_layers=self.num_layers, **kw)
+        got = paged_prefill_attention_arena(**self.args(), out=out, num_layers=self.num_layers, **kw)
         assert got is out
         return out
 
@@ -246,9 +246,21 @@ def test_rows_past_cu_end_are_left_alone(gen):
     case = Case([5, 17], [15, 0], 4, 2, 64, 16, 1, gen=gen)
     q = torch.cat([case.q, case.randn(3, *case.q.shape[1:])])
     out = torch.full_like(q, float("nan"))
-    paged_prefill_attention(**case.args(q=q), out=out)
+    paged_prefill_attention_arena(**case.args(q=q), out=out)
     assert torch.isnan(out[-3:]).all()
     torch.testing.assert_close(out[:-3], case.reference(), **TOL[case.dtype])
+
+
+def test_allocator_form_matches_arena_form(gen):
+    """paged_prefill_attention(q, alloc, ...) reads the allocator's arena, table, layout and layer count."""
+    case = Case([5, 17], [15, 0], 4, 2, 64, 16, 1, gen=gen)
+    want = paged_prefill_attention_arena(**case.args(), num_layers=case.num_layers)
+    got = paged_prefill_attention(case.q, case.alloc, case.block_table, case.seq_lens, case.cu, layer=case.layer)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=f"layer={case.num_layers} is out of range"):
+        paged_prefill_attention(case.q, case.alloc, case.block_table, case.seq_lens, case.cu, layer=case.num_layers)
+    with pytest.raises(TypeError, match="alloc must be an allocator"):
+        paged_prefill_attention(case.q, case.alloc.arena, case.block_table, case.seq_lens, case.cu)
 
 
 def _i32(*shape):
@@ -258,9 +270,9 @@ def _i32(*shape):
 def test_empty_batch():
     case = Case([3], [0], 2, 2, 64, 16, 0)
     q = case.q[:0]
-    out = paged_prefill_attention(**case.args(q=q, cu_seqlens_q=_i32(2), seq_lens=_i32(1)))
+    out = paged_prefill_attention_arena(**case.args(q=q, cu_seqlens_q=_i32(2), seq_lens=_i32(1)))
     assert out.shape == (0, 2, 64)
-    out = paged_prefill_attention(**case.args(q=q, cu_seqlens_q=_i32(1), seq_lens=_i32(0),
+    out = paged_prefill_attention_arena(**case.args(q=q, cu_seqlens_q=_i32(1), seq_lens=_i32(0),
                                               block_table=case.block_table[:0]))
     assert out.shape == (0, 2, 64)
 
@@ -319,14 +331,14 @@ def small_case():
 def test_validation_names_the_bad_value(bad, small_case):
     make, exc, match = BAD[bad]
     with pytest.raises(exc, match=match):
-        paged_prefill_attention(**small_case.args(**make(small_case)))
+        paged_prefill_attention_arena(**small_case.args(**make(small_case)))
 
 
 def test_block_m_smaller_than_group():
     # Hq // Hkv = 32 query heads per KV head do not fit 16 rows
     c = Case([2], [0], 32, 1, 64, 16, 0)
     with pytest.raises(ValueError, match="block_m=16 must be >= Hq // Hkv = 32"):
-        paged_prefill_attention(**c.args(), block_m=16)
+        paged_prefill_attention_arena(**c.args(), block_m=16)
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -417,7 +429,7 @@ def test_gpu_arena_over_4gib():
     cu = torch.tensor([0, 256, 287], dtype=torch.int32, device="cuda")
     sl = torch.tensor([p + q for p, q in zip(prefixes, q_lens)], dtype=torch.int32, device="cuda")
     q = torch.randn(287, 32, 128, generator=g).to("cuda", torch.bfloat16)
-    out = paged_prefill_attention(q, cu, sl, bt, alloc.arena, alloc.handle_table, layout, 1)
+    out = paged_prefill_attention(q, alloc, bt, sl, cu, layer=1)
     ref = paged_prefill_attention_ref(q, cu, sl, bt, alloc.arena, alloc.handle_table, layout, 1)
     torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])
 
@@ -429,11 +441,11 @@ def test_gpu_cuda_graph_replay():
     case = Case([64, 64], [100, 300], 8, 2, 128, 16, 0, dtype=torch.bfloat16, device="cuda", gen=_fresh_gen())
     out = torch.empty_like(case.q)
     kw = dict(out=out, max_seqlen_q=64)
-    paged_prefill_attention(**case.args(), **kw)  # compile before capture
+    paged_prefill_attention_arena(**case.args(), **kw)  # compile before capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        paged_prefill_attention(**case.args(), **kw)
+        paged_prefill_attention_arena(**case.args(), **kw)
     case.q.copy_(torch.randn_like(case.q))
     case.seq_lens.copy_(torch.tensor([150, 330], dtype=torch.int32))  # fewer live tokens, same pages
     case.cu.copy_(torch.tensor([0, 50, 100], dtype=torch.int32))

@@ -1,5 +1,10 @@
 """Launchers of the kernels that read the arena through the handle table (attention, Mamba)."""
-from avmp_triton.ops.mamba_prefill import causal_conv1d_prefill, mamba1_scan_prefill, mamba2_scan_prefill  # noqa: F401
+from avmp_triton.ops.mamba_prefill import (  # noqa: F401
+    causal_conv1d_prefill,
+    mamba1_prefill_launch_config,
+    mamba1_scan_prefill,
+    mamba2_scan_prefill,
+)
 from avmp_triton.ops.paged_attention import (  # noqa: F401
     DecodeConfig,
     decode_config,
@@ -10,7 +15,11 @@ from avmp_triton.ops.paged_attention import (  # noqa: F401
     paged_decode_attention,
     paged_decode_attention_arena,
 )
-from avmp_triton.ops.paged_prefill import paged_prefill_attention, prefill_launch_config  # noqa: F401
+from avmp_triton.ops.paged_prefill import (  # noqa: F401
+    paged_prefill_attention,
+    paged_prefill_attention_arena,
+    prefill_launch_config,
+)
 from avmp_triton.ops.mamba import (  # noqa: F401
     MambaStateOps,
     causal_conv1d_update,

@@ -27,7 +27,10 @@ import triton
 
 from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
 from avmp_triton.kernels import mamba_state as K
-from avmp_triton.layout import SSMBlockLayout, ssm_block_layout
+from avmp_triton.ops import mamba_prefill
+from avmp_triton.ops._mamba_args import (
+    check_float, check_launch, check_opt_float, check_out, check_tensor, state_location,
+)
 from avmp_triton.spec import HybridModelSpec
 
 __all__ = [
@@ -35,9 +38,6 @@ __all__ = [
     "mamba1_state_update", "mamba2_launch_config", "mamba2_state_update",
 ]
 
-_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NUM_WARPS = (1, 2, 4, 8, 16, 32)
 _UNIT_ALIGN_BYTES = 16  # every allocator's units start on a 16-byte boundary
 _MAX_GRID_YZ = 65535
 
@@ -157,125 +157,6 @@ def _(arena, handle_table, ssm_handles, x, weight, bias, out, state_offset, conv
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# validation (metadata only: never a host sync, so the launchers stay capturable)
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _tensor(t, name: str, device: torch.device, ndim: Optional[int]) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, the arena on {device}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    return t
-
-
-def _float(t, name: str, device, shape: tuple, *, inner_contiguous: bool = True) -> torch.Tensor:
-    """A float tensor of exactly ``shape`` whose last dimension is contiguous (outer strides free)."""
-    _tensor(t, name, device, None)
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if inner_contiguous and t.numel() and t.stride(-1) != 1 and t.shape[-1] != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
-    return t
-
-
-def _opt_float(t, name, device, shape):
-    return None if t is None else _float(t, name, device, shape)
-
-
-def _check_launch(name: str, block, block_name: str, warps, default) -> tuple[int, int]:
-    if block is None:
-        block = default[0]
-    if warps is None:
-        warps = default[1]
-    if not _is_int(block) or block < 1 or block & (block - 1):
-        raise ValueError(f"{block_name} must be a power of two >= 1, got {block!r}")
-    if not _is_int(warps) or warps not in _NUM_WARPS:
-        raise ValueError(f"num_warps must be one of {_NUM_WARPS}, got {warps!r}")
-    return block, warps
-
-
-def _num_layers(layout: SSMBlockLayout) -> int:
-    if layout.ssm_base == 0:
-        return layout.conv_base // layout.ssm_layer_bytes if layout.ssm_layer_bytes else 0
-    return layout.ssm_base // layout.conv_layer_bytes if layout.conv_layer_bytes else 0
-
-
-def _state_location(arena, handle_table, ssm_handles, layout, layer, dtype, dtype_name: str,
-                    kind: str, version: Optional[int]):
-    """Validate the common arguments; return (layout, spec or None, dtype, B, device)."""
-    if not isinstance(arena, torch.Tensor):
-        raise TypeError(f"arena must be a torch.Tensor, got {type(arena).__name__}")
-    dev = arena.device
-    if arena.dtype != torch.uint8 or arena.dim() != 1 or not arena.is_contiguous():
-        raise ValueError(f"arena must be a contiguous 1-D uint8 tensor, got {arena.dtype} shape "
-                         f"{tuple(arena.shape)} strides {arena.stride()}")
-    if dev.type == "cpu":
-        from avmp_triton._triton_env import require_interpreter
-        require_interpreter()
-    elif dev.type != "cuda":
-        raise ValueError(f"arena must be on cuda (or cpu with TRITON_INTERPRET=1), got {dev}")
-    _tensor(handle_table, "handle_table", dev, 1)
-    if handle_table.dtype != torch.int64 or not handle_table.is_contiguous():
-        raise ValueError(f"handle_table must be a contiguous int64 tensor, got {handle_table.dtype} "
-                         f"strides {handle_table.stride()}")
-    _tensor(ssm_handles, "ssm_handles", dev, 1)
-    if ssm_handles.dtype != torch.int32:
-        raise TypeError(f"ssm_handles must be int32, got {ssm_handles.dtype}")
-    if not ssm_handles.is_contiguous():
-        raise ValueError(f"ssm_handles must be contiguous, got strides {ssm_handles.stride()}")
-
-    spec = None
-    if isinstance(layout, HybridModelSpec):
-        spec = layout
-        if version is not None and spec.mamba_version != version:
-            raise ValueError(f"spec {spec.name!r} is a Mamba{spec.mamba_version} model; this op is Mamba{version}")
-        spec_dtype = spec.ssm_dtype if kind == "ssm" else spec.conv_dtype
-        if dtype is not None and dtype != spec_dtype:
-            raise ValueError(f"{dtype_name}={dtype} disagrees with spec {spec.name!r} ({spec_dtype})")
-        dtype = spec_dtype
-        n_layers = spec.num_mamba_layers
-        layout = ssm_block_layout(spec)
-    elif isinstance(layout, SSMBlockLayout):
-        if dtype is None:
-            raise TypeError(f"{dtype_name} is required when layout is an SSMBlockLayout (it has no dtype)")
-        n_layers = _num_layers(layout)
-    else:
-        raise TypeError(f"layout must be a HybridModelSpec or SSMBlockLayout, got {type(layout).__name__}")
-    if dtype not in _STATE_DTYPES:
-        raise TypeError(f"{dtype_name} must be float32, bfloat16 or float16, got {dtype!r}")
-    if kind == "ssm":
-        want = layout.d_inner * layout.d_state * dtype.itemsize
-        have, off = layout.ssm_layer_bytes, layout.ssm_base
-    else:
-        want = layout.conv_width * layout.conv_channels * dtype.itemsize
-        have, off = layout.conv_layer_bytes, layout.conv_base
-    if want != have or off % dtype.itemsize:
-        raise ValueError(f"{dtype_name}={dtype} does not match the layout ({have} bytes per layer, "
-                         f"expected {want})")
-    if not _is_int(layer) or not 0 <= layer < n_layers:
-        raise ValueError(f"layer must be an int in [0, {n_layers}), got {layer!r}")
-    if arena.numel() % dtype.itemsize:
-        raise ValueError(f"arena size {arena.numel()} is not a multiple of {dtype_name}'s {dtype.itemsize} bytes")
-    return layout, spec, dtype, ssm_handles.numel(), dev
-
-
-def _check_out(out, x, name="out"):
-    if out is None:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    _float(out, name, x.device, tuple(x.shape))
-    if out.dtype != x.dtype:
-        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {out.dtype}")
-    return out
-
-
 def _check_batch(t, name: str, batch: int) -> None:
     if t.shape[0] != batch:
         raise ValueError(f"{name} has {t.shape[0]} rows but ssm_handles has {batch} (one handle per request)")
@@ -305,21 +186,21 @@ def mamba1_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
     Returns:
         ``out`` ``[B, d_inner]``; skipped rows are zeros.
     """
-    layout, _, dtype, batch, dev = _state_location(arena, handle_table, ssm_handles, layout, layer,
+    layout, _, dtype, batch, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
                                                    state_dtype, "state_dtype", "ssm", 1)
     d, n = layout.d_inner, layout.d_state
-    _float(x, "x", dev, (batch, d))
-    _float(dt, "dt", dev, (batch, d))
-    _float(A, "A", dev, (d, n))
-    _float(B, "B", dev, (batch, n))
-    _float(C, "C", dev, (batch, n))
-    _opt_float(D, "D", dev, (d,))
-    _opt_float(z, "z", dev, (batch, d))
-    _opt_float(dt_bias, "dt_bias", dev, (d,))
+    check_float(x, "x", dev, (batch, d))
+    check_float(dt, "dt", dev, (batch, d))
+    check_float(A, "A", dev, (d, n))
+    check_float(B, "B", dev, (batch, n))
+    check_float(C, "C", dev, (batch, n))
+    check_opt_float(D, "D", dev, (d,))
+    check_opt_float(z, "z", dev, (batch, d))
+    check_opt_float(dt_bias, "dt_bias", dev, (d,))
     if not isinstance(dt_softplus, bool):
         raise TypeError(f"dt_softplus must be a bool, got {dt_softplus!r}")
-    block_d, num_warps = _check_launch("mamba1", block_d, "block_d", num_warps, mamba1_launch_config(d, n))
-    out = _check_out(out, x)
+    block_d, num_warps = check_launch("mamba1", block_d, "block_d", num_warps, mamba1_launch_config(d, n))
+    out = check_out(out, x)
     _mamba1_op(arena, handle_table, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
                layout.ssm_offset(layer), dtype, dt_softplus, block_d, num_warps)
     return out
@@ -346,9 +227,9 @@ def mamba2_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
     Returns:
         ``out`` ``[B, nheads, head_dim]``; skipped rows are zeros.
     """
-    layout, spec, dtype, batch, dev = _state_location(arena, handle_table, ssm_handles, layout, layer,
+    layout, spec, dtype, batch, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
                                                       state_dtype, "state_dtype", "ssm", 2)
-    _tensor(x, "x", dev, 3)
+    check_tensor(x, "x", dev, 3)
     nheads, head_dim = x.shape[1], x.shape[2]
     if nheads * head_dim != layout.d_inner:
         raise ValueError(f"x's nheads * head_dim = {nheads} * {head_dim} must equal the layout's "
@@ -357,27 +238,27 @@ def mamba2_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
         raise ValueError(f"x has {nheads} heads x {head_dim}; spec {spec.name!r} has "
                          f"{spec.mamba_num_heads} x {spec.mamba_head_dim}")
     n = layout.d_state
-    _float(x, "x", dev, (batch, nheads, head_dim))
-    _float(dt, "dt", dev, (batch, nheads))
-    _float(A, "A", dev, (nheads,))
-    _tensor(B, "B", dev, 3)
+    check_float(x, "x", dev, (batch, nheads, head_dim))
+    check_float(dt, "dt", dev, (batch, nheads))
+    check_float(A, "A", dev, (nheads,))
+    check_tensor(B, "B", dev, 3)
     n_groups = B.shape[1]
     if n_groups < 1 or nheads % n_groups:
         raise ValueError(f"n_groups (B.shape[1] = {n_groups}) must divide nheads ({nheads})")
     if spec is not None and n_groups != spec.n_groups:
         raise ValueError(f"B has n_groups={n_groups}; spec {spec.name!r} has {spec.n_groups}")
-    _float(B, "B", dev, (batch, n_groups, n))
-    _float(C, "C", dev, (batch, n_groups, n))
-    _opt_float(D, "D", dev, (nheads,))
-    _opt_float(z, "z", dev, (batch, nheads, head_dim))
-    _opt_float(dt_bias, "dt_bias", dev, (nheads,))
+    check_float(B, "B", dev, (batch, n_groups, n))
+    check_float(C, "C", dev, (batch, n_groups, n))
+    check_opt_float(D, "D", dev, (nheads,))
+    check_opt_float(z, "z", dev, (batch, nheads, head_dim))
+    check_opt_float(dt_bias, "dt_bias", dev, (nheads,))
     if not isinstance(dt_softplus, bool):
         raise TypeError(f"dt_softplus must be a bool, got {dt_softplus!r}")
     if nheads > _MAX_GRID_YZ:
         raise ValueError(f"nheads={nheads} exceeds the grid limit {_MAX_GRID_YZ}")
-    block_p, num_warps = _check_launch("mamba2", block_p, "block_p", num_warps,
+    block_p, num_warps = check_launch("mamba2", block_p, "block_p", num_warps,
                                        mamba2_launch_config(head_dim, n))
-    out = _check_out(out, x)
+    out = check_out(out, x)
     _mamba2_op(arena, handle_table, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
                layout.ssm_offset(layer), dtype, dt_softplus, block_p, num_warps)
     return out
@@ -402,31 +283,31 @@ def causal_conv1d_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_ha
     Returns:
         ``out`` ``[B, channels]``; skipped rows are zeros.
     """
-    layout, _, dtype, batch, dev = _state_location(arena, handle_table, ssm_handles, layout, layer,
+    layout, _, dtype, batch, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
                                                    conv_dtype, "conv_dtype", "conv", None)
     ch = layout.conv_channels
     d_conv = layout.conv_width + 1
-    _float(x, "x", dev, (batch, ch))
-    _tensor(weight, "weight", dev, 2)
+    check_float(x, "x", dev, (batch, ch))
+    check_tensor(weight, "weight", dev, 2)
     if weight.shape[0] == ch and weight.shape[1] != d_conv:
         raise ValueError(f"weight has d_conv={weight.shape[1]}; the layout stores {layout.conv_width} "
                          f"past inputs (d_conv={d_conv})")
-    _float(weight, "weight", dev, (ch, d_conv), inner_contiguous=False)
+    check_float(weight, "weight", dev, (ch, d_conv), inner_contiguous=False)
     if weight.stride(1) != 1:
         raise ValueError(f"weight must be contiguous in its last dimension, got strides {weight.stride()}")
-    _opt_float(bias, "bias", dev, (ch,))
+    check_opt_float(bias, "bias", dev, (ch,))
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    block_c, num_warps = _check_launch("conv1d", block_c, "block_c", num_warps,
+    block_c, num_warps = check_launch("conv1d", block_c, "block_c", num_warps,
                                        conv1d_launch_config(ch, d_conv))
-    out = _check_out(out, x)
+    out = check_out(out, x)
     _conv1d_op(arena, handle_table, ssm_handles, x, weight, bias, out, layout.conv_offset(layer), dtype,
                activation == "silu", block_c, num_warps)
     return out
 
 
 class MambaStateOps:
-    """The three ops bound to an allocator's arena, handle table and spec.
+    """The Mamba ops (decode and prefill) bound to an allocator's arena, handle table and spec.
 
     ``ops = MambaStateOps(alloc); y = ops.mamba2_state_update(handles, layer, x, dt, A, B, C, ...)``.
     The arena and table are read at every call, so handles stay valid across rebalancing.
@@ -453,3 +334,18 @@ class MambaStateOps:
         a = self.allocator
         return causal_conv1d_update(a.arena, a.handle_table, ssm_handles, self.spec, layer, x, weight,
                                     bias, activation, **kw)
+
+    def causal_conv1d_prefill(self, ssm_handles, layer, x, weight, bias=None, activation=None, **kw):
+        a = self.allocator
+        return mamba_prefill.causal_conv1d_prefill(a.arena, a.handle_table, ssm_handles, self.spec, layer, x,
+                                                   weight, bias, activation, **kw)
+
+    def mamba1_scan_prefill(self, ssm_handles, layer, x, dt, A, B, C, D=None, z=None, dt_bias=None, **kw):
+        a = self.allocator
+        return mamba_prefill.mamba1_scan_prefill(a.arena, a.handle_table, ssm_handles, self.spec, layer, x, dt, A,
+                                                 B, C, D, z, dt_bias, **kw)
+
+    def mamba2_scan_prefill(self, ssm_handles, layer, x, dt, A, B, C, D=None, z=None, dt_bias=None, **kw):
+        a = self.allocator
+        return mamba_prefill.mamba2_scan_prefill(a.arena, a.handle_table, ssm_handles, self.spec, layer, x, dt, A,
+                                                 B, C, D, z, dt_bias, **kw)

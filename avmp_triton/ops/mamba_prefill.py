@@ -1,28 +1,30 @@
 """Mamba prefill launchers: causal conv1d, Mamba1 selective scan, Mamba2 scan over a packed chunk.
 
-Each op reads a variable-length packed chunk (``cu_seqlens``), starts every request from its SSM
-block's state (``has_initial_state[b] != 0``, chunked prefill continuing a request) or from zeros,
-and leaves the final state IN PLACE in the block, resolved through the allocator's handle table on
-the device (so blocks may move between chunks: the handle stays, the table entry changes).
+Same calling convention as the decode ops (``avmp_triton.ops.mamba``): where the state lives
+first (arena, handle table, handles, layout, layer), then the op's inputs, then keyword options;
+``dt_softplus`` defaults to False everywhere (as in mamba_ssm and vLLM). Each op reads a
+variable-length packed chunk (``cu_seqlens``), starts every request from its SSM block's state
+(``has_initial_state[b] != 0``, chunked prefill continuing a request) or from zeros, and leaves
+the final state IN PLACE in the block, resolved through the allocator's handle table on the
+device (so blocks may move between chunks: the handle stays, the table entry changes).
 
 Common arguments:
     arena: ``[bytes]`` uint8, the allocator's arena (``AVMPAllocator.arena``); mutated.
     handle_table: ``[H]`` int64 handle -> byte offset of the block, -1 when free.
     ssm_handles: ``[B]`` int32 SSM handle per request; -1 (or a free / out-of-range handle) skips
         the request: its outputs are zeros and its state is untouched.
-    cu_seqlens: ``[B + 1]`` int32 token ranges of the requests in the packed ``[T, ...]`` inputs,
-        non-decreasing from 0 (not checked on the host: that would sync). Tokens in
-        ``[cu_seqlens[B], T)`` (padding) get zero outputs.
-    has_initial_state: ``[B]`` int32 or bool.
-    spec: the model's ``HybridModelSpec``; the state sits where ``ssm_block_layout(spec)`` says,
-        in ``spec.conv_dtype`` / ``spec.ssm_dtype``.
-    layer: Mamba layer index in ``[0, spec.num_mamba_layers)``.
-    out: optional preallocated output (for CUDA graphs); returned.
+    layout: the model's ``HybridModelSpec`` (dtypes come from it), or an ``SSMBlockLayout`` with
+        ``state_dtype=`` / ``conv_dtype=`` given.
+    layer: Mamba layer index in ``[0, num_mamba_layers)``.
+    cu_seqlens (keyword): ``[B + 1]`` int32 token ranges of the requests in the packed
+        ``[T, ...]`` inputs, non-decreasing from 0 (not checked on the host: that would sync).
+        Tokens in ``[cu_seqlens[B], T)`` (padding) get zero outputs.
+    has_initial_state (keyword): ``[B]`` int32 or bool.
+    out: optional preallocated output (for CUDA graphs); returned. Must not alias an input.
 
 No host synchronisation: every launch decision comes from shapes. Each op is registered as a
 PyTorch custom op (``torch.ops.avmp.*``) mutating ``out`` and ``arena``.
 """
-import functools
 from typing import Optional
 
 import torch
@@ -31,75 +33,60 @@ import triton.language as tl
 
 from avmp_triton import _triton_env  # sets the interpreter up on CPU-only hosts (before triton)
 from avmp_triton.kernels import mamba_prefill as K
-from avmp_triton.layout import SSMBlockLayout, ssm_block_layout
-from avmp_triton.spec import HybridModelSpec
+from avmp_triton.ops._mamba_args import (
+    check_float, check_launch, check_opt_float, check_tensor, is_int, state_location,
+)
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _ALGORITHMS = ("auto", "serial", "chunked")
 
 
 # ------------------------------------------------------------------------------- validation
-def _tensor(t, name: str, *, ndim: int | None = None, dtypes=None, device=None, shape=None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, the arena on {device}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
-    return t
-
-
-@functools.lru_cache(maxsize=64)
-def _layout(spec: HybridModelSpec) -> SSMBlockLayout:
-    return ssm_block_layout(spec)
-
-
-def _check_common(arena, handle_table, ssm_handles, cu_seqlens, has_initial_state, spec, layer,
-                  state_dtype_name: str):
-    """Validate the arguments every op shares; returns (B, layout, device)."""
-    if not isinstance(spec, HybridModelSpec):
-        raise TypeError(f"spec must be a HybridModelSpec, got {type(spec).__name__}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < spec.num_mamba_layers:
-        raise ValueError(f"layer must be an int in [0, {spec.num_mamba_layers}) (spec.num_mamba_layers), "
-                         f"got {layer!r}")
-    _tensor(arena, "arena", ndim=1, dtypes=(torch.uint8,))
-    dev = arena.device
-    if dev.type == "cpu":
-        from avmp_triton._triton_env import require_interpreter
-        require_interpreter()
-    elif dev.type != "cuda":
-        raise ValueError(f"arena must be on a cuda or cpu device, got {dev}")
-    itemsize = getattr(spec, state_dtype_name).itemsize
-    if arena.numel() % itemsize:
-        raise ValueError(f"arena has {arena.numel()} bytes, not a multiple of {state_dtype_name} "
-                         f"{getattr(spec, state_dtype_name)}'s {itemsize}")
-    _tensor(handle_table, "handle_table", ndim=1, dtypes=(torch.int64,), device=dev)
-    _tensor(ssm_handles, "ssm_handles", ndim=1, dtypes=(torch.int32,), device=dev)
-    B = ssm_handles.numel()
-    _tensor(cu_seqlens, "cu_seqlens", ndim=1, dtypes=(torch.int32,), device=dev)
-    if cu_seqlens.numel() != B + 1:
-        raise ValueError(f"cu_seqlens must have B + 1 = {B + 1} entries (B = ssm_handles.numel()), "
+def _check_batch_meta(cu_seqlens, has_initial_state, batch: int, dev) -> None:
+    check_tensor(cu_seqlens, "cu_seqlens", dev, 1)
+    if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
+        raise TypeError(f"cu_seqlens must be a contiguous int32 tensor, got {cu_seqlens.dtype} "
+                        f"strides {cu_seqlens.stride()}")
+    if cu_seqlens.numel() != batch + 1:
+        raise ValueError(f"cu_seqlens must have B + 1 = {batch + 1} entries (B = ssm_handles.numel()), "
                          f"got {cu_seqlens.numel()}")
-    _tensor(has_initial_state, "has_initial_state", ndim=1, dtypes=(torch.int32, torch.bool), device=dev)
-    if has_initial_state.numel() != B:
-        raise ValueError(f"has_initial_state must have B = {B} entries, got {has_initial_state.numel()}")
-    return B, _layout(spec), dev
+    check_tensor(has_initial_state, "has_initial_state", dev, 1)
+    if has_initial_state.dtype not in (torch.int32, torch.bool) or not has_initial_state.is_contiguous():
+        raise TypeError(f"has_initial_state must be a contiguous int32 or bool tensor, got "
+                        f"{has_initial_state.dtype} strides {has_initial_state.stride()}")
+    if has_initial_state.numel() != batch:
+        raise ValueError(f"has_initial_state must have B = {batch} entries, got {has_initial_state.numel()}")
 
 
-def _check_out(out, shape, dtype, device, inputs) -> Optional[torch.Tensor]:
+def _check_out(out, like: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """``out`` shaped and typed like ``like`` (allocated when None), sharing memory with no input."""
     if out is None:
-        return None
-    _tensor(out, "out", dtypes=(dtype,), device=device, shape=shape)
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    check_float(out, "out", like.device, tuple(like.shape))
+    if out.dtype != like.dtype:
+        raise TypeError(f"out must have x's dtype {like.dtype}, got {out.dtype}")
     for name, t in inputs.items():
         if t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
             raise ValueError(f"out must not share memory with {name}")
     return out
+
+
+def _check_dt_softplus(v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"dt_softplus must be a bool, got {v!r}")
+    return v
+
+
+def _check_algorithm(algorithm, chunk_size, min_chunk: int) -> None:
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < min_chunk
+                                   or chunk_size & (chunk_size - 1) or chunk_size > 256):
+        raise ValueError(f"chunk_size must be a power of two in [{min_chunk}, 256], got {chunk_size!r}")
+
+
+def _chunked(algorithm: str, dev: torch.device) -> bool:
+    """"auto": chunked on CUDA; serial in the interpreter, where it is the cheaper one."""
+    return algorithm == "chunked" or (algorithm == "auto" and dev.type == "cuda")
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -112,6 +99,13 @@ def _dot_dtype(dtype: torch.dtype):
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def mamba1_prefill_launch_config(d_inner: int, d_state: int) -> tuple[int, int, int]:
+    """(CHUNK, BLOCK_D, num_warps) of the chunked Mamba1 scan: [CHUNK, BLOCK_D, d_state] fp32 pairs
+    in registers (16 x 16 x 16 by default)."""
+    block_d = min(_pow2(d_inner), max(1, 256 // _pow2(d_state)))
+    return 16, block_d, 4
 
 
 # ------------------------------------------------------------------------------- conv1d
@@ -144,47 +138,45 @@ def _(x, weight, bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_in
 
 
 def causal_conv1d_prefill(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], arena: torch.Tensor,
-    handle_table: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
-    has_initial_state: torch.Tensor, spec: HybridModelSpec, layer: int, *,
-    activation: Optional[str] = None, out: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
+    *, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, conv_dtype: Optional[torch.dtype] = None,
+    out: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
 ) -> torch.Tensor:
     """Depthwise causal conv1d over a packed chunk; the block's conv state is the left context.
 
     Args:
-        x: ``[T, C]`` inputs, C = spec.conv_channels (Mamba2: x|B|C concatenated).
-        weight: ``[C, d_conv]``; bias: ``[C]`` or None.
-        activation: None or "silu" ("swish" accepted).
+        x: ``[T, channels]`` inputs (Mamba2: x|B|C concatenated), last dim contiguous.
+        weight: ``[channels, d_conv]``; bias: ``[channels]`` or None.
+        activation: None or "silu".
+        conv_dtype: the conv-state dtype, required with an ``SSMBlockLayout``.
         max_seqlen: optional upper bound on every request's length (and on the padded tail
             ``T - cu_seqlens[B]``), host int: fewer empty programs. Defaults to T.
         (the rest: see the module docstring)
     Returns:
-        out ``[T, C]`` in x's dtype. Afterwards layer ``layer``'s conv state ``[d_conv - 1, C]`` of
-        every active request holds its last d_conv - 1 inputs, oldest first (older state rows, or
-        zeros without an initial state, when the request is shorter than d_conv - 1).
+        out ``[T, channels]`` in x's dtype. Afterwards layer ``layer``'s conv state
+        ``[d_conv - 1, channels]`` of every active request holds its last d_conv - 1 inputs, oldest
+        first (older state rows, or zeros without an initial state, when the request is shorter).
     """
-    B, layout, dev = _check_common(arena, handle_table, ssm_handles, cu_seqlens, has_initial_state, spec,
-                                   layer, "conv_dtype")
-    C = spec.conv_channels
-    _tensor(x, "x", ndim=2, dtypes=_FLOATS, device=dev)
-    if x.shape[1] != C:
-        raise ValueError(f"x must be [T, conv_channels={C}], got shape {tuple(x.shape)}")
-    _tensor(weight, "weight", dtypes=_FLOATS, device=dev, shape=(C, spec.d_conv))
-    if bias is not None:
-        _tensor(bias, "bias", dtypes=_FLOATS, device=dev, shape=(C,))
-    if activation not in (None, "silu", "swish"):
-        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    layout, _, dtype, batch, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
+                                                  conv_dtype, "conv_dtype", "conv", None)
+    _check_batch_meta(cu_seqlens, has_initial_state, batch, dev)
+    ch, d_conv = layout.conv_channels, layout.conv_width + 1
+    check_tensor(x, "x", dev, 2)
     T = x.shape[0]
+    check_float(x, "x", dev, (T, ch))
+    check_float(weight, "weight", dev, (ch, d_conv))
+    check_opt_float(bias, "bias", dev, (ch,))
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if max_seqlen is None:
         max_seqlen = T
-    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+    elif not is_int(max_seqlen) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
-    out = _check_out(out, (T, C), x.dtype, dev, {"x": x, "weight": weight, "bias": bias, "arena": arena})
-    if out is None:
-        out = torch.empty_like(x)
+    out = _check_out(out, x, {"x": x, "weight": weight, "bias": bias, "arena": arena})
     torch.ops.avmp.causal_conv1d_prefill(
         x, weight, bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-        layout.conv_offset(layer), spec.conv_dtype, activation is not None, min(max_seqlen, T))
+        layout.conv_offset(layer), dtype, activation is not None, min(max_seqlen, T))
     return out
 
 
@@ -195,78 +187,87 @@ def _mamba1_scan_prefill_op(
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], out: torch.Tensor,
     arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
     has_initial_state: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
+    chunked: bool, chunk_size: int, block_d: int, num_warps: int,
 ) -> None:
     T, d_inner = x.shape
     d_state = A.shape[1]
     nreq = ssm_handles.numel()
-    block_n = _pow2(d_state)
-    block_d = min(_pow2(d_inner), max(16, 1024 // block_n))
+    args = (x, dt, z if z is not None else x, A, B, C, D if D is not None else A,
+            dt_bias if dt_bias is not None else A, out, arena.view(state_dtype), handle_table, ssm_handles,
+            cu_seqlens, has_initial_state, T, d_inner, d_state, nreq, handle_table.numel(), state_offset,
+            x.stride(0), dt.stride(0), z.stride(0) if z is not None else 0, B.stride(0), C.stride(0),
+            out.stride(0), A.stride(0))
+    flags = dict(HAS_Z=z is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
+                 DT_SOFTPLUS=dt_softplus, ELEM_BYTES=state_dtype.itemsize, BLOCK_N=_pow2(d_state))
     grid = (nreq + 1, triton.cdiv(d_inner, block_d))
-    K.mamba1_scan_prefill_kernel[grid](
-        x, dt, z if z is not None else x, A, B, C, D if D is not None else A,
-        dt_bias if dt_bias is not None else A, out, arena.view(state_dtype), handle_table, ssm_handles,
-        cu_seqlens, has_initial_state, T, d_inner, d_state, nreq, handle_table.numel(), state_offset,
-        x.stride(0), dt.stride(0), z.stride(0) if z is not None else 0, B.stride(0), C.stride(0),
-        out.stride(0), A.stride(0),
-        HAS_Z=z is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-        ELEM_BYTES=state_dtype.itemsize, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=2)
+    if chunked:
+        K.mamba1_chunk_scan_prefill_kernel[grid](*args, **flags, CHUNK=chunk_size, BLOCK_D=block_d,
+                                                 num_warps=num_warps)
+    else:
+        K.mamba1_scan_prefill_kernel[grid](*args, **flags, BLOCK_D=block_d, num_warps=num_warps)
 
 
 @_mamba1_scan_prefill_op.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens,
-      has_initial_state, state_offset, state_dtype, dt_softplus) -> None:
+      has_initial_state, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_d, num_warps) -> None:
     return None
 
 
 def mamba1_scan_prefill(
+    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
-    has_initial_state: torch.Tensor, spec: HybridModelSpec, layer: int, *,
     D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
-    dt_softplus: bool = True, out: Optional[torch.Tensor] = None,
+    *, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, dt_softplus: bool = False,
+    state_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, algorithm: str = "auto",
+    chunk_size: Optional[int] = None, block_d: Optional[int] = None, num_warps: Optional[int] = None,
 ) -> torch.Tensor:
-    """Mamba1 selective scan (Jamba) over a packed chunk, time-serial, state kept in the block.
+    """Mamba1 selective scan (Jamba) over a packed chunk, the state kept in the block.
 
-    Per request and token t (fp32):  dt = softplus(dt_t + dt_bias);  h = exp(dt A) h + dt x_t B_t;
-    y_t = h C_t + D x_t;  y_t *= silu(z_t).
+    Per request and token t (fp32):  dt = softplus(dt_t + dt_bias) (``dt_softplus``, else
+    dt_t + dt_bias);  h = exp(dt A) h + dt x_t B_t;  y_t = h C_t + D x_t;  y_t *= silu(z_t).
 
     Args:
-        x, dt: ``[T, d_inner]``; z: ``[T, d_inner]`` or None (no gating).
+        x, dt: ``[T, d_inner]``; z: ``[T, d_inner]`` or None (no gating). Last dims contiguous.
         A: ``[d_inner, d_state]`` (negative; usually -exp(A_log), fp32).
         B, C: ``[T, d_state]``.
         D, dt_bias: ``[d_inner]`` or None.
+        state_dtype: the ssm dtype, required with an ``SSMBlockLayout``.
+        algorithm: "serial" (token by token), "chunked" (``chunk_size`` tokens at a time through a
+            parallel prefix scan; the fast one) or "auto" (chunked on CUDA, serial in the
+            interpreter).
+        chunk_size, block_d, num_warps: launch shape, defaults from
+            ``mamba1_prefill_launch_config`` (chunk_size: power of two in [1, 256]).
         (the rest: see the module docstring)
     Returns:
         y ``[T, d_inner]`` in x's dtype; layer ``layer``'s ssm state ``[d_inner, d_state]`` of every
-        active request holds its state after its last token, in spec.ssm_dtype.
+        active request holds its state after its last token, in the state dtype.
     """
-    nreq, layout, dev = _check_common(arena, handle_table, ssm_handles, cu_seqlens, has_initial_state, spec,
-                                      layer, "ssm_dtype")
-    if spec.mamba_version != 1:
-        raise ValueError(f"mamba1_scan_prefill needs a Mamba1 spec, got mamba_version={spec.mamba_version} "
-                         f"({spec.name!r}); use mamba2_scan_prefill")
-    Di, N = spec.d_inner, spec.d_state
-    _tensor(x, "x", ndim=2, dtypes=_FLOATS, device=dev)
-    if x.shape[1] != Di:
-        raise ValueError(f"x must be [T, d_inner={Di}], got shape {tuple(x.shape)}")
+    layout, _, dtype, nreq, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
+                                                 state_dtype, "state_dtype", "ssm", 1)
+    _check_batch_meta(cu_seqlens, has_initial_state, nreq, dev)
+    _check_algorithm(algorithm, chunk_size, 1)
+    Di, N = layout.d_inner, layout.d_state
+    check_tensor(x, "x", dev, 2)
     T = x.shape[0]
-    _tensor(dt, "dt", dtypes=_FLOATS, device=dev, shape=(T, Di))
-    _tensor(A, "A", dtypes=_FLOATS, device=dev, shape=(Di, N))
-    _tensor(B, "B", dtypes=_FLOATS, device=dev, shape=(T, N))
-    _tensor(C, "C", dtypes=_FLOATS, device=dev, shape=(T, N))
-    if z is not None:
-        _tensor(z, "z", dtypes=_FLOATS, device=dev, shape=(T, Di))
-    if D is not None:
-        _tensor(D, "D", dtypes=_FLOATS, device=dev, shape=(Di,))
-    if dt_bias is not None:
-        _tensor(dt_bias, "dt_bias", dtypes=_FLOATS, device=dev, shape=(Di,))
-    out = _check_out(out, (T, Di), x.dtype, dev,
-                     {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
-    if out is None:
-        out = torch.empty_like(x)
+    check_float(x, "x", dev, (T, Di))
+    check_float(dt, "dt", dev, (T, Di))
+    check_float(A, "A", dev, (Di, N))
+    check_float(B, "B", dev, (T, N))
+    check_float(C, "C", dev, (T, N))
+    check_opt_float(z, "z", dev, (T, Di))
+    check_opt_float(D, "D", dev, (Di,))
+    check_opt_float(dt_bias, "dt_bias", dev, (Di,))
+    _check_dt_softplus(dt_softplus)
+    chunked = _chunked(algorithm, dev)
+    d_chunk, d_block, d_warps = mamba1_prefill_launch_config(Di, N)
+    if not chunked:   # one [BLOCK_D, N] state tile per program, token by token
+        d_block, d_warps = min(_pow2(Di), max(16, 1024 // _pow2(N))), 2
+    chunk_size = d_chunk if chunk_size is None else chunk_size
+    block_d, num_warps = check_launch("mamba1_scan_prefill", block_d, "block_d", num_warps, (d_block, d_warps))
+    out = _check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
     torch.ops.avmp.mamba1_scan_prefill(
         x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-        layout.ssm_offset(layer), spec.ssm_dtype, bool(dt_softplus))
+        layout.ssm_offset(layer), dtype, dt_softplus, chunked, chunk_size, block_d, num_warps)
     return out
 
 
@@ -314,69 +315,61 @@ def _(x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_s
 
 
 def mamba2_scan_prefill(
+    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
-    has_initial_state: torch.Tensor, spec: HybridModelSpec, layer: int, *,
     D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
-    dt_softplus: bool = True, out: Optional[torch.Tensor] = None, algorithm: str = "auto",
+    *, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, dt_softplus: bool = False,
+    state_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, algorithm: str = "auto",
     chunk_size: int = 64,
 ) -> torch.Tensor:
-    """Mamba2 (SSD) scan (Nemotron-H) over a packed chunk, state kept in the block.
+    """Mamba2 (SSD) scan (Nemotron-H) over a packed chunk, the state kept in the block.
 
     Per request, head h (group g = h // (nheads / n_groups)) and token t (fp32):
-    dt = softplus(dt_t + dt_bias_h);  state = exp(dt A_h) state + dt x_t B_t^T  ([head_dim, d_state]);
-    y_t = state C_t + D_h x_t;  y_t *= silu(z_t).
+    dt = softplus(dt_t + dt_bias_h) (``dt_softplus``);  state = exp(dt A_h) state + dt x_t B_t^T
+    (``[head_dim, d_state]``);  y_t = state C_t + D_h x_t;  y_t *= silu(z_t).
 
     Args:
         x: ``[T, nheads, head_dim]``; z: same shape or None (no gating, e.g. when a gated RMSNorm
-            follows, as in Nemotron-H).
+            follows, as in Nemotron-H). Last dims contiguous.
         dt: ``[T, nheads]``; A, D, dt_bias: ``[nheads]`` (D, dt_bias optional).
         B, C: ``[T, n_groups, d_state]``, n_groups dividing nheads.
+        state_dtype: the ssm dtype, required with an ``SSMBlockLayout``.
         algorithm: "serial" (token by token), "chunked" (chunks of ``chunk_size`` tokens through
             tl.dot, state passed between chunks) or "auto" (chunked on CUDA, serial in the
             interpreter).
-        chunk_size: power of two >= 16 (chunked only).
+        chunk_size: power of two in [16, 256] (chunked only).
         (the rest: see the module docstring)
     Returns:
         y ``[T, nheads, head_dim]`` in x's dtype; layer ``layer``'s ssm state
-        ``[nheads, head_dim, d_state]`` of every active request holds its final state, in spec.ssm_dtype.
+        ``[nheads, head_dim, d_state]`` of every active request holds its final state.
     """
-    nreq, layout, dev = _check_common(arena, handle_table, ssm_handles, cu_seqlens, has_initial_state, spec,
-                                      layer, "ssm_dtype")
-    if spec.mamba_version != 2:
-        raise ValueError(f"mamba2_scan_prefill needs a Mamba2 spec, got mamba_version={spec.mamba_version} "
-                         f"({spec.name!r}); use mamba1_scan_prefill")
-    if algorithm not in _ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 16 \
-            or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size!r}")
-    NH, P, N = spec.mamba_num_heads, spec.mamba_head_dim, spec.d_state
-    _tensor(x, "x", ndim=3, dtypes=_FLOATS, device=dev)
-    if x.shape[1:] != (NH, P):
-        raise ValueError(f"x must be [T, nheads={NH}, head_dim={P}], got shape {tuple(x.shape)}")
-    T = x.shape[0]
-    _tensor(dt, "dt", dtypes=_FLOATS, device=dev, shape=(T, NH))
-    _tensor(A, "A", dtypes=_FLOATS, device=dev, shape=(NH,))
-    _tensor(B, "B", ndim=3, dtypes=_FLOATS, device=dev)
+    layout, spec, dtype, nreq, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
+                                                    state_dtype, "state_dtype", "ssm", 2)
+    _check_batch_meta(cu_seqlens, has_initial_state, nreq, dev)
+    _check_algorithm(algorithm, chunk_size, 16)
+    check_tensor(x, "x", dev, 3)
+    T, NH, P = x.shape
+    N = layout.d_state
+    if NH * P != layout.d_inner:
+        raise ValueError(f"x's nheads * head_dim = {NH} * {P} must equal the layout's d_inner ({layout.d_inner})")
+    if spec is not None and (NH, P) != (spec.mamba_num_heads, spec.mamba_head_dim):
+        raise ValueError(f"x has {NH} heads x {P}; spec {spec.name!r} has "
+                         f"{spec.mamba_num_heads} x {spec.mamba_head_dim}")
+    check_float(x, "x", dev, (T, NH, P))
+    check_float(dt, "dt", dev, (T, NH))
+    check_float(A, "A", dev, (NH,))
+    check_tensor(B, "B", dev, 3)
     G = B.shape[1]
-    if B.shape[0] != T or B.shape[2] != N or G < 1:
-        raise ValueError(f"B must be [T={T}, n_groups, d_state={N}], got shape {tuple(B.shape)}")
-    if NH % G:
-        raise ValueError(f"n_groups ({G}, from B.shape[1]) must divide nheads ({NH})")
-    _tensor(C, "C", dtypes=_FLOATS, device=dev, shape=(T, G, N))
-    if z is not None:
-        _tensor(z, "z", dtypes=_FLOATS, device=dev, shape=(T, NH, P))
-    if D is not None:
-        _tensor(D, "D", dtypes=_FLOATS, device=dev, shape=(NH,))
-    if dt_bias is not None:
-        _tensor(dt_bias, "dt_bias", dtypes=_FLOATS, device=dev, shape=(NH,))
-    out = _check_out(out, (T, NH, P), x.dtype, dev,
-                     {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
-    if out is None:
-        out = torch.empty_like(x)
-    chunked = algorithm == "chunked" or (algorithm == "auto" and dev.type == "cuda")
+    if G < 1 or NH % G:
+        raise ValueError(f"n_groups (B.shape[1] = {G}) must divide nheads ({NH})")
+    check_float(B, "B", dev, (T, G, N))
+    check_float(C, "C", dev, (T, G, N))
+    check_opt_float(z, "z", dev, (T, NH, P))
+    check_opt_float(D, "D", dev, (NH,))
+    check_opt_float(dt_bias, "dt_bias", dev, (NH,))
+    _check_dt_softplus(dt_softplus)
+    out = _check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
     torch.ops.avmp.mamba2_scan_prefill(
         x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-        layout.ssm_offset(layer), spec.ssm_dtype, bool(dt_softplus), chunked, chunk_size)
+        layout.ssm_offset(layer), dtype, dt_softplus, _chunked(algorithm, dev), chunk_size)
     return out

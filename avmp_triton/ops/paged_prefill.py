@@ -19,6 +19,7 @@ from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on C
 from avmp_triton._triton_env import interpreter_active, require_interpreter
 from avmp_triton.kernels.paged_prefill import paged_prefill_kernel
 from avmp_triton.layout import KVPageLayout
+from avmp_triton.ops.paged_attention import _from_alloc
 
 __all__ = ["paged_prefill_attention", "prefill_launch_config"]
 
@@ -117,17 +118,44 @@ def _(out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, page_tokens
 # ------------------------------------------------------------------ public API
 def paged_prefill_attention(
     q: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
+    alloc,
     block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    layer: int = 0,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """``paged_prefill_attention_arena`` on an allocator's arena, handle table and page layout
+    (the same form as ``paged_decode_attention``); q must be in the spec's ``kv_dtype``."""
+    arena, table, layout, num_layers, kv_dtype = _from_alloc(alloc)
+    if isinstance(q, torch.Tensor) and q.dtype != kv_dtype:
+        raise TypeError(f"q must have the KV dtype {kv_dtype}, got {q.dtype}")
+    return paged_prefill_attention_arena(
+        q, arena, table, layout, block_table, seq_lens, cu_seqlens_q, layer=layer, num_layers=num_layers,
+        scale=scale, out=out, max_seqlen_q=max_seqlen_q, block_m=block_m, block_n=block_n, num_warps=num_warps,
+        num_stages=num_stages)
+
+
+def paged_prefill_attention_arena(
+    q: torch.Tensor,
     arena: torch.Tensor,
     handle_table: torch.Tensor,
     layout: KVPageLayout,
-    layer: int,
-    scale: float | None = None,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
     *,
-    out: torch.Tensor | None = None,
+    layer: int = 0,
     num_layers: int | None = None,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,

@@ -41,7 +41,7 @@ def conv1d_ref(x, weight, bias=None, init_state=None, activation=None):
     return out, full[full.shape[0] - (W - 1):].clone()
 
 
-def selective_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, h0=None):
+def selective_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, h0=None):
     """Mamba1, one request: x, dt, z ``[L, D]``, A ``[D, N]``, B, C ``[L, N]``, h0 ``[D, N]``.
     Returns (y ``[L, D]`` fp32, final state ``[D, N]`` fp32)."""
     L, Di = x.shape
@@ -65,7 +65,7 @@ def selective_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus
     return y, h
 
 
-def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, h0=None):
+def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, h0=None):
     """Mamba2, one request: x, z ``[L, H, P]``, dt ``[L, H]``, A, D, dt_bias ``[H]``,
     B, C ``[L, G, N]``, h0 ``[H, P, N]``. Returns (y ``[L, H, P]`` fp32, state ``[H, P, N]`` fp32)."""
     L, H, P = x.shape
@@ -131,7 +131,7 @@ def causal_conv1d_prefill_ref(x, weight, bias, arena, handle_table, ssm_handles,
 
 
 def mamba1_scan_prefill_ref(x, dt, A, B, C, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-                            spec: HybridModelSpec, layer: int, *, D=None, z=None, dt_bias=None, dt_softplus=True):
+                            spec: HybridModelSpec, layer: int, *, D=None, z=None, dt_bias=None, dt_softplus=False):
     """Reference of ``mamba1_scan_prefill``: returns y ``[T, d_inner]``; updates ``arena``."""
     lay = ssm_block_layout(spec)
     out = torch.zeros_like(x)
@@ -147,7 +147,7 @@ def mamba1_scan_prefill_ref(x, dt, A, B, C, arena, handle_table, ssm_handles, cu
 
 
 def mamba2_scan_prefill_ref(x, dt, A, B, C, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-                            spec: HybridModelSpec, layer: int, *, D=None, z=None, dt_bias=None, dt_softplus=True):
+                            spec: HybridModelSpec, layer: int, *, D=None, z=None, dt_bias=None, dt_softplus=False):
     """Reference of ``mamba2_scan_prefill``: returns y ``[T, nheads, head_dim]``; updates ``arena``."""
     lay = ssm_block_layout(spec)
     shape = (spec.mamba_num_heads, spec.mamba_head_dim, spec.d_state)

@@ -1,0 +1,131 @@
+"""Argument checks shared by the Mamba launchers (decode: ops/mamba.py, prefill: ops/mamba_prefill.py).
+
+Metadata only, never a host sync, so the launchers stay capturable in CUDA graphs. Every error
+names the bad argument and value.
+"""
+from typing import Optional
+
+import torch
+
+from avmp_triton.layout import SSMBlockLayout, ssm_block_layout
+from avmp_triton.spec import HybridModelSpec
+
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NUM_WARPS = (1, 2, 4, 8, 16, 32)
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_tensor(t, name: str, device: torch.device, ndim: Optional[int]) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the arena on {device}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_float(t, name: str, device, shape: tuple, *, inner_contiguous: bool = True) -> torch.Tensor:
+    """A float tensor of exactly ``shape`` whose last dimension is contiguous (outer strides free)."""
+    check_tensor(t, name, device, None)
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if inner_contiguous and t.numel() and t.stride(-1) != 1 and t.shape[-1] != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    return t
+
+
+def check_opt_float(t, name, device, shape):
+    return None if t is None else check_float(t, name, device, shape)
+
+
+def check_launch(name: str, block, block_name: str, warps, default) -> tuple[int, int]:
+    if block is None:
+        block = default[0]
+    if warps is None:
+        warps = default[1]
+    if not is_int(block) or block < 1 or block & (block - 1):
+        raise ValueError(f"{block_name} must be a power of two >= 1, got {block!r}")
+    if not is_int(warps) or warps not in _NUM_WARPS:
+        raise ValueError(f"num_warps must be one of {_NUM_WARPS}, got {warps!r}")
+    return block, warps
+
+
+def num_mamba_layers_of(layout: SSMBlockLayout) -> int:
+    if layout.ssm_base == 0:
+        return layout.conv_base // layout.ssm_layer_bytes if layout.ssm_layer_bytes else 0
+    return layout.ssm_base // layout.conv_layer_bytes if layout.conv_layer_bytes else 0
+
+
+def state_location(arena, handle_table, ssm_handles, layout, layer, dtype, dtype_name: str,
+                    kind: str, version: Optional[int]):
+    """Validate the common arguments; return (layout, spec or None, dtype, B, device)."""
+    if not isinstance(arena, torch.Tensor):
+        raise TypeError(f"arena must be a torch.Tensor, got {type(arena).__name__}")
+    dev = arena.device
+    if arena.dtype != torch.uint8 or arena.dim() != 1 or not arena.is_contiguous():
+        raise ValueError(f"arena must be a contiguous 1-D uint8 tensor, got {arena.dtype} shape "
+                         f"{tuple(arena.shape)} strides {arena.stride()}")
+    if dev.type == "cpu":
+        from avmp_triton._triton_env import require_interpreter
+        require_interpreter()
+    elif dev.type != "cuda":
+        raise ValueError(f"arena must be on cuda (or cpu with TRITON_INTERPRET=1), got {dev}")
+    check_tensor(handle_table, "handle_table", dev, 1)
+    if handle_table.dtype != torch.int64 or not handle_table.is_contiguous():
+        raise ValueError(f"handle_table must be a contiguous int64 tensor, got {handle_table.dtype} "
+                         f"strides {handle_table.stride()}")
+    check_tensor(ssm_handles, "ssm_handles", dev, 1)
+    if ssm_handles.dtype != torch.int32:
+        raise TypeError(f"ssm_handles must be int32, got {ssm_handles.dtype}")
+    if not ssm_handles.is_contiguous():
+        raise ValueError(f"ssm_handles must be contiguous, got strides {ssm_handles.stride()}")
+
+    spec = None
+    if isinstance(layout, HybridModelSpec):
+        spec = layout
+        if version is not None and spec.mamba_version != version:
+            raise ValueError(f"spec {spec.name!r} is a Mamba{spec.mamba_version} model; this op is Mamba{version}")
+        spec_dtype = spec.ssm_dtype if kind == "ssm" else spec.conv_dtype
+        if dtype is not None and dtype != spec_dtype:
+            raise ValueError(f"{dtype_name}={dtype} disagrees with spec {spec.name!r} ({spec_dtype})")
+        dtype = spec_dtype
+        n_layers = spec.num_mamba_layers
+        layout = ssm_block_layout(spec)
+    elif isinstance(layout, SSMBlockLayout):
+        if dtype is None:
+            raise TypeError(f"{dtype_name} is required when layout is an SSMBlockLayout (it has no dtype)")
+        n_layers = num_mamba_layers_of(layout)
+    else:
+        raise TypeError(f"layout must be a HybridModelSpec or SSMBlockLayout, got {type(layout).__name__}")
+    if dtype not in _STATE_DTYPES:
+        raise TypeError(f"{dtype_name} must be float32, bfloat16 or float16, got {dtype!r}")
+    if kind == "ssm":
+        want = layout.d_inner * layout.d_state * dtype.itemsize
+        have, off = layout.ssm_layer_bytes, layout.ssm_base
+    else:
+        want = layout.conv_width * layout.conv_channels * dtype.itemsize
+        have, off = layout.conv_layer_bytes, layout.conv_base
+    if want != have or off % dtype.itemsize:
+        raise ValueError(f"{dtype_name}={dtype} does not match the layout ({have} bytes per layer, "
+                         f"expected {want})")
+    if not is_int(layer) or not 0 <= layer < n_layers:
+        raise ValueError(f"layer must be an int in [0, {n_layers}), got {layer!r}")
+    if arena.numel() % dtype.itemsize:
+        raise ValueError(f"arena size {arena.numel()} is not a multiple of {dtype_name}'s {dtype.itemsize} bytes")
+    return layout, spec, dtype, ssm_handles.numel(), dev
+
+
+def check_out(out, x, name="out"):
+    if out is None:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    check_float(out, name, x.device, tuple(x.shape))
+    if out.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {out.dtype}")
+    return out
