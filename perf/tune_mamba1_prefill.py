@@ -91,7 +91,7 @@ def main():
                 else:
                     e["ms"] = triton.testing.do_bench(lambda: run(spec, alloc, handles, inp, cu, init, **launch),
                                                       rep=args.rep)
-                    e["pct_copy"] = 100 * nbytes / e["ms"] / 1e9 / (copy["gbps"])
+                    e["pct_copy"] = 100 * nbytes / (e["ms"] * 1e-3) / 1e9 / copy["gbps"]
             except Exception as exc:  # resources (registers / shared memory) of an oversized tile
                 e["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             row["configs"].append(e)
