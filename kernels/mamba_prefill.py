@@ -25,8 +25,10 @@ import triton.language as tl
 
 @triton.jit
 def _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, num_handles, state_off_bytes,
-             ELEM_BYTES: tl.constexpr):
-    """(start, end, active, has_init, state element base) of request ``i_b`` (``B``: the tail)."""
+             ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr):
+    """(start, end, active, has_init, state element base) of request ``i_b`` (``B``: the tail).
+    The base is a multiple of ALIGN elements (16-byte aligned units + the layer offset), which
+    the compiler is told so that state rows load in wide vectors."""
     is_req = i_b < B
     start = tl.load(cu_ptr + tl.minimum(i_b, B))
     end = tl.load(cu_ptr + i_b + 1, mask=is_req, other=T)
@@ -38,7 +40,7 @@ def _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, num_handles, s
     active = blk >= 0
     flag = tl.load(init_ptr + i_b, mask=is_req, other=0).to(tl.int32)
     has_init = active & (flag != 0)
-    base = (tl.where(active, blk, 0) + state_off_bytes) // ELEM_BYTES
+    base = tl.multiple_of((tl.where(active, blk, 0) + state_off_bytes) // ELEM_BYTES, ALIGN)
     return start, end, active, has_init, base
 
 
@@ -69,7 +71,7 @@ def causal_conv1d_prefill_kernel(
     state_off_bytes,  # byte offset of this layer's conv state inside a block
     stride_x_t, stride_out_t, stride_w_c,
     WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    ELEM_BYTES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Grid (B + 1, cdiv(C, BLOCK_C), token blocks). Tokens are independent, so each program does
     BLOCK_T tokens of one request. Only token block 0 touches the state: its tokens are the only
@@ -79,7 +81,7 @@ def causal_conv1d_prefill_kernel(
     i_c = tl.program_id(1)
     i_t = tl.program_id(2)
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
-                                                  num_handles, state_off_bytes, ELEM_BYTES)
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     o_t = start + i_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -145,7 +147,7 @@ def mamba1_scan_prefill_kernel(
     state_off_bytes,
     stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t, stride_A_d,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (B + 1, cdiv(D, BLOCK_D)): one program carries a [BLOCK_D, N] state through the
@@ -153,7 +155,7 @@ def mamba1_scan_prefill_kernel(
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
-                                                  num_handles, state_off_bytes, ELEM_BYTES)
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
     o_n = tl.arange(0, BLOCK_N)
@@ -222,7 +224,7 @@ def mamba1_chunk_scan_prefill_kernel(
     state_off_bytes,
     stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t, stride_A_d,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Chunked Mamba1 selective scan: grid (B + 1, cdiv(D, BLOCK_D)), one program walks its
@@ -237,7 +239,7 @@ def mamba1_chunk_scan_prefill_kernel(
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
-                                                  num_handles, state_off_bytes, ELEM_BYTES)
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
     o_n = tl.arange(0, BLOCK_N)
@@ -312,7 +314,7 @@ def mamba2_scan_prefill_kernel(
     stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t, stride_B_g,
     stride_C_t, stride_C_g, stride_out_t, stride_out_h,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Time-serial Mamba2 (SSD) scan. Grid (B + 1, NH, cdiv(P, BLOCK_P)); a [BLOCK_P, N] state
@@ -321,7 +323,7 @@ def mamba2_scan_prefill_kernel(
     i_h = tl.program_id(1)
     i_p = tl.program_id(2)
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
-                                                  num_handles, state_off_bytes, ELEM_BYTES)
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
     i_g = i_h // heads_per_group
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_p = o_p < P
@@ -370,7 +372,7 @@ def mamba2_chunk_scan_prefill_kernel(
     stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t, stride_B_g,
     stride_C_t, stride_C_g, stride_out_t, stride_out_h,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -390,7 +392,7 @@ def mamba2_chunk_scan_prefill_kernel(
     i_h = tl.program_id(1)
     i_p = tl.program_id(2)
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
-                                                  num_handles, state_off_bytes, ELEM_BYTES)
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
     i_g = i_h // heads_per_group
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_p = o_p < P

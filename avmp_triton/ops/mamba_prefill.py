@@ -10,7 +10,8 @@ device (so blocks may move between chunks: the handle stays, the table entry cha
 
 Common arguments:
     arena: ``[bytes]`` uint8, the allocator's arena (``AVMPAllocator.arena``); mutated.
-    handle_table: ``[H]`` int64 handle -> byte offset of the block, -1 when free.
+    handle_table: ``[H]`` int64 handle -> byte offset of the block, -1 when free. Offsets are
+        16-byte aligned (every allocator's units are); the kernels rely on it for wide loads.
     ssm_handles: ``[B]`` int32 SSM handle per request; -1 (or a free / out-of-range handle) skips
         the request: its outputs are zeros and its state is untouched.
     layout: the model's ``HybridModelSpec`` (dtypes come from it), or an ``SSMBlockLayout`` with
@@ -25,6 +26,7 @@ Common arguments:
 No host synchronisation: every launch decision comes from shapes. Each op is registered as a
 PyTorch custom op (``torch.ops.avmp.*``) mutating ``out`` and ``arena``.
 """
+import math
 from typing import Optional
 
 import torch
@@ -97,6 +99,11 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
 
 
+def _align(state_offset: int, dtype: torch.dtype) -> int:
+    """Largest power of two (elements) dividing every state base: units are 16-byte aligned."""
+    return math.gcd(16 // dtype.itemsize, state_offset // dtype.itemsize)
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -130,7 +137,8 @@ def _causal_conv1d_prefill_op(
         ssm_handles, cu_seqlens, has_initial_state, T, C, B, handle_table.numel(), state_offset,
         x.stride(0), out.stride(0), weight.stride(0),
         WIDTH=width, BLOCK_W=block_w, HAS_BIAS=bias is not None, SILU=silu,
-        ELEM_BYTES=state_dtype.itemsize, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
+        ELEM_BYTES=state_dtype.itemsize, ALIGN=_align(state_offset, state_dtype), BLOCK_T=block_t, BLOCK_C=block_c,
+        num_warps=4)
 
 
 @_causal_conv1d_prefill_op.register_fake
@@ -200,7 +208,8 @@ def _mamba1_scan_prefill_op(
             x.stride(0), dt.stride(0), z.stride(0) if z is not None else 0, B.stride(0), C.stride(0),
             out.stride(0), A.stride(0))
     flags = dict(HAS_Z=z is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
-                 DT_SOFTPLUS=dt_softplus, ELEM_BYTES=state_dtype.itemsize, BLOCK_N=_pow2(d_state))
+                 DT_SOFTPLUS=dt_softplus, ELEM_BYTES=state_dtype.itemsize,
+                 ALIGN=_align(state_offset, state_dtype), BLOCK_N=_pow2(d_state))
     grid = (nreq + 1, triton.cdiv(d_inner, block_d))
     if chunked:
         K.mamba1_chunk_scan_prefill_kernel[grid](*args, **flags, CHUNK=chunk_size, BLOCK_D=block_d,
@@ -293,7 +302,8 @@ def _mamba2_scan_prefill_op(
             z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), out.stride(0), out.stride(1))
     flags = dict(HAS_Z=z is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
-                 DT_SOFTPLUS=dt_softplus, ELEM_BYTES=state_dtype.itemsize)
+                 DT_SOFTPLUS=dt_softplus, ELEM_BYTES=state_dtype.itemsize,
+                 ALIGN=_align(state_offset, state_dtype))
     if chunked:
         # tl.dot needs every dimension >= 16
         block_n = max(16, _pow2(d_state))
