@@ -7,8 +7,11 @@ only the kernel modules (and the tuned launch configs mamba_ssm reads at run tim
 ``DEST/vllm/...``, byte for byte: the kernels stay vLLM's own. The few vLLM modules those files
 import (envs, logger, platforms, triton_utils, ...) would drag in all of vLLM, so small stand-ins
 with the same names are written next to them. Values that matter to the kernels (KVQuantMode,
-NULL_BLOCK_ID) are cut from the same wheel's source, not retyped. Put DEST on sys.path and
-``import vllm.v1.attention.ops.triton_unified_attention`` works with only torch + triton.
+NULL_BLOCK_ID) are cut from the same wheel's source, not retyped, and so are the host-side
+metadata helpers the benchmarks call as vLLM's Mamba metadata builders do
+(compute_causal_conv1d_metadata, the Mamba2 chunk boundaries). Put DEST on sys.path and
+``import vllm.v1.attention.ops.triton_unified_attention`` (or ``...mamba.ops.ssd_combined``,
+``...mamba.ops.causal_conv1d``) works with only torch + triton (+ numpy, packaging).
 DEST/VERSION.json records the vLLM version and the wheel's sha256. DEST is git-ignored (/.vendor/).
 """
 from __future__ import annotations
@@ -34,6 +37,14 @@ KERNEL_FILES = [
     "vllm/v1/attention/ops/triton_attention_helpers.py",
     "vllm/model_executor/layers/mamba/ops/mamba_ssm.py",
     "vllm/model_executor/layers/mamba/ops/triton_helpers.py",
+    # Mamba2 prefill: the chunked SSD scan (mamba_chunk_scan_combined_varlen) and its kernels
+    "vllm/model_executor/layers/mamba/ops/ssd_combined.py",
+    "vllm/model_executor/layers/mamba/ops/ssd_chunk_scan.py",
+    "vllm/model_executor/layers/mamba/ops/ssd_chunk_state.py",
+    "vllm/model_executor/layers/mamba/ops/ssd_state_passing.py",
+    "vllm/model_executor/layers/mamba/ops/ssd_bmm.py",
+    # the Triton causal conv1d of Mamba prefill (causal_conv1d_fn)
+    "vllm/model_executor/layers/mamba/ops/causal_conv1d.py",
 ]
 # selective_state_update picks (BLOCK_SIZE_M, num_warps) from these per GPU name; without them it
 # would run vLLM's fallback heuristic instead of what vLLM runs on an H100.
@@ -124,6 +135,13 @@ STUBS = {
                 return cap is not None and (cap[0] * 10 + cap[1]) // 10 == capability // 10
 
             @staticmethod
+            def is_arch_support_pdl():
+                # as vLLM's CudaPlatform: programmatic dependent launch from sm_90 on
+                if not torch.cuda.is_available():
+                    return False
+                return torch.cuda.get_device_capability(torch.cuda.current_device())[0] >= 9
+
+            @staticmethod
             def get_device_name(device_id=0):
                 # vLLM asks NVML; it gives the same string as torch ("NVIDIA H100 80GB HBM3").
                 return torch.cuda.get_device_name(device_id) if torch.cuda.is_available() else "cpu"
@@ -157,10 +175,27 @@ STUBS = {
     ''',
 }
 # Stand-ins whose contents are cut from the wheel's own source: (module, source file, names).
+# A name ``Class.member`` cuts that member (with its decorators) into a stand-in class of the same
+# name holding only the members cut. These are host-side helpers the benchmarks call as vLLM's
+# metadata builders do (causal_conv1d's grid metadata, the Mamba2 chunk boundaries), not retyped.
 EXTRACTED = {
     "vllm/v1/kv_cache_interface.py": ("vllm/v1/kv_cache_interface.py", ["KVQuantMode"],
                                       "from enum import IntEnum\n"),
-    "vllm/v1/attention/backends/utils.py": ("vllm/v1/attention/backends/utils.py", ["NULL_BLOCK_ID"], ""),
+    "vllm/v1/attention/backends/utils.py": (
+        "vllm/v1/attention/backends/utils.py",
+        ["NULL_BLOCK_ID", "PAD_SLOT_ID", "compute_causal_conv1d_metadata"],
+        "from typing import Any\n\nimport numpy as np\nimport torch\n\n"
+        "from vllm.utils.torch_utils import PIN_MEMORY, np_to_pinned_tensor\n"),
+    "vllm/v1/attention/backends/mamba_attn.py": (
+        "vllm/v1/attention/backends/mamba_attn.py",
+        ["BaseMambaAttentionMetadataBuilder._compute_chunk_metadata"],
+        "import torch\n\nfrom vllm.utils.math_utils import cdiv\n"),
+    "vllm/utils/math_utils.py": ("vllm/utils/math_utils.py", ["cdiv"], ""),
+    "vllm/utils/torch_utils.py": (
+        "vllm/utils/torch_utils.py", ["np_to_pinned_tensor"],
+        "import numpy as np\nimport torch\n\n"
+        "# vLLM: is_pin_memory_available(), True on a CUDA host (not WSL); no pinning without CUDA.\n"
+        "PIN_MEMORY = torch.cuda.is_available()\n"),
 }
 
 
@@ -181,20 +216,50 @@ def _download_wheel(tmp: str) -> str:
     return wheels[0]
 
 
+def _top_level(tree, source: str, name: str) -> str:
+    for node in tree.body:
+        targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        if getattr(node, "name", None) == name or name in targets or \
+                (isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name):
+            return ast.get_source_segment(source, node)
+    raise SystemExit(f"{name} not found at top level: vLLM moved it, update EXTRACTED")
+
+
+def _member(tree, source: str, cls: str, name: str) -> str:
+    """Source lines of ``cls.name`` with its decorators, at their class-body indentation."""
+    lines = source.splitlines()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for m in node.body:
+                if getattr(m, "name", None) == name:
+                    first = min([m.lineno] + [d.lineno for d in getattr(m, "decorator_list", [])])
+                    return "\n".join(lines[first - 1:m.end_lineno])
+    raise SystemExit(f"{cls}.{name} not found: vLLM moved it, update EXTRACTED")
+
+
 def _cut(source: str, names: list[str]) -> str:
-    """Source text of the top-level class/def/assignment of each name, as written in the wheel."""
+    """Source text of the top-level class/def/assignment of each name, as written in the wheel;
+    ``Class.member`` names are gathered into a stand-in ``class Class`` with only those members."""
     tree = ast.parse(source)
-    out = []
+    parts: list[list] = []          # [text] or [class name, [member texts]]
+    classes: dict[str, list] = {}
     for name in names:
-        for node in tree.body:
-            targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-            if getattr(node, "name", None) == name or name in targets or \
-                    (isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name):
-                out.append(ast.get_source_segment(source, node))
-                break
+        if "." in name:
+            cls, member = name.split(".", 1)
+            if cls not in classes:
+                classes[cls] = []
+                parts.append([cls, classes[cls]])
+            classes[cls].append(_member(tree, source, cls, member))
         else:
-            raise SystemExit(f"{name} not found at top level: vLLM moved it, update EXTRACTED")
-    return "\n\n\n".join(out) + "\n"
+            parts.append([_top_level(tree, source, name)])
+    text = []
+    for p in parts:
+        if len(p) == 1:
+            text.append(p[0])
+        else:
+            cut = ", ".join(n for n in names if n.startswith(p[0] + "."))
+            text.append(f'class {p[0]}:\n    """Stand-in: only {cut}."""\n\n' + "\n\n".join(p[1]))
+    return "\n\n\n".join(text) + "\n"
 
 
 def _module_level_vllm_imports(source: str) -> set[str]:
@@ -274,6 +339,10 @@ def check_import(dest: str) -> None:
             "from vllm.model_executor.layers.mamba.ops.mamba_ssm import selective_state_update;"
             "import vllm.model_executor.layers.mamba.ops.mamba_ssm as m;"
             "assert selective_state_update.__module__ == m.__name__, 'CPU op swapped in';"
+            "from vllm.model_executor.layers.mamba.ops.ssd_combined import mamba_chunk_scan_combined_varlen;"
+            "from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_fn;"
+            "from vllm.v1.attention.backends.utils import compute_causal_conv1d_metadata;"
+            "from vllm.v1.attention.backends.mamba_attn import BaseMambaAttentionMetadataBuilder;"
             "print('import ok')")
     subprocess.run([sys.executable, "-c", code, dest], check=True)
 
