@@ -417,6 +417,32 @@ def test_bound_ops_match_functions(kind, algorithm):
     assert torch.equal(got, want) and torch.equal(a.arena, arena2)
 
 
+@pytest.mark.parametrize("kind,launch", [("conv", dict(block_t=4, block_c=8, num_warps=1)),
+                                         ("conv", dict(block_t=32, block_c=16, num_warps=2)),
+                                         ("m2", dict(block_p=16, num_warps=2)),
+                                         ("m1", dict(block_d=4, num_warps=1))])
+def test_launch_overrides(kind, launch):
+    """Other launch shapes give the reference result (tiles smaller than the request / channels)."""
+    env = Env(SPEC_OF[kind], F32)
+    handles, cu, init, T = env.batch()
+    inputs = INPUTS_OF[kind](env.spec, T, F32)
+    a = env.alloc
+    before, ref_arena = a.arena.clone(), a.arena.clone()
+    want = run_ref(kind, inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
+    meta = dict(cu_seqlens=cu, has_initial_state=init, **launch)
+    if kind == "conv":
+        got = causal_conv1d_prefill(a.arena, a.handle_table, handles, env.spec, LAYER, inputs["x"], inputs["weight"],
+                                    inputs["bias"], "silu", **meta)
+    else:
+        fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
+        got = fn(a.arena, a.handle_table, handles, env.spec, LAYER, inputs["x"], inputs["dt"], inputs["A"],
+                 inputs["B"], inputs["C"], inputs["D"], inputs["z"], inputs["dt_bias"], **meta, dt_softplus=True,
+                 algorithm="chunked", chunk_size=CPU_CHUNK[kind])
+    tol = _tol(F32, F32)
+    torch.testing.assert_close(got, want, **tol)
+    check_arena(env, before, a.arena, ref_arena, handles, STATE_KIND[kind], F32, tol)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2, 8, 32])
 def test_mamba1_chunk_sizes(chunk_size):
     """Every chunk size gives the reference result (17 tokens: full, partial and single chunks)."""
@@ -464,12 +490,12 @@ def test_custom_op_opcheck(kind, algorithm):
     if kind == "conv":
         out = torch.empty_like(i["x"])
         op = torch.ops.avmp.causal_conv1d_prefill.default
-        args = (i["x"], i["weight"], i["bias"], out, *common, env.layout.conv_offset(LAYER), F32, True, T)
+        args = (i["x"], i["weight"], i["bias"], out, *common, env.layout.conv_offset(LAYER), F32, True, T, 32, 16, 4)
     else:
         out = torch.empty_like(i["x"])
         op = (torch.ops.avmp.mamba1_scan_prefill if kind == "m1" else torch.ops.avmp.mamba2_scan_prefill).default
         args = (i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"], out, *common,
-                env.layout.ssm_offset(LAYER), F32, True) + ((True, 16) if kind == "m2" else (True, 4, 16, 4))
+                env.layout.ssm_offset(LAYER), F32, True) + ((True, 16, 16, 4) if kind == "m2" else (True, 4, 16, 4))
     torch.library.opcheck(op, args)
 
 
@@ -514,6 +540,11 @@ def _bad_calls():
     add("layout without dtype", "m2", env2, lambda c: c.update(layout=env2.layout), TypeError, "state_dtype")
     add("mamba1 op, mamba2 spec", "m1", env2, lambda c: None, ValueError, "this op is Mamba1")
     add("activation", "conv", envc, lambda c: c.update(activation="relu"), ValueError, "activation")
+    add("conv block_t", "conv", envc, lambda c: c.update(launch=dict(block_t=2)), ValueError, r"block_t must be >= d_conv - 1 = 3")
+    add("conv block_c", "conv", envc, lambda c: c.update(launch=dict(block_c=48)), ValueError, r"block_c .*got 48")
+    add("mamba2 block_p", "m2", env2, lambda c: c.update(algorithm="chunked", launch=dict(block_p=8)), ValueError,
+        r"block_p must be >= 16 .*got 8")
+    add("mamba1 num_warps", "m1", env1, lambda c: c.update(launch=dict(num_warps=3)), ValueError, r"num_warps .*got 3")
     return cases
 
 
@@ -525,13 +556,13 @@ def test_launchers_validate():
         inputs = make(env.spec, T, F32)
         c = dict(inputs=inputs, arena=env.alloc.arena, table=env.alloc.handle_table, handles=handles, cu=cu,
                  init=init, layer=LAYER, out=None, algorithm="serial", chunk_size=16, activation="silu",
-                 dt_softplus=True, layout=env.spec)
+                 dt_softplus=True, layout=env.spec, launch={})
         mutate(c)
         before = env.alloc.arena.clone()
         i = c["inputs"]
         with pytest.raises(err, match=match):
             where = (c["arena"], c["table"], c["handles"], c["layout"], c["layer"])
-            meta = dict(cu_seqlens=c["cu"], has_initial_state=c["init"], out=c["out"])
+            meta = dict(cu_seqlens=c["cu"], has_initial_state=c["init"], out=c["out"], **c["launch"])
             if kind == "conv":
                 causal_conv1d_prefill(*where, i["x"], i["weight"], i["bias"], c["activation"], **meta)
             else:

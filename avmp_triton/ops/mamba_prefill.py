@@ -117,33 +117,45 @@ def mamba1_prefill_launch_config(d_inner: int, d_state: int) -> tuple[int, int, 
     return 32, block_d, 4
 
 
+def conv1d_prefill_launch_config(channels: int, d_conv: int, max_seqlen: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps) of the prefill conv: [BLOCK_T, BLOCK_C] tiles."""
+    block_t = max(_pow2(d_conv - 1), min(64, _pow2(max_seqlen)))
+    return block_t, min(128, _pow2(channels)), 4
+
+
+def mamba2_prefill_launch_config(head_dim: int, d_state: int, chunked: bool, chunk_size: int) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) of the Mamba2 scans (chunked: every tl.dot dimension >= 16)."""
+    bn = _pow2(d_state)
+    if chunked:
+        block_p = max(16, min(64, _pow2(head_dim)))
+        return block_p, 8 if max(16, bn) * max(block_p, chunk_size) >= 8192 else 4
+    return min(_pow2(head_dim), max(1, 2048 // bn)), 4
+
+
 # ------------------------------------------------------------------------------- conv1d
 @torch.library.custom_op("avmp::causal_conv1d_prefill", mutates_args=("out", "arena"))
 def _causal_conv1d_prefill_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
     arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
     has_initial_state: torch.Tensor, state_offset: int, state_dtype: torch.dtype, silu: bool,
-    max_seqlen: int,
+    max_seqlen: int, block_t: int, block_c: int, num_warps: int,
 ) -> None:
     T, C = x.shape
     width = weight.shape[1]
     B = ssm_handles.numel()
-    block_w = _pow2(width - 1)
-    block_t = max(block_w, min(64, _pow2(max_seqlen)))
-    block_c = min(128, _pow2(C))
     grid = (B + 1, triton.cdiv(C, block_c), max(1, triton.cdiv(max_seqlen, block_t)))
     K.causal_conv1d_prefill_kernel[grid](
         x, weight, bias if bias is not None else weight, out, arena.view(state_dtype), handle_table,
         ssm_handles, cu_seqlens, has_initial_state, T, C, B, handle_table.numel(), state_offset,
         x.stride(0), out.stride(0), weight.stride(0),
-        WIDTH=width, BLOCK_W=block_w, HAS_BIAS=bias is not None, SILU=silu,
+        WIDTH=width, BLOCK_W=_pow2(width - 1), HAS_BIAS=bias is not None, SILU=silu,
         ELEM_BYTES=state_dtype.itemsize, ALIGN=_align(state_offset, state_dtype), BLOCK_T=block_t, BLOCK_C=block_c,
-        num_warps=4)
+        num_warps=num_warps)
 
 
 @_causal_conv1d_prefill_op.register_fake
 def _(x, weight, bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-      state_offset, state_dtype, silu, max_seqlen) -> None:
+      state_offset, state_dtype, silu, max_seqlen, block_t, block_c, num_warps) -> None:
     return None
 
 
@@ -151,7 +163,8 @@ def causal_conv1d_prefill(
     arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
     *, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, conv_dtype: Optional[torch.dtype] = None,
-    out: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+    out: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None, block_t: Optional[int] = None,
+    block_c: Optional[int] = None, num_warps: Optional[int] = None,
 ) -> torch.Tensor:
     """Depthwise causal conv1d over a packed chunk; the block's conv state is the left context.
 
@@ -162,6 +175,8 @@ def causal_conv1d_prefill(
         conv_dtype: the conv-state dtype, required with an ``SSMBlockLayout``.
         max_seqlen: optional upper bound on every request's length (and on the padded tail
             ``T - cu_seqlens[B]``), host int: fewer empty programs. Defaults to T.
+        block_t, block_c, num_warps: launch shape (tokens >= d_conv - 1 and channels per program,
+            powers of two), defaults from ``conv1d_prefill_launch_config``.
         (the rest: see the module docstring)
     Returns:
         out ``[T, channels]`` in x's dtype. Afterwards layer ``layer``'s conv state
@@ -183,10 +198,16 @@ def causal_conv1d_prefill(
         max_seqlen = T
     elif not is_int(max_seqlen) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    max_seqlen = min(max_seqlen, T)
+    d_t, d_c, d_w = conv1d_prefill_launch_config(ch, d_conv, max_seqlen)
+    block_t, num_warps = check_launch("causal_conv1d_prefill", block_t, "block_t", num_warps, (d_t, d_w))
+    block_c, _ = check_launch("causal_conv1d_prefill", block_c, "block_c", None, (d_c, d_w))
+    if block_t < d_conv - 1:
+        raise ValueError(f"block_t must be >= d_conv - 1 = {d_conv - 1}, got {block_t}")
     out = _check_out(out, x, {"x": x, "weight": weight, "bias": bias, "arena": arena})
     torch.ops.avmp.causal_conv1d_prefill(
         x, weight, bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-        layout.conv_offset(layer), dtype, activation is not None, min(max_seqlen, T))
+        layout.conv_offset(layer), dtype, activation is not None, max_seqlen, block_t, block_c, num_warps)
     return out
 
 
@@ -289,7 +310,7 @@ def _mamba2_scan_prefill_op(
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], out: torch.Tensor,
     arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
     has_initial_state: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
-    chunked: bool, chunk_size: int,
+    chunked: bool, chunk_size: int, block_p: int, num_warps: int,
 ) -> None:
     T, nheads, head_dim = x.shape
     n_groups, d_state = B.shape[1], B.shape[2]
@@ -304,25 +325,20 @@ def _mamba2_scan_prefill_op(
     flags = dict(HAS_Z=z is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
                  DT_SOFTPLUS=dt_softplus, ELEM_BYTES=state_dtype.itemsize,
                  ALIGN=_align(state_offset, state_dtype))
+    grid = (nreq + 1, nheads, triton.cdiv(head_dim, block_p))
     if chunked:
-        # tl.dot needs every dimension >= 16
-        block_n = max(16, _pow2(d_state))
-        block_p = max(16, min(64, _pow2(head_dim)))
-        grid = (nreq + 1, nheads, triton.cdiv(head_dim, block_p))
         K.mamba2_chunk_scan_prefill_kernel[grid](
-            *args, **flags, CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=block_n,
+            *args, **flags, CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=max(16, _pow2(d_state)),  # tl.dot: >= 16
             DOT_DTYPE=_dot_dtype(x.dtype), DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=8 if block_n * max(block_p, chunk_size) >= 8192 else 4)
+            num_warps=num_warps)
     else:
-        block_n = _pow2(d_state)
-        block_p = min(_pow2(head_dim), max(1, 2048 // block_n))
-        grid = (nreq + 1, nheads, triton.cdiv(head_dim, block_p))
-        K.mamba2_scan_prefill_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+        K.mamba2_scan_prefill_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_N=_pow2(d_state),
+                                           num_warps=num_warps)
 
 
 @_mamba2_scan_prefill_op.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens,
-      has_initial_state, state_offset, state_dtype, dt_softplus, chunked, chunk_size) -> None:
+      has_initial_state, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_p, num_warps) -> None:
     return None
 
 
@@ -332,7 +348,7 @@ def mamba2_scan_prefill(
     D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
     *, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, dt_softplus: bool = False,
     state_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, algorithm: str = "auto",
-    chunk_size: int = 64,
+    chunk_size: int = 64, block_p: Optional[int] = None, num_warps: Optional[int] = None,
 ) -> torch.Tensor:
     """Mamba2 (SSD) scan (Nemotron-H) over a packed chunk, the state kept in the block.
 
@@ -350,6 +366,8 @@ def mamba2_scan_prefill(
             tl.dot, state passed between chunks) or "auto" (chunked on CUDA, serial in the
             interpreter).
         chunk_size: power of two in [16, 256] (chunked only).
+        block_p, num_warps: launch shape (head_dim rows per program; chunked: >= 16), defaults
+            from ``mamba2_prefill_launch_config``.
         (the rest: see the module docstring)
     Returns:
         y ``[T, nheads, head_dim]`` in x's dtype; layer ``layer``'s ssm state
@@ -380,8 +398,13 @@ def mamba2_scan_prefill(
     check_opt_float(D, "D", dev, (NH,))
     check_opt_float(dt_bias, "dt_bias", dev, (NH,))
     _check_dt_softplus(dt_softplus)
+    chunked = _chunked(algorithm, dev)
+    block_p, num_warps = check_launch("mamba2_scan_prefill", block_p, "block_p", num_warps,
+                                      mamba2_prefill_launch_config(P, N, chunked, chunk_size))
+    if chunked and block_p < 16:
+        raise ValueError(f"block_p must be >= 16 for the chunked scan (tl.dot), got {block_p}")
     out = _check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
     torch.ops.avmp.mamba2_scan_prefill(
         x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-        layout.ssm_offset(layer), dtype, dt_softplus, _chunked(algorithm, dev), chunk_size)
+        layout.ssm_offset(layer), dtype, dt_softplus, chunked, chunk_size, block_p, num_warps)
     return out
