@@ -73,48 +73,55 @@ def causal_conv1d_prefill_kernel(
     WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Grid (B + 1, cdiv(C, BLOCK_C), token blocks). Tokens are independent, so each program does
-    BLOCK_T tokens of one request. Only token block 0 touches the state: its tokens are the only
-    ones whose window reaches back before the chunk (BLOCK_T >= WIDTH - 1), and it writes the new
-    state after a barrier, so no thread can read an overwritten row."""
+    """Grid (B + 1, cdiv(C, BLOCK_C), WORKERS). Tokens are independent: worker w of a request does
+    its token blocks w, w + WORKERS, ... (a grid that does not grow with the longest request, which
+    the host does not know without a sync). Only worker 0 touches the state: its first block holds
+    the only tokens whose window reaches back before the chunk (BLOCK_T >= WIDTH - 1), and it
+    writes the new state after a barrier, so no thread can read an overwritten row."""
     i_b = tl.program_id(0)
     i_c = tl.program_id(1)
-    i_t = tl.program_id(2)
+    i_w = tl.program_id(2)
+    workers = tl.num_programs(2)
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
                                                   num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
-    o_t = start + i_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < end
-
-    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for k in tl.static_range(WIDTH):
-        pos = o_t - (WIDTH - 1) + k          # packed index of the input under tap k
-        m_x = m_t & (pos >= start)
-        b_x = tl.load(x_ptr + pos.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
-                      mask=m_x[:, None] & m_c[None, :], other=0.0).to(tl.float32)
-        if k < WIDTH - 1:
-            # before the chunk: state row (pos - start + WIDTH - 1), oldest first
-            row = pos - start + (WIDTH - 1)
-            m_s = m_t & (pos < start) & has_init
-            b_s = tl.load(state_ptr + base + row.to(tl.int64)[:, None] * C + o_c[None, :],
-                          mask=m_s[:, None] & m_c[None, :], other=0.0).to(tl.float32)
-            b_x += b_s
-        b_w = tl.load(w_ptr + o_c * stride_w_c + k, mask=m_c, other=0.0).to(tl.float32)
-        acc += b_x * b_w[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-    if SILU:
-        acc = _silu(acc)
-    acc = tl.where(active, acc, 0.0)
-    tl.store(out_ptr + o_t.to(tl.int64)[:, None] * stride_out_t + o_c[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+        b_bias = tl.load(bias_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+
+    t0 = start + i_w * BLOCK_T
+    while t0 < end:
+        o_t = t0 + tl.arange(0, BLOCK_T)
+        m_t = o_t < end
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for k in tl.static_range(WIDTH):
+            pos = o_t - (WIDTH - 1) + k          # packed index of the input under tap k
+            m_x = m_t & (pos >= start)
+            b_x = tl.load(x_ptr + pos.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
+                          mask=m_x[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+            if k < WIDTH - 1:
+                # before the chunk: state row (pos - start + WIDTH - 1), oldest first
+                row = pos - start + (WIDTH - 1)
+                m_s = m_t & (pos < start) & has_init
+                b_s = tl.load(state_ptr + base + row.to(tl.int64)[:, None] * C + o_c[None, :],
+                              mask=m_s[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+                b_x += b_s
+            b_w = tl.load(w_ptr + o_c * stride_w_c + k, mask=m_c, other=0.0).to(tl.float32)
+            acc += b_x * b_w[None, :]
+        if HAS_BIAS:
+            acc += b_bias[None, :]
+        if SILU:
+            acc = _silu(acc)
+        acc = tl.where(active, acc, 0.0)
+        tl.store(out_ptr + o_t.to(tl.int64)[:, None] * stride_out_t + o_c[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+        t0 += workers * BLOCK_T
 
     if WIDTH > 1:
         # new state row r = input (end - (WIDTH - 1) + r) of [old state ; chunk]
         o_r = tl.arange(0, BLOCK_W)
         m_r = o_r < WIDTH - 1
-        m_own = active & (i_t == 0)
+        m_own = active & (i_w == 0)
         pos = end - (WIDTH - 1) + o_r
         m_x = m_r & (pos >= start) & m_own
         b_new = tl.load(x_ptr + pos.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],

@@ -80,7 +80,9 @@ from avmp_triton import AVMPAllocator, get_preset
 from avmp_triton.layout import kv_page_layout, ssm_block_layout
 from avmp_triton.ops.mamba_prefill import (
     causal_conv1d_prefill,
+    conv1d_prefill_launch_config,
     mamba1_prefill_launch_config,
+    mamba2_prefill_launch_config,
     mamba1_scan_prefill,
     mamba2_scan_prefill,
 )
@@ -517,7 +519,6 @@ class Runner:
         cell = self._mamba_cell(ops[0], shape)
         setup_s = time.time() - t0
         i, rows = cell.inputs, []
-        L = shape.L
         for op in ops:
             kind = "conv" if op == "conv1d" else "ssm"
             row = self._row(op, shape, layer=cell.layer, mamba_layers_per_block=cell.spec.num_mamba_layers,
@@ -533,14 +534,15 @@ class Runner:
                 def ours():
                     return causal_conv1d_prefill(a.arena, a.handle_table, cell.handles, cell.spec, cell.layer,
                                                  i["conv_x"], i["weight"], i["bias"], "silu", cu_seqlens=cell.cu,
-                                                 has_initial_state=cell.init, out=out, max_seqlen=L)
+                                                 has_initial_state=cell.init, out=out)
 
                 def vllm_make(pool, idx):
                     return peers.prepare_vllm_causal_conv1d(i["conv_x"], i["weight"], i["bias"], pool, idx,
                                                             cell.cu, cell.computed, activation="silu")
 
                 impls = {"ours": lambda: ours}
-                row["ours_config"] = dict(max_seqlen=L)
+                row["ours_config"] = dict(zip(("block_t", "block_c", "num_warps"),
+                                              conv1d_prefill_launch_config(cell.spec.conv_channels, cell.spec.d_conv)))
             else:
                 out = torch.empty(shape.T, *i["x"].shape[1:], dtype=i["x"].dtype, device=DEVICE)
                 sp = cell.spec
@@ -559,7 +561,9 @@ class Runner:
                                                              self.chunk["vllm_m2"])
 
                 impls = {"ours": lambda: ours}
-                row["ours_config"] = dict(algorithm="chunked", chunk_size=self.chunk["ours_m2"] or 64)
+                chunk_m2 = self.chunk["ours_m2"] or 64
+                row["ours_config"] = dict(algorithm="chunked", chunk_size=chunk_m2, **dict(zip(
+                    ("block_p", "num_warps"), mamba2_prefill_launch_config(sp.mamba_head_dim, sp.d_state, True, chunk_m2))))
             self._run_state_op(row, op, cell, kind, ref_out, ref_state, impls, vllm_make, bm["total"])
             self._ratios(row, ["vllm"])
             rows.append(row)

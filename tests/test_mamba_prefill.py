@@ -318,9 +318,10 @@ def test_conv_short_request_keeps_older_rows():
     assert torch.equal(state[:2], old[1:]) and torch.equal(state[2], inputs["x"][0])
 
 
-@pytest.mark.parametrize("max_seqlen", [None, 150])
-def test_conv_many_token_blocks(max_seqlen):
-    """Requests longer than one token block (64): only block 0 reads and writes the state."""
+@pytest.mark.parametrize("block_t", [4, 16, 64])
+def test_conv_many_token_blocks(block_t):
+    """Requests of many token blocks, each worker striding over several: only worker 0 (block 0)
+    reads and writes the state."""
     env = Env(CONV_SPEC, F32)
     handles, cu, init, T = env.batch(lens=[150, 3, 70, 65], init=[1, 1, 0, 1], skip=None, pad=1)
     inputs = conv_inputs(env.spec, T, F32)
@@ -330,7 +331,7 @@ def test_conv_many_token_blocks(max_seqlen):
     out = torch.full_like(want, float("nan"))
     got = causal_conv1d_prefill(a.arena, a.handle_table, handles, env.spec, LAYER, inputs["x"], inputs["weight"],
                                 inputs["bias"], "silu", cu_seqlens=cu, has_initial_state=init, out=out,
-                                max_seqlen=max_seqlen)
+                                block_t=block_t)
     tol = _tol(F32, F32)
     torch.testing.assert_close(got, want, **tol)
     check_arena(env, before, a.arena, ref_arena, handles, "conv", F32, tol)
@@ -490,7 +491,7 @@ def test_custom_op_opcheck(kind, algorithm):
     if kind == "conv":
         out = torch.empty_like(i["x"])
         op = torch.ops.avmp.causal_conv1d_prefill.default
-        args = (i["x"], i["weight"], i["bias"], out, *common, env.layout.conv_offset(LAYER), F32, True, T, 32, 16, 4)
+        args = (i["x"], i["weight"], i["bias"], out, *common, env.layout.conv_offset(LAYER), F32, True, 32, 16, 4)
     else:
         out = torch.empty_like(i["x"])
         op = (torch.ops.avmp.mamba1_scan_prefill if kind == "m1" else torch.ops.avmp.mamba2_scan_prefill).default

@@ -38,6 +38,7 @@ from avmp_triton.kernels import mamba_prefill as K
 from avmp_triton.ops._mamba_args import (
     check_float, check_launch, check_opt_float, check_tensor, is_int, state_location,
 )
+from avmp_triton.ops.paged_attention import _sm_count
 
 _ALGORITHMS = ("auto", "serial", "chunked")
 
@@ -110,26 +111,35 @@ def _pow2(n: int) -> int:
 
 def mamba1_prefill_launch_config(d_inner: int, d_state: int) -> tuple[int, int, int]:
     """(CHUNK, BLOCK_D, num_warps) of the chunked Mamba1 scan: [CHUNK, BLOCK_D, d_state] fp32 pairs
-    in registers. Jamba (d_state 16): 32 tokens x 8 channels, 4 warps, the fastest of 36 shapes at
-    B=1 x 4096 and within 3 % of the fastest at 4 x 1024 on an H100
-    (perf/results/tune_mamba1_prefill_H100.json)."""
-    block_d = min(_pow2(d_inner), max(1, 128 // _pow2(d_state)))
-    return 32, block_d, 4
+    in registers. Jamba (d_state 16): 16 tokens x 16 channels, 4 warps, within 2 % of the fastest
+    of the swept shapes at B=1 x 4096, 4 x 1024 and 16 x 512 on an H100
+    (perf/results/tune_prefill_H100.json)."""
+    block_d = min(_pow2(d_inner), max(1, 256 // _pow2(d_state)))
+    return 16, block_d, 4
 
 
-def conv1d_prefill_launch_config(channels: int, d_conv: int, max_seqlen: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps) of the prefill conv: [BLOCK_T, BLOCK_C] tiles."""
-    block_t = max(_pow2(d_conv - 1), min(64, _pow2(max_seqlen)))
-    return block_t, min(128, _pow2(channels)), 4
+def conv1d_prefill_launch_config(channels: int, d_conv: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps) of the prefill conv, [BLOCK_T, BLOCK_C] tiles: 16 tokens x 128
+    channels, 2 warps, the fastest swept shape at B=1 x 4096 on an H100 (2.9x the 64 x 128 x 4
+    tiles before; perf/results/tune_prefill_H100.json)."""
+    return max(16, _pow2(d_conv - 1)), min(128, _pow2(channels)), 2
+
+
+def _conv_workers(device: torch.device, T: int, block_t: int, programs: int) -> int:
+    """Programs per (request, channel block), each striding over the request's token blocks: enough
+    for ~16 programs per SM in all, never more than the token blocks of the whole chunk (in the
+    interpreter: 64 programs, so the tests see workers striding)."""
+    target = 16 * _sm_count(device.index or 0) if device.type == "cuda" else 64
+    return max(1, min(triton.cdiv(max(T, 1), block_t), triton.cdiv(target, programs)))
 
 
 def mamba2_prefill_launch_config(head_dim: int, d_state: int, chunked: bool, chunk_size: int) -> tuple[int, int]:
-    """(BLOCK_P, num_warps) of the Mamba2 scans (chunked: every tl.dot dimension >= 16)."""
-    bn = _pow2(d_state)
+    """(BLOCK_P, num_warps) of the Mamba2 scans. Chunked (every tl.dot dimension >= 16): up to 64
+    head_dim rows, 4 warps: the fastest swept shape with chunk 64 on Nemotron-H at all three
+    batches on an H100, 1.2-2.2x faster than 8 warps (perf/results/tune_prefill_H100.json)."""
     if chunked:
-        block_p = max(16, min(64, _pow2(head_dim)))
-        return block_p, 8 if max(16, bn) * max(block_p, chunk_size) >= 8192 else 4
-    return min(_pow2(head_dim), max(1, 2048 // bn)), 4
+        return max(16, min(64, _pow2(head_dim))), 4
+    return min(_pow2(head_dim), max(1, 2048 // _pow2(d_state))), 4
 
 
 # ------------------------------------------------------------------------------- conv1d
@@ -138,12 +148,13 @@ def _causal_conv1d_prefill_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
     arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
     has_initial_state: torch.Tensor, state_offset: int, state_dtype: torch.dtype, silu: bool,
-    max_seqlen: int, block_t: int, block_c: int, num_warps: int,
+    block_t: int, block_c: int, num_warps: int,
 ) -> None:
     T, C = x.shape
     width = weight.shape[1]
     B = ssm_handles.numel()
-    grid = (B + 1, triton.cdiv(C, block_c), max(1, triton.cdiv(max_seqlen, block_t)))
+    c_blocks = triton.cdiv(C, block_c)
+    grid = (B + 1, c_blocks, _conv_workers(x.device, T, block_t, (B + 1) * c_blocks))
     K.causal_conv1d_prefill_kernel[grid](
         x, weight, bias if bias is not None else weight, out, arena.view(state_dtype), handle_table,
         ssm_handles, cu_seqlens, has_initial_state, T, C, B, handle_table.numel(), state_offset,
@@ -155,7 +166,7 @@ def _causal_conv1d_prefill_op(
 
 @_causal_conv1d_prefill_op.register_fake
 def _(x, weight, bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-      state_offset, state_dtype, silu, max_seqlen, block_t, block_c, num_warps) -> None:
+      state_offset, state_dtype, silu, block_t, block_c, num_warps) -> None:
     return None
 
 
@@ -163,8 +174,8 @@ def causal_conv1d_prefill(
     arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
     *, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, conv_dtype: Optional[torch.dtype] = None,
-    out: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None, block_t: Optional[int] = None,
-    block_c: Optional[int] = None, num_warps: Optional[int] = None,
+    out: Optional[torch.Tensor] = None, block_t: Optional[int] = None, block_c: Optional[int] = None,
+    num_warps: Optional[int] = None,
 ) -> torch.Tensor:
     """Depthwise causal conv1d over a packed chunk; the block's conv state is the left context.
 
@@ -173,8 +184,6 @@ def causal_conv1d_prefill(
         weight: ``[channels, d_conv]``; bias: ``[channels]`` or None.
         activation: None or "silu".
         conv_dtype: the conv-state dtype, required with an ``SSMBlockLayout``.
-        max_seqlen: optional upper bound on every request's length (and on the padded tail
-            ``T - cu_seqlens[B]``), host int: fewer empty programs. Defaults to T.
         block_t, block_c, num_warps: launch shape (tokens >= d_conv - 1 and channels per program,
             powers of two), defaults from ``conv1d_prefill_launch_config``.
         (the rest: see the module docstring)
@@ -194,12 +203,7 @@ def causal_conv1d_prefill(
     check_opt_float(bias, "bias", dev, (ch,))
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    if max_seqlen is None:
-        max_seqlen = T
-    elif not is_int(max_seqlen) or max_seqlen < 0:
-        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
-    max_seqlen = min(max_seqlen, T)
-    d_t, d_c, d_w = conv1d_prefill_launch_config(ch, d_conv, max_seqlen)
+    d_t, d_c, d_w = conv1d_prefill_launch_config(ch, d_conv)
     block_t, num_warps = check_launch("causal_conv1d_prefill", block_t, "block_t", num_warps, (d_t, d_w))
     block_c, _ = check_launch("causal_conv1d_prefill", block_c, "block_c", None, (d_c, d_w))
     if block_t < d_conv - 1:
@@ -207,7 +211,7 @@ def causal_conv1d_prefill(
     out = _check_out(out, x, {"x": x, "weight": weight, "bias": bias, "arena": arena})
     torch.ops.avmp.causal_conv1d_prefill(
         x, weight, bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-        layout.conv_offset(layer), dtype, activation is not None, max_seqlen, block_t, block_c, num_warps)
+        layout.conv_offset(layer), dtype, activation is not None, block_t, block_c, num_warps)
     return out
 
 
