@@ -57,6 +57,17 @@ def _silu(x):
 
 # ------------------------------------------------------------------------------------ conv1d
 @triton.jit
+def _conv_input_row(x_ptr, state_ptr, base, pos, start, has_init, stride_x_t, C, o_c, m_c, WIDTH: tl.constexpr):
+    """Input row ``pos`` of a request's window, fp32 [BLOCK_C]: x inside the chunk, before it the
+    block's conv state row (pos - start + WIDTH - 1) if it has one, else zeros."""
+    row = pos - start + (WIDTH - 1)
+    from_state = (pos < start) & has_init & (row >= 0)
+    b_x = tl.load(x_ptr + pos.to(tl.int64) * stride_x_t + o_c, mask=m_c & (pos >= start), other=0.0)
+    b_s = tl.load(state_ptr + base + row.to(tl.int64) * C + o_c, mask=m_c & from_state, other=0.0)
+    return b_x.to(tl.float32) + b_s.to(tl.float32)
+
+
+@triton.jit
 def causal_conv1d_prefill_kernel(
     x_ptr,            # [T, C] input (x, or x|B|C for Mamba2)
     w_ptr,            # [C, WIDTH]
@@ -73,11 +84,18 @@ def causal_conv1d_prefill_kernel(
     WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Grid (B + 1, cdiv(C, BLOCK_C), WORKERS). Tokens are independent: worker w of a request does
-    its token blocks w, w + WORKERS, ... (a grid that does not grow with the longest request, which
-    the host does not know without a sync). Only worker 0 touches the state: its first block holds
-    the only tokens whose window reaches back before the chunk (BLOCK_T >= WIDTH - 1), and it
-    writes the new state after a barrier, so no thread can read an overwritten row."""
+    """Grid (B + 1, cdiv(C, BLOCK_C), WORKERS); WIDTH <= 4. Worker w of a request does its token
+    blocks w, w + WORKERS, ... (a grid that does not grow with the longest request, which the host
+    does not know without a sync).
+
+    A block's [BLOCK_T, BLOCK_C] inputs are loaded in one go, then a window of the last three rows
+    slides over them (each input read once, all loads issued before the first store: stores to
+    ``out`` may alias ``x`` as far as the compiler knows). Row i is picked from the tile by a
+    select-sum with a constant index; the token axis is in-thread, so it folds to register moves.
+
+    Only worker 0 touches the state: its first block holds the only tokens whose window reaches
+    back before the chunk (BLOCK_T >= WIDTH - 1), and it writes the new state after a barrier, so
+    no thread can read an overwritten row."""
     i_b = tl.program_id(0)
     i_c = tl.program_id(1)
     i_w = tl.program_id(2)
@@ -86,35 +104,36 @@ def causal_conv1d_prefill_kernel(
                                                   num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
+    o_l = tl.arange(0, BLOCK_T)
+    # tap weights from the newest input back; taps past WIDTH are zero
+    w0 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 1), mask=m_c, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 2), mask=m_c & (WIDTH >= 2), other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 3), mask=m_c & (WIDTH >= 3), other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 4), mask=m_c & (WIDTH >= 4), other=0.0).to(tl.float32)
+    b_bias = tl.zeros((BLOCK_C,), tl.float32)
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
 
     t0 = start + i_w * BLOCK_T
     while t0 < end:
-        o_t = t0 + tl.arange(0, BLOCK_T)
-        m_t = o_t < end
-        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-        for k in tl.static_range(WIDTH):
-            pos = o_t - (WIDTH - 1) + k          # packed index of the input under tap k
-            m_x = m_t & (pos >= start)
-            b_x = tl.load(x_ptr + pos.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
-                          mask=m_x[:, None] & m_c[None, :], other=0.0).to(tl.float32)
-            if k < WIDTH - 1:
-                # before the chunk: state row (pos - start + WIDTH - 1), oldest first
-                row = pos - start + (WIDTH - 1)
-                m_s = m_t & (pos < start) & has_init
-                b_s = tl.load(state_ptr + base + row.to(tl.int64)[:, None] * C + o_c[None, :],
-                              mask=m_s[:, None] & m_c[None, :], other=0.0).to(tl.float32)
-                b_x += b_s
-            b_w = tl.load(w_ptr + o_c * stride_w_c + k, mask=m_c, other=0.0).to(tl.float32)
-            acc += b_x * b_w[None, :]
-        if HAS_BIAS:
-            acc += b_bias[None, :]
-        if SILU:
-            acc = _silu(acc)
-        acc = tl.where(active, acc, 0.0)
-        tl.store(out_ptr + o_t.to(tl.int64)[:, None] * stride_out_t + o_c[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+        o_t = t0 + o_l
+        b_tile = tl.load(x_ptr + o_t.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
+                         mask=(o_t < end)[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        h1 = _conv_input_row(x_ptr, state_ptr, base, t0 - 1, start, has_init, stride_x_t, C, o_c, m_c, WIDTH)
+        h2 = _conv_input_row(x_ptr, state_ptr, base, t0 - 2, start, has_init, stride_x_t, C, o_c, m_c, WIDTH)
+        h3 = _conv_input_row(x_ptr, state_ptr, base, t0 - 3, start, has_init, stride_x_t, C, o_c, m_c, WIDTH)
+        for i in tl.static_range(BLOCK_T):
+            b_x = tl.sum(tl.where((o_l == i)[:, None], b_tile, -0.0), axis=0)   # -0.0: x + -0.0 == x
+            acc = b_bias + w0 * b_x + w1 * h1 + w2 * h2 + w3 * h3
+            if SILU:
+                acc = _silu(acc)
+            acc = tl.where(active, acc, 0.0)
+            t = t0 + i
+            tl.store(out_ptr + t.to(tl.int64) * stride_out_t + o_c, acc.to(out_ptr.dtype.element_ty),
+                     mask=m_c & (t < end))
+            h3 = h2
+            h2 = h1
+            h1 = b_x
         t0 += workers * BLOCK_T
 
     if WIDTH > 1:

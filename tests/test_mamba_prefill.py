@@ -541,6 +541,8 @@ def _bad_calls():
     add("layout without dtype", "m2", env2, lambda c: c.update(layout=env2.layout), TypeError, "state_dtype")
     add("mamba1 op, mamba2 spec", "m1", env2, lambda c: None, ValueError, "this op is Mamba1")
     add("activation", "conv", envc, lambda c: c.update(activation="relu"), ValueError, "activation")
+    env5 = Env(dataclasses.replace(CONV_SPEC, d_conv=5), F32)
+    add("conv d_conv 5", "conv", env5, lambda c: None, ValueError, "d_conv must be at most 4.*got 5")
     add("conv block_t", "conv", envc, lambda c: c.update(launch=dict(block_t=2)), ValueError, r"block_t must be >= d_conv - 1 = 3")
     add("conv block_c", "conv", envc, lambda c: c.update(launch=dict(block_c=48)), ValueError, r"block_c .*got 48")
     add("mamba2 block_p", "m2", env2, lambda c: c.update(algorithm="chunked", launch=dict(block_p=8)), ValueError,

@@ -119,10 +119,10 @@ def mamba1_prefill_launch_config(d_inner: int, d_state: int) -> tuple[int, int, 
 
 
 def conv1d_prefill_launch_config(channels: int, d_conv: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps) of the prefill conv, [BLOCK_T, BLOCK_C] tiles: 16 tokens x 128
-    channels, 2 warps, the fastest swept shape at B=1 x 4096 on an H100 (2.9x the 64 x 128 x 4
-    tiles before; perf/results/tune_prefill_H100.json)."""
-    return max(16, _pow2(d_conv - 1)), min(128, _pow2(channels)), 2
+    """(BLOCK_T, BLOCK_C, num_warps) of the prefill conv: 8 tokens x 512 channels, 2 warps, within 4 %
+    of the fastest swept shape at B=1 x 4096, 4 x 1024 and 16 x 512 on an H100
+    (perf/results/conv1d_prefill_variants_H100.json)."""
+    return max(8, _pow2(d_conv - 1)), min(512, _pow2(channels)), 2
 
 
 def _conv_workers(device: torch.device, T: int, block_t: int, programs: int) -> int:
@@ -196,6 +196,8 @@ def causal_conv1d_prefill(
                                                   conv_dtype, "conv_dtype", "conv", None)
     _check_batch_meta(cu_seqlens, has_initial_state, batch, dev)
     ch, d_conv = layout.conv_channels, layout.conv_width + 1
+    if d_conv > 4:
+        raise ValueError(f"d_conv must be at most 4 (the kernel keeps 3 past rows), got {d_conv}")
     check_tensor(x, "x", dev, 2)
     T = x.shape[0]
     check_float(x, "x", dev, (T, ch))
