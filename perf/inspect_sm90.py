@@ -1,0 +1,119 @@
+"""Compile kernels for sm_90 on a host without a GPU and report what the compiler made of them.
+
+    python perf/inspect_sm90.py [--out FILE]
+
+For each kernel (with the argument specialisations the JIT would apply on an H100 call: pointers
+16-byte aligned, sizes and strides multiples of 16) it prints the blocked layouts of the TTGIR,
+the layout conversions and barriers, ex2 (exp) instructions, and ptxas's register and spill
+counts. Used to check structural claims in perf/results/README.md (registers, in-thread
+reductions, loads issued before stores) without spending GPU time. Needs triton's bundled ptxas.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from avmp_triton.kernels import mamba_prefill as KP
+from avmp_triton.kernels import mamba_state as KS
+
+TARGET = GPUTarget("cuda", 90, 32)
+BF, F32 = "*bf16", "*fp32"
+
+
+def compile_sm90(fn, sig: dict, constexprs: dict, num_warps: int, div16: list) -> dict:
+    while not isinstance(fn, JITFunction):           # through @triton.heuristics
+        fn = fn.fn
+    full = dict(sig, **{k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=fn, signature=full,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div16})
+    k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
+    ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    v = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                       text=True).stderr
+    os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", v)
+    spill = re.search(r"(\d+) bytes spill stores", v)
+    mem = "".join("L" if o.startswith("ld") else "S" for o in re.findall(r"(ld\.global|st\.global)", ptx))
+    return dict(layouts=re.findall(r"#blocked\d* = #ttg\.blocked<(.*)>", ttgir),
+                convert_layout=ttgir.count("ttg.convert_layout"),
+                barriers=ptx.count("bar.sync") + ptx.count("barrier.sync"), ex2=ptx.count("ex2.approx"),
+                registers=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else 0,
+                global_memory_order=mem)
+
+
+def _div(sig, extra):
+    return [k for k, t in sig.items() if t.startswith("*")] + list(extra)
+
+
+def cases():
+    m1_decode = dict(state_ptr=BF, table_ptr="*i64", handles_ptr="*i32", x_ptr=BF, dt_ptr=BF, A_ptr=F32, B_ptr=BF,
+                     C_ptr=BF, D_ptr=F32, z_ptr=BF, dt_bias_ptr=F32, out_ptr=BF, num_handles="i32",
+                     state_off="i32", d_inner="i32", stride_x_b="i32", stride_dt_b="i32", stride_A_d="i32",
+                     stride_B_b="i32", stride_C_b="i32", stride_z_b="i32", stride_out_b="i32")
+    yield ("mamba1_state_update (Jamba, B-independent, 256 x 16 tile, 8 warps)", KS.mamba1_state_update_kernel,
+           m1_decode, dict(D_STATE=16, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_D=256, BLOCK_N=16, HAS_D=True,
+                           HAS_Z=True, HAS_DT_BIAS=True), 8,
+           _div(m1_decode, ["state_off", "d_inner", "stride_x_b", "stride_dt_b", "stride_A_d", "stride_B_b",
+                            "stride_C_b", "stride_z_b", "stride_out_b"]))
+    m1 = dict(x_ptr=BF, dt_ptr=BF, z_ptr=BF, A_ptr=F32, B_ptr=BF, C_ptr=BF, D_ptr=F32, dt_bias_ptr=F32, out_ptr=BF,
+              state_ptr=BF, table_ptr="*i64", handles_ptr="*i32", cu_ptr="*i32", init_ptr="*i32", T="i32", D="i32",
+              N="i32", B="i32", num_handles="i32", state_off_bytes="i32", stride_x_t="i32", stride_dt_t="i32",
+              stride_z_t="i32", stride_B_t="i32", stride_C_t="i32", stride_out_t="i32", stride_A_d="i32")
+    m1_div = _div(m1, ["T", "D", "N", "state_off_bytes", "stride_x_t", "stride_dt_t", "stride_z_t", "stride_B_t",
+                       "stride_C_t", "stride_out_t", "stride_A_d"])
+    flags = dict(HAS_Z=True, HAS_D=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_N=16)
+    yield ("mamba1_scan_prefill serial (64 channels, 2 warps)", KP.mamba1_scan_prefill_kernel, m1,
+           dict(flags, BLOCK_D=64), 2, m1_div)
+    yield ("mamba1_scan_prefill chunked (16 tokens x 16 channels, 4 warps)", KP.mamba1_chunk_scan_prefill_kernel, m1,
+           dict(flags, CHUNK=16, BLOCK_D=16), 4, m1_div)
+    conv = dict(x_ptr=BF, w_ptr=BF, bias_ptr=BF, out_ptr=BF, state_ptr=BF, table_ptr="*i64", handles_ptr="*i32",
+                cu_ptr="*i32", init_ptr="*i32", T="i32", C="i32", B="i32", num_handles="i32", state_off_bytes="i32",
+                stride_x_t="i32", stride_out_t="i32", stride_w_c="i32")
+    yield ("causal_conv1d_prefill (8 tokens x 512 channels, 2 warps)", KP.causal_conv1d_prefill_kernel, conv,
+           dict(WIDTH=4, BLOCK_W=4, HAS_BIAS=True, SILU=True, ELEM_BYTES=2, ALIGN=8, BLOCK_T=8, BLOCK_C=512), 2,
+           _div(conv, ["T", "C", "state_off_bytes", "stride_x_t", "stride_out_t"]))
+    m2 = dict(x_ptr=BF, dt_ptr=BF, z_ptr=BF, A_ptr=F32, B_ptr=BF, C_ptr=BF, D_ptr=F32, dt_bias_ptr=F32, out_ptr=BF,
+              state_ptr=BF, table_ptr="*i64", handles_ptr="*i32", cu_ptr="*i32", init_ptr="*i32", T="i32", P="i32",
+              N="i32", B="i32", num_handles="i32", heads_per_group="i32", state_off_bytes="i32", stride_x_t="i32",
+              stride_x_h="i32", stride_dt_t="i32", stride_z_t="i32", stride_z_h="i32", stride_B_t="i32",
+              stride_B_g="i32", stride_C_t="i32", stride_C_g="i32", stride_out_t="i32", stride_out_h="i32")
+    yield ("mamba2_scan_prefill chunked (chunk 64, 64 x 128 state, 4 warps)", KP.mamba2_chunk_scan_prefill_kernel, m2,
+           dict(HAS_Z=False, HAS_D=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_N=128,
+                CHUNK=64, BLOCK_P=64, DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32"), 4,
+           _div(m2, ["T", "P", "N", "state_off_bytes", "stride_x_t", "stride_x_h", "stride_dt_t", "stride_B_t",
+                     "stride_B_g", "stride_C_t", "stride_C_g", "stride_out_t", "stride_out_h"]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="perf/results/inspect_sm90.json")
+    args = ap.parse_args()
+    res = dict(triton=triton.__version__, target="sm_90a", kernels={})
+    for name, fn, sig, const, warps, div in cases():
+        r = compile_sm90(fn, sig, const, warps, div)
+        res["kernels"][name] = r
+        order = r["global_memory_order"]
+        print(f"{name}\n   registers {r['registers']}, spills {r['spill_bytes']} B, layout conversions "
+              f"{r['convert_layout']}, barriers {r['barriers']}, ex2 {r['ex2']}; global ld/st order {order[:60]}"
+              f"{'...' if len(order) > 60 else ''}")
+        for lay in r["layouts"]:
+            print(f"   {lay}")
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
