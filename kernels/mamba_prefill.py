@@ -157,6 +157,28 @@ def causal_conv1d_prefill_kernel(
 
 # ------------------------------------------------------------------------------- Mamba1 scan
 @triton.jit
+def _mamba1_tile(A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N, stride_A_d,
+                 HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A Mamba1 program's channel block: offsets and masks, its A, D and dt_bias (fp32; zeros when
+    absent) and its [BLOCK_D, N] state (fp32, zeros without an initial state) with the pointers."""
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    m_dn = m_d[:, None] & m_n[None, :]
+    b_A = tl.load(A_ptr + o_d[:, None] * stride_A_d + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
+    b_D = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_DT_BIAS:
+        b_bias = tl.load(dt_bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    p_state = state_ptr + base + o_d.to(tl.int64)[:, None] * N + o_n[None, :]
+    b_h = tl.load(p_state, mask=m_dn & has_init, other=0.0).to(tl.float32)
+    return o_d, m_d, o_n, m_n, m_dn, b_A, b_D, b_bias, p_state, b_h
+
+
+@triton.jit
 def mamba1_scan_prefill_kernel(
     x_ptr,            # [T, D]
     dt_ptr,           # [T, D]
@@ -182,18 +204,9 @@ def mamba1_scan_prefill_kernel(
     i_d = tl.program_id(1)
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
                                                   num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    o_n = tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    m_dn = m_d[:, None] & m_n[None, :]
-    b_A = tl.load(A_ptr + o_d[:, None] * stride_A_d + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
-    if HAS_D:
-        b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    if HAS_DT_BIAS:
-        b_bias = tl.load(dt_bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    p_state = state_ptr + base + o_d.to(tl.int64)[:, None] * N + o_n[None, :]
-    b_h = tl.load(p_state, mask=m_dn & has_init, other=0.0).to(tl.float32)
+    o_d, m_d, o_n, m_n, m_dn, b_A, b_D, b_bias, p_state, b_h = _mamba1_tile(
+        A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N, stride_A_d, HAS_D, HAS_DT_BIAS,
+        BLOCK_D, BLOCK_N)
 
     t = start
     while t < end:
@@ -266,20 +279,11 @@ def mamba1_chunk_scan_prefill_kernel(
     i_d = tl.program_id(1)
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
                                                   num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    o_n = tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    m_dn = m_d[:, None] & m_n[None, :]
+    o_d, m_d, o_n, m_n, m_dn, b_A, b_D, b_bias, p_state, b_h = _mamba1_tile(
+        A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N, stride_A_d, HAS_D, HAS_DT_BIAS,
+        BLOCK_D, BLOCK_N)
     o_l = tl.arange(0, CHUNK)
     is_last = (o_l == CHUNK - 1)[:, None, None]
-    b_A = tl.load(A_ptr + o_d[:, None] * stride_A_d + o_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
-    if HAS_D:
-        b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    if HAS_DT_BIAS:
-        b_bias = tl.load(dt_bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-    p_state = state_ptr + base + o_d.to(tl.int64)[:, None] * N + o_n[None, :]
-    b_h = tl.load(p_state, mask=m_dn & has_init, other=0.0).to(tl.float32)
 
     o_t = start + o_l
     m_t = o_t < end

@@ -50,7 +50,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 
 import torch
 import triton
@@ -62,7 +61,7 @@ from avmp_triton.ops.paged_attention import decode_config, decode_workspace, pag
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402  (perf/peers.py)
-from _results import finish  # noqa: E402  (perf/_results.py)
+from _results import CheckFailed, finish, record_failure  # noqa: E402  (perf/_results.py)
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 SPEC = "jamba-1.5-mini"
@@ -72,10 +71,6 @@ QUANTILES = [0.5, 0.2, 0.8]
 TOL = {torch.bfloat16: (2e-3, 2e-2), torch.float16: (5e-4, 5e-3), torch.float32: (1e-5, 1e-4)}
 SWEEP_CELLS = [(1, 4096), (16, 32768), (64, 512), (64, 4096)]
 DEVICE = "cuda"  # the cells' tensors (a CPU dry run of the control flow swaps it)
-
-
-class CheckFailed(AssertionError):
-    pass
 
 
 class CompileTimeout(Exception):
@@ -341,15 +336,7 @@ class Runner:
         self.failures: list[str] = []
 
     def fail(self, row: dict, name: str, exc: BaseException) -> None:
-        detail = exc.args[1] if isinstance(exc, CheckFailed) and len(exc.args) > 1 else None
-        msg = f"B={row['B']} ctx={row['ctx']} {name}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}"
-        row.setdefault("failures", {})[name] = dict(error=msg, detail=detail,
-                                                    traceback=None if isinstance(exc, CheckFailed)
-                                                    else traceback.format_exc(limit=6))
-        self.failures.append(msg)
-        print("FAIL " + msg, file=sys.stderr, flush=True)
-        if self.args.fail_fast:
-            raise exc
+        record_failure(row, name, exc, f"B={row['B']} ctx={row['ctx']}", self.failures, self.args.fail_fast)
 
     def _peer(self, row, name, prepare, ref, outs, nbytes, dtype, *, annotate=None, timeout=None) -> None:
         """Prepare a peer, check its output, time it. In its own frame, so every copy it made is

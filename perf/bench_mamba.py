@@ -41,7 +41,6 @@ import gc
 import os
 import sys
 import time
-import traceback
 
 import torch
 import triton
@@ -59,8 +58,8 @@ from avmp_triton.reference import mamba as R
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402  (perf/peers.py)
-from _results import finish  # noqa: E402  (perf/_results.py)
-from bench_attention import CheckFailed, copy_bandwidth, environment, graphed  # noqa: E402
+from _results import CheckFailed, finish, record_failure  # noqa: E402  (perf/_results.py)
+from bench_attention import copy_bandwidth, environment, graphed  # noqa: E402
 
 CASES = {"mamba1": "jamba-1.5-mini", "mamba2": "nemotron-h-8b"}
 USE_Z = {"mamba1": True, "mamba2": False}
@@ -290,16 +289,8 @@ class Runner:
         self.sweep_deadline = float("inf")
 
     def fail(self, row: dict, name: str, exc: BaseException) -> None:
-        detail = exc.args[1] if isinstance(exc, CheckFailed) and len(exc.args) > 1 else None
-        msg = (f"{row['case']} B={row['B']} state {row['state_dtype']} {name}: {type(exc).__name__}: "
-               f"{exc.args[0] if exc.args else exc}")
-        row.setdefault("failures", {})[name] = dict(error=msg, detail=detail,
-                                                    traceback=None if isinstance(exc, CheckFailed)
-                                                    else traceback.format_exc(limit=6))
-        self.failures.append(msg)
-        print("FAIL " + msg, file=sys.stderr, flush=True)
-        if self.args.fail_fast:
-            raise exc
+        record_failure(row, name, exc, f"{row['case']} B={row['B']} state {row['state_dtype']}", self.failures,
+                       self.args.fail_fast)
 
     def _setup(self, case, B, state_dtype):
         cell = build_cell(case, B, state_dtype, self.args.mamba_layers, DEVICE, seed=self.args.seed)

@@ -69,7 +69,6 @@ import dataclasses
 import os
 import sys
 import time
-import traceback
 from types import SimpleNamespace
 
 import torch
@@ -93,8 +92,8 @@ from avmp_triton.reference import mamba_prefill as RM
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_attention as BA  # noqa: E402  (perf/bench_attention.py)
 import peers  # noqa: E402  (perf/peers.py)
-from _results import finish  # noqa: E402  (perf/_results.py)
-from bench_attention import CheckFailed, copy_bandwidth, environment, graphed  # noqa: E402
+from _results import CheckFailed, finish, record_failure  # noqa: E402  (perf/_results.py)
+from bench_attention import copy_bandwidth, environment, graphed  # noqa: E402
 from bench_mamba import layer_states, pool_plan  # noqa: E402
 
 OPS = ("mamba2", "conv1d", "mamba1", "attention")
@@ -375,15 +374,7 @@ class Runner:
 
     # ----------------------------------------------------------------------------- bookkeeping
     def fail(self, row: dict, name: str, exc: BaseException) -> None:
-        detail = exc.args[1] if isinstance(exc, CheckFailed) and len(exc.args) > 1 else None
-        msg = f"{row['op']} {row['shape']} {name}: {type(exc).__name__}: {exc.args[0] if exc.args else exc}"
-        row.setdefault("failures", {})[name] = dict(error=msg, detail=detail,
-                                                    traceback=None if isinstance(exc, CheckFailed)
-                                                    else traceback.format_exc(limit=8))
-        self.failures.append(msg)
-        print("FAIL " + msg, file=sys.stderr, flush=True)
-        if self.args.fail_fast:
-            raise exc
+        record_failure(row, name, exc, f"{row['op']} {row['shape']}", self.failures, self.args.fail_fast, tb_limit=8)
 
     def _measure(self, row, name, make, check, restore, reset, nbytes, flops=None, replay_atol=0.0,
                  annotate=None) -> None:

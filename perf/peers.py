@@ -316,15 +316,7 @@ def prepare_sdpa_prefill(q, k, v, scale, *, backend=None):
                 return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
             return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
-    gqa_mode = "enable_gqa" if Hq != Hkv else "none"
-    try:
-        call(k, v, Hq != Hkv)
-    except RuntimeError:
-        if Hq == Hkv:
-            raise
-        k = k.repeat_interleave(Hq // Hkv, dim=1)
-        v = v.repeat_interleave(Hq // Hkv, dim=1)
-        gqa_mode = "repeat_interleave"
+    k, v, gqa_mode = _gqa_or_repeat(call, k, v, Hq, Hkv)
     gqa = gqa_mode == "enable_gqa"
 
     def run():
@@ -407,6 +399,18 @@ def prepare_flex_paged_attention(q, k_cache, v_cache, block_table, seq_lens, sca
 # torch SDPA on contiguous K/V (no paging: the floor a paged kernel is compared with)
 
 
+def _gqa_or_repeat(call, k, v, Hq: int, Hkv: int):
+    """(k, v, mode): SDPA's own GQA ("enable_gqa") when the backend takes it, else K/V repeated to
+    Hq heads ("repeat_interleave"; the kernel then reads Hq / Hkv times the bytes)."""
+    if Hq == Hkv:
+        return k, v, "none"
+    try:
+        call(k, v, True)
+        return k, v, "enable_gqa"
+    except RuntimeError:
+        return k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1), "repeat_interleave"
+
+
 def prepare_sdpa_contiguous(q, k, v, scale, *, backend=None):
     """SDPA decode, one query per sequence, K/V [B, Hkv, S, D] with every S equal.
 
@@ -424,15 +428,7 @@ def prepare_sdpa_contiguous(q, k, v, scale, *, backend=None):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q4, kk, vv, scale=scale, enable_gqa=gqa).squeeze(2)
 
-    gqa_mode = "enable_gqa" if Hq != Hkv else "none"
-    try:
-        call(k, v, Hq != Hkv)
-    except RuntimeError:
-        if Hq == Hkv:
-            raise
-        k = k.repeat_interleave(Hq // Hkv, dim=1)
-        v = v.repeat_interleave(Hq // Hkv, dim=1)
-        gqa_mode = "repeat_interleave"
+    k, v, gqa_mode = _gqa_or_repeat(call, k, v, Hq, Hkv)
     gqa = gqa_mode == "enable_gqa"
 
     def run():

@@ -129,3 +129,16 @@ def check_out(out, x, name="out"):
     if out.dtype != x.dtype:
         raise TypeError(f"{name} must have x's dtype {x.dtype}, got {out.dtype}")
     return out
+
+
+def check_mamba1_inputs(dev, rows: int, d_inner: int, d_state: int, x, dt, A, B, C, D, z, dt_bias) -> None:
+    """Shapes of a Mamba1 step or chunk: x, dt, z ``[rows, d_inner]``; A ``[d_inner, d_state]``;
+    B, C ``[rows, d_state]``; D, dt_bias ``[d_inner]`` (D, z, dt_bias optional)."""
+    check_float(x, "x", dev, (rows, d_inner))
+    check_float(dt, "dt", dev, (rows, d_inner))
+    check_float(A, "A", dev, (d_inner, d_state))
+    check_float(B, "B", dev, (rows, d_state))
+    check_float(C, "C", dev, (rows, d_state))
+    check_opt_float(D, "D", dev, (d_inner,))
+    check_opt_float(z, "z", dev, (rows, d_inner))
+    check_opt_float(dt_bias, "dt_bias", dev, (d_inner,))

@@ -29,7 +29,7 @@ from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on C
 from avmp_triton.kernels import mamba_state as K
 from avmp_triton.ops import mamba_prefill
 from avmp_triton.ops._mamba_args import (
-    check_float, check_launch, check_opt_float, check_out, check_tensor, state_location,
+    check_float, check_launch, check_mamba1_inputs, check_opt_float, check_out, check_tensor, state_location,
 )
 from avmp_triton.spec import HybridModelSpec
 
@@ -189,14 +189,7 @@ def mamba1_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
     layout, _, dtype, batch, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
                                                    state_dtype, "state_dtype", "ssm", 1)
     d, n = layout.d_inner, layout.d_state
-    check_float(x, "x", dev, (batch, d))
-    check_float(dt, "dt", dev, (batch, d))
-    check_float(A, "A", dev, (d, n))
-    check_float(B, "B", dev, (batch, n))
-    check_float(C, "C", dev, (batch, n))
-    check_opt_float(D, "D", dev, (d,))
-    check_opt_float(z, "z", dev, (batch, d))
-    check_opt_float(dt_bias, "dt_bias", dev, (d,))
+    check_mamba1_inputs(dev, batch, d, n, x, dt, A, B, C, D, z, dt_bias)
     if not isinstance(dt_softplus, bool):
         raise TypeError(f"dt_softplus must be a bool, got {dt_softplus!r}")
     block_d, num_warps = check_launch("mamba1", block_d, "block_d", num_warps, mamba1_launch_config(d, n))

@@ -36,7 +36,7 @@ import triton.language as tl
 from avmp_triton import _triton_env  # sets the interpreter up on CPU-only hosts (before triton)
 from avmp_triton.kernels import mamba_prefill as K
 from avmp_triton.ops._mamba_args import (
-    check_float, check_launch, check_opt_float, check_tensor, is_int, state_location,
+    check_float, check_launch, check_mamba1_inputs, check_opt_float, check_tensor, is_int, state_location,
 )
 from avmp_triton.ops.paged_attention import _sm_count
 
@@ -287,14 +287,7 @@ def mamba1_scan_prefill(
     Di, N = layout.d_inner, layout.d_state
     check_tensor(x, "x", dev, 2)
     T = x.shape[0]
-    check_float(x, "x", dev, (T, Di))
-    check_float(dt, "dt", dev, (T, Di))
-    check_float(A, "A", dev, (Di, N))
-    check_float(B, "B", dev, (T, N))
-    check_float(C, "C", dev, (T, N))
-    check_opt_float(z, "z", dev, (T, Di))
-    check_opt_float(D, "D", dev, (Di,))
-    check_opt_float(dt_bias, "dt_bias", dev, (Di,))
+    check_mamba1_inputs(dev, T, Di, N, x, dt, A, B, C, D, z, dt_bias)
     _check_dt_softplus(dt_softplus)
     chunked = _chunked(algorithm, dev)
     d_chunk, d_block, d_warps = mamba1_prefill_launch_config(Di, N)
