@@ -227,30 +227,35 @@ def graphed(fn):
     return g, out
 
 
-def time_fn(fn, expect: torch.Tensor, rep: int, use_graph: bool = True) -> dict:
-    """Median and 20/80 % quantiles (ms) of one call.
+def time_replayed(fn, expect: torch.Tensor, rep: int, *, restore=None, replay_atol: float = 0.0,
+                  use_graph: bool = True) -> dict:
+    """Median and 20/80 % quantiles (ms) of one call of ``fn``, from a CUDA-graph replay (eager
+    launches if capture fails or ``use_graph`` is off; the mode is recorded).
 
-    With a graph, its output is NaN-poisoned, the graph replayed once, and the result compared with
-    ``expect`` (the checked eager output): the timed graph provably does the checked work. It must
-    match bit for bit, or within the dtype's atol (recorded) for a peer that is not deterministic."""
-    mode, g = "eager", None
+    With a graph: ``restore()`` (if given) puts the states back, the graph's output is NaN-poisoned,
+    the graph replayed once and the result compared with ``expect`` (the checked eager output), so
+    the timed graph provably does the checked work. It must match bit for bit, or within
+    ``replay_atol`` (the difference recorded) for a peer that is not deterministic."""
+    mode, g, res = "eager", None, {}
     if use_graph:
         try:
             g, out = graphed(fn)
+            mode = "cuda_graph"
         except Exception as e:  # capture not supported by this callable: time eager launches
             mode = f"eager (graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})"
             g = None
             torch.cuda.synchronize()
-    res = {}
     if g is not None:
+        if restore is not None:
+            restore()
         out.fill_(float("nan"))
         g.replay()
         torch.cuda.synchronize()
-        mode = "cuda_graph"
-        if not torch.equal(out, expect):
-            diff = float((out.float() - expect.float()).abs().nan_to_num(float("inf")).max())
+        got = out.reshape(expect.shape)
+        if not torch.equal(got, expect):
+            diff = float((got.float() - expect.float()).abs().nan_to_num(float("inf")).max())
             res["replay_max_abs_diff"] = diff
-            if not diff <= TOL[expect.dtype][0]:
+            if not diff <= replay_atol:
                 raise CheckFailed(f"CUDA-graph replay differs from the checked eager output by {diff:.3e}",
                                   dict(replay_max_abs_diff=diff))
     call = g.replay if g is not None else fn
@@ -350,7 +355,7 @@ class Runner:
             first_s = time.time() - t0
             row["checks"][name] = check(name, got, ref, dtype, outs)
             outs[name] = got
-            e = time_fn(run, got, self.args.rep)
+            e = time_replayed(run, got, self.args.rep, replay_atol=TOL[got.dtype][0])
             e["prepare_and_first_call_s"] = first_s
             if annotate:
                 annotate(run, e)
@@ -419,7 +424,7 @@ class Runner:
             torch.cuda.synchronize()
             row["checks"]["ours"] = check("ours", out, ref, dtype)
             outs["ours"] = out.clone()
-            e = time_fn(ours, out.clone(), a.rep)
+            e = time_replayed(ours, out.clone(), a.rep, replay_atol=TOL[out.dtype][0])
             e["config"] = dataclasses.asdict(cfg)
             bandwidth(e, nbytes, self.copy_gbps)
             row["kernels"]["ours"] = e
@@ -517,7 +522,7 @@ class Runner:
                 fn()
                 torch.cuda.synchronize()
                 entry["check"] = check("ours", out, ref, dtype)
-                entry.update(time_fn(fn, out.clone(), a.rep))
+                entry.update(time_replayed(fn, out.clone(), a.rep, replay_atol=TOL[out.dtype][0]))
                 bandwidth(entry, sz["bytes_model"], self.copy_gbps)
             except Exception as exc:
                 if isinstance(exc, CheckFailed) or not _is_resource_error(exc):

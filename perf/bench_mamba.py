@@ -44,7 +44,6 @@ import time
 
 import torch
 import triton
-import triton.testing
 
 from avmp_triton import AVMPAllocator, get_preset
 from avmp_triton.layout import ssm_block_layout
@@ -59,7 +58,7 @@ from avmp_triton.reference import mamba as R
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402  (perf/peers.py)
 from _results import CheckFailed, finish, record_failure  # noqa: E402  (perf/_results.py)
-from bench_attention import copy_bandwidth, environment, graphed  # noqa: E402
+from bench_attention import copy_bandwidth, environment, time_replayed  # noqa: E402
 
 CASES = {"mamba1": "jamba-1.5-mini", "mamba2": "nemotron-h-8b"}
 USE_Z = {"mamba1": True, "mamba2": False}
@@ -235,32 +234,6 @@ def check_update(name: str, cell: Cell, pool: torch.Tensor, before: torch.Tensor
 
 
 # -------------------------------------------------------------------------------------- timing
-def time_update(fn, restore, expect: torch.Tensor, rep: int) -> dict:
-    """Median and 20/80 % quantiles (ms) of one in-place update, from a CUDA-graph replay.
-
-    Before timing, the states are restored and one replay (output NaN-poisoned) must give
-    ``expect`` bit for bit: the timed graph does the checked work."""
-    mode, g = "cuda_graph", None
-    try:
-        g, out = graphed(fn)
-    except Exception as e:
-        mode = f"eager (graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})"
-        torch.cuda.synchronize()
-    if g is not None:
-        restore()
-        out.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        if not torch.equal(out.reshape(expect.shape), expect):
-            diff = float((out.float().reshape(expect.shape) - expect.float()).abs().nan_to_num(float("inf")).max())
-            raise CheckFailed(f"CUDA-graph replay differs from the checked eager output by {diff:.3e}",
-                              dict(replay_max_abs_diff=diff))
-    call = g.replay if g is not None else fn
-    med, p20, p80 = triton.testing.do_bench(call, warmup=25, rep=rep, quantiles=QUANTILES)
-    del g
-    return dict(ms=med, p20_ms=p20, p80_ms=p80, timing=mode)
-
-
 def free_memory() -> None:
     gc.collect()
     torch.cuda.synchronize()
@@ -310,7 +283,7 @@ class Runner:
             def restore():
                 pool[rows] = old
 
-            e = time_update(fn, restore, expect, self.args.rep)
+            e = time_replayed(fn, expect, self.args.rep, restore=restore)
             e.update(extra or {})
             e["gbps"] = nbytes / e["ms"] / 1e6
             e["pct_of_copy"] = 100.0 * e["gbps"] / self.copy_gbps

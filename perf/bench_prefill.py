@@ -93,7 +93,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_attention as BA  # noqa: E402  (perf/bench_attention.py)
 import peers  # noqa: E402  (perf/peers.py)
 from _results import CheckFailed, finish, record_failure  # noqa: E402  (perf/_results.py)
-from bench_attention import copy_bandwidth, environment, graphed  # noqa: E402
+from bench_attention import copy_bandwidth, environment, time_replayed  # noqa: E402
 from bench_mamba import layer_states, pool_plan  # noqa: E402
 
 OPS = ("mamba2", "conv1d", "mamba1", "attention")
@@ -305,38 +305,6 @@ def written_mask(cell: MambaCell, kind: str) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------- timing
-def time_call(fn, restore, expect: torch.Tensor, rep: int, replay_atol: float = 0.0) -> dict:
-    """Median and 20/80 % quantiles (ms) of one call, from a CUDA-graph replay (eager if capture
-    fails, recorded). Before timing, the states are restored and one replay (output NaN-poisoned)
-    must reproduce ``expect`` (bit for bit, else within ``replay_atol``, recorded)."""
-    mode, g, res = "cuda_graph", None, {}
-    try:
-        g, out = graphed(fn)
-    except Exception as e:  # capture not supported by this callable: time eager launches
-        mode = f"eager (graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})"
-        g = None
-        torch.cuda.synchronize()
-    if g is not None:
-        restore()
-        out.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        if not torch.equal(out, expect):
-            diff = float((out.float() - expect.float()).abs().nan_to_num(float("inf")).max())
-            res["replay_max_abs_diff"] = diff
-            if not diff <= replay_atol:
-                raise CheckFailed(f"CUDA-graph replay differs from the checked eager output by {diff:.3e}",
-                                  dict(replay_max_abs_diff=diff))
-    call = g.replay if g is not None else fn
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    med, p20, p80 = triton.testing.do_bench(call, warmup=25, rep=rep, quantiles=QUANTILES)
-    del g
-    res.update(ms=med, p20_ms=p20, p80_ms=p80, timing=mode)
-    return res
-
-
 def matmul_tflops(n: int, rep: int) -> dict:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -394,7 +362,7 @@ class Runner:
             row["checks"][name] = check(name, y)
             if not self.timing:
                 return
-            e = time_call(fn, restore, y.clone(), self.args.rep, replay_atol)
+            e = time_replayed(fn, y.clone(), self.args.rep, restore=restore, replay_atol=replay_atol)
             e["prepare_and_first_call_s"] = first_s
             e["gbps"] = nbytes / e["ms"] / 1e6
             e["pct_of_copy"] = 100.0 * e["gbps"] / self.copy_gbps
