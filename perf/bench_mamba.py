@@ -43,7 +43,6 @@ import sys
 import time
 
 import torch
-import triton
 
 from avmp_triton import AVMPAllocator, get_preset
 from avmp_triton.layout import ssm_block_layout
