@@ -86,7 +86,7 @@ def bench_alloc_free(spec, capacity, make, ns):
             rows.append(dict(allocator=name, n=n, device_us_alloc_plus_free=dev_us,
                              host_us_python_alloc_plus_free=host_us,
                              profiler_mean_us_per_kernel=per_kernel))
-        del alloc
+        alloc = None
         torch.cuda.empty_cache()
     return rows
 
@@ -161,7 +161,7 @@ def bench_compaction(spec, mib_list):
                          rebalance_call_ms=rebalance_ms,
                          note="GB/s count bytes read + written; rebalance_call_ms is host wall time of "
                               "the whole rebalance (plan, drop, collect, copy, adopt) incl. first-call compile"))
-        del alloc, a, b
+        alloc = a = b = None
         torch.cuda.empty_cache()
     return rows
 
