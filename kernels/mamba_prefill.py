@@ -327,6 +327,29 @@ def mamba1_chunk_scan_prefill_kernel(
 
 # ------------------------------------------------------------------------------- Mamba2 scan
 @triton.jit
+def _mamba2_tile(A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_h, i_p, P, N,
+                 HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A Mamba2 program's [BLOCK_P, N] slice of head ``i_h``: offsets and masks, the head's A, D and
+    dt_bias (fp32; zero when absent) and its state (fp32, zeros without an initial state) with the
+    pointers."""
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_p = o_p < P
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    m_pn = m_p[:, None] & m_n[None, :]
+    b_A = tl.load(A_ptr + i_h).to(tl.float32)
+    b_D = 0.0
+    if HAS_D:
+        b_D = tl.load(D_ptr + i_h).to(tl.float32)
+    b_bias = 0.0
+    if HAS_DT_BIAS:
+        b_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
+    p_state = state_ptr + base + (i_h * P + o_p).to(tl.int64)[:, None] * N + o_n[None, :]
+    b_h = tl.load(p_state, mask=m_pn & has_init, other=0.0).to(tl.float32)
+    return o_p, m_p, o_n, m_n, m_pn, b_A, b_D, b_bias, p_state, b_h
+
+
+@triton.jit
 def mamba2_scan_prefill_kernel(
     x_ptr,            # [T, NH, P]
     dt_ptr,           # [T, NH]
@@ -355,18 +378,9 @@ def mamba2_scan_prefill_kernel(
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
                                                   num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
     i_g = i_h // heads_per_group
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_p = o_p < P
-    o_n = tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    m_pn = m_p[:, None] & m_n[None, :]
-    b_A = tl.load(A_ptr + i_h).to(tl.float32)
-    if HAS_D:
-        b_D = tl.load(D_ptr + i_h).to(tl.float32)
-    if HAS_DT_BIAS:
-        b_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
-    p_state = state_ptr + base + (i_h * P + o_p).to(tl.int64)[:, None] * N + o_n[None, :]
-    b_h = tl.load(p_state, mask=m_pn & has_init, other=0.0).to(tl.float32)
+    o_p, m_p, o_n, m_n, m_pn, b_A, b_D, b_bias, p_state, b_h = _mamba2_tile(
+        A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_h, i_p, P, N, HAS_D, HAS_DT_BIAS,
+        BLOCK_P, BLOCK_N)
 
     t = start
     while t < end:
@@ -424,20 +438,11 @@ def mamba2_chunk_scan_prefill_kernel(
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
                                                   num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
     i_g = i_h // heads_per_group
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_p = o_p < P
-    o_n = tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    m_pn = m_p[:, None] & m_n[None, :]
+    o_p, m_p, o_n, m_n, m_pn, b_A, b_D, b_bias, p_state, b_h = _mamba2_tile(
+        A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_h, i_p, P, N, HAS_D, HAS_DT_BIAS,
+        BLOCK_P, BLOCK_N)
     o_l = tl.arange(0, CHUNK)
     causal = o_l[:, None] >= o_l[None, :]
-    b_A = tl.load(A_ptr + i_h).to(tl.float32)
-    if HAS_D:
-        b_D = tl.load(D_ptr + i_h).to(tl.float32)
-    if HAS_DT_BIAS:
-        b_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
-    p_state = state_ptr + base + (i_h * P + o_p).to(tl.int64)[:, None] * N + o_n[None, :]
-    b_h = tl.load(p_state, mask=m_pn & has_init, other=0.0).to(tl.float32)
     dot_ty = DOT_DTYPE
 
     c0 = start

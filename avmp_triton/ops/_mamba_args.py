@@ -122,12 +122,17 @@ def state_location(arena, handle_table, ssm_handles, layout, layer, dtype, dtype
     return layout, spec, dtype, ssm_handles.numel(), dev
 
 
-def check_out(out, x, name="out"):
+def check_out(out, x, inputs: Optional[dict] = None, name="out"):
+    """``out`` shaped and typed like ``x`` (allocated when None); with ``inputs`` (name -> tensor or
+    None) it must share memory with none of them."""
     if out is None:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     check_float(out, name, x.device, tuple(x.shape))
     if out.dtype != x.dtype:
         raise TypeError(f"{name} must have x's dtype {x.dtype}, got {out.dtype}")
+    for other, t in (inputs or {}).items():
+        if t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            raise ValueError(f"{name} must not share memory with {other}")
     return out
 
 

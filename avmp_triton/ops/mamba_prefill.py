@@ -36,7 +36,8 @@ import triton.language as tl
 from avmp_triton import _triton_env  # sets the interpreter up on CPU-only hosts (before triton)
 from avmp_triton.kernels import mamba_prefill as K
 from avmp_triton.ops._mamba_args import (
-    check_float, check_launch, check_mamba1_inputs, check_opt_float, check_tensor, is_int, state_location,
+    check_float, check_launch, check_mamba1_inputs, check_opt_float, check_out, check_tensor, is_int,
+    state_location,
 )
 from avmp_triton.ops.paged_attention import _sm_count
 
@@ -58,19 +59,6 @@ def _check_batch_meta(cu_seqlens, has_initial_state, batch: int, dev) -> None:
                         f"{has_initial_state.dtype} strides {has_initial_state.stride()}")
     if has_initial_state.numel() != batch:
         raise ValueError(f"has_initial_state must have B = {batch} entries, got {has_initial_state.numel()}")
-
-
-def _check_out(out, like: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """``out`` shaped and typed like ``like`` (allocated when None), sharing memory with no input."""
-    if out is None:
-        return torch.empty_like(like, memory_format=torch.contiguous_format)
-    check_float(out, "out", like.device, tuple(like.shape))
-    if out.dtype != like.dtype:
-        raise TypeError(f"out must have x's dtype {like.dtype}, got {out.dtype}")
-    for name, t in inputs.items():
-        if t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-            raise ValueError(f"out must not share memory with {name}")
-    return out
 
 
 def _check_dt_softplus(v) -> bool:
@@ -210,7 +198,7 @@ def causal_conv1d_prefill(
     block_c, _ = check_launch("causal_conv1d_prefill", block_c, "block_c", None, (d_c, d_w))
     if block_t < d_conv - 1:
         raise ValueError(f"block_t must be >= d_conv - 1 = {d_conv - 1}, got {block_t}")
-    out = _check_out(out, x, {"x": x, "weight": weight, "bias": bias, "arena": arena})
+    out = check_out(out, x, {"x": x, "weight": weight, "bias": bias, "arena": arena})
     torch.ops.avmp.causal_conv1d_prefill(
         x, weight, bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
         layout.conv_offset(layer), dtype, activation is not None, block_t, block_c, num_warps)
@@ -295,7 +283,7 @@ def mamba1_scan_prefill(
         d_block, d_warps = min(_pow2(Di), max(16, 1024 // _pow2(N))), 2
     chunk_size = d_chunk if chunk_size is None else chunk_size
     block_d, num_warps = check_launch("mamba1_scan_prefill", block_d, "block_d", num_warps, (d_block, d_warps))
-    out = _check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
+    out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
     torch.ops.avmp.mamba1_scan_prefill(
         x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
         layout.ssm_offset(layer), dtype, dt_softplus, chunked, chunk_size, block_d, num_warps)
@@ -402,7 +390,7 @@ def mamba2_scan_prefill(
                                       mamba2_prefill_launch_config(P, N, chunked, chunk_size))
     if chunked and block_p < 16:
         raise ValueError(f"block_p must be >= 16 for the chunked scan (tl.dot), got {block_p}")
-    out = _check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
+    out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
     torch.ops.avmp.mamba2_scan_prefill(
         x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
         layout.ssm_offset(layer), dtype, dt_softplus, chunked, chunk_size, block_p, num_warps)

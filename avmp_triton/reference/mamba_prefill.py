@@ -130,34 +130,32 @@ def causal_conv1d_prefill_ref(x, weight, bias, arena, handle_table, ssm_handles,
     return out
 
 
-def mamba1_scan_prefill_ref(x, dt, A, B, C, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-                            spec: HybridModelSpec, layer: int, *, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """Reference of ``mamba1_scan_prefill``: returns y ``[T, d_inner]``; updates ``arena``."""
+def _scan_prefill_ref(scan, state_shape, x, dt, A, B, C, arena, handle_table, ssm_handles, cu_seqlens,
+                      has_initial_state, spec, layer, D, z, dt_bias, dt_softplus):
+    """Run the dense ``scan`` per request from its block's state; write the final state back."""
     lay = ssm_block_layout(spec)
     out = torch.zeros_like(x)
     for b, h, s, e, init in _requests(x, ssm_handles, cu_seqlens, has_initial_state):
-        st = _state_view(arena, handle_table, h, lay.ssm_offset(layer), spec.ssm_dtype, (spec.d_inner, spec.d_state))
+        st = _state_view(arena, handle_table, h, lay.ssm_offset(layer), spec.ssm_dtype, state_shape)
         if st is None:
             continue
-        y, hf = selective_scan_ref(x[s:e], dt[s:e], A, B[s:e], C[s:e], D, None if z is None else z[s:e],
-                                   dt_bias, dt_softplus, st if init else None)
+        y, hf = scan(x[s:e], dt[s:e], A, B[s:e], C[s:e], D, None if z is None else z[s:e],
+                     dt_bias, dt_softplus, st if init else None)
         out[s:e] = y.to(x.dtype)
         st.copy_(hf.to(spec.ssm_dtype))
     return out
+
+
+def mamba1_scan_prefill_ref(x, dt, A, B, C, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
+                            spec: HybridModelSpec, layer: int, *, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """Reference of ``mamba1_scan_prefill``: returns y ``[T, d_inner]``; updates ``arena``."""
+    return _scan_prefill_ref(selective_scan_ref, (spec.d_inner, spec.d_state), x, dt, A, B, C, arena, handle_table,
+                             ssm_handles, cu_seqlens, has_initial_state, spec, layer, D, z, dt_bias, dt_softplus)
 
 
 def mamba2_scan_prefill_ref(x, dt, A, B, C, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
                             spec: HybridModelSpec, layer: int, *, D=None, z=None, dt_bias=None, dt_softplus=False):
     """Reference of ``mamba2_scan_prefill``: returns y ``[T, nheads, head_dim]``; updates ``arena``."""
-    lay = ssm_block_layout(spec)
     shape = (spec.mamba_num_heads, spec.mamba_head_dim, spec.d_state)
-    out = torch.zeros_like(x)
-    for b, h, s, e, init in _requests(x, ssm_handles, cu_seqlens, has_initial_state):
-        st = _state_view(arena, handle_table, h, lay.ssm_offset(layer), spec.ssm_dtype, shape)
-        if st is None:
-            continue
-        y, hf = ssd_scan_ref(x[s:e], dt[s:e], A, B[s:e], C[s:e], D, None if z is None else z[s:e],
-                             dt_bias, dt_softplus, st if init else None)
-        out[s:e] = y.to(x.dtype)
-        st.copy_(hf.to(spec.ssm_dtype))
-    return out
+    return _scan_prefill_ref(ssd_scan_ref, shape, x, dt, A, B, C, arena, handle_table, ssm_handles, cu_seqlens,
+                             has_initial_state, spec, layer, D, z, dt_bias, dt_softplus)
