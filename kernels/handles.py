@@ -1,0 +1,50 @@
+"""Device-side handle checks shared by every kernel that reads or writes units through the table.
+
+A handle is usable by a kernel only if it is in ``[0, num_handles)``, bound (``table[h] >= 0``)
+and of the kind the kernel serves (``kinds[h]``: 1 KV page, 2 SSM block; the values of
+``kernels/alloc.py``). Anything else (-1 padding, out of range, free, the other kind) is treated
+as "no handle", so a wrong-kind handle never makes a kernel touch a byte of another unit.
+"""
+import triton
+import triton.language as tl
+
+from avmp_triton.kernels.alloc import KIND_KV, KIND_SSM  # noqa: F401  (re-exported for the kernels)
+
+
+@triton.jit
+def both(m, pred):
+    """``m & pred`` for a block mask ``m`` and a scalar ``pred``, as an explicit boolean block.
+
+    Triton 3.9's interpreter splats a scalar int1 into int32 data, which its loads and stores
+    then reject as a mask; ``where`` keeps the block's booleans on every version."""
+    return tl.where(pred, m, False)
+
+
+@triton.jit
+def unit_offset(h, m, table_ptr, kinds_ptr, num_handles, KIND: tl.constexpr):
+    """(usable, byte offset) of handles ``h`` (scalar or block, int64) where ``m``.
+
+    ``usable`` is ``m`` and the handle checks above; the offset is 0 where not usable, so it can
+    be added to a pointer unmasked. ``h`` and ``m`` must both be scalars or both blocks."""
+    ok = m & (h >= 0) & (h < num_handles)
+    hs = tl.where(ok, h, 0)
+    kind = tl.load(kinds_ptr + hs, mask=ok, other=0)
+    off = tl.load(table_ptr + hs, mask=ok, other=-1)
+    ok = ok & (kind == KIND) & (off >= 0)
+    return ok, tl.where(ok, off, 0)
+
+
+@triton.jit
+def repeated(handles_ptr, i_b, h, num_rows, BLOCK: tl.constexpr):
+    """Whether handle ``h`` of row ``i_b`` (scalar) also sits in another of ``num_rows`` rows.
+
+    Two rows on one state would race; both are skipped. The rows are read in ``BLOCK`` chunks
+    (a few KiB at most, from L2: every program of the call reads the same vector)."""
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    j0 = num_rows * 0
+    while j0 < num_rows:  # not range(): Triton 3.6's interpreter cannot loop to a runtime bound
+        o_j = j0 + tl.arange(0, BLOCK)
+        b_h = tl.load(handles_ptr + o_j, mask=o_j < num_rows, other=-1).to(tl.int64)
+        count += ((b_h == h) & (o_j != i_b)).to(tl.int32)
+        j0 += BLOCK
+    return (tl.sum(count, 0) > 0) & (h >= 0)
