@@ -134,7 +134,7 @@ def alloc_kernel(
     avail = tl.minimum(top, htop)
     ok = avail >= n
     pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = (pos < n) & ok
+    m = tl.where(ok, pos < n, False)  # not `& ok`: Triton 3.9's interpreter rejects that mask
     h = _pop_units(pos, m, KIND, top, htop, stacks_ptr + base, hstack_ptr, table_ptr,
                    kinds_ptr, slot_handle_ptr, slab_bytes, unit, max_ups)
     tl.store(out_ptr + pos, h, mask=m)

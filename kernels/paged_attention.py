@@ -10,10 +10,11 @@ so the K (or V) rows of one (layer, kv head) of a page are a contiguous ``[PAGE_
 tile. The arena pointer is the arena viewed as the KV dtype; byte offsets are turned into element
 offsets (``off // ELEM_BYTES``) after the int64 load, never multiplied in 32 bits.
 
-Sentinels: a -1 handle (block-table padding), a handle outside the table, or a free table entry
-(-1) inside the live length of a request is *skipped* (its tokens are masked out of the softmax),
-since the launcher cannot check device data without a sync; a request whose every token is
-skipped (or whose seq_len is 0) gets a zero output row. ``kv_append`` skips such tokens likewise.
+Sentinels: a -1 handle (block-table padding), a handle outside the table, a free handle or an
+SSM handle (``kinds[h] != 1``) inside the live length of a request is *skipped* (its tokens are
+masked out of the softmax, no byte of its unit is read), since the launcher cannot check device
+data without a sync; a request whose every token is skipped (or whose seq_len is 0) gets a zero
+output row. ``kv_append`` skips such tokens likewise (nothing is written for them).
 
 Decode grid: (B, Hkv, NUM_SPLITS). One program handles every q head of one kv head (the GQA
 group, padded to GROUP_PAD rows), so each K/V page is read once per kv head, and walks its split's
@@ -25,17 +26,17 @@ bf16 under the interpreter, whose tl.dot multiplies bf16 bit patterns as integer
 import triton
 import triton.language as tl
 
+from avmp_triton.kernels.handles import KIND_KV, both, unit_offset
+
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _kv_rows(i_b, tok, m_tok, block_table_ptr, stride_bt_b, table_ptr, num_handles, head_off,
+def _kv_rows(i_b, tok, m_tok, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
              stride_token, PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr):
     """Element offsets (int64) of the K rows of tokens ``tok`` and the mask of readable ones."""
     h = tl.load(block_table_ptr + i_b * stride_bt_b + tok // PAGE_TOKENS, mask=m_tok, other=-1).to(tl.int64)
-    m = m_tok & (h >= 0) & (h < num_handles)
-    off = tl.load(table_ptr + h, mask=m, other=-1)
-    m = m & (off >= 0)
+    m, off = unit_offset(h, m_tok, table_ptr, kinds_ptr, num_handles, KIND_KV)
     row = off // ELEM_BYTES + head_off + (tok % PAGE_TOKENS) * stride_token
     # units are 16-byte aligned and every stride is a multiple of HEAD_DIM: 16-byte vector loads
     row = tl.multiple_of(tl.where(m, row, 0), 16 // ELEM_BYTES)
@@ -44,13 +45,13 @@ def _kv_rows(i_b, tok, m_tok, block_table_ptr, stride_bt_b, table_ptr, num_handl
 
 @triton.jit
 def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr,
-                  num_handles, head_off, stride_kv, stride_token, qk_scale,
+                  kinds_ptr, num_handles, head_off, stride_kv, stride_token, qk_scale,
                   HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
                   ELEM_BYTES: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
     """One online-softmax step over tokens [tok0, tok0 + BLOCK_N) (those < end)."""
     tok = tok0 + tl.arange(0, BLOCK_N).to(tl.int64)
-    row, m = _kv_rows(i_b, tok, tok < end, block_table_ptr, stride_bt_b, table_ptr, num_handles, head_off,
-                      stride_token, PAGE_TOKENS, ELEM_BYTES)
+    row, m = _kv_rows(i_b, tok, tok < end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
+                      head_off, stride_token, PAGE_TOKENS, ELEM_BYTES)
     o_d = tl.arange(0, HEAD_DIM)
     p_k = arena_ptr + (row[:, None] + o_d[None, :])
     b_k = tl.load(p_k, mask=m[:, None], other=0.0)                        # [BLOCK_N, D]
@@ -84,6 +85,7 @@ def paged_decode_kernel(
     q_ptr,            # [B, Hq, D] KV dtype, rows of D contiguous
     arena_ptr,        # [N] KV dtype: the arena viewed as the KV element type
     table_ptr,        # [H] int64 handle -> byte offset, -1 when free
+    kinds_ptr,        # [H] int32 handle -> kind (1 = KV page)
     block_table_ptr,  # [B, W] int32 KV handles, -1 padded
     seq_lens_ptr,     # [B] int32
     out_ptr,          # [B, Hq, D] KV dtype (written when NUM_SPLITS == 1)
@@ -129,7 +131,7 @@ def paged_decode_kernel(
         n_iters = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
         for it in tl.range(0, n_iters):
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start + it * BLOCK_N, end, i_b, arena_ptr,
-                                          block_table_ptr, stride_bt_b, table_ptr, num_handles, head_off,
+                                          block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
                                           stride_kv, stride_token, qk_scale, HEAD_DIM, PAGE_TOKENS, BLOCK_N,
                                           ELEM_BYTES, USE_DOT, DOT_FP32)
     else:
@@ -137,7 +139,7 @@ def paged_decode_kernel(
         tok0 = start
         while tok0 < end:
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr,
-                                          block_table_ptr, stride_bt_b, table_ptr, num_handles, head_off,
+                                          block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
                                           stride_kv, stride_token, qk_scale, HEAD_DIM, PAGE_TOKENS, BLOCK_N,
                                           ELEM_BYTES, USE_DOT, DOT_FP32)
             tok0 += BLOCK_N
@@ -190,6 +192,7 @@ def kv_append_kernel(
     v_ptr,            # [T, Hkv, D] KV dtype, rows of D contiguous
     arena_ptr,        # [N] KV dtype: the arena viewed as the KV element type (written)
     table_ptr,        # [H] int64 handle -> byte offset, -1 when free
+    kinds_ptr,        # [H] int32 handle -> kind (1 = KV page)
     block_table_ptr,  # [B, W] int32 KV handles, -1 padded
     token_req_ptr,    # [T] int32 block-table row of each token, -1 = skip
     token_pos_ptr,    # [T] int32 position of each token in its request
@@ -208,13 +211,11 @@ def kv_append_kernel(
     i_page = pos // PAGE_TOKENS
     ok = (req >= 0) & (req < B) & (pos >= 0) & (i_page < W)
     h = tl.load(block_table_ptr + req * stride_bt_b + i_page, mask=ok, other=-1).to(tl.int64)
-    ok = ok & (h >= 0) & (h < num_handles)
-    off = tl.load(table_ptr + h, mask=ok, other=-1)
-    ok = ok & (off >= 0)
+    ok, off = unit_offset(h, ok, table_ptr, kinds_ptr, num_handles, KIND_KV)
     base = off // ELEM_BYTES + layer_off + (pos % PAGE_TOKENS) * stride_token
     o_h = tl.arange(0, HEADS_PAD)
     o_d = tl.arange(0, HEAD_DIM)
-    m = (o_h < NUM_KV_HEADS)[:, None] & ok
+    m = both((o_h < NUM_KV_HEADS)[:, None] & (o_d < HEAD_DIM)[None, :], ok)
     b_k = tl.load(k_ptr + i_t * stride_k_t + o_h[:, None] * stride_k_h + o_d[None, :], mask=m)
     b_v = tl.load(v_ptr + i_t * stride_v_t + o_h[:, None] * stride_v_h + o_d[None, :], mask=m)
     p_dst = arena_ptr + (base + o_h[:, None] * stride_head + o_d[None, :])

@@ -20,11 +20,14 @@ by a binary search over ``cu_seqlens_q``; surplus tiles exit at once.
 KV is walked in steps of ``BLOCK_N`` positions (any power of two; each row resolves its own page,
 so BLOCK_N need not be a multiple of ``page_tokens``): first the blocks every row of the tile may
 see (no causal mask), then the diagonal blocks with the causal mask. Online softmax in fp32 with
-exp2. Pages whose handle is -1, out of range or free are skipped (their scores are -inf); a row
-that sees nothing writes zeros.
+exp2. Pages whose handle is -1, out of range, free or not a KV page are skipped (their scores are
+-inf, no byte of their unit is read); a row that sees nothing writes zeros; NaN in q or K/V
+propagates to the output. Query rows outside ``[0, T)`` (a bad ``cu_seqlens_q``) are skipped.
 """
 import triton
 import triton.language as tl
+
+from avmp_triton.kernels.handles import KIND_KV, unit_offset
 
 
 @triton.jit
@@ -38,7 +41,7 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _attn_block(
     acc, m_i, l_i, b_q,
-    start, kv_end, q_pos, bt_row_ptr, max_pages, handle_table_ptr, num_handles,
+    start, kv_end, q_pos, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles,
     p_kv_head, stride_kv, stride_kv_token, qk_scale,
     PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -49,13 +52,11 @@ def _attn_block(
     i_tok = o_n - i_page * PAGE_TOKENS
     m_n = (o_n < kv_end) & (i_page < max_pages)
     # each row resolves its page: handle -> byte offset (duplicate loads hit the cache)
-    h = tl.load(bt_row_ptr + i_page, mask=m_n, other=-1)
-    m_n = m_n & (h >= 0) & (h < num_handles)
-    off = tl.load(handle_table_ptr + tl.where(m_n, h, 0).to(tl.int64), mask=m_n, other=-1)
-    m_n = m_n & (off >= 0)
+    h = tl.load(bt_row_ptr + i_page, mask=m_n, other=-1).to(tl.int64)
+    m_n, off = unit_offset(h, m_n, handle_table_ptr, kinds_ptr, num_handles, KIND_KV)
     # units start on 16-byte boundaries (the allocator's UNIT_ALIGN): say so, or every K/V load
     # is split into element-sized accesses
-    o_page = tl.multiple_of(tl.where(m_n, off, 0) // ELEM_BYTES, 16 // ELEM_BYTES)
+    o_page = tl.multiple_of(off // ELEM_BYTES, 16 // ELEM_BYTES)
     o_kv = o_page + i_tok.to(tl.int64) * stride_kv_token
     o_d = tl.arange(0, HEAD_DIM)
     p_k = p_kv_head + o_kv[:, None] + o_d[None, :]
@@ -85,8 +86,9 @@ def paged_prefill_kernel(
     seq_lens_ptr,      # [B] int32 context length including the new tokens
     block_table_ptr,   # [B, W] int32 KV handles, -1 padded
     handle_table_ptr,  # [H] int64 handle -> byte offset in the arena, -1 when free
+    kinds_ptr,         # [H] int32 handle -> kind (1 = KV page)
     kv_ptr,            # arena viewed as the KV dtype (same dtype as q)
-    num_seqs, max_pages, num_handles,
+    num_seqs, max_pages, num_handles, num_tokens,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt_b,
     layer_off,         # layer * stride_layer, in elements
     stride_kv, stride_kv_head, stride_kv_token,
@@ -120,10 +122,11 @@ def paged_prefill_kernel(
     o_m = tl.arange(0, BLOCK_M)
     i_qt = q_lo + o_m // GQA
     i_qh = i_kvh * GQA + o_m % GQA
-    m_m = (o_m < BLOCK_Q * GQA) & (i_qt < q_len)
+    o_row = (q_start + i_qt).to(tl.int64)
+    # rows outside q (a cu_seqlens_q past T or below 0) are neither read nor written
+    m_m = (o_m < BLOCK_Q * GQA) & (i_qt < q_len) & (o_row >= 0) & (o_row < num_tokens)
     q_pos = tl.where(m_m, prefix + i_qt, -1)  # -1: the row sees nothing
     o_d = tl.arange(0, HEAD_DIM)
-    o_row = (q_start + i_qt).to(tl.int64)
     p_q = q_ptr + o_row[:, None] * stride_q_t + i_qh[:, None] * stride_q_h + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
 
@@ -141,30 +144,31 @@ def paged_prefill_kernel(
         # runtime-bounded range, so it takes the while loops below
         for start in tl.range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
-                                        handle_table_ptr, num_handles, p_kv_head, stride_kv,
+                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
                                         stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
                                         BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
         for start in tl.range(full_end, kv_end, BLOCK_N):
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
-                                        handle_table_ptr, num_handles, p_kv_head, stride_kv,
+                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
                                         stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
                                         BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
     else:
         start = full_end * 0
         while start < full_end:
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
-                                        handle_table_ptr, num_handles, p_kv_head, stride_kv,
+                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
                                         stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
                                         BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
             start += BLOCK_N
         while start < kv_end:
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
-                                        handle_table_ptr, num_handles, p_kv_head, stride_kv,
+                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
                                         stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
                                         BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
             start += BLOCK_N
 
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    b_o = tl.where((l_i > 0.0)[:, None], acc / l_safe[:, None], 0.0)
+    # a row that saw nothing has acc = 0 and l = 0: divide by 1. A NaN l (NaN in q or K/V) must
+    # reach the output, as in decode, so no `l > 0` test here
+    b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     p_o = out_ptr + o_row[:, None] * stride_o_t + i_qh[:, None] * stride_o_h + o_d[None, :]
     tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_m[:, None])

@@ -172,7 +172,8 @@ def test_decode_default_config_and_arena_path_agree():
     lay, sl = layout_of(alloc), i32(seq_lens)
     for ns in (1, 4):
         ws = nan_like((decode_workspace_numel(3, 8, 64, ns) + 7,), torch.float32)
-        o2 = paged_decode_attention_arena(q, alloc.arena, alloc.handle_table, lay, bt, sl, num_layers=3, layer=2,
+        o2 = paged_decode_attention_arena(q, alloc.arena, alloc.handle_table, lay, bt, sl, handle_kinds=alloc.handle_kind,
+                                          num_layers=3, layer=2,
                                           out=nan_like(q.shape, q.dtype), workspace=ws, num_splits=ns)
         torch.testing.assert_close(o2, out, **TOL[torch.float32])
     assert decode_workspace(3, 8, 64, 4, DEVICE).numel() >= decode_workspace_numel(3, 8, 64, 4)
@@ -188,7 +189,7 @@ def test_decode_padded_allocator():
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_skips_invalid_handles(num_splits):
+def test_decode_skips_invalid_handles(num_splits, device_checks_only):
     """-1 inside the live length, a freed handle and a handle past the table are skipped (masked);
     a row with nothing readable, and a seq_len past the table, are defined."""
     seq_lens = [63, 40, 33, 200]
@@ -302,7 +303,7 @@ def test_kv_append_then_attention(page_tokens):
             torch.testing.assert_close(out[b].double(), dense, **TOL[torch.float32])
 
 
-def test_kv_append_skips_invalid_tokens():
+def test_kv_append_skips_invalid_tokens(device_checks_only):
     alloc = make_alloc(make_spec(2), 16, kv_pages=8)
     bt = scattered_table(alloc, [20, 16], width=3)
     bt[1, 1] = -1
@@ -329,7 +330,8 @@ def test_kv_append_arena_path_layer_and_heads():
     k, v = torch.randn(3, 2, 64, device=DEVICE), torch.randn(3, 2, 64, device=DEVICE)
     req, pos = i32([0, 0, 0]), i32([23, 0, 9])
     want = kv_append_ref(k, v, alloc.arena, alloc.handle_table, lay, bt, req, pos, layer=1)
-    kv_append_arena(k, v, alloc.arena, alloc.handle_table, lay, bt, req, pos, num_layers=2, layer=1)
+    kv_append_arena(k, v, alloc.arena, alloc.handle_table, lay, bt, req, pos, handle_kinds=alloc.handle_kind,
+                    num_layers=2, layer=1)
     assert torch.equal(alloc.arena, want)
     kk, vv, ok = gather_kv(alloc.arena, alloc.handle_table, lay, bt[0], 24, 1, torch.float32)
     assert ok.all()
@@ -343,7 +345,8 @@ def _decode_args():
     fill_arena(alloc)
     q = torch.randn(2, 4, 64, device=DEVICE)
     return alloc, dict(q=q, arena=alloc.arena, handle_table=alloc.handle_table, layout=layout_of(alloc),
-                       block_table=bt, seq_lens=i32([20, 5]), num_layers=3, layer=1)
+                       block_table=bt, seq_lens=i32([20, 5]), handle_kinds=alloc.handle_kind, num_layers=3,
+                       layer=1)
 
 
 DECODE_ERRORS = [
@@ -426,7 +429,8 @@ def test_kv_append_validation(name, mutate, exc, match):
     alloc, d = _decode_args()
     args = dict(k=torch.randn(3, 2, 64, device=DEVICE), v=torch.randn(3, 2, 64, device=DEVICE), arena=alloc.arena,
                 handle_table=alloc.handle_table, layout=d["layout"], block_table=d["block_table"],
-                token_req=i32([0, 1, 0]), token_pos=i32([1, 2, 3]), num_layers=3, layer=0)
+                token_req=i32([0, 1, 0]), token_pos=i32([1, 2, 3]), handle_kinds=alloc.handle_kind,
+                num_layers=3, layer=0)
     before = alloc.arena.clone()
     mutate(args)
     pos = [args.pop(k) for k in ("k", "v", "arena", "handle_table", "layout", "block_table", "token_req", "token_pos")]
@@ -494,10 +498,12 @@ def test_opcheck():
     out = torch.empty_like(q)
     ws = torch.empty(decode_workspace_numel(2, 8, 64, 2), device=DEVICE)
     torch.library.opcheck(torch.ops.avmp.paged_decode_attention.default,
-                          (q, alloc.arena, alloc.handle_table, bt, sl, out, ws, layout, 0, 0.125, 2, 2, 4, 1, True))
+                          (q, alloc.arena, alloc.handle_table, alloc.handle_kind, bt, sl, out, ws, layout, 0, 0.125, 2, 2, 4, 1,
+                           True))
     k = torch.randn(2, 1, 64, device=DEVICE)
     torch.library.opcheck(torch.ops.avmp.kv_append.default,
-                          (k, k, alloc.arena.clone(), alloc.handle_table, bt, i32([1, 0]), i32([9, 40]), layout, 2))
+                          (k, k, alloc.arena.clone(), alloc.handle_table, alloc.handle_kind, bt, i32([1, 0]), i32([9, 40]),
+                           layout, 2))
 
 
 # ----------------------------------------------------------------------------------------- GPU
@@ -597,16 +603,18 @@ def test_gpu_arena_over_4gib():
     handles = torch.randperm(64)[:40]
     table = torch.full((100,), -1, dtype=torch.int64)
     table[handles + 30] = (1 << 32) + torch.randperm(64)[:40].long() * page
+    kinds = (table >= 0).int().cuda()  # every bound handle a KV page
     table = table.cuda()
     seq_lens = [300, 17, 280]
     bt = torch.full((3, 21), -1, dtype=torch.int32)
     bt[0, :19], bt[1, :2], bt[2, :18] = (handles[:19] + 30), (handles[19:21] + 30), (handles[21:39] + 30)
     bt, sl = bt.cuda(), i32(seq_lens)
     q = torch.randn(3, 32, D, device="cuda", dtype=dtype)
-    out = paged_decode_attention_arena(q, arena, table, lay, bt, sl, num_layers=2, layer=1, num_splits=3)
+    out = paged_decode_attention_arena(q, arena, table, lay, bt, sl, handle_kinds=kinds, num_layers=2, layer=1,
+                                       num_splits=3)
     ref = paged_decode_attention_ref(q, arena, table, lay, bt, sl, layer=1)
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
     k = torch.randn(1, hkv, D, device="cuda", dtype=dtype)
-    kv_append_arena(k, k, arena, table, lay, bt, i32([2]), i32([279]), num_layers=2, layer=0)
+    kv_append_arena(k, k, arena, table, lay, bt, i32([2]), i32([279]), handle_kinds=kinds, num_layers=2, layer=0)
     kk, vv, _ = gather_kv(arena, table, lay, bt[2], 280, 0, dtype)
     assert torch.equal(kk[-1], k[0]) and torch.equal(vv[-1], k[0])

@@ -101,7 +101,7 @@ class Case:
     def args(self, **over):
         a = dict(q=self.q, cu_seqlens_q=self.cu, seq_lens=self.seq_lens, block_table=self.block_table,
                  arena=self.alloc.arena, handle_table=self.alloc.handle_table, layout=self.layout,
-                 layer=self.layer)
+                 handle_kinds=self.alloc.handle_kind, layer=self.layer)
         a.update(over)
         return a
 
@@ -187,7 +187,7 @@ def test_entries_past_live_pages_are_never_read(gen):
     assert torch.equal(case.run(), first)
 
 
-def test_missing_pages_are_skipped(gen):
+def test_missing_pages_are_skipped(gen, device_checks_only):
     """Needed entries that are -1, freed or out of range hide their positions; nothing sees garbage."""
     case = Case([17, 5, 1], [33, 15, 0], 4, 2, 64, 8, 1, extra_pages=3, gen=gen)
     a = case.alloc
@@ -241,7 +241,7 @@ def test_compaction_between_calls(gen):
     torch.testing.assert_close(second, case.reference(), **TOL[case.dtype])
 
 
-def test_rows_past_cu_end_are_left_alone(gen):
+def test_rows_past_cu_end_are_left_alone(gen, device_checks_only):
     """q may be padded (a fixed-size buffer): rows past cu_seqlens_q[B] are not written."""
     case = Case([5, 17], [15, 0], 4, 2, 64, 16, 1, gen=gen)
     q = torch.cat([case.q, case.randn(3, *case.q.shape[1:])])
@@ -360,7 +360,7 @@ def test_custom_op_opcheck(gen):
     L = c.layout
     kv = c.alloc.arena.view(c.dtype)
     args = (torch.empty_like(c.q), c.q, c.cu, c.seq_lens, c.block_table, kv, c.alloc.handle_table,
-            L.page_tokens, L.num_kv_heads, c.layer * L.stride_layer, L.stride_kv, L.stride_head,
+            c.alloc.handle_kind, L.page_tokens, L.num_kv_heads, c.layer * L.stride_layer, L.stride_kv, L.stride_head,
             L.stride_token, 0.25, 16, 16, 4, 1)
     torch.library.opcheck(torch.ops.avmp.paged_prefill_attention.default, args)
     out = torch.full_like(c.q, float("nan"))

@@ -19,7 +19,10 @@ _KIND_NAMES = {KIND_KV: "KV page", KIND_SSM: "SSM block"}
 
 
 def on_host(*tensors) -> bool:
-    """True when every given tensor (None ignored) is on the CPU: reading them costs no sync."""
+    """True when every given tensor (None ignored) is on the CPU: reading them costs no sync.
+    Never while torch.compile traces (its tensors have no values to read)."""
+    if torch.compiler.is_compiling():
+        return False
     return all(t is None or t.device.type == "cpu" for t in tensors)
 
 
@@ -73,6 +76,14 @@ def check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, page_to
         if not 0 <= n <= W * page_tokens:
             raise ValueError(f"seq_lens[{b}]={n} is outside [0, {W * page_tokens}] (block_table width "
                              f"{W} x page_tokens {page_tokens})")
+
+
+def live_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, page_tokens: int) -> torch.Tensor:
+    """The block table with every entry past a request's live pages set to -1 (kernels never read
+    those: vLLM-style tables keep stale handles there)."""
+    pages = (seq_lens.to(torch.int64).clamp(min=0) + page_tokens - 1) // page_tokens
+    live = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages[:, None]
+    return torch.where(live, block_table, -1)
 
 
 def _position(t: torch.Tensor, flat_index: int) -> str:

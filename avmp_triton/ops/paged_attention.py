@@ -33,6 +33,7 @@ import triton
 from avmp_triton import _triton_env
 from avmp_triton.kernels import paged_attention as K
 from avmp_triton.layout import KVPageLayout, kv_page_layout
+from avmp_triton.ops._host_checks import KIND_KV, check_block_table, check_handles, live_pages, on_host
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -135,8 +136,8 @@ def _layout_args(layout: KVPageLayout) -> list[int]:
 
 
 @torch.library.custom_op("avmp::paged_decode_attention", mutates_args=("out", "workspace"))
-def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, out: torch.Tensor, workspace: Optional[torch.Tensor],
+def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, workspace: Optional[torch.Tensor],
                      layout: list[int], layer: int, scale: float, num_splits: int, pages_per_iter: int,
                      num_warps: int, num_stages: int, use_dot: bool) -> None:
     """Validated inputs only (see ``paged_decode_attention_arena``); writes ``out``."""
@@ -155,7 +156,7 @@ def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.T
     else:
         ws_acc = ws_ml = out  # unused
     K.paged_decode_kernel[(B, num_kv_heads, num_splits)](
-        q, kv, handle_table, block_table, seq_lens, out, ws_acc, ws_ml,
+        q, kv, handle_table, handle_kinds, block_table, seq_lens, out, ws_acc, ws_ml,
         handle_table.numel(), block_table.shape[1], Hq,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         layer * s_layer, s_kv, s_head, s_token, scale * K.LOG2E,
@@ -174,14 +175,14 @@ def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.T
 
 
 @_paged_decode_op.register_fake
-def _(q, arena, handle_table, block_table, seq_lens, out, workspace, layout, layer, scale, num_splits,
+def _(q, arena, handle_table, handle_kinds, block_table, seq_lens, out, workspace, layout, layer, scale, num_splits,
       pages_per_iter, num_warps, num_stages, use_dot):
     return None
 
 
 @torch.library.custom_op("avmp::kv_append", mutates_args=("arena",))
 def _kv_append_op(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
-                  block_table: torch.Tensor, token_req: torch.Tensor, token_pos: torch.Tensor,
+                  handle_kinds: torch.Tensor, block_table: torch.Tensor, token_req: torch.Tensor, token_pos: torch.Tensor,
                   layout: list[int], layer: int) -> None:
     """Validated inputs only (see ``kv_append_arena``); writes into ``arena``."""
     page_tokens, num_kv_heads, head_dim, elem_bytes, s_layer, s_kv, s_head, s_token = layout
@@ -190,7 +191,7 @@ def _kv_append_op(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_
         return
     _check_aligned(arena)
     K.kv_append_kernel[(T,)](
-        k, v, arena.view(k.dtype), handle_table, block_table, token_req, token_pos,
+        k, v, arena.view(k.dtype), handle_table, handle_kinds, block_table, token_req, token_pos,
         handle_table.numel(), block_table.shape[0], block_table.shape[1],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_table.stride(0),
         layer * s_layer, s_kv, s_head, s_token,
@@ -199,7 +200,7 @@ def _kv_append_op(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_
 
 
 @_kv_append_op.register_fake
-def _(k, v, arena, handle_table, block_table, token_req, token_pos, layout, layer):
+def _(k, v, arena, handle_table, handle_kinds, block_table, token_req, token_pos, layout, layer):
     return None
 
 
@@ -229,16 +230,17 @@ def paged_decode_attention(q: torch.Tensor, alloc, block_table: torch.Tensor, se
     Returns:
         ``out`` ``[B, Hq, D]`` in q's dtype.
     """
-    arena, table, layout, num_layers, kv_dtype = _from_alloc(alloc)
+    arena, table, kinds, layout, num_layers, kv_dtype = from_alloc(alloc)
     return paged_decode_attention_arena(
-        q, arena, table, layout, block_table, seq_lens, num_layers=num_layers, layer=layer, kv_dtype=kv_dtype,
+        q, arena, table, layout, block_table, seq_lens, handle_kinds=kinds, num_layers=num_layers, layer=layer,
+        kv_dtype=kv_dtype,
         scale=scale, out=out, workspace=workspace, max_seq_len=max_seq_len, num_splits=num_splits,
         pages_per_iter=pages_per_iter, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
 
 
 def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
                                  layout: KVPageLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                                 num_layers: int, layer: int = 0, kv_dtype: torch.dtype | None = None,
+                                 handle_kinds: torch.Tensor, num_layers: int, layer: int = 0, kv_dtype: torch.dtype | None = None,
                                  scale: float | None = None, out: torch.Tensor | None = None,
                                  workspace: torch.Tensor | None = None, max_seq_len: int | None = None,
                                  num_splits: int | None = None, pages_per_iter: int | None = None,
@@ -249,6 +251,7 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
     Args:
         arena: ``[N]`` uint8, contiguous; viewed as ``kv_dtype`` (default: q's dtype) inside.
         handle_table: ``[H]`` int64 handle -> byte offset (-1 when free).
+        handle_kinds: ``[H]`` int32 handle -> kind (``alloc.handle_kind``; only KV pages, kind 1, are read).
         layout: ``KVPageLayout`` of the pages (``avmp_triton.layout.kv_page_layout(spec, page_tokens)``).
         num_layers: attention layers per page (bounds ``layer``).
         Others as in ``paged_decode_attention``.
@@ -259,7 +262,7 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
     if q.stride(2) != 1:
         raise ValueError(f"q must have contiguous rows (stride 1 over D), got strides {q.stride()}")
     B, Hq, D = q.shape
-    _check_arena(arena, handle_table, dev)
+    _check_arena(arena, handle_table, handle_kinds, dev)
     _check_layout(layout, q.dtype, D, "q")
     layer = _check_layer(layer, num_layers)
     _check_page_fits(layout, num_layers, arena)
@@ -299,8 +302,12 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
         need = decode_workspace_numel(B, Hq, D, cfg.num_splits)
         if workspace.numel() < need:
             raise ValueError(f"workspace has {workspace.numel()} elements; num_splits={cfg.num_splits} needs {need}")
+    if on_host(block_table, seq_lens, handle_table, handle_kinds):
+        check_block_table(block_table, seq_lens, layout.page_tokens)
+        check_handles(live_pages(block_table, seq_lens, layout.page_tokens), handle_table, handle_kinds,
+                      KIND_KV, "block_table", unique=False)
     torch.ops.avmp.paged_decode_attention(
-        q, arena, handle_table, block_table, seq_lens, out, workspace, _layout_args(layout), layer, float(scale),
+        q, arena, handle_table, handle_kinds, block_table, seq_lens, out, workspace, _layout_args(layout), layer, float(scale),
         cfg.num_splits, cfg.pages_per_iter, cfg.num_warps, cfg.num_stages, cfg.use_dot)
     return out
 
@@ -319,14 +326,14 @@ def kv_append(k: torch.Tensor, v: torch.Tensor, alloc, block_table: torch.Tensor
     a handle outside the table or a free handle are skipped (nothing is written for them).
     Two tokens aimed at the same slot race: the written value is one of them.
     """
-    arena, table, layout, num_layers, kv_dtype = _from_alloc(alloc)
-    kv_append_arena(k, v, arena, table, layout, block_table, token_req, token_pos, num_layers=num_layers,
-                    layer=layer, kv_dtype=kv_dtype)
+    arena, table, kinds, layout, num_layers, kv_dtype = from_alloc(alloc)
+    kv_append_arena(k, v, arena, table, layout, block_table, token_req, token_pos, handle_kinds=kinds,
+                    num_layers=num_layers, layer=layer, kv_dtype=kv_dtype)
 
 
 def kv_append_arena(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
                     layout: KVPageLayout, block_table: torch.Tensor, token_req: torch.Tensor,
-                    token_pos: torch.Tensor, *, num_layers: int, layer: int = 0,
+                    token_pos: torch.Tensor, *, handle_kinds: torch.Tensor, num_layers: int, layer: int = 0,
                     kv_dtype: torch.dtype | None = None) -> None:
     """``kv_append`` on raw tensors (arena, handle table and layout as in ``paged_decode_attention_arena``)."""
     dev = _check_tensor(k, "k", dtypes=SUPPORTED_DTYPES, dim=3)
@@ -339,7 +346,7 @@ def kv_append_arena(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handl
         raise ValueError(f"k and v must have contiguous rows (stride 1 over D), got strides {k.stride()} "
                          f"and {v.stride()}")
     T, Hkv, D = k.shape
-    _check_arena(arena, handle_table, dev)
+    _check_arena(arena, handle_table, handle_kinds, dev)
     _check_layout(layout, k.dtype, D, "k")
     layer = _check_layer(layer, num_layers)
     _check_page_fits(layout, num_layers, arena)
@@ -353,7 +360,9 @@ def kv_append_arena(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handl
         _check_tensor(t, name, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
         if t.shape[0] != T:
             raise ValueError(f"{name} must have T={T} entries (one per token), got {t.shape[0]}")
-    torch.ops.avmp.kv_append(k, v, arena, handle_table, block_table, token_req, token_pos,
+    if on_host(block_table, token_req, token_pos, handle_table, handle_kinds):
+        _check_append_targets(block_table, token_req, token_pos, handle_table, handle_kinds, layout.page_tokens)
+    torch.ops.avmp.kv_append(k, v, arena, handle_table, handle_kinds, block_table, token_req, token_pos,
                              _layout_args(layout), layer)
 
 
@@ -362,13 +371,30 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _from_alloc(alloc):
+def from_alloc(alloc):
+    """(arena, handle table, handle kinds, page layout, attention layers, KV dtype) of an allocator."""
     from avmp_triton.allocator import ArenaAllocator
     if not isinstance(alloc, ArenaAllocator):
         raise TypeError(f"alloc must be an allocator (AVMPAllocator, StaticDualAllocator, PaddedUnifiedAllocator), "
                         f"got {type(alloc).__name__}")
     layout = kv_page_layout(alloc.spec, alloc.page_tokens)
-    return alloc.arena, alloc.handle_table, layout, alloc.spec.num_attn_layers, alloc.spec.kv_dtype
+    return (alloc.arena, alloc.handle_table, alloc.handle_kind, layout, alloc.spec.num_attn_layers,
+            alloc.spec.kv_dtype)
+
+
+def _check_append_targets(block_table, token_req, token_pos, handle_table, handle_kinds, page_tokens) -> None:
+    """Host check of CPU-resident append metadata: rows, positions and the pages they address."""
+    B, W = block_table.shape
+    for t, (r, p) in enumerate(zip(token_req.tolist(), token_pos.tolist())):
+        if r == -1:
+            continue
+        if not 0 <= r < B:
+            raise ValueError(f"token_req[{t}]={r} is not a block_table row (B={B}) or -1")
+        if not 0 <= p < W * page_tokens:
+            raise ValueError(f"token_pos[{t}]={p} is outside [0, {W * page_tokens}) (block_table width {W} x "
+                             f"page_tokens {page_tokens})")
+        check_handles(block_table[r, p // page_tokens], handle_table, handle_kinds, KIND_KV,
+                      f"block_table[{r}, {p // page_tokens}] (token {t})", unique=False)
 
 
 def _check_tensor(t, name: str, *, dtypes, dim: int, device=None, contiguous: bool = False) -> torch.device:
@@ -390,9 +416,12 @@ def _check_tensor(t, name: str, *, dtypes, dim: int, device=None, contiguous: bo
     return t.device
 
 
-def _check_arena(arena, handle_table, dev) -> None:
+def _check_arena(arena, handle_table, handle_kinds, dev) -> None:
     _check_tensor(arena, "arena", dtypes=(torch.uint8,), dim=1, device=dev, contiguous=True)
     _check_tensor(handle_table, "handle_table", dtypes=(torch.int64,), dim=1, device=dev, contiguous=True)
+    _check_tensor(handle_kinds, "handle_kinds", dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+    if handle_kinds.numel() != handle_table.numel():
+        raise ValueError(f"handle_kinds has {handle_kinds.numel()} entries, handle_table {handle_table.numel()}")
 
 
 def _check_aligned(arena: torch.Tensor) -> None:

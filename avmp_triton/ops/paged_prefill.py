@@ -19,7 +19,9 @@ from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on C
 from avmp_triton._triton_env import interpreter_active, require_interpreter
 from avmp_triton.kernels.paged_prefill import paged_prefill_kernel
 from avmp_triton.layout import KVPageLayout
-from avmp_triton.ops.paged_attention import _from_alloc
+from avmp_triton.ops._host_checks import (KIND_KV, check_block_table, check_cu_seqlens, check_handles,
+                                         live_pages, on_host)
+from avmp_triton.ops.paged_attention import from_alloc
 
 __all__ = ["paged_prefill_attention", "prefill_launch_config"]
 
@@ -79,7 +81,7 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu
 @torch.library.custom_op("avmp::paged_prefill_attention", mutates_args=("out",))
 def _paged_prefill_op(
     out: torch.Tensor, q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-    block_table: torch.Tensor, kv: torch.Tensor, handle_table: torch.Tensor,
+    block_table: torch.Tensor, kv: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
     page_tokens: int, num_kv_heads: int, layer_off: int, stride_kv: int, stride_kv_head: int,
     stride_kv_token: int, scale: float, block_m: int, block_n: int, num_warps: int, num_stages: int,
 ) -> None:
@@ -96,8 +98,8 @@ def _paged_prefill_op(
     guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with guard:
         paged_prefill_kernel[grid](
-            q, out, cu_seqlens_q, seq_lens, block_table, handle_table, kv,
-            B, block_table.shape[1], handle_table.shape[0],
+            q, out, cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds, kv,
+            B, block_table.shape[1], handle_table.shape[0], T,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
             layer_off, stride_kv, stride_kv_head, stride_kv_token, scale * _LOG2E,
             GQA=gqa, HEAD_DIM=D, PAGE_TOKENS=page_tokens, ELEM_BYTES=q.element_size(),
@@ -109,7 +111,7 @@ def _paged_prefill_op(
 
 
 @_paged_prefill_op.register_fake
-def _(out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, page_tokens, num_kv_heads,
+def _(out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, handle_kinds, page_tokens, num_kv_heads,
       layer_off, stride_kv, stride_kv_head, stride_kv_token, scale, block_m, block_n, num_warps,
       num_stages) -> None:
     return None
@@ -134,11 +136,12 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """``paged_prefill_attention_arena`` on an allocator's arena, handle table and page layout
     (the same form as ``paged_decode_attention``); q must be in the spec's ``kv_dtype``."""
-    arena, table, layout, num_layers, kv_dtype = _from_alloc(alloc)
+    arena, table, kinds, layout, num_layers, kv_dtype = from_alloc(alloc)
     if isinstance(q, torch.Tensor) and q.dtype != kv_dtype:
         raise TypeError(f"q must have the KV dtype {kv_dtype}, got {q.dtype}")
     return paged_prefill_attention_arena(
-        q, arena, table, layout, block_table, seq_lens, cu_seqlens_q, layer=layer, num_layers=num_layers,
+        q, arena, table, layout, block_table, seq_lens, cu_seqlens_q, handle_kinds=kinds, layer=layer,
+        num_layers=num_layers,
         scale=scale, out=out, max_seqlen_q=max_seqlen_q, block_m=block_m, block_n=block_n, num_warps=num_warps,
         num_stages=num_stages)
 
@@ -152,6 +155,7 @@ def paged_prefill_attention_arena(
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     *,
+    handle_kinds: torch.Tensor,
     layer: int = 0,
     num_layers: int | None = None,
     scale: float | None = None,
@@ -177,6 +181,8 @@ def paged_prefill_attention_arena(
         handle_table: ``[H]`` int64, handle -> byte offset in the arena (-1 when free). Live
             offsets must be multiples of 16 bytes (the allocator's units are): the kernel tells
             the compiler so, to load K/V in 16-byte vectors.
+        handle_kinds: ``[H]`` int32 handle -> kind (``alloc.handle_kind``); only KV pages (kind 1)
+            are read.
         layout: the KV page layout (``avmp_triton.layout.kv_page_layout``); its element size
             must be q's and its head_dim D; ``Hq`` must be a multiple of its ``num_kv_heads``.
         layer: attention layer (index among the attention layers) to read.
@@ -192,7 +198,10 @@ def paged_prefill_attention_arena(
     Returns:
         ``out`` ``[T, Hq, D]``. Token i of request b (absolute position
         ``seq_lens[b] - q_len_b + i``) attends to positions ``<=`` its own. KV pages whose handle
-        is -1 or not live are skipped; a row that sees no live position is zero.
+        is -1, not live or not a KV page are skipped; a row that sees no live position is zero.
+        On a GPU the metadata is never read on the host: a bad ``cu_seqlens_q`` only skips the
+        rows outside ``[0, T)``. When it is on the CPU, bad values raise (ValueError /
+        InvalidHandleError naming the value).
     """
     _check_tensor(q, "q", dim=3)
     if q.dtype not in _DTYPES:
@@ -221,9 +230,12 @@ def paged_prefill_attention_arena(
         raise ValueError(f"block_table must have at least one column, got shape {tuple(block_table.shape)}")
     if block_table.stride(1) != 1:
         raise ValueError(f"block_table rows must be contiguous, got strides {block_table.stride()}")
-    _check_tensor(handle_table, "handle_table", dim=1, dtype=torch.int64, device=dev)
-    if not handle_table.is_contiguous():
-        raise ValueError("handle_table must be contiguous")
+    for t, name, dtype in ((handle_table, "handle_table", torch.int64), (handle_kinds, "handle_kinds", torch.int32)):
+        _check_tensor(t, name, dim=1, dtype=dtype, device=dev)
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if handle_kinds.numel() != handle_table.numel():
+        raise ValueError(f"handle_kinds has {handle_kinds.numel()} entries, handle_table {handle_table.numel()}")
     _check_tensor(arena, "arena", dim=1, device=dev)
     if arena.dtype not in (torch.uint8, q.dtype):
         raise TypeError(f"arena must be uint8 or q's dtype {q.dtype}, got {arena.dtype}")
@@ -291,12 +303,27 @@ def paged_prefill_attention_arena(
         return out
     if T == 0:
         return out
+    if on_host(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds):
+        _check_metadata(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds, T, layout.page_tokens)
     kv = arena if arena.dtype == q.dtype else arena[:arena.numel() // q.element_size() * q.element_size()].view(q.dtype)
     torch.ops.avmp.paged_prefill_attention(
-        out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table,
+        out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, handle_kinds,
         layout.page_tokens, Hkv, layer * layout.stride_layer, layout.stride_kv, layout.stride_head,
         layout.stride_token, float(scale), bm, bn, warps, stages)
     return out
+
+
+def _check_metadata(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds, T: int,
+                    page_tokens: int) -> None:
+    """Host checks of CPU-resident metadata (free to read): ranges, lengths, the live pages' handles."""
+    check_cu_seqlens(cu_seqlens_q, T, "cu_seqlens_q")
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    for b, (n, q_len) in enumerate(zip(seq_lens.tolist(), q_lens)):
+        if n < q_len:
+            raise ValueError(f"seq_lens[{b}]={n} is shorter than the request's {q_len} new tokens")
+    check_block_table(block_table, seq_lens, page_tokens)
+    check_handles(live_pages(block_table, seq_lens, page_tokens), handle_table, handle_kinds, KIND_KV, "block_table",
+                  unique=False)
 
 
 def _block_arg(v, name: str, default: int) -> int:
