@@ -87,6 +87,8 @@ def live_pages(block_table: torch.Tensor, seq_lens: torch.Tensor, page_tokens: i
 
 
 def _position(t: torch.Tensor, flat_index: int) -> str:
-    if t.dim() <= 1:
+    if t.dim() == 0:
+        return ""
+    if t.dim() == 1:
         return f"[{flat_index}]"
     return str(list(divmod(flat_index, t.shape[-1]))) if t.dim() == 2 else f"[flat {flat_index}]"
