@@ -15,6 +15,10 @@ from avmp_triton.allocator import (
 )
 from avmp_triton.spec import HybridModelSpec, get_preset, list_presets
 
+import triton  # noqa: E402  (after _triton_env, which must run first)
+
+_triton_env.warn_if_untested(triton.__version__)
+
 __all__ = [
     "AVMPAllocator", "AllocatorStats", "HybridModelSpec", "InvalidHandleError", "PaddedUnifiedAllocator",
     "PoolExhaustedError", "PoolStats", "StaticDualAllocator", "get_preset", "list_presets",
