@@ -118,19 +118,28 @@ class HybridModelSpec:
         ssm_dtype: torch.dtype | None = None,
         page_tokens: int = 16,
     ) -> "HybridModelSpec":
-        """Build a spec from a transformers config object, dispatching on ``config.model_type``.
+        """Build a spec from a transformers config object, or from a config.json dict with a
+        "model_type" key (made into transformers' config class for that type, so its defaults and
+        derived fields such as ``layers_block_type`` apply), dispatching on the model type.
 
         Supported: jamba, bamba, nemotron_h, granitemoehybrid, zamba2, falcon_h1, qwen3_next.
         Each dtype left as None follows ``config.dtype`` (``torch_dtype`` on older configs) and
         falls back to bf16. NemotronH's ``mamba_ssm_cache_dtype`` is not applied: transformers'
         own cache ignores it; pass ``ssm_dtype=torch.float32`` to model a serving engine that honours it.
+
+        Raises:
+            TypeError: ``config`` is neither a dict nor an object with a ``model_type``.
+            ValueError: an unsupported model type (the supported ones are listed), or a config
+                that lacks a field the geometry needs (named, with the model type).
         """
-        model_type = getattr(config, "model_type", None)
+        model_type = _model_type(config)
         reader = _HF_READERS.get(model_type)
         if reader is None:
             raise ValueError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(_HF_READERS))}")
-        geometry = reader(config)
+        if isinstance(config, dict):
+            config = _config_from_dict(config, model_type)
+        geometry = reader(_Fields(config, model_type))
         default = _config_dtype(config)
         name = getattr(config, "_name_or_path", "") or f"hf:{model_type}"
         return cls(
@@ -152,6 +161,53 @@ _ATTN_TYPES = frozenset({"full_attention", "attention", "*"})
 _MAMBA_TYPES = frozenset({"linear_attention", "mamba", "M", "m"})
 
 
+def _model_type(config) -> str:
+    if isinstance(config, dict):
+        model_type = config.get("model_type")
+        if not isinstance(model_type, str) or not model_type:
+            raise ValueError(f"the config dict has no \"model_type\" (got {model_type!r}); supported: "
+                             f"{', '.join(sorted(_HF_READERS))}")
+        return model_type
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model_type, str) or not model_type:
+        raise TypeError(f"from_hf_config needs a transformers config object or a config.json dict with "
+                        f"\"model_type\", got {type(config).__name__} without a model_type")
+    return model_type
+
+
+def _config_from_dict(config: dict, model_type: str):
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("reading a config.json dict needs transformers (pip install transformers), which "
+                          "supplies the config class's defaults and derived fields") from None
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        return transformers.AutoConfig.for_model(model_type, **fields)
+    except ValueError as e:  # a transformers release without this model's config class
+        raise ValueError(f"transformers {transformers.__version__} cannot build a {model_type!r} config: {e}") from None
+
+
+class _Fields:
+    """A config's attributes for the readers: a missing (or None) one is a ValueError naming it and
+    the model type, not an AttributeError from deep inside a reader."""
+
+    def __init__(self, config, model_type: str):
+        self._config = config
+        self._model_type = model_type
+
+    def get(self, name: str, default=None):
+        value = getattr(self._config, name, None)
+        return default if value is None else value
+
+    def __getattr__(self, name: str):
+        value = self.get(name)
+        if value is None:
+            raise ValueError(f"the {self._model_type} config has no field {name!r} (or it is None); the cache "
+                             f"geometry needs it")
+        return value
+
+
 def _config_dtype(config) -> torch.dtype:
     dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dt, str):
@@ -167,7 +223,7 @@ def _count(kinds, wanted: frozenset) -> int:
 
 def _attn_head_dim(config) -> int:
     # The modeling code uses config.head_dim when present, else hidden_size // num_attention_heads.
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.get("head_dim") or config.hidden_size // config.num_attention_heads
 
 
 def _mamba2(*, heads: int, head_dim: int, d_state: int, n_groups: int, d_conv: int,
@@ -231,7 +287,7 @@ def _read_zamba2(c) -> dict:
 
 def _read_falcon_h1(c) -> dict:
     # Attention and Mamba2 run in parallel in every layer.
-    d_inner = c.mamba_d_ssm if c.mamba_d_ssm is not None else int(c.mamba_expand * c.hidden_size)
+    d_inner = c.get("mamba_d_ssm") or int(c.mamba_expand * c.hidden_size)
     return dict(
         **_attn(c, c.num_hidden_layers), num_mamba_layers=c.num_hidden_layers,
         **_mamba2(heads=c.mamba_n_heads, head_dim=c.mamba_d_head, d_state=c.mamba_d_state,

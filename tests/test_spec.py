@@ -1,6 +1,7 @@
 """HybridModelSpec: derived sizes, validation, presets and construction from transformers configs."""
 import dataclasses
 import re
+import types
 
 import pytest
 import torch
@@ -244,3 +245,64 @@ def test_unsupported_model_type():
         HybridModelSpec.from_hf_config(transformers.LlamaConfig())
     for supported in ("jamba", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "falcon_h1"):
         assert supported in str(info.value)
+
+
+# --- from_hf_config: config.json dicts, incomplete configs, wrong types ---------------------------
+
+JAMBA_MINI_JSON = {  # the keys of ai21labs/AI21-Jamba-1.5-Mini's config.json that matter, as json.load gives them
+    "architectures": ["JambaForCausalLM"], "model_type": "jamba", "hidden_size": 4096, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "attn_layer_period": 8, "attn_layer_offset": 4,
+    "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "torch_dtype": "bfloat16",
+}
+
+
+def test_config_json_dict_is_accepted():
+    spec = HybridModelSpec.from_hf_config(dict(JAMBA_MINI_JSON))
+    _same_geometry(spec, "jamba-1.5-mini")
+    assert spec.kv_dtype == torch.bfloat16
+
+
+def test_config_json_dict_gets_the_derived_layer_kinds():
+    # config.json holds hybrid_override_pattern; layers_block_type is derived from it by transformers
+    cfg = {"model_type": "nemotron_h", "hybrid_override_pattern": "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+           "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+           "mamba_num_heads": 128, "mamba_head_dim": 64, "ssm_state_size": 128, "n_groups": 8, "conv_kernel": 4,
+           "torch_dtype": "bfloat16"}
+    _same_geometry(HybridModelSpec.from_hf_config(cfg), "nemotron-h-8b")
+
+
+def test_config_dict_without_model_type():
+    cfg = {k: v for k, v in JAMBA_MINI_JSON.items() if k != "model_type"}
+    with pytest.raises(ValueError, match='the config dict has no "model_type"') as info:
+        HybridModelSpec.from_hf_config(cfg)
+    assert "jamba" in str(info.value) and "unsupported model_type" not in str(info.value)
+
+
+def test_unsupported_model_type_in_a_dict_is_named_with_the_supported_ones():
+    with pytest.raises(ValueError, match="unsupported model_type 'mixtral'") as info:
+        HybridModelSpec.from_hf_config({**JAMBA_MINI_JSON, "model_type": "mixtral"})
+    for supported in ("jamba", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "falcon_h1", "qwen3_next"):
+        assert supported in str(info.value)
+
+
+@pytest.mark.parametrize("config, field, model_type", [
+    (types.SimpleNamespace(model_type="jamba"), "layers_block_type", "jamba"),
+    (types.SimpleNamespace(model_type="jamba", layers_block_type=["attention", "mamba"], num_key_value_heads=8,
+                           hidden_size=64, num_attention_heads=4), "mamba_expand", "jamba"),
+    (types.SimpleNamespace(model_type="nemotron_h", layers_block_type=["M", "*"], num_key_value_heads=8,
+                           head_dim=128, mamba_num_heads=None), "mamba_num_heads", "nemotron_h"),
+    (types.SimpleNamespace(model_type="falcon_h1", num_hidden_layers=2, num_key_value_heads=2, head_dim=64,
+                           mamba_d_ssm=None), "mamba_expand", "falcon_h1"),
+])
+def test_missing_field_is_named_with_the_model_type(config, field, model_type):
+    with pytest.raises(ValueError, match=f"the {model_type} config has no field '{field}'"):
+        HybridModelSpec.from_hf_config(config)
+
+
+@pytest.mark.parametrize("config", [object(), "config.json", types.SimpleNamespace(hidden_size=64),
+                                    types.SimpleNamespace(model_type=None)])
+def test_a_config_without_model_type_is_a_type_error(config):
+    with pytest.raises(TypeError, match="transformers config object or a config.json dict") as info:
+        HybridModelSpec.from_hf_config(config)
+    assert type(config).__name__ in str(info.value)
+    assert "unsupported model_type" not in str(info.value)
