@@ -23,7 +23,7 @@ import triton
 
 from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
 from avmp_triton.kernels import alloc as K
-from avmp_triton.spec import HybridModelSpec
+from avmp_triton.spec import HybridModelSpec, check_cache_dtypes
 
 KIND_FREE, KIND_KV, KIND_SSM = 0, 1, 2
 _KIND_NAMES = {KIND_KV: "kv", KIND_SSM: "ssm"}
@@ -136,6 +136,7 @@ class ArenaAllocator:
                  page_tokens: int = 16, slab_bytes: int | None = None, migration_batch: int = 16):
         if not isinstance(spec, HybridModelSpec):
             raise TypeError(f"spec must be a HybridModelSpec, got {type(spec).__name__}")
+        check_cache_dtypes(spec)  # again here: a spec changed through object.__setattr__ skips its own check
         if spec.num_attn_layers < 1 or spec.num_mamba_layers < 1:
             raise ValueError(f"spec {spec.name!r} needs attention and Mamba layers, got "
                              f"{spec.num_attn_layers} and {spec.num_mamba_layers}")

@@ -7,8 +7,37 @@ import types
 import torch
 
 
+# What the kernels can read: the attention kernels (decode, KV append, prefill) take K/V in these
+# dtypes and pages of a power-of-two number of tokens; the Mamba kernels take these state dtypes.
+KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A bound on absurd sizes, not a guarantee: on an H200 the decode kernel loads a whole page per step,
+# and its tl.dot path (GQA groups of >= 4 query heads) runs out of shared memory from 128 tokens
+# (fp32, head dim 256) up, and at 1024 for every head dim and dtype measured; smaller groups ran at 2048.
+MAX_PAGE_TOKENS = 1024
+
+
 def _round_up(x: int, a: int) -> int:
     return (x + a - 1) // a * a
+
+
+def check_cache_dtypes(spec: "HybridModelSpec") -> None:
+    """TypeError naming a KV, conv or SSM dtype that no kernel reads."""
+    for f, ok in (("kv_dtype", KV_DTYPES), ("conv_dtype", STATE_DTYPES), ("ssm_dtype", STATE_DTYPES)):
+        dt = getattr(spec, f)
+        if not isinstance(dt, torch.dtype):
+            raise TypeError(f"{f} must be a torch.dtype, got {dt!r}")
+        if dt not in ok:
+            raise TypeError(f"{f} {dt} is not supported by the kernels; supported: "
+                            f"{', '.join(str(d) for d in ok)}")
+
+
+def _check_page_tokens(page_tokens) -> None:
+    """ValueError unless ``page_tokens`` is a page size the attention kernels serve."""
+    if (not isinstance(page_tokens, int) or isinstance(page_tokens, bool) or page_tokens < 1
+            or page_tokens & (page_tokens - 1) or page_tokens > MAX_PAGE_TOKENS):
+        raise ValueError(f"page_tokens must be a power of two in [1, {MAX_PAGE_TOKENS}] (pages the attention kernels "
+                         f"read), got {page_tokens!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,7 +77,7 @@ class HybridModelSpec:
             v = getattr(self, f)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{f} must be a non-negative int, got {v!r}")
-        for f in ("num_kv_heads", "head_dim", "d_inner", "d_state", "d_conv", "n_groups", "page_tokens"):
+        for f in ("num_kv_heads", "head_dim", "d_inner", "d_state", "d_conv", "n_groups"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be a positive int, got {v!r}")
@@ -67,9 +96,8 @@ class HybridModelSpec:
                     f"({self.mamba_num_heads} * {self.mamba_head_dim})")
             if self.mamba_num_heads % self.n_groups:
                 raise ValueError(f"mamba_num_heads ({self.mamba_num_heads}) must be a multiple of n_groups ({self.n_groups})")
-        for f in ("kv_dtype", "conv_dtype", "ssm_dtype"):
-            if not isinstance(getattr(self, f), torch.dtype):
-                raise TypeError(f"{f} must be a torch.dtype, got {getattr(self, f)!r}")
+        _check_page_tokens(self.page_tokens)
+        check_cache_dtypes(self)
 
     # --- attention ---
     @property

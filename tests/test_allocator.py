@@ -869,6 +869,17 @@ def test_constructor_rejects_bad_arguments(cls):
         bad(ValueError, f"capacity_bytes={SLAB + 5}", "at least 2", capacity_bytes=SLAB + 5)
 
 
+@pytest.mark.parametrize("field, dtype", [("kv_dtype", torch.float64), ("kv_dtype", torch.int8),
+                                          ("conv_dtype", torch.float64), ("ssm_dtype", torch.int32)])
+@pytest.mark.parametrize("cls", CLASSES)
+def test_constructor_rejects_dtypes_no_kernel_reads(cls, field, dtype):
+    # HybridModelSpec refuses these itself; a spec altered behind its back must not slip through either
+    spec = dataclasses.replace(SPEC_PAGE_BIG)
+    object.__setattr__(spec, field, dtype)
+    with pytest.raises(TypeError, match=f"{field} {dtype} is not supported"):
+        cls(spec, 7 * SLAB, device=DEVICE, slab_bytes=SLAB)
+
+
 # ---------------------------------------------------------------------------------------- accounting
 
 @pytest.mark.parametrize("geom", list(GEOMS))

@@ -83,6 +83,34 @@ def test_dtype_must_be_a_torch_dtype():
         HybridModelSpec(**_OK, kv_dtype="bf16")
 
 
+@pytest.mark.parametrize("page_tokens", [3, 12, 48, 544, 2048, 1 << 20, True])
+def test_page_tokens_the_attention_kernels_cannot_read_are_rejected(page_tokens):
+    with pytest.raises(ValueError, match=rf"page_tokens must be a power of two in \[1, 1024\].*got {page_tokens!r}$"):
+        HybridModelSpec(**_OK, page_tokens=page_tokens)
+
+
+@pytest.mark.parametrize("page_tokens", [1, 2, 16, 64, 1024])
+def test_power_of_two_page_tokens_are_accepted(page_tokens):
+    assert HybridModelSpec(**_OK, page_tokens=page_tokens).kv_page_bytes == page_tokens * 2 * 8 * 2
+
+
+@pytest.mark.parametrize("field, dtype", [
+    ("kv_dtype", torch.float64), ("kv_dtype", torch.int8), ("kv_dtype", torch.float8_e4m3fn),
+    ("conv_dtype", torch.float64), ("conv_dtype", torch.int32), ("ssm_dtype", torch.float64),
+    ("ssm_dtype", torch.uint8),
+])
+def test_dtypes_no_kernel_reads_are_rejected(field, dtype):
+    with pytest.raises(TypeError, match=rf"{field} {dtype} is not supported") as info:
+        HybridModelSpec(**_OK, **{field: dtype})
+    assert "torch.bfloat16" in str(info.value)  # and the supported ones are listed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_every_kernel_dtype_is_accepted(dtype):
+    s = HybridModelSpec(**_OK, kv_dtype=dtype, conv_dtype=dtype, ssm_dtype=dtype)
+    assert s.kv_bytes_per_token == 2 * 8 * dtype.itemsize
+
+
 # --- presets -------------------------------------------------------------------------------------
 
 REQUIRED = ["jamba-1.5-mini", "jamba-1.5-large", "nemotron-h-8b", "zamba2-2.7b",
