@@ -21,8 +21,9 @@ import collections
 import dataclasses
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -417,14 +418,36 @@ def _representative(d: _Data) -> tuple | None:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _unreadable_warning(unreadable: list[tuple[str, str]], total: int) -> tuple[str, list[str]]:
+    """The warning about cell files left out, as one line (for stderr) and as report.md lines."""
+    head = f"{len(unreadable)} of {total} cell files could not be read"
+    line = f"warning: {head} and are left out of the report: " + "; ".join(f"{p} ({why})" for p, why in unreadable)
+    md = [f"> **Warning: {head}** and are left out of every table and plot below:", ">"]
+    md += [f"> - `{p}`: {why}" for p, why in unreadable]
+    return line, md + [""]
+
+
 def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                 plots: bool = True) -> Path:
-    """Write ``report.md`` (and PNGs) for the cells under ``results_dir``; returns the report's path."""
+                 plots: bool = True, warn: Callable[[str], None] = _stderr) -> Path:
+    """Write ``report.md`` (and PNGs) for the cells under ``results_dir``; returns the report's path.
+
+    Cell files that are not valid JSON or lack what the report reads are named and counted in a
+    warning at the top of report.md and through ``warn`` (stderr by default). Raises
+    FileNotFoundError when no cell file can be read."""
     results_dir = Path(results_dir)
     out_dir = Path(out_dir) if out_dir is not None else results_dir
-    recs = load_results(results_dir)
+    recs, unreadable = load_results(results_dir)
+    warning_md: list[str] = []
+    if unreadable:
+        line, warning_md = _unreadable_warning(unreadable, len(recs) + len(unreadable))
+        warn(line)
     if not recs:
-        raise FileNotFoundError(f"no cell JSON files under {results_dir}")
+        raise FileNotFoundError(f"no readable cell JSON files under {results_dir}"
+                                + (f" ({len(unreadable)} could not be read)" if unreadable else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     d = _Data(recs)
     L: list[str] = []
@@ -440,6 +463,7 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     time_kinds = sorted({str(r["metrics"].get("alloc_time_kind")) for r in recs})
 
     w("# Workload comparison: AVMP vs static split vs padded pool\n")
+    L.extend(warning_md)
     w(f"{len(recs)} cells from `{results_dir}`: specs {', '.join(d.specs)}; workloads {', '.join(d.workloads)}; "
       f"budgets {', '.join(d.budgets)}; seeds {', '.join(map(str, d.seeds))}; variants {', '.join(d.variants)}.\n")
     w(f"- Requests per workload: {', '.join(f'{wl} {n}' for wl, n in nreq)}.")

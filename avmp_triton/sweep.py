@@ -70,8 +70,8 @@ from avmp_triton.workloads import WORKLOADS, make_workload
 
 __all__ = [
     "BUDGETS", "QUICK_NUM_REQUESTS", "SCHEMA", "SEEDS", "SPECS", "VARIANTS", "Budget", "Cell", "Variant",
-    "cell_path", "default_backend", "default_device", "git_info", "grid", "load_results", "make_allocator",
-    "make_budget", "run_cell", "run_sweep", "typical_tokens", "versions",
+    "cell_path", "cell_problem", "default_backend", "default_device", "git_info", "grid", "load_results",
+    "make_allocator", "make_budget", "run_cell", "run_sweep", "typical_tokens", "versions",
 ]
 
 SCHEMA = 1
@@ -390,15 +390,57 @@ def _bar(total: int, unit: str, enabled: bool):
     return tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
-def load_results(results_dir: str | os.PathLike) -> list[dict]:
-    """Every cell JSON under ``results_dir`` (files with a "cell" and a "metrics" entry)."""
-    recs = []
+# what the report reads from every cell file: a file that lacks one is named, never silently used or dropped
+_CELL_KEYS = ("spec", "workload", "budget", "variant", "seed", "num_requests")
+_METRIC_KEYS = ("num_requests", "completed", "unservable", "makespan_ticks", "batch_mean", "batch_peak",
+                "preemptions", "recomputed_tokens", "admission_wait_mean", "kv_util_mean", "ssm_util_mean",
+                "migrations", "slabs_moved", "proactive_slabs_moved", "bytes_moved")
+_SERIES_KEYS = ("kv_util_series", "ssm_util_series")
+_BUDGET_KEYS = ("capacity_bytes", "num_slabs", "slab_bytes")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def cell_problem(rec) -> str | None:
+    """Why a parsed cell file cannot be used by the report (a missing key or section, a non-numeric
+    metric), or None when it can."""
+    if not isinstance(rec, dict):
+        return f"not a JSON object but {type(rec).__name__}"
+    if not isinstance(rec.get("backend"), str):
+        return "no 'backend'"
+    for section, keys in (("cell", _CELL_KEYS), ("metrics", _METRIC_KEYS + _SERIES_KEYS), ("budget", _BUDGET_KEYS)):
+        part = rec.get(section)
+        if not isinstance(part, dict):
+            return f"no {section!r} object"
+        missing = [k for k in keys if k not in part]
+        if missing:
+            return f"{section} lacks {', '.join(map(repr, missing))}"
+    m = rec["metrics"]
+    bad = [k for k in _METRIC_KEYS if not _is_number(m[k])] + [k for k in _SERIES_KEYS if not isinstance(m[k], list)]
+    if bad:
+        return f"metrics {', '.join(f'{k}={m[k]!r}' for k in bad)} of the wrong type"
+    return None
+
+
+def load_results(results_dir: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Every cell JSON under ``results_dir``: ``(records, unreadable)``, the second a list of
+    ``(path, reason)`` for each ``*.json`` file that is not valid JSON or lacks what the report reads."""
+    recs, unreadable = [], []
     for p in sorted(Path(results_dir).rglob("*.json")):
         try:
             rec = json.loads(p.read_text())
-        except (OSError, ValueError):
+        except (OSError, UnicodeDecodeError) as e:
+            unreadable.append((str(p), f"unreadable: {e}"))
             continue
-        if isinstance(rec, dict) and "cell" in rec and "metrics" in rec:
-            rec["_path"] = str(p)
-            recs.append(rec)
-    return recs
+        except ValueError as e:
+            unreadable.append((str(p), f"invalid JSON: {e}"))
+            continue
+        problem = cell_problem(rec)
+        if problem is not None:
+            unreadable.append((str(p), problem))
+            continue
+        rec["_path"] = str(p)
+        recs.append(rec)
+    return recs, unreadable

@@ -181,3 +181,47 @@ def test_bootstrap_rejects_bad_samples():
         paired_bootstrap_ci([1.0, 0.0], [1.0, 1.0])  # ratio needs positive values
     with pytest.raises(ValueError):
         paired_bootstrap_ci([1.0], [1.0], statistic="median")
+
+
+# ------------------------------------------------------------------------------ a report with bad cells
+def test_report_names_and_counts_unreadable_cells(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert cli.main(["sweep", "--out", str(out), "--jobs", "1", "--no-report", "--specs", "jamba-1.5-mini",
+                     "--workloads", "sharegpt", "--budgets", "16", "--seeds", "0", "--num-requests", "12",
+                     "--variants", "padded_unified,static_dual_0.5,static_dual_0.9,avmp_mb16", "--no-progress"]) == 0
+    cells = sorted(out.rglob("*.json"))
+    assert len(cells) == 4
+    truncated, partial = cells[0], cells[2]
+    truncated.write_text(truncated.read_text()[:200])
+    rec = json.loads(partial.read_text())
+    del rec["metrics"]["makespan_ticks"]
+    partial.write_text(json.dumps(rec))
+    capsys.readouterr()
+
+    assert cli.main(["report", "--results", str(out), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    text = (out / "report.md").read_text()
+    top = "\n".join(text.splitlines()[:8])
+    for where in (err, top):
+        assert "2 of 4 cell files could not be read" in where
+        assert str(truncated) in where and "invalid JSON" in where
+        assert str(partial) in where and "metrics lacks 'makespan_ticks'" in where
+    assert "2 cells from" in text  # the two good ones are still reported
+    for v in ("padded_unified", "static_dual_0.9"):  # the survivors, by the sorted order of their files
+        assert f"| k16 | {v} |" in text or f"| k16 | **{v}** |" in text
+
+
+def test_report_with_only_unreadable_cells_is_an_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x_seed0.json").write_text("{")
+    with pytest.raises(FileNotFoundError, match=r"no readable cell JSON files .*\(1 could not be read\)"):
+        write_report(tmp_path, warn=lambda msg: None)
+
+
+@pytest.mark.parametrize("rec, why", [
+    ([1, 2], "not a JSON object but list"),
+    ({"cell": {}, "metrics": {}}, "no 'backend'"),
+    ({"backend": "model", "cell": {}}, "cell lacks 'spec'"),
+])
+def test_cell_problem_names_what_is_wrong(rec, why):
+    assert why in sw.cell_problem(rec)
