@@ -5,16 +5,16 @@ With no arguments it runs ``compare`` on the embedded default: jamba-1.5-mini, t
 and the variants padded_unified, static_dual_0.5, static_dual_0.9 and avmp_mb16, through one
 continuous-batching scheduler, then prints a table.
 
-Backend: on a GPU the allocator's Triton kernels ("device"). On a CPU-only machine the kernels can
-only run in Triton's interpreter, which costs milliseconds per decode tick; ``--backend auto``
-(the default) first runs the scheduler on the pure-Python reference allocator ("model": the same
-state machine and decisions, tested equal to the kernels after every call), measures the
-interpreter's cost per tick, and runs the device backend too only if the whole comparison would
-fit in the time budget (then it checks that both gave the same metrics). It always prints which
-backend produced the table.
+Backend (``choose_backend``, from the flags and the hardware only): ``--backend auto`` (the
+default) runs the allocator's Triton kernels ("device": compiled on a GPU, in Triton's interpreter
+on a CPU-only machine) and cross-checks their metrics against the pure-Python reference allocator
+("model": the same state machine and decisions); ``--backend device`` or ``model`` runs that one
+alone. It always prints which backend produced the table.
 
 Subcommands: ``compare`` (the default), ``sweep`` (the full grid, ``avmp_triton.sweep``),
 ``report`` (``avmp_triton.report``), ``demo`` (the allocator demo, ``avmp_triton.demo``).
+Out of memory, an unavailable device and an unwritable output folder end the command with one
+line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -22,30 +22,37 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import avmp_triton  # noqa: F401  (chooses Triton's interpreter on CPU-only hosts before triton is imported)
 from avmp_triton import sweep as sw
 from avmp_triton.spec import get_preset, list_presets
 from avmp_triton.workloads import WORKLOADS, make_workload
 
-__all__ = ["DEFAULT_BUDGET_K", "DEFAULT_SPEC", "DEFAULT_VARIANTS", "DEFAULT_WORKLOAD", "main", "run_compare"]
+__all__ = ["DEFAULT_BUDGET_K", "DEFAULT_SPEC", "DEFAULT_VARIANTS", "DEFAULT_WORKLOAD", "BackendChoice",
+           "CommandError", "choose_backend", "main", "run_compare"]
 
 DEFAULT_SPEC = "jamba-1.5-mini"
 DEFAULT_WORKLOAD = "sharegpt"
 # the embedded default is small enough that, on a CPU-only machine, the real allocator kernels run
-# in Triton's interpreter within the time budget (~50 s on 2 cores), with the pools under pressure
+# in Triton's interpreter in about two minutes on 2 cores, with the pools under pressure
 DEFAULT_BUDGET_K = 8
 DEFAULT_NUM_REQUESTS = 48
 DEFAULT_SEED = 0
 DEFAULT_VARIANTS = ("padded_unified", "static_dual_0.5", "static_dual_0.9", "avmp_mb16")
-# auto backend on CPU: run the kernels in the interpreter only if that is estimated to take at most this long
-INTERPRETER_BUDGET_S = 75.0
-PROBE_TICKS = 24
 SUBCOMMANDS = ("compare", "sweep", "report", "demo")
 # RunMetrics fields that may differ between the device and the model backend
 _BACKEND_FIELDS = {"backend", "host_syncs_per_step", "alloc_time_us_per_step_mean", "alloc_time_us_per_step_p50",
                    "alloc_time_kind"}
+# what torch and the C++ allocators say when memory runs out (torch.OutOfMemoryError covers CUDA)
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+class CommandError(Exception):
+    """The command cannot run as asked (no memory for it, no such device, an unwritable folder):
+    ``main`` prints the message as one line on stderr and exits with code 2."""
 
 
 # --------------------------------------------------------------------------------------- argument types
@@ -132,19 +139,24 @@ def _run_all(spec, reqs, budget, variants, backend, device, desc, progress):
     return out
 
 
-def _probe_interpreter(spec, reqs, budget) -> float:
-    """Seconds per decode tick of the device backend under Triton's interpreter (AVMP, this cell)."""
-    from avmp_triton.scheduler import Scheduler
+@dataclasses.dataclass(frozen=True)
+class BackendChoice:
+    backend: str        # "device" or "model": the backend whose metrics the table shows
+    cross_check: bool   # also run the model backend and compare every metric but the timings
+    note: str           # what ran, for the "backend:" line
 
-    def run(ticks: int) -> float:
-        alloc = sw.make_allocator("avmp_mb16", spec, budget.capacity_bytes, "cpu")
-        t0 = time.perf_counter()
-        Scheduler(alloc, max_running=sw.MAX_RUNNING, backend="device").run(reqs, max_ticks=ticks)
-        return time.perf_counter() - t0
 
-    # the difference of two runs leaves out the one-off costs (setup, first launches, admissions)
-    short = run(PROBE_TICKS)
-    return max(run(3 * PROBE_TICKS) - short, 0.0) / (2 * PROBE_TICKS)
+def choose_backend(requested: str, cuda: bool) -> BackendChoice:
+    """The backend of ``compare`` from the ``--backend`` flag and whether a GPU is present: nothing
+    else (no timing, no machine load), so the same command always runs the same thing."""
+    where = "on the GPU" if cuda else "in Triton's interpreter on the CPU"
+    if requested == "auto":
+        return BackendChoice("device", True, f"Triton kernels {where}")
+    if requested == "device":
+        return BackendChoice("device", False, f"Triton kernels {where} (asked for)")
+    if requested == "model":
+        return BackendChoice("model", False, "pure-Python reference allocator (asked for)")
+    raise ValueError(f"backend must be 'auto', 'device' or 'model', got {requested!r}")
 
 
 def _same(a, b) -> bool:
@@ -155,65 +167,50 @@ def _same(a, b) -> bool:
 def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLOAD, budget_k: int | None = None,
                 capacity_gib: float | None = None, seed: int = DEFAULT_SEED, num_requests: int | None = None,
                 variants=DEFAULT_VARIANTS, backend: str = "auto", progress: bool = True, out=print) -> dict:
-    """Run the comparison and print its table; returns {"backend", "metrics": {variant: RunMetrics}, ...}."""
+    """Run the comparison and print its table; returns {"backend", "metrics": {variant: RunMetrics},
+    "agree" (the cross-check's verdict, None without one), ...}.
+
+    Raises ValueError for a bad argument value and CommandError when the budget does not fit into
+    the memory available on the device."""
     t_start = time.perf_counter()
     spec = get_preset(spec_name)
     device = "cuda" if _cuda() else "cpu"
+    choice = choose_backend(backend, device == "cuda")
+    explicit = budget_k is not None or capacity_gib is not None
     opt = f"--capacity-gib {capacity_gib}" if capacity_gib is not None else f"--budget-blocks {budget_k}"
     try:
         if capacity_gib is not None:
             budget = sw.make_budget(spec, workload, capacity_bytes=int(capacity_gib * 2**30))
         else:
             budget = sw.make_budget(spec, workload, budget_k if budget_k is not None else DEFAULT_BUDGET_K)
+        _check_memory(budget.capacity_bytes, device,
+                      opt if explicit else f"--budget-blocks {DEFAULT_BUDGET_K} (the default)")
         for v in variants:  # fail fast on a budget too small for an allocator
             sw.make_allocator(v, spec, budget.capacity_bytes, device)
     except ValueError as e:
-        raise ValueError(f"{opt}: {e}" if budget_k is not None or capacity_gib is not None else str(e)) from None
+        raise ValueError(f"{opt}: {e}" if explicit else str(e)) from None
     try:
         reqs = make_workload(workload, seed, num_requests=num_requests or DEFAULT_NUM_REQUESTS)
     except ValueError as e:
         raise ValueError(f"--num-requests {num_requests}: {e}") from None
     out(f"avmp compare: {spec.name}, {workload} ({len(reqs)} requests, seed {seed}), budget {budget.describe()}")
-    note = ""
-    if device == "cuda":
-        chosen = "device" if backend in ("auto", "device") else "model"
-        metrics = _run_all(spec, reqs, budget, variants, chosen, device, f"{chosen} backend", progress)
-        note = "Triton kernels on the GPU" if chosen == "device" else "pure-Python reference allocator"
-    elif backend == "model":
-        chosen = "model"
-        metrics = _run_all(spec, reqs, budget, variants, "model", device, "model backend", progress)
-        note = "pure-Python reference allocator (asked for)"
-    elif backend == "device":
-        chosen = "device"
-        metrics = _run_all(spec, reqs, budget, variants, "device", device, "device backend (Triton interpreter)",
-                           progress)
-        note = "Triton kernels in Triton's interpreter on the CPU (asked for)"
-    else:  # auto on CPU
-        metrics = _run_all(spec, reqs, budget, variants, "model", device, "model backend", progress)
-        ticks = sum(m.makespan_ticks for m in metrics.values())
-        per_tick = _probe_interpreter(spec, reqs, budget)
-        estimate = ticks * per_tick
-        left = INTERPRETER_BUDGET_S - (time.perf_counter() - t_start)
-        if estimate <= left:
-            dev_metrics = _run_all(spec, reqs, budget, variants, "device", device,
-                                   "device backend (Triton interpreter)", progress)
-            agree = all(_same(metrics[v], dev_metrics[v]) for v in variants)
-            metrics, chosen = dev_metrics, "device"
-            note = (f"Triton kernels in Triton's interpreter on the CPU; the pure-Python reference allocator gave "
-                    f"{'the same metrics' if agree else 'DIFFERENT metrics (a bug: please report)'}")
-        else:
-            chosen = "model"
-            note = (f"pure-Python reference allocator, same decisions as the kernels (tested equal); the kernels in "
-                    f"Triton's interpreter would need ~{_dur(estimate)} for these {ticks:,} ticks "
-                    f"({per_tick * 1e3:.0f} ms/tick), over the {INTERPRETER_BUDGET_S:.0f} s budget of this run. "
-                    f"Force them with --backend device, or run on a GPU")
-    out(f"backend: {chosen} ({note})")
+    desc = f"{choice.backend} backend" + (" (Triton interpreter)" if choice.backend == "device" and device == "cpu"
+                                          else "")
+    metrics = _run_all(spec, reqs, budget, variants, choice.backend, device, desc, progress)
+    note, agree = choice.note, None
+    if choice.cross_check:
+        ref = _run_all(spec, reqs, budget, variants, "model", device, "model backend (cross-check)", progress)
+        agree = all(_same(metrics[v], ref[v]) for v in variants)
+        note += (f"; the pure-Python reference allocator gave "
+                 f"{'the same metrics' if agree else 'DIFFERENT metrics (a bug: please report)'}")
+    out(f"backend: {choice.backend} ({note})")
     out("")
     out(_table(metrics, len(reqs)))
     out("")
     out(_verdict(metrics, len(reqs)))
     out(f"done in {time.perf_counter() - t_start:.1f} s")
-    return {"backend": chosen, "metrics": metrics, "budget": budget, "num_requests": len(reqs)}
+    return {"backend": choice.backend, "metrics": metrics, "budget": budget, "num_requests": len(reqs),
+            "agree": agree}
 
 
 def _cuda() -> bool:
@@ -221,8 +218,65 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _dur(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")
+# ------------------------------------------------------------------------------- resources, up front
+def _available_bytes(device: str) -> int | None:
+    """Free memory on ``device`` now (CPU: the kernel's MemAvailable), or None where it is unknown."""
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(capacity_bytes: int, device: str, what: str) -> None:
+    """CommandError when an arena of ``capacity_bytes`` cannot fit into the free memory of ``device``."""
+    free = _available_bytes(device)
+    if free is not None and capacity_bytes > free:
+        raise CommandError(f"{what}: the arena needs {capacity_bytes / 2**30:,.2f} GiB, more than the "
+                           f"{free / 2**30:,.2f} GiB of memory available on {device}; choose a smaller budget")
+
+
+def _check_device(device: str | None) -> None:
+    """CommandError for a device this machine cannot run the kernels on."""
+    if device is None:
+        return
+    import torch
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__} "
+                           "sees no GPU); use --device cpu")
+    if device == "cpu":
+        from avmp_triton._triton_env import interpreter_active
+        if not interpreter_active():
+            raise CommandError("--device cpu: the kernels run on the CPU only in Triton's interpreter; set "
+                               "TRITON_INTERPRET=1 in the environment")
+
+
+def _check_writable(folder: str | os.PathLike, option: str) -> Path:
+    """Create ``folder`` if needed and write a scratch file into it, so a run fails before any work,
+    not after it; CommandError naming the folder otherwise."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise CommandError(f"{option} {str(folder)!r}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    import torch
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT)
 
 
 def _table(metrics: dict, n: int) -> str:
@@ -289,10 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", formatter_class=fmt, help="compare allocators on one workload (the default command)",
         description="Run one workload through the scheduler once per allocator variant and print a table.\n\n"
                     "Backends: 'device' = the allocator's Triton kernels (on a CPU-only machine they run in Triton's\n"
-                    "interpreter, milliseconds per decode tick); 'model' = the pure-Python reference allocator, the\n"
-                    "same state machine and decisions (tested equal), fast on a CPU; 'auto' = device on a GPU; on a\n"
-                    "CPU, model, plus the interpreter if its measured cost fits the run's time budget "
-                    f"({INTERPRETER_BUDGET_S:.0f} s).")
+                    "interpreter, milliseconds per decode tick: about two minutes for the default on 2 cores);\n"
+                    "'model' = the pure-Python reference allocator, the same state machine and decisions (tested\n"
+                    "equal), seconds on a CPU; 'auto' = device, cross-checked against model (same metrics expected).")
     c.add_argument("--spec", default=DEFAULT_SPEC, choices=list_presets(), metavar="NAME",
                    help=f"model cache geometry, one of: {', '.join(list_presets())} (default: {DEFAULT_SPEC})")
     c.add_argument("--workload", default=DEFAULT_WORKLOAD, choices=WORKLOADS, metavar="NAME",
@@ -363,6 +416,91 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _cmd_compare(args, sub) -> int:
+    try:
+        res = run_compare(spec_name=args.spec, workload=args.workload, budget_k=args.budget_blocks,
+                          capacity_gib=args.capacity_gib, seed=args.seed, num_requests=args.num_requests,
+                          variants=args.variants, backend=args.backend, progress=not args.no_progress)
+    except ValueError as e:
+        sub.error(str(e))
+    if res["agree"] is False:
+        print("compare: the Triton kernels and the reference allocator disagree (see the backend line)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_sweep_memory(args) -> None:
+    """Every cell needs its arena: the largest one of the grid must fit (cells run one per process)."""
+    device = sw.default_device()
+    cap, k, s, w = max((sw.make_budget(get_preset(s), w, k).capacity_bytes, k, s, w)
+                       for s in args.specs for w in args.workloads for k in args.budgets)
+    _check_memory(cap, device, f"--budgets {k} ({s}, {w})")
+
+
+def _cmd_sweep(args, sub) -> int:
+    if args.num_requests is not None and "sharegpt" in args.workloads:
+        try:
+            make_workload("sharegpt", 0, num_requests=args.num_requests)
+        except ValueError as e:
+            sub.error(f"--num-requests {args.num_requests}: {e}")
+    _check_writable(args.out, "--out")
+    _check_sweep_memory(args)
+    try:
+        sw.run_sweep(args.out, specs=args.specs, workloads=args.workloads, budgets=args.budgets, seeds=args.seeds,
+                     variants=args.variants, jobs=args.jobs, quick=args.quick, num_requests=args.num_requests,
+                     backend=args.backend, progress=not args.no_progress)
+    except ValueError as e:
+        sub.error(str(e))
+    if not args.no_report:
+        from avmp_triton.report import write_report
+        print(f"report: {write_report(args.out)}")
+    return 0
+
+
+def _cmd_report(args, sub) -> int:
+    from avmp_triton.report import write_report
+    if not Path(args.results).is_dir():
+        sub.error(f"--results {args.results!r}: no such folder")
+    out = _check_writable(args.out, "--out") if args.out is not None else _check_writable(args.results, "--results")
+    try:
+        path = write_report(args.results, out, plots=not args.no_plots)
+    except FileNotFoundError as e:
+        sub.error(f"--results {args.results!r}: {e}")
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_demo(args, sub) -> int:
+    from avmp_triton.demo import run_demo
+    _check_device(args.device)
+    if not run_demo(args.preset, args.slabs, args.device):
+        print("demo check failed: live data or accounting was not preserved", file=sys.stderr)
+        return 1
+    return 0
+
+
+_COMMANDS = {"compare": _cmd_compare, "sweep": _cmd_sweep, "report": _cmd_report, "demo": _cmd_demo}
+
+
+def _memory_args(args) -> str:
+    """The options that set how much memory ``args.command`` takes, as typed."""
+    if args.command == "compare":
+        if args.capacity_gib is not None:
+            return f"--capacity-gib {args.capacity_gib}"
+        return f"--budget-blocks {args.budget_blocks if args.budget_blocks is not None else DEFAULT_BUDGET_K}"
+    if args.command == "sweep":
+        return f"--budgets {','.join(map(str, args.budgets))}, --jobs {args.jobs or 'default'}"
+    if args.command == "demo":
+        return f"--slabs {args.slabs}"
+    return f"--results {args.results}"
+
+
+def _fail(command: str, msg: str) -> int:
+    print(f"{_prog()} {command}: error: {' '.join(msg.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
@@ -370,47 +508,11 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     subparser = ap.command_parsers[args.command]  # errors found after parsing name the command
-
-    if args.command == "compare":
-        try:
-            run_compare(spec_name=args.spec, workload=args.workload, budget_k=args.budget_blocks,
-                        capacity_gib=args.capacity_gib, seed=args.seed, num_requests=args.num_requests,
-                        variants=args.variants, backend=args.backend, progress=not args.no_progress)
-        except ValueError as e:
-            subparser.error(str(e))
-        return 0
-
-    if args.command == "sweep":
-        if args.num_requests is not None and "sharegpt" in args.workloads:
-            try:
-                make_workload("sharegpt", 0, num_requests=args.num_requests)
-            except ValueError as e:
-                subparser.error(f"--num-requests {args.num_requests}: {e}")
-        try:
-            sw.run_sweep(args.out, specs=args.specs, workloads=args.workloads, budgets=args.budgets, seeds=args.seeds,
-                         variants=args.variants, jobs=args.jobs, quick=args.quick, num_requests=args.num_requests,
-                         backend=args.backend, progress=not args.no_progress)
-        except ValueError as e:
-            subparser.error(str(e))
-        if not args.no_report:
-            from avmp_triton.report import write_report
-            print(f"report: {write_report(args.out)}")
-        return 0
-
-    if args.command == "report":
-        from avmp_triton.report import write_report
-        try:
-            path = write_report(args.results, args.out, plots=not args.no_plots)
-        except FileNotFoundError as e:
-            subparser.error(f"--results {args.results!r}: {e}")
-        print(f"report: {path}")
-        return 0
-
-    if args.command == "demo":
-        from avmp_triton.demo import run_demo
-        if not run_demo(args.preset, args.slabs, args.device):
-            print("demo check failed: live data or accounting was not preserved", file=sys.stderr)
-            return 1
-        return 0
-    ap.error(f"unknown command {args.command!r}")  # unreachable: argparse checks the choices
-    return 2
+    try:
+        return _COMMANDS[args.command](args, subparser)
+    except CommandError as e:
+        return _fail(args.command, str(e))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not _is_oom(e):
+            raise
+        return _fail(args.command, f"out of memory with {_memory_args(args)}: {str(e).strip()[:300]}")

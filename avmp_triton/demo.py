@@ -6,13 +6,12 @@ capacity migration with compaction that keeps every live byte in place behind it
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from avmp_triton.allocator import AVMPAllocator, PaddedUnifiedAllocator
-from avmp_triton.spec import get_preset, list_presets
+from avmp_triton.spec import get_preset
 
 
 def _mib(x: int) -> str:
@@ -84,16 +83,3 @@ def _capacity(spec, slabs: int) -> int:
     from avmp_triton.allocator import default_slab_bytes
     page = spec.kv_page_bytes
     return slabs * default_slab_bytes(sorted({page, spec.ssm_block_bytes}))
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m avmp_triton",
-                                 description="AVMP allocator demo (GPU if present, else CPU via the Triton interpreter)")
-    ap.add_argument("--preset", default="jamba-1.5-mini", choices=list_presets(), help="model cache geometry")
-    ap.add_argument("--slabs", type=int, default=12, help="arena size in slabs (>= 8)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    args = ap.parse_args(argv)
-    if args.slabs < 8:
-        ap.error(f"--slabs must be at least 8, got {args.slabs}")
-    if not run_demo(args.preset, args.slabs, args.device):
-        raise SystemExit("demo check failed: live data or accounting was not preserved")

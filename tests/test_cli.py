@@ -37,16 +37,36 @@ def test_default_command_is_compare(capsys):
     assert "avmp_mb16" in out and "static_dual_0.5" in out
 
 
-def test_auto_backend_on_cpu_runs_kernels_when_cheap(capsys, monkeypatch):
+def test_auto_backend_on_cpu_runs_kernels_and_cross_checks(capsys):
     import torch
     if torch.cuda.is_available():
-        pytest.skip("auto means the device backend on a GPU")
-    monkeypatch.setattr(cli, "INTERPRETER_BUDGET_S", 120.0)
+        pytest.skip("checks the CPU wording")
     assert cli.main(["compare", "--workload", "uniform_short", "--num-requests", "3", "--budget-blocks", "2",
                      "--variants", "avmp_mb16", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "backend: device (Triton kernels in Triton's interpreter" in out
-    assert "gave the same metrics" in out
+    assert "backend: device (Triton kernels in Triton's interpreter on the CPU; the pure-Python reference " \
+           "allocator gave the same metrics)" in out
+
+
+@pytest.mark.parametrize("requested, cuda, expected", [
+    ("auto", True, ("device", True, "Triton kernels on the GPU")),
+    ("auto", False, ("device", True, "Triton kernels in Triton's interpreter on the CPU")),
+    ("device", True, ("device", False, "Triton kernels on the GPU (asked for)")),
+    ("device", False, ("device", False, "Triton kernels in Triton's interpreter on the CPU (asked for)")),
+    ("model", True, ("model", False, "pure-Python reference allocator (asked for)")),
+    ("model", False, ("model", False, "pure-Python reference allocator (asked for)")),
+])
+def test_backend_is_chosen_by_flag_and_hardware_alone(requested, cuda, expected, monkeypatch):
+    # nothing but the two arguments counts: a slow clock or a busy machine changes nothing
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: pytest.fail("the choice must not time anything"))
+    choice = cli.choose_backend(requested, cuda)
+    assert (choice.backend, choice.cross_check, choice.note) == expected
+    assert cli.choose_backend(requested, cuda) == choice
+
+
+def test_backend_choice_rejects_unknown_names():
+    with pytest.raises(ValueError, match="'gpu'"):
+        cli.choose_backend("gpu", True)
 
 
 def test_help(capsys):
@@ -225,3 +245,89 @@ def test_report_with_only_unreadable_cells_is_an_error(tmp_path):
 ])
 def test_cell_problem_names_what_is_wrong(rec, why):
     assert why in sw.cell_problem(rec)
+
+
+# --------------------------------------------------------------- one line and exit code 2, no traceback
+def _run_cli(*args, tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "avmp_triton", *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+
+
+def _one_line_error(p, *needles):
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "error:" in lines[0]
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_budget_beyond_memory_is_one_line(tmp_path):
+    p = _run_cli("compare", "--budget-blocks", "1000000", "--no-progress", tmp_path=tmp_path)
+    _one_line_error(p, "--budget-blocks 1000000", "GiB", "available")
+
+
+def test_unavailable_device_is_one_line(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    p = _run_cli("demo", "--device", "cuda", tmp_path=tmp_path)
+    _one_line_error(p, "--device cuda", "CUDA is not available")
+
+
+@pytest.mark.parametrize("where", ["proc", "under_a_file", "read_only"])
+def test_unwritable_out_folder_is_one_line_before_any_work(tmp_path, where):
+    import os
+    if where == "proc":
+        out = "/proc/nope"
+    elif where == "under_a_file":
+        (tmp_path / "afile").write_text("x")
+        out = str(tmp_path / "afile" / "res")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        out = str(ro / "res")
+    p = _run_cli("sweep", "--out", out, *TINY, tmp_path=tmp_path)
+    _one_line_error(p, f"--out {out!r}", "cannot write there")
+    assert "sweep:" not in p.stdout  # failed before the sweep started
+
+
+@pytest.mark.parametrize("exc", [
+    lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 has ..."),
+    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                         "tried to allocate 16318460854272 bytes."),
+    lambda: MemoryError(),
+])
+def test_out_of_memory_during_the_run_is_one_line(monkeypatch, capsys, exc):
+    def boom(**kw):
+        raise exc()
+    monkeypatch.setattr(cli, "run_compare", boom)
+    assert cli.main(["compare", "--budget-blocks", "64"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "error: out of memory with --budget-blocks 64" in err
+
+
+def test_other_runtime_errors_still_raise(monkeypatch):
+    def boom(**kw):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(cli, "run_compare", boom)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["compare"])
+
+
+def test_sweep_budget_beyond_memory_is_named(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "_available_bytes", lambda device: 2**30)
+    assert cli.main(["sweep", "--out", str(tmp_path), "--specs", "granite-4.0-h-small", "--workloads",
+                     "mixed_long,sharegpt", "--budgets", "16,64", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--budgets 64 (granite-4.0-h-small, mixed_long)" in err and "1.00 GiB" in err
+    assert not list(tmp_path.rglob("*.json"))
