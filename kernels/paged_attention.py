@@ -32,14 +32,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _kv_rows(i_b, tok, m_tok, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
-             stride_token, PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr):
-    """Element offsets (int64) of the K rows of tokens ``tok`` and the mask of readable ones."""
-    h = tl.load(block_table_ptr + i_b * stride_bt_b + tok // PAGE_TOKENS, mask=m_tok, other=-1).to(tl.int64)
-    m, off = unit_offset(h, m_tok, table_ptr, kinds_ptr, num_handles, KIND_KV)
-    row = off // ELEM_BYTES + head_off + (tok % PAGE_TOKENS) * stride_token
+def _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
+             stride_token, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr):
+    """Element offsets (int64) of the K rows of tokens ``[tok0, tok0 + BLOCK_N)`` and the mask of
+    readable ones. Handles resolve once per page (BLOCK_N is a whole number of pages), which keeps
+    the per-token work to one broadcast: the kind check costs no registers per token."""
+    PAGES: tl.constexpr = BLOCK_N // PAGE_TOKENS
+    i_pg = tok0 // PAGE_TOKENS + tl.arange(0, PAGES).to(tl.int64)
+    m_pg = i_pg * PAGE_TOKENS < end
+    h = tl.load(block_table_ptr + i_b * stride_bt_b + i_pg, mask=m_pg, other=-1).to(tl.int64)
+    ok, off = unit_offset(h, m_pg, table_ptr, kinds_ptr, num_handles, KIND_KV)
+    o_tok = tl.arange(0, PAGE_TOKENS).to(tl.int64)
+    row = off[:, None] // ELEM_BYTES + head_off + o_tok[None, :] * stride_token
+    m = ok[:, None] & (i_pg[:, None] * PAGE_TOKENS + o_tok[None, :] < end)
+    row = tl.reshape(tl.where(m, row, 0), [BLOCK_N])
+    m = tl.reshape(m, [BLOCK_N])
     # units are 16-byte aligned and every stride is a multiple of HEAD_DIM: 16-byte vector loads
-    row = tl.multiple_of(tl.where(m, row, 0), 16 // ELEM_BYTES)
+    row = tl.multiple_of(row, 16 // ELEM_BYTES)
     return row, m
 
 
@@ -49,9 +58,8 @@ def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, 
                   HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
                   ELEM_BYTES: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
     """One online-softmax step over tokens [tok0, tok0 + BLOCK_N) (those < end)."""
-    tok = tok0 + tl.arange(0, BLOCK_N).to(tl.int64)
-    row, m = _kv_rows(i_b, tok, tok < end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
-                      head_off, stride_token, PAGE_TOKENS, ELEM_BYTES)
+    row, m = _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
+                      head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
     o_d = tl.arange(0, HEAD_DIM)
     p_k = arena_ptr + (row[:, None] + o_d[None, :])
     b_k = tl.load(p_k, mask=m[:, None], other=0.0)                        # [BLOCK_N, D]
