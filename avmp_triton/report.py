@@ -431,28 +431,10 @@ def _unreadable_warning(unreadable: list[tuple[str, str]], total: int) -> tuple[
     return line, md + [""]
 
 
-def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                 plots: bool = True, warn: Callable[[str], None] = _stderr) -> Path:
-    """Write ``report.md`` (and PNGs) for the cells under ``results_dir``; returns the report's path.
-
-    Cell files that are not valid JSON or lack what the report reads are named and counted in a
-    warning at the top of report.md and through ``warn`` (stderr by default). Raises
-    FileNotFoundError when no cell file can be read."""
-    results_dir = Path(results_dir)
-    out_dir = Path(out_dir) if out_dir is not None else results_dir
-    recs, unreadable = load_results(results_dir)
-    warning_md: list[str] = []
-    if unreadable:
-        line, warning_md = _unreadable_warning(unreadable, len(recs) + len(unreadable))
-        warn(line)
-    if not recs:
-        raise FileNotFoundError(f"no readable cell JSON files under {results_dir}"
-                                + (f" ({len(unreadable)} could not be read)" if unreadable else ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    d = _Data(recs)
+def _header(d: _Data, recs: list[dict], results_dir: Path) -> list[str]:
+    """What was run: cells, backend, code, scheduler and budgets (the lines under the title)."""
     L: list[str] = []
     w = L.append
-
     backends = sorted({r["backend"] for r in recs})
     devices = sorted({r.get("device", "?") for r in recs})
     commits = sorted({(r.get("git") or {}).get("commit") or "unknown" for r in recs})
@@ -461,9 +443,6 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     vers = recs[0].get("versions", {})
     nreq = sorted({(r["cell"]["workload"], r["cell"]["num_requests"]) for r in recs})
     time_kinds = sorted({str(r["metrics"].get("alloc_time_kind")) for r in recs})
-
-    w("# Workload comparison: AVMP vs static split vs padded pool\n")
-    L.extend(warning_md)
     w(f"{len(recs)} cells from `{results_dir}`: specs {', '.join(d.specs)}; workloads {', '.join(d.workloads)}; "
       f"budgets {', '.join(d.budgets)}; seeds {', '.join(map(str, d.seeds))}; variants {', '.join(d.variants)}.\n")
     w(f"- Requests per workload: {', '.join(f'{wl} {n}' for wl, n in nreq)}.")
@@ -493,12 +472,13 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     w("- Budgets: `kK` = memory of K concurrent typical requests of the workload: K SSM blocks + K·P KV pages, P = "
       "pages of the workload's mean prompt+output length (seed 0). Every workload offers more concurrent work than "
       "K, so every budget is under pressure.\n")
+    return L
 
-    w("## Summary\n")
-    L.extend(_summary(d))
-    w("")
 
-    # budgets table
+def _budgets_section(d: _Data) -> list[str]:
+    """The budget of every (spec, workload, budget) in units, GiB and slabs."""
+    L: list[str] = []
+    w = L.append
     w("## Budgets\n")
     w("| spec | workload | budget | SSM blocks + KV pages | capacity (GiB) | slabs | slab (MiB) |")
     w("|---|---|---|---|---|---|---|")
@@ -512,8 +492,13 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
                 w(f"| {s} | {wl} | {b} | {units} | {bi['capacity_bytes'] / 2**30:.3f} | {bi['num_slabs']} | "
                   f"{bi['slab_bytes'] / 2**20:.1f} |")
     w("")
+    return L
 
-    # who wins where
+
+def _wins_section(d: _Data) -> list[str]:
+    """Who wins each (spec, workload, budget), wins per variant, where AVMP lost."""
+    L: list[str] = []
+    w = L.append
     w("## Who wins where\n")
     w("Winner = lowest mean makespan among the variants that completed every request in every seed (ties listed). "
       "Margin = winner's mean makespan vs the best variant of another family (AVMP / static / padded).\n")
@@ -560,8 +545,13 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
           + ".\n")
     else:
         w("No static or padded variant beats AVMP on makespan in any (spec, workload, budget) of this sweep.\n")
+    return L
 
-    # bootstrap CIs
+
+def _ci_section(d: _Data) -> list[str]:
+    """Paired bootstrap CIs of AVMP against the best static split and padded."""
+    L: list[str] = []
+    w = L.append
     w("## AVMP (migration batch 16) vs baselines: paired bootstrap 95% CIs\n")
     w(f"Change of AVMP relative to the baseline: geometric mean over paired (budget, seed) cells of avmp/baseline − 1, "
       f"95% percentile interval from {N_RESAMPLES:,} bootstrap resamples of the pairs (numpy default_rng({BOOT_SEED})). "
@@ -615,7 +605,13 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
         w("Pooled over specs:\n")
         L.extend(ci_lines)
         w("")
+    return L
 
+
+def _avmp_section(d: _Data) -> list[str]:
+    """The AVMP variants side by side."""
+    L: list[str] = []
+    w = L.append
     w("## AVMP variants: migration batch and proactive policy\n")
     w("Means over every workload, budget and seed of a spec. A migration is one rebalance event (or one proactive "
       "move); slabs moved counts the slabs it handed over; compaction copies the live units out of busy slabs. "
@@ -624,8 +620,13 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
       "fallback is the usual case, so those variants behave much like a batch of 1.\n")
     L.extend(_avmp_table(d))
     w("")
+    return L
 
-    # per-variant tables
+
+def _per_variant_section(d: _Data) -> list[str]:
+    """One table per (workload, spec): every variant, mean ± std over seeds."""
+    L: list[str] = []
+    w = L.append
     w("## Per-variant results (mean ± std over seeds)\n")
     w("Every variant is shown. Utilization: live units / pool units, mean over ticks (padded: both over its one pool). "
       "MiB moved: live bytes copied by compaction. Alloc µs/step: see the backend note above.\n")
@@ -647,22 +648,32 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
                     name = f"**{v}**" if rk and v == rk[0] else v
                     w(f"| {b} | {name} | " + " | ".join(vals) + " |")
             w("")
+    return L
 
-    # plots
-    if plots:
-        w("## Plots\n")
-        for wl in d.workloads:
-            p = out_dir / f"makespan_{wl}.png"
-            _plot_makespan(d, wl, p)
-            w(f"![makespan {wl}]({p.name})\n")
-        rep = _representative(d)
-        if rep is not None:
-            s, wl, b, seed = rep
-            p = out_dir / f"utilization_{s}_{wl}_{b}_seed{seed}.png"
-            _plot_util(d, rep, p)
-            w(f"Utilization over time, representative cell {s} / {wl} / {b} / seed {seed}:\n")
-            w(f"![utilization]({p.name})\n")
 
+def _plots_section(d: _Data, out_dir: Path) -> list[str]:
+    """Writes the PNGs into ``out_dir``; the lines that show them."""
+    L: list[str] = []
+    w = L.append
+    w("## Plots\n")
+    for wl in d.workloads:
+        p = out_dir / f"makespan_{wl}.png"
+        _plot_makespan(d, wl, p)
+        w(f"![makespan {wl}]({p.name})\n")
+    rep = _representative(d)
+    if rep is not None:
+        s, wl, b, seed = rep
+        p = out_dir / f"utilization_{s}_{wl}_{b}_seed{seed}.png"
+        _plot_util(d, rep, p)
+        w(f"Utilization over time, representative cell {s} / {wl} / {b} / seed {seed}:\n")
+        w(f"![utilization]({p.name})\n")
+    return L
+
+
+def _notes_section() -> list[str]:
+    """Notes on the variants and on what makespan measures."""
+    L: list[str] = []
+    w = L.append
     w("## Notes\n")
     w("- `padded_unified` unifies page sizes as vLLM does for hybrid models: one pool, one unit size, with the "
       "attention page grown to as many tokens as fill one SSM block (a multiple of 16: 544 tokens for "
@@ -674,6 +685,34 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     w("- Makespan is in decode ticks; without model compute a tick costs the same for every allocator, so makespan "
       "measures how well memory is turned into concurrency (fewer ticks = more requests served at once, fewer "
       "preemptions), not wall time.")
+    return L
+
+
+def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                 plots: bool = True, warn: Callable[[str], None] = _stderr) -> Path:
+    """Write ``report.md`` (and PNGs) for the cells under ``results_dir``; returns the report's path.
+
+    Cell files that are not valid JSON or lack what the report reads are named and counted in a
+    warning at the top of report.md and through ``warn`` (stderr by default). Raises
+    FileNotFoundError when no cell file can be read."""
+    results_dir = Path(results_dir)
+    out_dir = Path(out_dir) if out_dir is not None else results_dir
+    recs, unreadable = load_results(results_dir)
+    warning_md: list[str] = []
+    if unreadable:
+        line, warning_md = _unreadable_warning(unreadable, len(recs) + len(unreadable))
+        warn(line)
+    if not recs:
+        raise FileNotFoundError(f"no readable cell JSON files under {results_dir}"
+                                + (f" ({len(unreadable)} could not be read)" if unreadable else ""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    d = _Data(recs)
+    L = ["# Workload comparison: AVMP vs static split vs padded pool\n", *warning_md, *_header(d, recs, results_dir),
+         "## Summary\n", *_summary(d), "", *_budgets_section(d), *_wins_section(d), *_ci_section(d),
+         *_avmp_section(d), *_per_variant_section(d)]
+    if plots:
+        L += _plots_section(d, out_dir)
+    L += _notes_section()
     path = out_dir / "report.md"
     path.write_text("\n".join(L) + "\n")
     return path
