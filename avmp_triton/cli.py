@@ -323,22 +323,7 @@ def _prog() -> str:
     return "avmp" if base == "avmp" else "python -m avmp_triton"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    prog = _prog()
-    fmt = argparse.RawDescriptionHelpFormatter
-    ap = argparse.ArgumentParser(
-        prog=prog, formatter_class=fmt,
-        description="AVMP: asymmetric virtual memory paging for hybrid Mamba-Transformer inference.\n\n"
-                    f"With no command, runs `compare` on the default: jamba-1.5-mini, ShareGPT ({DEFAULT_NUM_REQUESTS} requests), a\n"
-                    f"budget of {DEFAULT_BUDGET_K} typical requests, allocators padded / static 0.5 / static 0.9 / "
-                    "AVMP,\non the GPU if present, else on the CPU (see `compare --help` for the backend choice).",
-        epilog=f"examples:\n  {prog}\n  {prog} compare --spec nemotron-h-8b --workload mixed_long --budget-blocks 16\n"
-               f"  {prog} sweep --quick --jobs 2\n  {prog} report --results perf/results/sweep_cpu_model\n"
-               f"  {prog} demo")
-    ap.add_argument("--version", action="version", version=f"avmp-triton {avmp_triton.__version__}")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-
-    # compare
+def _add_compare(sub, fmt) -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compare", formatter_class=fmt, help="compare allocators on one workload (the default command)",
         description="Run one workload through the scheduler once per allocator variant and print a table.\n\n"
@@ -364,9 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", choices=("auto", "device", "model"), default="auto",
                    help="allocator backend (default: auto)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return c
 
-    # sweep
-    default_out = f"perf/results/sweep_{'cuda_device' if _cuda() else 'cpu_model'}"
+
+def _add_sweep(sub, fmt, default_out: str) -> argparse.ArgumentParser:
     s = sub.add_parser(
         "sweep", formatter_class=fmt, help="run the full comparison grid (one JSON per cell, resumable) and report",
         description="Every variant on specs x workloads x budgets x seeds; one JSON per cell under OUT/<spec>/<workload>/"
@@ -397,15 +383,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: device on a GPU, model on a CPU")
     s.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return s
 
-    # report
+
+def build_parser() -> argparse.ArgumentParser:
+    prog = _prog()
+    fmt = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(
+        prog=prog, formatter_class=fmt,
+        description="AVMP: asymmetric virtual memory paging for hybrid Mamba-Transformer inference.\n\n"
+                    f"With no command, runs `compare` on the default: jamba-1.5-mini, ShareGPT ({DEFAULT_NUM_REQUESTS} requests), a\n"
+                    f"budget of {DEFAULT_BUDGET_K} typical requests, allocators padded / static 0.5 / static 0.9 / "
+                    "AVMP,\non the GPU if present, else on the CPU (see `compare --help` for the backend choice).",
+        epilog=f"examples:\n  {prog}\n  {prog} compare --spec nemotron-h-8b --workload mixed_long --budget-blocks 16\n"
+               f"  {prog} sweep --quick --jobs 2\n  {prog} report --results perf/results/sweep_cpu_model\n"
+               f"  {prog} demo")
+    ap.add_argument("--version", action="version", version=f"avmp-triton {avmp_triton.__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    c = _add_compare(sub, fmt)
+    default_out = f"perf/results/sweep_{'cuda_device' if _cuda() else 'cpu_model'}"
+    s = _add_sweep(sub, fmt, default_out)
     r = sub.add_parser("report", help="write report.md and PNG plots from a sweep's results",
                        description="Read every cell JSON under RESULTS; write report.md and PNG plots into OUT.")
     r.add_argument("--results", default=default_out, help=f"results directory (default: {default_out})")
     r.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the results directory)")
     r.add_argument("--no-plots", action="store_true", help="tables only")
-
-    # demo
     d = sub.add_parser("demo", help="allocator demo: batched allocation, device growth, migration with compaction",
                        description="The allocator demo (GPU if present, else CPU via the Triton interpreter).")
     d.add_argument("--preset", default="jamba-1.5-mini", choices=list_presets(), metavar="NAME",
