@@ -37,7 +37,7 @@ __all__ = ["DEFAULT_BUDGET_K", "DEFAULT_SPEC", "DEFAULT_VARIANTS", "DEFAULT_WORK
 DEFAULT_SPEC = "jamba-1.5-mini"
 DEFAULT_WORKLOAD = "sharegpt"
 # the embedded default is small enough that, on a CPU-only machine, the real allocator kernels run
-# in Triton's interpreter in about two minutes on 2 cores, with the pools under pressure
+# in Triton's interpreter in about 100 s on 2 cores (measured 82-100 s), with the pools under pressure
 DEFAULT_BUDGET_K = 8
 DEFAULT_NUM_REQUESTS = 48
 DEFAULT_SEED = 0
@@ -328,7 +328,7 @@ def _add_compare(sub, fmt) -> argparse.ArgumentParser:
         "compare", formatter_class=fmt, help="compare allocators on one workload (the default command)",
         description="Run one workload through the scheduler once per allocator variant and print a table.\n\n"
                     "Backends: 'device' = the allocator's Triton kernels (on a CPU-only machine they run in Triton's\n"
-                    "interpreter, milliseconds per decode tick: about two minutes for the default on 2 cores);\n"
+                    "interpreter, milliseconds per decode tick: about 100 s for the default on 2 cores);\n"
                     "'model' = the pure-Python reference allocator, the same state machine and decisions (tested\n"
                     "equal), seconds on a CPU; 'auto' = device, cross-checked against model (same metrics expected).")
     c.add_argument("--spec", default=DEFAULT_SPEC, choices=list_presets(), metavar="NAME",
