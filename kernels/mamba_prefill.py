@@ -22,6 +22,8 @@ Conventions shared by every kernel here:
 import triton
 import triton.language as tl
 
+from avmp_triton.kernels.handles import both
+
 
 @triton.jit
 def _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, num_handles, state_off_bytes,
@@ -62,8 +64,8 @@ def _conv_input_row(x_ptr, state_ptr, base, pos, start, has_init, stride_x_t, C,
     block's conv state row (pos - start + WIDTH - 1) if it has one, else zeros."""
     row = pos - start + (WIDTH - 1)
     from_state = (pos < start) & has_init & (row >= 0)
-    b_x = tl.load(x_ptr + pos.to(tl.int64) * stride_x_t + o_c, mask=m_c & (pos >= start), other=0.0)
-    b_s = tl.load(state_ptr + base + row.to(tl.int64) * C + o_c, mask=m_c & from_state, other=0.0)
+    b_x = tl.load(x_ptr + pos.to(tl.int64) * stride_x_t + o_c, mask=both(m_c, pos >= start), other=0.0)
+    b_s = tl.load(state_ptr + base + row.to(tl.int64) * C + o_c, mask=both(m_c, from_state), other=0.0)
     return b_x.to(tl.float32) + b_s.to(tl.float32)
 
 
@@ -113,6 +115,7 @@ def causal_conv1d_prefill_kernel(
     b_bias = tl.zeros((BLOCK_C,), tl.float32)
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    m_act = both(m_c, active)   # output lanes of an active request (others are written as zeros)
 
     t0 = start + i_w * BLOCK_T
     while t0 < end:
@@ -127,10 +130,10 @@ def causal_conv1d_prefill_kernel(
             acc = b_bias + w0 * b_x + w1 * h1 + w2 * h2 + w3 * h3
             if SILU:
                 acc = _silu(acc)
-            acc = tl.where(active, acc, 0.0)
+            acc = tl.where(m_act, acc, 0.0)
             t = t0 + i
             tl.store(out_ptr + t.to(tl.int64) * stride_out_t + o_c, acc.to(out_ptr.dtype.element_ty),
-                     mask=m_c & (t < end))
+                     mask=both(m_c, t < end))
             h3 = h2
             h2 = h1
             h1 = b_x
@@ -142,17 +145,17 @@ def causal_conv1d_prefill_kernel(
         m_r = o_r < WIDTH - 1
         m_own = active & (i_w == 0)
         pos = end - (WIDTH - 1) + o_r
-        m_x = m_r & (pos >= start) & m_own
+        m_x = both(m_r & (pos >= start), m_own)
         b_new = tl.load(x_ptr + pos.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
                         mask=m_x[:, None] & m_c[None, :], other=0.0).to(state_ptr.dtype.element_ty)
         row = pos - start + (WIDTH - 1)
-        m_s = m_r & (pos < start) & has_init & m_own
+        m_s = both(m_r & (pos < start), has_init & m_own)
         b_old = tl.load(state_ptr + base + row.to(tl.int64)[:, None] * C + o_c[None, :],
                         mask=m_s[:, None] & m_c[None, :], other=0.0)
         b_new = tl.where(m_s[:, None], b_old, b_new)
         tl.debug_barrier()  # every thread has read the old rows it needs
         tl.store(state_ptr + base + o_r.to(tl.int64)[:, None] * C + o_c[None, :], b_new,
-                 mask=(m_r & m_own)[:, None] & m_c[None, :])
+                 mask=both(m_r, m_own)[:, None] & m_c[None, :])
 
 
 # ------------------------------------------------------------------------------- Mamba1 scan
@@ -174,7 +177,7 @@ def _mamba1_tile(A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N
     if HAS_DT_BIAS:
         b_bias = tl.load(dt_bias_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
     p_state = state_ptr + base + o_d.to(tl.int64)[:, None] * N + o_n[None, :]
-    b_h = tl.load(p_state, mask=m_dn & has_init, other=0.0).to(tl.float32)
+    b_h = tl.load(p_state, mask=both(m_dn, has_init), other=0.0).to(tl.float32)
     return o_d, m_d, o_n, m_n, m_dn, b_A, b_D, b_bias, p_state, b_h
 
 
@@ -207,6 +210,7 @@ def mamba1_scan_prefill_kernel(
     o_d, m_d, o_n, m_n, m_dn, b_A, b_D, b_bias, p_state, b_h = _mamba1_tile(
         A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N, stride_A_d, HAS_D, HAS_DT_BIAS,
         BLOCK_D, BLOCK_N)
+    m_act = both(m_d, active)   # output lanes of an active request (others are written as zeros)
 
     t = start
     while t < end:
@@ -226,10 +230,10 @@ def mamba1_scan_prefill_kernel(
         if HAS_Z:
             b_z = tl.load(z_ptr + t64 * stride_z_t + o_d, mask=m_d, other=0.0).to(tl.float32)
             b_y *= _silu(b_z)
-        b_y = tl.where(active, b_y, 0.0)
+        b_y = tl.where(m_act, b_y, 0.0)
         tl.store(out_ptr + t64 * stride_out_t + o_d, b_y.to(out_ptr.dtype.element_ty), mask=m_d)
         t += 1
-    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_dn & active)
+    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=both(m_dn, active))
 
 
 @triton.jit
@@ -282,6 +286,7 @@ def mamba1_chunk_scan_prefill_kernel(
     o_d, m_d, o_n, m_n, m_dn, b_A, b_D, b_bias, p_state, b_h = _mamba1_tile(
         A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N, stride_A_d, HAS_D, HAS_DT_BIAS,
         BLOCK_D, BLOCK_N)
+    m_act = both(m_d, active)   # output lanes of an active request (others are written as zeros)
     o_l = tl.arange(0, CHUNK)
     is_last = (o_l == CHUNK - 1)[:, None, None]
 
@@ -314,7 +319,7 @@ def mamba1_chunk_scan_prefill_kernel(
             b_y += b_D[None, :] * f_x
         if HAS_Z:
             b_y *= _silu(b_z.to(tl.float32))
-        b_y = tl.where(active, b_y, 0.0)
+        b_y = tl.where(m_act[None, :], b_y, 0.0)
         tl.store(out_ptr + o_t.to(tl.int64)[:, None] * stride_out_t + o_d[None, :],
                  b_y.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
         b_h = tl.sum(tl.where(is_last, b_hs, 0.0), axis=0)
@@ -322,7 +327,7 @@ def mamba1_chunk_scan_prefill_kernel(
         o_t = o_t_next
         m_t = m_t_next
         c0 += CHUNK
-    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_dn & active)
+    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=both(m_dn, active))
 
 
 # ------------------------------------------------------------------------------- Mamba2 scan
@@ -345,7 +350,7 @@ def _mamba2_tile(A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_h, i_p,
     if HAS_DT_BIAS:
         b_bias = tl.load(dt_bias_ptr + i_h).to(tl.float32)
     p_state = state_ptr + base + (i_h * P + o_p).to(tl.int64)[:, None] * N + o_n[None, :]
-    b_h = tl.load(p_state, mask=m_pn & has_init, other=0.0).to(tl.float32)
+    b_h = tl.load(p_state, mask=both(m_pn, has_init), other=0.0).to(tl.float32)
     return o_p, m_p, o_n, m_n, m_pn, b_A, b_D, b_bias, p_state, b_h
 
 
@@ -381,6 +386,7 @@ def mamba2_scan_prefill_kernel(
     o_p, m_p, o_n, m_n, m_pn, b_A, b_D, b_bias, p_state, b_h = _mamba2_tile(
         A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_h, i_p, P, N, HAS_D, HAS_DT_BIAS,
         BLOCK_P, BLOCK_N)
+    m_act = both(m_p, active)   # output lanes of an active request (others are written as zeros)
 
     t = start
     while t < end:
@@ -400,11 +406,11 @@ def mamba2_scan_prefill_kernel(
         if HAS_Z:
             b_z = tl.load(z_ptr + t64 * stride_z_t + i_h * stride_z_h + o_p, mask=m_p, other=0.0).to(tl.float32)
             b_y *= _silu(b_z)
-        b_y = tl.where(active, b_y, 0.0)
+        b_y = tl.where(m_act, b_y, 0.0)
         tl.store(out_ptr + t64 * stride_out_t + i_h * stride_out_h + o_p, b_y.to(out_ptr.dtype.element_ty),
                  mask=m_p)
         t += 1
-    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_pn & active)
+    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=both(m_pn, active))
 
 
 @triton.jit
@@ -441,6 +447,7 @@ def mamba2_chunk_scan_prefill_kernel(
     o_p, m_p, o_n, m_n, m_pn, b_A, b_D, b_bias, p_state, b_h = _mamba2_tile(
         A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_h, i_p, P, N, HAS_D, HAS_DT_BIAS,
         BLOCK_P, BLOCK_N)
+    m_act = both(m_p, active)   # output lanes of an active request (others are written as zeros)
     o_l = tl.arange(0, CHUNK)
     causal = o_l[:, None] >= o_l[None, :]
     dot_ty = DOT_DTYPE
@@ -479,7 +486,7 @@ def mamba2_chunk_scan_prefill_kernel(
             b_z = tl.load(z_ptr + o_t[:, None] * stride_z_t + i_h * stride_z_h + o_p[None, :],
                           mask=m_tp, other=0.0).to(tl.float32)
             b_y *= _silu(b_z)
-        b_y = tl.where(active, b_y, 0.0)
+        b_y = tl.where(m_act[None, :], b_y, 0.0)
         tl.store(out_ptr + o_t[:, None] * stride_out_t + i_h * stride_out_h + o_p[None, :],
                  b_y.to(out_ptr.dtype.element_ty), mask=m_tp)
 
@@ -488,4 +495,4 @@ def mamba2_chunk_scan_prefill_kernel(
         b_xw = (b_xf * b_w[:, None]).to(dot_ty)
         b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_xw), b_B, input_precision=DOT_PRECISION)
         c0 += CHUNK
-    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=m_pn & active)
+    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=both(m_pn, active))

@@ -18,6 +18,8 @@ come from a small table in the launcher (``avmp_triton/ops/mamba.py``).
 import triton
 import triton.language as tl
 
+from avmp_triton.kernels.handles import both
+
 
 @triton.jit
 def _unit_elem_offset(handles_ptr, table_ptr, i_b, num_handles, ELEM_BYTES: tl.constexpr):
@@ -82,7 +84,7 @@ def mamba1_state_update_kernel(
     valid, o_unit = _unit_elem_offset(handles_ptr, table_ptr, i_b, num_handles, ELEM_BYTES)
     o_state = tl.multiple_of(o_unit + state_off, ALIGN)
     m_dn = m_d[:, None] & m_n[None, :]
-    m_st = m_dn & valid
+    m_st = both(m_dn, valid)
     p_state = state_ptr + o_state + i_d[:, None] * D_STATE + i_n[None, :]
     b_state = tl.load(p_state, mask=m_st, other=0.0).to(tl.float32)
 
@@ -106,7 +108,7 @@ def mamba1_state_update_kernel(
     if HAS_Z:
         b_z = tl.load(z_ptr + i_b * stride_z_b + i_d, mask=m_d, other=0.0).to(tl.float32)
         b_out *= b_z * tl.sigmoid(b_z)
-    b_out = tl.where(valid, b_out, 0.0)
+    b_out = tl.where(both(m_d, valid), b_out, 0.0)
     tl.store(out_ptr + i_b * stride_out_b + i_d, b_out.to(out_ptr.dtype.element_ty), mask=m_d)
 
 
@@ -158,7 +160,7 @@ def mamba2_state_update_kernel(
 
     valid, o_unit = _unit_elem_offset(handles_ptr, table_ptr, i_b, num_handles, ELEM_BYTES)
     o_state = tl.multiple_of(o_unit + state_off, ALIGN)
-    m_st = m_p[:, None] & m_n[None, :] & valid
+    m_st = both(m_p[:, None] & m_n[None, :], valid)
     p_state = state_ptr + o_state + (i_h * head_dim + i_p)[:, None] * D_STATE + i_n[None, :]
     b_state = tl.load(p_state, mask=m_st, other=0.0).to(tl.float32)
 
@@ -181,7 +183,7 @@ def mamba2_state_update_kernel(
     if HAS_Z:
         b_z = tl.load(z_ptr + i_b * stride_z_b + i_h * stride_z_h + i_p, mask=m_p, other=0.0).to(tl.float32)
         b_out *= b_z * tl.sigmoid(b_z)
-    b_out = tl.where(valid, b_out, 0.0)
+    b_out = tl.where(both(m_p, valid), b_out, 0.0)
     tl.store(out_ptr + i_b * stride_out_b + i_h * stride_out_h + i_p,
              b_out.to(out_ptr.dtype.element_ty), mask=m_p)
 
@@ -223,7 +225,7 @@ def causal_conv1d_update_kernel(
     valid, o_unit = _unit_elem_offset(handles_ptr, table_ptr, i_b, num_handles, ELEM_BYTES)
     o_state = tl.multiple_of(o_unit + state_off, ALIGN)
     p_rows = state_ptr + o_state + i_k[:, None].to(tl.int64) * channels + i_c[None, :]
-    b_win = tl.load(p_rows, mask=(i_k[:, None] < W) & m_c[None, :] & valid, other=0.0).to(tl.float32)
+    b_win = tl.load(p_rows, mask=both((i_k[:, None] < W) & m_c[None, :], valid), other=0.0).to(tl.float32)
     b_x = tl.load(x_ptr + i_b * stride_x_b + i_c, mask=m_c, other=0.0).to(tl.float32)
     b_win = tl.where(i_k[:, None] == W, b_x[None, :], b_win)
     b_w = tl.load(weight_ptr + i_c[None, :] * stride_w_c + i_k[:, None],
@@ -233,7 +235,7 @@ def causal_conv1d_update_kernel(
         b_out += tl.load(bias_ptr + i_c, mask=m_c, other=0.0).to(tl.float32)
     if SILU:
         b_out = b_out * tl.sigmoid(b_out)
-    b_out = tl.where(valid, b_out, 0.0)
+    b_out = tl.where(both(m_c, valid), b_out, 0.0)
     tl.store(out_ptr + i_b * stride_out_b + i_c, b_out.to(out_ptr.dtype.element_ty), mask=m_c)
 
     # Shift by one token: row k - 1 <- window[k]. The element loaded from row k is written to
@@ -241,4 +243,4 @@ def causal_conv1d_update_kernel(
     tl.debug_barrier()
     p_shift = state_ptr + o_state + tl.maximum(i_k - 1, 0)[:, None].to(tl.int64) * channels + i_c[None, :]
     tl.store(p_shift, b_win.to(state_ptr.dtype.element_ty),
-             mask=(i_k[:, None] >= 1) & (i_k[:, None] <= W) & m_c[None, :] & valid)
+             mask=both((i_k[:, None] >= 1) & (i_k[:, None] <= W) & m_c[None, :], valid))
