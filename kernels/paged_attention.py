@@ -35,18 +35,24 @@ LOG2E = 1.4426950408889634
 def _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
              stride_token, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr):
     """Element offsets (int64) of the K rows of tokens ``[tok0, tok0 + BLOCK_N)`` and the mask of
-    readable ones. Handles resolve once per page (BLOCK_N is a whole number of pages), which keeps
-    the per-token work to one broadcast: the kind check costs no registers per token."""
-    PAGES: tl.constexpr = BLOCK_N // PAGE_TOKENS
-    i_pg = tok0 // PAGE_TOKENS + tl.arange(0, PAGES).to(tl.int64)
-    m_pg = i_pg * PAGE_TOKENS < end
-    h = tl.load(block_table_ptr + i_b * stride_bt_b + i_pg, mask=m_pg, other=-1).to(tl.int64)
-    ok, off = unit_offset(h, m_pg, table_ptr, kinds_ptr, num_handles, KIND_KV)
-    o_tok = tl.arange(0, PAGE_TOKENS).to(tl.int64)
-    row = off[:, None] // ELEM_BYTES + head_off + o_tok[None, :] * stride_token
-    m = ok[:, None] & (i_pg[:, None] * PAGE_TOKENS + o_tok[None, :] < end)
-    row = tl.reshape(tl.where(m, row, 0), [BLOCK_N])
-    m = tl.reshape(m, [BLOCK_N])
+    readable ones. Handles resolve once per page, not per token (per token, the kind check cost 38
+    registers a thread on sm_90). Both are powers of two, so a step is whole pages or part of one."""
+    if BLOCK_N >= PAGE_TOKENS:
+        i_pg = tok0 // PAGE_TOKENS + tl.arange(0, BLOCK_N // PAGE_TOKENS).to(tl.int64)
+        m_pg = i_pg * PAGE_TOKENS < end
+        h = tl.load(block_table_ptr + i_b * stride_bt_b + i_pg, mask=m_pg, other=-1).to(tl.int64)
+        ok, off = unit_offset(h, m_pg, table_ptr, kinds_ptr, num_handles, KIND_KV)
+        o_tok = tl.arange(0, PAGE_TOKENS).to(tl.int64)
+        row = off[:, None] // ELEM_BYTES + head_off + o_tok[None, :] * stride_token
+        m = ok[:, None] & (i_pg[:, None] * PAGE_TOKENS + o_tok[None, :] < end)
+        row = tl.reshape(tl.where(m, row, 0), [BLOCK_N])
+        m = tl.reshape(m, [BLOCK_N])
+    else:
+        h = tl.load(block_table_ptr + i_b * stride_bt_b + tok0 // PAGE_TOKENS).to(tl.int64)
+        ok, off = unit_offset(h, tok0 < end, table_ptr, kinds_ptr, num_handles, KIND_KV)
+        o_tok = tok0 % PAGE_TOKENS + tl.arange(0, BLOCK_N).to(tl.int64)
+        m = both(tok0 - tok0 % PAGE_TOKENS + o_tok < end, ok)
+        row = tl.where(m, off // ELEM_BYTES + head_off + o_tok * stride_token, 0)
     # units are 16-byte aligned and every stride is a multiple of HEAD_DIM: 16-byte vector loads
     row = tl.multiple_of(row, 16 // ELEM_BYTES)
     return row, m

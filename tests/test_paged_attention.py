@@ -136,6 +136,9 @@ DECODE_CASES = [
     pytest.param(4, 2, 64, 8, [15, 63], 2, id="gqa2-p8"),
     pytest.param(8, 1, 64, 8, [1, 17, 40], 1, id="gqa8-p8"),
     pytest.param(4, 2, 128, 16, [33, 7], 1, id="gqa2-d128"),
+    # pages larger than a step's tile: walked in parts (broadcast path, then tl.dot path)
+    pytest.param(4, 2, 64, 128, [130, 5], 1, id="gqa2-p128"),
+    pytest.param(8, 2, 64, 256, [300], 0, id="gqa4-p256"),
 ]
 
 
@@ -498,7 +501,7 @@ def test_opcheck():
     out = torch.empty_like(q)
     ws = torch.empty(decode_workspace_numel(2, 8, 64, 2), device=DEVICE)
     torch.library.opcheck(torch.ops.avmp.paged_decode_attention.default,
-                          (q, alloc.arena, alloc.handle_table, alloc.handle_kind, bt, sl, out, ws, layout, 0, 0.125, 2, 2, 4, 1,
+                          (q, alloc.arena, alloc.handle_table, alloc.handle_kind, bt, sl, out, ws, layout, 0, 0.125, 2, 32, 4, 1,
                            True))
     k = torch.randn(2, 1, 64, device=DEVICE)
     torch.library.opcheck(torch.ops.avmp.kv_append.default,
@@ -534,6 +537,18 @@ def test_gpu_decode_shapes(hq, hkv, D, use_dot):
     seq_lens = [17, 777, 2048 + 16, 0, 63]
     alloc, bt = _gpu_case(torch.bfloat16, hq, hkv, D, seq_lens)
     check_decode(alloc, bt, seq_lens, hq, layer=0, use_dot=use_dot)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,hq,hkv,D,page_tokens", [(torch.bfloat16, 16, 4, 256, 1024), (torch.float32, 16, 4, 128, 512),
+                                                        (torch.bfloat16, 32, 8, 64, 1024), (torch.bfloat16, 8, 8, 128, 256)])
+def test_gpu_decode_large_pages(dtype, hq, hkv, D, page_tokens):
+    """Pages up to the spec's limit (1024 tokens) are walked in steps; a whole page per step ran out
+    of shared memory on the H200 from 256 tokens (GQA >= 4, D 256)."""
+    seq_lens = [1, 3000, page_tokens + 5]
+    alloc, bt = _gpu_case(dtype, hq, hkv, D, seq_lens, page_tokens=page_tokens)
+    check_decode(alloc, bt, seq_lens, hq, layer=1)
 
 
 @gpu

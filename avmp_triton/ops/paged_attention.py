@@ -49,13 +49,15 @@ DEFAULT_SM_COUNT = 132    # H100 SXM; used where no CUDA device says otherwise (
 class DecodeConfig:
     """Launch parameters of the decode kernel (each is a compile-time constant of the kernel)."""
     num_splits: int       # split-KV programs per (request, kv head); 1 = no workspace, no combine
-    pages_per_iter: int   # pages gathered per loop step: BLOCK_N = pages_per_iter * page_tokens
+    pages_per_iter: int   # pages gathered per loop step
+    block_tokens: int     # tokens per loop step (BLOCK_N): pages_per_iter * page_tokens, or a part of
+                          # one page when pages are larger than a step's tile may be
     num_warps: int
     num_stages: int
     use_dot: bool         # scores and P@V with tl.dot (group padded to >= 16 rows), else broadcast-sum
 
     def block_n(self, page_tokens: int) -> int:
-        return self.pages_per_iter * page_tokens
+        return self.block_tokens
 
 
 def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_tokens: int,
@@ -67,19 +69,24 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     - ``use_dot``: tensor cores for GQA groups of >= 4 q heads (padded to 16 rows; decode is bound by
       memory, so the padding costs nothing but registers); smaller groups broadcast-multiply and sum.
     - ``BLOCK_N``: 64 tokens per step for D <= 128, 32 for D = 256 (dot path); the broadcast path keeps
-      its [group, BLOCK_N, D] fp32 product at <= 8192 elements. At least one page, at least 16 tokens.
+      its [group, BLOCK_N, D] fp32 product at <= 8192 elements. At least one page, at least 16 tokens,
+      except that a page larger than that is walked in steps of that size (a whole 1024-token page
+      per step ran out of shared memory on the H200).
     - ``num_splits``: enough splits that B * Hkv * splits fills ``WAVES`` waves of ``sm_count`` SMs, but
       no more than leave ``MIN_BLOCKS_PER_SPLIT`` blocks of the longest context per split.
     """
     group = num_q_heads // num_kv_heads
     if use_dot is None:
         use_dot = group >= 4
+    if use_dot:
+        block_n = 64 if head_dim <= 128 else 32
+    else:
+        block_n = min(64, max(16, 8192 // (triton.next_power_of_2(group) * head_dim)))
     if pages_per_iter is None:
-        if use_dot:
-            block_n = 64 if head_dim <= 128 else 32
-        else:
-            block_n = min(64, max(16, 8192 // (triton.next_power_of_2(group) * head_dim)))
         pages_per_iter = max(1, block_n // page_tokens)
+    block_tokens = pages_per_iter * page_tokens
+    if pages_per_iter == 1 and page_tokens > block_n:
+        block_tokens = block_n
     if num_warps is None:
         num_warps = 4 if head_dim <= 128 else 8
     if num_stages is None:
@@ -87,10 +94,10 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     if num_splits is None:
         ctas = max(1, batch * num_kv_heads)
         want = math.ceil(WAVES * sm_count / ctas)
-        blocks = math.ceil(max_seq_len / (pages_per_iter * page_tokens))
+        blocks = math.ceil(max_seq_len / block_tokens)
         num_splits = max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT, MAX_AUTO_SPLITS))
-    return DecodeConfig(num_splits=num_splits, pages_per_iter=pages_per_iter, num_warps=num_warps,
-                        num_stages=num_stages, use_dot=use_dot)
+    return DecodeConfig(num_splits=num_splits, pages_per_iter=pages_per_iter, block_tokens=block_tokens,
+                        num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
 
 
 def decode_workspace_numel(batch: int, num_q_heads: int, head_dim: int, num_splits: int) -> int:
@@ -138,7 +145,7 @@ def _layout_args(layout: KVPageLayout) -> list[int]:
 @torch.library.custom_op("avmp::paged_decode_attention", mutates_args=("out", "workspace"))
 def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, workspace: Optional[torch.Tensor],
-                     layout: list[int], layer: int, scale: float, num_splits: int, pages_per_iter: int,
+                     layout: list[int], layer: int, scale: float, num_splits: int, block_tokens: int,
                      num_warps: int, num_stages: int, use_dot: bool) -> None:
     """Validated inputs only (see ``paged_decode_attention_arena``); writes ``out``."""
     page_tokens, num_kv_heads, head_dim, elem_bytes, s_layer, s_kv, s_head, s_token = layout
@@ -161,7 +168,7 @@ def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         layer * s_layer, s_kv, s_head, s_token, scale * K.LOG2E,
         GROUP=group, GROUP_PAD=max(16 if use_dot else 1, triton.next_power_of_2(group)), HEAD_DIM=D,
-        PAGE_TOKENS=page_tokens, BLOCK_N=pages_per_iter * page_tokens, NUM_SPLITS=num_splits,
+        PAGE_TOKENS=page_tokens, BLOCK_N=block_tokens, NUM_SPLITS=num_splits,
         ELEM_BYTES=elem_bytes, USE_DOT=use_dot,
         DOT_FP32=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16),
         PIPELINE=not interp,
@@ -176,7 +183,7 @@ def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.T
 
 @_paged_decode_op.register_fake
 def _(q, arena, handle_table, handle_kinds, block_table, seq_lens, out, workspace, layout, layer, scale, num_splits,
-      pages_per_iter, num_warps, num_stages, use_dot):
+      block_tokens, num_warps, num_stages, use_dot):
     return None
 
 
@@ -308,7 +315,7 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
                       KIND_KV, "block_table", unique=False)
     torch.ops.avmp.paged_decode_attention(
         q, arena, handle_table, handle_kinds, block_table, seq_lens, out, workspace, _layout_args(layout), layer, float(scale),
-        cfg.num_splits, cfg.pages_per_iter, cfg.num_warps, cfg.num_stages, cfg.use_dot)
+        cfg.num_splits, cfg.block_tokens, cfg.num_warps, cfg.num_stages, cfg.use_dot)
     return out
 
 
@@ -476,7 +483,7 @@ def _check_config(cfg: DecodeConfig, page_tokens: int) -> None:
         raise ValueError(f"pages_per_iter must be a power of two, got {p!r}")
     if not isinstance(cfg.use_dot, bool):
         raise TypeError(f"use_dot must be a bool, got {cfg.use_dot!r}")
-    if cfg.use_dot and p * page_tokens < 16:
+    if cfg.use_dot and cfg.block_tokens < 16:
         raise ValueError(f"use_dot needs >= 16 tokens per step: pages_per_iter={p} x page_tokens={page_tokens}")
     if cfg.num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {cfg.num_warps!r}")
