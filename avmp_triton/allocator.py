@@ -23,7 +23,7 @@ import triton
 
 from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
 from avmp_triton.kernels import alloc as K
-from avmp_triton.spec import HybridModelSpec, check_cache_dtypes
+from avmp_triton.spec import HybridModelSpec, check_cache_dtypes, check_page_tokens
 
 KIND_FREE, KIND_KV, KIND_SSM = 0, 1, 2
 _KIND_NAMES = {KIND_KV: "kv", KIND_SSM: "ssm"}
@@ -131,6 +131,8 @@ class ArenaAllocator:
 
     _unified: bool = False
     _migrates: bool = False
+    # page sizes the attention kernels read (a power of two up to spec.MAX_PAGE_TOKENS)
+    _KERNEL_PAGES: bool = True
 
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, kv_fraction: float = 0.5,
                  page_tokens: int = 16, slab_bytes: int | None = None, migration_batch: int = 16):
@@ -142,6 +144,8 @@ class ArenaAllocator:
                              f"{spec.num_attn_layers} and {spec.num_mamba_layers}")
         if not _is_int(page_tokens) or page_tokens < 1:
             raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
+        if self._KERNEL_PAGES:
+            check_page_tokens(page_tokens)
         if not _is_int(capacity_bytes) or capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
         if isinstance(kv_fraction, bool) or not isinstance(kv_fraction, (int, float)) or not 0.0 <= kv_fraction <= 1.0:
@@ -637,9 +641,13 @@ class StaticDualAllocator(ArenaAllocator):
 
 
 class PaddedUnifiedAllocator(ArenaAllocator):
-    """One pool whose unit is max(KV page, SSM block), as vLLM pads; the padding is waste."""
+    """One pool whose unit is max(KV page, SSM block), as vLLM pads; the padding is waste.
+
+    A simulation baseline: it takes vLLM's inflated page sizes (e.g. 544 tokens), which are no power
+    of two, so the attention ops refuse to read its pages (their layout check names the size)."""
 
     _unified = True
+    _KERNEL_PAGES = False
 
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, page_tokens: int = 16,
                  slab_bytes: int | None = None):

@@ -32,7 +32,7 @@ def check_cache_dtypes(spec: "HybridModelSpec") -> None:
                             f"{', '.join(str(d) for d in ok)}")
 
 
-def _check_page_tokens(page_tokens) -> None:
+def check_page_tokens(page_tokens) -> None:
     """ValueError unless ``page_tokens`` is a page size the attention kernels serve."""
     if (not isinstance(page_tokens, int) or isinstance(page_tokens, bool) or page_tokens < 1
             or page_tokens & (page_tokens - 1) or page_tokens > MAX_PAGE_TOKENS):
@@ -96,7 +96,7 @@ class HybridModelSpec:
                     f"({self.mamba_num_heads} * {self.mamba_head_dim})")
             if self.mamba_num_heads % self.n_groups:
                 raise ValueError(f"mamba_num_heads ({self.mamba_num_heads}) must be a multiple of n_groups ({self.n_groups})")
-        _check_page_tokens(self.page_tokens)
+        check_page_tokens(self.page_tokens)
         check_cache_dtypes(self)
 
     # --- attention ---

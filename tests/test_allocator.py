@@ -30,12 +30,12 @@ SPEC_PAGE_BIG = HybridModelSpec(
     name="tiny", num_attn_layers=1, num_kv_heads=1, head_dim=4, kv_dtype=torch.float32,
     num_mamba_layers=1, mamba_version=1, d_inner=8, d_state=4, conv_dtype=torch.float32,
     ssm_dtype=torch.float32)
-# page 3 tokens x 12 B = 36 B -> 48-B unit (42 per slab, 32-B tail); block 60 + 440 = 500 B -> 512 B
+# page 2 tokens x 20 B = 40 B -> 48-B unit (42 per slab, 32-B tail); block 60 + 440 = 500 B -> 512 B
 SPEC_BLOCK_BIG = HybridModelSpec(
-    name="tiny-big-ssm", num_attn_layers=1, num_kv_heads=1, head_dim=3, kv_dtype=torch.float16,
+    name="tiny-big-ssm", num_attn_layers=1, num_kv_heads=1, head_dim=5, kv_dtype=torch.float16,
     num_mamba_layers=1, mamba_version=1, d_inner=10, d_state=11, conv_dtype=torch.bfloat16,
     ssm_dtype=torch.float32)
-GEOMS = {"page>block": (SPEC_PAGE_BIG, 16), "block>page": (SPEC_BLOCK_BIG, 3)}
+GEOMS = {"page>block": (SPEC_PAGE_BIG, 16), "block>page": (SPEC_BLOCK_BIG, 2)}
 CLASSES = [AVMPAllocator, StaticDualAllocator, PaddedUnifiedAllocator]
 KIND_NAME = {KIND_KV: "kv", KIND_SSM: "ssm"}
 
@@ -176,7 +176,7 @@ def test_geometries_are_the_intended_odd_ones():
     assert a.unit_bytes == (512, 224) and a.units_per_slab == (4, 9) and a.num_slabs == 7
     b = make(AVMPAllocator, "block>page")
     assert b.unit_bytes == (48, 512) and b.units_per_slab == (42, 4)
-    assert (b.kv_page_raw, b.ssm_block_raw) == (36, 500)
+    assert (b.kv_page_raw, b.ssm_block_raw) == (40, 500)
     u = make(PaddedUnifiedAllocator, "block>page")
     assert u.unit_bytes == (512, 512) and u.units_per_slab == (4, 4)
 
@@ -907,8 +907,8 @@ def test_stats_add_up(cls, geom):
         assert p.slab_tail_bytes == p.slabs * (SLAB % p.unit_bytes)
     assert st.slab_tail_bytes == sum(p.slab_tail_bytes for p in st.pools.values())
     assert st.arena_tail_bytes == ARENA_TAIL
-    # padding by hand: page 512/512 B, block 224/224 B; or page 48/36 B, block 512/500 B
-    exact = {"page>block": (512, 224), "block>page": (36, 500)}[geom]
+    # padding by hand: page 512/512 B, block 224/224 B; or page 48/40 B, block 512/500 B
+    exact = {"page>block": (512, 224), "block>page": (40, 500)}[geom]
     if cls is PaddedUnifiedAllocator:
         unit = max(a.unit_bytes)
         assert st.padding_bytes == live_kv * (unit - exact[0]) + live_ssm * (unit - exact[1]) > 0
@@ -962,3 +962,19 @@ def test_same_calls_give_byte_identical_state():
     a3 = make(AVMPAllocator, slabs=9)
     _script(a3, 100)
     assert not torch.equal(a3.handle_table, a1.handle_table) or not torch.equal(a3.arena, a1.arena)
+
+
+@pytest.mark.parametrize("cls", [AVMPAllocator, StaticDualAllocator])
+@pytest.mark.parametrize("page_tokens", [3, 12])
+def test_allocators_reject_pages_the_kernels_cannot_read(cls, page_tokens):
+    spec, _ = GEOMS["page>block"]
+    with pytest.raises(ValueError, match=f"page_tokens must be a power of two in \\[1, 1024\\].*got {page_tokens}"):
+        cls(spec, 7 * SLAB, device=DEVICE, slab_bytes=SLAB, page_tokens=page_tokens)
+    # the padded baseline keeps vLLM's inflated, non-power-of-two pages (a simulation baseline)
+    PaddedUnifiedAllocator(spec, 7 * SLAB, device=DEVICE, slab_bytes=SLAB, page_tokens=page_tokens)
+
+
+def test_allocators_reject_pages_past_the_limit():
+    spec, _ = GEOMS["page>block"]
+    with pytest.raises(ValueError, match="page_tokens must be a power of two in \\[1, 1024\\].*got 2048"):
+        AVMPAllocator(spec, 1 << 22, device=DEVICE, page_tokens=2048)

@@ -34,9 +34,9 @@ GEOMS = {
         num_mamba_layers=1, mamba_version=1, d_inner=8, d_state=4, conv_dtype=torch.float32,
         ssm_dtype=torch.float32), 16),
     "block>page": (HybridModelSpec(
-        name="tiny-big-ssm", num_attn_layers=1, num_kv_heads=1, head_dim=3, kv_dtype=torch.float16,
+        name="tiny-big-ssm", num_attn_layers=1, num_kv_heads=1, head_dim=5, kv_dtype=torch.float16,
         num_mamba_layers=1, mamba_version=1, d_inner=10, d_state=11, conv_dtype=torch.bfloat16,
-        ssm_dtype=torch.float32), 3),
+        ssm_dtype=torch.float32), 2),
 }
 R, W = 4, 3  # block table of the grow / release rules
 
