@@ -13,8 +13,12 @@ Conventions shared by every kernel here:
 
 - Program axis 0 is the request ``b`` in ``[0, B]``; ``b == B`` stands for the packed tail
   ``[cu_seqlens[B], T)`` (padding, e.g. for CUDA graphs), whose outputs are written as zeros.
-- A request whose handle is -1 (or out of range, or free in the table) is skipped: its outputs
-  are zeros and its state is neither read nor written.
+- A request whose handle is -1, out of range, free, of the KV kind, or repeated within the call
+  is skipped: its outputs are zeros and no byte of any unit is read or written (two rows on one
+  state would race). On CPU-resident metadata the launchers raise instead (InvalidHandleError
+  naming the position and handle; ValueError naming a bad cu_seqlens value).
+- Any ``cu_seqlens`` is safe: each request's range is clamped to ``[0, T]`` (an end below its
+  start makes it empty), so every load and store stays inside x, out and the request's own unit.
 - ``has_initial_state[b] != 0`` starts from the block's state, else from zeros.
 - Math in fp32; the state is stored back in its own dtype.
 - Runtime loop bounds use ``while`` (the interpreter cannot run ``range`` over runtime bounds).
@@ -22,12 +26,12 @@ Conventions shared by every kernel here:
 import triton
 import triton.language as tl
 
-from avmp_triton.kernels.handles import both
+from avmp_triton.kernels.handles import KIND_SSM, both, repeated, unit_offset
 
 
 @triton.jit
-def _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, num_handles, state_off_bytes,
-             ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr):
+def _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr, num_handles, state_off_bytes,
+             ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr):
     """(start, end, active, has_init, state element base) of request ``i_b`` (``B``: the tail).
     The base is a multiple of ALIGN elements (16-byte aligned units + the layer offset), which
     the compiler is told so that state rows load in wide vectors."""
@@ -37,9 +41,8 @@ def _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, num_handles, s
     start = tl.minimum(tl.maximum(start, 0), T)       # defined behaviour on a bad cu_seqlens
     end = tl.minimum(tl.maximum(end, start), T)
     handle = tl.load(handles_ptr + i_b, mask=is_req, other=-1).to(tl.int64)
-    in_range = (handle >= 0) & (handle < num_handles)
-    blk = tl.load(table_ptr + tl.where(in_range, handle, 0), mask=in_range, other=-1)
-    active = blk >= 0
+    live, blk = unit_offset(handle, is_req, table_ptr, kinds_ptr, num_handles, KIND_SSM)
+    active = tl.where(repeated(handles_ptr, i_b, handle, B, BLOCK_B), False, live)
     flag = tl.load(init_ptr + i_b, mask=is_req, other=0).to(tl.int32)
     has_init = active & (flag != 0)
     base = tl.multiple_of((tl.where(active, blk, 0) + state_off_bytes) // ELEM_BYTES, ALIGN)
@@ -77,6 +80,7 @@ def causal_conv1d_prefill_kernel(
     out_ptr,          # [T, C] output, x's dtype
     state_ptr,        # arena viewed as the conv dtype; a layer's state is [WIDTH - 1, C]
     table_ptr,        # [H] int64 handle -> block byte offset, -1 free
+    kinds_ptr,        # [H] int32 handle -> kind (0 free, 1 KV, 2 SSM)
     handles_ptr,      # [B] int32 SSM handle per request, -1 skip
     cu_ptr,           # [B + 1] int32 token ranges in the packed inputs
     init_ptr,         # [B] int32/bool start from the block's state
@@ -85,6 +89,7 @@ def causal_conv1d_prefill_kernel(
     stride_x_t, stride_out_t, stride_w_c,
     WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,    # handles scanned at a time for repeats
 ):
     """Grid (B + 1, cdiv(C, BLOCK_C), WORKERS); WIDTH <= 4. Worker w of a request does its token
     blocks w, w + WORKERS, ... (a grid that does not grow with the longest request, which the host
@@ -102,8 +107,8 @@ def causal_conv1d_prefill_kernel(
     i_c = tl.program_id(1)
     i_w = tl.program_id(2)
     workers = tl.num_programs(2)
-    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
-                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN, BLOCK_B)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     o_l = tl.arange(0, BLOCK_T)
@@ -193,20 +198,20 @@ def mamba1_scan_prefill_kernel(
     dt_bias_ptr,      # [D] (unused without HAS_DT_BIAS)
     out_ptr,          # [T, D] output, x's dtype
     state_ptr,        # arena viewed as the ssm dtype; a layer's state is [D, N]
-    table_ptr, handles_ptr, cu_ptr, init_ptr,
+    table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
     T, D, N, B, num_handles,
     state_off_bytes,
     stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t, stride_A_d,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (B + 1, cdiv(D, BLOCK_D)): one program carries a [BLOCK_D, N] state through the
     request's tokens in registers. h = exp(dt A) h + dt x B;  y = h C + D x;  y *= silu(z)."""
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
-    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
-                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN, BLOCK_B)
     o_d, m_d, o_n, m_n, m_dn, b_A, b_D, b_bias, p_state, b_h = _mamba1_tile(
         A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N, stride_A_d, HAS_D, HAS_DT_BIAS,
         BLOCK_D, BLOCK_N)
@@ -262,12 +267,12 @@ def _mamba1_chunk_inputs(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, o_t, m_t, o_d, m_d,
 @triton.jit
 def mamba1_chunk_scan_prefill_kernel(
     x_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, out_ptr,  # as the serial kernel
-    state_ptr, table_ptr, handles_ptr, cu_ptr, init_ptr,
+    state_ptr, table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
     T, D, N, B, num_handles,
     state_off_bytes,
     stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t, stride_A_d,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Chunked Mamba1 selective scan: grid (B + 1, cdiv(D, BLOCK_D)), one program walks its
@@ -281,8 +286,8 @@ def mamba1_chunk_scan_prefill_kernel(
     """
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
-    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
-                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN, BLOCK_B)
     o_d, m_d, o_n, m_n, m_dn, b_A, b_D, b_bias, p_state, b_h = _mamba1_tile(
         A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N, stride_A_d, HAS_D, HAS_DT_BIAS,
         BLOCK_D, BLOCK_N)
@@ -366,13 +371,13 @@ def mamba2_scan_prefill_kernel(
     dt_bias_ptr,      # [NH] (unused without HAS_DT_BIAS)
     out_ptr,          # [T, NH, P] output, x's dtype
     state_ptr,        # arena viewed as the ssm dtype; a layer's state is [NH, P, N]
-    table_ptr, handles_ptr, cu_ptr, init_ptr,
+    table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
     T, P, N, B, num_handles, heads_per_group,
     state_off_bytes,
     stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t, stride_B_g,
     stride_C_t, stride_C_g, stride_out_t, stride_out_h,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Time-serial Mamba2 (SSD) scan. Grid (B + 1, NH, cdiv(P, BLOCK_P)); a [BLOCK_P, N] state
@@ -380,8 +385,8 @@ def mamba2_scan_prefill_kernel(
     i_b = tl.program_id(0)
     i_h = tl.program_id(1)
     i_p = tl.program_id(2)
-    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
-                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN, BLOCK_B)
     i_g = i_h // heads_per_group
     o_p, m_p, o_n, m_n, m_pn, b_A, b_D, b_bias, p_state, b_h = _mamba2_tile(
         A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_h, i_p, P, N, HAS_D, HAS_DT_BIAS,
@@ -416,13 +421,13 @@ def mamba2_scan_prefill_kernel(
 @triton.jit
 def mamba2_chunk_scan_prefill_kernel(
     x_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, out_ptr,  # as the serial kernel
-    state_ptr, table_ptr, handles_ptr, cu_ptr, init_ptr,
+    state_ptr, table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
     T, P, N, B, num_handles, heads_per_group,
     state_off_bytes,
     stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t, stride_B_g,
     stride_C_t, stride_C_g, stride_out_t, stride_out_h,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -441,8 +446,8 @@ def mamba2_chunk_scan_prefill_kernel(
     i_b = tl.program_id(0)
     i_h = tl.program_id(1)
     i_p = tl.program_id(2)
-    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr,
-                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN, BLOCK_B)
     i_g = i_h // heads_per_group
     o_p, m_p, o_n, m_n, m_pn, b_A, b_D, b_bias, p_state, b_h = _mamba2_tile(
         A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_h, i_p, P, N, HAS_D, HAS_DT_BIAS,

@@ -192,7 +192,8 @@ def ours_fn(cell: Cell, out: torch.Tensor, **launch):
 
     def run():
         return op(a.arena, a.handle_table, cell.handles, cell.spec, cell.layer, i["x"], i["dt"], i["A"], i["B"],
-                  i["C"], i["D"], i["z"], i["dt_bias"], dt_softplus=True, out=out, **launch)
+                  i["C"], i["D"], i["z"], i["dt_bias"], handle_kinds=a.handle_kind, dt_softplus=True, out=out,
+                  **launch)
 
     return run
 

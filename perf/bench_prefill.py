@@ -492,7 +492,8 @@ class Runner:
 
                 def ours():
                     return causal_conv1d_prefill(a.arena, a.handle_table, cell.handles, cell.spec, cell.layer,
-                                                 i["conv_x"], i["weight"], i["bias"], "silu", cu_seqlens=cell.cu,
+                                                 i["conv_x"], i["weight"], i["bias"], "silu",
+                                                 handle_kinds=a.handle_kind, cu_seqlens=cell.cu,
                                                  has_initial_state=cell.init, out=out)
 
                 def vllm_make(pool, idx):
@@ -511,8 +512,9 @@ class Runner:
                 def ours():
                     return mamba2_scan_prefill(a.arena, a.handle_table, cell.handles, cell.spec, cell.layer, i["x"],
                                                i["dt"], i["A"], i["B"], i["C"], i["D"], None, i["dt_bias"],
-                                               cu_seqlens=cell.cu, has_initial_state=cell.init, dt_softplus=True,
-                                               out=out, algorithm="chunked", **ck)
+                                               handle_kinds=a.handle_kind, cu_seqlens=cell.cu,
+                                               has_initial_state=cell.init, dt_softplus=True, out=out,
+                                               algorithm="chunked", **ck)
 
                 def vllm_make(pool, idx):
                     return peers.prepare_vllm_mamba2_prefill(i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"],
@@ -553,8 +555,9 @@ class Runner:
             def ours():
                 return mamba1_scan_prefill(a.arena, a.handle_table, cell.handles, cell.spec, cell.layer, i["x"],
                                            i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"],
-                                           cu_seqlens=cell.cu, has_initial_state=cell.init, dt_softplus=True,
-                                           out=out, algorithm=algorithm, **ck)
+                                           handle_kinds=a.handle_kind, cu_seqlens=cell.cu,
+                                           has_initial_state=cell.init, dt_softplus=True, out=out,
+                                           algorithm=algorithm, **ck)
             return lambda: ours
 
         self._run_state_op(row, "mamba1", cell, "ssm", ref_out, ref_state,

@@ -71,7 +71,7 @@ def build(op: str, B: int, L: int):
 
 
 def run(op, spec, alloc, handles, inp, cu, init, **launch):
-    meta = dict(cu_seqlens=cu, has_initial_state=init)
+    meta = dict(handle_kinds=alloc.handle_kind, cu_seqlens=cu, has_initial_state=init)
     if op == "conv1d":
         return MP.causal_conv1d_prefill(alloc.arena, alloc.handle_table, handles, spec, 0, inp["x"], inp["weight"],
                                         inp["bias"], "silu", **meta, **launch)

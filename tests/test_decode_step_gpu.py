@@ -155,16 +155,16 @@ def test_decode_step_cuda_graph(seed, preset, ssm_dtype):
                         sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
     ws = decode_workspace(B, HQ, spec.head_dim, cfg.num_splits, "cuda")
     ssm_op = mamba2_state_update if spec.mamba_version == 2 else mamba1_state_update
-    arena, table = alloc.arena, alloc.handle_table
+    arena, table, kinds = alloc.arena, alloc.handle_table, alloc.handle_kind
 
     def step():
         kv_append(buf["k"], buf["v"], alloc, bt, buf["token_req"], buf["token_pos"], layer=ATTN_LAYER)
         paged_decode_attention(buf["q"], alloc, bt, buf["seq_lens"], layer=ATTN_LAYER, out=buf["attn_out"],
                                workspace=ws, max_seq_len=W * T)
         causal_conv1d_update(arena, table, ssm_handles, spec, MAMBA_LAYER, buf["conv_x"], buf["conv_w"],
-                             buf["conv_b"], "silu", out=buf["conv_out"])
+                             buf["conv_b"], "silu", handle_kinds=kinds, out=buf["conv_out"])
         ssm_op(arena, table, ssm_handles, spec, MAMBA_LAYER, buf["x"], buf["dt"], buf["A"], buf["B"], buf["C"],
-               buf["D"], buf["z"], buf["dt_bias"], dt_softplus=True, out=buf["ssm_out"])
+               buf["D"], buf["z"], buf["dt_bias"], handle_kinds=kinds, dt_softplus=True, out=buf["ssm_out"])
 
     # compile every kernel outside the capture, then undo what that eager step wrote
     snapshot = arena.clone()

@@ -14,8 +14,9 @@ import random
 import pytest
 import torch
 
-from avmp_triton import AVMPAllocator, HybridModelSpec, get_preset
+from avmp_triton import AVMPAllocator, HybridModelSpec, InvalidHandleError, get_preset
 from avmp_triton.layout import ssm_block_layout
+from avmp_triton.ops import _mamba_args
 from avmp_triton.ops.mamba import (
     MambaStateOps,
     causal_conv1d_update,
@@ -182,7 +183,8 @@ def run_ssm_step(alloc, handles, layer, inp, *, softplus=True, use_out=True, **l
     prev = gather_ssm(alloc, handles, layer)
     out = nan_like(inp["x"]) if use_out else None
     got = op(alloc.arena, alloc.handle_table, handles, spec, layer, inp["x"], inp["dt"], inp["A"], inp["B"],
-             inp["C"], inp["D"], inp["z"], inp["dt_bias"], dt_softplus=softplus, out=out, **launch)
+             inp["C"], inp["D"], inp["z"], inp["dt_bias"], handle_kinds=alloc.handle_kind, dt_softplus=softplus,
+             out=out, **launch)
     if use_out:
         assert got is out
     assert got.shape == inp["x"].shape and got.dtype == inp["x"].dtype
@@ -206,7 +208,7 @@ def run_conv_step(alloc, handles, layer, inp, activation="silu", use_out=True, *
     prev = R.gather_conv_state(alloc.arena, alloc.handle_table, handles, lay, layer, spec.conv_dtype)
     out = nan_like(inp["x"]) if use_out else None
     got = causal_conv1d_update(alloc.arena, alloc.handle_table, handles, spec, layer, inp["x"], inp["weight"],
-                               inp["bias"], activation, out=out, **launch)
+                               inp["bias"], activation, handle_kinds=alloc.handle_kind, out=out, **launch)
     want_out, want_state = R.causal_conv1d_update_ref(prev, inp["x"], inp["weight"], inp["bias"],
                                                       activation, valid=valid)
     low = torch.bfloat16 if torch.bfloat16 in (spec.conv_dtype, inp["x"].dtype) else torch.float32
@@ -303,7 +305,13 @@ def test_conv1d_options_mamba2_channels(seed, opts):
     run_conv_step(alloc, handles, layer, conv_inputs(alloc.spec, 4, torch.bfloat16, bias=bias), **opts)
 
 
-def test_skips_freed_and_out_of_range_handles(seed):
+@pytest.fixture
+def device_path(monkeypatch):
+    """The launchers as on a GPU: no host check of the handles' values, the kernels' masking only."""
+    monkeypatch.setattr(_mamba_args, "on_host", lambda *tensors: False)
+
+
+def test_skips_freed_and_out_of_range_handles(seed, device_path):
     """A handle freed since the batch was built (table entry -1) or past the table is skipped like -1."""
     alloc, live = make_pool(mamba2_spec())
     handles = batch_handles(live, 5)
@@ -315,6 +323,24 @@ def test_skips_freed_and_out_of_range_handles(seed):
     assert valid.tolist() == [False, True, False, True, False]
     run_ssm_step(alloc, handles, 1, mamba2_inputs(alloc.spec, 5, torch.float32))
     run_conv_step(alloc, handles, 1, conv_inputs(alloc.spec, 5, torch.bfloat16))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="host checks run on CPU-resident metadata only")
+def test_host_check_names_freed_and_out_of_range_handles(seed):
+    alloc, live = make_pool(mamba2_spec())
+    handles = batch_handles(live, 5)
+    inp = conv_inputs(alloc.spec, 5, torch.bfloat16)
+    alloc.free(handles[:1])
+    before = alloc.arena.clone()
+    with pytest.raises(InvalidHandleError, match=rf"ssm_handles\[0\] = {int(handles[0])} is not allocated"):
+        causal_conv1d_update(alloc.arena, alloc.handle_table, handles, alloc.spec, 1, inp["x"], inp["weight"],
+                             handle_kinds=alloc.handle_kind)
+    handles[0] = -1
+    handles[-1] = alloc.handle_table.numel() + 3
+    with pytest.raises(InvalidHandleError, match=rf"ssm_handles\[4\] = {int(handles[-1])} is out of range"):
+        causal_conv1d_update(alloc.arena, alloc.handle_table, handles, alloc.spec, 1, inp["x"], inp["weight"],
+                             handle_kinds=alloc.handle_kind)
+    assert torch.equal(before, alloc.arena)
 
 
 def test_empty_batch():
@@ -364,10 +390,11 @@ def test_migration_between_steps(seed):
     x2 = mamba2_inputs(spec, batch, torch.bfloat16)
     _, got_c = run_conv_step(alloc, handles, layer, xc)
     _, got_s = run_ssm_step(alloc, handles, layer, x2)
+    kinds = alloc.handle_kind
     twin_c = causal_conv1d_update(twin_arena, twin_table, handles, spec, layer, xc["x"], xc["weight"], xc["bias"],
-                                  "silu")
+                                  "silu", handle_kinds=kinds)
     twin_s = mamba2_state_update(twin_arena, twin_table, handles, spec, layer, x2["x"], x2["dt"], x2["A"], x2["B"],
-                                 x2["C"], x2["D"], x2["z"], x2["dt_bias"], dt_softplus=True)
+                                 x2["C"], x2["D"], x2["z"], x2["dt_bias"], handle_kinds=kinds, dt_softplus=True)
     assert torch.equal(got_c, twin_c) and torch.equal(got_s, twin_s)
     for gather, dtype, shape in ((R.gather_ssm_state, spec.ssm_dtype, (ssm_shape(spec),)),
                                  (R.gather_conv_state, spec.conv_dtype, ())):
@@ -383,7 +410,8 @@ def _m1_args():
     alloc, live = make_pool(spec, live=4)
     inp = mamba1_inputs(spec, 3, torch.float32)
     h = live[:3].clone()
-    args = dict(arena=alloc.arena, handle_table=alloc.handle_table, ssm_handles=h, layout=spec, layer=1, **inp)
+    args = dict(arena=alloc.arena, handle_table=alloc.handle_table, ssm_handles=h, layout=spec, layer=1,
+                handle_kinds=alloc.handle_kind, **inp)
     return alloc, args
 
 
@@ -403,6 +431,11 @@ def _call_m1(args, **kw):
     (lambda a, s: dict(layer=True), ValueError, r"got True"),
     (lambda a, s: dict(arena=a["arena"].view(torch.int32)), ValueError, "arena must be a contiguous 1-D uint8"),
     (lambda a, s: dict(handle_table=a["handle_table"].int()), ValueError, "handle_table must be a contiguous int64"),
+    (lambda a, s: dict(handle_kinds=a["handle_kinds"].long()), ValueError,
+     r"handle_kinds \(the allocator's handle_kind\) must be a contiguous int32 tensor .* got torch.int64"),
+    (lambda a, s: dict(handle_kinds=a["handle_kinds"][1:]), ValueError, r"handle_kinds .* entries, got .* shape"),
+    (lambda a, s: dict(handle_kinds=a["handle_kinds"].to("meta")), ValueError, "handle_kinds is on meta"),
+    (lambda a, s: dict(handle_kinds=None), TypeError, "handle_kinds must be a torch.Tensor, got NoneType"),
     (lambda a, s: dict(x=a["x"].int()), TypeError, "x must be float32, bfloat16 or float16, got torch.int32"),
     (lambda a, s: dict(x=a["x"].t().contiguous().t()), ValueError, "x must be contiguous in its last dimension"),
     (lambda a, s: dict(A=a["A"][:, :8]), ValueError, r"A must have shape \(48, 16\), got \(48, 8\)"),
@@ -444,7 +477,8 @@ def test_mamba2_validation():
     def call(**kw):
         a = dict(inp)
         a.update(kw)
-        return mamba2_state_update(*base, a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"])
+        return mamba2_state_update(*base, a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"],
+                                   handle_kinds=alloc.handle_kind)
 
     bad_groups = torch.randn(3, 4, 32, device=DEVICE)
     with pytest.raises(ValueError, match=r"n_groups \(B.shape\[1\] = 4\) must divide nheads \(6\)"):
@@ -463,12 +497,13 @@ def test_mamba2_validation():
     with pytest.raises(ValueError, match=r"A must have shape \(6,\)"):
         call(A=torch.randn(6, 32, device=DEVICE))
     with pytest.raises(ValueError, match="is a Mamba1 model; this op is Mamba2"):
-        mamba2_state_update(alloc.arena, alloc.handle_table, h, mamba1_spec(), 1, *[inp[k] for k in ("x", "dt", "A", "B", "C")])
+        mamba2_state_update(alloc.arena, alloc.handle_table, h, mamba1_spec(), 1, *[inp[k] for k in ("x", "dt", "A", "B", "C")],
+                            handle_kinds=alloc.handle_kind)
     # with a bare layout the group count is free, but it must still divide the heads
     lay = ssm_block_layout(spec)
     with pytest.raises(ValueError, match="must divide nheads"):
         mamba2_state_update(alloc.arena, alloc.handle_table, h, lay, 1, inp["x"], inp["dt"], inp["A"], bad_groups,
-                            bad_groups, state_dtype=torch.float32)
+                            bad_groups, handle_kinds=alloc.handle_kind, state_dtype=torch.float32)
 
 
 def test_conv1d_validation():
@@ -482,7 +517,7 @@ def test_conv1d_validation():
         a.update(kw)
         act = a.pop("activation", "silu")
         return causal_conv1d_update(alloc.arena, alloc.handle_table, h, layout, layer, a.pop("x"), a.pop("weight"),
-                                    a.pop("bias"), act, **a)
+                                    a.pop("bias"), act, handle_kinds=alloc.handle_kind, **a)
 
     with pytest.raises(ValueError, match=r"weight has d_conv=3; the layout stores 3 past inputs \(d_conv=4\)"):
         call(weight=torch.randn(40, 3, device=DEVICE))
@@ -517,9 +552,10 @@ def test_torch_compile_fullgraph(seed):
     out_c = torch.empty_like(xc["x"])
 
     def step(arena, table, handles):
-        y = causal_conv1d_update(arena, table, handles, spec, 1, xc["x"], xc["weight"], xc["bias"], "silu", out=out_c)
+        y = causal_conv1d_update(arena, table, handles, spec, 1, xc["x"], xc["weight"], xc["bias"], "silu",
+                                 handle_kinds=alloc.handle_kind, out=out_c)
         s = mamba2_state_update(arena, table, handles, spec, 1, x2["x"], x2["dt"], x2["A"], x2["B"], x2["C"],
-                                x2["D"], x2["z"], x2["dt_bias"], dt_softplus=True)
+                                x2["D"], x2["z"], x2["dt_bias"], handle_kinds=alloc.handle_kind, dt_softplus=True)
         return y * 2, s + 1
 
     twin = alloc.arena.clone()
@@ -547,10 +583,12 @@ def test_bound_ops_match_free_functions(seed):
     got_c = ops.causal_conv1d_update(handles, 2, xc["x"], xc["weight"], xc["bias"], "silu")
     got_s = ops.mamba2_state_update(handles, 2, *[inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")],
                                     dt_softplus=True)
+    kinds = alloc.handle_kind
     want_c = causal_conv1d_update(twin, alloc.handle_table, handles, alloc.spec, 2, xc["x"], xc["weight"], xc["bias"],
-                                  "silu")
+                                  "silu", handle_kinds=kinds)
     want_s = mamba2_state_update(twin, alloc.handle_table, handles, alloc.spec, 2,
-                                 *[inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")], dt_softplus=True)
+                                 *[inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")], handle_kinds=kinds,
+                                 dt_softplus=True)
     assert torch.equal(got_c, want_c) and torch.equal(got_s, want_s) and torch.equal(alloc.arena, twin)
 
 
@@ -615,9 +653,10 @@ def test_gpu_cuda_graph_and_compile(seed):
     out_c, out_s = torch.empty_like(xc["x"]), torch.empty_like(x2["x"])
 
     def step(arena, table):
-        causal_conv1d_update(arena, table, handles, spec, 1, xc["x"], xc["weight"], xc["bias"], "silu", out=out_c)
+        causal_conv1d_update(arena, table, handles, spec, 1, xc["x"], xc["weight"], xc["bias"], "silu",
+                             handle_kinds=alloc.handle_kind, out=out_c)
         mamba2_state_update(arena, table, handles, spec, 1, x2["x"], x2["dt"], x2["A"], x2["B"], x2["C"], x2["D"],
-                            x2["z"], x2["dt_bias"], dt_softplus=True, out=out_s)
+                            x2["z"], x2["dt_bias"], handle_kinds=alloc.handle_kind, dt_softplus=True, out=out_s)
 
     twin = alloc.arena.clone()
     step(alloc.arena, alloc.handle_table)  # warm-up (compiles) before capture

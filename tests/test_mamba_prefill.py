@@ -152,15 +152,16 @@ def _take(inputs: dict, idx: torch.Tensor) -> dict:
 CPU_CHUNK = {"m1": 4, "m2": 16}
 
 
-def run_op(kind, inputs, arena, table, handles, cu, init, spec, *, out=None, algorithm="serial",
+def run_op(kind, inputs, arena, table, kinds, handles, cu, init, spec, *, out=None, algorithm="serial",
            activation="silu", chunk_size="cpu", dt_softplus=True):
     if kind == "conv":
         return causal_conv1d_prefill(arena, table, handles, spec, LAYER, inputs["x"], inputs["weight"],
-                                     inputs["bias"], activation, cu_seqlens=cu, has_initial_state=init, out=out)
+                                     inputs["bias"], activation, handle_kinds=kinds, cu_seqlens=cu,
+                                     has_initial_state=init, out=out)
     fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
     extra = {} if chunk_size is None else dict(chunk_size=CPU_CHUNK[kind] if chunk_size == "cpu" else chunk_size)
     return fn(arena, table, handles, spec, LAYER, inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"],
-              inputs["D"], inputs["z"], inputs["dt_bias"], cu_seqlens=cu, has_initial_state=init,
+              inputs["D"], inputs["z"], inputs["dt_bias"], handle_kinds=kinds, cu_seqlens=cu, has_initial_state=init,
               dt_softplus=dt_softplus, out=out, algorithm=algorithm, **extra)
 
 
@@ -193,7 +194,8 @@ def test_prefill_matches_reference(kind, algorithm, in_dtype, state_dtype):
     ref_arena = a.arena.clone()
     want = run_ref(kind, inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
     out = torch.full_like(want, float("nan"))
-    got = run_op(kind, inputs, a.arena, a.handle_table, handles, cu, init, env.spec, out=out, algorithm=algorithm)
+    got = run_op(kind, inputs, a.arena, a.handle_table, a.handle_kind, handles, cu, init, env.spec, out=out,
+                 algorithm=algorithm)
     assert got is out
     tol = _tol(in_dtype, state_dtype, chunked=algorithm == "chunked")
     torch.testing.assert_close(got.float(), want.float(), **tol)
@@ -213,7 +215,8 @@ def test_two_chunks_equal_one(kind, algorithm):
     inputs = INPUTS_OF[kind](env.spec, T, F32)
     a = env.alloc
     one_arena = a.arena.clone()
-    want = run_op(kind, inputs, one_arena, a.handle_table, handles, cu, init, env.spec, algorithm=algorithm)
+    want = run_op(kind, inputs, one_arena, a.handle_table, a.handle_kind, handles, cu, init, env.spec,
+                  algorithm=algorithm)
 
     # the same tokens, reordered into two packed chunks
     starts = cu.tolist()
@@ -222,8 +225,8 @@ def test_two_chunks_equal_one(kind, algorithm):
     in1, in2 = _take(inputs, idx1), _take(inputs, idx2)
     _, cu1, _, _ = env.batch(lens=first, handles=handles, pad=0)
     _, cu2, init2, _ = env.batch(lens=second, init=[1] * len(LENS), handles=handles, pad=0)
-    y1 = run_op(kind, in1, a.arena, a.handle_table, handles, cu1, init, env.spec, algorithm=algorithm)
-    y2 = run_op(kind, in2, a.arena, a.handle_table, handles, cu2, init2, env.spec, algorithm=algorithm)
+    y1 = run_op(kind, in1, a.arena, a.handle_table, a.handle_kind, handles, cu1, init, env.spec, algorithm=algorithm)
+    y2 = run_op(kind, in2, a.arena, a.handle_table, a.handle_kind, handles, cu2, init2, env.spec, algorithm=algorithm)
     got = torch.empty_like(want)
     got[idx1] = y1
     got[idx2] = y2
@@ -259,11 +262,11 @@ def test_compaction_between_chunks(kind, algorithm):
     _, cu1, _, _ = env.batch(lens=first, handles=handles, pad=0)
     _, cu2, init2, _ = env.batch(lens=second, init=[1] * len(LENS), handles=handles, pad=0)
 
-    still_arena, still_table = a.arena.clone(), a.handle_table.clone()
-    w1 = run_op(kind, in1, still_arena, still_table, handles, cu1, init, env.spec, algorithm=algorithm)
-    w2 = run_op(kind, in2, still_arena, still_table, handles, cu2, init2, env.spec, algorithm=algorithm)
+    still_arena, still_table, still_kinds = a.arena.clone(), a.handle_table.clone(), a.handle_kind.clone()
+    w1 = run_op(kind, in1, still_arena, still_table, still_kinds, handles, cu1, init, env.spec, algorithm=algorithm)
+    w2 = run_op(kind, in2, still_arena, still_table, still_kinds, handles, cu2, init2, env.spec, algorithm=algorithm)
 
-    y1 = run_op(kind, in1, a.arena, a.handle_table, handles, cu1, init, env.spec, algorithm=algorithm)
+    y1 = run_op(kind, in1, a.arena, a.handle_table, a.handle_kind, handles, cu1, init, env.spec, algorithm=algorithm)
     live = set(handles.tolist())
     others = torch.tensor([h for h in env.blocks.tolist() if h not in live], dtype=torch.int32, device=DEVICE)
     a.free(others, "ssm")
@@ -272,7 +275,7 @@ def test_compaction_between_chunks(kind, algorithm):
     a.rebalance("kv", ssm_slabs - -(-len(live) // per_slab))
     moved = a.handle_table[handles.long()] != old
     assert bool(moved.any()), "compaction moved none of the live blocks"
-    y2 = run_op(kind, in2, a.arena, a.handle_table, handles, cu2, init2, env.spec, algorithm=algorithm)
+    y2 = run_op(kind, in2, a.arena, a.handle_table, a.handle_kind, handles, cu2, init2, env.spec, algorithm=algorithm)
 
     assert torch.equal(y1, w1) and torch.equal(y2, w2)
     block = env.spec.ssm_block_bytes
@@ -291,7 +294,7 @@ def test_conv_other_widths_and_no_bias(d_conv):
     a = env.alloc
     before, ref_arena = a.arena.clone(), a.arena.clone()
     want = run_ref("conv", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec, activation=None)
-    got = run_op("conv", inputs, a.arena, a.handle_table, handles, cu, init, env.spec, activation=None)
+    got = run_op("conv", inputs, a.arena, a.handle_table, a.handle_kind, handles, cu, init, env.spec, activation=None)
     tol = _tol(F32, F32)
     torch.testing.assert_close(got, want, **tol)
     check_arena(env, before, a.arena, ref_arena, handles, "conv", F32, tol)
@@ -305,7 +308,7 @@ def test_conv_short_request_keeps_older_rows():
     off = int(env.alloc.handle_table[int(handles[0])]) + env.layout.conv_offset(LAYER)
     state = env.alloc.arena[off:off + env.layout.conv_layer_bytes].view(F32).view(3, -1)
     old = state.clone()
-    run_op("conv", inputs, env.alloc.arena, env.alloc.handle_table, handles, cu, init, env.spec)
+    run_op("conv", inputs, env.alloc.arena, env.alloc.handle_table, env.alloc.handle_kind, handles, cu, init, env.spec)
     assert torch.equal(state[:2], old[1:]) and torch.equal(state[2], inputs["x"][0])
 
 
@@ -321,7 +324,8 @@ def test_conv_many_token_blocks(block_t):
     want = run_ref("conv", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
     out = torch.full_like(want, float("nan"))
     got = causal_conv1d_prefill(a.arena, a.handle_table, handles, env.spec, LAYER, inputs["x"], inputs["weight"],
-                                inputs["bias"], "silu", cu_seqlens=cu, has_initial_state=init, out=out,
+                                inputs["bias"], "silu", handle_kinds=a.handle_kind, cu_seqlens=cu,
+                                has_initial_state=init, out=out,
                                 block_t=block_t)
     tol = _tol(F32, F32)
     torch.testing.assert_close(got, want, **tol)
@@ -340,7 +344,8 @@ def test_mamba2_group_counts(G):
     want = run_ref("m2", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
     for algorithm in ("serial", "chunked"):
         arena = a.arena.clone()
-        got = run_op("m2", inputs, arena, a.handle_table, handles, cu, init, env.spec, algorithm=algorithm)
+        got = run_op("m2", inputs, arena, a.handle_table, a.handle_kind, handles, cu, init, env.spec,
+                     algorithm=algorithm)
         torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
         torch.testing.assert_close(arena.view(F32), ref_arena.view(F32), atol=2e-4, rtol=2e-4, equal_nan=True)
 
@@ -359,7 +364,8 @@ def test_optional_inputs_absent(kind, algorithm):
     fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
     args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
     want = fn_ref(*args, ref_arena, a.handle_table, handles, cu, init, env.spec, LAYER)
-    got = fn(a.arena, a.handle_table, handles, env.spec, LAYER, *args, cu_seqlens=cu, has_initial_state=init,
+    got = fn(a.arena, a.handle_table, handles, env.spec, LAYER, *args, handle_kinds=a.handle_kind, cu_seqlens=cu,
+             has_initial_state=init,
              algorithm=algorithm, chunk_size=CPU_CHUNK[kind])
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(a.arena.view(F32), ref_arena.view(F32), atol=2e-4, rtol=2e-4, equal_nan=True)
@@ -373,8 +379,9 @@ def test_layout_instead_of_spec(kind, algorithm):
     inputs = INPUTS_OF[kind](env.spec, T, F32)
     a = env.alloc
     arena2 = a.arena.clone()
-    want = run_op(kind, inputs, arena2, a.handle_table, handles, cu, init, env.spec, algorithm=algorithm)
-    dtype_kw = {"conv_dtype" if kind == "conv" else "state_dtype": BF16}
+    want = run_op(kind, inputs, arena2, a.handle_table, a.handle_kind, handles, cu, init, env.spec,
+                  algorithm=algorithm)
+    dtype_kw = {"conv_dtype" if kind == "conv" else "state_dtype": BF16, "handle_kinds": a.handle_kind}
     if kind == "conv":
         got = causal_conv1d_prefill(a.arena, a.handle_table, handles, env.layout, LAYER, inputs["x"],
                                     inputs["weight"], inputs["bias"], "silu", cu_seqlens=cu, has_initial_state=init,
@@ -396,7 +403,8 @@ def test_bound_ops_match_functions(kind, algorithm):
     inputs = INPUTS_OF[kind](env.spec, T, F32)
     a = env.alloc
     arena2 = a.arena.clone()
-    want = run_op(kind, inputs, arena2, a.handle_table, handles, cu, init, env.spec, algorithm=algorithm)
+    want = run_op(kind, inputs, arena2, a.handle_table, a.handle_kind, handles, cu, init, env.spec,
+                  algorithm=algorithm)
     ops = MambaStateOps(a)
     meta = dict(cu_seqlens=cu, has_initial_state=init)
     if kind == "conv":
@@ -421,7 +429,7 @@ def test_launch_overrides(kind, launch):
     a = env.alloc
     before, ref_arena = a.arena.clone(), a.arena.clone()
     want = run_ref(kind, inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
-    meta = dict(cu_seqlens=cu, has_initial_state=init, **launch)
+    meta = dict(handle_kinds=a.handle_kind, cu_seqlens=cu, has_initial_state=init, **launch)
     if kind == "conv":
         got = causal_conv1d_prefill(a.arena, a.handle_table, handles, env.spec, LAYER, inputs["x"], inputs["weight"],
                                     inputs["bias"], "silu", **meta)
@@ -444,7 +452,7 @@ def test_mamba1_chunk_sizes(chunk_size):
     a = env.alloc
     before, ref_arena = a.arena.clone(), a.arena.clone()
     want = run_ref("m1", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
-    got = run_op("m1", inputs, a.arena, a.handle_table, handles, cu, init, env.spec, algorithm="chunked",
+    got = run_op("m1", inputs, a.arena, a.handle_table, a.handle_kind, handles, cu, init, env.spec, algorithm="chunked",
                  chunk_size=chunk_size)
     tol = _tol(F32, F32)
     torch.testing.assert_close(got, want, **tol)
@@ -465,7 +473,8 @@ def test_custom_ops_registered_and_fake():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = {k: (mode.from_tensor(v) if v is not None else None) for k, v in inputs.items()}
         arena = mode.from_tensor(env.alloc.arena)
-        y = run_op("m2", fake, arena, mode.from_tensor(env.alloc.handle_table), mode.from_tensor(handles),
+        y = run_op("m2", fake, arena, mode.from_tensor(env.alloc.handle_table),
+                   mode.from_tensor(env.alloc.handle_kind), mode.from_tensor(handles),
                    mode.from_tensor(cu), mode.from_tensor(init), env.spec, algorithm="chunked")
         assert y.shape == inputs["x"].shape and y.dtype == inputs["x"].dtype
 
@@ -478,7 +487,7 @@ def test_custom_op_opcheck(kind, algorithm):
     handles, cu, init, T = env.batch()
     i = INPUTS_OF[kind](env.spec, T, F32)
     a = env.alloc
-    common = (a.arena, a.handle_table, handles, cu, init)
+    common = (a.arena, a.handle_table, a.handle_kind, handles, cu, init)
     if kind == "conv":
         out = torch.empty_like(i["x"])
         op = torch.ops.avmp.causal_conv1d_prefill.default
@@ -548,7 +557,8 @@ def test_launchers_validate():
         assert T == 30
         make = conv_inputs if kind == "conv" else (m1_inputs if env.spec.mamba_version == 1 else m2_inputs)
         inputs = make(env.spec, T, F32)
-        c = dict(inputs=inputs, arena=env.alloc.arena, table=env.alloc.handle_table, handles=handles, cu=cu,
+        c = dict(inputs=inputs, arena=env.alloc.arena, table=env.alloc.handle_table, kinds=env.alloc.handle_kind,
+                 handles=handles, cu=cu,
                  init=init, layer=LAYER, out=None, algorithm="serial", chunk_size=16, activation="silu",
                  dt_softplus=True, layout=env.spec, launch={})
         mutate(c)
@@ -556,7 +566,8 @@ def test_launchers_validate():
         i = c["inputs"]
         with pytest.raises(err, match=match):
             where = (c["arena"], c["table"], c["handles"], c["layout"], c["layer"])
-            meta = dict(cu_seqlens=c["cu"], has_initial_state=c["init"], out=c["out"], **c["launch"])
+            meta = dict(handle_kinds=c["kinds"], cu_seqlens=c["cu"], has_initial_state=c["init"], out=c["out"],
+                        **c["launch"])
             if kind == "conv":
                 causal_conv1d_prefill(*where, i["x"], i["weight"], i["bias"], c["activation"], **meta)
             else:
@@ -607,7 +618,8 @@ def _gpu_check(kind, spec, a, handles, cu, init, inputs, algorithm, tol):
     ref_arena = a.arena.clone()
     want = run_ref(kind, inputs, ref_arena, a.handle_table, handles, cu, init, spec)
     out = torch.full_like(want, float("nan"))
-    got = run_op(kind, inputs, a.arena, a.handle_table, handles, cu, init, spec, out=out, algorithm=algorithm,
+    got = run_op(kind, inputs, a.arena, a.handle_table, a.handle_kind, handles, cu, init, spec, out=out,
+                 algorithm=algorithm,
                  chunk_size=64 if kind == "m2" else None)
     assert got.shape[0] == T and not got.isnan().any()
     _close_rel(got, want, tol)

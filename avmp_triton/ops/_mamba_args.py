@@ -1,13 +1,16 @@
 """Argument checks shared by the Mamba launchers (decode: ops/mamba.py, prefill: ops/mamba_prefill.py).
 
-Metadata only, never a host sync, so the launchers stay capturable in CUDA graphs. Every error
-names the bad argument and value.
+Metadata only, never a host sync, so the launchers stay capturable in CUDA graphs; the values of
+handles and ``cu_seqlens`` are checked only where they already live on the host
+(``check_on_host``). Every error names the bad argument and value.
 """
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from avmp_triton.layout import SSMBlockLayout, ssm_block_layout
+from avmp_triton.ops._host_checks import KIND_SSM, check_cu_seqlens, check_handles, on_host
 from avmp_triton.spec import HybridModelSpec
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -63,8 +66,8 @@ def num_mamba_layers_of(layout: SSMBlockLayout) -> int:
     return layout.ssm_base // layout.conv_layer_bytes if layout.conv_layer_bytes else 0
 
 
-def state_location(arena, handle_table, ssm_handles, layout, layer, dtype, dtype_name: str,
-                    kind: str, version: Optional[int]):
+def state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer, dtype, dtype_name: str,
+                   kind: str, version: Optional[int]):
     """Validate the common arguments; return (layout, spec or None, dtype, B, device)."""
     if not isinstance(arena, torch.Tensor):
         raise TypeError(f"arena must be a torch.Tensor, got {type(arena).__name__}")
@@ -81,6 +84,12 @@ def state_location(arena, handle_table, ssm_handles, layout, layer, dtype, dtype
     if handle_table.dtype != torch.int64 or not handle_table.is_contiguous():
         raise ValueError(f"handle_table must be a contiguous int64 tensor, got {handle_table.dtype} "
                          f"strides {handle_table.stride()}")
+    check_tensor(handle_kinds, "handle_kinds", dev, 1)
+    if (handle_kinds.dtype != torch.int32 or not handle_kinds.is_contiguous()
+            or handle_kinds.numel() != handle_table.numel()):
+        raise ValueError(f"handle_kinds (the allocator's handle_kind) must be a contiguous int32 tensor of "
+                         f"handle_table's {handle_table.numel()} entries, got {handle_kinds.dtype} shape "
+                         f"{tuple(handle_kinds.shape)} strides {handle_kinds.stride()}")
     check_tensor(ssm_handles, "ssm_handles", dev, 1)
     if ssm_handles.dtype != torch.int32:
         raise TypeError(f"ssm_handles must be int32, got {ssm_handles.dtype}")
@@ -120,6 +129,24 @@ def state_location(arena, handle_table, ssm_handles, layout, layer, dtype, dtype
     if arena.numel() % dtype.itemsize:
         raise ValueError(f"arena size {arena.numel()} is not a multiple of {dtype_name}'s {dtype.itemsize} bytes")
     return layout, spec, dtype, ssm_handles.numel(), dev
+
+
+def check_on_host(handle_table, handle_kinds, ssm_handles, cu_seqlens=None, num_tokens: int = 0) -> None:
+    """Where the metadata lives on the host (reading it costs no sync), raise on what the kernels
+    would skip or clamp: a handle that is not a live SSM handle, one in two rows
+    (InvalidHandleError), a bad ``cu_seqlens`` (ValueError). On a GPU the kernels' masking stands."""
+    meta = (ssm_handles, handle_table, handle_kinds, cu_seqlens)
+    if torch.compiler.is_compiling() or any(is_fake(t) for t in meta if t is not None) or not on_host(*meta):
+        return  # traced (compile, FakeTensorMode) tensors have no values to read
+    check_handles(ssm_handles, handle_table, handle_kinds, KIND_SSM, "ssm_handles", unique=True)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, num_tokens)
+
+
+def repeat_block(batch: int) -> int:
+    """Handles a kernel compares at a time when looking for repeats (``kernels/handles.repeated``):
+    the whole batch in one pass up to 1024, a power of two (a register or two per thread)."""
+    return min(1024, 1 << max(int(batch) - 1, 0).bit_length())
 
 
 def check_out(out, x, inputs: Optional[dict] = None, name="out"):

@@ -11,13 +11,20 @@ with ``torch.compile`` and can be captured in a CUDA graph.
 Common arguments:
     arena: ``[capacity]`` uint8, the allocator's arena (``allocator.arena``).
     handle_table: ``[H]`` int64 handle -> unit byte offset, -1 when free (``allocator.handle_table``).
+    handle_kinds (keyword, required): ``[H]`` int32 handle -> kind, 0 free, 1 KV, 2 SSM
+        (``allocator.handle_kind``); the kernels serve SSM handles only.
     ssm_handles: ``[B]`` int32, one SSM handle per request; -1 skips the row (output zeros, no
-        state touched). A handle outside ``[0, H)`` or unbound in the table is skipped the same way.
+        state touched).
     layout: the model's ``HybridModelSpec`` (dtypes come from it), or an ``SSMBlockLayout`` with
         ``state_dtype=`` / ``conv_dtype=`` given.
     layer: index of the Mamba layer, in ``[0, num_mamba_layers)``.
 
-Use ``MambaStateOps(allocator)`` to bind the arena, table and spec of an allocator once.
+A row whose handle is -1, out of range, free, of the KV kind, or repeated within the call is
+skipped: its output is zeros and no byte of any unit is read or written (two rows would race on
+one state). On CPU-resident metadata the launchers raise instead (InvalidHandleError naming the
+position and handle); on a GPU they never read the metadata's values (no sync).
+
+Use ``MambaStateOps(allocator)`` to bind the arena, table, kinds and spec of an allocator once.
 """
 import math
 from typing import Optional
@@ -29,7 +36,8 @@ from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on C
 from avmp_triton.kernels import mamba_state as K
 from avmp_triton.ops import mamba_prefill
 from avmp_triton.ops._mamba_args import (
-    check_float, check_launch, check_mamba1_inputs, check_opt_float, check_out, check_tensor, state_location,
+    check_float, check_launch, check_mamba1_inputs, check_on_host, check_opt_float, check_out, check_tensor,
+    repeat_block, state_location,
 )
 from avmp_triton.spec import HybridModelSpec
 
@@ -76,7 +84,8 @@ def _align(state_off_elems: int, itemsize: int) -> int:
 
 
 @torch.library.custom_op("avmp::mamba1_state_update", mutates_args=("arena", "out"))
-def _mamba1_op(arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor,
+def _mamba1_op(arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
+               ssm_handles: torch.Tensor,
                x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
                out: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
@@ -89,22 +98,24 @@ def _mamba1_op(arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: tor
     off = state_offset // itemsize
     grid = (batch, triton.cdiv(d_inner, block_d))
     K.mamba1_state_update_kernel[grid](
-        arena.view(state_dtype), handle_table, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
-        handle_table.numel(), off, d_inner,
+        arena.view(state_dtype), handle_table, handle_kinds, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
+        handle_table.numel(), batch, off, d_inner,
         x.stride(0), dt.stride(0), A.stride(0), B.stride(0), C.stride(0),
         z.stride(0) if z is not None else 0, out.stride(0),
         D_STATE=d_state, DT_SOFTPLUS=dt_softplus, ELEM_BYTES=itemsize, ALIGN=_align(off, itemsize),
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=num_warps)
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), BLOCK_B=repeat_block(batch),
+        num_warps=num_warps)
 
 
 @_mamba1_op.register_fake
-def _(arena, handle_table, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out, state_offset, state_dtype,
+def _(arena, handle_table, handle_kinds, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out, state_offset, state_dtype,
       dt_softplus, block_d, num_warps) -> None:
     return None
 
 
 @torch.library.custom_op("avmp::mamba2_state_update", mutates_args=("arena", "out"))
-def _mamba2_op(arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor,
+def _mamba2_op(arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
+               ssm_handles: torch.Tensor,
                x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
                out: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
@@ -117,23 +128,25 @@ def _mamba2_op(arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: tor
     off = state_offset // itemsize
     grid = (batch, nheads, triton.cdiv(head_dim, block_p))
     K.mamba2_state_update_kernel[grid](
-        arena.view(state_dtype), handle_table, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
-        handle_table.numel(), off, head_dim, nheads // n_groups,
+        arena.view(state_dtype), handle_table, handle_kinds, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
+        handle_table.numel(), batch, off, head_dim, nheads // n_groups,
         x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
         out.stride(0), out.stride(1),
         D_STATE=d_state, DT_SOFTPLUS=dt_softplus, ELEM_BYTES=itemsize, ALIGN=_align(off, itemsize),
-        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(d_state), num_warps=num_warps)
+        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(d_state), BLOCK_B=repeat_block(batch),
+        num_warps=num_warps)
 
 
 @_mamba2_op.register_fake
-def _(arena, handle_table, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out, state_offset, state_dtype,
+def _(arena, handle_table, handle_kinds, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out, state_offset, state_dtype,
       dt_softplus, block_p, num_warps) -> None:
     return None
 
 
 @torch.library.custom_op("avmp::causal_conv1d_update", mutates_args=("arena", "out"))
-def _conv1d_op(arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor,
+def _conv1d_op(arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
+               ssm_handles: torch.Tensor,
                x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
                state_offset: int, conv_dtype: torch.dtype, silu: bool, block_c: int,
                num_warps: int) -> None:
@@ -145,14 +158,15 @@ def _conv1d_op(arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: tor
     off = state_offset // itemsize
     grid = (batch, triton.cdiv(channels, block_c))
     K.causal_conv1d_update_kernel[grid](
-        arena.view(conv_dtype), handle_table, ssm_handles, x, weight, bias, out,
-        handle_table.numel(), off, channels, x.stride(0), weight.stride(0), out.stride(0),
+        arena.view(conv_dtype), handle_table, handle_kinds, ssm_handles, x, weight, bias, out,
+        handle_table.numel(), batch, off, channels, x.stride(0), weight.stride(0), out.stride(0),
         D_CONV=d_conv, SILU=silu, ELEM_BYTES=itemsize, ALIGN=_align(off, itemsize),
-        BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(d_conv), num_warps=num_warps)
+        BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(d_conv), BLOCK_B=repeat_block(batch),
+        num_warps=num_warps)
 
 
 @_conv1d_op.register_fake
-def _(arena, handle_table, ssm_handles, x, weight, bias, out, state_offset, conv_dtype, silu, block_c,
+def _(arena, handle_table, handle_kinds, ssm_handles, x, weight, bias, out, state_offset, conv_dtype, silu, block_c,
       num_warps) -> None:
     return None
 
@@ -169,9 +183,9 @@ def mamba1_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
                         layout, layer: int, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                         B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
                         z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None, *,
-                        dt_softplus: bool = False, state_dtype: Optional[torch.dtype] = None,
-                        out: Optional[torch.Tensor] = None, block_d: Optional[int] = None,
-                        num_warps: Optional[int] = None) -> torch.Tensor:
+                        handle_kinds: torch.Tensor, dt_softplus: bool = False,
+                        state_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
+                        block_d: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
     """Mamba1 selective state update (Jamba), in place in each request's block.
 
     ``dt = softplus(dt + dt_bias)`` (if ``dt_softplus``); ``state = state * exp(A * dt) + B * dt * x``;
@@ -186,7 +200,7 @@ def mamba1_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
     Returns:
         ``out`` ``[B, d_inner]``; skipped rows are zeros.
     """
-    layout, _, dtype, batch, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
+    layout, _, dtype, batch, dev = state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer,
                                                    state_dtype, "state_dtype", "ssm", 1)
     d, n = layout.d_inner, layout.d_state
     check_mamba1_inputs(dev, batch, d, n, x, dt, A, B, C, D, z, dt_bias)
@@ -194,7 +208,8 @@ def mamba1_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
         raise TypeError(f"dt_softplus must be a bool, got {dt_softplus!r}")
     block_d, num_warps = check_launch("mamba1", block_d, "block_d", num_warps, mamba1_launch_config(d, n))
     out = check_out(out, x)
-    _mamba1_op(arena, handle_table, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
+    check_on_host(handle_table, handle_kinds, ssm_handles)
+    _mamba1_op(arena, handle_table, handle_kinds, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
                layout.ssm_offset(layer), dtype, dt_softplus, block_d, num_warps)
     return out
 
@@ -203,9 +218,9 @@ def mamba2_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
                         layout, layer: int, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                         B: torch.Tensor, C: torch.Tensor, D: Optional[torch.Tensor] = None,
                         z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None, *,
-                        dt_softplus: bool = False, state_dtype: Optional[torch.dtype] = None,
-                        out: Optional[torch.Tensor] = None, block_p: Optional[int] = None,
-                        num_warps: Optional[int] = None) -> torch.Tensor:
+                        handle_kinds: torch.Tensor, dt_softplus: bool = False,
+                        state_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
+                        block_p: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
     """Mamba2 selective state update (Nemotron-H): scalar A per head, grouped B and C.
 
     The state of a layer is ``[nheads, head_dim, d_state]``; head h reads group
@@ -220,7 +235,7 @@ def mamba2_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
     Returns:
         ``out`` ``[B, nheads, head_dim]``; skipped rows are zeros.
     """
-    layout, spec, dtype, batch, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
+    layout, spec, dtype, batch, dev = state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer,
                                                       state_dtype, "state_dtype", "ssm", 2)
     check_tensor(x, "x", dev, 3)
     nheads, head_dim = x.shape[1], x.shape[2]
@@ -252,7 +267,8 @@ def mamba2_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
     block_p, num_warps = check_launch("mamba2", block_p, "block_p", num_warps,
                                        mamba2_launch_config(head_dim, n))
     out = check_out(out, x)
-    _mamba2_op(arena, handle_table, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
+    check_on_host(handle_table, handle_kinds, ssm_handles)
+    _mamba2_op(arena, handle_table, handle_kinds, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
                layout.ssm_offset(layer), dtype, dt_softplus, block_p, num_warps)
     return out
 
@@ -260,8 +276,9 @@ def mamba2_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
 def causal_conv1d_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor,
                          layout, layer: int, x: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, activation: Optional[str] = None, *,
-                         conv_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None,
-                         block_c: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
+                         handle_kinds: torch.Tensor, conv_dtype: Optional[torch.dtype] = None,
+                         out: Optional[torch.Tensor] = None, block_c: Optional[int] = None,
+                         num_warps: Optional[int] = None) -> torch.Tensor:
     """One decode step of the depthwise causal conv1d, with the conv state in each request's block.
 
     ``out[c] = act(sum_k weight[c, k] * window[k] + bias[c])`` with ``window = (state rows, x)``
@@ -276,7 +293,7 @@ def causal_conv1d_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_ha
     Returns:
         ``out`` ``[B, channels]``; skipped rows are zeros.
     """
-    layout, _, dtype, batch, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
+    layout, _, dtype, batch, dev = state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer,
                                                    conv_dtype, "conv_dtype", "conv", None)
     ch = layout.conv_channels
     d_conv = layout.conv_width + 1
@@ -294,16 +311,18 @@ def causal_conv1d_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_ha
     block_c, num_warps = check_launch("conv1d", block_c, "block_c", num_warps,
                                        conv1d_launch_config(ch, d_conv))
     out = check_out(out, x)
-    _conv1d_op(arena, handle_table, ssm_handles, x, weight, bias, out, layout.conv_offset(layer), dtype,
+    check_on_host(handle_table, handle_kinds, ssm_handles)
+    _conv1d_op(arena, handle_table, handle_kinds, ssm_handles, x, weight, bias, out, layout.conv_offset(layer), dtype,
                activation == "silu", block_c, num_warps)
     return out
 
 
 class MambaStateOps:
-    """The Mamba ops (decode and prefill) bound to an allocator's arena, handle table and spec.
+    """The Mamba ops (decode and prefill) bound to an allocator's arena, handle table, handle kinds
+    and spec.
 
     ``ops = MambaStateOps(alloc); y = ops.mamba2_state_update(handles, layer, x, dt, A, B, C, ...)``.
-    The arena and table are read at every call, so handles stay valid across rebalancing.
+    The arena and tables are read at every call, so handles stay valid across rebalancing.
     """
 
     def __init__(self, allocator):
@@ -316,29 +335,29 @@ class MambaStateOps:
     def mamba1_state_update(self, ssm_handles, layer, x, dt, A, B, C, D=None, z=None, dt_bias=None, **kw):
         a = self.allocator
         return mamba1_state_update(a.arena, a.handle_table, ssm_handles, self.spec, layer, x, dt, A, B, C,
-                                   D, z, dt_bias, **kw)
+                                   D, z, dt_bias, handle_kinds=a.handle_kind, **kw)
 
     def mamba2_state_update(self, ssm_handles, layer, x, dt, A, B, C, D=None, z=None, dt_bias=None, **kw):
         a = self.allocator
         return mamba2_state_update(a.arena, a.handle_table, ssm_handles, self.spec, layer, x, dt, A, B, C,
-                                   D, z, dt_bias, **kw)
+                                   D, z, dt_bias, handle_kinds=a.handle_kind, **kw)
 
     def causal_conv1d_update(self, ssm_handles, layer, x, weight, bias=None, activation=None, **kw):
         a = self.allocator
         return causal_conv1d_update(a.arena, a.handle_table, ssm_handles, self.spec, layer, x, weight,
-                                    bias, activation, **kw)
+                                    bias, activation, handle_kinds=a.handle_kind, **kw)
 
     def causal_conv1d_prefill(self, ssm_handles, layer, x, weight, bias=None, activation=None, **kw):
         a = self.allocator
         return mamba_prefill.causal_conv1d_prefill(a.arena, a.handle_table, ssm_handles, self.spec, layer, x,
-                                                   weight, bias, activation, **kw)
+                                                   weight, bias, activation, handle_kinds=a.handle_kind, **kw)
 
     def mamba1_scan_prefill(self, ssm_handles, layer, x, dt, A, B, C, D=None, z=None, dt_bias=None, **kw):
         a = self.allocator
         return mamba_prefill.mamba1_scan_prefill(a.arena, a.handle_table, ssm_handles, self.spec, layer, x, dt, A,
-                                                 B, C, D, z, dt_bias, **kw)
+                                                 B, C, D, z, dt_bias, handle_kinds=a.handle_kind, **kw)
 
     def mamba2_scan_prefill(self, ssm_handles, layer, x, dt, A, B, C, D=None, z=None, dt_bias=None, **kw):
         a = self.allocator
         return mamba_prefill.mamba2_scan_prefill(a.arena, a.handle_table, ssm_handles, self.spec, layer, x, dt, A,
-                                                 B, C, D, z, dt_bias, **kw)
+                                                 B, C, D, z, dt_bias, handle_kinds=a.handle_kind, **kw)

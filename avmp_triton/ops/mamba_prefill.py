@@ -12,19 +12,28 @@ Common arguments:
     arena: ``[bytes]`` uint8, the allocator's arena (``AVMPAllocator.arena``); mutated.
     handle_table: ``[H]`` int64 handle -> byte offset of the block, -1 when free. Offsets are
         16-byte aligned (every allocator's units are); the kernels rely on it for wide loads.
-    ssm_handles: ``[B]`` int32 SSM handle per request; -1 (or a free / out-of-range handle) skips
-        the request: its outputs are zeros and its state is untouched.
+    handle_kinds (keyword, required): ``[H]`` int32 handle -> kind, 0 free, 1 KV, 2 SSM
+        (``AVMPAllocator.handle_kind``); the kernels serve SSM handles only.
+    ssm_handles: ``[B]`` int32 SSM handle per request; -1 skips the request: its outputs are zeros
+        and its state is untouched.
     layout: the model's ``HybridModelSpec`` (dtypes come from it), or an ``SSMBlockLayout`` with
         ``state_dtype=`` / ``conv_dtype=`` given.
     layer: Mamba layer index in ``[0, num_mamba_layers)``.
     cu_seqlens (keyword): ``[B + 1]`` int32 token ranges of the requests in the packed
-        ``[T, ...]`` inputs, non-decreasing from 0 (not checked on the host: that would sync).
-        Tokens in ``[cu_seqlens[B], T)`` (padding) get zero outputs.
+        ``[T, ...]`` inputs, non-decreasing from 0, at most T. Tokens in ``[cu_seqlens[B], T)``
+        (padding) get zero outputs.
     has_initial_state (keyword): ``[B]`` int32 or bool.
     out: optional preallocated output (for CUDA graphs); returned. Must not alias an input.
 
-No host synchronisation: every launch decision comes from shapes. Each op is registered as a
-PyTorch custom op (``torch.ops.avmp.*``) mutating ``out`` and ``arena``.
+A request whose handle is -1, out of range, free, of the KV kind, or repeated within the call is
+skipped: its outputs are zeros and no byte of any unit is read or written. Any ``cu_seqlens`` is
+safe on the device: the kernels clamp each range to ``[0, T]``, so no access leaves x, out or the
+request's own unit. On CPU-resident metadata the launchers raise instead (InvalidHandleError
+naming the position and handle; ValueError naming a bad cu_seqlens value).
+
+No host synchronisation: every launch decision comes from shapes, and device metadata is never
+read on the host. Each op is registered as a PyTorch custom op (``torch.ops.avmp.*``) mutating
+``out`` and ``arena``.
 """
 import math
 from typing import Optional
@@ -36,8 +45,8 @@ import triton.language as tl
 from avmp_triton import _triton_env  # sets the interpreter up on CPU-only hosts (before triton)
 from avmp_triton.kernels import mamba_prefill as K
 from avmp_triton.ops._mamba_args import (
-    check_float, check_launch, check_mamba1_inputs, check_opt_float, check_out, check_tensor, is_int,
-    state_location,
+    check_float, check_launch, check_mamba1_inputs, check_on_host, check_opt_float, check_out, check_tensor,
+    is_int, repeat_block, state_location,
 )
 from avmp_triton.ops.paged_attention import _sm_count
 
@@ -134,7 +143,8 @@ def mamba2_prefill_launch_config(head_dim: int, d_state: int, chunked: bool, chu
 @torch.library.custom_op("avmp::causal_conv1d_prefill", mutates_args=("out", "arena"))
 def _causal_conv1d_prefill_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
+    arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, ssm_handles: torch.Tensor,
+    cu_seqlens: torch.Tensor,
     has_initial_state: torch.Tensor, state_offset: int, state_dtype: torch.dtype, silu: bool,
     block_t: int, block_c: int, num_warps: int,
 ) -> None:
@@ -145,15 +155,15 @@ def _causal_conv1d_prefill_op(
     grid = (B + 1, c_blocks, _conv_workers(x.device, T, block_t, (B + 1) * c_blocks))
     K.causal_conv1d_prefill_kernel[grid](
         x, weight, bias if bias is not None else weight, out, arena.view(state_dtype), handle_table,
-        ssm_handles, cu_seqlens, has_initial_state, T, C, B, handle_table.numel(), state_offset,
+        handle_kinds, ssm_handles, cu_seqlens, has_initial_state, T, C, B, handle_table.numel(), state_offset,
         x.stride(0), out.stride(0), weight.stride(0),
         WIDTH=width, BLOCK_W=_pow2(width - 1), HAS_BIAS=bias is not None, SILU=silu,
         ELEM_BYTES=state_dtype.itemsize, ALIGN=_align(state_offset, state_dtype), BLOCK_T=block_t, BLOCK_C=block_c,
-        num_warps=num_warps)
+        BLOCK_B=repeat_block(B), num_warps=num_warps)
 
 
 @_causal_conv1d_prefill_op.register_fake
-def _(x, weight, bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
+def _(x, weight, bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens, has_initial_state,
       state_offset, state_dtype, silu, block_t, block_c, num_warps) -> None:
     return None
 
@@ -161,9 +171,9 @@ def _(x, weight, bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_in
 def causal_conv1d_prefill(
     arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
-    *, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, conv_dtype: Optional[torch.dtype] = None,
-    out: Optional[torch.Tensor] = None, block_t: Optional[int] = None, block_c: Optional[int] = None,
-    num_warps: Optional[int] = None,
+    *, handle_kinds: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor,
+    conv_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, block_t: Optional[int] = None,
+    block_c: Optional[int] = None, num_warps: Optional[int] = None,
 ) -> torch.Tensor:
     """Depthwise causal conv1d over a packed chunk; the block's conv state is the left context.
 
@@ -180,7 +190,7 @@ def causal_conv1d_prefill(
         ``[d_conv - 1, channels]`` of every active request holds its last d_conv - 1 inputs, oldest
         first (older state rows, or zeros without an initial state, when the request is shorter).
     """
-    layout, _, dtype, batch, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
+    layout, _, dtype, batch, dev = state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer,
                                                   conv_dtype, "conv_dtype", "conv", None)
     _check_batch_meta(cu_seqlens, has_initial_state, batch, dev)
     ch, d_conv = layout.conv_channels, layout.conv_width + 1
@@ -199,8 +209,9 @@ def causal_conv1d_prefill(
     if block_t < d_conv - 1:
         raise ValueError(f"block_t must be >= d_conv - 1 = {d_conv - 1}, got {block_t}")
     out = check_out(out, x, {"x": x, "weight": weight, "bias": bias, "arena": arena})
+    check_on_host(handle_table, handle_kinds, ssm_handles, cu_seqlens, T)
     torch.ops.avmp.causal_conv1d_prefill(
-        x, weight, bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
+        x, weight, bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens, has_initial_state,
         layout.conv_offset(layer), dtype, activation is not None, block_t, block_c, num_warps)
     return out
 
@@ -210,7 +221,8 @@ def causal_conv1d_prefill(
 def _mamba1_scan_prefill_op(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], out: torch.Tensor,
-    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
+    arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, ssm_handles: torch.Tensor,
+    cu_seqlens: torch.Tensor,
     has_initial_state: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
     chunked: bool, chunk_size: int, block_d: int, num_warps: int,
 ) -> None:
@@ -218,13 +230,14 @@ def _mamba1_scan_prefill_op(
     d_state = A.shape[1]
     nreq = ssm_handles.numel()
     args = (x, dt, z if z is not None else x, A, B, C, D if D is not None else A,
-            dt_bias if dt_bias is not None else A, out, arena.view(state_dtype), handle_table, ssm_handles,
+            dt_bias if dt_bias is not None else A, out, arena.view(state_dtype), handle_table, handle_kinds,
+            ssm_handles,
             cu_seqlens, has_initial_state, T, d_inner, d_state, nreq, handle_table.numel(), state_offset,
             x.stride(0), dt.stride(0), z.stride(0) if z is not None else 0, B.stride(0), C.stride(0),
             out.stride(0), A.stride(0))
     flags = dict(HAS_Z=z is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
                  DT_SOFTPLUS=dt_softplus, ELEM_BYTES=state_dtype.itemsize,
-                 ALIGN=_align(state_offset, state_dtype), BLOCK_N=_pow2(d_state))
+                 ALIGN=_align(state_offset, state_dtype), BLOCK_N=_pow2(d_state), BLOCK_B=repeat_block(nreq))
     grid = (nreq + 1, triton.cdiv(d_inner, block_d))
     if chunked:
         K.mamba1_chunk_scan_prefill_kernel[grid](*args, **flags, CHUNK=chunk_size, BLOCK_D=block_d,
@@ -234,7 +247,7 @@ def _mamba1_scan_prefill_op(
 
 
 @_mamba1_scan_prefill_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens,
+def _(x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens,
       has_initial_state, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_d, num_warps) -> None:
     return None
 
@@ -243,7 +256,7 @@ def mamba1_scan_prefill(
     arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
-    *, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, dt_softplus: bool = False,
+    *, handle_kinds: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, dt_softplus: bool = False,
     state_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, algorithm: str = "auto",
     chunk_size: Optional[int] = None, block_d: Optional[int] = None, num_warps: Optional[int] = None,
 ) -> torch.Tensor:
@@ -268,7 +281,7 @@ def mamba1_scan_prefill(
         y ``[T, d_inner]`` in x's dtype; layer ``layer``'s ssm state ``[d_inner, d_state]`` of every
         active request holds its state after its last token, in the state dtype.
     """
-    layout, _, dtype, nreq, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
+    layout, _, dtype, nreq, dev = state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer,
                                                  state_dtype, "state_dtype", "ssm", 1)
     _check_batch_meta(cu_seqlens, has_initial_state, nreq, dev)
     _check_algorithm(algorithm, chunk_size, 1)
@@ -284,9 +297,10 @@ def mamba1_scan_prefill(
     chunk_size = d_chunk if chunk_size is None else chunk_size
     block_d, num_warps = check_launch("mamba1_scan_prefill", block_d, "block_d", num_warps, (d_block, d_warps))
     out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
+    check_on_host(handle_table, handle_kinds, ssm_handles, cu_seqlens, T)
     torch.ops.avmp.mamba1_scan_prefill(
-        x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-        layout.ssm_offset(layer), dtype, dt_softplus, chunked, chunk_size, block_d, num_warps)
+        x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens,
+        has_initial_state, layout.ssm_offset(layer), dtype, dt_softplus, chunked, chunk_size, block_d, num_warps)
     return out
 
 
@@ -295,7 +309,8 @@ def mamba1_scan_prefill(
 def _mamba2_scan_prefill_op(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], out: torch.Tensor,
-    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
+    arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, ssm_handles: torch.Tensor,
+    cu_seqlens: torch.Tensor,
     has_initial_state: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
     chunked: bool, chunk_size: int, block_p: int, num_warps: int,
 ) -> None:
@@ -303,7 +318,8 @@ def _mamba2_scan_prefill_op(
     n_groups, d_state = B.shape[1], B.shape[2]
     nreq = ssm_handles.numel()
     args = (x, dt, z if z is not None else x, A, B, C, D if D is not None else A,
-            dt_bias if dt_bias is not None else A, out, arena.view(state_dtype), handle_table, ssm_handles,
+            dt_bias if dt_bias is not None else A, out, arena.view(state_dtype), handle_table, handle_kinds,
+            ssm_handles,
             cu_seqlens, has_initial_state, T, head_dim, d_state, nreq, handle_table.numel(),
             nheads // n_groups, state_offset,
             x.stride(0), x.stride(1), dt.stride(0),
@@ -311,7 +327,7 @@ def _mamba2_scan_prefill_op(
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), out.stride(0), out.stride(1))
     flags = dict(HAS_Z=z is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
                  DT_SOFTPLUS=dt_softplus, ELEM_BYTES=state_dtype.itemsize,
-                 ALIGN=_align(state_offset, state_dtype))
+                 ALIGN=_align(state_offset, state_dtype), BLOCK_B=repeat_block(nreq))
     grid = (nreq + 1, nheads, triton.cdiv(head_dim, block_p))
     if chunked:
         K.mamba2_chunk_scan_prefill_kernel[grid](
@@ -324,7 +340,7 @@ def _mamba2_scan_prefill_op(
 
 
 @_mamba2_scan_prefill_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens,
+def _(x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens,
       has_initial_state, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_p, num_warps) -> None:
     return None
 
@@ -333,7 +349,7 @@ def mamba2_scan_prefill(
     arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
-    *, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, dt_softplus: bool = False,
+    *, handle_kinds: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, dt_softplus: bool = False,
     state_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, algorithm: str = "auto",
     chunk_size: int = 64, block_p: Optional[int] = None, num_warps: Optional[int] = None,
 ) -> torch.Tensor:
@@ -360,7 +376,7 @@ def mamba2_scan_prefill(
         y ``[T, nheads, head_dim]`` in x's dtype; layer ``layer``'s ssm state
         ``[nheads, head_dim, d_state]`` of every active request holds its final state.
     """
-    layout, spec, dtype, nreq, dev = state_location(arena, handle_table, ssm_handles, layout, layer,
+    layout, spec, dtype, nreq, dev = state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer,
                                                     state_dtype, "state_dtype", "ssm", 2)
     _check_batch_meta(cu_seqlens, has_initial_state, nreq, dev)
     _check_algorithm(algorithm, chunk_size, 16)
@@ -391,7 +407,8 @@ def mamba2_scan_prefill(
     if chunked and block_p < 16:
         raise ValueError(f"block_p must be >= 16 for the chunked scan (tl.dot), got {block_p}")
     out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
+    check_on_host(handle_table, handle_kinds, ssm_handles, cu_seqlens, T)
     torch.ops.avmp.mamba2_scan_prefill(
-        x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, ssm_handles, cu_seqlens, has_initial_state,
-        layout.ssm_offset(layer), dtype, dt_softplus, chunked, chunk_size, block_p, num_warps)
+        x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens,
+        has_initial_state, layout.ssm_offset(layer), dtype, dt_softplus, chunked, chunk_size, block_p, num_warps)
     return out
