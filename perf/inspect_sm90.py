@@ -58,40 +58,43 @@ def _div(sig, extra):
 
 
 def cases():
-    m1_decode = dict(state_ptr=BF, table_ptr="*i64", handles_ptr="*i32", x_ptr=BF, dt_ptr=BF, A_ptr=F32, B_ptr=BF,
-                     C_ptr=BF, D_ptr=F32, z_ptr=BF, dt_bias_ptr=F32, out_ptr=BF, num_handles="i32",
-                     state_off="i32", d_inner="i32", stride_x_b="i32", stride_dt_b="i32", stride_A_d="i32",
+    m1_decode = dict(state_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", handles_ptr="*i32", x_ptr=BF, dt_ptr=BF,
+                     A_ptr=F32, B_ptr=BF, C_ptr=BF, D_ptr=F32, z_ptr=BF, dt_bias_ptr=F32, out_ptr=BF, num_handles="i32",
+                     batch="i32", state_off="i32", d_inner="i32", stride_x_b="i32", stride_dt_b="i32", stride_A_d="i32",
                      stride_B_b="i32", stride_C_b="i32", stride_z_b="i32", stride_out_b="i32")
     yield ("mamba1_state_update (Jamba, B-independent, 256 x 16 tile, 8 warps)", KS.mamba1_state_update_kernel,
            m1_decode, dict(D_STATE=16, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_D=256, BLOCK_N=16, HAS_D=True,
-                           HAS_Z=True, HAS_DT_BIAS=True), 8,
+                           HAS_Z=True, HAS_DT_BIAS=True, BLOCK_B=256), 8,
            _div(m1_decode, ["state_off", "d_inner", "stride_x_b", "stride_dt_b", "stride_A_d", "stride_B_b",
                             "stride_C_b", "stride_z_b", "stride_out_b"]))
     m1 = dict(x_ptr=BF, dt_ptr=BF, z_ptr=BF, A_ptr=F32, B_ptr=BF, C_ptr=BF, D_ptr=F32, dt_bias_ptr=F32, out_ptr=BF,
-              state_ptr=BF, table_ptr="*i64", handles_ptr="*i32", cu_ptr="*i32", init_ptr="*i32", T="i32", D="i32",
-              N="i32", B="i32", num_handles="i32", state_off_bytes="i32", stride_x_t="i32", stride_dt_t="i32",
+              state_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", handles_ptr="*i32", cu_ptr="*i32", init_ptr="*i32",
+              T="i32", D="i32", N="i32", B="i32", num_handles="i32", state_off_bytes="i32", stride_x_t="i32", stride_dt_t="i32",
               stride_z_t="i32", stride_B_t="i32", stride_C_t="i32", stride_out_t="i32", stride_A_d="i32")
     m1_div = _div(m1, ["T", "D", "N", "state_off_bytes", "stride_x_t", "stride_dt_t", "stride_z_t", "stride_B_t",
                        "stride_C_t", "stride_out_t", "stride_A_d"])
-    flags = dict(HAS_Z=True, HAS_D=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_N=16)
+    flags = dict(HAS_Z=True, HAS_D=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_N=16,
+                 BLOCK_B=16)
     yield ("mamba1_scan_prefill serial (64 channels, 2 warps)", KP.mamba1_scan_prefill_kernel, m1,
            dict(flags, BLOCK_D=64), 2, m1_div)
     yield ("mamba1_scan_prefill chunked (16 tokens x 16 channels, 4 warps)", KP.mamba1_chunk_scan_prefill_kernel, m1,
            dict(flags, CHUNK=16, BLOCK_D=16), 4, m1_div)
-    conv = dict(x_ptr=BF, w_ptr=BF, bias_ptr=BF, out_ptr=BF, state_ptr=BF, table_ptr="*i64", handles_ptr="*i32",
+    conv = dict(x_ptr=BF, w_ptr=BF, bias_ptr=BF, out_ptr=BF, state_ptr=BF, table_ptr="*i64", kinds_ptr="*i32",
+                handles_ptr="*i32",
                 cu_ptr="*i32", init_ptr="*i32", T="i32", C="i32", B="i32", num_handles="i32", state_off_bytes="i32",
                 stride_x_t="i32", stride_out_t="i32", stride_w_c="i32")
     yield ("causal_conv1d_prefill (8 tokens x 512 channels, 2 warps)", KP.causal_conv1d_prefill_kernel, conv,
-           dict(WIDTH=4, BLOCK_W=4, HAS_BIAS=True, SILU=True, ELEM_BYTES=2, ALIGN=8, BLOCK_T=8, BLOCK_C=512), 2,
+           dict(WIDTH=4, BLOCK_W=4, HAS_BIAS=True, SILU=True, ELEM_BYTES=2, ALIGN=8, BLOCK_T=8, BLOCK_C=512,
+                BLOCK_B=16), 2,
            _div(conv, ["T", "C", "state_off_bytes", "stride_x_t", "stride_out_t"]))
     m2 = dict(x_ptr=BF, dt_ptr=BF, z_ptr=BF, A_ptr=F32, B_ptr=BF, C_ptr=BF, D_ptr=F32, dt_bias_ptr=F32, out_ptr=BF,
-              state_ptr=BF, table_ptr="*i64", handles_ptr="*i32", cu_ptr="*i32", init_ptr="*i32", T="i32", P="i32",
-              N="i32", B="i32", num_handles="i32", heads_per_group="i32", state_off_bytes="i32", stride_x_t="i32",
+              state_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", handles_ptr="*i32", cu_ptr="*i32", init_ptr="*i32",
+              T="i32", P="i32", N="i32", B="i32", num_handles="i32", heads_per_group="i32", state_off_bytes="i32", stride_x_t="i32",
               stride_x_h="i32", stride_dt_t="i32", stride_z_t="i32", stride_z_h="i32", stride_B_t="i32",
               stride_B_g="i32", stride_C_t="i32", stride_C_g="i32", stride_out_t="i32", stride_out_h="i32")
     yield ("mamba2_scan_prefill chunked (chunk 64, 64 x 128 state, 4 warps)", KP.mamba2_chunk_scan_prefill_kernel, m2,
            dict(HAS_Z=False, HAS_D=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_N=128,
-                CHUNK=64, BLOCK_P=64, DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32"), 4,
+                CHUNK=64, BLOCK_P=64, DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", BLOCK_B=16), 4,
            _div(m2, ["T", "P", "N", "state_off_bytes", "stride_x_t", "stride_x_h", "stride_dt_t", "stride_B_t",
                      "stride_B_g", "stride_C_t", "stride_C_g", "stride_out_t", "stride_out_h"]))
 
