@@ -1,4 +1,5 @@
 """Launchers of the kernels that read the arena through the handle table (attention, Mamba)."""
+from avmp_triton.ops._host_checks import KIND_KV, KIND_SSM, check_handles  # noqa: F401
 from avmp_triton.ops.mamba_prefill import (  # noqa: F401
     causal_conv1d_prefill,
     mamba1_prefill_launch_config,
