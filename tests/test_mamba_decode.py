@@ -16,7 +16,6 @@ import torch
 
 from avmp_triton import AVMPAllocator, HybridModelSpec, InvalidHandleError, get_preset
 from avmp_triton.layout import ssm_block_layout
-from avmp_triton.ops import _mamba_args
 from avmp_triton.ops.mamba import (
     MambaStateOps,
     causal_conv1d_update,
@@ -305,13 +304,7 @@ def test_conv1d_options_mamba2_channels(seed, opts):
     run_conv_step(alloc, handles, layer, conv_inputs(alloc.spec, 4, torch.bfloat16, bias=bias), **opts)
 
 
-@pytest.fixture
-def device_path(monkeypatch):
-    """The launchers as on a GPU: no host check of the handles' values, the kernels' masking only."""
-    monkeypatch.setattr(_mamba_args, "on_host", lambda *tensors: False)
-
-
-def test_skips_freed_and_out_of_range_handles(seed, device_path):
+def test_skips_freed_and_out_of_range_handles(seed, device_checks_only):
     """A handle freed since the batch was built (table entry -1) or past the table is skipped like -1."""
     alloc, live = make_pool(mamba2_spec())
     handles = batch_handles(live, 5)
