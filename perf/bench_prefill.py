@@ -600,7 +600,8 @@ class Runner:
 
         def ours():
             return paged_prefill_attention_arena(q, al.arena, al.handle_table, cell.layout, base.block_table,
-                                                 base.seq_lens, cell.cu, layer=0, num_layers=spec.num_attn_layers,
+                                                 base.seq_lens, cell.cu, handle_kinds=al.handle_kind, layer=0,
+                                                 num_layers=spec.num_attn_layers,
                                                  scale=base.scale, out=out, max_seqlen_q=shape.L)
 
         bm_, bn, w, st = prefill_launch_config(BA.D, q.dtype, BA.HQ // BA.HKV, on_gpu=q.is_cuda, max_seqlen_q=shape.L)

@@ -11,6 +11,7 @@ names the bad value instead. ``check_handles`` can also be called by hand on dev
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from avmp_triton.allocator import InvalidHandleError
 
@@ -20,10 +21,10 @@ _KIND_NAMES = {KIND_KV: "KV page", KIND_SSM: "SSM block"}
 
 def on_host(*tensors) -> bool:
     """True when every given tensor (None ignored) is on the CPU: reading them costs no sync.
-    Never while torch.compile traces (its tensors have no values to read)."""
+    Never for traced tensors (torch.compile, FakeTensorMode, opcheck): they have no values."""
     if torch.compiler.is_compiling():
         return False
-    return all(t is None or t.device.type == "cpu" for t in tensors)
+    return all(t is None or (t.device.type == "cpu" and not is_fake(t)) for t in tensors)
 
 
 def check_cu_seqlens(cu: torch.Tensor, num_tokens: int, name: str = "cu_seqlens") -> None:

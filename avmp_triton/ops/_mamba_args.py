@@ -7,7 +7,6 @@ handles and ``cu_seqlens`` are checked only where they already live on the host
 from typing import Optional
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from avmp_triton.layout import SSMBlockLayout, ssm_block_layout
 from avmp_triton.ops._host_checks import KIND_SSM, check_cu_seqlens, check_handles, on_host
@@ -136,8 +135,8 @@ def check_on_host(handle_table, handle_kinds, ssm_handles, cu_seqlens=None, num_
     would skip or clamp: a handle that is not a live SSM handle, one in two rows
     (InvalidHandleError), a bad ``cu_seqlens`` (ValueError). On a GPU the kernels' masking stands."""
     meta = (ssm_handles, handle_table, handle_kinds, cu_seqlens)
-    if torch.compiler.is_compiling() or any(is_fake(t) for t in meta if t is not None) or not on_host(*meta):
-        return  # traced (compile, FakeTensorMode) tensors have no values to read
+    if not on_host(*meta):
+        return
     check_handles(ssm_handles, handle_table, handle_kinds, KIND_SSM, "ssm_handles", unique=True)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, num_tokens)
