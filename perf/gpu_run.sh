@@ -8,10 +8,9 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-# install the package (kernels/ maps to avmp_triton.kernels); fall back to a copied tree
+# install the package; fall back to the tree on PYTHONPATH
 if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
-  rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r avmp_triton /tmp/pkg/ && cp -r kernels /tmp/pkg/avmp_triton/kernels
-  export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-}
+  export PYTHONPATH=$PWD:${PYTHONPATH:-}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
