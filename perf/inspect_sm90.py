@@ -23,6 +23,8 @@ from triton.runtime.jit import JITFunction
 
 from avmp_triton.kernels import mamba_prefill as KP
 from avmp_triton.kernels import mamba_state as KS
+from avmp_triton.kernels import paged_attention as KA
+from avmp_triton.kernels import paged_prefill as KPA
 
 TARGET = GPUTarget("cuda", 90, 32)
 BF, F32 = "*bf16", "*fp32"
@@ -97,6 +99,33 @@ def cases():
                 CHUNK=64, BLOCK_P=64, DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", BLOCK_B=16), 4,
            _div(m2, ["T", "P", "N", "state_off_bytes", "stride_x_t", "stride_x_h", "stride_dt_t", "stride_B_t",
                      "stride_B_g", "stride_C_t", "stride_C_g", "stride_out_t", "stride_out_h"]))
+
+    yield from attention_cases()
+
+
+def attention_cases():
+    """Decode attention at the Jamba shape of the benchmark (32/8 heads, D 128, pages of 16, the
+    B=16 default launch: 3 splits, 4 pages a step, 4 warps) and prefill attention (D 128, GQA 4)."""
+    dec = dict(q_ptr=BF, arena_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", block_table_ptr="*i32",
+               seq_lens_ptr="*i32", out_ptr=BF, ws_acc_ptr=F32, ws_ml_ptr=F32, num_handles="i32", W="i32",
+               num_q_heads="i32", stride_q_b="i32", stride_q_h="i32", stride_o_b="i32", stride_o_h="i32",
+               stride_bt_b="i32", layer_off="i32", stride_kv="i32", stride_head="i32", stride_token="i32",
+               qk_scale="fp32")
+    yield ("paged_decode_attention (Jamba, 3 splits, 64 tokens a step, 4 warps)", KA.paged_decode_kernel, dec,
+           dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, PAGE_TOKENS=16, BLOCK_N=64, NUM_SPLITS=3, ELEM_BYTES=2,
+                USE_DOT=True, DOT_FP32=False, PIPELINE=True), 4,
+           _div(dec, ["stride_q_b", "stride_q_h", "stride_o_b", "stride_o_h", "layer_off", "stride_kv",
+                      "stride_head", "stride_token"]))
+    pre = dict(q_ptr=BF, out_ptr=BF, cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", block_table_ptr="*i32",
+               handle_table_ptr="*i64", kinds_ptr="*i32", kv_ptr=BF, num_seqs="i32", max_pages="i32",
+               num_handles="i32", num_tokens="i32", stride_q_t="i32", stride_q_h="i32", stride_o_t="i32",
+               stride_o_h="i32", stride_bt_b="i32", layer_off="i32", stride_kv="i32", stride_kv_head="i32",
+               stride_kv_token="i32", qk_scale="fp32")
+    yield ("paged_prefill_attention (D 128, GQA 4, 128 x 64 tiles, 8 warps)", KPA.paged_prefill_kernel, pre,
+           dict(GQA=4, HEAD_DIM=128, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=128, BLOCK_Q=32, BLOCK_N=64,
+                PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False), 8,
+           _div(pre, ["stride_q_t", "stride_q_h", "stride_o_t", "stride_o_h", "layer_off", "stride_kv",
+                      "stride_kv_head", "stride_kv_token"]))
 
 
 def main():
