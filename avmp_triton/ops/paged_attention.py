@@ -7,7 +7,7 @@ Two ways to call each op:
 - with an allocator (``AVMPAllocator`` or either baseline): ``paged_decode_attention(q, alloc, ...)``,
   ``kv_append(k, v, alloc, ...)`` take the arena, the handle table, the page layout
   (``kv_page_layout(alloc.spec, alloc.page_tokens)``), the KV dtype and the layer count from it;
-- low level: ``paged_decode_attention_arena(q, arena, handle_table, layout, ...)`` and
+- low level: ``paged_decode_attention_arena(q, arena, handle_table, layout, ..., handle_kinds=)`` and
   ``kv_append_arena(...)`` take the tensors and a ``KVPageLayout``.
 
 Both end in the custom ops ``torch.ops.avmp.paged_decode_attention`` and ``torch.ops.avmp.kv_append``
@@ -15,11 +15,13 @@ Both end in the custom ops ``torch.ops.avmp.paged_decode_attention`` and ``torch
 captured in a CUDA graph: the launcher makes only shape-based decisions (no ``.item()``, no host sync)
 and every buffer it allocates has a size fixed by the shapes.
 
-Device-side sentinels (not checked on the host, which would need a sync): a -1 entry of the block
-table, a handle outside the table or a free handle (table entry -1) inside a request's live length
-is skipped, i.e. its tokens are masked out of the softmax; a request with ``seq_len`` 0, or with
-nothing readable, gets a zero output row; a ``seq_len`` beyond ``W * page_tokens`` is clamped. Page
-offsets must be 16-byte aligned (the allocators guarantee it: units are rounded to 16 bytes).
+Device-side sentinels (device metadata is never read on the host, which would need a sync): a -1
+entry of the block table, a handle outside the table, a free handle or an SSM handle (``handle_kinds``)
+inside a request's live length is skipped, i.e. its tokens are masked out of the softmax and no byte
+of its unit is read; a request with ``seq_len`` 0, or with nothing readable, gets a zero output row;
+a ``seq_len`` beyond ``W * page_tokens`` is clamped. Metadata on the CPU is checked first instead
+(``_host_checks``: InvalidHandleError / ValueError naming the value). Page offsets must be 16-byte
+aligned (the allocators guarantee it: units are rounded to 16 bytes).
 """
 from __future__ import annotations
 
@@ -330,7 +332,8 @@ def kv_append(k: torch.Tensor, v: torch.Tensor, alloc, block_table: torch.Tensor
         token_pos: ``[T]`` int32 position of each token in its request: it goes to slot
             ``pos % page_tokens`` of page ``block_table[req, pos // page_tokens]``.
     Tokens with an invalid row, a negative position, a position past the table width, a -1 handle,
-    a handle outside the table or a free handle are skipped (nothing is written for them).
+    a handle outside the table, a free handle or an SSM handle are skipped on the device (nothing is
+    written for them); with CPU-resident metadata the launcher raises instead, naming the value.
     Two tokens aimed at the same slot race: the written value is one of them.
     """
     arena, table, kinds, layout, num_layers, kv_dtype = from_alloc(alloc)
