@@ -18,7 +18,8 @@ output row. ``kv_append`` skips such tokens likewise (nothing is written for the
 
 Decode grid: (B, Hkv, NUM_SPLITS). One program handles every q head of one kv head (the GQA
 group, padded to GROUP_PAD rows), so each K/V page is read once per kv head, and walks its split's
-tokens BLOCK_N = pages_per_iter * PAGE_TOKENS at a time with an fp32 online softmax (base 2, the
+tokens BLOCK_N at a time (whole pages, or part of one page when pages are larger than a step's
+tile) with an fp32 online softmax (base 2, the
 scale folded into one multiply). DOT_FP32 runs the tl.dot path in fp32 (IEEE): for fp32 KV, and for
 bf16 under the interpreter, whose tl.dot multiplies bf16 bit patterns as integers (triton 3.6). With NUM_SPLITS > 1 each split writes its unnormalised partial
 (acc, max, sum) to an fp32 workspace and ``paged_decode_combine_kernel`` reduces them.
