@@ -136,22 +136,7 @@ class ArenaAllocator:
 
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, kv_fraction: float = 0.5,
                  page_tokens: int = 16, slab_bytes: int | None = None, migration_batch: int = 16):
-        if not isinstance(spec, HybridModelSpec):
-            raise TypeError(f"spec must be a HybridModelSpec, got {type(spec).__name__}")
-        check_cache_dtypes(spec)  # again here: a spec changed through object.__setattr__ skips its own check
-        if spec.num_attn_layers < 1 or spec.num_mamba_layers < 1:
-            raise ValueError(f"spec {spec.name!r} needs attention and Mamba layers, got "
-                             f"{spec.num_attn_layers} and {spec.num_mamba_layers}")
-        if not _is_int(page_tokens) or page_tokens < 1:
-            raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
-        if self._KERNEL_PAGES:
-            check_page_tokens(page_tokens)
-        if not _is_int(capacity_bytes) or capacity_bytes <= 0:
-            raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
-        if isinstance(kv_fraction, bool) or not isinstance(kv_fraction, (int, float)) or not 0.0 <= kv_fraction <= 1.0:
-            raise ValueError(f"kv_fraction must be in [0, 1], got {kv_fraction!r}")
-        if not _is_int(migration_batch) or not 1 <= migration_batch <= MAX_MIGRATION_BATCH:
-            raise ValueError(f"migration_batch must be an int in [1, {MAX_MIGRATION_BATCH}], got {migration_batch!r}")
+        self._check_args(spec, capacity_bytes, kv_fraction, page_tokens, migration_batch)
         self.device = _resolve_device(device)
         self.spec = spec
         self.page_tokens = page_tokens
@@ -227,7 +212,27 @@ class ArenaAllocator:
         self.units_moved = 0
         self.bytes_copied = 0
 
+    def _check_args(self, spec, capacity_bytes, kv_fraction, page_tokens, migration_batch) -> None:
+        """Every constructor argument, before anything is allocated; errors name the value."""
+        if not isinstance(spec, HybridModelSpec):
+            raise TypeError(f"spec must be a HybridModelSpec, got {type(spec).__name__}")
+        check_cache_dtypes(spec)  # again here: a spec changed through object.__setattr__ skips its own check
+        if spec.num_attn_layers < 1 or spec.num_mamba_layers < 1:
+            raise ValueError(f"spec {spec.name!r} needs attention and Mamba layers, got "
+                             f"{spec.num_attn_layers} and {spec.num_mamba_layers}")
+        if not _is_int(page_tokens) or page_tokens < 1:
+            raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
+        if self._KERNEL_PAGES:
+            check_page_tokens(page_tokens)
+        if not _is_int(capacity_bytes) or capacity_bytes <= 0:
+            raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
+        if isinstance(kv_fraction, bool) or not isinstance(kv_fraction, (int, float)) or not 0.0 <= kv_fraction <= 1.0:
+            raise ValueError(f"kv_fraction must be in [0, 1], got {kv_fraction!r}")
+        if not _is_int(migration_batch) or not 1 <= migration_batch <= MAX_MIGRATION_BATCH:
+            raise ValueError(f"migration_batch must be an int in [1, {MAX_MIGRATION_BATCH}], got {migration_batch!r}")
+
     # ------------------------------------------------------------------ Python API (syncs)
+
     def alloc_kv(self, n: int) -> torch.Tensor:
         """Allocate ``n`` KV pages. Returns ``[n]`` int32 handles on the device."""
         return self._alloc(KIND_KV, n)
