@@ -203,6 +203,31 @@ def paged_prefill_attention_arena(
         rows outside ``[0, T)``. When it is on the CPU, bad values raise (ValueError /
         InvalidHandleError naming the value).
     """
+    dev = _check_q(q)
+    T, D = q.shape[0], q.shape[2]
+    B = _check_tables(q, arena, handle_table, handle_kinds, block_table, seq_lens, cu_seqlens_q)
+    gqa = _check_layout_and_layer(q, arena, layout, layer, num_layers)
+    scale = _check_scale(scale, D, max_seqlen_q)
+    out = _check_out(out, q)
+    bm, bn, warps, stages = _launch_shape(D, q.dtype, gqa, dev, max_seqlen_q, block_m, block_n, num_warps,
+                                          num_stages)
+    if B == 0:
+        if T:
+            raise ValueError(f"q has T={T} tokens but there are no requests (seq_lens is empty)")
+        return out
+    if T == 0:
+        return out
+    if on_host(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds):
+        _check_metadata(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds, T, layout.page_tokens)
+    kv = arena if arena.dtype == q.dtype else arena[:arena.numel() // q.element_size() * q.element_size()].view(q.dtype)
+    torch.ops.avmp.paged_prefill_attention(
+        out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, handle_kinds,
+        layout.page_tokens, layout.num_kv_heads, layer * layout.stride_layer, layout.stride_kv, layout.stride_head,
+        layout.stride_token, float(scale), bm, bn, warps, stages)
+    return out
+
+
+def _check_q(q) -> torch.device:
     _check_tensor(q, "q", dim=3)
     if q.dtype not in _DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
@@ -213,8 +238,12 @@ def paged_prefill_attention_arena(
         raise ValueError(f"q must be on a cuda device (or cpu with the interpreter), got {dev}")
     if q.stride(-1) != 1:
         raise ValueError(f"q must have a contiguous last dim, got strides {q.stride()}")
-    T, Hq, D = q.shape
+    return dev
 
+
+def _check_tables(q, arena, handle_table, handle_kinds, block_table, seq_lens, cu_seqlens_q) -> int:
+    """Shapes, dtypes and devices of the metadata and the arena (values: ``_check_metadata``); returns B."""
+    dev = q.device
     for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (seq_lens, "seq_lens")):
         _check_tensor(t, name, dim=1, dtype=torch.int32, device=dev)
         if not t.is_contiguous():
@@ -241,7 +270,12 @@ def paged_prefill_attention_arena(
         raise TypeError(f"arena must be uint8 or q's dtype {q.dtype}, got {arena.dtype}")
     if not arena.is_contiguous():
         raise ValueError("arena must be contiguous")
+    return B
 
+
+def _check_layout_and_layer(q, arena, layout, layer, num_layers) -> int:
+    """The page layout against q, and the layer against the layout and the arena; returns the GQA group."""
+    D, Hq = q.shape[2], q.shape[1]
     if not isinstance(layout, KVPageLayout):
         raise TypeError(f"layout must be a KVPageLayout, got {type(layout).__name__}")
     if layout.elem_bytes != q.element_size():
@@ -267,14 +301,21 @@ def paged_prefill_attention_arena(
     arena_elems = arena.numel() * arena.element_size() // q.element_size()
     if layer_span > arena_elems:
         raise ValueError(f"layer={layer} lies beyond the arena ({arena_elems} elements of {q.dtype})")
+    return gqa
 
+
+def _check_scale(scale, D: int, max_seqlen_q) -> float:
     if scale is None:
         scale = D ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     if max_seqlen_q is not None and (not _is_int(max_seqlen_q) or max_seqlen_q < 1):
         raise ValueError(f"max_seqlen_q must be a positive int, got {max_seqlen_q!r}")
+    return scale
 
+
+def _check_out(out, q) -> torch.Tensor:
+    dev = q.device
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
@@ -283,8 +324,12 @@ def paged_prefill_attention_arena(
             raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
         if out.stride(-1) != 1:
             raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
+    return out
 
-    bm, bn, warps, stages = prefill_launch_config(D, q.dtype, gqa, on_gpu=dev.type == "cuda",
+
+def _launch_shape(D, dtype, gqa, dev, max_seqlen_q, block_m, block_n, num_warps, num_stages):
+    """``prefill_launch_config`` with the caller's overrides, checked."""
+    bm, bn, warps, stages = prefill_launch_config(D, dtype, gqa, on_gpu=dev.type == "cuda",
                                                   max_seqlen_q=max_seqlen_q)
     bm = _block_arg(block_m, "block_m", bm)
     bn = _block_arg(block_n, "block_n", bn)
@@ -296,22 +341,7 @@ def paged_prefill_attention_arena(
     stages = stages if num_stages is None else num_stages
     if not _is_int(stages) or stages < 1:
         raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
-
-    if B == 0:
-        if T:
-            raise ValueError(f"q has T={T} tokens but there are no requests (seq_lens is empty)")
-        return out
-    if T == 0:
-        return out
-    if on_host(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds):
-        _check_metadata(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds, T, layout.page_tokens)
-    kv = arena if arena.dtype == q.dtype else arena[:arena.numel() // q.element_size() * q.element_size()].view(q.dtype)
-    torch.ops.avmp.paged_prefill_attention(
-        out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, handle_kinds,
-        layout.page_tokens, Hkv, layer * layout.stride_layer, layout.stride_kv, layout.stride_head,
-        layout.stride_token, float(scale), bm, bn, warps, stages)
-    return out
-
+    return bm, bn, warps, stages
 
 def _check_metadata(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds, T: int,
                     page_tokens: int) -> None:
