@@ -13,9 +13,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from avmp_triton.allocator import InvalidHandleError
-
-KIND_KV, KIND_SSM = 1, 2  # the values of kernels/alloc.py's handle kinds
+from avmp_triton.allocator import KIND_KV, KIND_SSM, InvalidHandleError
 _KIND_NAMES = {KIND_KV: "KV page", KIND_SSM: "SSM block"}
 
 
