@@ -579,7 +579,7 @@ def _is_resource_error(exc: BaseException) -> bool:
 
 def _cfg_str(c) -> str:
     return (f"s{c.num_splits} p{c.pages_per_iter} w{c.num_warps} st{c.num_stages} "
-            f"{'dot' if c.use_dot else 'bcast'}")
+            f"{'dot' if c.use_dot else 'bcast'}{'' if c.max_registers is None else f' r{c.max_registers}'}")
 
 
 # ------------------------------------------------------------------------------------ metadata

@@ -69,6 +69,23 @@ def cases():
                            HAS_Z=True, HAS_DT_BIAS=True, BLOCK_B=256), 8,
            _div(m1_decode, ["state_off", "d_inner", "stride_x_b", "stride_dt_b", "stride_A_d", "stride_B_b",
                             "stride_C_b", "stride_z_b", "stride_out_b"]))
+    m2_decode = dict(state_ptr=F32, table_ptr="*i64", kinds_ptr="*i32", handles_ptr="*i32", x_ptr=BF, dt_ptr=BF,
+                     A_ptr=F32, B_ptr=BF, C_ptr=BF, D_ptr=F32, z_ptr=BF, dt_bias_ptr=F32, out_ptr=BF,
+                     num_handles="i32", batch="i32", state_off="i32", head_dim="i32", heads_per_group="i32",
+                     stride_x_b="i32", stride_x_h="i32", stride_dt_b="i32", stride_B_b="i32", stride_B_g="i32",
+                     stride_C_b="i32", stride_C_g="i32", stride_z_b="i32", stride_z_h="i32", stride_out_b="i32",
+                     stride_out_h="i32")
+    yield ("mamba2_state_update (Nemotron-H, fp32 state, 64 x 128 tile, 8 warps)", KS.mamba2_state_update_kernel,
+           m2_decode, dict(D_STATE=128, DT_SOFTPLUS=True, ELEM_BYTES=4, ALIGN=4, BLOCK_P=64, BLOCK_N=128, BLOCK_B=256,
+                           HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True), 8,
+           _div(m2_decode, ["state_off", "head_dim", "stride_x_b", "stride_x_h", "stride_B_b", "stride_B_g",
+                            "stride_C_b", "stride_C_g", "stride_z_b", "stride_z_h", "stride_out_b", "stride_out_h"]))
+    conv_decode = dict(state_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", handles_ptr="*i32", x_ptr=BF, weight_ptr=BF,
+                       bias_ptr=BF, out_ptr=BF, num_handles="i32", batch="i32", state_off="i32", channels="i32",
+                       stride_x_b="i32", stride_w_c="i32", stride_out_b="i32")
+    yield ("causal_conv1d_update (1024 channels x d_conv 4, 4 warps)", KS.causal_conv1d_update_kernel, conv_decode,
+           dict(D_CONV=4, SILU=True, ELEM_BYTES=2, ALIGN=8, BLOCK_C=1024, BLOCK_K=4, BLOCK_B=256, HAS_BIAS=True), 4,
+           _div(conv_decode, ["state_off", "channels", "stride_x_b", "stride_out_b"]))
     m1 = dict(x_ptr=BF, dt_ptr=BF, z_ptr=BF, A_ptr=F32, B_ptr=BF, C_ptr=BF, D_ptr=F32, dt_bias_ptr=F32, out_ptr=BF,
               state_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", handles_ptr="*i32", cu_ptr="*i32", init_ptr="*i32",
               T="i32", D="i32", N="i32", B="i32", num_handles="i32", state_off_bytes="i32", stride_x_t="i32", stride_dt_t="i32",

@@ -383,6 +383,8 @@ DECODE_ERRORS = [
     ("num_warps", lambda a: a.update(num_warps=3), ValueError, "num_warps must be 1, 2, 4, 8 or 16, got 3"),
     ("num_stages", lambda a: a.update(num_stages=0), ValueError, "num_stages must be an int in [1, 8], got 0"),
     ("use_dot", lambda a: a.update(use_dot=1), TypeError, "use_dot must be a bool, got 1"),
+    ("max_registers", lambda a: a.update(max_registers=300), ValueError,
+     "max_registers must be None or an int in [24, 255], got 300"),
     ("out shape", lambda a: a.update(out=torch.empty(2, 4, 63, device=DEVICE)), ValueError, "out must be [B, Hq, D]"),
     ("out dtype", lambda a: a.update(out=torch.empty(2, 4, 64, device=DEVICE, dtype=torch.float64)), TypeError, "out must be torch.float32"),
     ("workspace small", lambda a: a.update(num_splits=2, workspace=torch.empty(10, device=DEVICE)), ValueError, "workspace has 10 elements"),
@@ -464,6 +466,20 @@ def test_decode_config_table():
     assert (c.num_splits, c.pages_per_iter, c.num_warps, c.num_stages, c.use_dot) == (5, 2, 2, 1, True)
 
 
+def test_decode_config_stages_and_register_cap():
+    """Split launches pipeline 3 stages; an unsplit 4-warp launch caps registers at 128 so 4
+    programs share an SM (the H200 measurements in perf/results/decode_variants_H200/)."""
+    kw = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, page_tokens=16)
+    split = decode_config(batch=16, max_seq_len=32768, **kw)
+    assert split.num_splits > 1 and split.num_stages == 3 and split.max_registers is None
+    whole = decode_config(batch=64, max_seq_len=4096, **kw)
+    assert whole.num_splits == 1 and whole.num_stages == 2 and whole.max_registers == 128
+    wide = decode_config(batch=64, max_seq_len=4096, num_q_heads=32, num_kv_heads=8, head_dim=256, page_tokens=16)
+    assert wide.num_warps == 8 and wide.max_registers is None
+    mine = decode_config(batch=64, max_seq_len=4096, num_stages=4, max_registers=168, **kw)
+    assert (mine.num_stages, mine.max_registers) == (4, 168)
+
+
 def _compile_case():
     seq_lens = [40, 9]
     alloc = make_alloc(make_spec(1), 16, kv_pages=8)
@@ -502,7 +518,7 @@ def test_opcheck():
     ws = torch.empty(decode_workspace_numel(2, 8, 64, 2), device=DEVICE)
     torch.library.opcheck(torch.ops.avmp.paged_decode_attention.default,
                           (q, alloc.arena, alloc.handle_table, alloc.handle_kind, bt, sl, out, ws, layout, 0, 0.125, 2, 32, 4, 1,
-                           True))
+                           True, 128))
     k = torch.randn(2, 1, 64, device=DEVICE)
     torch.library.opcheck(torch.ops.avmp.kv_append.default,
                           (k, k, alloc.arena.clone(), alloc.handle_table, alloc.handle_kind, bt, i32([1, 0]), i32([9, 40]),

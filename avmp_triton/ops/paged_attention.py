@@ -57,6 +57,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     use_dot: bool         # scores and P@V with tl.dot (group padded to >= 16 rows), else broadcast-sum
+    max_registers: int | None = None  # ptxas cap per thread (Triton's maxnreg); None: the compiler's
 
     def block_n(self, page_tokens: int) -> int:
         return self.block_tokens
@@ -65,7 +66,8 @@ class DecodeConfig:
 def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_tokens: int,
                   max_seq_len: int, sm_count: int = DEFAULT_SM_COUNT, num_splits: int | None = None,
                   pages_per_iter: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, use_dot: bool | None = None) -> DecodeConfig:
+                  num_stages: int | None = None, use_dot: bool | None = None,
+                  max_registers: int | None = None) -> DecodeConfig:
     """The launch table: a few shape rules, no autotuning; every field can be overridden.
 
     - ``use_dot``: tensor cores for GQA groups of >= 4 q heads (padded to 16 rows; decode is bound by
@@ -76,6 +78,11 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
       per step ran out of shared memory on the H200).
     - ``num_splits``: enough splits that B * Hkv * splits fills ``WAVES`` waves of ``sm_count`` SMs, but
       no more than leave ``MIN_BLOCKS_PER_SPLIT`` blocks of the longest context per split.
+    - ``num_stages`` and ``max_registers`` (H200, perf/results/decode_variants_H200/): split
+      launches run 3 stages (B=16 ctx 32768: 494 us against 597 with 2). Unsplit launches with 4
+      warps keep 2 stages and a cap of 128 registers, so 4 programs fit an SM: the compiler's 160
+      left room for 3, and B=64 x 8 KV heads then took two waves of 132 SMs instead of one
+      (387 -> 267 us at B=64 ctx 4096; 20 bytes of spill).
     """
     group = num_q_heads // num_kv_heads
     if use_dot is None:
@@ -91,15 +98,18 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
         block_tokens = block_n
     if num_warps is None:
         num_warps = 4 if head_dim <= 128 else 8
-    if num_stages is None:
-        num_stages = 2  # H100 sweep (perf/results/bench_attention_sweep_H100.json): 2 >= 3, 4 at every cell
     if num_splits is None:
         ctas = max(1, batch * num_kv_heads)
         want = math.ceil(WAVES * sm_count / ctas)
         blocks = math.ceil(max_seq_len / block_tokens)
         num_splits = max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT, MAX_AUTO_SPLITS))
+    if num_stages is None:
+        num_stages = 3 if num_splits > 1 else 2
+    if max_registers is None and num_splits == 1 and num_warps == 4:
+        max_registers = 128
     return DecodeConfig(num_splits=num_splits, pages_per_iter=pages_per_iter, block_tokens=block_tokens,
-                        num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
+                        num_warps=num_warps, num_stages=num_stages, use_dot=use_dot,
+                        max_registers=max_registers)
 
 
 def decode_workspace_numel(batch: int, num_q_heads: int, head_dim: int, num_splits: int) -> int:
@@ -148,7 +158,7 @@ def _layout_args(layout: KVPageLayout) -> list[int]:
 def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, workspace: Optional[torch.Tensor],
                      layout: list[int], layer: int, scale: float, num_splits: int, block_tokens: int,
-                     num_warps: int, num_stages: int, use_dot: bool) -> None:
+                     num_warps: int, num_stages: int, use_dot: bool, max_registers: Optional[int] = None) -> None:
     """Validated inputs only (see ``paged_decode_attention_arena``); writes ``out``."""
     page_tokens, num_kv_heads, head_dim, elem_bytes, s_layer, s_kv, s_head, s_token = layout
     B, Hq, D = q.shape
@@ -174,7 +184,7 @@ def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.T
         ELEM_BYTES=elem_bytes, USE_DOT=use_dot,
         DOT_FP32=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16),
         PIPELINE=not interp,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers)
     if num_splits > 1:
         splits_pad = triton.next_power_of_2(num_splits)
         K.paged_decode_combine_kernel[(B, Hq)](
@@ -185,7 +195,7 @@ def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.T
 
 @_paged_decode_op.register_fake
 def _(q, arena, handle_table, handle_kinds, block_table, seq_lens, out, workspace, layout, layer, scale, num_splits,
-      block_tokens, num_warps, num_stages, use_dot):
+      block_tokens, num_warps, num_stages, use_dot, max_registers=None):
     return None
 
 
@@ -219,7 +229,7 @@ def paged_decode_attention(q: torch.Tensor, alloc, block_table: torch.Tensor, se
                            workspace: torch.Tensor | None = None, max_seq_len: int | None = None,
                            num_splits: int | None = None, pages_per_iter: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None,
-                           use_dot: bool | None = None) -> torch.Tensor:
+                           use_dot: bool | None = None, max_registers: int | None = None) -> torch.Tensor:
     """Decode attention of one query token per request over its KV pages in ``alloc``'s arena.
 
     Args:
@@ -235,7 +245,8 @@ def paged_decode_attention(q: torch.Tensor, alloc, block_table: torch.Tensor, se
             (only used when num_splits > 1); by default a shared per-size scratch buffer.
         max_seq_len: upper bound of ``seq_lens`` used to pick num_splits (shape-based, no sync);
             default ``W * page_tokens``.
-        num_splits, pages_per_iter, num_warps, num_stages, use_dot: override ``decode_config``.
+        num_splits, pages_per_iter, num_warps, num_stages, use_dot, max_registers: override
+            ``decode_config``.
     Returns:
         ``out`` ``[B, Hq, D]`` in q's dtype.
     """
@@ -244,7 +255,8 @@ def paged_decode_attention(q: torch.Tensor, alloc, block_table: torch.Tensor, se
         q, arena, table, layout, block_table, seq_lens, handle_kinds=kinds, num_layers=num_layers, layer=layer,
         kv_dtype=kv_dtype,
         scale=scale, out=out, workspace=workspace, max_seq_len=max_seq_len, num_splits=num_splits,
-        pages_per_iter=pages_per_iter, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot)
+        pages_per_iter=pages_per_iter, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot,
+        max_registers=max_registers)
 
 
 def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
@@ -254,7 +266,7 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
                                  workspace: torch.Tensor | None = None, max_seq_len: int | None = None,
                                  num_splits: int | None = None, pages_per_iter: int | None = None,
                                  num_warps: int | None = None, num_stages: int | None = None,
-                                 use_dot: bool | None = None) -> torch.Tensor:
+                                 use_dot: bool | None = None, max_registers: int | None = None) -> torch.Tensor:
     """``paged_decode_attention`` on raw tensors.
 
     Args:
@@ -297,7 +309,7 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
     cfg = decode_config(batch=B, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, page_tokens=layout.page_tokens,
                         max_seq_len=max_seq_len, sm_count=_sm_count(dev.index) if dev.type == "cuda" else DEFAULT_SM_COUNT,
                         num_splits=num_splits, pages_per_iter=pages_per_iter, num_warps=num_warps,
-                        num_stages=num_stages, use_dot=use_dot)
+                        num_stages=num_stages, use_dot=use_dot, max_registers=max_registers)
     _check_config(cfg, layout.page_tokens)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
@@ -317,7 +329,7 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
                       KIND_KV, "block_table", unique=False)
     torch.ops.avmp.paged_decode_attention(
         q, arena, handle_table, handle_kinds, block_table, seq_lens, out, workspace, _layout_args(layout), layer, float(scale),
-        cfg.num_splits, cfg.block_tokens, cfg.num_warps, cfg.num_stages, cfg.use_dot)
+        cfg.num_splits, cfg.block_tokens, cfg.num_warps, cfg.num_stages, cfg.use_dot, cfg.max_registers)
     return out
 
 
@@ -492,3 +504,6 @@ def _check_config(cfg: DecodeConfig, page_tokens: int) -> None:
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {cfg.num_warps!r}")
     if not _is_int(cfg.num_stages) or not 1 <= cfg.num_stages <= 8:
         raise ValueError(f"num_stages must be an int in [1, 8], got {cfg.num_stages!r}")
+    r = cfg.max_registers
+    if r is not None and (not _is_int(r) or not 24 <= r <= 255):
+        raise ValueError(f"max_registers must be None or an int in [24, 255], got {r!r}")

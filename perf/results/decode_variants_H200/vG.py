@@ -1,0 +1,239 @@
+"""Paged decode attention (split-KV / flash-decoding) and KV append, reading KV pages in place.
+
+Every kernel resolves its pages itself: ``block_table[b, i]`` is a KV handle, ``table[handle]``
+its byte offset in the arena (see ``avmp_triton/allocator.py``), and the page layout is the one of
+``avmp_triton/layout.py``::
+
+    page[layer][kv (0 = K, 1 = V)][kv_head][token][head_dim]      (elements of the KV dtype)
+
+so the K (or V) rows of one (layer, kv head) of a page are a contiguous ``[PAGE_TOKENS, HEAD_DIM]``
+tile. The arena pointer is the arena viewed as the KV dtype; byte offsets are turned into element
+offsets (``off // ELEM_BYTES``) after the int64 load, never multiplied in 32 bits.
+
+Sentinels: a -1 handle (block-table padding), a handle outside the table, a free handle or an
+SSM handle (``kinds[h] != 1``) inside the live length of a request is *skipped* (its tokens are
+masked out of the softmax, no byte of its unit is read), since the launcher cannot check device
+data without a sync; a request whose every token is skipped (or whose seq_len is 0) gets a zero
+output row. ``kv_append`` skips such tokens likewise (nothing is written for them).
+
+Decode grid: (B, Hkv, NUM_SPLITS). One program handles every q head of one kv head (the GQA
+group, padded to GROUP_PAD rows), so each K/V page is read once per kv head, and walks its split's
+tokens BLOCK_N at a time (whole pages, or part of one page when pages are larger than a step's
+tile) with an fp32 online softmax (base 2, the
+scale folded into one multiply). DOT_FP32 runs the tl.dot path in fp32 (IEEE): for fp32 KV, and for
+bf16 under the interpreter, whose tl.dot multiplies bf16 bit patterns as integers (triton 3.6). With NUM_SPLITS > 1 each split writes its unnormalised partial
+(acc, max, sum) to an fp32 workspace and ``paged_decode_combine_kernel`` reduces them.
+"""
+import triton
+import triton.language as tl
+
+from avmp_triton.kernels.handles import KIND_KV, both, unit_offset
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
+             stride_token, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr):
+    """Element offsets (int64) of the K rows of tokens ``[tok0, tok0 + BLOCK_N)`` and the mask of
+    readable ones. Handles resolve once per page, not per token (per token, the kind check cost 38
+    registers a thread on sm_90). Both are powers of two, so a step is whole pages or part of one."""
+    if BLOCK_N >= PAGE_TOKENS:
+        o_tok = tl.arange(0, BLOCK_N).to(tl.int64)
+        pg_of = o_tok // PAGE_TOKENS
+        base = tl.zeros([BLOCK_N], tl.int64) - 1
+        for p in tl.static_range(BLOCK_N // PAGE_TOKENS):
+            t_p = tok0 + p * PAGE_TOKENS
+            h = tl.load(block_table_ptr + i_b * stride_bt_b + t_p // PAGE_TOKENS, mask=t_p < end, other=-1).to(tl.int64)
+            ok, off = unit_offset(h, t_p < end, table_ptr, kinds_ptr, num_handles, KIND_KV)
+            base = tl.where(pg_of == p, tl.where(ok, off // ELEM_BYTES, -1), base)
+        m = (base >= 0) & (tok0 + o_tok < end)
+        row = tl.where(m, base + head_off + (o_tok % PAGE_TOKENS) * stride_token, 0)
+    else:
+        h = tl.load(block_table_ptr + i_b * stride_bt_b + tok0 // PAGE_TOKENS).to(tl.int64)
+        ok, off = unit_offset(h, tok0 < end, table_ptr, kinds_ptr, num_handles, KIND_KV)
+        o_tok = tok0 % PAGE_TOKENS + tl.arange(0, BLOCK_N).to(tl.int64)
+        m = both(tok0 - tok0 % PAGE_TOKENS + o_tok < end, ok)
+        row = tl.where(m, off // ELEM_BYTES + head_off + o_tok * stride_token, 0)
+    # units are 16-byte aligned and every stride is a multiple of HEAD_DIM: 16-byte vector loads
+    row = tl.multiple_of(row, 16 // ELEM_BYTES)
+    return row, m
+
+
+@triton.jit
+def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr,
+                  kinds_ptr, num_handles, head_off, stride_kv, stride_token, qk_scale,
+                  HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  ELEM_BYTES: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One online-softmax step over tokens [tok0, tok0 + BLOCK_N) (those < end)."""
+    row, m = _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
+                      head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
+    o_d = tl.arange(0, HEAD_DIM)
+    p_k = arena_ptr + (row[:, None] + o_d[None, :])
+    b_k = tl.load(p_k, mask=m[:, None], other=0.0)                        # [BLOCK_N, D]
+    if USE_DOT:
+        if DOT_FP32:
+            s = tl.dot(q.to(tl.float32), tl.trans(b_k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(b_k))                                  # [GROUP_PAD, BLOCK_N] fp32
+    else:
+        s = tl.sum(q.to(tl.float32)[:, None, :] * b_k.to(tl.float32)[None, :, :], 2)
+    s = tl.where(m[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen no readable token yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    b_v = tl.load(p_k + stride_kv, mask=m[:, None], other=0.0)           # [BLOCK_N, D]
+    if USE_DOT:
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, b_v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v)
+    else:
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * b_v.to(tl.float32)[None, :, :], 1)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def paged_decode_kernel(
+    q_ptr,            # [B, Hq, D] KV dtype, rows of D contiguous
+    arena_ptr,        # [N] KV dtype: the arena viewed as the KV element type
+    table_ptr,        # [H] int64 handle -> byte offset, -1 when free
+    kinds_ptr,        # [H] int32 handle -> kind (1 = KV page)
+    block_table_ptr,  # [B, W] int32 KV handles, -1 padded
+    seq_lens_ptr,     # [B] int32
+    out_ptr,          # [B, Hq, D] KV dtype (written when NUM_SPLITS == 1)
+    ws_acc_ptr,       # [B, Hq, NUM_SPLITS, D] fp32 partial numerators (NUM_SPLITS > 1)
+    ws_ml_ptr,        # [B, Hq, NUM_SPLITS, 2] fp32 partial (max, sum), base-2 max
+    num_handles, W, num_q_heads,
+    stride_q_b, stride_q_h, stride_o_b, stride_o_h, stride_bt_b,
+    layer_off,        # layer * stride_layer (elements)
+    stride_kv, stride_head, stride_token,
+    qk_scale,         # softmax scale * log2(e)
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PIPELINE: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_kvh = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2).to(tl.int64)
+    # a seq_len past the block table cannot be checked on the host without a sync: clamp it
+    seq_len = tl.load(seq_lens_ptr + i_b).to(tl.int64)
+    seq_len = tl.minimum(tl.maximum(seq_len, 0), W * PAGE_TOKENS)
+
+    o_g = tl.arange(0, GROUP_PAD)
+    m_g = o_g < GROUP
+    i_hq = i_kvh * GROUP + o_g
+    o_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + i_b * stride_q_b + i_hq[:, None] * stride_q_h + o_d[None, :], mask=m_g[:, None], other=0.0)
+
+    if NUM_SPLITS == 1:
+        start = seq_len * 0
+        end = seq_len
+    else:
+        # splits of one request get equal whole blocks of its own length (balanced per request)
+        per = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = i_s * per
+        end = tl.minimum(start + per, seq_len)
+    head_off = layer_off + i_kvh * stride_head
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    if PIPELINE:
+        # compiled: a counted loop, which Triton software-pipelines (num_stages)
+        n_iters = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
+        for it in tl.range(0, n_iters):
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start + it * BLOCK_N, end, i_b, arena_ptr,
+                                          block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
+                                          stride_kv, stride_token, qk_scale, HEAD_DIM, PAGE_TOKENS, BLOCK_N,
+                                          ELEM_BYTES, USE_DOT, DOT_FP32)
+    else:
+        # the interpreter cannot run range() over loaded bounds
+        tok0 = start
+        while tok0 < end:
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr,
+                                          block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
+                                          stride_kv, stride_token, qk_scale, HEAD_DIM, PAGE_TOKENS, BLOCK_N,
+                                          ELEM_BYTES, USE_DOT, DOT_FP32)
+            tok0 += BLOCK_N
+
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + i_b * stride_o_b + i_hq[:, None] * stride_o_h + o_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=m_g[:, None])
+    else:
+        i_row = (i_b * num_q_heads + i_hq) * NUM_SPLITS + i_s             # [GROUP_PAD]
+        tl.store(ws_acc_ptr + i_row[:, None] * HEAD_DIM + o_d[None, :], acc, mask=m_g[:, None])
+        tl.store(ws_ml_ptr + i_row * 2, m_i, mask=m_g)
+        tl.store(ws_ml_ptr + i_row * 2 + 1, l_i, mask=m_g)
+
+
+@triton.jit
+def paged_decode_combine_kernel(
+    ws_acc_ptr,       # [B, Hq, NUM_SPLITS, D] fp32
+    ws_ml_ptr,        # [B, Hq, NUM_SPLITS, 2] fp32
+    out_ptr,          # [B, Hq, D] KV dtype
+    num_q_heads, stride_o_b, stride_o_h,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """out[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s; 0 where nothing was read."""
+    i_b = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_row = (i_b * num_q_heads + i_h) * NUM_SPLITS
+    o_s = tl.arange(0, SPLITS_PAD)
+    m_s = o_s < NUM_SPLITS
+    b_m = tl.load(ws_ml_ptr + (i_row + o_s) * 2, mask=m_s, other=float("-inf"))
+    b_l = tl.load(ws_ml_ptr + (i_row + o_s) * 2 + 1, mask=m_s, other=0.0)
+    m_max = tl.max(b_m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_sum = tl.sum(tl.exp2(b_m - m_max) * b_l, 0)
+    o_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for c in tl.static_range(SPLITS_PAD // CHUNK):
+        o_c = c * CHUNK + tl.arange(0, CHUNK)
+        m_c = o_c < NUM_SPLITS
+        w = tl.exp2(tl.load(ws_ml_ptr + (i_row + o_c) * 2, mask=m_c, other=float("-inf")) - m_max)
+        b_a = tl.load(ws_acc_ptr + (i_row + o_c)[:, None] * HEAD_DIM + o_d[None, :], mask=m_c[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * b_a, 0)
+    o = acc / tl.where(l_sum > 0, l_sum, 1.0)
+    tl.store(out_ptr + i_b * stride_o_b + i_h * stride_o_h + o_d, o.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def kv_append_kernel(
+    k_ptr,            # [T, Hkv, D] KV dtype, rows of D contiguous
+    v_ptr,            # [T, Hkv, D] KV dtype, rows of D contiguous
+    arena_ptr,        # [N] KV dtype: the arena viewed as the KV element type (written)
+    table_ptr,        # [H] int64 handle -> byte offset, -1 when free
+    kinds_ptr,        # [H] int32 handle -> kind (1 = KV page)
+    block_table_ptr,  # [B, W] int32 KV handles, -1 padded
+    token_req_ptr,    # [T] int32 block-table row of each token, -1 = skip
+    token_pos_ptr,    # [T] int32 position of each token in its request
+    num_handles, B, W,
+    stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_bt_b,
+    layer_off, stride_kv, stride_head, stride_token,
+    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+):
+    """Token ``pid`` -> slot ``pos % PAGE_TOKENS`` of page ``block_table[req, pos // PAGE_TOKENS]``,
+    all kv heads, K and V of layer ``layer``. Tokens whose row, position, handle or table entry is
+    invalid (-1 or out of range) are skipped."""
+    i_t = tl.program_id(0).to(tl.int64)
+    req = tl.load(token_req_ptr + i_t).to(tl.int64)
+    pos = tl.load(token_pos_ptr + i_t).to(tl.int64)
+    i_page = pos // PAGE_TOKENS
+    ok = (req >= 0) & (req < B) & (pos >= 0) & (i_page < W)
+    h = tl.load(block_table_ptr + req * stride_bt_b + i_page, mask=ok, other=-1).to(tl.int64)
+    ok, off = unit_offset(h, ok, table_ptr, kinds_ptr, num_handles, KIND_KV)
+    base = off // ELEM_BYTES + layer_off + (pos % PAGE_TOKENS) * stride_token
+    o_h = tl.arange(0, HEADS_PAD)
+    o_d = tl.arange(0, HEAD_DIM)
+    m = both((o_h < NUM_KV_HEADS)[:, None] & (o_d < HEAD_DIM)[None, :], ok)
+    b_k = tl.load(k_ptr + i_t * stride_k_t + o_h[:, None] * stride_k_h + o_d[None, :], mask=m)
+    b_v = tl.load(v_ptr + i_t * stride_v_t + o_h[:, None] * stride_v_h + o_d[None, :], mask=m)
+    p_dst = arena_ptr + (base + o_h[:, None] * stride_head + o_d[None, :])
+    tl.store(p_dst, b_k, mask=m)
+    tl.store(p_dst + stride_kv, b_v, mask=m)
