@@ -35,16 +35,30 @@ def unit_offset(h, m, table_ptr, kinds_ptr, num_handles, KIND: tl.constexpr):
 
 
 @triton.jit
-def repeated(handles_ptr, i_b, h, num_rows, BLOCK: tl.constexpr):
+def first_rows(handles_ptr, num_rows, BLOCK: tl.constexpr):
+    """The call's first ``BLOCK`` handles (int64, -1 past ``num_rows``), for ``repeated``.
+
+    Load them beside the row's own handle, before its table lookups: they depend on nothing, so
+    their latency hides under those loads. Loaded inside ``repeated``, after the lookups, they
+    added a round trip before every state load (Mamba1 bf16 state update 5-7 % slower on the
+    H200, perf/results/mamba_variants_H200/)."""
+    o_j = tl.arange(0, BLOCK)
+    return tl.load(handles_ptr + o_j, mask=o_j < num_rows, other=-1).to(tl.int64)
+
+
+@triton.jit
+def repeated(handles_ptr, first, i_b, h, num_rows, BLOCK: tl.constexpr):
     """Whether handle ``h`` of row ``i_b`` (scalar) also sits in another of ``num_rows`` rows.
 
-    Two rows on one state would race; both are skipped. The rows are read in ``BLOCK`` chunks
+    Two rows on one state would race; both are skipped. ``first`` is ``first_rows``; rows past
+    ``BLOCK`` (launchers pick ``BLOCK`` >= the batch up to 1024) are read here in ``BLOCK`` chunks
     (a few KiB at most, from L2: every program of the call reads the same vector)."""
-    count = tl.zeros([BLOCK], dtype=tl.int32)
-    j0 = num_rows * 0
+    o_j = tl.arange(0, BLOCK)
+    count = ((first == h) & (o_j != i_b)).to(tl.int32)
+    j0 = num_rows * 0 + BLOCK
     while j0 < num_rows:  # not range(): Triton 3.6's interpreter cannot loop to a runtime bound
-        o_j = j0 + tl.arange(0, BLOCK)
-        b_h = tl.load(handles_ptr + o_j, mask=o_j < num_rows, other=-1).to(tl.int64)
-        count += ((b_h == h) & (o_j != i_b)).to(tl.int32)
+        o_k = j0 + o_j
+        b_h = tl.load(handles_ptr + o_k, mask=o_k < num_rows, other=-1).to(tl.int64)
+        count += ((b_h == h) & (o_k != i_b)).to(tl.int32)
         j0 += BLOCK
     return (tl.sum(count, 0) > 0) & (h >= 0)

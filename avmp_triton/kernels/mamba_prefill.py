@@ -26,7 +26,7 @@ Conventions shared by every kernel here:
 import triton
 import triton.language as tl
 
-from avmp_triton.kernels.handles import KIND_SSM, both, repeated, unit_offset
+from avmp_triton.kernels.handles import KIND_SSM, both, first_rows, repeated, unit_offset
 
 
 @triton.jit
@@ -40,9 +40,10 @@ def _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr, num
     end = tl.load(cu_ptr + i_b + 1, mask=is_req, other=T)
     start = tl.minimum(tl.maximum(start, 0), T)       # defined behaviour on a bad cu_seqlens
     end = tl.minimum(tl.maximum(end, start), T)
+    first = first_rows(handles_ptr, B, BLOCK_B)
     handle = tl.load(handles_ptr + i_b, mask=is_req, other=-1).to(tl.int64)
     live, blk = unit_offset(handle, is_req, table_ptr, kinds_ptr, num_handles, KIND_SSM)
-    active = tl.where(repeated(handles_ptr, i_b, handle, B, BLOCK_B), False, live)
+    active = tl.where(repeated(handles_ptr, first, i_b, handle, B, BLOCK_B), False, live)
     flag = tl.load(init_ptr + i_b, mask=is_req, other=0).to(tl.int32)
     has_init = active & (flag != 0)
     base = tl.multiple_of((tl.where(active, blk, 0) + state_off_bytes) // ELEM_BYTES, ALIGN)

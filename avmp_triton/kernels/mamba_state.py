@@ -7,9 +7,9 @@ unit's byte offset in the arena) -> the layer's state at a fixed offset inside t
     ssm_state [d_inner, d_state]            (Mamba2: [nheads, head_dim, d_state])   ssm dtype
     conv_state[d_conv - 1, channels]        (oldest input first)                    conv dtype
 
-A row whose handle is -1, out of range, free or of the KV kind is skipped: its output is zeros
-and no byte of any unit is read or written. A handle repeated within the call (two rows updating
-one state would race) gets the same outcome, except that its rows may read that state. On CPU-resident metadata the launchers raise instead (InvalidHandleError
+A row whose handle is -1, out of range, free, of the KV kind, or repeated within the call is
+skipped: its output is zeros and no byte of any unit is read or written (two rows updating one
+state would race). On CPU-resident metadata the launchers raise instead (InvalidHandleError
 naming the position and handle).
 
 The arena is passed as a view in the state's dtype, so ``table[h] // ELEM_BYTES`` is the unit's
@@ -22,27 +22,23 @@ come from a small table in the launcher (``avmp_triton/ops/mamba.py``).
 import triton
 import triton.language as tl
 
-from avmp_triton.kernels.handles import KIND_SSM, both, repeated, unit_offset
+from avmp_triton.kernels.handles import KIND_SSM, both, first_rows, repeated, unit_offset
 
 
 @triton.jit
-def _row_unit(handles_ptr, table_ptr, kinds_ptr, i_b, num_handles, ELEM_BYTES: tl.constexpr):
-    """(handle, live, element offset of the unit) of batch row ``i_b``: live = a bound SSM handle
-    (offset 0 otherwise). Loads are masked on ``live``; stores and the output wait for ``_sole``."""
+def _row_unit(handles_ptr, table_ptr, kinds_ptr, i_b, batch, num_handles,
+              ELEM_BYTES: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(valid, element offset of the unit) of batch row ``i_b``: valid = a live SSM handle that no
+    other row holds (offset 0 otherwise).
+
+    All of it runs before the state load: placed after the load, the scan's reduction kept the
+    loaded tile live and cost registers, hence resident programs (sm_90: Mamba1 bf16 48 -> 64,
+    Mamba2 fp32 75 -> 94, conv update 70 -> 128; 2-16 % slower on the H200)."""
+    first = first_rows(handles_ptr, batch, BLOCK_B)
     h = tl.load(handles_ptr + i_b).to(tl.int64)
     live, o_unit = unit_offset(h, h >= 0, table_ptr, kinds_ptr, num_handles, KIND_SSM)
-    return h, live, o_unit.to(tl.int64) // ELEM_BYTES
-
-
-@triton.jit
-def _sole(handles_ptr, i_b, h, live, batch, BLOCK_B: tl.constexpr):
-    """``live`` and no other row holds ``h``: the row may write its state.
-
-    Called after the state load is issued, so the scan for repeats runs under the load's latency
-    (before it, the two ran back to back: Mamba1 bf16 at B=64 and 256 took 5-7 % longer than at
-    a23bf37, which had no scan; H200, perf/results/bench_mamba_H200_kindcheck_*.json). A repeated row reads a state another row may be writing; it discards it
-    (zero output, no store), so only the order of the two steps changed, not what reaches memory."""
-    return tl.where(repeated(handles_ptr, i_b, h, batch, BLOCK_B), False, live)
+    valid = tl.where(repeated(handles_ptr, first, i_b, h, batch, BLOCK_B), False, live)
+    return valid, tl.where(valid, o_unit, 0).to(tl.int64) // ELEM_BYTES
 
 
 @triton.jit
@@ -98,13 +94,12 @@ def mamba1_state_update_kernel(
     m_d = i_d < d_inner
     m_n = i_n < D_STATE
 
-    h, live, o_unit = _row_unit(handles_ptr, table_ptr, kinds_ptr, i_b, num_handles, ELEM_BYTES)
+    valid, o_unit = _row_unit(handles_ptr, table_ptr, kinds_ptr, i_b, batch, num_handles, ELEM_BYTES, BLOCK_B)
     o_state = tl.multiple_of(o_unit + state_off, ALIGN)
     m_dn = m_d[:, None] & m_n[None, :]
-    p_state = state_ptr + o_state + i_d[:, None] * D_STATE + i_n[None, :]
-    b_state = tl.load(p_state, mask=both(m_dn, live), other=0.0).to(tl.float32)
-    valid = _sole(handles_ptr, i_b, h, live, batch, BLOCK_B)
     m_st = both(m_dn, valid)
+    p_state = state_ptr + o_state + i_d[:, None] * D_STATE + i_n[None, :]
+    b_state = tl.load(p_state, mask=m_st, other=0.0).to(tl.float32)
 
     b_x = tl.load(x_ptr + i_b * stride_x_b + i_d, mask=m_d, other=0.0).to(tl.float32)
     b_dt = tl.load(dt_ptr + i_b * stride_dt_b + i_d, mask=m_d, other=0.0).to(tl.float32)
@@ -179,13 +174,11 @@ def mamba2_state_update_kernel(
     m_p = i_p < head_dim
     m_n = i_n < D_STATE
 
-    h, live, o_unit = _row_unit(handles_ptr, table_ptr, kinds_ptr, i_b, num_handles, ELEM_BYTES)
+    valid, o_unit = _row_unit(handles_ptr, table_ptr, kinds_ptr, i_b, batch, num_handles, ELEM_BYTES, BLOCK_B)
     o_state = tl.multiple_of(o_unit + state_off, ALIGN)
-    m_pn = m_p[:, None] & m_n[None, :]
+    m_st = both(m_p[:, None] & m_n[None, :], valid)
     p_state = state_ptr + o_state + (i_h * head_dim + i_p)[:, None] * D_STATE + i_n[None, :]
-    b_state = tl.load(p_state, mask=both(m_pn, live), other=0.0).to(tl.float32)
-    valid = _sole(handles_ptr, i_b, h, live, batch, BLOCK_B)
-    m_st = both(m_pn, valid)
+    b_state = tl.load(p_state, mask=m_st, other=0.0).to(tl.float32)
 
     b_x = tl.load(x_ptr + i_b * stride_x_b + i_h * stride_x_h + i_p, mask=m_p, other=0.0).to(tl.float32)
     b_dt = tl.load(dt_ptr + i_b * stride_dt_b + i_h).to(tl.float32)
@@ -248,9 +241,7 @@ def causal_conv1d_update_kernel(
     i_k = tl.arange(0, BLOCK_K)
     m_c = i_c < channels
 
-    h, live, o_unit = _row_unit(handles_ptr, table_ptr, kinds_ptr, i_b, num_handles, ELEM_BYTES)
-    # the scan before the load here: after it, 72 -> 76 registers (sm_90, perf/inspect_sm90.py)
-    valid = _sole(handles_ptr, i_b, h, live, batch, BLOCK_B)
+    valid, o_unit = _row_unit(handles_ptr, table_ptr, kinds_ptr, i_b, batch, num_handles, ELEM_BYTES, BLOCK_B)
     o_state = tl.multiple_of(o_unit + state_off, ALIGN)
     p_rows = state_ptr + o_state + i_k[:, None].to(tl.int64) * channels + i_c[None, :]
     b_win = tl.load(p_rows, mask=both((i_k[:, None] < W) & m_c[None, :], valid), other=0.0).to(tl.float32)
