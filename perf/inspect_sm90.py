@@ -1,12 +1,17 @@
 """Compile kernels for sm_90 on a host without a GPU and report what the compiler made of them.
 
     python perf/inspect_sm90.py [--out FILE]
+    python perf/inspect_sm90.py --batch-one     # compile only; exit 1 if any kernel fails
 
 For each kernel (with the argument specialisations the JIT would apply on an H100 call: pointers
 16-byte aligned, sizes and strides multiples of 16) it prints the blocked layouts of the TTGIR,
 the layout conversions and barriers, ex2 (exp) instructions, and ptxas's register and spill
 counts. Used to check structural claims in perf/results/README.md (registers, in-thread
 reductions, loads issued before stores) without spending GPU time. Needs triton's bundled ptxas.
+
+``--batch-one`` compiles the kernels that take a batch size with it equal to 1, which the JIT
+turns into a compile-time constant: a loop bounded by it once crashed Triton 3.6's TritonGPUCoalesce
+pass on every batch-1 call on the GPU while the interpreter ran it fine (tests/test_sm90_compile.py).
 """
 import argparse
 import json
@@ -145,10 +150,34 @@ def attention_cases():
                       "stride_kv_head", "stride_kv_token"]))
 
 
+def batch_one_cases():
+    """The cases with a batch-size argument, that argument specialised to 1 as the JIT does."""
+    for name, fn, sig, const, warps, div in cases():
+        key = next((k for k in ("batch", "B") if k in sig), None)
+        if key is not None:
+            yield (f"{name}, {key}=1", fn, {k: t for k, t in sig.items() if k != key}, dict(const, **{key: 1}),
+                   warps, [d for d in div if d != key])
+
+
+def check_batch_one() -> int:
+    failed = []
+    for name, fn, sig, const, warps, div in batch_one_cases():
+        try:
+            compile_sm90(fn, sig, const, warps, div)
+            print(f"ok      {name}")
+        except Exception as e:  # noqa: BLE001  (any compiler failure is the finding)
+            failed.append(name)
+            print(f"FAILED  {name}: {type(e).__name__}: {str(e)[:200]}")
+    return 1 if failed else 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="perf/results/inspect_sm90.json")
+    ap.add_argument("--batch-one", action="store_true", help="compile with batch 1; report failures only")
     args = ap.parse_args()
+    if args.batch_one:
+        raise SystemExit(check_batch_one())
     res = dict(triton=triton.__version__, target="sm_90a", kernels={})
     for name, fn, sig, const, warps, div in cases():
         r = compile_sm90(fn, sig, const, warps, div)

@@ -55,10 +55,12 @@ def repeated(handles_ptr, first, i_b, h, num_rows, BLOCK: tl.constexpr):
     (a few KiB at most, from L2: every program of the call reads the same vector)."""
     o_j = tl.arange(0, BLOCK)
     count = ((first == h) & (o_j != i_b)).to(tl.int32)
-    j0 = num_rows * 0 + BLOCK
-    while j0 < num_rows:  # not range(): Triton 3.6's interpreter cannot loop to a runtime bound
-        o_k = j0 + o_j
-        b_h = tl.load(handles_ptr + o_k, mask=o_k < num_rows, other=-1).to(tl.int64)
-        count += ((b_h == h) & (o_k != i_b)).to(tl.int32)
-        j0 += BLOCK
+    if num_rows > BLOCK:  # folded away when the JIT specialises num_rows == 1
+        # (without the guard, that constant-false loop crashed Triton 3.6's TritonGPUCoalesce pass)
+        j0 = num_rows * 0 + BLOCK
+        while j0 < num_rows:  # not range(): Triton 3.6's interpreter cannot loop to a runtime bound
+            o_k = j0 + o_j
+            b_h = tl.load(handles_ptr + o_k, mask=o_k < num_rows, other=-1).to(tl.int64)
+            count += ((b_h == h) & (o_k != i_b)).to(tl.int32)
+            j0 += BLOCK
     return (tl.sum(count, 0) > 0) & (h >= 0)
