@@ -46,21 +46,28 @@ def first_rows(handles_ptr, num_rows, BLOCK: tl.constexpr):
     return tl.load(handles_ptr + o_j, mask=o_j < num_rows, other=-1).to(tl.int64)
 
 
+REPEAT_BLOCK_MAX = tl.constexpr(1024)  # launchers pass BLOCK = min(this, next power of two >= the batch)
+
+
 @triton.jit
 def repeated(handles_ptr, first, i_b, h, num_rows, BLOCK: tl.constexpr):
     """Whether handle ``h`` of row ``i_b`` (scalar) also sits in another of ``num_rows`` rows.
 
-    Two rows on one state would race; both are skipped. ``first`` is ``first_rows``; rows past
-    ``BLOCK`` (launchers pick ``BLOCK`` >= the batch up to 1024) are read here in ``BLOCK`` chunks
-    (a few KiB at most, from L2: every program of the call reads the same vector)."""
+    Two rows on one state would race; both are skipped. Padding (-1) rows count as repeats of each
+    other: callers only use this on handles that passed ``unit_offset``. ``first`` is ``first_rows``. A ``BLOCK``
+    below ``REPEAT_BLOCK_MAX`` holds the whole batch, so only the largest block compiles the walk
+    over further rows (a few KiB at most, from L2: every program of the call reads the same
+    vector). Compiled in for every block, that walk cost Mamba1 bf16 at B=64 4 % on the H200
+    (perf/results/mamba_variants_H200/: the variant without it; bench_mamba_H200_d8dc9cb.json:
+    with it), and bounded by a batch of 1 that the JIT made constant it crashed Triton 3.6's
+    TritonGPUCoalesce pass (tests/test_sm90_compile.py)."""
     o_j = tl.arange(0, BLOCK)
     count = ((first == h) & (o_j != i_b)).to(tl.int32)
-    if num_rows > BLOCK:  # folded away when the JIT specialises num_rows == 1
-        # (without the guard, that constant-false loop crashed Triton 3.6's TritonGPUCoalesce pass)
+    if BLOCK >= REPEAT_BLOCK_MAX:
         j0 = num_rows * 0 + BLOCK
         while j0 < num_rows:  # not range(): Triton 3.6's interpreter cannot loop to a runtime bound
             o_k = j0 + o_j
             b_h = tl.load(handles_ptr + o_k, mask=o_k < num_rows, other=-1).to(tl.int64)
             count += ((b_h == h) & (o_k != i_b)).to(tl.int32)
             j0 += BLOCK
-    return (tl.sum(count, 0) > 0) & (h >= 0)
+    return tl.sum(count, 0) > 0

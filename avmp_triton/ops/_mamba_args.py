@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from avmp_triton import _triton_env  # noqa: F401  (before triton: the interpreter on CPU-only hosts)
+from avmp_triton.kernels.handles import REPEAT_BLOCK_MAX
 from avmp_triton.layout import SSMBlockLayout, ssm_block_layout
 from avmp_triton.ops._host_checks import KIND_SSM, check_cu_seqlens, check_handles, on_host
 from avmp_triton.spec import HybridModelSpec
@@ -144,8 +146,9 @@ def check_on_host(handle_table, handle_kinds, ssm_handles, cu_seqlens=None, num_
 
 def repeat_block(batch: int) -> int:
     """Handles a kernel compares at a time when looking for repeats (``kernels/handles.repeated``):
-    the whole batch in one pass up to 1024, a power of two (a register or two per thread)."""
-    return min(1024, 1 << max(int(batch) - 1, 0).bit_length())
+    the whole batch in one pass up to ``REPEAT_BLOCK_MAX``, a power of two (a register or two per
+    thread); past that the kernel walks the rest in blocks of that size."""
+    return min(REPEAT_BLOCK_MAX.value, 1 << max(int(batch) - 1, 0).bit_length())
 
 
 def check_out(out, x, inputs: Optional[dict] = None, name="out"):
