@@ -54,13 +54,13 @@ def repeated(handles_ptr, first, i_b, h, num_rows, BLOCK: tl.constexpr):
     """Whether handle ``h`` of row ``i_b`` (scalar) also sits in another of ``num_rows`` rows.
 
     Two rows on one state would race; both are skipped. Padding (-1) rows count as repeats of each
-    other: callers only use this on handles that passed ``unit_offset``. ``first`` is ``first_rows``. A ``BLOCK``
-    below ``REPEAT_BLOCK_MAX`` holds the whole batch, so only the largest block compiles the walk
-    over further rows (a few KiB at most, from L2: every program of the call reads the same
-    vector). Compiled in for every block, that walk cost Mamba1 bf16 at B=64 4 % on the H200
-    (perf/results/mamba_variants_H200/: the variant without it; bench_mamba_H200_d8dc9cb.json:
-    with it), and bounded by a batch of 1 that the JIT made constant it crashed Triton 3.6's
-    TritonGPUCoalesce pass (tests/test_sm90_compile.py)."""
+    other: callers combine the verdict with ``unit_offset``'s, which rejects them anyway.
+    ``first`` is ``first_rows``. A ``BLOCK`` below ``REPEAT_BLOCK_MAX`` holds the whole batch, so
+    only the largest block compiles the walk over further rows (a few KiB at most, from L2: every
+    program of the call reads the same vector). Compiled in for every block, the walk cost Mamba1
+    bf16 at B=64 4 % on the H200 (19.7 us without it, perf/results/mamba_variants_H200/; 20.5 us
+    with it, bench_mamba_H200_d8dc9cb_head.json; two runs), and bounded by a batch of 1, which the
+    JIT makes constant, it crashed Triton 3.6's TritonGPUCoalesce pass (tests/test_sm90_compile.py)."""
     o_j = tl.arange(0, BLOCK)
     count = ((first == h) & (o_j != i_b)).to(tl.int32)
     if BLOCK >= REPEAT_BLOCK_MAX:
