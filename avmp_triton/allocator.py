@@ -370,6 +370,23 @@ class ArenaAllocator:
 
     # ------------------------------------------------------------------ accounting
     @property
+    def migrates(self) -> bool:
+        """Whether capacity can move between the pools (``rebalance``, ``make_room``): AVMP only."""
+        return self._migrates
+
+    def pool_index(self, kind: str) -> int:
+        """Index in ``pool_names`` (and in ``free_counts``) of the pool that serves ``kind``."""
+        if kind not in ("kv", "ssm"):
+            raise ValueError(f"kind must be 'kv' or 'ssm', got {kind!r}")
+        return self._pool_of[_KIND_OF_NAME[kind]]
+
+    @property
+    def free_counts(self) -> torch.Tensor:
+        """``[3]`` int64 on the device, live: free units of pool 0 and pool 1, then free handles.
+        Read it (``.tolist()`` syncs; ``torch.cat`` into a larger read does not); never write it."""
+        return self._tops
+
+    @property
     def slab_live(self) -> torch.Tensor:
         """``[S]`` int32 live units per slab, counted from the reverse map (kept off the hot path:
         per-slab counters updated by every alloc/free would serialise on atomics)."""

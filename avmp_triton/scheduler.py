@@ -54,7 +54,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from avmp_triton.allocator import KIND_KV, KIND_SSM, UNIT_ALIGN, ArenaAllocator, PoolExhaustedError
+from avmp_triton.allocator import UNIT_ALIGN, ArenaAllocator, PoolExhaustedError
 from avmp_triton.metrics import RunMetrics, downsample, mean, percentile
 
 __all__ = ["ModelRunner", "Scheduler", "StepBatch"]
@@ -116,7 +116,7 @@ class _DeviceBackend:
         a = self.a
         slabs = torch.bincount(a.slab_owner.long(), minlength=2)[:2]
         grow_err = (self._failed != 0).sum().view(1).long()
-        v = torch.cat([a._tops, slabs, grow_err, self._release_err]).tolist()
+        v = torch.cat([a.free_counts, slabs, grow_err, self._release_err]).tolist()
         self.syncs += 1
         if v[5] or v[6]:
             raise AssertionError(f"allocator refused a planned call (grow failures {v[5]}, release code {v[6]})")
@@ -297,7 +297,6 @@ class Scheduler:
         # "arrive", "admit", "preempt", "finish", "unservable" (for tests and debugging)
         self.events: list | None = None
 
-    # ------------------------------------------------------------------------------------- run
     def run(self, requests: Sequence, *, max_ticks: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> RunMetrics:
         """Replay ``requests`` (objects with rid, arrival, prompt_tokens, output_tokens) to the end.
@@ -312,347 +311,400 @@ class Scheduler:
         """
         if max_ticks is not None and (not _is_int(max_ticks) or max_ticks < 0):
             raise ValueError(f"max_ticks must be None or a non-negative int, got {max_ticks!r}")
-        a = self.allocator
-        pt = a.page_tokens
-        N = len(requests)
-        arrival = np.empty(N, dtype=np.int64)
-        prompt = np.empty(N, dtype=np.int64)
-        output = np.empty(N, dtype=np.int64)
+        reqs = _Requests.of(requests, self.allocator.page_tokens)
+        W = self.max_pages_per_request
+        if W is None:
+            W = max(1, int(reqs.max_pages.max()) if reqs.n else 1)
+        elif reqs.n and int(reqs.max_pages.max()) > W:
+            i = int(np.argmax(reqs.max_pages))
+            raise ValueError(f"requests[{i}] needs {int(reqs.max_pages[i])} pages, more than max_pages_per_request={W}")
+        be = (_DeviceBackend if self.backend == "device" else _ModelBackend)(self.allocator, self.max_running, W)
+        self.state = be
+        run = _Run(self, reqs, be)
+        reported = 0
+        while run.left_to_settle() and (max_ticks is None or run.t < max_ticks):
+            run.tick()
+            if progress is not None and run.settled != reported:
+                reported = run.settled
+                progress(run.settled, reqs.n)
+        run.drain()
+        if progress is not None:
+            progress(run.settled, reqs.n)
+        return run.metrics()
+
+
+@dataclasses.dataclass
+class _Requests:
+    """The run's requests as arrays, in input order, and what each has generated so far."""
+    n: int
+    rid: list
+    arrival: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+    max_pages: np.ndarray     # pages at the longest: ceil((prompt + output - 1) / page_tokens)
+    generated: np.ndarray
+    first_admit: np.ndarray   # tick of the first admission, -1 before
+
+    @classmethod
+    def of(cls, requests: Sequence, page_tokens: int) -> "_Requests":
+        n = len(requests)
+        cols = {f: np.empty(n, dtype=np.int64) for f in ("arrival", "prompt_tokens", "output_tokens")}
         for i, r in enumerate(requests):
-            for f in ("arrival", "prompt_tokens", "output_tokens"):
+            for f, col in cols.items():
                 v = getattr(r, f, None)
-                if not _is_int(v) and not isinstance(v, np.integer):
+                if not _is_int(v):
                     raise TypeError(f"requests[{i}].{f} must be an int, got {v!r}")
+                col[i] = v
             if r.arrival < 0 or r.prompt_tokens < 1 or r.output_tokens < 1:
                 raise ValueError(f"requests[{i}] needs arrival >= 0, prompt_tokens >= 1 and output_tokens >= 1, "
                                  f"got {r!r}")
-            arrival[i], prompt[i], output[i] = r.arrival, r.prompt_tokens, r.output_tokens
-        max_pages = -(-(prompt + output - 1) // pt) if N else np.zeros(0, dtype=np.int64)
-        W = self.max_pages_per_request
-        if W is None:
-            W = max(1, int(max_pages.max()) if N else 1)
-        elif N and int(max_pages.max()) > W:
-            i = int(np.argmax(max_pages))
-            raise ValueError(f"requests[{i}] needs {int(max_pages[i])} pages, more than max_pages_per_request={W}")
-        R = self.max_running
+        prompt, output = cols["prompt_tokens"], cols["output_tokens"]
+        max_pages = -(-(prompt + output - 1) // page_tokens) if n else np.zeros(0, dtype=np.int64)
+        return cls(n=n, rid=[getattr(r, "rid", i) for i, r in enumerate(requests)], arrival=cols["arrival"],
+                   prompt=prompt, output=output, max_pages=max_pages, generated=np.zeros(n, dtype=np.int64),
+                   first_admit=np.full(n, -1, dtype=np.int64))
 
-        be = (_DeviceBackend if self.backend == "device" else _ModelBackend)(a, R, W)
-        self.state = be
-        timer = _Timer(self.time_allocator, self.backend == "device" and a.device.type == "cuda")
-        migrates = bool(a._migrates)
-        pk, ps = a._pool_of[KIND_KV], a._pool_of[KIND_SSM]
-        dual = pk != ps
-        ups = a.units_per_slab
-        unit = a.unit_bytes
-        proactive = getattr(a, "proactive", None) is not None
-        start_stats = be.stats()
-        never = self._never_fits(be.probe(), max_pages)
 
-        # per request
-        generated = np.zeros(N, dtype=np.int64)
-        first_admit = np.full(N, -1, dtype=np.int64)
-        # per row (host mirrors)
-        row_req = np.full(R, -1, dtype=np.int64)
-        row_ctx = np.zeros(R, dtype=np.int64)    # tokens in the KV cache
-        row_pages = np.zeros(R, dtype=np.int64)  # == num_pages on the device
-        row_seq = np.full(R, -1, dtype=np.int64)  # admission order (preemption takes the largest)
-        need = np.zeros(R, dtype=np.int32)
+class _Rows:
+    """Host mirrors of the batch rows (the device block table's rows)."""
 
-        order = np.argsort(arrival, kind="stable")
-        ev = self.events
-        rid = [getattr(r, "rid", i) for i, r in enumerate(requests)]
-        queue: collections.deque[int] = collections.deque()
-        nxt = 0
-        seq = 0
-        finished_or_dropped = 0
-        done = 0
-        unservable = 0
-        preemptions = 0
-        recomputed = 0
-        growth_failures = 0
-        admission_failures = 0
-        series = collections.defaultdict(list)
-        runner = self.model_runner
-        if runner is not None:
-            dev = a.device
-            running_mask_d = torch.zeros(R, dtype=torch.bool, device=dev)
-            prefill_d = torch.zeros(R, dtype=torch.bool, device=dev)
-            qlen_d = torch.zeros(R, dtype=torch.int32, device=dev)
-            ctx_d = torch.zeros(R, dtype=torch.int32, device=dev)
-        page_raw = a.kv_page_raw
-        token_bytes = a.spec.kv_bytes_per_token
-        block_raw = a.ssm_block_raw
-        page_aligned = -(-page_raw // UNIT_ALIGN) * UNIT_ALIGN
-        block_aligned = a.spec.ssm_block_bytes
-        slab_bytes = a.slab_bytes
-        usable = a.num_slabs * slab_bytes
-        tails = [slab_bytes - ups[p] * unit[p] for p in range(len(a.pool_names))] + [0]
+    def __init__(self, R: int):
+        self.req = np.full(R, -1, dtype=np.int64)    # request index of the row, -1 idle
+        self.ctx = np.zeros(R, dtype=np.int64)       # tokens in the row's KV cache
+        self.pages = np.zeros(R, dtype=np.int64)     # == num_pages on the device
+        self.seq = np.full(R, -1, dtype=np.int64)    # admission order (preemption takes the largest)
+        self.need = np.zeros(R, dtype=np.int32)      # pages the tick's grow call gives each row
 
-        t = 0
-        reported = 0
-        while finished_or_dropped < N:
-            if max_ticks is not None and t >= max_ticks:
-                break
-            while nxt < N and arrival[order[nxt]] <= t:
-                i = int(order[nxt])
-                nxt += 1
-                if ev is not None:
-                    ev.append((t, "arrive", rid[i]))
-                if never[i]:
-                    unservable += 1
-                    finished_or_dropped += 1
-                    if ev is not None:
-                        ev.append((t, "unservable", rid[i]))
-                else:
-                    queue.append(i)
-            timer.new_tick()
-            with timer:
-                if proactive:
-                    be.proactive_step()
-                c = be.probe()
-            free = c.free       # free units per pool, kept exact on the host through the tick
-            fh = c.free_handles
+    def clear(self, rows) -> None:
+        self.req[rows] = -1
+        self.pages[rows] = 0
+        self.ctx[rows] = 0
+        self.seq[rows] = -1
 
-            active = row_req >= 0
-            need[:] = 0
-            need[active] = (row_ctx[active] % pt) == 0
-            G = int(need.sum())
 
-            def fits(kv: int, ssm: int) -> bool:
-                if dual:
-                    return kv <= free[pk] and ssm <= free[ps] and kv + ssm <= fh
-                return kv + ssm <= free[pk] and kv + ssm <= fh
+class _Geometry:
+    """What the scheduler plans with: pool of each kind, units per slab, sizes (from the allocator)."""
 
-            # ---- growth: rebalance (AVMP), then preempt the most recently admitted
-            preempted = False
-            if not fits(G, 0):
-                growth_failures += G - min(free[pk], fh)
-                pending: list[int] = []
-                while True:
-                    if migrates:
-                        with timer:
-                            if pending:
-                                be.release(pending)
-                                pending = []
-                            try:
-                                be.make_room("kv", G, free[pk])
-                            except PoolExhaustedError:
-                                pass
-                            c = be.probe()
-                        free, fh = c.free, c.free_handles
-                    if fits(G, 0):
-                        break
-                    v = int(np.argmax(np.where(row_req >= 0, row_seq, -1)))
-                    i = int(row_req[v])
-                    preemptions += 1
-                    recomputed += int(prompt[i] + generated[i])
-                    free[pk] += int(row_pages[v])
-                    free[ps] += 1
-                    fh += int(row_pages[v]) + 1
-                    G -= int(need[v])
-                    need[v] = 0
-                    row_req[v] = -1
-                    row_pages[v] = 0
-                    row_ctx[v] = 0
-                    row_seq[v] = -1
-                    queue.appendleft(i)
-                    if ev is not None:
-                        ev.append((t, "preempt", rid[i]))
-                    pending.append(v)
-                    preempted = True
-                if pending:
-                    with timer:
-                        be.release(pending)
+    def __init__(self, a: ArenaAllocator):
+        self.migrates = a.migrates
+        self.pk, self.ps = a.pool_index("kv"), a.pool_index("ssm")
+        self.dual = self.pk != self.ps
+        self.npools = len(a.pool_names)
+        self.ups = a.units_per_slab
+        self.unit = a.unit_bytes
+        self.migration_batch = a.migration_batch
+        self.num_slabs = a.num_slabs
+        self.page_raw = a.kv_page_raw
+        self.block_raw = a.ssm_block_raw
+        self.page_aligned = -(-a.kv_page_raw // UNIT_ALIGN) * UNIT_ALIGN
+        self.block_aligned = a.spec.ssm_block_bytes
+        self.token_bytes = a.spec.kv_bytes_per_token
+        self.usable = a.num_slabs * a.slab_bytes
+        self.tails = [a.slab_bytes - self.ups[p] * self.unit[p] for p in range(self.npools)] + [0]
 
-            # ---- admission: strict FIFO from the head
-            admitted: list[int] = []
-            kv_adm = 0
-            if not preempted and queue:
-                free_rows = np.flatnonzero(row_req < 0)
-                while queue and len(admitted) < len(free_rows):
-                    i = queue[0]
-                    c0 = int(prompt[i] + generated[i])
-                    P = -(-c0 // pt)
-                    kv_need, ssm_need = G + kv_adm + P, len(admitted) + 1
-                    ok = fits(kv_need, ssm_need)
-                    if not ok:
-                        admission_failures += 1
-                        new = self._rebalance_for(be, timer, free, kv_need, ssm_need) if migrates and dual else None
-                        if new is not None:
-                            c = new
-                            free, fh = c.free, c.free_handles
-                            ok = fits(kv_need, ssm_need)
-                    if not ok:
-                        if not admitted and not active.any():
-                            # nothing live at all and it does not fit: it never will
-                            queue.popleft()
-                            if ev is not None:
-                                ev.append((t, "unservable", rid[i]))
-                            unservable += 1
-                            finished_or_dropped += 1
-                            continue
-                        break
-                    queue.popleft()
-                    r = int(free_rows[len(admitted)])
-                    admitted.append(r)
-                    kv_adm += P
-                    row_req[r] = i
-                    row_ctx[r] = c0
-                    row_seq[r] = seq
-                    seq += 1
-                    need[r] = P
-                    if first_admit[i] < 0:
-                        first_admit[i] = t
-                    if ev is not None:
-                        ev.append((t, "admit", rid[i]))
-
-            # ---- the tick's allocations: one grow call, one SSM alloc
-            with timer:
-                if G or kv_adm:
-                    be.grow(need)
-                if admitted:
-                    be.alloc_ssm(admitted)
-            decoding = active & (row_req >= 0)  # running before this tick and not preempted
-            row_pages += need
-            row_ctx[decoding] += 1
-            running = row_req >= 0
-            rows_running = np.flatnonzero(running)
-            req_running = row_req[rows_running]
-
-            if runner is not None:
-                prefill = np.zeros(R, dtype=bool)
-                prefill[admitted] = True
-                qlen = np.where(prefill, row_ctx, running.astype(np.int64)).astype(np.int32)
-                running_mask_d.copy_(torch.from_numpy(running))
-                prefill_d.copy_(torch.from_numpy(prefill))
-                qlen_d.copy_(torch.from_numpy(qlen))
-                ctx_d.copy_(torch.from_numpy(np.where(running, row_ctx, 0).astype(np.int32)))
-                runner.step(be.block_table, be.num_pages, be.ssm_handles, running_mask_d,
-                            StepBatch(tick=t, query_lens=qlen_d, context_lens=ctx_d, prefill_mask=prefill_d,
-                                      request_ids=np.where(running, row_req, -1)))
-
-            # ---- every running request generates one token
-            generated[req_running] += 1
-            n_run = len(rows_running)
-            live_kv = int(row_pages.sum())
-            units = [c.slabs[p] * ups[p] for p in range(len(a.pool_names))]
-            if dual:
-                kv_util = live_kv / units[pk] if units[pk] else 0.0
-                ssm_util = n_run / units[ps] if units[ps] else 0.0
-                tail = c.slabs[0] * tails[0] + c.slabs[1] * tails[1]
-            else:
-                kv_util = live_kv / units[0] if units[0] else 0.0
-                ssm_util = n_run / units[0] if units[0] else 0.0
-                tail = c.slabs[0] * tails[0]
-            series["batch"].append(n_run)
-            series["kv"].append(kv_util)
-            series["ssm"].append(ssm_util)
-            series["mem"].append((int(row_ctx[rows_running].sum()) * token_bytes + n_run * block_raw) / usable)
-            series["pad"].append(live_kv * (unit[pk] - page_raw) + n_run * (unit[ps] - block_raw))
-            series["align"].append(live_kv * (page_aligned - page_raw) + n_run * (block_aligned - block_raw))
-            series["tail"].append(tail)
-
-            # ---- finished requests free everything, in one call
-            fin = rows_running[generated[req_running] >= output[req_running]]
-            if fin.size:
-                with timer:
-                    be.release(fin.tolist())
-                fin_req = row_req[fin]
-                if ev is not None:
-                    ev.extend((t, "finish", rid[i]) for i in fin_req.tolist())
-                row_req[fin] = -1
-                row_pages[fin] = 0
-                row_ctx[fin] = 0
-                row_seq[fin] = -1
-                done += fin.size
-                finished_or_dropped += fin.size
-            t += 1
-            if progress is not None and finished_or_dropped != reported:
-                reported = finished_or_dropped
-                progress(finished_or_dropped, N)
-
-        # ---- drain (only when max_ticks stopped the run early)
-        left = np.flatnonzero(row_req >= 0)
-        if left.size:
-            be.release(left.tolist())
-            row_req[left] = -1
-        if be.name == "device":
-            be.probe()  # checks the last calls' error flags
-        end = be.stats()
-        drained = end.handles_live == 0 and all(p.free_units == p.units for p in end.pools.values())
-        if progress is not None:
-            progress(finished_or_dropped, N)
-
-        waits = (first_admit - arrival)[first_admit >= 0]
-        alloc_mean_us, alloc_p50_us = timer.summary_us()
-        fails = growth_failures + admission_failures
-        return RunMetrics(
-            allocator=type(a).__name__, backend=be.name, num_requests=N,
-            completed=done, unservable=unservable, makespan_ticks=t, tokens_generated=int(generated.sum()),
-            batch_mean=mean(series["batch"]), batch_p50=percentile(series["batch"], 50),
-            batch_peak=int(max(series["batch"], default=0)),
-            admission_wait_mean=mean(waits), admission_wait_p50=percentile(waits, 50),
-            admission_wait_p99=percentile(waits, 99),
-            preemptions=preemptions, recomputed_tokens=recomputed,
-            alloc_failures=fails, alloc_failures_per_request=fails / N if N else 0.0,
-            growth_failures=growth_failures, admission_failures=admission_failures,
-            kv_util_mean=mean(series["kv"]), ssm_util_mean=mean(series["ssm"]), mem_util_mean=mean(series["mem"]),
-            kv_util_series=downsample(series["kv"]), ssm_util_series=downsample(series["ssm"]),
-            padding_waste_bytes_mean=mean(series["pad"]), alignment_waste_bytes=mean(series["align"]),
-            slab_tail_bytes=int(round(mean(series["tail"]))),
-            migrations=end.migrations - start_stats.migrations,
-            slabs_moved=end.slabs_moved - start_stats.slabs_moved,
-            proactive_slabs_moved=end.proactive_slabs_moved - start_stats.proactive_slabs_moved,
-            bytes_moved=end.bytes_copied - start_stats.bytes_copied,
-            alloc_time_us_per_step_mean=alloc_mean_us,
-            alloc_time_us_per_step_p50=alloc_p50_us,
-            alloc_time_kind=timer.kind,
-            host_syncs_per_step=be.syncs / t if t else 0.0,
-            units_returned_at_drain=bool(drained),
-        )
-
-    def _never_fits(self, c: _Counts, max_pages: np.ndarray) -> np.ndarray:
+    def never_fits(self, c: _Counts, max_pages: np.ndarray) -> np.ndarray:
         """Requests that no state of the allocator could hold even alone (all of their pages at
         their longest, and one SSM block): fixed pools for the baselines, any split of the slabs
         for AVMP."""
-        a = self.allocator
-        pk, ps = a._pool_of[KIND_KV], a._pool_of[KIND_SSM]
-        ups = a.units_per_slab
-        if pk == ps:
+        pk, ps, ups = self.pk, self.ps, self.ups
+        if not self.dual:
             return max_pages + 1 > c.slabs[pk] * ups[pk]
-        if a._migrates:
-            return -(-max_pages // ups[pk]) + 1 > a.num_slabs
+        if self.migrates:
+            return -(-max_pages // ups[pk]) + 1 > self.num_slabs
         return (max_pages > c.slabs[pk] * ups[pk]) | (c.slabs[ps] * ups[ps] < 1)
 
-    def _rebalance_for(self, be, timer, free, kv_need: int, ssm_need: int) -> _Counts | None:
+
+class _Series:
+    """Per-tick samples of the run (see ``avmp_triton.metrics`` for their definitions)."""
+
+    def __init__(self):
+        self.batch, self.kv, self.ssm, self.mem, self.pad, self.align, self.tail = ([] for _ in range(7))
+
+    def sample(self, g: _Geometry, c: _Counts, rows: _Rows, running: np.ndarray) -> None:
+        n_run = len(running)
+        live_kv = int(rows.pages.sum())
+        units = [c.slabs[p] * g.ups[p] for p in range(g.npools)]
+        kv_units, ssm_units = units[g.pk], units[g.ps]
+        self.batch.append(n_run)
+        self.kv.append(live_kv / kv_units if kv_units else 0.0)
+        self.ssm.append(n_run / ssm_units if ssm_units else 0.0)
+        self.tail.append(sum(c.slabs[p] * g.tails[p] for p in range(g.npools)))
+        self.mem.append((int(rows.ctx[running].sum()) * g.token_bytes + n_run * g.block_raw) / g.usable)
+        self.pad.append(live_kv * (g.unit[g.pk] - g.page_raw) + n_run * (g.unit[g.ps] - g.block_raw))
+        self.align.append(live_kv * (g.page_aligned - g.page_raw) + n_run * (g.block_aligned - g.block_raw))
+
+
+class _Run:
+    """One ``Scheduler.run``: the per-run state, and one method per step of the tick (see the module
+    docstring for the steps)."""
+
+    def __init__(self, sched: Scheduler, reqs: _Requests, be):
+        a = sched.allocator
+        self.a, self.be, self.reqs, self.events = a, be, reqs, sched.events
+        self.g = _Geometry(a)
+        self.pt = a.page_tokens
+        self.R = sched.max_running
+        self.timer = _Timer(sched.time_allocator, sched.backend == "device" and a.device.type == "cuda")
+        self.proactive = getattr(a, "proactive", None) is not None
+        self.runner = _RunnerFeed(sched.model_runner, self.R, a.device) if sched.model_runner is not None else None
+        self.start_stats = be.stats()
+        self.never = self.g.never_fits(be.probe(), reqs.max_pages)
+        self.rows = _Rows(self.R)
+        self.series = _Series()
+        self.order = np.argsort(reqs.arrival, kind="stable")
+        self.queue: collections.deque[int] = collections.deque()
+        self.t = self.nxt = self.seq = 0
+        self.settled = 0          # finished or found unservable
+        self.done = self.unservable = self.preemptions = self.recomputed = 0
+        self.growth_failures = self.admission_failures = 0
+        self.c: _Counts | None = None
+        self.free: list[int] = []  # free units per pool, kept exact on the host through the tick
+        self.fh = 0                # free handles, likewise
+
+    def left_to_settle(self) -> bool:
+        return self.settled < self.reqs.n
+
+    def _event(self, kind: str, i: int) -> None:
+        if self.events is not None:
+            self.events.append((self.t, kind, self.reqs.rid[i]))
+
+    def _read_counts(self) -> None:
+        self.c = self.be.probe()
+        self.free, self.fh = self.c.free, self.c.free_handles
+
+    def fits(self, kv: int, ssm: int) -> bool:
+        g, free = self.g, self.free
+        if g.dual:
+            return kv <= free[g.pk] and ssm <= free[g.ps] and kv + ssm <= self.fh
+        return kv + ssm <= free[g.pk] and kv + ssm <= self.fh
+
+    def tick(self) -> None:
+        self._arrivals()
+        self.timer.new_tick()
+        with self.timer:
+            if self.proactive:
+                self.be.proactive_step()
+            self._read_counts()
+        rows = self.rows
+        active = rows.req >= 0
+        rows.need[:] = 0
+        rows.need[active] = (rows.ctx[active] % self.pt) == 0
+        growth = int(rows.need.sum())
+        growth, preempted = self._grow_or_preempt(growth)
+        admitted, kv_adm = ([], 0) if preempted else self._admit(growth, active.any())
+        with self.timer:
+            if growth or kv_adm:
+                self.be.grow(rows.need)
+            if admitted:
+                self.be.alloc_ssm(admitted)
+        decoding = active & (rows.req >= 0)  # running before this tick and not preempted
+        rows.pages += rows.need
+        rows.ctx[decoding] += 1
+        running = np.flatnonzero(rows.req >= 0)
+        if self.runner is not None:
+            self.runner.step(self.be, self.t, rows, admitted)
+        self.reqs.generated[rows.req[running]] += 1
+        self.series.sample(self.g, self.c, rows, running)
+        self._finish(running)
+        self.t += 1
+
+    def _arrivals(self) -> None:
+        reqs = self.reqs
+        while self.nxt < reqs.n and reqs.arrival[self.order[self.nxt]] <= self.t:
+            i = int(self.order[self.nxt])
+            self.nxt += 1
+            self._event("arrive", i)
+            if self.never[i]:
+                self.unservable += 1
+                self.settled += 1
+                self._event("unservable", i)
+            else:
+                self.queue.append(i)
+
+    def _grow_or_preempt(self, growth: int) -> tuple[int, bool]:
+        """Room for this tick's ``growth`` pages: AVMP rebalances, then the most recently admitted
+        request is preempted (recompute) until it fits. Returns (growth left, preempted any)."""
+        if self.fits(growth, 0):
+            return growth, False
+        g, rows = self.g, self.rows
+        self.growth_failures += growth - min(self.free[g.pk], self.fh)
+        pending: list[int] = []
+        preempted = False
+        while True:
+            if g.migrates:
+                with self.timer:
+                    if pending:
+                        self.be.release(pending)
+                        pending = []
+                    try:
+                        self.be.make_room("kv", growth, self.free[g.pk])
+                    except PoolExhaustedError:
+                        pass
+                    self._read_counts()
+            if self.fits(growth, 0):
+                break
+            v = int(np.argmax(np.where(rows.req >= 0, rows.seq, -1)))
+            i = int(rows.req[v])
+            self.preemptions += 1
+            self.recomputed += int(self.reqs.prompt[i] + self.reqs.generated[i])
+            self.free[g.pk] += int(rows.pages[v])
+            self.free[g.ps] += 1
+            self.fh += int(rows.pages[v]) + 1
+            growth -= int(rows.need[v])
+            rows.need[v] = 0
+            rows.clear(v)
+            self.queue.appendleft(i)
+            self._event("preempt", i)
+            pending.append(v)
+            preempted = True
+        if pending:
+            with self.timer:
+                self.be.release(pending)
+        return growth, preempted
+
+    def _admit(self, growth: int, any_active: bool) -> tuple[list[int], int]:
+        """Strict FIFO from the head of the queue. Returns (rows admitted, their prompt pages)."""
+        admitted: list[int] = []
+        kv_adm = 0
+        free_rows = np.flatnonzero(self.rows.req < 0)
+        reqs, rows, queue = self.reqs, self.rows, self.queue
+        while queue and len(admitted) < len(free_rows):
+            i = queue[0]
+            c0 = int(reqs.prompt[i] + reqs.generated[i])
+            pages = -(-c0 // self.pt)
+            kv_need, ssm_need = growth + kv_adm + pages, len(admitted) + 1
+            if not self._fits_after_rebalance(kv_need, ssm_need):
+                if admitted or any_active:
+                    break
+                queue.popleft()  # nothing live at all and it does not fit: it never will
+                self._event("unservable", i)
+                self.unservable += 1
+                self.settled += 1
+                continue
+            queue.popleft()
+            r = int(free_rows[len(admitted)])
+            admitted.append(r)
+            kv_adm += pages
+            rows.req[r], rows.ctx[r], rows.seq[r], rows.need[r] = i, c0, self.seq, pages
+            self.seq += 1
+            if reqs.first_admit[i] < 0:
+                reqs.first_admit[i] = self.t
+            self._event("admit", i)
+        return admitted, kv_adm
+
+    def _fits_after_rebalance(self, kv_need: int, ssm_need: int) -> bool:
+        if self.fits(kv_need, ssm_need):
+            return True
+        self.admission_failures += 1
+        if self.g.migrates and self.g.dual and self._rebalance_for(kv_need, ssm_need):
+            return self.fits(kv_need, ssm_need)
+        return False
+
+    def _rebalance_for(self, kv_need: int, ssm_need: int) -> bool:
         """AVMP, admission short in exactly one pool: move capacity from the other pool if that one
         keeps what this tick needs from it. ``make_room`` (eager: it may hand over up to
         ``migration_batch`` free slabs) when even its largest move leaves the donor enough, else
         ``rebalance`` of exactly the slabs missing, so that an eager move can never take what the
         same admission needs from the donor (which could bounce capacity back and forth for ever).
-        Returns the new counts, or None when nothing was tried."""
-        a = self.allocator
-        pk, ps = a._pool_of[KIND_KV], a._pool_of[KIND_SSM]
-        ups = a.units_per_slab
-        short_kv, short_ssm = kv_need > free[pk], ssm_need > free[ps]
+        Returns whether it tried (and re-read the counts)."""
+        g, free = self.g, self.free
+        short_kv, short_ssm = kv_need > free[g.pk], ssm_need > free[g.ps]
         if short_kv == short_ssm:
-            return None  # both short: moving capacity from one pool to the other cannot help
+            return False  # both short: moving capacity from one pool to the other cannot help
         if short_kv:
-            kind, n, p, d, keep = "kv", kv_need, pk, ps, ssm_need
+            kind, n, p, d, keep = "kv", kv_need, g.pk, g.ps, ssm_need
         else:
-            kind, n, p, d, keep = "ssm", ssm_need, ps, pk, kv_need
-        slabs = -(-(n - free[p]) // ups[p])
-        if free[d] - slabs * ups[d] < keep:
-            return None
-        with timer:
+            kind, n, p, d, keep = "ssm", ssm_need, g.ps, g.pk, kv_need
+        slabs = -(-(n - free[p]) // g.ups[p])
+        if free[d] - slabs * g.ups[d] < keep:
+            return False
+        with self.timer:
             try:
-                if free[d] - max(slabs, a.migration_batch) * ups[d] >= keep:
-                    be.make_room(kind, n, free[p])
+                if free[d] - max(slabs, g.migration_batch) * g.ups[d] >= keep:
+                    self.be.make_room(kind, n, free[p])
                 else:
-                    be.rebalance(kind, slabs)
+                    self.be.rebalance(kind, slabs)
             except PoolExhaustedError:
                 pass
-            return be.probe()
+            self._read_counts()
+        return True
+
+    def _finish(self, running: np.ndarray) -> None:
+        """Requests that have generated all their tokens free everything, in one call."""
+        reqs, rows = self.reqs, self.rows
+        req_running = rows.req[running]
+        fin = running[reqs.generated[req_running] >= reqs.output[req_running]]
+        if not fin.size:
+            return
+        with self.timer:
+            self.be.release(fin.tolist())
+        for i in rows.req[fin].tolist():
+            self._event("finish", i)
+        rows.clear(fin)
+        self.done += fin.size
+        self.settled += fin.size
+
+    def drain(self) -> None:
+        """Release what is still running (only when max_ticks stopped the run early)."""
+        left = np.flatnonzero(self.rows.req >= 0)
+        if left.size:
+            self.be.release(left.tolist())
+            self.rows.req[left] = -1
+        if self.be.name == "device":
+            self.be.probe()  # checks the last calls' error flags
+
+    def metrics(self) -> RunMetrics:
+        end, start, reqs, s = self.be.stats(), self.start_stats, self.reqs, self.series
+        drained = end.handles_live == 0 and all(p.free_units == p.units for p in end.pools.values())
+        waits = (reqs.first_admit - reqs.arrival)[reqs.first_admit >= 0]
+        alloc_mean_us, alloc_p50_us = self.timer.summary_us()
+        fails = self.growth_failures + self.admission_failures
+        N, t = reqs.n, self.t
+        return RunMetrics(
+            allocator=type(self.a).__name__, backend=self.be.name, num_requests=N,
+            completed=self.done, unservable=self.unservable, makespan_ticks=t,
+            tokens_generated=int(reqs.generated.sum()),
+            batch_mean=mean(s.batch), batch_p50=percentile(s.batch, 50), batch_peak=int(max(s.batch, default=0)),
+            admission_wait_mean=mean(waits), admission_wait_p50=percentile(waits, 50),
+            admission_wait_p99=percentile(waits, 99),
+            preemptions=self.preemptions, recomputed_tokens=self.recomputed,
+            alloc_failures=fails, alloc_failures_per_request=fails / N if N else 0.0,
+            growth_failures=self.growth_failures, admission_failures=self.admission_failures,
+            kv_util_mean=mean(s.kv), ssm_util_mean=mean(s.ssm), mem_util_mean=mean(s.mem),
+            kv_util_series=downsample(s.kv), ssm_util_series=downsample(s.ssm),
+            padding_waste_bytes_mean=mean(s.pad), alignment_waste_bytes=mean(s.align),
+            slab_tail_bytes=int(round(mean(s.tail))),
+            migrations=end.migrations - start.migrations, slabs_moved=end.slabs_moved - start.slabs_moved,
+            proactive_slabs_moved=end.proactive_slabs_moved - start.proactive_slabs_moved,
+            bytes_moved=end.bytes_copied - start.bytes_copied,
+            alloc_time_us_per_step_mean=alloc_mean_us, alloc_time_us_per_step_p50=alloc_p50_us,
+            alloc_time_kind=self.timer.kind, host_syncs_per_step=self.be.syncs / t if t else 0.0,
+            units_returned_at_drain=bool(drained),
+        )
+
+
+class _RunnerFeed:
+    """The model runner's per-tick metadata, in fixed device buffers."""
+
+    def __init__(self, runner: ModelRunner, R: int, dev):
+        self.runner = runner
+        self.running = torch.zeros(R, dtype=torch.bool, device=dev)
+        self.prefill = torch.zeros(R, dtype=torch.bool, device=dev)
+        self.qlen = torch.zeros(R, dtype=torch.int32, device=dev)
+        self.ctx = torch.zeros(R, dtype=torch.int32, device=dev)
+
+    def step(self, be, t: int, rows: _Rows, admitted: list[int]) -> None:
+        running = rows.req >= 0
+        prefill = np.zeros(len(running), dtype=bool)
+        prefill[admitted] = True
+        qlen = np.where(prefill, rows.ctx, running.astype(np.int64)).astype(np.int32)
+        self.running.copy_(torch.from_numpy(running))
+        self.prefill.copy_(torch.from_numpy(prefill))
+        self.qlen.copy_(torch.from_numpy(qlen))
+        self.ctx.copy_(torch.from_numpy(np.where(running, rows.ctx, 0).astype(np.int32)))
+        self.runner.step(be.block_table, be.num_pages, be.ssm_handles, self.running,
+                         StepBatch(tick=t, query_lens=self.qlen, context_lens=self.ctx, prefill_mask=self.prefill,
+                                   request_ids=np.where(running, rows.req, -1)))
 
 
 def _is_int(x) -> bool:
