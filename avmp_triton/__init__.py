@@ -4,7 +4,7 @@ Two physically distinct pools (KV pages, SSM blocks) behind one handle space, al
 device tensors, allocation and migration done by Triton kernels.
 """
 from avmp_triton import _triton_env  # noqa: F401  (must run before triton is imported)
-from avmp_triton.allocator import (
+from avmp_triton.memory.allocator import (
     AllocatorStats,
     AVMPAllocator,
     InvalidHandleError,

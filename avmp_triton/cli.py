@@ -11,8 +11,8 @@ on a CPU-only machine) and cross-checks their metrics against the pure-Python re
 ("model": the same state machine and decisions); ``--backend device`` or ``model`` runs that one
 alone. It always prints which backend produced the table.
 
-Subcommands: ``compare`` (the default), ``sweep`` (the full grid, ``avmp_triton.sweep``),
-``report`` (``avmp_triton.report``), ``demo`` (the allocator demo, ``avmp_triton.demo``).
+Subcommands: ``compare`` (the default), ``sweep`` (the full grid, ``avmp_triton.sim.sweep``),
+``report`` (``avmp_triton.sim.report``), ``demo`` (the allocator demo, ``avmp_triton.sim.demo``).
 Out of memory, an unavailable device and an unwritable output folder end the command with one
 line on stderr and exit code 2.
 """
@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import avmp_triton  # noqa: F401  (chooses Triton's interpreter on CPU-only hosts before triton is imported)
-from avmp_triton import sweep as sw
+from avmp_triton.sim import sweep as sw
 from avmp_triton.spec import get_preset, list_presets
-from avmp_triton.workloads import WORKLOADS, make_workload
+from avmp_triton.sim.workloads import WORKLOADS, make_workload
 
 __all__ = ["DEFAULT_BUDGET_K", "DEFAULT_SPEC", "DEFAULT_VARIANTS", "DEFAULT_WORKLOAD", "BackendChoice",
            "CommandError", "choose_backend", "main", "run_compare"]
@@ -117,7 +117,7 @@ def _int_list(what: str, lo: int):
 def _run_all(spec, reqs, budget, variants, backend, device, desc, progress):
     from tqdm import tqdm
 
-    from avmp_triton.scheduler import Scheduler
+    from avmp_triton.engine.scheduler import Scheduler
 
     n = len(reqs)
     bar = tqdm(total=n * len(variants), desc=desc, unit="req", disable=not progress, file=sys.stderr,
@@ -456,13 +456,13 @@ def _cmd_sweep(args, sub) -> int:
     except ValueError as e:
         sub.error(str(e))
     if not args.no_report:
-        from avmp_triton.report import write_report
+        from avmp_triton.sim.report import write_report
         print(f"report: {write_report(args.out)}")
     return 0
 
 
 def _cmd_report(args, sub) -> int:
-    from avmp_triton.report import write_report
+    from avmp_triton.sim.report import write_report
     if not Path(args.results).is_dir():
         sub.error(f"--results {args.results!r}: no such folder")
     out = _check_writable(args.out, "--out") if args.out is not None else _check_writable(args.results, "--results")
@@ -475,7 +475,7 @@ def _cmd_report(args, sub) -> int:
 
 
 def _cmd_demo(args, sub) -> int:
-    from avmp_triton.demo import run_demo
+    from avmp_triton.sim.demo import run_demo
     _check_device(args.device)
     if not run_demo(args.preset, args.slabs, args.device):
         print("demo check failed: live data or accounting was not preserved", file=sys.stderr)

@@ -24,7 +24,7 @@ import triton
 import triton.testing
 
 from avmp_triton import AVMPAllocator, PaddedUnifiedAllocator, StaticDualAllocator, get_preset
-from avmp_triton.allocator import KIND_KV, _COPY_BLOCK, _COPY_CHUNK
+from avmp_triton.memory.allocator import KIND_KV, _COPY_BLOCK, _COPY_CHUNK
 from avmp_triton.kernels import alloc as K
 
 

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-import avmp_triton.allocator as A
+import avmp_triton.memory.allocator as A
 from avmp_triton import AVMPAllocator, get_preset
 from perf.bench_alloc import _per_call_us
 

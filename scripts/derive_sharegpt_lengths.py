@@ -7,9 +7,9 @@ in the PyPI package ``mistral-common`` (``tokenizer.model.v1``, the 32,000-token
 vocabulary, loaded with the ``sentencepiece`` package), filters as vLLM's ``benchmark_serving``
 does, and writes lengths only (no text):
 
-* ``avmp_triton/data/sharegpt_lengths.csv``: header ``prompt_tokens,output_tokens``, one row per
+* ``avmp_triton/sim/data/sharegpt_lengths.csv``: header ``prompt_tokens,output_tokens``, one row per
   kept conversation, in the dataset's order;
-* ``avmp_triton/data/sharegpt_lengths.json``: provenance (package versions, file hashes, tokenizer
+* ``avmp_triton/sim/data/sharegpt_lengths.json``: provenance (package versions, file hashes, tokenizer
   file, the pairing and filter rules, counts kept and dropped per rule).
 
 Pairing: prompt = the conversation's first human turn (``from`` in {human, user}), output = the turn

@@ -1,4 +1,4 @@
-"""Allocator kernels against the reference model (avmp_triton/reference/allocator_model.py).
+"""Allocator kernels against the reference model (avmp_triton/memory/model.py).
 
 Small odd geometries (2048-byte slabs; one spec whose KV page is larger than its SSM block, one
 the other way round with padded odd units), scattered handles, all three allocator classes.
@@ -18,8 +18,8 @@ from avmp_triton import (
     PoolExhaustedError,
     StaticDualAllocator,
 )
-from avmp_triton.allocator import KIND_KV, KIND_SSM
-from avmp_triton.reference.allocator_model import AllocatorModel, assert_matches, device_state
+from avmp_triton.memory.allocator import KIND_KV, KIND_SSM
+from avmp_triton.memory.model import AllocatorModel, assert_matches, device_state
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SLAB = 2048
@@ -396,7 +396,7 @@ def test_grow_release_over_a_thousand_rows():
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Shrink every launch's block so that small inputs take the multi-block / multi-program paths."""
-    import avmp_triton.allocator as A
+    import avmp_triton.memory.allocator as A
 
     monkeypatch.setattr(A, "_launch_shape", lambda n: (16, 1))
     # raising=True: if a knob is renamed this fixture fails loudly instead of silently testing less

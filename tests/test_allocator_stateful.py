@@ -21,8 +21,8 @@ from avmp_triton import (
     PoolExhaustedError,
     StaticDualAllocator,
 )
-from avmp_triton.allocator import KIND_KV, KIND_SSM
-from avmp_triton.reference.allocator_model import AllocatorModel, assert_matches, device_state
+from avmp_triton.memory.allocator import KIND_KV, KIND_SSM
+from avmp_triton.memory.model import AllocatorModel, assert_matches, device_state
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SLAB = 2048

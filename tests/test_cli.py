@@ -1,5 +1,5 @@
-"""The main job's CLI (avmp_triton/cli.py), the sweep (avmp_triton/sweep.py) and the report
-(avmp_triton/report.py): small, fast runs through the model backend, argument errors, a resumed
+"""The main job's CLI (avmp_triton/cli.py), the sweep (avmp_triton/sim/sweep.py) and the report
+(avmp_triton/sim/report.py): small, fast runs through the model backend, argument errors, a resumed
 sweep, a report with plots, and the bootstrap CI on hand-made samples."""
 import json
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from avmp_triton import cli
-from avmp_triton import sweep as sw
-from avmp_triton.report import paired_bootstrap_ci, write_report
+from avmp_triton.sim import sweep as sw
+from avmp_triton.sim.report import paired_bootstrap_ci, write_report
 from avmp_triton.spec import get_preset
 
 SMALL = ["--num-requests", "20", "--budget-blocks", "8", "--backend", "model", "--no-progress"]

@@ -1,4 +1,4 @@
-"""Scheduler (avmp_triton/scheduler.py), its metrics, and the proactive watermark policy.
+"""Scheduler (avmp_triton/engine/scheduler.py), its metrics, and the proactive watermark policy.
 
 Hand-checked traces on a tiny spec (page_tokens 4: a 128-byte page, 4 per 512-byte slab; a
 224-byte SSM block, 2 per slab), invariants from the event log on random workloads under pressure,
@@ -19,10 +19,10 @@ from avmp_triton import (
     StaticDualAllocator,
     get_preset,
 )
-from avmp_triton.metrics import MAX_SERIES_POINTS, RunMetrics
-from avmp_triton.reference.allocator_model import AllocatorModel, assert_matches
-from avmp_triton.scheduler import Scheduler
-from avmp_triton.workloads import Request, make_workload
+from avmp_triton.engine.metrics import MAX_SERIES_POINTS, RunMetrics
+from avmp_triton.memory.model import AllocatorModel, assert_matches
+from avmp_triton.engine.scheduler import Scheduler
+from avmp_triton.sim.workloads import Request, make_workload
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SLAB = 512

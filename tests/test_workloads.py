@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from avmp_triton.workloads import (
+from avmp_triton.sim.workloads import (
     WORKLOADS,
     Request,
     make_workload,

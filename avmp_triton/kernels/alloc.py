@@ -1,6 +1,6 @@
 """Allocator kernels: batched alloc, free, per-row growth/release and slab migration.
 
-All allocator state lives in device tensors (see ``avmp_triton/allocator.py`` for the layout):
+All allocator state lives in device tensors (see ``avmp_triton/memory/allocator.py`` for the layout):
 
     table      [H] int64   handle -> byte offset in the arena, -1 when free
     kinds      [H] int32   handle -> 0 free, 1 KV page, 2 SSM block

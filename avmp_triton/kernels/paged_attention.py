@@ -1,7 +1,7 @@
 """Paged decode attention (split-KV / flash-decoding) and KV append, reading KV pages in place.
 
 Every kernel resolves its pages itself: ``block_table[b, i]`` is a KV handle, ``table[handle]``
-its byte offset in the arena (see ``avmp_triton/allocator.py``), and the page layout is the one of
+its byte offset in the arena (see ``avmp_triton/memory/allocator.py``), and the page layout is the one of
 ``avmp_triton/layout.py``::
 
     page[layer][kv (0 = K, 1 = V)][kv_head][token][head_dim]      (elements of the KV dtype)

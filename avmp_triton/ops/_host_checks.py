@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from avmp_triton.allocator import KIND_KV, KIND_SSM, InvalidHandleError
+from avmp_triton.memory.allocator import KIND_KV, KIND_SSM, InvalidHandleError
 _KIND_NAMES = {KIND_KV: "KV page", KIND_SSM: "SSM block"}
 
 

@@ -395,7 +395,7 @@ def _is_int(x) -> bool:
 
 def from_alloc(alloc):
     """(arena, handle table, handle kinds, page layout, attention layers, KV dtype) of an allocator."""
-    from avmp_triton.allocator import ArenaAllocator
+    from avmp_triton.memory.allocator import ArenaAllocator
     if not isinstance(alloc, ArenaAllocator):
         raise TypeError(f"alloc must be an allocator (AVMPAllocator, StaticDualAllocator, PaddedUnifiedAllocator), "
                         f"got {type(alloc).__name__}")

@@ -1,6 +1,6 @@
 """Executable spec of the allocator state machine, in plain Python (lists and dicts, no kernels).
 
-``AllocatorModel`` keeps the same state as ``avmp_triton.allocator.ArenaAllocator`` keeps in device
+``AllocatorModel`` keeps the same state as ``avmp_triton.memory.allocator.ArenaAllocator`` keeps in device
 tensors and applies exactly the same deterministic policy, so after any sequence of calls the two
 must agree entry for entry (``assert_matches``). It does not model the arena's bytes: tests track
 those per handle and check that compaction carries them along.
@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from avmp_triton.allocator import (
+from avmp_triton.memory.allocator import (
     KIND_FREE,
     WATERMARK_SCALE,
     KIND_KV,

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from avmp_triton.allocator import AVMPAllocator, PaddedUnifiedAllocator
+from avmp_triton.memory.allocator import AVMPAllocator, PaddedUnifiedAllocator
 from avmp_triton.spec import get_preset
 
 
@@ -80,6 +80,6 @@ def run_demo(preset: str, slabs: int, device: str | None, seed: int = 0) -> bool
 
 
 def _capacity(spec, slabs: int) -> int:
-    from avmp_triton.allocator import default_slab_bytes
+    from avmp_triton.memory.allocator import default_slab_bytes
     page = spec.kv_page_bytes
     return slabs * default_slab_bytes(sorted({page, spec.ssm_block_bytes}))

@@ -54,8 +54,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from avmp_triton.allocator import UNIT_ALIGN, ArenaAllocator, PoolExhaustedError
-from avmp_triton.metrics import RunMetrics, downsample, mean, percentile
+from avmp_triton.memory.allocator import UNIT_ALIGN, ArenaAllocator, PoolExhaustedError
+from avmp_triton.engine.metrics import RunMetrics, downsample, mean, percentile
 
 __all__ = ["ModelRunner", "Scheduler", "StepBatch"]
 
@@ -159,7 +159,7 @@ class _ModelBackend:
     name = "model"
 
     def __init__(self, alloc: ArenaAllocator, R: int, W: int):
-        from avmp_triton.reference.allocator_model import AllocatorModel
+        from avmp_triton.memory.model import AllocatorModel
         self.m = AllocatorModel.like(alloc)
         self.block_table = [[-1] * W for _ in range(R)]
         self.num_pages = [0] * R
@@ -415,7 +415,7 @@ class _Geometry:
 
 
 class _Series:
-    """Per-tick samples of the run (see ``avmp_triton.metrics`` for their definitions)."""
+    """Per-tick samples of the run (see ``avmp_triton.engine.metrics`` for their definitions)."""
 
     def __init__(self):
         self.batch, self.kv, self.ssm, self.mem, self.pad, self.align, self.tail = ([] for _ in range(7))

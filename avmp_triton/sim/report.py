@@ -1,4 +1,4 @@
-"""Markdown report (and PNG plots) of a sweep's results directory (see ``avmp_triton.sweep``).
+"""Markdown report (and PNG plots) of a sweep's results directory (see ``avmp_triton.sim.sweep``).
 
 ``write_report(results_dir, out_dir)`` reads every cell JSON under ``results_dir`` and writes
 ``out_dir/report.md`` plus PNGs: per workload and spec, a table of every variant with mean ± std
@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from avmp_triton.sweep import VARIANTS, load_results
+from avmp_triton.sim.sweep import VARIANTS, load_results
 
 __all__ = ["BootstrapCI", "paired_bootstrap_ci", "write_report"]
 

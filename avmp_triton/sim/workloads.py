@@ -16,7 +16,7 @@ inclusive integer uniforms.
   gap 0.1 tick: arrival ticks are floor(cumulative sum of Exponential(0.1) gaps), so about ten
   requests land on each tick.
 * ``sharegpt``: ``num_requests`` (default 512) conversations drawn without replacement, with the
-  seeded RNG, from ``avmp_triton/data/sharegpt_lengths.csv``; that table holds the token lengths of
+  seeded RNG, from ``avmp_triton/sim/data/sharegpt_lengths.csv``; that table holds the token lengths of
   real ShareGPT V3 conversations (prompt = first human turn, output = the reply to it; counted with
   the SentencePiece tokenizer of ``mistral-common``; filtered as vLLM's benchmark_serving does:
   prompt and output >= 4 tokens, prompt <= 1024, prompt + output <= 2048). It is derived by
@@ -70,7 +70,7 @@ def _uniform(rng: np.random.Generator, lo: int, hi: int, n: int) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def sharegpt_table() -> tuple[np.ndarray, np.ndarray]:
     """(prompt_tokens, output_tokens) of every row of the committed ShareGPT table, int64, read-only."""
-    text = resources.files("avmp_triton").joinpath("data", _DATA_CSV).read_text()
+    text = resources.files("avmp_triton.sim").joinpath("data", _DATA_CSV).read_text()
     lines = text.splitlines()
     if not lines or lines[0].strip() != "prompt_tokens,output_tokens":
         raise RuntimeError(f"{_DATA_CSV}: unexpected header {lines[:1]!r}")
@@ -85,7 +85,7 @@ def sharegpt_table() -> tuple[np.ndarray, np.ndarray]:
 
 def sharegpt_metadata() -> dict:
     """Provenance of the ShareGPT table (package versions, tokenizer, filter rules, counts)."""
-    return json.loads(resources.files("avmp_triton").joinpath("data", _DATA_JSON).read_text())
+    return json.loads(resources.files("avmp_triton.sim").joinpath("data", _DATA_JSON).read_text())
 
 
 def _check_int(name: str, value, minimum: int) -> int:

@@ -64,9 +64,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import avmp_triton  # noqa: F401  (sets up Triton's interpreter on CPU-only hosts before triton is imported)
-from avmp_triton.allocator import AVMPAllocator, PaddedUnifiedAllocator, StaticDualAllocator
+from avmp_triton.memory.allocator import AVMPAllocator, PaddedUnifiedAllocator, StaticDualAllocator
 from avmp_triton.spec import get_preset, list_presets
-from avmp_triton.workloads import WORKLOADS, make_workload
+from avmp_triton.sim.workloads import WORKLOADS, make_workload
 
 __all__ = [
     "BUDGETS", "QUICK_NUM_REQUESTS", "SCHEMA", "SEEDS", "SPECS", "VARIANTS", "Budget", "Cell", "Variant",
@@ -250,7 +250,7 @@ def run_cell(cell: Cell, *, backend: str | None = None, device: str | None = Non
              time_allocator: bool = True, progress: Callable[[int, int], None] | None = None,
              budget: Budget | None = None, git: dict | None = None) -> dict:
     """Run one cell and return its JSON record (not written)."""
-    from avmp_triton.scheduler import Scheduler
+    from avmp_triton.engine.scheduler import Scheduler
 
     device = device or default_device()
     backend = backend or default_backend(device)

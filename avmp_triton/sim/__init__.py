@@ -1,0 +1,1 @@
+"""The allocator-only simulator: workloads, the compare experiment, sweep, report and demo."""
