@@ -1,58 +1,28 @@
-"""The main job: ``python -m avmp_triton`` / ``avmp``.
-
-With no arguments it runs ``compare`` on the embedded default: jamba-1.5-mini, the ShareGPT trace
-(48 requests, seed 0), a budget of 8 typical requests (8 SSM blocks + 8 x 29 KV pages, 0.12 GiB),
-and the variants padded_unified, static_dual_0.5, static_dual_0.9 and avmp_mb16, through one
-continuous-batching scheduler, then prints a table.
-
-Backend (``choose_backend``, from the flags and the hardware only): ``--backend auto`` (the
-default) runs the allocator's Triton kernels ("device": compiled on a GPU, in Triton's interpreter
-on a CPU-only machine) and cross-checks their metrics against the pure-Python reference allocator
-("model": the same state machine and decisions); ``--backend device`` or ``model`` runs that one
-alone. It always prints which backend produced the table.
-
-Subcommands: ``compare`` (the default), ``sweep`` (the full grid, ``avmp_triton.sim.sweep``),
-``report`` (``avmp_triton.sim.report``), ``demo`` (the allocator demo, ``avmp_triton.sim.demo``).
-Out of memory, an unavailable device and an unwritable output folder end the command with one
-line on stderr and exit code 2.
+"""The command line, ``python -m avmp_triton`` / ``avmp``: argument parsing, and one function per
+subcommand that calls into ``avmp_triton.sim`` (``compare``, the default; ``sweep``; ``report``;
+``demo``). Out of memory, an unavailable device and an unwritable output folder end the command
+with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import avmp_triton  # noqa: F401  (chooses Triton's interpreter on CPU-only hosts before triton is imported)
+from avmp_triton.sim import compare
 from avmp_triton.sim import sweep as sw
-from avmp_triton.spec import get_preset, list_presets
+from avmp_triton.sim.compare import (DEFAULT_BUDGET_K, DEFAULT_NUM_REQUESTS, DEFAULT_SEED, DEFAULT_SPEC,
+                                     DEFAULT_VARIANTS, DEFAULT_WORKLOAD, CommandError)
 from avmp_triton.sim.workloads import WORKLOADS, make_workload
+from avmp_triton.spec import get_preset, list_presets
 
-__all__ = ["DEFAULT_BUDGET_K", "DEFAULT_SPEC", "DEFAULT_VARIANTS", "DEFAULT_WORKLOAD", "BackendChoice",
-           "CommandError", "choose_backend", "main", "run_compare"]
+__all__ = ["build_parser", "main"]
 
-DEFAULT_SPEC = "jamba-1.5-mini"
-DEFAULT_WORKLOAD = "sharegpt"
-# the embedded default is small enough that, on a CPU-only machine, the real allocator kernels run
-# in Triton's interpreter in about 100 s on 2 cores (measured 82-100 s), with the pools under pressure
-DEFAULT_BUDGET_K = 8
-DEFAULT_NUM_REQUESTS = 48
-DEFAULT_SEED = 0
-DEFAULT_VARIANTS = ("padded_unified", "static_dual_0.5", "static_dual_0.9", "avmp_mb16")
-SUBCOMMANDS = ("compare", "sweep", "report", "demo")
-# RunMetrics fields that may differ between the device and the model backend
-_BACKEND_FIELDS = {"backend", "host_syncs_per_step", "alloc_time_us_per_step_mean", "alloc_time_us_per_step_p50",
-                   "alloc_time_kind"}
 # what torch and the C++ allocators say when memory runs out (torch.OutOfMemoryError covers CUDA)
 _OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
-
-
-class CommandError(Exception):
-    """The command cannot run as asked (no memory for it, no such device, an unwritable folder):
-    ``main`` prints the message as one line on stderr and exits with code 2."""
 
 
 # --------------------------------------------------------------------------------------- argument types
@@ -113,135 +83,7 @@ def _int_list(what: str, lo: int):
     return parse
 
 
-# ---------------------------------------------------------------------------------------------- compare
-def _run_all(spec, reqs, budget, variants, backend, device, desc, progress):
-    from tqdm import tqdm
-
-    from avmp_triton.engine.scheduler import Scheduler
-
-    n = len(reqs)
-    bar = tqdm(total=n * len(variants), desc=desc, unit="req", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    out = {}
-    try:
-        for i, v in enumerate(variants):
-            bar.set_postfix_str(v)
-            alloc = sw.make_allocator(v, spec, budget.capacity_bytes, device)
-            base = i * n
-
-            def cb(done, total, base=base):
-                bar.update(base + done - bar.n)
-
-            out[v] = Scheduler(alloc, max_running=sw.MAX_RUNNING, backend=backend).run(reqs, progress=cb)
-            bar.update(base + n - bar.n)
-    finally:
-        bar.close()
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class BackendChoice:
-    backend: str        # "device" or "model": the backend whose metrics the table shows
-    cross_check: bool   # also run the model backend and compare every metric but the timings
-    note: str           # what ran, for the "backend:" line
-
-
-def choose_backend(requested: str, cuda: bool) -> BackendChoice:
-    """The backend of ``compare`` from the ``--backend`` flag and whether a GPU is present: nothing
-    else (no timing, no machine load), so the same command always runs the same thing."""
-    where = "on the GPU" if cuda else "in Triton's interpreter on the CPU"
-    if requested == "auto":
-        return BackendChoice("device", True, f"Triton kernels {where}")
-    if requested == "device":
-        return BackendChoice("device", False, f"Triton kernels {where} (asked for)")
-    if requested == "model":
-        return BackendChoice("model", False, "pure-Python reference allocator (asked for)")
-    raise ValueError(f"backend must be 'auto', 'device' or 'model', got {requested!r}")
-
-
-def _same(a, b) -> bool:
-    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
-    return all(da[k] == db[k] for k in da if k not in _BACKEND_FIELDS)
-
-
-def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLOAD, budget_k: int | None = None,
-                capacity_gib: float | None = None, seed: int = DEFAULT_SEED, num_requests: int | None = None,
-                variants=DEFAULT_VARIANTS, backend: str = "auto", progress: bool = True, out=print) -> dict:
-    """Run the comparison and print its table; returns {"backend", "metrics": {variant: RunMetrics},
-    "agree" (the cross-check's verdict, None without one), ...}.
-
-    Raises ValueError for a bad argument value and CommandError when the budget does not fit into
-    the memory available on the device."""
-    t_start = time.perf_counter()
-    spec = get_preset(spec_name)
-    device = "cuda" if _cuda() else "cpu"
-    choice = choose_backend(backend, device == "cuda")
-    explicit = budget_k is not None or capacity_gib is not None
-    opt = f"--capacity-gib {capacity_gib}" if capacity_gib is not None else f"--budget-blocks {budget_k}"
-    try:
-        if capacity_gib is not None:
-            budget = sw.make_budget(spec, workload, capacity_bytes=int(capacity_gib * 2**30))
-        else:
-            budget = sw.make_budget(spec, workload, budget_k if budget_k is not None else DEFAULT_BUDGET_K)
-        _check_memory(budget.capacity_bytes, device,
-                      opt if explicit else f"--budget-blocks {DEFAULT_BUDGET_K} (the default)")
-        for v in variants:  # fail fast on a budget too small for an allocator
-            sw.make_allocator(v, spec, budget.capacity_bytes, device)
-    except ValueError as e:
-        raise ValueError(f"{opt}: {e}" if explicit else str(e)) from None
-    try:
-        reqs = make_workload(workload, seed, num_requests=num_requests or DEFAULT_NUM_REQUESTS)
-    except ValueError as e:
-        raise ValueError(f"--num-requests {num_requests}: {e}") from None
-    out(f"avmp compare: {spec.name}, {workload} ({len(reqs)} requests, seed {seed}), budget {budget.describe()}")
-    desc = f"{choice.backend} backend" + (" (Triton interpreter)" if choice.backend == "device" and device == "cpu"
-                                          else "")
-    metrics = _run_all(spec, reqs, budget, variants, choice.backend, device, desc, progress)
-    note, agree = choice.note, None
-    if choice.cross_check:
-        ref = _run_all(spec, reqs, budget, variants, "model", device, "model backend (cross-check)", progress)
-        agree = all(_same(metrics[v], ref[v]) for v in variants)
-        note += (f"; the pure-Python reference allocator gave "
-                 f"{'the same metrics' if agree else 'DIFFERENT metrics (a bug: please report)'}")
-    out(f"backend: {choice.backend} ({note})")
-    out("")
-    out(_table(metrics, len(reqs)))
-    out("")
-    out(_verdict(metrics, len(reqs)))
-    out(f"done in {time.perf_counter() - t_start:.1f} s")
-    return {"backend": choice.backend, "metrics": metrics, "budget": budget, "num_requests": len(reqs),
-            "agree": agree}
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
 # ------------------------------------------------------------------------------- resources, up front
-def _available_bytes(device: str) -> int | None:
-    """Free memory on ``device`` now (CPU: the kernel's MemAvailable), or None where it is unknown."""
-    if device.startswith("cuda"):
-        import torch
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _check_memory(capacity_bytes: int, device: str, what: str) -> None:
-    """CommandError when an arena of ``capacity_bytes`` cannot fit into the free memory of ``device``."""
-    free = _available_bytes(device)
-    if free is not None and capacity_bytes > free:
-        raise CommandError(f"{what}: the arena needs {capacity_bytes / 2**30:,.2f} GiB, more than the "
-                           f"{free / 2**30:,.2f} GiB of memory available on {device}; choose a smaller budget")
-
-
 def _check_device(device: str | None) -> None:
     """CommandError for a device this machine cannot run the kernels on."""
     if device is None:
@@ -277,44 +119,6 @@ def _is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
     return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT)
-
-
-def _table(metrics: dict, n: int) -> str:
-    cols = ["variant", "completed", "makespan", "mean batch", "preemptions", "recomputed tok", "migrations",
-            "KV util", "SSM util"]
-    rows = []
-    for v, m in metrics.items():
-        done = f"{m.completed}/{n}" + (f" ({m.unservable} unservable)" if m.unservable else "")
-        rows.append([v, done, f"{m.makespan_ticks:,}", f"{m.batch_mean:.1f}", f"{m.preemptions:,}",
-                     f"{m.recomputed_tokens:,}", f"{m.migrations:,}", f"{m.kv_util_mean:.2f}",
-                     f"{m.ssm_util_mean:.2f}"])
-    width = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, width)))  # noqa: E731
-    lines = [fmt(cols), "  ".join("-" * w for w in width)] + [fmt(r) for r in rows]
-    lines.append("makespan: decode ticks to drain the workload; mean batch: requests running per tick; "
-                 "util: live units / pool units (padded: one pool)")
-    return "\n".join(lines)
-
-
-def _verdict(metrics: dict, n: int) -> str:
-    full = {v: m for v, m in metrics.items() if m.completed == n}
-    partial = [v for v in metrics if v not in full]
-    msg = []
-    if full:
-        best = min(full, key=lambda v: full[v].makespan_ticks)
-        top = full[best].makespan_ticks
-        tied = [v for v in full if full[v].makespan_ticks == top]
-        others = sorted((v for v in full if v not in tied), key=lambda v: full[v].makespan_ticks)
-        s = (f"fastest to serve all {n} requests: {' = '.join(tied)} ({top:,} ticks"
-             + (", tied" if len(tied) > 1 else ""))
-        if others:
-            s += "; " + ", ".join(f"{(full[best].makespan_ticks / full[v].makespan_ticks - 1) * 100:+.0f}% vs {v}"
-                                  for v in others)
-        msg.append(s + ")")
-    if partial:
-        msg.append("did not serve every request (unservable in this budget: they never fit even into an empty arena): "
-                   + ", ".join(f"{v} ({metrics[v].completed}/{n})" for v in partial))
-    return "\n".join(msg)
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -402,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     c = _add_compare(sub, fmt)
-    default_out = f"perf/results/sweep_{'cuda_device' if _cuda() else 'cpu_model'}"
+    default_out = f"perf/results/sweep_{'cuda_device' if compare.cuda_available() else 'cpu_model'}"
     s = _add_sweep(sub, fmt, default_out)
     r = sub.add_parser("report", help="write report.md and PNG plots from a sweep's results",
                        description="Read every cell JSON under RESULTS; write report.md and PNG plots into OUT.")
@@ -421,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_compare(args, sub) -> int:
     try:
-        res = run_compare(spec_name=args.spec, workload=args.workload, budget_k=args.budget_blocks,
+        res = compare.run_compare(spec_name=args.spec, workload=args.workload, budget_k=args.budget_blocks,
                           capacity_gib=args.capacity_gib, seed=args.seed, num_requests=args.num_requests,
                           variants=args.variants, backend=args.backend, progress=not args.no_progress)
     except ValueError as e:
@@ -438,7 +242,7 @@ def _check_sweep_memory(args) -> None:
     device = sw.default_device()
     cap, k, s, w = max((sw.make_budget(get_preset(s), w, k).capacity_bytes, k, s, w)
                        for s in args.specs for w in args.workloads for k in args.budgets)
-    _check_memory(cap, device, f"--budgets {k} ({s}, {w})")
+    compare.check_memory(cap, device, f"--budgets {k} ({s}, {w})")
 
 
 def _cmd_sweep(args, sub) -> int:

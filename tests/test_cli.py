@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from avmp_triton import cli
+from avmp_triton.sim import compare
 from avmp_triton.sim import sweep as sw
 from avmp_triton.sim.report import paired_bootstrap_ci, write_report
 from avmp_triton.spec import get_preset
@@ -58,15 +59,15 @@ def test_auto_backend_on_cpu_runs_kernels_and_cross_checks(capsys):
 ])
 def test_backend_is_chosen_by_flag_and_hardware_alone(requested, cuda, expected, monkeypatch):
     # nothing but the two arguments counts: a slow clock or a busy machine changes nothing
-    monkeypatch.setattr(cli.time, "perf_counter", lambda: pytest.fail("the choice must not time anything"))
-    choice = cli.choose_backend(requested, cuda)
+    monkeypatch.setattr(compare.time, "perf_counter", lambda: pytest.fail("the choice must not time anything"))
+    choice = compare.choose_backend(requested, cuda)
     assert (choice.backend, choice.cross_check, choice.note) == expected
-    assert cli.choose_backend(requested, cuda) == choice
+    assert compare.choose_backend(requested, cuda) == choice
 
 
 def test_backend_choice_rejects_unknown_names():
     with pytest.raises(ValueError, match="'gpu'"):
-        cli.choose_backend("gpu", True)
+        compare.choose_backend("gpu", True)
 
 
 def test_help(capsys):
@@ -309,7 +310,7 @@ def test_unwritable_out_folder_is_one_line_before_any_work(tmp_path, where):
 def test_out_of_memory_during_the_run_is_one_line(monkeypatch, capsys, exc):
     def boom(**kw):
         raise exc()
-    monkeypatch.setattr(cli, "run_compare", boom)
+    monkeypatch.setattr(compare, "run_compare", boom)
     assert cli.main(["compare", "--budget-blocks", "64"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
@@ -319,13 +320,13 @@ def test_out_of_memory_during_the_run_is_one_line(monkeypatch, capsys, exc):
 def test_other_runtime_errors_still_raise(monkeypatch):
     def boom(**kw):
         raise RuntimeError("a bug")
-    monkeypatch.setattr(cli, "run_compare", boom)
+    monkeypatch.setattr(compare, "run_compare", boom)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["compare"])
 
 
 def test_sweep_budget_beyond_memory_is_named(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(cli, "_available_bytes", lambda device: 2**30)
+    monkeypatch.setattr(compare, "available_bytes", lambda device: 2**30)
     assert cli.main(["sweep", "--out", str(tmp_path), "--specs", "granite-4.0-h-small", "--workloads",
                      "mixed_long,sharegpt", "--budgets", "16,64", "--no-progress"]) == 2
     err = capsys.readouterr().err
