@@ -54,6 +54,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from avmp_triton._checks import is_int
 from avmp_triton.memory.allocator import UNIT_ALIGN, ArenaAllocator, PoolExhaustedError
 from avmp_triton.engine.metrics import RunMetrics, downsample, mean, percentile
 
@@ -273,9 +274,9 @@ class Scheduler:
         if not isinstance(allocator, ArenaAllocator):
             raise TypeError(f"allocator must be an AVMPAllocator, StaticDualAllocator or PaddedUnifiedAllocator, "
                             f"got {type(allocator).__name__}")
-        if not _is_int(max_running) or max_running < 1:
+        if not is_int(max_running, numpy=True) or max_running < 1:
             raise ValueError(f"max_running must be a positive int, got {max_running!r}")
-        if max_pages_per_request is not None and (not _is_int(max_pages_per_request) or max_pages_per_request < 1):
+        if max_pages_per_request is not None and (not is_int(max_pages_per_request, numpy=True) or max_pages_per_request < 1):
             raise ValueError(f"max_pages_per_request must be None or a positive int, got {max_pages_per_request!r}")
         if backend is None:
             backend = "device" if allocator.device.type == "cuda" else "model"
@@ -309,7 +310,7 @@ class Scheduler:
         Returns:
             ``RunMetrics``.
         """
-        if max_ticks is not None and (not _is_int(max_ticks) or max_ticks < 0):
+        if max_ticks is not None and (not is_int(max_ticks, numpy=True) or max_ticks < 0):
             raise ValueError(f"max_ticks must be None or a non-negative int, got {max_ticks!r}")
         reqs = _Requests.of(requests, self.allocator.page_tokens)
         W = self.max_pages_per_request
@@ -352,7 +353,7 @@ class _Requests:
         for i, r in enumerate(requests):
             for f, col in cols.items():
                 v = getattr(r, f, None)
-                if not _is_int(v):
+                if not is_int(v, numpy=True):
                     raise TypeError(f"requests[{i}].{f} must be an int, got {v!r}")
                 col[i] = v
             if r.arrival < 0 or r.prompt_tokens < 1 or r.output_tokens < 1:
@@ -707,5 +708,3 @@ class _RunnerFeed:
                                    request_ids=np.where(running, rows.req, -1)))
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

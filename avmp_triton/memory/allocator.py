@@ -1,6 +1,6 @@
 """Device-resident arena allocators: AVMP and the two baselines, on one machinery.
 
-Memory model (see DESIGN.md): one uint8 arena split into equal slabs; every slab belongs to one
+Memory model: one uint8 arena split into equal slabs; every slab belongs to one
 pool; a pool hands out units of one size (KV page or SSM block, each rounded up to 16 bytes only).
 All state is in device tensors and is changed only by the Triton kernels in
 ``avmp_triton.kernels.alloc``; Python validates arguments, launches, and (on the rare failure
@@ -11,7 +11,8 @@ The three allocators differ only in policy:
 - ``AVMPAllocator``: two pools (KV pages, SSM blocks); on failure capacity moves between them,
   first whole free slabs, else compacted ones (live units copied out, handles rebound).
 - ``StaticDualAllocator``: the same two pools with a fixed split, never rebalanced.
-- ``PaddedUnifiedAllocator``: one pool whose unit is max(page, block), as vLLM pads.
+- ``PaddedUnifiedAllocator``: one pool whose unit is max(page, block) of the whole model (a
+  simulation baseline: vLLM pads per layer group, not this way).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import math
 import torch
 import triton
 
+from avmp_triton._checks import is_int
 from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
 from avmp_triton.kernels import alloc as K
 from avmp_triton.spec import HybridModelSpec, check_cache_dtypes, check_page_tokens
@@ -159,7 +161,7 @@ class ArenaAllocator:
 
         if slab_bytes is None:
             slab_bytes = default_slab_bytes(sorted(set(self.unit_bytes)))
-        if not _is_int(slab_bytes) or slab_bytes % SLAB_ALIGN or slab_bytes < max(self.unit_bytes):
+        if not is_int(slab_bytes) or slab_bytes % SLAB_ALIGN or slab_bytes < max(self.unit_bytes):
             raise ValueError(f"slab_bytes must be a multiple of {SLAB_ALIGN} holding the largest unit "
                              f"({max(self.unit_bytes)} bytes), got {slab_bytes!r}")
         self.slab_bytes = slab_bytes
@@ -220,15 +222,15 @@ class ArenaAllocator:
         if spec.num_attn_layers < 1 or spec.num_mamba_layers < 1:
             raise ValueError(f"spec {spec.name!r} needs attention and Mamba layers, got "
                              f"{spec.num_attn_layers} and {spec.num_mamba_layers}")
-        if not _is_int(page_tokens) or page_tokens < 1:
+        if not is_int(page_tokens) or page_tokens < 1:
             raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
         if self._KERNEL_PAGES:
             check_page_tokens(page_tokens)
-        if not _is_int(capacity_bytes) or capacity_bytes <= 0:
+        if not is_int(capacity_bytes) or capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
         if isinstance(kv_fraction, bool) or not isinstance(kv_fraction, (int, float)) or not 0.0 <= kv_fraction <= 1.0:
             raise ValueError(f"kv_fraction must be in [0, 1], got {kv_fraction!r}")
-        if not _is_int(migration_batch) or not 1 <= migration_batch <= MAX_MIGRATION_BATCH:
+        if not is_int(migration_batch) or not 1 <= migration_batch <= MAX_MIGRATION_BATCH:
             raise ValueError(f"migration_batch must be an int in [1, {MAX_MIGRATION_BATCH}], got {migration_batch!r}")
 
     # ------------------------------------------------------------------ Python API (syncs)
@@ -272,7 +274,7 @@ class ArenaAllocator:
         """
         if to_kind not in ("kv", "ssm"):
             raise ValueError(f"to_kind must be 'kv' or 'ssm', got {to_kind!r}")
-        if not _is_int(num_slabs) or not 0 <= num_slabs <= self.num_slabs:
+        if not is_int(num_slabs) or not 0 <= num_slabs <= self.num_slabs:
             raise ValueError(f"num_slabs must be an int in [0, {self.num_slabs}], got {num_slabs!r}")
         if not self._migrates:
             raise PoolExhaustedError(f"{type(self).__name__} never moves capacity between pools")
@@ -537,7 +539,7 @@ class ArenaAllocator:
         return _KIND_OF_NAME[kind]
 
     def _check_count(self, n) -> int:
-        if not _is_int(n):
+        if not is_int(n):
             raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
         if not 0 <= n <= self.num_handles:
             raise ValueError(f"n must be in [0, {self.num_handles}] (the handle capacity), got {n}")
@@ -663,10 +665,11 @@ class StaticDualAllocator(ArenaAllocator):
 
 
 class PaddedUnifiedAllocator(ArenaAllocator):
-    """One pool whose unit is max(KV page, SSM block), as vLLM pads; the padding is waste.
+    """One pool whose unit is max(KV page, SSM block) of the whole model; the padding is waste.
 
-    A simulation baseline: it takes vLLM's inflated page sizes (e.g. 544 tokens), which are no power
-    of two, so the attention ops refuse to read its pages (their layout check names the size)."""
+    A simulation baseline (not vLLM's rule, which pads per layer group). Its pages (e.g. 544 tokens
+    for Jamba) are no power of two, so the attention ops refuse to read them (their layout check
+    names the size)."""
 
     _unified = True
     _KERNEL_PAGES = False
@@ -675,9 +678,6 @@ class PaddedUnifiedAllocator(ArenaAllocator):
                  slab_bytes: int | None = None):
         super().__init__(spec, capacity_bytes, device=device, page_tokens=page_tokens, slab_bytes=slab_bytes)
 
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # watermarks are compared in integers: free * SCALE < round(low * SCALE) * units

@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+from avmp_triton._checks import is_int
 from avmp_triton.memory.allocator import (
     KIND_FREE,
     WATERMARK_SCALE,
@@ -76,9 +77,6 @@ _HANDLE_ERROR_TEXT = {
     ERR_DUPLICATE: "appears more than once in one call",
 }
 
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class AllocatorModel:
@@ -155,7 +153,7 @@ class AllocatorModel:
 
     # ------------------------------------------------------------------ argument checks
     def _check_count(self, n) -> int:
-        if not _is_int(n):
+        if not is_int(n):
             raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
         if not 0 <= n <= self.num_handles:
             raise ValueError(f"n must be in [0, {self.num_handles}] (the handle capacity), got {n}")
@@ -323,7 +321,7 @@ class AllocatorModel:
     def rebalance(self, to_kind: str, num_slabs) -> None:
         if to_kind not in ("kv", "ssm"):
             raise ValueError(f"to_kind must be 'kv' or 'ssm', got {to_kind!r}")
-        if not _is_int(num_slabs) or not 0 <= num_slabs <= self.num_slabs:
+        if not is_int(num_slabs) or not 0 <= num_slabs <= self.num_slabs:
             raise ValueError(f"num_slabs must be an int in [0, {self.num_slabs}], got {num_slabs!r}")
         if not self.migrates:
             raise PoolExhaustedError(f"{self.name} never moves capacity between pools")

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from avmp_triton._checks import is_int
 from avmp_triton import _triton_env  # noqa: F401  (before triton: the interpreter on CPU-only hosts)
 from avmp_triton.kernels.handles import REPEAT_BLOCK_MAX
 from avmp_triton.layout import SSMBlockLayout, ssm_block_layout
@@ -18,9 +19,6 @@ _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NUM_WARPS = (1, 2, 4, 8, 16, 32)
 
-
-def is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_tensor(t, name: str, device: torch.device, ndim: Optional[int]) -> torch.Tensor:

@@ -171,11 +171,6 @@ def _(arena, handle_table, handle_kinds, ssm_handles, x, weight, bias, out, stat
     return None
 
 
-def _check_batch(t, name: str, batch: int) -> None:
-    if t.shape[0] != batch:
-        raise ValueError(f"{name} has {t.shape[0]} rows but ssm_handles has {batch} (one handle per request)")
-
-
 # ---------------------------------------------------------------------------------------------
 # public ops
 

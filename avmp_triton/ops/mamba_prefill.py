@@ -44,9 +44,10 @@ import triton.language as tl
 
 from avmp_triton import _triton_env  # sets the interpreter up on CPU-only hosts (before triton)
 from avmp_triton.kernels import mamba_prefill as K
+from avmp_triton._checks import is_int
 from avmp_triton.ops._mamba_args import (
     check_float, check_launch, check_mamba1_inputs, check_on_host, check_opt_float, check_out, check_tensor,
-    is_int, repeat_block, state_location,
+    repeat_block, state_location,
 )
 from avmp_triton.ops.paged_attention import _sm_count
 

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import triton
 
+from avmp_triton._checks import is_int
 from avmp_triton import _triton_env
 from avmp_triton.kernels import paged_attention as K
 from avmp_triton.layout import KVPageLayout, kv_page_layout
@@ -304,7 +305,7 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
     W = block_table.shape[1]
     if max_seq_len is None:
         max_seq_len = W * layout.page_tokens
-    elif not _is_int(max_seq_len) or max_seq_len < 0:
+    elif not is_int(max_seq_len) or max_seq_len < 0:
         raise ValueError(f"max_seq_len must be a non-negative int, got {max_seq_len!r}")
     cfg = decode_config(batch=B, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, page_tokens=layout.page_tokens,
                         max_seq_len=max_seq_len, sm_count=_sm_count(dev.index) if dev.type == "cuda" else DEFAULT_SM_COUNT,
@@ -389,9 +390,6 @@ def kv_append_arena(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handl
 
 
 # ------------------------------------------------------------------------------------ validation
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
 
 def from_alloc(alloc):
     """(arena, handle table, handle kinds, page layout, attention layers, KV dtype) of an allocator."""
@@ -463,20 +461,20 @@ def _check_layout(layout, dtype: torch.dtype, head_dim: int, name: str) -> None:
         raise TypeError(f"{name} is {dtype} ({dtype.itemsize} bytes), the layout's elements are "
                         f"{layout.elem_bytes} bytes")
     pt = layout.page_tokens
-    if not _is_int(pt) or pt < 1 or pt & (pt - 1):
+    if not is_int(pt) or pt < 1 or pt & (pt - 1):
         raise ValueError(f"layout.page_tokens must be a power of two, got {pt!r}")
     vec = 16 // dtype.itemsize
     for f in ("stride_layer", "stride_kv", "stride_head", "stride_token"):
         s = getattr(layout, f)
-        if not _is_int(s) or s < head_dim or s % vec:
+        if not is_int(s) or s < head_dim or s % vec:
             raise ValueError(f"layout.{f} must be an int >= head_dim and a multiple of {vec} elements "
                              f"(16 bytes), got {s!r}")
 
 
 def _check_layer(layer, num_layers) -> int:
-    if not _is_int(num_layers) or num_layers < 1:
+    if not is_int(num_layers) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    if not _is_int(layer) or not 0 <= layer < num_layers:
+    if not is_int(layer) or not 0 <= layer < num_layers:
         raise ValueError(f"layer must be an int in [0, {num_layers}), got {layer!r}")
     return layer
 
@@ -491,10 +489,10 @@ def _check_page_fits(layout: KVPageLayout, num_layers: int, arena: torch.Tensor)
 
 
 def _check_config(cfg: DecodeConfig, page_tokens: int) -> None:
-    if not _is_int(cfg.num_splits) or not 1 <= cfg.num_splits <= MAX_SPLITS:
+    if not is_int(cfg.num_splits) or not 1 <= cfg.num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {cfg.num_splits!r}")
     p = cfg.pages_per_iter
-    if not _is_int(p) or p < 1 or p & (p - 1):
+    if not is_int(p) or p < 1 or p & (p - 1):
         raise ValueError(f"pages_per_iter must be a power of two, got {p!r}")
     if not isinstance(cfg.use_dot, bool):
         raise TypeError(f"use_dot must be a bool, got {cfg.use_dot!r}")
@@ -502,8 +500,8 @@ def _check_config(cfg: DecodeConfig, page_tokens: int) -> None:
         raise ValueError(f"use_dot needs >= 16 tokens per step: pages_per_iter={p} x page_tokens={page_tokens}")
     if cfg.num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {cfg.num_warps!r}")
-    if not _is_int(cfg.num_stages) or not 1 <= cfg.num_stages <= 8:
+    if not is_int(cfg.num_stages) or not 1 <= cfg.num_stages <= 8:
         raise ValueError(f"num_stages must be an int in [1, 8], got {cfg.num_stages!r}")
     r = cfg.max_registers
-    if r is not None and (not _is_int(r) or not 24 <= r <= 255):
+    if r is not None and (not is_int(r) or not 24 <= r <= 255):
         raise ValueError(f"max_registers must be None or an int in [24, 255], got {r!r}")

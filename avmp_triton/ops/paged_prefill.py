@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from avmp_triton._checks import is_int
 from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
 from avmp_triton._triton_env import interpreter_active, require_interpreter
 from avmp_triton.kernels.paged_prefill import paged_prefill_kernel
@@ -29,10 +30,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 # (BLOCK_M rows, BLOCK_N kv positions, num_warps, num_stages) by head_dim for 16-bit inputs on a
-# GPU. Not autotuned (the op writes ``out``; no launcher of this package autotunes) and not yet
-# timed: picked from sm_90 compiles (triton 3.6, bf16, GQA 4) as the largest tiles that keep
-# within 227 KiB of shared memory and spill no registers (e.g. D=128: 251 regs, 98 KiB;
-# 4 warps spill at D >= 128). perf/ has no prefill sweep yet.
+# GPU. Not autotuned (the op writes ``out``; no launcher of this package autotunes): picked from
+# sm_90 compiles (triton 3.6, bf16, GQA 4) as the largest tiles that keep within 227 KiB of shared
+# memory and spill no registers (D=128: 251 regs, 98 KiB; 4 warps spill at D >= 128). Timed only
+# at these defaults (perf/results/bench_prefill_H100.json); no launch sweep of this kernel yet.
 _GPU_TABLE = {
     16: (128, 64, 8, 3),
     32: (128, 64, 8, 3),
@@ -45,9 +46,6 @@ _GPU_FP32 = (32, 16, 8, 1)
 # the interpreter pays per operation, not per element: middling tiles, few programs
 _CPU_CONFIG = (32, 32, 4, 1)
 
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -289,10 +287,10 @@ def _check_layout_and_layer(q, arena, layout, layer, num_layers) -> int:
     if Hq < 1 or Hq % Hkv:
         raise ValueError(f"q heads Hq={Hq} must be a positive multiple of layout.num_kv_heads={Hkv}")
     gqa = Hq // Hkv
-    if not _is_int(layer) or layer < 0:
+    if not is_int(layer) or layer < 0:
         raise ValueError(f"layer must be a non-negative int, got {layer!r}")
     if num_layers is not None:
-        if not _is_int(num_layers) or num_layers < 1:
+        if not is_int(num_layers) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         if layer >= num_layers:
             raise ValueError(f"layer={layer} is out of range for num_layers={num_layers}")
@@ -309,7 +307,7 @@ def _check_scale(scale, D: int, max_seqlen_q) -> float:
         scale = D ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
-    if max_seqlen_q is not None and (not _is_int(max_seqlen_q) or max_seqlen_q < 1):
+    if max_seqlen_q is not None and (not is_int(max_seqlen_q) or max_seqlen_q < 1):
         raise ValueError(f"max_seqlen_q must be a positive int, got {max_seqlen_q!r}")
     return scale
 
@@ -339,7 +337,7 @@ def _launch_shape(D, dtype, gqa, dev, max_seqlen_q, block_m, block_n, num_warps,
     if warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
     stages = stages if num_stages is None else num_stages
-    if not _is_int(stages) or stages < 1:
+    if not is_int(stages) or stages < 1:
         raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
     return bm, bn, warps, stages
 
@@ -359,7 +357,7 @@ def _check_metadata(cu_seqlens_q, seq_lens, block_table, handle_table, handle_ki
 def _block_arg(v, name: str, default: int) -> int:
     if v is None:
         return default
-    if not _is_int(v) or v < 16 or v & (v - 1):
+    if not is_int(v) or v < 16 or v & (v - 1):
         raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
     return v
 
