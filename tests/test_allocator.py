@@ -70,7 +70,7 @@ class Units:
         self.data: dict[int, tuple[int, torch.Tensor]] = {}
 
     def size(self, kind: int) -> int:
-        return self.a.unit_bytes[self.a._pool_of[kind]]
+        return self.a.unit_bytes[self.a.pool_index(KIND_NAME[kind])]
 
     def _index(self, offsets: torch.Tensor, size: int) -> torch.Tensor:
         return (offsets[:, None] + torch.arange(size, device=offsets.device)).flatten()
@@ -112,7 +112,7 @@ class Units:
             for off in offsets.tolist():
                 slab = off // SLAB
                 assert off % SLAB + size <= SLAB, f"unit at {off} crosses slab {slab}'s end"
-                assert owner[slab] == self.a._pool_of[kind], f"{KIND_NAME[kind]} unit at {off} in a slab of another pool"
+                assert owner[slab] == self.a.pool_index(KIND_NAME[kind]), f"{KIND_NAME[kind]} unit at {off} in a slab of another pool"
                 spans.append((off, size))
         spans.sort()
         for (o1, s1), (o2, _) in zip(spans, spans[1:]):
@@ -159,7 +159,7 @@ def busy(cls=AVMPAllocator, geom="page>block", slabs=7, seed=0, **kw):
     units = Units(a, gen)
     for _ in range(2):
         for kind, name in ((KIND_KV, "kv"), (KIND_SSM, "ssm")):
-            n = min(a.stats().pools[a.pool_names[a._pool_of[kind]]].free_units // 3, 7)
+            n = min(a.stats().pools[a.pool_names[a.pool_index(KIND_NAME[kind])]].free_units // 3, 7)
             units.stamp(alloc_both(a, m, name, n), kind)
     drop = shuffled(units.live(), gen)[: len(units.data) // 3]
     a.free(i32(drop))
@@ -188,16 +188,16 @@ def test_fresh_allocator_matches_model_and_pops_lowest_first(cls, geom):
     m = AllocatorModel.like(a)
     assert_matches(m, a)
     assert a.stats() == m.stats()
-    kv_slabs = [s for s, p in enumerate(a.slab_owner.tolist()) if p == a._pool_of[KIND_KV]]
-    ssm_slabs = [s for s, p in enumerate(a.slab_owner.tolist()) if p == a._pool_of[KIND_SSM]]
+    kv_slabs = [s for s, p in enumerate(a.slab_owner.tolist()) if p == a.pool_index('kv')]
+    ssm_slabs = [s for s, p in enumerate(a.slab_owner.tolist()) if p == a.pool_index('ssm')]
     # by hand: handle 0 and the lowest slot of the lowest slab come first
     kv = alloc_both(a, m, "kv", 3)
     assert kv == [0, 1, 2]
-    page = a.unit_bytes[a._pool_of[KIND_KV]]
+    page = a.unit_bytes[a.pool_index('kv')]
     assert a.resolve(i32(kv)).tolist() == [kv_slabs[0] * SLAB + i * page for i in range(3)]
     ssm = alloc_both(a, m, "ssm", 2)
     assert ssm == [3, 4]
-    block = a.unit_bytes[a._pool_of[KIND_SSM]]
+    block = a.unit_bytes[a.pool_index('ssm')]
     first = ssm_slabs[0] * SLAB if cls is not PaddedUnifiedAllocator else kv_slabs[0] * SLAB + 3 * page
     assert a.resolve(i32(ssm)).tolist() == [first, first + block]
     assert_matches(m, a)
@@ -214,7 +214,7 @@ def test_alloc_free_resolve_against_model(cls, geom):
     units = Units(a, gen)
     for step in range(8):
         for kind, name in ((KIND_KV, "kv"), (KIND_SSM, "ssm")):
-            free = a.stats().pools[a.pool_names[a._pool_of[kind]]].free_units
+            free = a.stats().pools[a.pool_names[a.pool_index(KIND_NAME[kind])]].free_units
             n = int(torch.randint(1, max(2, free // 3 + 1), (1,), generator=gen))
             units.stamp(alloc_both(a, m, name, min(n, free)), kind)
         live = shuffled(units.live(), gen)
@@ -312,7 +312,7 @@ def test_grow_release_against_model(cls, geom):
         units.stamp(new, KIND_KV)
         # give some rows an SSM block (scattered rows)
         rows = [r for r in shuffled(range(R), gen) if m_ssm[r] < 0][:2]
-        if rows and a.stats().pools[a.pool_names[a._pool_of[KIND_SSM]]].free_units >= len(rows):
+        if rows and a.stats().pools[a.pool_names[a.pool_index('ssm')]].free_units >= len(rows):
             hs = alloc_both(a, m, "ssm", len(rows))
             units.stamp(hs, KIND_SSM)
             for r, h in zip(rows, hs):
@@ -553,7 +553,7 @@ def test_release_errors_change_nothing(cls):
 def _fill_donor_scattered(a, m, units, gen, donor_kind: int):
     """Fill the donor pool, then free a scattered half while every slab keeps a live unit."""
     name = KIND_NAME[donor_kind]
-    pool = a._pool_of[donor_kind]
+    pool = a.pool_index(KIND_NAME[donor_kind])
     n = a.stats().pools[a.pool_names[pool]].free_units
     hs = alloc_both(a, m, name, n)
     units.stamp(hs, donor_kind)
@@ -578,7 +578,7 @@ def test_forced_rebalance_compacts_and_keeps_bytes(to_kind, geom):
     units = Units(a, gen)
     to = KIND_SSM if to_kind == "ssm" else KIND_KV
     donor_kind = KIND_KV if to == KIND_SSM else KIND_SSM
-    d, p = a._pool_of[donor_kind], a._pool_of[to]
+    d, p = a.pool_index(KIND_NAME[donor_kind]), a.pool_index(KIND_NAME[to])
     units.stamp(alloc_both(a, m, to_kind, 3), to)  # the recipient holds live bytes too
     _fill_donor_scattered(a, m, units, gen, donor_kind)
     owner, live = a.slab_owner.tolist(), a.slab_live.tolist()
@@ -716,7 +716,7 @@ def test_pool_exhausted_changes_nothing(cls):
     if cls is AVMPAllocator:
         # fill everything so that nothing can be moved
         for kind in (KIND_KV, KIND_SSM):
-            n = a.stats().pools[a.pool_names[a._pool_of[kind]]].free_units
+            n = a.stats().pools[a.pool_names[a.pool_index(KIND_NAME[kind])]].free_units
             units.stamp(alloc_both(a, m, KIND_NAME[kind], n), kind)
         expect_error(a, m, PoolExhaustedError, lambda: a.alloc_ssm(1), lambda: m.alloc("ssm", 1),
                      names=("n=1", "0 free", "'ssm'"))
@@ -728,7 +728,7 @@ def test_pool_exhausted_changes_nothing(cls):
                      names=("cannot move 1 slab",))
     else:
         for kind in (KIND_KV, KIND_SSM):
-            pool = a.pool_names[a._pool_of[kind]]
+            pool = a.pool_names[a.pool_index(KIND_NAME[kind])]
             free = a.stats().pools[pool].free_units
             expect_error(a, m, PoolExhaustedError, lambda: (a.alloc_kv, a.alloc_ssm)[kind - 1](free + 1),
                          lambda: m.alloc(KIND_NAME[kind], free + 1), names=(f"n={free + 1}", f"{free} free"))

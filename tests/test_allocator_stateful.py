@@ -86,7 +86,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ helpers
     def unit(self, kind: int) -> int:
-        return self.a.unit_bytes[self.a._pool_of[kind]]
+        return self.a.unit_bytes[self.a.pool_index(KIND_NAME[kind])]
 
     def stamp(self, handles, kind: int) -> None:
         if not handles:
