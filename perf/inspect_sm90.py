@@ -2,12 +2,17 @@
 
     python perf/inspect_sm90.py [--out FILE]
     python perf/inspect_sm90.py --batch-one     # compile only; exit 1 if any kernel fails
+    python perf/inspect_sm90.py --ptx-dir DIR   # also write each kernel's PTX, normalised
 
 For each kernel (with the argument specialisations the JIT would apply on an H100 call: pointers
 16-byte aligned, sizes and strides multiples of 16) it prints the blocked layouts of the TTGIR,
 the layout conversions and barriers, ex2 (exp) instructions, and ptxas's register and spill
 counts. Used to check structural claims in perf/results/README.md (registers, in-thread
 reductions, loads issued before stores) without spending GPU time. Needs triton's bundled ptxas.
+
+``--ptx-dir`` writes each case's PTX without line info and debug sections: a refactor whose PTX
+is byte-identical before and after (``diff -r``) cannot change the kernel's speed, so it needs no
+GPU re-timing.
 
 ``--batch-one`` compiles the kernels that take a batch size with it equal to 1, which the JIT
 turns into a compile-time constant: a loop bounded by it once crashed Triton 3.6's TritonGPUCoalesce
@@ -26,6 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from avmp_triton.kernels import alloc as KAL
 from avmp_triton.kernels import mamba_prefill as KP
 from avmp_triton.kernels import mamba_state as KS
 from avmp_triton.kernels import paged_attention as KA
@@ -57,7 +63,14 @@ def compile_sm90(fn, sig: dict, constexprs: dict, num_warps: int, div16: list) -
                 convert_layout=ttgir.count("ttg.convert_layout"),
                 barriers=ptx.count("bar.sync") + ptx.count("barrier.sync"), ex2=ptx.count("ex2.approx"),
                 registers=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else 0,
-                global_memory_order=mem)
+                global_memory_order=mem, ptx=normalised_ptx(ptx))
+
+
+def normalised_ptx(ptx: str) -> str:
+    """The PTX without debug sections, line info and labels that only name source lines."""
+    body = ptx.split(".section\t.debug")[0]
+    return "\n".join(ln for ln in body.splitlines()
+                     if not ln.strip().startswith((".loc", ".file", "//")) and "$L__tmp" not in ln)
 
 
 def _div(sig, extra):
@@ -123,6 +136,25 @@ def cases():
                      "stride_B_g", "stride_C_t", "stride_C_g", "stride_out_t", "stride_out_h"]))
 
     yield from attention_cases()
+    yield from allocator_cases()
+
+
+def allocator_cases():
+    """The two longest allocator kernels: release (with and without SSM handles) and the proactive
+    watermark policy."""
+    rel = dict(rows_ptr="*i32", M="i32", block_table_ptr="*i32", num_pages_ptr="*i32", ssm_ptr="*i32",
+               status_ptr="*i64", work_ptr="*i64", mark_ptr="*i64", epoch_ptr="*i64", R="i32", W="i32",
+               stride_bt="i32", RP="i32", table_ptr="*i64", kinds_ptr="*i32", hstack_ptr="*i32", stacks_ptr="*i64",
+               tops_ptr="*i64", slot_handle_ptr="*i32", base1="i32", slab_bytes="i32", unit0="i32", unit1="i32",
+               max_ups="i32", num_handles="i32")
+    for has_ssm in (True, False):
+        yield (f"release (rows of KV pages{' and an SSM block' if has_ssm else ''}, 8 warps)", KAL.release_kernel,
+               rel, dict(POOL_KV=0, POOL_SSM=1, HAS_SSM=has_ssm, LOG_R=8, BLOCK=1024), 8, _div(rel, []))
+    pro = dict(stacks_ptr="*i64", tops_ptr="*i64", slab_owner_ptr="*i32", slot_handle_ptr="*i32", flag_ptr="*i32",
+               victims_ptr="*i32", counters_ptr="*i64", S="i32", base1="i32", slab_bytes="i32", unit0="i32",
+               unit1="i32", ups0="i32", ups1="i32", max_ups="i32", low_fp="i64", high_fp="i64", batch="i32")
+    yield ("proactive watermark policy (4 warps)", KAL.proactive_kernel, pro,
+           dict(SCALE=1 << 20, BLOCK=256, BLOCK_U=64), 4, _div(pro, []))
 
 
 def attention_cases():
@@ -175,12 +207,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="perf/results/inspect_sm90.json")
     ap.add_argument("--batch-one", action="store_true", help="compile with batch 1; report failures only")
+    ap.add_argument("--ptx-dir", default=None, help="also write each case's normalised PTX here")
     args = ap.parse_args()
     if args.batch_one:
         raise SystemExit(check_batch_one())
     res = dict(triton=triton.__version__, target="sm_90a", kernels={})
     for name, fn, sig, const, warps, div in cases():
         r = compile_sm90(fn, sig, const, warps, div)
+        ptx = r.pop("ptx")
+        if args.ptx_dir:
+            os.makedirs(args.ptx_dir, exist_ok=True)
+            with open(os.path.join(args.ptx_dir, re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".ptx"), "w") as f:
+                f.write(ptx)
         res["kernels"][name] = r
         order = r["global_memory_order"]
         print(f"{name}\n   registers {r['registers']}, spills {r['spill_bytes']} B, layout conversions "

@@ -338,6 +338,27 @@ def release_kernel(
     LOG_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Free every handle of the listed rows (KV pages, then the row's SSM block); all or nothing."""
+    err_pos, err_code, err_val, total = _release_count(rows_ptr, M, num_pages_ptr, ssm_ptr, work_ptr, R, W, RP,
+                                                       HAS_SSM, BLOCK)
+    tl.debug_barrier()
+    if err_pos == _BIG:
+        err_pos, err_code, err_val = _release_check(
+            total, err_pos, err_code, err_val, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt, num_pages_ptr,
+            ssm_ptr, mark_ptr, epoch_ptr, kinds_ptr, num_handles, LOG_R, HAS_SSM, BLOCK)
+    if err_pos == _BIG:
+        _release_push(total, rows_ptr, M, work_ptr, RP, block_table_ptr, stride_bt, num_pages_ptr, ssm_ptr,
+                      table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
+                      base1, slab_bytes, unit0, unit1, max_ups, POOL_KV, POOL_SSM, HAS_SSM, LOG_R, BLOCK)
+    tl.store(status_ptr, err_code)
+    tl.store(status_ptr + 1, tl.where(err_code == ERR_NONE, -1, err_pos))
+    tl.store(status_ptr + 2, err_val)
+
+
+@triton.jit
+def _release_count(rows_ptr, M, num_pages_ptr, ssm_ptr, work_ptr, R, W, RP,
+                   HAS_SSM: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1: check the rows and their page counts; ``work`` gets each row's first entry and its
+    count of handles. Returns (first error position, code, value; total handles)."""
     err_pos = tl.full((), _BIG, tl.int64)
     err_code = tl.full((), 0, tl.int64)
     err_val = tl.full((), 0, tl.int64)
@@ -361,59 +382,71 @@ def release_kernel(
         tl.store(work_ptr + RP + i, cnt, mask=i < RP)
         total += tl.sum(cnt, 0)
         start += BLOCK
+    return err_pos, err_code, err_val, total
+
+
+@triton.jit
+def _release_check(total, err_pos, err_code, err_val, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
+                   num_pages_ptr, ssm_ptr, mark_ptr, epoch_ptr, kinds_ptr, num_handles,
+                   LOG_R: tl.constexpr, HAS_SSM: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2: every handle of the rows is live, of its kind, and held once."""
+    epoch = tl.load(epoch_ptr) + 1
+    g0 = 0
+    while g0 < total:
+        g = g0 + tl.arange(0, BLOCK).to(tl.int64)
+        m = g < total
+        r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
+                                         num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
+        code = _check_handles(h, m, req, epoch, mark_ptr, kinds_ptr, num_handles)
+        err_pos, err_code, err_val = _first_error(code, g, h, err_pos, err_code, err_val)
+        g0 += BLOCK
+    tl.store(epoch_ptr, epoch)
     tl.debug_barrier()
-    if err_pos == _BIG:
-        epoch = tl.load(epoch_ptr) + 1
-        g0 = 0
-        while g0 < total:
-            g = g0 + tl.arange(0, BLOCK).to(tl.int64)
-            m = g < total
-            r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
-                                             num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
-            code = _check_handles(h, m, req, epoch, mark_ptr, kinds_ptr, num_handles)
-            err_pos, err_code, err_val = _first_error(code, g, h, err_pos, err_code, err_val)
-            g0 += BLOCK
-        tl.store(epoch_ptr, epoch)
-        tl.debug_barrier()
-    if err_pos == _BIG:
-        top0 = tl.load(tops_ptr)
-        top1 = tl.load(tops_ptr + 1)
-        htop = tl.load(tops_ptr + 2)
-        g0 = 0
-        while g0 < total:
-            g = g0 + tl.arange(0, BLOCK).to(tl.int64)
-            m = g < total
-            r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
-                                             num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
-            top0, top1, htop = _push_units(h, m, top0, top1, htop, stacks_ptr, base1, hstack_ptr,
-                                           table_ptr, kinds_ptr, slot_handle_ptr,
-                                           slab_bytes, unit0, unit1, max_ups, POOL_KV, POOL_SSM)
-            g0 += BLOCK
-        tl.debug_barrier()
-        g0 = 0
-        while g0 < total:
-            g = g0 + tl.arange(0, BLOCK).to(tl.int64)
-            m = g < total
-            r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
-                                             num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
-            tl.store(block_table_ptr + r * stride_bt + j, (h * 0 - 1).to(tl.int32), mask=m & is_kv)
-            if HAS_SSM:
-                tl.store(ssm_ptr + r, (h * 0 - 1).to(tl.int32), mask=m & ~is_kv)
-            g0 += BLOCK
-        tl.debug_barrier()
-        start = 0
-        while start < RP:
-            i = start + tl.arange(0, BLOCK).to(tl.int64)
-            m = i < M
-            r = tl.load(rows_ptr + i, mask=m, other=-1).to(tl.int64)
-            tl.store(num_pages_ptr + r, (r * 0).to(tl.int32), mask=m & (r != -1))
-            start += BLOCK
-        tl.store(tops_ptr, top0)
-        tl.store(tops_ptr + 1, top1)
-        tl.store(tops_ptr + 2, htop)
-    tl.store(status_ptr, err_code)
-    tl.store(status_ptr + 1, tl.where(err_code == ERR_NONE, -1, err_pos))
-    tl.store(status_ptr + 2, err_val)
+    return err_pos, err_code, err_val
+
+
+@triton.jit
+def _release_push(total, rows_ptr, M, work_ptr, RP, block_table_ptr, stride_bt, num_pages_ptr, ssm_ptr,
+                  table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
+                  base1, slab_bytes, unit0, unit1, max_ups,
+                  POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr, HAS_SSM: tl.constexpr,
+                  LOG_R: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 3 (all checks passed): push every unit and handle back, then reset the rows."""
+    top0 = tl.load(tops_ptr)
+    top1 = tl.load(tops_ptr + 1)
+    htop = tl.load(tops_ptr + 2)
+    g0 = 0
+    while g0 < total:
+        g = g0 + tl.arange(0, BLOCK).to(tl.int64)
+        m = g < total
+        r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
+                                         num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
+        top0, top1, htop = _push_units(h, m, top0, top1, htop, stacks_ptr, base1, hstack_ptr,
+                                       table_ptr, kinds_ptr, slot_handle_ptr,
+                                       slab_bytes, unit0, unit1, max_ups, POOL_KV, POOL_SSM)
+        g0 += BLOCK
+    tl.debug_barrier()
+    g0 = 0
+    while g0 < total:
+        g = g0 + tl.arange(0, BLOCK).to(tl.int64)
+        m = g < total
+        r, j, is_kv, h, req = _row_entry(g, m, rows_ptr, work_ptr, RP, block_table_ptr, stride_bt,
+                                         num_pages_ptr, ssm_ptr, LOG_R, HAS_SSM)
+        tl.store(block_table_ptr + r * stride_bt + j, (h * 0 - 1).to(tl.int32), mask=m & is_kv)
+        if HAS_SSM:
+            tl.store(ssm_ptr + r, (h * 0 - 1).to(tl.int32), mask=m & ~is_kv)
+        g0 += BLOCK
+    tl.debug_barrier()
+    start = 0
+    while start < RP:
+        i = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = i < M
+        r = tl.load(rows_ptr + i, mask=m, other=-1).to(tl.int64)
+        tl.store(num_pages_ptr + r, (r * 0).to(tl.int32), mask=m & (r != -1))
+        start += BLOCK
+    tl.store(tops_ptr, top0)
+    tl.store(tops_ptr + 1, top1)
+    tl.store(tops_ptr + 2, htop)
 
 
 @triton.jit
@@ -566,15 +599,7 @@ def proactive_kernel(
     """
     top0 = tl.load(tops_ptr)
     top1 = tl.load(tops_ptr + 1)
-    n0 = tl.full((), 0, tl.int64)
-    n1 = tl.full((), 0, tl.int64)
-    start = 0
-    while start < S:
-        s = start + tl.arange(0, BLOCK).to(tl.int64)
-        o = tl.load(slab_owner_ptr + s, mask=s < S, other=-1)
-        n0 += tl.sum((o == 0).to(tl.int64), 0)
-        n1 += tl.sum((o == 1).to(tl.int64), 0)
-        start += BLOCK
+    n0, n1 = _owned_slabs(slab_owner_ptr, S, BLOCK)
     units0 = n0 * ups0
     units1 = n1 * ups1
     to0 = _proactive_below(top0, units0, low_fp, SCALE) & (top1 * SCALE > high_fp * units1)
@@ -594,66 +619,106 @@ def proactive_kernel(
         # donor stays at or above the low watermark (denominator > 0: the donor is above high <= 1)
         cap = (top_d * SCALE - low_fp * units_d) // (ups_d * (SCALE - low_fp))
         cap = tl.minimum(tl.minimum(cap, batch), tl.where(to0, n1, n0) - 1)  # the donor keeps a slab
-        # 1. the first `cap` completely free donor slabs, by index
-        found = tl.full((), 0, tl.int64)
-        start = 0
-        while (start < S) & (found < cap):
-            s = start + tl.arange(0, BLOCK).to(tl.int64)
-            ms = s < S
-            o = tl.load(slab_owner_ptr + s, mask=ms, other=-1)
-            cand = ms & (o == d)
-            live = tl.zeros((BLOCK,), dtype=tl.int64)
-            u0 = 0
-            while u0 < ups_d:
-                u = u0 + tl.arange(0, BLOCK_U).to(tl.int64)
-                h = tl.load(slot_handle_ptr + s[:, None] * max_ups + u[None, :],
-                            mask=cand[:, None] & (u[None, :] < ups_d), other=-1)
-                live += tl.sum((h >= 0).to(tl.int64), 1)
-                u0 += BLOCK_U
-            free = cand & (live == 0)
-            rank = found + tl.cumsum(free.to(tl.int64), 0)
-            take = free & (rank <= cap)
-            tl.store(flag_ptr + s, (s * 0 + 1).to(tl.int32), mask=take)
-            tl.store(victims_ptr + (rank - 1), s.to(tl.int32), mask=take)
-            found += tl.sum(take.to(tl.int64), 0)
-            start += BLOCK
+        found = _free_slabs_of(d, cap, ups_d, slab_owner_ptr, slot_handle_ptr, flag_ptr, victims_ptr, S, max_ups,
+                               BLOCK, BLOCK_U)
         tl.debug_barrier()
         if found > 0:
-            # 2. drop the victims' units from the donor stack, keeping the others' order
-            w = tl.full((), 0, tl.int64)
-            start = 0
-            while start < top_d:
-                pos = start + tl.arange(0, BLOCK).to(tl.int64)
-                m = pos < top_d
-                off = tl.load(stacks_ptr + base_d + pos, mask=m, other=0)
-                leaving = tl.load(flag_ptr + off // slab_bytes, mask=m, other=1)
-                keep = m & (leaving == 0)
-                c = tl.cumsum(keep.to(tl.int64), 0)
-                tl.debug_barrier()  # every lane has read its entry before any lane overwrites one
-                tl.store(stacks_ptr + base_d + (w + c - 1), off, mask=keep)
-                w += tl.sum(keep.to(tl.int64), 0)
-                tl.debug_barrier()
-                start += BLOCK
-            # 3. adopt: last victim pushed first, its units high to low, so victims[0] unit 0 pops first
-            i = 0
-            while i < found:
-                s1 = tl.load(victims_ptr + (found - 1 - i)).to(tl.int64)
-                tl.store(slab_owner_ptr + s1, p.to(tl.int32))
-                tl.store(flag_ptr + s1, 0)
-                c0 = 0
-                while c0 < max_ups:
-                    q = c0 + tl.arange(0, BLOCK)
-                    tl.store(slot_handle_ptr + s1 * max_ups + q, -1, mask=q < max_ups)
-                    c0 += BLOCK
-                c0 = 0
-                while c0 < ups_p:
-                    q = c0 + tl.arange(0, BLOCK).to(tl.int64)
-                    tl.store(stacks_ptr + base_p + (top_p + q), s1 * slab_bytes + (ups_p - 1 - q) * unit_p,
-                             mask=q < ups_p)
-                    c0 += BLOCK
-                top_p += ups_p
-                i += 1
+            w = _drop_flagged_units(stacks_ptr, base_d, top_d, flag_ptr, slab_bytes, BLOCK)
+            top_p = _adopt_slabs(found, p, victims_ptr, slab_owner_ptr, flag_ptr, slot_handle_ptr, stacks_ptr,
+                                 base_p, top_p, ups_p, unit_p, slab_bytes, max_ups, BLOCK)
             tl.store(tops_ptr + d, w)
             tl.store(tops_ptr + p, top_p)
             tl.store(counters_ptr, tl.load(counters_ptr) + 1)
             tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + found)
+
+
+@triton.jit
+def _owned_slabs(slab_owner_ptr, S, BLOCK: tl.constexpr):
+    """(slabs of pool 0, slabs of pool 1)."""
+    n0 = tl.full((), 0, tl.int64)
+    n1 = tl.full((), 0, tl.int64)
+    start = 0
+    while start < S:
+        s = start + tl.arange(0, BLOCK).to(tl.int64)
+        o = tl.load(slab_owner_ptr + s, mask=s < S, other=-1)
+        n0 += tl.sum((o == 0).to(tl.int64), 0)
+        n1 += tl.sum((o == 1).to(tl.int64), 0)
+        start += BLOCK
+    return n0, n1
+
+
+@triton.jit
+def _free_slabs_of(d, cap, ups_d, slab_owner_ptr, slot_handle_ptr, flag_ptr, victims_ptr, S, max_ups,
+                   BLOCK: tl.constexpr, BLOCK_U: tl.constexpr):
+    """The first ``cap`` completely free slabs of pool ``d``, by index: flagged, and listed in
+    ``victims``. Returns how many were found."""
+    found = tl.full((), 0, tl.int64)
+    start = 0
+    while (start < S) & (found < cap):
+        s = start + tl.arange(0, BLOCK).to(tl.int64)
+        ms = s < S
+        o = tl.load(slab_owner_ptr + s, mask=ms, other=-1)
+        cand = ms & (o == d)
+        live = tl.zeros((BLOCK,), dtype=tl.int64)
+        u0 = 0
+        while u0 < ups_d:
+            u = u0 + tl.arange(0, BLOCK_U).to(tl.int64)
+            h = tl.load(slot_handle_ptr + s[:, None] * max_ups + u[None, :],
+                        mask=cand[:, None] & (u[None, :] < ups_d), other=-1)
+            live += tl.sum((h >= 0).to(tl.int64), 1)
+            u0 += BLOCK_U
+        free = cand & (live == 0)
+        rank = found + tl.cumsum(free.to(tl.int64), 0)
+        take = free & (rank <= cap)
+        tl.store(flag_ptr + s, (s * 0 + 1).to(tl.int32), mask=take)
+        tl.store(victims_ptr + (rank - 1), s.to(tl.int32), mask=take)
+        found += tl.sum(take.to(tl.int64), 0)
+        start += BLOCK
+    return found
+
+
+@triton.jit
+def _drop_flagged_units(stacks_ptr, base_d, top_d, flag_ptr, slab_bytes, BLOCK: tl.constexpr):
+    """Drop the units of flagged slabs from the donor's stack, keeping the others' order; returns
+    the new top."""
+    w = tl.full((), 0, tl.int64)
+    start = 0
+    while start < top_d:
+        pos = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = pos < top_d
+        off = tl.load(stacks_ptr + base_d + pos, mask=m, other=0)
+        leaving = tl.load(flag_ptr + off // slab_bytes, mask=m, other=1)
+        keep = m & (leaving == 0)
+        c = tl.cumsum(keep.to(tl.int64), 0)
+        tl.debug_barrier()  # every lane has read its entry before any lane overwrites one
+        tl.store(stacks_ptr + base_d + (w + c - 1), off, mask=keep)
+        w += tl.sum(keep.to(tl.int64), 0)
+        tl.debug_barrier()
+        start += BLOCK
+    return w
+
+
+@triton.jit
+def _adopt_slabs(found, p, victims_ptr, slab_owner_ptr, flag_ptr, slot_handle_ptr, stacks_ptr, base_p, top_p,
+                 ups_p, unit_p, slab_bytes, max_ups, BLOCK: tl.constexpr):
+    """Pool ``p`` adopts the victims: last victim pushed first, its units high to low, so victims[0]
+    unit 0 pops first. Returns the receiver's new top."""
+    i = 0
+    while i < found:
+        s1 = tl.load(victims_ptr + (found - 1 - i)).to(tl.int64)
+        tl.store(slab_owner_ptr + s1, p.to(tl.int32))
+        tl.store(flag_ptr + s1, 0)
+        c0 = 0
+        while c0 < max_ups:
+            q = c0 + tl.arange(0, BLOCK)
+            tl.store(slot_handle_ptr + s1 * max_ups + q, -1, mask=q < max_ups)
+            c0 += BLOCK
+        c0 = 0
+        while c0 < ups_p:
+            q = c0 + tl.arange(0, BLOCK).to(tl.int64)
+            tl.store(stacks_ptr + base_p + (top_p + q), s1 * slab_bytes + (ups_p - 1 - q) * unit_p,
+                     mask=q < ups_p)
+            c0 += BLOCK
+        top_p += ups_p
+        i += 1
+    return top_p

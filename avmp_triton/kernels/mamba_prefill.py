@@ -146,22 +146,29 @@ def causal_conv1d_prefill_kernel(
         t0 += workers * BLOCK_T
 
     if WIDTH > 1:
-        # new state row r = input (end - (WIDTH - 1) + r) of [old state ; chunk]
-        o_r = tl.arange(0, BLOCK_W)
-        m_r = o_r < WIDTH - 1
-        m_own = active & (i_w == 0)
-        pos = end - (WIDTH - 1) + o_r
-        m_x = both(m_r & (pos >= start), m_own)
-        b_new = tl.load(x_ptr + pos.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
-                        mask=m_x[:, None] & m_c[None, :], other=0.0).to(state_ptr.dtype.element_ty)
-        row = pos - start + (WIDTH - 1)
-        m_s = both(m_r & (pos < start), has_init & m_own)
-        b_old = tl.load(state_ptr + base + row.to(tl.int64)[:, None] * C + o_c[None, :],
-                        mask=m_s[:, None] & m_c[None, :], other=0.0)
-        b_new = tl.where(m_s[:, None], b_old, b_new)
-        tl.debug_barrier()  # every thread has read the old rows it needs
-        tl.store(state_ptr + base + o_r.to(tl.int64)[:, None] * C + o_c[None, :], b_new,
-                 mask=both(m_r, m_own)[:, None] & m_c[None, :])
+        _conv_write_state(x_ptr, state_ptr, base, start, end, active & (i_w == 0), has_init, stride_x_t, C,
+                          o_c, m_c, WIDTH, BLOCK_W)
+
+
+@triton.jit
+def _conv_write_state(x_ptr, state_ptr, base, start, end, m_own, has_init, stride_x_t, C, o_c, m_c,
+                      WIDTH: tl.constexpr, BLOCK_W: tl.constexpr):
+    """New state row r = input (end - (WIDTH - 1) + r) of [old state ; chunk] (``m_own``: the
+    program that owns the state)."""
+    o_r = tl.arange(0, BLOCK_W)
+    m_r = o_r < WIDTH - 1
+    pos = end - (WIDTH - 1) + o_r
+    m_x = both(m_r & (pos >= start), m_own)
+    b_new = tl.load(x_ptr + pos.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
+                    mask=m_x[:, None] & m_c[None, :], other=0.0).to(state_ptr.dtype.element_ty)
+    row = pos - start + (WIDTH - 1)
+    m_s = both(m_r & (pos < start), has_init & m_own)
+    b_old = tl.load(state_ptr + base + row.to(tl.int64)[:, None] * C + o_c[None, :],
+                    mask=m_s[:, None] & m_c[None, :], other=0.0)
+    b_new = tl.where(m_s[:, None], b_old, b_new)
+    tl.debug_barrier()  # every thread has read the old rows it needs
+    tl.store(state_ptr + base + o_r.to(tl.int64)[:, None] * C + o_c[None, :], b_new,
+             mask=both(m_r, m_own)[:, None] & m_c[None, :])
 
 
 # ------------------------------------------------------------------------------- Mamba1 scan
@@ -420,6 +427,22 @@ def mamba2_scan_prefill_kernel(
 
 
 @triton.jit
+def _chunk_decay(dt_ptr, o_t, m_t, stride_dt_t, i_h, b_bias, b_A, HAS_DT_BIAS: tl.constexpr,
+                 DT_SOFTPLUS: tl.constexpr):
+    """(dt, inclusive cumsum of dt A, its last value) of a chunk's tokens; dt = 0 past the end, so
+    padded tokens neither decay the state nor feed it."""
+    b_dt = tl.load(dt_ptr + o_t * stride_dt_t + i_h, mask=m_t, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        b_dt += b_bias
+    if DT_SOFTPLUS:
+        b_dt = _softplus(b_dt)
+    b_dt = tl.where(m_t, b_dt, 0.0)
+    b_cum = tl.cumsum(b_dt * b_A, axis=0)            # [L], non-increasing (A < 0)
+    b_last = tl.sum(b_dt * b_A, axis=0)
+    return b_dt, b_cum, b_last
+
+
+@triton.jit
 def mamba2_chunk_scan_prefill_kernel(
     x_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, out_ptr,  # as the serial kernel
     state_ptr, table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
@@ -462,14 +485,8 @@ def mamba2_chunk_scan_prefill_kernel(
     while c0 < end:
         o_t = (c0 + o_l).to(tl.int64)
         m_t = o_t < end
-        b_dt = tl.load(dt_ptr + o_t * stride_dt_t + i_h, mask=m_t, other=0.0).to(tl.float32)
-        if HAS_DT_BIAS:
-            b_dt += b_bias
-        if DT_SOFTPLUS:
-            b_dt = _softplus(b_dt)
-        b_dt = tl.where(m_t, b_dt, 0.0)
-        b_cum = tl.cumsum(b_dt * b_A, axis=0)            # [L], non-increasing (A < 0)
-        b_last = tl.sum(b_dt * b_A, axis=0)
+        b_dt, b_cum, b_last = _chunk_decay(dt_ptr, o_t, m_t, stride_dt_t, i_h, b_bias, b_A, HAS_DT_BIAS,
+                                           DT_SOFTPLUS)
         m_tp = m_t[:, None] & m_p[None, :]
         m_tn = m_t[:, None] & m_n[None, :]
         b_x = tl.load(x_ptr + o_t[:, None] * stride_x_t + i_h * stride_x_h + o_p[None, :], mask=m_tp, other=0.0)

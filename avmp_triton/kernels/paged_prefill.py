@@ -79,6 +79,34 @@ def _attn_block(
 
 
 @triton.jit
+def _tile_request(i_tile, cu_seqlens_q_ptr, num_seqs, BLOCK_Q: tl.constexpr):
+    """Request of a tile: the largest b with cu[b] // BLOCK_Q + b <= i_tile (strictly increasing in b)."""
+    lo = i_tile * 0
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        go = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid <= i_tile
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _tile_rows(q_start, q_lo, q_len, prefix, i_kvh, num_tokens, GQA: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_Q: tl.constexpr):
+    """A tile's rows are (token, head-in-group) pairs: (token row in q, q head, row mask, position
+    in the context, -1 for a row that sees nothing). Rows outside q (a cu_seqlens_q past T or
+    below 0) are neither read nor written."""
+    o_m = tl.arange(0, BLOCK_M)
+    i_qt = q_lo + o_m // GQA
+    i_qh = i_kvh * GQA + o_m % GQA
+    o_row = (q_start + i_qt).to(tl.int64)
+    m_m = (o_m < BLOCK_Q * GQA) & (i_qt < q_len) & (o_row >= 0) & (o_row < num_tokens)
+    q_pos = tl.where(m_m, prefix + i_qt, -1)
+    return o_row, i_qh, m_m, q_pos
+
+
+@triton.jit
 def paged_prefill_kernel(
     q_ptr,             # [T, Hq, D] fp16 / bf16 / fp32
     out_ptr,           # [T, Hq, D] same dtype as q (output)
@@ -101,15 +129,7 @@ def paged_prefill_kernel(
     i_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     i_kvh = tl.program_id(1).to(tl.int64)
 
-    # request of this tile: largest b with cu[b] // BLOCK_Q + b <= i_tile (strictly increasing in b)
-    lo = i_tile * 0
-    hi = lo + num_seqs - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        go = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid <= i_tile
-        lo = tl.where(go, mid, lo)
-        hi = tl.where(go, hi, mid - 1)
-    i_b = lo
+    i_b = _tile_request(i_tile, cu_seqlens_q_ptr, num_seqs, BLOCK_Q)
     q_start = tl.load(cu_seqlens_q_ptr + i_b)
     q_len = tl.load(cu_seqlens_q_ptr + i_b + 1) - q_start
     q_lo = (i_tile - (q_start // BLOCK_Q + i_b)) * BLOCK_Q
@@ -118,14 +138,7 @@ def paged_prefill_kernel(
     ctx_len = tl.load(seq_lens_ptr + i_b)
     prefix = ctx_len - q_len
 
-    # rows are (token, head-in-group) pairs
-    o_m = tl.arange(0, BLOCK_M)
-    i_qt = q_lo + o_m // GQA
-    i_qh = i_kvh * GQA + o_m % GQA
-    o_row = (q_start + i_qt).to(tl.int64)
-    # rows outside q (a cu_seqlens_q past T or below 0) are neither read nor written
-    m_m = (o_m < BLOCK_Q * GQA) & (i_qt < q_len) & (o_row >= 0) & (o_row < num_tokens)
-    q_pos = tl.where(m_m, prefix + i_qt, -1)  # -1: the row sees nothing
+    o_row, i_qh, m_m, q_pos = _tile_rows(q_start, q_lo, q_len, prefix, i_kvh, num_tokens, GQA, BLOCK_M, BLOCK_Q)
     o_d = tl.arange(0, HEAD_DIM)
     p_q = q_ptr + o_row[:, None] * stride_q_t + i_qh[:, None] * stride_q_h + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
