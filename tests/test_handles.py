@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from avmp_triton.kernels.handles import KIND_SSM, REPEAT_BLOCK_MAX, first_rows, repeated, unit_offset
-from avmp_triton.ops._mamba_args import repeat_block
+from avmp_triton.ops._args import repeat_block
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -35,7 +35,7 @@ import triton
 from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
 from avmp_triton.kernels import mamba_state as K
 from avmp_triton.ops import mamba_prefill
-from avmp_triton.ops._mamba_args import (
+from avmp_triton.ops._args import (
     check_float, check_launch, check_mamba1_inputs, check_on_host, check_opt_float, check_out, check_tensor,
     repeat_block, state_location,
 )
@@ -232,7 +232,7 @@ def mamba2_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
     """
     layout, spec, dtype, batch, dev = state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer,
                                                       state_dtype, "state_dtype", "ssm", 2)
-    check_tensor(x, "x", dev, 3)
+    check_tensor(x, "x", device=dev, beside="the arena", dim=3)
     nheads, head_dim = x.shape[1], x.shape[2]
     if nheads * head_dim != layout.d_inner:
         raise ValueError(f"x's nheads * head_dim = {nheads} * {head_dim} must equal the layout's "
@@ -244,7 +244,7 @@ def mamba2_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_han
     check_float(x, "x", dev, (batch, nheads, head_dim))
     check_float(dt, "dt", dev, (batch, nheads))
     check_float(A, "A", dev, (nheads,))
-    check_tensor(B, "B", dev, 3)
+    check_tensor(B, "B", device=dev, beside="the arena", dim=3)
     n_groups = B.shape[1]
     if n_groups < 1 or nheads % n_groups:
         raise ValueError(f"n_groups (B.shape[1] = {n_groups}) must divide nheads ({nheads})")
@@ -293,7 +293,7 @@ def causal_conv1d_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_ha
     ch = layout.conv_channels
     d_conv = layout.conv_width + 1
     check_float(x, "x", dev, (batch, ch))
-    check_tensor(weight, "weight", dev, 2)
+    check_tensor(weight, "weight", device=dev, beside="the arena", dim=2)
     if weight.shape[0] == ch and weight.shape[1] != d_conv:
         raise ValueError(f"weight has d_conv={weight.shape[1]}; the layout stores {layout.conv_width} "
                          f"past inputs (d_conv={d_conv})")

@@ -45,25 +45,24 @@ import triton.language as tl
 from avmp_triton import _triton_env  # sets the interpreter up on CPU-only hosts (before triton)
 from avmp_triton.kernels import mamba_prefill as K
 from avmp_triton._checks import is_int
-from avmp_triton.ops._mamba_args import (
+from avmp_triton.ops._args import (
     check_float, check_launch, check_mamba1_inputs, check_on_host, check_opt_float, check_out, check_tensor,
-    repeat_block, state_location,
+    repeat_block, sm_count, state_location,
 )
-from avmp_triton.ops.paged_attention import _sm_count
 
 _ALGORITHMS = ("auto", "serial", "chunked")
 
 
 # ------------------------------------------------------------------------------- validation
 def _check_batch_meta(cu_seqlens, has_initial_state, batch: int, dev) -> None:
-    check_tensor(cu_seqlens, "cu_seqlens", dev, 1)
+    check_tensor(cu_seqlens, "cu_seqlens", device=dev, beside="the arena", dim=1)
     if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
         raise TypeError(f"cu_seqlens must be a contiguous int32 tensor, got {cu_seqlens.dtype} "
                         f"strides {cu_seqlens.stride()}")
     if cu_seqlens.numel() != batch + 1:
         raise ValueError(f"cu_seqlens must have B + 1 = {batch + 1} entries (B = ssm_handles.numel()), "
                          f"got {cu_seqlens.numel()}")
-    check_tensor(has_initial_state, "has_initial_state", dev, 1)
+    check_tensor(has_initial_state, "has_initial_state", device=dev, beside="the arena", dim=1)
     if has_initial_state.dtype not in (torch.int32, torch.bool) or not has_initial_state.is_contiguous():
         raise TypeError(f"has_initial_state must be a contiguous int32 or bool tensor, got "
                         f"{has_initial_state.dtype} strides {has_initial_state.stride()}")
@@ -127,7 +126,7 @@ def _conv_workers(device: torch.device, T: int, block_t: int, programs: int) -> 
     """Programs per (request, channel block), each striding over the request's token blocks: enough
     for ~16 programs per SM in all, never more than the token blocks of the whole chunk (in the
     interpreter: 64 programs, so the tests see workers striding)."""
-    target = 16 * _sm_count(device.index or 0) if device.type == "cuda" else 64
+    target = 16 * sm_count(device.index or 0) if device.type == "cuda" else 64
     return max(1, min(triton.cdiv(max(T, 1), block_t), triton.cdiv(target, programs)))
 
 
@@ -197,7 +196,7 @@ def causal_conv1d_prefill(
     ch, d_conv = layout.conv_channels, layout.conv_width + 1
     if d_conv > 4:
         raise ValueError(f"d_conv must be at most 4 (the kernel keeps 3 past rows), got {d_conv}")
-    check_tensor(x, "x", dev, 2)
+    check_tensor(x, "x", device=dev, beside="the arena", dim=2)
     T = x.shape[0]
     check_float(x, "x", dev, (T, ch))
     check_float(weight, "weight", dev, (ch, d_conv))
@@ -287,7 +286,7 @@ def mamba1_scan_prefill(
     _check_batch_meta(cu_seqlens, has_initial_state, nreq, dev)
     _check_algorithm(algorithm, chunk_size, 1)
     Di, N = layout.d_inner, layout.d_state
-    check_tensor(x, "x", dev, 2)
+    check_tensor(x, "x", device=dev, beside="the arena", dim=2)
     T = x.shape[0]
     check_mamba1_inputs(dev, T, Di, N, x, dt, A, B, C, D, z, dt_bias)
     _check_dt_softplus(dt_softplus)
@@ -381,7 +380,7 @@ def mamba2_scan_prefill(
                                                     state_dtype, "state_dtype", "ssm", 2)
     _check_batch_meta(cu_seqlens, has_initial_state, nreq, dev)
     _check_algorithm(algorithm, chunk_size, 16)
-    check_tensor(x, "x", dev, 3)
+    check_tensor(x, "x", device=dev, beside="the arena", dim=3)
     T, NH, P = x.shape
     N = layout.d_state
     if NH * P != layout.d_inner:
@@ -392,7 +391,7 @@ def mamba2_scan_prefill(
     check_float(x, "x", dev, (T, NH, P))
     check_float(dt, "dt", dev, (T, NH))
     check_float(A, "A", dev, (NH,))
-    check_tensor(B, "B", dev, 3)
+    check_tensor(B, "B", device=dev, beside="the arena", dim=3)
     G = B.shape[1]
     if G < 1 or NH % G:
         raise ValueError(f"n_groups (B.shape[1] = {G}) must divide nheads ({NH})")

@@ -36,6 +36,7 @@ from avmp_triton._checks import is_int
 from avmp_triton import _triton_env
 from avmp_triton.kernels import paged_attention as K
 from avmp_triton.layout import KVPageLayout, kv_page_layout
+from avmp_triton.ops._args import check_kernel_device, check_tensor, sm_count
 from avmp_triton.ops._host_checks import KIND_KV, check_block_table, check_handles, live_pages, on_host
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -122,17 +123,6 @@ def decode_workspace(batch: int, num_q_heads: int, head_dim: int, num_splits: in
     """A workspace to pass as ``workspace=`` (allocate it before capturing a CUDA graph)."""
     return torch.empty(max(1, decode_workspace_numel(batch, num_q_heads, head_dim, num_splits)),
                        dtype=torch.float32, device=device)
-
-
-_SM_COUNTS: dict[int, int] = {}
-
-
-@torch.compiler.assume_constant_result
-def _sm_count(device_index: int) -> int:
-    n = _SM_COUNTS.get(device_index)
-    if n is None:
-        n = _SM_COUNTS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
-    return n
 
 
 # Scratch workspaces used when the caller passes none, one per (device, size) and never freed, so a
@@ -278,7 +268,8 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
         num_layers: attention layers per page (bounds ``layer``).
         Others as in ``paged_decode_attention``.
     """
-    dev = _check_tensor(q, "q", dtypes=SUPPORTED_DTYPES, dim=3)
+    dev = check_tensor(q, "q", dtypes=SUPPORTED_DTYPES, dim=3)
+    check_kernel_device(q, "q")
     if kv_dtype is not None and q.dtype != kv_dtype:
         raise TypeError(f"q must have the KV dtype {kv_dtype}, got {q.dtype}")
     if q.stride(2) != 1:
@@ -291,11 +282,11 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
     Hkv = layout.num_kv_heads
     if Hq < 1 or Hq % Hkv:
         raise ValueError(f"q has {Hq} heads, not a positive multiple of the layout's num_kv_heads={Hkv}")
-    _check_tensor(block_table, "block_table", dtypes=(torch.int32,), dim=2, device=dev)
+    check_tensor(block_table, "block_table", dtypes=(torch.int32,), dim=2, device=dev)
     if block_table.shape[0] != B or block_table.shape[1] < 1 or block_table.stride(1) != 1:
         raise ValueError(f"block_table must be [B={B}, W>=1] with contiguous rows, got shape "
                          f"{tuple(block_table.shape)} strides {block_table.stride()}")
-    _check_tensor(seq_lens, "seq_lens", dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+    check_tensor(seq_lens, "seq_lens", dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
     if seq_lens.shape[0] != B:
         raise ValueError(f"seq_lens must have B={B} entries, got {seq_lens.shape[0]}")
     if scale is None:
@@ -308,19 +299,19 @@ def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_ta
     elif not is_int(max_seq_len) or max_seq_len < 0:
         raise ValueError(f"max_seq_len must be a non-negative int, got {max_seq_len!r}")
     cfg = decode_config(batch=B, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, page_tokens=layout.page_tokens,
-                        max_seq_len=max_seq_len, sm_count=_sm_count(dev.index) if dev.type == "cuda" else DEFAULT_SM_COUNT,
+                        max_seq_len=max_seq_len, sm_count=sm_count(dev.index) if dev.type == "cuda" else DEFAULT_SM_COUNT,
                         num_splits=num_splits, pages_per_iter=pages_per_iter, num_warps=num_warps,
                         num_stages=num_stages, use_dot=use_dot, max_registers=max_registers)
     _check_config(cfg, layout.page_tokens)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     else:
-        _check_tensor(out, "out", dtypes=(q.dtype,), dim=3, device=dev)
+        check_tensor(out, "out", dtypes=(q.dtype,), dim=3, device=dev)
         if tuple(out.shape) != (B, Hq, D) or out.stride(2) != 1:
             raise ValueError(f"out must be [B, Hq, D]={[B, Hq, D]} with contiguous rows, got shape "
                              f"{tuple(out.shape)} strides {out.stride()}")
     if workspace is not None:
-        _check_tensor(workspace, "workspace", dtypes=(torch.float32,), dim=1, device=dev, contiguous=True)
+        check_tensor(workspace, "workspace", dtypes=(torch.float32,), dim=1, device=dev, contiguous=True)
         need = decode_workspace_numel(B, Hq, D, cfg.num_splits)
         if workspace.numel() < need:
             raise ValueError(f"workspace has {workspace.numel()} elements; num_splits={cfg.num_splits} needs {need}")
@@ -359,8 +350,9 @@ def kv_append_arena(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handl
                     token_pos: torch.Tensor, *, handle_kinds: torch.Tensor, num_layers: int, layer: int = 0,
                     kv_dtype: torch.dtype | None = None) -> None:
     """``kv_append`` on raw tensors (arena, handle table and layout as in ``paged_decode_attention_arena``)."""
-    dev = _check_tensor(k, "k", dtypes=SUPPORTED_DTYPES, dim=3)
-    _check_tensor(v, "v", dtypes=(k.dtype,), dim=3, device=dev)
+    dev = check_tensor(k, "k", dtypes=SUPPORTED_DTYPES, dim=3)
+    check_kernel_device(k, "k")
+    check_tensor(v, "v", dtypes=(k.dtype,), dim=3, device=dev)
     if kv_dtype is not None and k.dtype != kv_dtype:
         raise TypeError(f"k must have the KV dtype {kv_dtype}, got {k.dtype}")
     if v.shape != k.shape:
@@ -375,12 +367,12 @@ def kv_append_arena(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handl
     _check_page_fits(layout, num_layers, arena)
     if Hkv != layout.num_kv_heads:
         raise ValueError(f"k has {Hkv} kv heads, the layout {layout.num_kv_heads}")
-    _check_tensor(block_table, "block_table", dtypes=(torch.int32,), dim=2, device=dev)
+    check_tensor(block_table, "block_table", dtypes=(torch.int32,), dim=2, device=dev)
     if block_table.shape[1] < 1 or block_table.stride(1) != 1:
         raise ValueError(f"block_table must be [B, W>=1] with contiguous rows, got shape "
                          f"{tuple(block_table.shape)} strides {block_table.stride()}")
     for name, t in (("token_req", token_req), ("token_pos", token_pos)):
-        _check_tensor(t, name, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+        check_tensor(t, name, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
         if t.shape[0] != T:
             raise ValueError(f"{name} must have T={T} entries (one per token), got {t.shape[0]}")
     if on_host(block_table, token_req, token_pos, handle_table, handle_kinds):
@@ -417,29 +409,10 @@ def _check_append_targets(block_table, token_req, token_pos, handle_table, handl
                       f"block_table[{r}, {p // page_tokens}] (token {t})", unique=False)
 
 
-def _check_tensor(t, name: str, *, dtypes, dim: int, device=None, contiguous: bool = False) -> torch.device:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if device is None:
-        if t.device.type == "cpu":
-            _triton_env.require_interpreter()
-        elif t.device.type != "cuda":
-            raise ValueError(f"{name} must be on a cuda device (or the cpu under Triton's interpreter), got {t.device}")
-    elif t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-    return t.device
-
-
 def _check_arena(arena, handle_table, handle_kinds, dev) -> None:
-    _check_tensor(arena, "arena", dtypes=(torch.uint8,), dim=1, device=dev, contiguous=True)
-    _check_tensor(handle_table, "handle_table", dtypes=(torch.int64,), dim=1, device=dev, contiguous=True)
-    _check_tensor(handle_kinds, "handle_kinds", dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
+    check_tensor(arena, "arena", dtypes=(torch.uint8,), dim=1, device=dev, contiguous=True)
+    check_tensor(handle_table, "handle_table", dtypes=(torch.int64,), dim=1, device=dev, contiguous=True)
+    check_tensor(handle_kinds, "handle_kinds", dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
     if handle_kinds.numel() != handle_table.numel():
         raise ValueError(f"handle_kinds has {handle_kinds.numel()} entries, handle_table {handle_table.numel()}")
 

@@ -20,6 +20,7 @@ from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on C
 from avmp_triton._triton_env import interpreter_active, require_interpreter
 from avmp_triton.kernels.paged_prefill import paged_prefill_kernel
 from avmp_triton.layout import KVPageLayout
+from avmp_triton.ops._args import check_tensor
 from avmp_triton.ops._host_checks import (KIND_KV, check_block_table, check_cu_seqlens, check_handles,
                                          live_pages, on_host)
 from avmp_triton.ops.paged_attention import from_alloc
@@ -226,7 +227,7 @@ def paged_prefill_attention_arena(
 
 
 def _check_q(q) -> torch.device:
-    _check_tensor(q, "q", dim=3)
+    check_tensor(q, "q", dim=3)
     if q.dtype not in _DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     dev = q.device
@@ -243,14 +244,14 @@ def _check_tables(q, arena, handle_table, handle_kinds, block_table, seq_lens, c
     """Shapes, dtypes and devices of the metadata and the arena (values: ``_check_metadata``); returns B."""
     dev = q.device
     for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (seq_lens, "seq_lens")):
-        _check_tensor(t, name, dim=1, dtype=torch.int32, device=dev)
+        check_tensor(t, name, dim=1, dtypes=(torch.int32,), device=dev, beside="q")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     B = seq_lens.shape[0]
     if cu_seqlens_q.shape[0] != B + 1:
         raise ValueError(f"cu_seqlens_q must have B+1 = {B + 1} entries (seq_lens has B = {B}), "
                          f"got {cu_seqlens_q.shape[0]}")
-    _check_tensor(block_table, "block_table", dim=2, dtype=torch.int32, device=dev)
+    check_tensor(block_table, "block_table", dim=2, dtypes=(torch.int32,), device=dev, beside="q")
     if block_table.shape[0] != B:
         raise ValueError(f"block_table must have B = {B} rows, got shape {tuple(block_table.shape)}")
     if block_table.shape[1] < 1:
@@ -258,12 +259,12 @@ def _check_tables(q, arena, handle_table, handle_kinds, block_table, seq_lens, c
     if block_table.stride(1) != 1:
         raise ValueError(f"block_table rows must be contiguous, got strides {block_table.stride()}")
     for t, name, dtype in ((handle_table, "handle_table", torch.int64), (handle_kinds, "handle_kinds", torch.int32)):
-        _check_tensor(t, name, dim=1, dtype=dtype, device=dev)
+        check_tensor(t, name, dim=1, dtypes=(dtype,), device=dev, beside="q")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     if handle_kinds.numel() != handle_table.numel():
         raise ValueError(f"handle_kinds has {handle_kinds.numel()} entries, handle_table {handle_table.numel()}")
-    _check_tensor(arena, "arena", dim=1, device=dev)
+    check_tensor(arena, "arena", dim=1, device=dev, beside="q")
     if arena.dtype not in (torch.uint8, q.dtype):
         raise TypeError(f"arena must be uint8 or q's dtype {q.dtype}, got {arena.dtype}")
     if not arena.is_contiguous():
@@ -317,7 +318,7 @@ def _check_out(out, q) -> torch.Tensor:
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
-        _check_tensor(out, "out", dim=3, dtype=q.dtype, device=dev)
+        check_tensor(out, "out", dim=3, dtypes=(q.dtype,), device=dev, beside="q")
         if out.shape != q.shape:
             raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
         if out.stride(-1) != 1:
@@ -362,13 +363,3 @@ def _block_arg(v, name: str, default: int) -> int:
     return v
 
 
-def _check_tensor(t, name: str, *, dim: int, dtype: torch.dtype | None = None,
-                  device: torch.device | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, q on {device}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")

@@ -8,29 +8,7 @@ from __future__ import annotations
 import torch
 
 from avmp_triton.layout import KVPageLayout
-
-
-def gather_kv(arena: torch.Tensor, handle_table: torch.Tensor, handles: torch.Tensor, num_tokens: int,
-              layout: KVPageLayout, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V ``[num_tokens, Hkv, D]`` of one request from its page handles ``[>= cdiv(num_tokens, P)]``.
-
-    Every handle needed must be live (``handle_table[h] >= 0``); an assert says which is not.
-    """
-    P, Hkv, D = layout.page_tokens, layout.num_kv_heads, layout.head_dim
-    n_pages = -(-num_tokens // P)
-    elems = arena.view(torch.uint8)
-    elems = elems[:elems.numel() // layout.elem_bytes * layout.elem_bytes].view(dtype)
-    hs = handles[:n_pages].long().cpu()
-    assert bool((hs >= 0).all()), f"a needed page handle is -1: {hs.tolist()}"
-    offs = handle_table.cpu()[hs]
-    assert bool((offs >= 0).all()), f"a needed page handle is free: {hs.tolist()} -> {offs.tolist()}"
-    pos = torch.arange(num_tokens)
-    page, tok = pos // P, pos % P
-    base = offs[page] // layout.elem_bytes + layer * layout.stride_layer + tok * layout.stride_token  # [L]
-    idx = (base[:, None, None] + torch.arange(Hkv)[None, :, None] * layout.stride_head
-           + torch.arange(D)[None, None, :])  # [L, Hkv, D]
-    idx = idx.to(elems.device)
-    return elems[idx], elems[idx + layout.stride_kv]
+from avmp_triton.reference.attention import gather_kv
 
 
 def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -74,6 +52,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq
         if hi == lo:
             continue
         assert ctx >= hi - lo, f"request {b}: seq_len {ctx} < q_len {hi - lo}"
-        k, v = gather_kv(arena, handle_table, block_table[b], ctx, layout, layer, q.dtype)
+        k, v, ok = gather_kv(arena, handle_table, layout, block_table[b], ctx, layer, q.dtype)
+        assert bool(ok.all()), f"request {b}: the pages of tokens {(~ok).nonzero().flatten().tolist()[:8]} are not readable"
         out[lo:hi] = causal_attention_ref(q[lo:hi], k, v, scale, compute_dtype).float()
     return out

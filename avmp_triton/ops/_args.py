@@ -1,4 +1,4 @@
-"""Argument checks shared by the Mamba launchers (decode: ops/mamba.py, prefill: ops/mamba_prefill.py).
+"""Argument checks shared by the launchers of every op family.
 
 Metadata only, never a host sync, so the launchers stay capturable in CUDA graphs; the values of
 handles and ``cu_seqlens`` are checked only where they already live on the host
@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
+from avmp_triton import _triton_env  # before triton: the interpreter on CPU-only hosts
 from avmp_triton._checks import is_int
-from avmp_triton import _triton_env  # noqa: F401  (before triton: the interpreter on CPU-only hosts)
 from avmp_triton.kernels.handles import REPEAT_BLOCK_MAX
 from avmp_triton.layout import SSMBlockLayout, ssm_block_layout
 from avmp_triton.ops._host_checks import KIND_SSM, check_cu_seqlens, check_handles, on_host
@@ -20,20 +20,47 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NUM_WARPS = (1, 2, 4, 8, 16, 32)
 
 
-
-def check_tensor(t, name: str, device: torch.device, ndim: Optional[int]) -> torch.Tensor:
+def check_tensor(t, name: str, *, dim: Optional[int] = None, dtypes: Optional[tuple] = None,
+                 device: Optional[torch.device] = None, beside: Optional[str] = None,
+                 contiguous: bool = False) -> torch.device:
+    """A tensor of one of ``dtypes`` with ``dim`` dimensions on ``device`` (each when given);
+    ``beside`` names the tensor that set ``device``, for the message. Returns its device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, the arena on {device}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    return t
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, " + (f"{beside} on {device}" if beside else f"expected {device}"))
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    return t.device
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: launch rules read it on every call)."""
+    n = _SM_COUNTS.get(device_index)
+    if n is None:
+        n = _SM_COUNTS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return n
+
+
+def check_kernel_device(t: torch.Tensor, name: str) -> None:
+    """A device the kernels run on: CUDA, or the CPU under Triton's interpreter."""
+    if t.device.type == "cpu":
+        _triton_env.require_interpreter()
+    elif t.device.type != "cuda":
+        raise ValueError(f"{name} must be on a cuda device (or the cpu under Triton's interpreter), got {t.device}")
 
 
 def check_float(t, name: str, device, shape: tuple, *, inner_contiguous: bool = True) -> torch.Tensor:
     """A float tensor of exactly ``shape`` whose last dimension is contiguous (outer strides free)."""
-    check_tensor(t, name, device, None)
+    check_tensor(t, name, device=device, beside="the arena")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
     if tuple(t.shape) != tuple(shape):
@@ -79,17 +106,17 @@ def state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer
         require_interpreter()
     elif dev.type != "cuda":
         raise ValueError(f"arena must be on cuda (or cpu with TRITON_INTERPRET=1), got {dev}")
-    check_tensor(handle_table, "handle_table", dev, 1)
+    check_tensor(handle_table, "handle_table", device=dev, beside="the arena", dim=1)
     if handle_table.dtype != torch.int64 or not handle_table.is_contiguous():
         raise ValueError(f"handle_table must be a contiguous int64 tensor, got {handle_table.dtype} "
                          f"strides {handle_table.stride()}")
-    check_tensor(handle_kinds, "handle_kinds", dev, 1)
+    check_tensor(handle_kinds, "handle_kinds", device=dev, beside="the arena", dim=1)
     if (handle_kinds.dtype != torch.int32 or not handle_kinds.is_contiguous()
             or handle_kinds.numel() != handle_table.numel()):
         raise ValueError(f"handle_kinds (the allocator's handle_kind) must be a contiguous int32 tensor of "
                          f"handle_table's {handle_table.numel()} entries, got {handle_kinds.dtype} shape "
                          f"{tuple(handle_kinds.shape)} strides {handle_kinds.stride()}")
-    check_tensor(ssm_handles, "ssm_handles", dev, 1)
+    check_tensor(ssm_handles, "ssm_handles", device=dev, beside="the arena", dim=1)
     if ssm_handles.dtype != torch.int32:
         raise TypeError(f"ssm_handles must be int32, got {ssm_handles.dtype}")
     if not ssm_handles.is_contiguous():
