@@ -33,7 +33,7 @@ K/V), and a continuation: B=4 x 512 new tokens after 1024 cached (Mamba: ``has_i
 the states in the arena are the prefix's; attention: 1024 cached tokens in the pages). ``--quick``:
 (4, 1024) and the continuation.
 
-Setup as perf/bench_mamba.py / bench_attention.py: an ``AVMPAllocator`` of the preset
+Setup as perf/bench_mamba_state.py / bench_paged_attention.py: an ``AVMPAllocator`` of the preset
 (``--mamba-layers`` Mamba layers per SSM block, default 4, the middle one used; 2B+16 SSM blocks, B
 handles drawn by ``torch.randperm``; this layer's ssm and conv state random in every block, every
 other byte zero) or of the attention preset (pages of all 4 attention layers, random bytes,
@@ -42,7 +42,7 @@ of our pool plus row 0, which vLLM reserves (NULL_BLOCK_ID, skipped by its conv 
 indices are our physical slots + 1.
 
 Checks, on every cell before any timing: ours and every peer against the pure-torch references of
-avmp_triton/reference/ (mamba_prefill.py, attention_prefill.py; run on the GPU, from the same
+avmp_triton/reference/ (mamba_prefill.py, paged_prefill.py; run on the GPU, from the same
 starting states): the output, the final states (ssm / conv) of the batch, and every other byte of
 the arena or row of the pool unchanged. bf16 tolerances as tests/test_mamba_prefill.py: relative
 error of the whole tensor (norm) plus a loose elementwise bound (``TOL``). A failed check or an
@@ -86,15 +86,15 @@ from avmp_triton.ops.mamba_prefill import (
     mamba2_scan_prefill,
 )
 from avmp_triton.ops.paged_prefill import paged_prefill_attention_arena, prefill_launch_config
-from avmp_triton.reference import attention_prefill as RA
+from avmp_triton.reference import paged_prefill as RA
 from avmp_triton.reference import mamba_prefill as RM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_attention as BA  # noqa: E402  (perf/bench_attention.py)
+import bench_paged_attention as BA  # noqa: E402  (perf/bench_paged_attention.py)
 import peers  # noqa: E402  (perf/peers.py)
-from _results import CheckFailed, finish, record_failure  # noqa: E402  (perf/_results.py)
-from bench_attention import copy_bandwidth, environment, time_replayed  # noqa: E402
-from bench_mamba import layer_states, pool_plan  # noqa: E402
+from harness import (CheckFailed, copy_bandwidth, environment, finish, free_memory as free_gpu_memory,  # noqa: E402
+                     is_resource_error, record_failure, time_replayed)
+from bench_mamba_state import layer_states, pool_plan  # noqa: E402
 
 OPS = ("mamba2", "conv1d", "mamba1", "attention")
 MODEL = {"mamba2": "nemotron-h-8b", "conv1d": "nemotron-h-8b", "mamba1": "jamba-1.5-mini",
@@ -242,7 +242,7 @@ def mamba_bytes(cell: MambaCell, op: str) -> dict:
 @dataclasses.dataclass
 class AttnCell:
     shape: Shape
-    base: BA.Cell                  # bench_attention's cell: allocator, pages, tables (q unused)
+    base: BA.Cell                  # bench_paged_attention's cell: allocator, pages, tables (q unused)
     q: torch.Tensor                # [T, Hq, D]
     cu: torch.Tensor               # [B+1] int32
     layout: object
@@ -318,7 +318,7 @@ def matmul_tflops(n: int, rep: int) -> dict:
 
 def free_memory() -> None:
     if str(DEVICE).startswith("cuda"):
-        BA.free_memory()
+        free_gpu_memory()
 
 
 # ---------------------------------------------------------------------------------------- cells
@@ -373,7 +373,7 @@ class Runner:
                 annotate(fn, e)
             row["kernels"][name] = e
         except Exception as exc:
-            if isinstance(exc, CheckFailed) or not BA._is_resource_error(exc):
+            if isinstance(exc, CheckFailed) or not is_resource_error(exc):
                 self.fail(row, name, exc)
             else:
                 row["skipped"][name] = f"out of memory/resources: {str(exc).splitlines()[0][:200]}"

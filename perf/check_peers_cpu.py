@@ -265,7 +265,7 @@ def check_vllm_conv1d_prefill():
 def check_vllm_prefill_attention():
     """unified_attention with varlen q (2D kernel) vs the reference: new tokens 7, 1, 12 after
     cached 30, 0, 5 tokens, scattered pages."""
-    from avmp_triton.reference.attention_prefill import causal_attention_ref
+    from avmp_triton.reference.paged_prefill import causal_attention_ref
 
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 5e-3)):
         g = torch.Generator().manual_seed(5)
@@ -299,7 +299,7 @@ def check_sdpa_prefill():
     for Lq, Lk in ((9, 9), (5, 14)):
         q = torch.randn(B, Hq, Lq, D, generator=g)
         k, v = torch.randn(B, Hkv, Lk, D, generator=g), torch.randn(B, Hkv, Lk, D, generator=g)
-        from avmp_triton.reference.attention_prefill import causal_attention_ref
+        from avmp_triton.reference.paged_prefill import causal_attention_ref
 
         ref = torch.stack([causal_attention_ref(q[b].transpose(0, 1), k[b].transpose(0, 1), v[b].transpose(0, 1),
                                                 D ** -0.5).transpose(0, 1) for b in range(B)])

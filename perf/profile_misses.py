@@ -10,8 +10,8 @@ state update B=256 (bf16 state); each kernel runs 5 times after setup.
 import torch
 
 from avmp_triton.ops.paged_attention import paged_decode_attention
-from perf import bench_attention as BA
-from perf import bench_mamba as BM
+from perf import bench_paged_attention as BA
+from perf import bench_mamba_state as BM
 
 
 def main():

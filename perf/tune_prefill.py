@@ -27,8 +27,7 @@ from avmp_triton.layout import ssm_block_layout
 from avmp_triton.ops import mamba_prefill as MP
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _results import finish  # noqa: E402
-from bench_attention import copy_bandwidth, environment  # noqa: E402
+from harness import copy_bandwidth, environment, finish  # noqa: E402
 
 SHAPES = [(1, 4096), (4, 1024), (16, 512)]
 CONFIGS = {

@@ -16,8 +16,8 @@ import torch
 
 from avmp_triton import InvalidHandleError
 from avmp_triton.ops import kv_append, paged_decode_attention, paged_prefill_attention
-from avmp_triton.reference.attention import kv_append_ref, paged_decode_attention_ref
-from avmp_triton.reference.attention_prefill import paged_prefill_attention_ref
+from avmp_triton.reference.paged_attention import kv_append_ref, paged_decode_attention_ref
+from avmp_triton.reference.paged_prefill import paged_prefill_attention_ref
 
 from test_paged_attention import DEVICE, TOL, fill_arena, i32, layout_of, make_alloc, make_spec, nan_like, scattered_table
 

@@ -29,9 +29,9 @@ import torch
 from avmp_triton import AVMPAllocator, get_preset
 from avmp_triton.layout import kv_page_layout, ssm_block_layout
 from avmp_triton.ops import decode_config, decode_workspace, kv_append, paged_decode_attention
-from avmp_triton.ops.mamba import causal_conv1d_update, mamba1_state_update, mamba2_state_update
-from avmp_triton.reference import mamba as R
-from avmp_triton.reference.attention import gather_kv, kv_append_ref, paged_decode_attention_ref
+from avmp_triton.ops.mamba_state import causal_conv1d_update, mamba1_state_update, mamba2_state_update
+from avmp_triton.reference import mamba_state as R
+from avmp_triton.reference.paged_attention import gather_kv, kv_append_ref, paged_decode_attention_ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from avmp_triton import InvalidHandleError
-from avmp_triton.ops.mamba import (
+from avmp_triton.ops.mamba_state import (
     causal_conv1d_update, conv1d_launch_config, mamba1_launch_config, mamba1_state_update, mamba2_launch_config,
     mamba2_state_update,
 )

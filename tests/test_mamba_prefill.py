@@ -14,7 +14,7 @@ import torch
 
 from avmp_triton import AVMPAllocator, HybridModelSpec
 from avmp_triton.layout import ssm_block_layout
-from avmp_triton.ops.mamba import MambaStateOps
+from avmp_triton.ops.mamba_state import MambaStateOps
 from avmp_triton.ops.mamba_prefill import causal_conv1d_prefill, mamba1_scan_prefill, mamba2_scan_prefill
 from avmp_triton.reference.mamba_prefill import (
     causal_conv1d_prefill_ref,

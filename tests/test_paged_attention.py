@@ -1,4 +1,4 @@
-"""Paged decode attention and KV append against the pure-torch reference (avmp_triton/reference/attention.py).
+"""Paged decode attention and KV append against the pure-torch reference (avmp_triton/reference/paged_attention.py).
 
 CPU (Triton interpreter): fp32 KV, small odd shapes, tolerance 1e-4 relative. Pages come from an
 ``AVMPAllocator`` and are scattered over its arena with ``torch.randperm``; the arena holds random
@@ -21,7 +21,7 @@ from avmp_triton.ops import (
     paged_decode_attention,
     paged_decode_attention_arena,
 )
-from avmp_triton.reference.attention import (
+from avmp_triton.reference.paged_attention import (
     decode_attention_dense,
     gather_kv,
     kv_append_ref,

@@ -13,7 +13,7 @@ import torch
 from avmp_triton import AVMPAllocator, HybridModelSpec
 from avmp_triton.layout import kv_page_layout
 from avmp_triton.ops.paged_prefill import paged_prefill_attention, paged_prefill_attention_arena, prefill_launch_config
-from avmp_triton.reference.attention_prefill import causal_attention_ref, paged_prefill_attention_ref
+from avmp_triton.reference.paged_prefill import causal_attention_ref, paged_prefill_attention_ref
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

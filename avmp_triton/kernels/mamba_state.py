@@ -17,7 +17,7 @@ element offset; units are 16-byte aligned (the allocators guarantee it), and ``A
 compiler so, which keeps the state loads wide.
 
 These kernels mutate state: never autotune them (an autotuner re-runs the kernel). Block sizes
-come from a small table in the launcher (``avmp_triton/ops/mamba.py``).
+come from a small table in the launcher (``avmp_triton/ops/mamba_state.py``).
 """
 import triton
 import triton.language as tl

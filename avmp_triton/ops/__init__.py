@@ -21,7 +21,7 @@ from avmp_triton.ops.paged_prefill import (  # noqa: F401
     paged_prefill_attention_arena,
     prefill_launch_config,
 )
-from avmp_triton.ops.mamba import (  # noqa: F401
+from avmp_triton.ops.mamba_state import (  # noqa: F401
     MambaStateOps,
     causal_conv1d_update,
     conv1d_launch_config,

@@ -1,6 +1,6 @@
 """Mamba prefill launchers: causal conv1d, Mamba1 selective scan, Mamba2 scan over a packed chunk.
 
-Same calling convention as the decode ops (``avmp_triton.ops.mamba``): where the state lives
+Same calling convention as the decode ops (``avmp_triton.ops.mamba_state``): where the state lives
 first (arena, handle table, handles, layout, layer), then the op's inputs, then keyword options;
 ``dt_softplus`` defaults to False everywhere (as in mamba_ssm and vLLM). Each op reads a
 variable-length packed chunk (``cu_seqlens``), starts every request from its SSM block's state

@@ -1,6 +1,6 @@
 """Paged decode attention and KV append over the arena: validation, launch configuration, custom ops.
 
-Kernels: ``avmp_triton/kernels/paged_attention.py``. Reference: ``avmp_triton/reference/attention.py``.
+Kernels: ``avmp_triton/kernels/paged_attention.py``. Reference: ``avmp_triton/reference/paged_attention.py``.
 
 Two ways to call each op:
 

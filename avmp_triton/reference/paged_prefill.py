@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from avmp_triton.layout import KVPageLayout
-from avmp_triton.reference.attention import gather_kv
+from avmp_triton.reference.paged_attention import gather_kv
 
 
 def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -1,4 +1,4 @@
-"""Decode-time Mamba ops (avmp_triton/ops/mamba.py) against the pure-torch references.
+"""Decode-time Mamba ops (avmp_triton/ops/mamba_state.py) against the pure-torch references.
 
 Every state lives in an SSM block of a real AVMPAllocator: handles are scattered over a larger
 pool with torch.randperm, one row of the batch is -1, the layer is never 0, the arena is random
@@ -16,13 +16,13 @@ import torch
 
 from avmp_triton import AVMPAllocator, HybridModelSpec, InvalidHandleError, get_preset
 from avmp_triton.layout import ssm_block_layout
-from avmp_triton.ops.mamba import (
+from avmp_triton.ops.mamba_state import (
     MambaStateOps,
     causal_conv1d_update,
     mamba1_state_update,
     mamba2_state_update,
 )
-from avmp_triton.reference import mamba as R
+from avmp_triton.reference import mamba_state as R
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

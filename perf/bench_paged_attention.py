@@ -1,7 +1,7 @@
 """Decode attention benchmark (GPU): ours (paged, arena) vs vLLM unified attention vs FlexAttention
 paged vs torch SDPA flash on contiguous K/V, Jamba-1.5-Mini attention shape, bf16.
 
-    python perf/bench_attention.py [--out FILE] [--attn-layers N] [--batch 1 16 64 256]
+    python perf/bench_paged_attention.py [--out FILE] [--attn-layers N] [--batch 1 16 64 256]
                                    [--ctx 512 4096 32768] [--no-flex] [--sweep-configs]
 
 Shape: Hq=32, Hkv=8, D=128, page 16 tokens; every request of a cell has the same context. For
@@ -35,25 +35,18 @@ once + q + out, against a device-to-device copy measured in the same run (bytes 
 num_warps, num_stages, use_dot) on B=1 ctx 4096, B=16 ctx 32768, B=64 ctx 512, B=64 ctx 4096, each
 checked against the reference, to tune the default table in ``decode_config``.
 
-Writes JSON to --out (default perf/results/bench_attention_<gpu>.json) and prints a table last.
+Writes JSON to --out (default perf/results/bench_paged_attention_<gpu>.json) and prints a table last.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import json
 import math
 import os
-import platform
-import signal
-import subprocess
 import sys
 import time
 
 import torch
-import triton
-import triton.testing
 
 from avmp_triton import AVMPAllocator, get_preset
 from avmp_triton.layout import kv_page_layout
@@ -61,11 +54,11 @@ from avmp_triton.ops.paged_attention import decode_config, decode_workspace, pag
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402  (perf/peers.py)
-from _results import CheckFailed, finish, record_failure  # noqa: E402  (perf/_results.py)
+from harness import (QUANTILES, CheckFailed, CompileTimeout, bandwidth, copy_bandwidth, environment,  # noqa: E402
+                     finish, free_memory, is_resource_error, record_failure, time_replayed, with_timeout)
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 SPEC = "jamba-1.5-mini"
-QUANTILES = [0.5, 0.2, 0.8]
 # bf16 output vs the fp64 reference: output rounding is 2^-8 relative; P is rounded to bf16 before
 # P @ V (ours, vLLM, flash), which adds far less. Mis-read pages move outputs by ~1/sqrt(ctx).
 TOL = {torch.bfloat16: (2e-3, 2e-2), torch.float16: (5e-4, 5e-3), torch.float32: (1e-5, 1e-4)}
@@ -73,8 +66,7 @@ SWEEP_CELLS = [(1, 4096), (16, 32768), (64, 512), (64, 4096)]
 DEVICE = "cuda"  # the cells' tensors (a CPU dry run of the control flow swaps it)
 
 
-class CompileTimeout(Exception):
-    pass
+
 
 
 # --------------------------------------------------------------------------------------- setup
@@ -212,103 +204,6 @@ def check(name: str, got: torch.Tensor, ref: torch.Tensor, dtype, other: dict | 
 
 
 # -------------------------------------------------------------------------------------- timing
-def graphed(fn):
-    """Capture one call of ``fn`` in a CUDA graph; returns (graph, the output tensor it writes)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    torch.cuda.synchronize()
-    return g, out
-
-
-def time_replayed(fn, expect: torch.Tensor, rep: int, *, restore=None, replay_atol: float = 0.0,
-                  use_graph: bool = True) -> dict:
-    """Median and 20/80 % quantiles (ms) of one call of ``fn``, from a CUDA-graph replay (eager
-    launches if capture fails or ``use_graph`` is off; the mode is recorded).
-
-    With a graph: ``restore()`` (if given) puts the states back, the graph's output is NaN-poisoned,
-    the graph replayed once and the result compared with ``expect`` (the checked eager output), so
-    the timed graph provably does the checked work. It must match bit for bit, or within
-    ``replay_atol`` (the difference recorded) for a peer that is not deterministic."""
-    mode, g, res = "eager", None, {}
-    if use_graph:
-        try:
-            g, out = graphed(fn)
-            mode = "cuda_graph"
-        except Exception as e:  # capture not supported by this callable: time eager launches
-            mode = f"eager (graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})"
-            g = None
-            torch.cuda.synchronize()
-    if g is not None:
-        if restore is not None:
-            restore()
-        out.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        got = out.reshape(expect.shape)
-        if not torch.equal(got, expect):
-            diff = float((got.float() - expect.float()).abs().nan_to_num(float("inf")).max())
-            res["replay_max_abs_diff"] = diff
-            if not diff <= replay_atol:
-                raise CheckFailed(f"CUDA-graph replay differs from the checked eager output by {diff:.3e}",
-                                  dict(replay_max_abs_diff=diff))
-    call = g.replay if g is not None else fn
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    med, p20, p80 = triton.testing.do_bench(call, warmup=25, rep=rep, quantiles=QUANTILES)
-    del g
-    res.update(ms=med, p20_ms=p20, p80_ms=p80, timing=mode)
-    return res
-
-
-def with_timeout(seconds: float, fn):
-    """Run ``fn`` with a SIGALRM deadline (main thread); CompileTimeout when it runs out."""
-    if seconds <= 0:
-        raise CompileTimeout("no compile time left in the budget")
-
-    def on_alarm(signum, frame):
-        raise CompileTimeout(f"did not finish within {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        return fn()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def copy_bandwidth(gib: float, rep: int) -> dict:
-    n = int(gib * 2**30)
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    a.random_(0, 256)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    med, p20, p80 = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=rep, quantiles=QUANTILES)
-    a = b = None
-    torch.cuda.empty_cache()
-    return dict(bytes_each_way=n, ms=med, p20_ms=p20, p80_ms=p80, gbps=2 * n / med / 1e6,
-                note="torch device-to-device copy_; GB/s = (bytes read + bytes written) / median time")
-
-
-def bandwidth(entry: dict, nbytes: int, copy_gbps: float) -> None:
-    entry["gbps"] = nbytes / entry["ms"] / 1e6
-    entry["pct_of_copy"] = 100.0 * entry["gbps"] / copy_gbps
-
-
-def free_memory() -> None:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------------- cells
 def cell_sizes(spec, B: int, ctx: int, dtype) -> dict:
     W = -(-ctx // PAGE)
@@ -366,7 +261,7 @@ class Runner:
             self.flex_left, self.flex_timed_out = 0, True
             row["skipped"][name] = f"torch.compile took too long: {exc}; off for later cells"
         except Exception as exc:
-            if isinstance(exc, CheckFailed) or not _is_resource_error(exc):
+            if isinstance(exc, CheckFailed) or not is_resource_error(exc):
                 self.fail(row, name, exc)
             else:
                 row["skipped"][name] = f"out of memory/resources: {str(exc).splitlines()[0][:200]}"
@@ -525,7 +420,7 @@ class Runner:
                 entry.update(time_replayed(fn, out.clone(), a.rep, replay_atol=TOL[out.dtype][0]))
                 bandwidth(entry, sz["bytes_model"], self.copy_gbps)
             except Exception as exc:
-                if isinstance(exc, CheckFailed) or not _is_resource_error(exc):
+                if isinstance(exc, CheckFailed) or not is_resource_error(exc):
                     self.fail(dict(B=B, ctx=ctx), f"ours {dataclasses.asdict(cfg)}", exc)
                 entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             seen[key] = entry
@@ -571,47 +466,12 @@ def _sm_count() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def _is_resource_error(exc: BaseException) -> bool:
-    """Configs the GPU cannot run (too much shared memory / registers): recorded, not a failure."""
-    text = f"{type(exc).__name__} {exc}"
-    return isinstance(exc, torch.OutOfMemoryError) or "OutOfResources" in text or "out of resource" in text
-
-
 def _cfg_str(c) -> str:
     return (f"s{c.num_splits} p{c.pages_per_iter} w{c.num_warps} st{c.num_stages} "
             f"{'dot' if c.use_dot else 'bcast'}{'' if c.max_registers is None else f' r{c.max_registers}'}")
 
 
 # ------------------------------------------------------------------------------------ metadata
-def commit() -> str:
-    env = os.environ.get("AVMP_COMMIT")
-    if env:
-        return env
-    try:
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        head = subprocess.check_output(["git", "-C", repo, "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.check_output(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-                                        text=True, stderr=subprocess.DEVNULL).strip()
-        return head + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def environment() -> dict:
-    env = dict(gpu=torch.cuda.get_device_name(), sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
-               gpu_memory_bytes=torch.cuda.get_device_properties(0).total_memory, torch=torch.__version__,
-               cuda=torch.version.cuda, triton=triton.__version__, python=platform.python_version(),
-               commit=commit())
-    try:
-        env["vllm_vendored"] = peers.vllm_version()
-        with open(os.path.join(peers.VENDOR, "VERSION.json")) as f:
-            env["vllm_wheel_sha256"] = json.load(f).get("wheel_sha256")
-    except Exception as e:
-        env["vllm_vendored"] = f"unavailable: {e}"
-    return env
-
-
 def print_table(res: dict) -> None:
     e = res["env"]
     print(f"\nGPU {e['gpu']}  torch {e['torch']}  triton {e['triton']}  vllm {e.get('vllm_vendored')}  "
@@ -678,7 +538,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench_attention needs a CUDA GPU: it reports device time or nothing")
+        raise SystemExit("bench_paged_attention needs a CUDA GPU: it reports device time or nothing")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: this benchmark times compiled kernels")
     # every cell is a new shape for torch.compile(flex_attention); the default limit (8) would
@@ -719,7 +579,7 @@ def main() -> None:
                       + f"  ({row['cell_s']:.0f} s)", flush=True)
     res["failures"] = runner.failures
     res["wall_s"] = time.time() - t_start
-    finish(res, "bench_attention", args.out, args.sweep_configs, runner.failures, print_table)
+    finish(res, "bench_paged_attention", args.out, args.sweep_configs, runner.failures, print_table)
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Pure-torch references of the decode-time Mamba ops (``avmp_triton/ops/mamba.py``).
+"""Pure-torch references of the decode-time Mamba ops (``avmp_triton/ops/mamba_state.py``).
 
 The references never touch the arena: ``gather_*`` copies each request's state out of its SSM
 block (through the handle table, as the kernels find it), the ``*_ref`` functions compute on

@@ -1,7 +1,7 @@
 """Decode Mamba state-update benchmark (GPU): ours (state inside SSM blocks of the arena) vs vLLM's
 ``selective_state_update`` (Triton, vendored) on a state pool with scattered ``state_batch_indices``.
 
-    python perf/bench_mamba.py [--out FILE] [--batch 1 64 256] [--state-dtype bfloat16 float32]
+    python perf/bench_mamba_state.py [--out FILE] [--batch 1 64 256] [--state-dtype bfloat16 float32]
                                [--mamba-layers 4] [--sweep-configs]
 
 Cases (one Mamba layer each):
@@ -18,7 +18,7 @@ For each (case, B, state dtype), in one process:
 - vLLM: a state pool ``[N, ...]`` with one row per slot of our SSM pool, holding the same states;
   ``state_batch_indices`` are the physical slots of our handles (same scattered rows).
 Before timing, both run once from the same states and are checked against the fp32 reference
-(``avmp_triton/reference/mamba.py``): output, the B updated states, and every other row of the
+(``avmp_triton/reference/mamba_state.py``): output, the B updated states, and every other row of the
 pool unchanged. A failed check or an unexpected error makes the script exit 1 (after the JSON and
 the table are written).
 
@@ -46,18 +46,17 @@ import torch
 
 from avmp_triton import AVMPAllocator, get_preset
 from avmp_triton.layout import ssm_block_layout
-from avmp_triton.ops.mamba import (
+from avmp_triton.ops.mamba_state import (
     mamba1_launch_config,
     mamba1_state_update,
     mamba2_launch_config,
     mamba2_state_update,
 )
-from avmp_triton.reference import mamba as R
+from avmp_triton.reference import mamba_state as R
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402  (perf/peers.py)
-from _results import CheckFailed, finish, record_failure  # noqa: E402  (perf/_results.py)
-from bench_attention import copy_bandwidth, environment, time_replayed  # noqa: E402
+from harness import CheckFailed, copy_bandwidth, environment, finish, record_failure, time_replayed  # noqa: E402
 
 CASES = {"mamba1": "jamba-1.5-mini", "mamba2": "nemotron-h-8b"}
 USE_Z = {"mamba1": True, "mamba2": False}
@@ -422,7 +421,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench_mamba needs a CUDA GPU: it reports device time or nothing")
+        raise SystemExit("bench_mamba_state needs a CUDA GPU: it reports device time or nothing")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: this benchmark times compiled kernels")
     t_start = time.time()
@@ -459,7 +458,7 @@ def main() -> None:
                 res[key].append(row)
     res["failures"] = runner.failures
     res["wall_s"] = time.time() - t_start
-    finish(res, "bench_mamba", args.out, args.sweep_configs, runner.failures, print_table)
+    finish(res, "bench_mamba_state", args.out, args.sweep_configs, runner.failures, print_table)
 
 if __name__ == "__main__":
     main()
