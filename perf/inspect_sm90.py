@@ -140,8 +140,8 @@ def cases():
 
 
 def allocator_cases():
-    """The two longest allocator kernels: release (with and without SSM handles) and the proactive
-    watermark policy."""
+    """The longest allocator kernels (release, with and without SSM handles; the proactive watermark
+    policy) and the two slab moves that share the proactive policy's steps."""
     rel = dict(rows_ptr="*i32", M="i32", block_table_ptr="*i32", num_pages_ptr="*i32", ssm_ptr="*i32",
                status_ptr="*i64", work_ptr="*i64", mark_ptr="*i64", epoch_ptr="*i64", R="i32", W="i32",
                stride_bt="i32", RP="i32", table_ptr="*i64", kinds_ptr="*i32", hstack_ptr="*i32", stacks_ptr="*i64",
@@ -155,6 +155,13 @@ def allocator_cases():
                unit1="i32", ups0="i32", ups1="i32", max_ups="i32", low_fp="i64", high_fp="i64", batch="i32")
     yield ("proactive watermark policy (4 warps)", KAL.proactive_kernel, pro,
            dict(SCALE=1 << 20, BLOCK=256, BLOCK_U=64), 4, _div(pro, []))
+    drop = dict(stack_ptr="*i64", tops_ptr="*i64", victim_ptr="*i32", slab_bytes="i32")
+    yield ("drop slabs from a pool's stack (8 warps)", KAL.drop_slabs_kernel, drop, dict(POOL=1, BLOCK=1024), 8,
+           _div(drop, []))
+    adopt = dict(victims_ptr="*i32", k="i32", stack_ptr="*i64", tops_ptr="*i64", slab_owner_ptr="*i32",
+                 slot_handle_ptr="*i32", slab_bytes="i32", unit="i32", ups="i32", max_ups="i32")
+    yield ("adopt slabs into a pool (8 warps)", KAL.adopt_slabs_kernel, adopt, dict(POOL=0, BLOCK=1024), 8,
+           _div(adopt, []))
 
 
 def attention_cases():

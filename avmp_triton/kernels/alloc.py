@@ -459,21 +459,7 @@ def drop_slabs_kernel(
 ):
     """Remove the free units of leaving slabs from a pool's stack, keeping the others' order."""
     top = tl.load(tops_ptr + POOL)
-    w = tl.full((), 0, tl.int64)
-    start = 0
-    while start < top:
-        pos = start + tl.arange(0, BLOCK).to(tl.int64)
-        m = pos < top
-        off = tl.load(stack_ptr + pos, mask=m, other=0)
-        leaving = tl.load(victim_ptr + off // slab_bytes, mask=m, other=1)
-        keep = m & (leaving == 0)
-        c = tl.cumsum(keep.to(tl.int64), 0)
-        tl.debug_barrier()  # every lane has read its entry before any lane overwrites one
-        tl.store(stack_ptr + (w + c - 1), off, mask=keep)
-        w += tl.sum(keep.to(tl.int64), 0)
-        tl.debug_barrier()
-        start += BLOCK
-    tl.store(tops_ptr + POOL, w)
+    tl.store(tops_ptr + POOL, _drop_flagged_units(stack_ptr, 0, top, victim_ptr, slab_bytes, BLOCK))
 
 
 @triton.jit
@@ -548,23 +534,8 @@ def adopt_slabs_kernel(
     POOL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Hand empty slabs to pool POOL and push their units so the first victim's unit 0 pops first."""
-    top = tl.load(tops_ptr + POOL)
-    i = 0
-    while i < k:
-        s = tl.load(victims_ptr + (k - 1 - i)).to(tl.int64)
-        tl.store(slab_owner_ptr + s, POOL)
-        c0 = 0
-        while c0 < max_ups:
-            q = c0 + tl.arange(0, BLOCK)
-            tl.store(slot_handle_ptr + s * max_ups + q, -1, mask=q < max_ups)
-            c0 += BLOCK
-        c0 = 0
-        while c0 < ups:
-            q = c0 + tl.arange(0, BLOCK).to(tl.int64)
-            tl.store(stack_ptr + (top + q), s * slab_bytes + (ups - 1 - q) * unit, mask=q < ups)
-            c0 += BLOCK
-        top += ups
-        i += 1
+    top = _adopt_slabs(k, POOL, victims_ptr, slab_owner_ptr, slab_owner_ptr, slot_handle_ptr, stack_ptr, 0,
+                       tl.load(tops_ptr + POOL), ups, unit, slab_bytes, max_ups, BLOCK, False)
     tl.store(tops_ptr + POOL, top)
 
 
@@ -624,8 +595,8 @@ def proactive_kernel(
         tl.debug_barrier()
         if found > 0:
             w = _drop_flagged_units(stacks_ptr, base_d, top_d, flag_ptr, slab_bytes, BLOCK)
-            top_p = _adopt_slabs(found, p, victims_ptr, slab_owner_ptr, flag_ptr, slot_handle_ptr, stacks_ptr,
-                                 base_p, top_p, ups_p, unit_p, slab_bytes, max_ups, BLOCK)
+            top_p = _adopt_slabs(found, p.to(tl.int32), victims_ptr, slab_owner_ptr, flag_ptr, slot_handle_ptr,
+                                 stacks_ptr, base_p, top_p, ups_p, unit_p, slab_bytes, max_ups, BLOCK, True)
             tl.store(tops_ptr + d, w)
             tl.store(tops_ptr + p, top_p)
             tl.store(counters_ptr, tl.load(counters_ptr) + 1)
@@ -699,15 +670,17 @@ def _drop_flagged_units(stacks_ptr, base_d, top_d, flag_ptr, slab_bytes, BLOCK: 
 
 
 @triton.jit
-def _adopt_slabs(found, p, victims_ptr, slab_owner_ptr, flag_ptr, slot_handle_ptr, stacks_ptr, base_p, top_p,
-                 ups_p, unit_p, slab_bytes, max_ups, BLOCK: tl.constexpr):
-    """Pool ``p`` adopts the victims: last victim pushed first, its units high to low, so victims[0]
-    unit 0 pops first. Returns the receiver's new top."""
+def _adopt_slabs(found, owner, victims_ptr, slab_owner_ptr, flag_ptr, slot_handle_ptr, stacks_ptr, base_p, top_p,
+                 ups_p, unit_p, slab_bytes, max_ups, BLOCK: tl.constexpr, CLEAR_FLAGS: tl.constexpr):
+    """Pool ``owner`` (int32) adopts the victims: last victim pushed first, its units high to low, so
+    victims[0] unit 0 pops first; with CLEAR_FLAGS their ``flag`` entries are reset. Returns the
+    receiver's new top."""
     i = 0
     while i < found:
         s1 = tl.load(victims_ptr + (found - 1 - i)).to(tl.int64)
-        tl.store(slab_owner_ptr + s1, p.to(tl.int32))
-        tl.store(flag_ptr + s1, 0)
+        tl.store(slab_owner_ptr + s1, owner)
+        if CLEAR_FLAGS:
+            tl.store(flag_ptr + s1, 0)
         c0 = 0
         while c0 < max_ups:
             q = c0 + tl.arange(0, BLOCK)

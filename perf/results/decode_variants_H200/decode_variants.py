@@ -1,5 +1,5 @@
 """Decode attention kernel variants timed side by side (one device call): registers vs waves."""
-import importlib.util, json, os, sys, time
+import importlib.machinery, importlib.util, json, os, sys, time
 import torch, triton
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "perf"))
 import bench_attention as BA
@@ -8,7 +8,8 @@ from avmp_triton.kernels import paged_attention as KH
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, name + ".py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, name + ".py.txt"),
+                                              loader=importlib.machinery.SourceFileLoader(name, os.path.join(HERE, name + ".py.txt")))
     m = importlib.util.module_from_spec(spec); sys.modules[name] = m; spec.loader.exec_module(m); return m
 
 MODS = {"head": KH, "base": load("vbase"), "noKind": load("vC"), "kindWhere": load("vD"), "scalarPages": load("vG")}
