@@ -10,6 +10,11 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def default_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu" (where the kernels run in Triton's interpreter)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import avmp_triton  # noqa: F401  (chooses Triton's interpreter on CPU-only hosts before triton is imported)
+from avmp_triton._triton_env import default_device
 from avmp_triton.sim import compare
 from avmp_triton.sim import sweep as sw
 from avmp_triton.sim.compare import (DEFAULT_BUDGET_K, DEFAULT_NUM_REQUESTS, DEFAULT_SEED, DEFAULT_SPEC,
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     c = _add_compare(sub, fmt)
-    default_out = f"perf/results/sweep_{'cuda_device' if compare.cuda_available() else 'cpu_model'}"
+    default_out = f"perf/results/sweep_{'cuda_device' if default_device() == 'cuda' else 'cpu_model'}"
     s = _add_sweep(sub, fmt, default_out)
     r = sub.add_parser("report", help="write report.md and PNG plots from a sweep's results",
                        description="Read every cell JSON under RESULTS; write report.md and PNG plots into OUT.")
@@ -239,7 +240,7 @@ def _cmd_compare(args, sub) -> int:
 
 def _check_sweep_memory(args) -> None:
     """Every cell needs its arena: the largest one of the grid must fit (cells run one per process)."""
-    device = sw.default_device()
+    device = default_device()
     cap, k, s, w = max((sw.make_budget(get_preset(s), w, k).capacity_bytes, k, s, w)
                        for s in args.specs for w in args.workloads for k in args.budgets)
     compare.check_memory(cap, device, f"--budgets {k} ({s}, {w})")

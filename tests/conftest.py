@@ -6,11 +6,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
+from avmp_triton import _triton_env  # noqa: E402,F401  (without a GPU: Triton's interpreter, chosen before triton loads)
 
-# Without a GPU every kernel runs in Triton's interpreter, which must be chosen before triton is imported.
-if not HAS_CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_configure(config):

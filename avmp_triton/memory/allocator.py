@@ -23,7 +23,7 @@ import torch
 import triton
 
 from avmp_triton._checks import is_int
-from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
+from avmp_triton import _triton_env  # first: on CPU-only hosts it chooses the interpreter before triton loads
 from avmp_triton.kernels import alloc as K
 from avmp_triton.spec import HybridModelSpec, check_cache_dtypes, check_page_tokens
 
@@ -712,7 +712,7 @@ def _pow2(n: int) -> tuple[int, int]:
 
 def _resolve_device(device) -> torch.device:
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = _triton_env.default_device()
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -723,8 +723,7 @@ def _resolve_device(device) -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type == "cpu":
-        from avmp_triton._triton_env import require_interpreter
-        require_interpreter()
+        _triton_env.require_interpreter()
     else:
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
     return dev

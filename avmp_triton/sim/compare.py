@@ -12,13 +12,14 @@ import dataclasses
 import sys
 import time
 
+from avmp_triton._triton_env import default_device
 from avmp_triton.sim import sweep as sw
 from avmp_triton.sim.workloads import make_workload
 from avmp_triton.spec import get_preset
 
 __all__ = ["DEFAULT_BUDGET_K", "DEFAULT_NUM_REQUESTS", "DEFAULT_SEED", "DEFAULT_SPEC", "DEFAULT_VARIANTS",
            "DEFAULT_WORKLOAD", "BackendChoice", "CommandError", "available_bytes", "check_memory",
-           "choose_backend", "cuda_available", "run_compare"]
+           "choose_backend", "run_compare"]
 
 DEFAULT_SPEC = "jamba-1.5-mini"
 DEFAULT_WORKLOAD = "sharegpt"
@@ -99,7 +100,7 @@ def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLO
     the memory available on the device."""
     t_start = time.perf_counter()
     spec = get_preset(spec_name)
-    device = "cuda" if cuda_available() else "cpu"
+    device = default_device()
     choice = choose_backend(backend, device == "cuda")
     explicit = budget_k is not None or capacity_gib is not None
     opt = f"--capacity-gib {capacity_gib}" if capacity_gib is not None else f"--budget-blocks {budget_k}"
@@ -136,11 +137,6 @@ def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLO
     out(f"done in {time.perf_counter() - t_start:.1f} s")
     return {"backend": choice.backend, "metrics": metrics, "budget": budget, "num_requests": len(reqs),
             "agree": agree}
-
-
-def cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def available_bytes(device: str) -> int | None:

@@ -63,14 +63,15 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import avmp_triton  # noqa: F401  (sets up Triton's interpreter on CPU-only hosts before triton is imported)
+import avmp_triton
+from avmp_triton._triton_env import default_device
 from avmp_triton.memory.allocator import AVMPAllocator, PaddedUnifiedAllocator, StaticDualAllocator
 from avmp_triton.spec import get_preset, list_presets
 from avmp_triton.sim.workloads import WORKLOADS, make_workload
 
 __all__ = [
     "BUDGETS", "QUICK_NUM_REQUESTS", "SCHEMA", "SEEDS", "SPECS", "VARIANTS", "Budget", "Cell", "Variant",
-    "cell_path", "cell_problem", "default_backend", "default_device", "git_info", "grid", "load_results",
+    "cell_path", "cell_problem", "default_backend", "git_info", "grid", "load_results",
     "make_allocator", "make_budget", "run_cell", "run_sweep", "typical_tokens", "versions",
 ]
 
@@ -198,11 +199,6 @@ def grid(specs: Iterable[str] = SPECS, workloads: Iterable[str] = WORKLOADS, bud
 
 def cell_path(results_dir: str | os.PathLike, cell: Cell) -> Path:
     return Path(results_dir) / cell.spec / cell.workload / cell.budget / f"{cell.variant}_seed{cell.seed}.json"
-
-
-def default_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_backend(device: str | None = None) -> str:
