@@ -26,7 +26,6 @@ __all__ = ["build_parser", "main"]
 _OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
-# --------------------------------------------------------------------------------------- argument types
 def _int_at_least(lo: int, what: str):
     def parse(s: str) -> int:
         try:
@@ -84,7 +83,6 @@ def _int_list(what: str, lo: int):
     return parse
 
 
-# ------------------------------------------------------------------------------- resources, up front
 def _check_device(device: str | None) -> None:
     """CommandError for a device this machine cannot run the kernels on."""
     if device is None:
@@ -122,7 +120,6 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT)
 
 
-# ------------------------------------------------------------------------------------------------ parser
 def _prog() -> str:
     base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return "avmp" if base == "avmp" else "python -m avmp_triton"

@@ -85,7 +85,6 @@ class ModelRunner(Protocol):
              running_mask: torch.Tensor, batch: StepBatch) -> None: ...
 
 
-# ---------------------------------------------------------------------------------------- backends
 class _Counts:
     __slots__ = ("free", "free_handles", "slabs")
 
@@ -254,7 +253,6 @@ class _Timer:
         return mean(us), percentile(us, 50)
 
 
-# --------------------------------------------------------------------------------------- scheduler
 class Scheduler:
     """Continuous batching over one allocator (see the module docstring for the tick).
 

@@ -61,7 +61,6 @@ def _silu(x):
     return x / (1.0 + tl.exp(-x))
 
 
-# ------------------------------------------------------------------------------------ conv1d
 @triton.jit
 def _conv_input_row(x_ptr, state_ptr, base, pos, start, has_init, stride_x_t, C, o_c, m_c, WIDTH: tl.constexpr):
     """Input row ``pos`` of a request's window, fp32 [BLOCK_C]: x inside the chunk, before it the
@@ -171,7 +170,6 @@ def _conv_write_state(x_ptr, state_ptr, base, start, end, m_own, has_init, strid
              mask=both(m_r, m_own)[:, None] & m_c[None, :])
 
 
-# ------------------------------------------------------------------------------- Mamba1 scan
 @triton.jit
 def _mamba1_tile(A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N, stride_A_d,
                  HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -343,7 +341,6 @@ def mamba1_chunk_scan_prefill_kernel(
     tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=both(m_dn, active))
 
 
-# ------------------------------------------------------------------------------- Mamba2 scan
 @triton.jit
 def _mamba2_tile(A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_h, i_p, P, N,
                  HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):

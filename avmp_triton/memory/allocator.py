@@ -233,7 +233,6 @@ class ArenaAllocator:
         if not is_int(migration_batch) or not 1 <= migration_batch <= MAX_MIGRATION_BATCH:
             raise ValueError(f"migration_batch must be an int in [1, {MAX_MIGRATION_BATCH}], got {migration_batch!r}")
 
-    # ------------------------------------------------------------------ Python API (syncs)
 
     def alloc_kv(self, n: int) -> torch.Tensor:
         """Allocate ``n`` KV pages. Returns ``[n]`` int32 handles on the device."""
@@ -281,7 +280,6 @@ class ArenaAllocator:
         if num_slabs:
             self._move_capacity(_KIND_OF_NAME[to_kind], num_slabs, eager=False)
 
-    # ------------------------------------------------------------------ device hot path (no sync)
     def grow_kv(self, block_table: torch.Tensor, num_pages: torch.Tensor, need: torch.Tensor,
                 failed: torch.Tensor | None = None) -> torch.Tensor:
         """Append ``need[r]`` new KV page handles to row r of ``block_table``, on the device.
@@ -370,7 +368,6 @@ class ArenaAllocator:
         deficit = n - free
         self._move_capacity(k, math.ceil(deficit / self.units_per_slab[pool]), eager=True, n=n, free=free)
 
-    # ------------------------------------------------------------------ accounting
     @property
     def migrates(self) -> bool:
         """Whether capacity can move between the pools (``rebalance``, ``make_room``): AVMP only."""
@@ -428,7 +425,6 @@ class ArenaAllocator:
         (0, 0) without a policy."""
         return (0, 0)
 
-    # ------------------------------------------------------------------ internals
     def _state_args(self):
         return (self.handle_table, self.handle_kind, self._handle_stack, self._free_units, self._tops,
                 self._slot_handle)
@@ -677,7 +673,6 @@ class PaddedUnifiedAllocator(ArenaAllocator):
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, page_tokens: int = 16,
                  slab_bytes: int | None = None):
         super().__init__(spec, capacity_bytes, device=device, page_tokens=page_tokens, slab_bytes=slab_bytes)
-
 
 
 # watermarks are compared in integers: free * SCALE < round(low * SCALE) * units

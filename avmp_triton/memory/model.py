@@ -78,7 +78,6 @@ _HANDLE_ERROR_TEXT = {
 }
 
 
-
 class AllocatorModel:
     """Reference allocator: same state, same policy, same errors as the device allocators."""
 
@@ -136,7 +135,6 @@ class AllocatorModel:
                    capacity_bytes=allocator.capacity_bytes, name=type(allocator).__name__,
                    proactive=getattr(allocator, "proactive", None))
 
-    # ------------------------------------------------------------------ geometry helpers
     def _slab_units(self, s: int, p: int) -> list[int]:
         return [s * self.slab_bytes + i * self.unit_bytes[p] for i in range(self.units_per_slab[p])]
 
@@ -151,7 +149,6 @@ class AllocatorModel:
     def live_handles(self) -> list[int]:
         return [h for h, k in enumerate(self.kinds) if k != KIND_FREE]
 
-    # ------------------------------------------------------------------ argument checks
     def _check_count(self, n) -> int:
         if not is_int(n):
             raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
@@ -194,7 +191,6 @@ class AllocatorModel:
             seen.add(h)
         return None
 
-    # ------------------------------------------------------------------ primitive moves
     def _pop_bind(self, kind: int) -> int:
         p = self.pool_of[kind]
         off = self.unit_stacks[p].pop()
@@ -220,7 +216,6 @@ class AllocatorModel:
     def _available(self, kind: int) -> int:
         return min(len(self.unit_stacks[self.pool_of[kind]]), len(self.handle_stack))
 
-    # ------------------------------------------------------------------ public operations
     def alloc(self, kind: str, n) -> list[int]:
         """``alloc_kv`` / ``alloc_ssm``: ``n`` handles of ``kind`` ("kv" or "ssm")."""
         k = KIND_OF_NAME[kind]
@@ -341,7 +336,6 @@ class AllocatorModel:
             raise self._exhausted(k, n, free)
         self._move_capacity(k, math.ceil((n - free) / self.units_per_slab[p]), eager=True, n=n, free=free)
 
-    # ------------------------------------------------------------------ rebalancing
     def plan_victims(self, kind: int, need: int, *, eager: bool) -> list[int] | None:
         """Donor slabs that would move into ``kind``'s pool, in order; None if impossible."""
         p = self.pool_of[kind]
@@ -440,7 +434,6 @@ class AllocatorModel:
         self.proactive_slabs_moved += len(victims)
         return len(victims)
 
-    # ------------------------------------------------------------------ accounting
     def stats(self) -> AllocatorStats:
         pools = {}
         tail_total = 0

@@ -53,7 +53,6 @@ from avmp_triton.ops._args import (
 _ALGORITHMS = ("auto", "serial", "chunked")
 
 
-# ------------------------------------------------------------------------------- validation
 def _check_batch_meta(cu_seqlens, has_initial_state, batch: int, dev) -> None:
     check_tensor(cu_seqlens, "cu_seqlens", device=dev, beside="the arena", dim=1)
     if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
@@ -139,7 +138,6 @@ def mamba2_prefill_launch_config(head_dim: int, d_state: int, chunked: bool, chu
     return min(_pow2(head_dim), max(1, 2048 // _pow2(d_state))), 4
 
 
-# ------------------------------------------------------------------------------- conv1d
 @torch.library.custom_op("avmp::causal_conv1d_prefill", mutates_args=("out", "arena"))
 def _causal_conv1d_prefill_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
@@ -216,7 +214,6 @@ def causal_conv1d_prefill(
     return out
 
 
-# ------------------------------------------------------------------------------- Mamba1 scan
 @torch.library.custom_op("avmp::mamba1_scan_prefill", mutates_args=("out", "arena"))
 def _mamba1_scan_prefill_op(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -304,7 +301,6 @@ def mamba1_scan_prefill(
     return out
 
 
-# ------------------------------------------------------------------------------- Mamba2 scan
 @torch.library.custom_op("avmp::mamba2_scan_prefill", mutates_args=("out", "arena"))
 def _mamba2_scan_prefill_op(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

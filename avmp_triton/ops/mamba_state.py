@@ -50,7 +50,6 @@ _UNIT_ALIGN_BYTES = 16  # every allocator's units start on a 16-byte boundary
 _MAX_GRID_YZ = 65535
 
 
-# ---------------------------------------------------------------------------------------------
 # launch table (hand-made, no autotuning: the kernels update state in place)
 # Bandwidth-bound: each program should move tens of KB with full-width loads along d_state.
 
@@ -76,7 +75,6 @@ def conv1d_launch_config(channels: int, d_conv: int) -> tuple[int, int]:
     return min(1024, max(16, triton.next_power_of_2(channels))), 4
 
 
-# ---------------------------------------------------------------------------------------------
 # custom ops: the only place that launches; arguments are plain tensors and numbers
 
 def _align(state_off_elems: int, itemsize: int) -> int:
@@ -171,7 +169,6 @@ def _(arena, handle_table, handle_kinds, ssm_handles, x, weight, bias, out, stat
     return None
 
 
-# ---------------------------------------------------------------------------------------------
 # public ops
 
 def mamba1_state_update(arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor,

@@ -48,7 +48,6 @@ WAVES = 2                 # split until B * Hkv * num_splits fills this many wav
 DEFAULT_SM_COUNT = 132    # H100 SXM; used where no CUDA device says otherwise (CPU runs)
 
 
-# ---------------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class DecodeConfig:
     """Launch parameters of the decode kernel (each is a compile-time constant of the kernel)."""
@@ -139,7 +138,6 @@ def _scratch(device: torch.device, numel: int) -> torch.Tensor:
     return ws
 
 
-# ------------------------------------------------------------------------------------ custom ops
 def _layout_args(layout: KVPageLayout) -> list[int]:
     return [layout.page_tokens, layout.num_kv_heads, layout.head_dim, layout.elem_bytes,
             layout.stride_layer, layout.stride_kv, layout.stride_head, layout.stride_token]
@@ -214,7 +212,6 @@ def _(k, v, arena, handle_table, handle_kinds, block_table, token_req, token_pos
     return None
 
 
-# ------------------------------------------------------------------------------------ public API
 def paged_decode_attention(q: torch.Tensor, alloc, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                            layer: int = 0, scale: float | None = None, out: torch.Tensor | None = None,
                            workspace: torch.Tensor | None = None, max_seq_len: int | None = None,
@@ -380,8 +377,6 @@ def kv_append_arena(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handl
     torch.ops.avmp.kv_append(k, v, arena, handle_table, handle_kinds, block_table, token_req, token_pos,
                              _layout_args(layout), layer)
 
-
-# ------------------------------------------------------------------------------------ validation
 
 def from_alloc(alloc):
     """(arena, handle table, handle kinds, page layout, attention layers, KV dtype) of an allocator."""

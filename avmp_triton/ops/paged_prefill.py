@@ -48,7 +48,6 @@ _GPU_FP32 = (32, 16, 8, 1)
 _CPU_CONFIG = (32, 32, 4, 1)
 
 
-
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (max(n, 1) - 1).bit_length())
 
@@ -76,7 +75,6 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu
     return bm, bn, warps, stages
 
 
-# ------------------------------------------------------------------ custom op
 @torch.library.custom_op("avmp::paged_prefill_attention", mutates_args=("out",))
 def _paged_prefill_op(
     out: torch.Tensor, q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
@@ -116,7 +114,6 @@ def _(out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, handle_kind
     return None
 
 
-# ------------------------------------------------------------------ public API
 def paged_prefill_attention(
     q: torch.Tensor,
     alloc,

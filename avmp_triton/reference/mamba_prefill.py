@@ -21,7 +21,6 @@ from avmp_triton.layout import ssm_block_layout
 from avmp_triton.spec import HybridModelSpec
 
 
-# ------------------------------------------------------------------------------- dense
 def conv1d_ref(x, weight, bias=None, init_state=None, activation=None):
     """x ``[L, C]``, weight ``[C, W]``, init_state ``[W - 1, C]`` (None: zeros), oldest first.
     Returns (out ``[L, C]`` fp32, final state ``[W - 1, C]`` fp32: the last W - 1 inputs)."""
@@ -93,7 +92,6 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     return y, h
 
 
-# ------------------------------------------------------------------------------- arena wrappers
 def _state_view(arena, handle_table, handle: int, offset: int, dtype, shape):
     """The state of ``handle`` as a view into the arena, or None for a skipped request."""
     if handle < 0 or handle >= handle_table.numel():

@@ -39,7 +39,6 @@ class CommandError(Exception):
     ``main`` prints the message as one line on stderr and exits with code 2."""
 
 
-# ---------------------------------------------------------------------------------------------- compare
 def _run_all(spec, reqs, budget, variants, backend, device, desc, progress):
     from tqdm import tqdm
 

@@ -39,7 +39,6 @@ BOOT_SEED = 0
 UTIL_VARIANTS = ("padded_unified", "static_dual_0.5", "static_dual_0.9", "avmp_mb16", "avmp_proactive")
 
 
-# ----------------------------------------------------------------------------------------- bootstrap
 @dataclasses.dataclass(frozen=True)
 class BootstrapCI:
     point: float
@@ -84,7 +83,6 @@ def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], *, statistic: st
     return BootstrapCI(float(back(d.mean())), float(back(lo)), float(back(hi)), int(d.size), statistic)
 
 
-# ------------------------------------------------------------------------------------------- helpers
 def _order(names, reference):
     ref = list(reference)
     return sorted(names, key=lambda x: (ref.index(x) if x in ref else len(ref), x))
@@ -110,7 +108,7 @@ def _num(x: float) -> str:
     return f"{x:.2f}"
 
 
-def _ms(vals: list[float], scale: float = 1.0) -> str:
+def _mean_pm_std(vals: list[float], scale: float = 1.0) -> str:
     v = np.asarray([x for x in vals if x is not None], dtype=np.float64) * scale
     if v.size == 0:
         return "–"
@@ -204,7 +202,6 @@ def _pairs(d: _Data, specs, workload, va, vb, key):
                 b.append(rb[seed][key])
                 short += rb[seed]["completed"] < rb[seed]["num_requests"] or ra[seed]["completed"] < ra[seed]["num_requests"]
     return a, b, short
-
 
 
 def _family(v: str) -> str:
@@ -316,7 +313,6 @@ def _avmp_table(d: _Data) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- plots
 def _plot_makespan(d: _Data, workload: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -417,7 +413,6 @@ def _representative(d: _Data) -> tuple | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------- report
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
@@ -644,7 +639,7 @@ def _per_variant_section(d: _Data) -> list[str]:
                     if not runs:
                         continue
                     ms = [runs[k] for k in sorted(runs)]
-                    vals = [_ms([f(m) for m in ms], sc) for _, f, sc in COLUMNS]
+                    vals = [_mean_pm_std([f(m) for m in ms], sc) for _, f, sc in COLUMNS]
                     name = f"**{v}**" if rk and v == rk[0] else v
                     w(f"| {b} | {name} | " + " | ".join(vals) + " |")
             w("")

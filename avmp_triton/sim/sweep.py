@@ -124,7 +124,6 @@ def _variants() -> dict[str, Variant]:
 VARIANTS: dict[str, Variant] = _variants()
 
 
-# ------------------------------------------------------------------------------------------ budgets
 @functools.lru_cache(maxsize=None)
 def typical_tokens(workload: str) -> float:
     """Mean prompt + output tokens of ``make_workload(workload, 0)`` at its default count."""
@@ -167,7 +166,6 @@ def make_budget(spec, workload: str, k: int | None = None, *, capacity_bytes: in
     return Budget(f"k{k}", k, round(tok, 3), pages, k, k * pages, cap)
 
 
-# ---------------------------------------------------------------------------------------- the cells
 @dataclasses.dataclass(frozen=True)
 class Cell:
     spec: str
