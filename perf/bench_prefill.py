@@ -44,7 +44,7 @@ indices are our physical slots + 1.
 Checks, on every cell before any timing: ours and every peer against the pure-torch references of
 avmp_triton/reference/ (mamba_prefill.py, paged_prefill.py; run on the GPU, from the same
 starting states): the output, the final states (ssm / conv) of the batch, and every other byte of
-the arena or row of the pool unchanged. bf16 tolerances as tests/test_mamba_prefill.py: relative
+the arena or row of the pool unchanged. bf16 tolerances as tests/ops/test_mamba_prefill.py: relative
 error of the whole tensor (norm) plus a loose elementwise bound (``TOL``). A failed check or an
 unexpected error marks the cell and makes the script exit 1 (after the JSON and the table).
 
@@ -106,7 +106,7 @@ QUANTILES = [0.5, 0.2, 0.8]
 ACT_DTYPE = torch.bfloat16
 NEMOTRON_CHUNK_SIZE = 128   # chunk_size of transformers NemotronHConfig (default 128), what vLLM's get_mamba_chunk_size() returns
 # (relative error of the whole tensor, elementwise atol, rtol) per op, for bf16 activations; the
-# CPU dry run (fp32) uses CPU_TOL. Mamba: as tests/test_mamba_prefill.py's GPU checks.
+# CPU dry run (fp32) uses CPU_TOL. Mamba: as tests/ops/test_mamba_prefill.py's GPU checks.
 TOL = {"mamba2": (2e-2, 0.5, 0.1), "mamba1": (1e-2, 0.5, 0.1), "conv1d": (1e-2, 5e-2, 2e-2),
        "attention": (1e-2, 2e-2, 5e-2)}
 CPU_TOL = (1e-4, 1e-3, 1e-3)

@@ -19,12 +19,12 @@ BASE_DIR=$PWD/.base
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/gpu.txt"
 
-groups=("tests/test_paged_attention.py tests/test_attention_bad_inputs.py tests/test_spec.py tests/test_triton_env.py tests/test_packaging.py"
-        "tests/test_paged_prefill.py tests/test_decode_step_gpu.py tests/test_examples.py tests/test_readme.py tests/test_cli.py"
-        "tests/test_mamba_state.py tests/test_mamba_bad_inputs.py tests/test_allocator_gpu.py tests/test_allocator.py"
-        "tests/test_mamba_prefill.py tests/test_allocator_stateful.py tests/test_scheduler.py tests/test_workloads.py tests/test_handles.py tests/test_sm90_compile.py")
+groups=("tests/ops/test_paged_attention.py tests/ops/test_attention_bad_inputs.py tests/test_spec.py tests/test_triton_env.py tests/test_packaging.py"
+        "tests/ops/test_paged_prefill.py tests/ops/test_decode_step_gpu.py tests/test_examples.py tests/test_readme.py tests/test_cli.py"
+        "tests/ops/test_mamba_state.py tests/ops/test_mamba_bad_inputs.py tests/memory/test_allocator_gpu.py tests/memory/test_allocator.py"
+        "tests/ops/test_mamba_prefill.py tests/memory/test_allocator_stateful.py tests/engine/test_scheduler.py tests/sim/test_workloads.py tests/kernels/test_handles.py tests/kernels/test_sm90_compile.py")
 listed=$(printf '%s ' "${groups[@]}" | tr ' ' '\n' | sort | grep -c .)
-present=$(ls tests/test_*.py | wc -l)
+present=$(find tests -name 'test_*.py' | wc -l)
 [ "$listed" = "$present" ] || echo "WARNING: $present test files, $listed in the groups: update the groups"
 for i in "${!groups[@]}"; do
   PYTHONPATH=$HEAD_DIR timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${groups[$i]} \

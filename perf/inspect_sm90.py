@@ -16,7 +16,7 @@ GPU re-timing.
 
 ``--batch-one`` compiles the kernels that take a batch size with it equal to 1, which the JIT
 turns into a compile-time constant: a loop bounded by it once crashed Triton 3.6's TritonGPUCoalesce
-pass on every batch-1 call on the GPU while the interpreter ran it fine (tests/test_sm90_compile.py).
+pass on every batch-1 call on the GPU while the interpreter ran it fine (tests/kernels/test_sm90_compile.py).
 """
 import argparse
 import json
@@ -190,10 +190,11 @@ def attention_cases():
 
 
 def batch_one_cases():
-    """The cases with a batch-size argument, that argument specialised to 1 as the JIT does."""
+    """The kernels that scan a batch of handles for repeats (``BLOCK_B``), their batch size
+    specialised to 1 as the JIT does."""
     for name, fn, sig, const, warps, div in cases():
         key = next((k for k in ("batch", "B") if k in sig), None)
-        if key is not None:
+        if key is not None and "BLOCK_B" in const:
             yield (f"{name}, {key}=1", fn, {k: t for k, t in sig.items() if k != key}, dict(const, **{key: 1}),
                    warps, [d for d in div if d != key])
 

@@ -60,7 +60,7 @@ def repeated(handles_ptr, first, i_b, h, num_rows, BLOCK: tl.constexpr):
     program of the call reads the same vector). Compiled in for every block, the walk cost Mamba1
     bf16 at B=64 4 % on the H200 (19.7 us without it, perf/results/mamba_variants_H200/; 20.5 us
     with it, bench_mamba_H200_d8dc9cb_head.json; two runs), and bounded by a batch of 1, which the
-    JIT makes constant, it crashed Triton 3.6's TritonGPUCoalesce pass (tests/test_sm90_compile.py)."""
+    JIT makes constant, it crashed Triton 3.6's TritonGPUCoalesce pass (tests/kernels/test_sm90_compile.py)."""
     o_j = tl.arange(0, BLOCK)
     count = ((first == h) & (o_j != i_b)).to(tl.int32)
     if BLOCK >= REPEAT_BLOCK_MAX:

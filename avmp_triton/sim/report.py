@@ -670,8 +670,8 @@ def _notes_section() -> list[str]:
     L: list[str] = []
     w = L.append
     w("## Notes\n")
-    w("- `padded_unified` unifies page sizes as vLLM does for hybrid models: one pool, one unit size, with the "
-      "attention page grown to as many tokens as fill one SSM block (a multiple of 16: 544 tokens for "
+    w("- `padded_unified` is a simulation baseline, not vLLM's rule (vLLM sizes pages per layer group): one pool, "
+      "one unit size, with the attention page grown to as many tokens as fill one SSM block (a multiple of 16: 544 tokens for "
       "Jamba-1.5-Mini, 3168 for Nemotron-H-8B, 4720 for Granite-4.0-H-Small). Its cost is each request's partly "
       "filled last page and the padding of the unit to the larger of the two sizes.")
     w("- The five AVMP variants differ only in how much capacity a rebalance hands over (migration batch) and in "

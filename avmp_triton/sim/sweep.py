@@ -1,50 +1,8 @@
-"""The workload comparison: every allocator variant on a grid of specs, workloads, budgets and seeds.
-
-One cell = (spec, workload, budget, seed, variant): a fresh allocator of that variant, the seeded
-workload, one ``Scheduler.run``, one JSON file
-``<results_dir>/<spec>/<workload>/<budget>/<variant>_seed<k>.json`` holding the run's
-``RunMetrics``, the cell's parameters, the budget in units, the backend, the package versions and
-the git commit. The sweep is resumable: a cell whose JSON exists is skipped (files are written
-atomically, so an interrupted sweep leaves no half file). Cells run in parallel processes.
-
-Variants (``VARIANTS``):
-
-* ``padded_unified``: one pool, unit = max(KV page, SSM block), with the attention page inflated to
-  as many tokens as fill one SSM block (vLLM's hybrid page-size unification: 544 tokens per page for
-  Jamba-1.5-Mini), so its cost is the partly filled last page of every request rather than padding
-  bytes.
-* ``static_dual_0.5``, ``static_dual_0.9``: two exact-size pools with a fixed split, that share of
-  the slabs for SSM blocks (0.9 is SGLang's default).
-* ``avmp_mb1``, ``avmp_mb16``, ``avmp_mb128``, ``avmp_mb256``: AVMP, starting at half the slabs for
-  each pool, moving capacity on demand, at most that many free slabs handed over per rebalance
-  (``migration_batch``).
-* ``avmp_proactive``: AVMP with migration batch 16 and the proactive watermark policy
-  ``(low, high) = (0.05, 0.25)``: each tick, free slabs move ahead of need into a pool whose free
-  fraction is below 5% from one whose free fraction is above 25% (decided on the device).
-
-Budgets (``make_budget``): a budget ``k<K>`` is the memory of K concurrent *typical* requests of the
-workload, each one SSM block plus the KV pages of the workload's mean request length
-(prompt + output tokens of ``make_workload(workload, seed=0)`` at its default count):
-``capacity = K x ssm_block_bytes + K x ceil(mean_tokens / page_tokens) x kv_page_bytes``, i.e.
-"K SSM blocks + K*P pages". The grid's budgets are K = 16, 32, 64 (``BUDGETS``). Every workload
-offers far more concurrent work than that (one arrival per tick for requests living hundreds of
-ticks, or a burst of 256), so every budget keeps the pools under pressure, and the smallest one
-hard. The padded allocator's unit is an SSM block's size for both kinds, with vLLM-sized attention
-pages (hundreds of tokens each), so every request holds a partly filled last page. A request that cannot fit even into an
-empty arena of a variant is counted ``unservable`` by the scheduler (never silently dropped).
-
-Backend: ``"device"`` (the allocator's Triton kernels) on a GPU; on a CPU-only machine the
-scheduler's ``"model"`` backend (``AllocatorModel``, the pure-Python reference of the same state
-machine, tested equal to the kernels after every call) so the grid finishes in minutes instead of
-days under Triton's interpreter. Metrics other than the allocator time are identical between the two;
-the allocator time per step under the model backend is host wall time of the Python model, not
-device time. Every JSON records its backend.
-
-Grid: 3 specs x 4 workloads x 3 budgets x 3 seeds x 8 variants = 864 cells; on a 2-core CPU with
-the model backend it takes about 3 minutes with ``--jobs 2`` (so no reduced grid is needed there).
-``quick=True`` (CLI ``--quick``) runs
-every spec, workload, budget, seed and variant with ``QUICK_NUM_REQUESTS`` requests per workload
-instead of the workloads' default counts (512/256/256/512).
+"""The workload comparison: every allocator variant (``VARIANTS``) on a grid of specs, workloads,
+budgets (``make_budget``) and seeds, one resumable JSON file per cell; the README's "Workload
+comparison" says what the grid is and what a budget means. On a CPU-only machine the cells run
+the scheduler's ``"model"`` backend (the allocator's pure-Python model), on a GPU its Triton
+kernels; every JSON records which.
 """
 from __future__ import annotations
 
@@ -96,23 +54,23 @@ class Variant:
         cls = {"AVMPAllocator": AVMPAllocator, "StaticDualAllocator": StaticDualAllocator,
                "PaddedUnifiedAllocator": PaddedUnifiedAllocator}[self.allocator]
         params = dict(self.params)
-        if params.get("page_tokens") == "vllm":
-            params["page_tokens"] = vllm_attention_page_tokens(spec)
+        if params.get("page_tokens") == "fill_ssm_block":
+            params["page_tokens"] = page_tokens_filling_ssm_block(spec)
         return cls(spec, capacity_bytes, device=device, **params)
 
 
-def vllm_attention_page_tokens(spec) -> int:
-    """The attention block size vLLM picks for a hybrid model so that one attention page is at
-    least one Mamba state: the smallest multiple of 16 tokens whose KV bytes reach the SSM block
-    (vLLM's hybrid page-size unification; e.g. 544 tokens for Jamba-1.5-Mini)."""
+def page_tokens_filling_ssm_block(spec) -> int:
+    """Tokens per page of the padded baseline: the smallest multiple of 16 whose KV bytes (all
+    attention layers of the model) reach one SSM block (all Mamba layers): 544 for Jamba-1.5-Mini.
+    A simulation baseline, not vLLM's rule, which sizes pages per layer group (issue 10)."""
     return 16 * math.ceil(spec.ssm_block_bytes / (16 * spec.kv_bytes_per_token))
 
 
 def _variants() -> dict[str, Variant]:
-    v = [Variant("padded_unified", "PaddedUnifiedAllocator", {"page_tokens": "vllm"},
-                 "one pool, one unit size; attention pages inflated to the SSM block's size as vLLM does"),
+    v = [Variant("padded_unified", "PaddedUnifiedAllocator", {"page_tokens": "fill_ssm_block"},
+                 "one pool, one unit size; attention pages grown to the whole model's SSM block"),
          Variant("static_dual_0.5", "StaticDualAllocator", {"ssm_fraction": 0.5}, "fixed split, 50% SSM"),
-         Variant("static_dual_0.9", "StaticDualAllocator", {"ssm_fraction": 0.9}, "fixed split, 90% SSM (SGLang)")]
+         Variant("static_dual_0.9", "StaticDualAllocator", {"ssm_fraction": 0.9}, "fixed split, 90% SSM")]
     for mb in (1, 16, 128, 256):
         v.append(Variant(f"avmp_mb{mb}", "AVMPAllocator", {"migration_batch": mb}, f"AVMP, migration batch {mb}"))
     v.append(Variant("avmp_proactive", "AVMPAllocator",
