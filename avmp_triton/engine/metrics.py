@@ -3,7 +3,7 @@
 Every field is a plain number, string, bool, None or list of numbers, so that
 ``json.dumps(dataclasses.asdict(m))`` works. Time is counted in decode ticks (tick 0 first).
 
-Definitions (see ``avmp_triton.engine.scheduler`` for the tick itself):
+Definitions (the README's "Scheduler" section gives the tick itself):
 
 - batch size of a tick: requests that generate a token in it (decoding ones and those admitted in
   it); mean / p50 / peak over the ticks ``[0, makespan_ticks)``.

@@ -1,48 +1,11 @@
 """One continuous-batching scheduler for every allocator, run allocator-only (a tick is one decode
-step) or with a model runner.
+step) or with a model runner. Each tick plans on the host from one read of the allocator's counts
+and then makes one grow, one SSM alloc and one release call; the README's "Scheduler" section
+gives the steps of a tick, and ``_Run`` has one method per step.
 
-The tick ``t`` (ticks count from 0):
-
-1. Requests whose ``arrival == t`` join the tail of the FIFO queue, except those that no state of
-   the allocator could hold even alone (their longest length in pages plus one SSM block: beyond
-   the fixed pools of a baseline, beyond all slabs for AVMP): those are counted ``unservable``
-   and never admitted (the only way a request leaves without completing).
-2. ``allocator.proactive_step()`` if the allocator has a proactive policy (one device launch).
-3. One host read of the allocator's counts (free units per pool, free handles, slabs per pool;
-   plus the error flags of the previous tick's grow and release calls, which must be clear).
-4. Growth planning. A running request holds ``c`` tokens in its KV cache (``prompt + generated - 1``:
-   the newest token's K/V is written by the next step) and ``ceil(c / page_tokens)`` pages; this
-   tick writes one more token, so it needs a page when ``c % page_tokens == 0``. If the pool cannot
-   give the ``G`` pages needed: AVMP calls ``make_room("kv", G)`` (host-side rebalance); if that
-   cannot make room (or the allocator never migrates), the most recently admitted running request is
-   preempted (recompute, as vLLM does): all its units are freed, it goes back to the FRONT of the
-   queue, and it will redo ``prompt + generated`` tokens (counted as recomputed tokens); repeat
-   until the growth fits. AVMP tries ``make_room`` again after each preemption, since a freed SSM
-   block can free a whole slab.
-5. Admission, from the head of the queue only (no request overtakes another; none is dropped),
-   skipped in a tick that preempted (as vLLM does): the head is admitted when a batch slot is free
-   and its ``ceil((prompt + generated) / page_tokens)`` pages and one SSM block fit next to this
-   tick's growth. If only one of the two pools is short, AVMP moves capacity into it (``make_room``,
-   or an exact ``rebalance`` when an eager move could take what the admission needs from the
-   other pool; never when the other pool could not spare it) and checks again. (Should nothing at
-   all be running and the head still not fit, it never will: it is counted ``unservable`` too.)
-6. ONE ``grow_kv`` call on the fixed ``[max_running, max_pages]`` block table: ``need`` is 0/1 for
-   decoding rows and the prompt pages for rows admitted in this tick; then ONE ``alloc_ssm(k)`` for
-   the ``k`` admitted requests, written into the ``ssm_handles`` column on the device.
-7. ``model_runner.step(...)`` if one was given.
-8. Every running request generates one token (an admitted request's prefill generates its first).
-9. ONE ``release_rows`` call for the requests that have generated all their output tokens.
-
-Steps 4 and 5 are decided on the host from the counts of step 3 (the scheduler knows exactly what
-its calls take and give back), so the grow and SSM calls of step 6 always succeed and their
-``failed`` / status outputs are only checked, at the next tick's read: one host sync per tick, two
-in ticks that admit (``alloc_ssm``), more only on the failure path (``make_room`` and preemption).
-
-Backends: ``backend="device"`` drives the allocator's Triton kernels on its device;
-``backend="model"`` drives ``AllocatorModel.like(allocator)``, the pure-Python reference with the
-same semantics (tested equal to the device state after every call), which is much faster than the
-Triton interpreter on CPU. Both give identical metrics. The default is "device" on CUDA, "model"
-on CPU.
+Backends: "device" drives the allocator's Triton kernels; "model" drives
+``AllocatorModel.like(allocator)``, the pure-Python model of the same state machine (tested equal
+after every call), much faster than Triton's interpreter on a CPU. Both give identical metrics.
 """
 from __future__ import annotations
 
@@ -254,7 +217,7 @@ class _Timer:
 
 
 class Scheduler:
-    """Continuous batching over one allocator (see the module docstring for the tick).
+    """Continuous batching over one allocator (the README's "Scheduler" section gives the tick).
 
     Args:
         allocator: an ``AVMPAllocator``, ``StaticDualAllocator`` or ``PaddedUnifiedAllocator``.

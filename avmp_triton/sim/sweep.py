@@ -108,7 +108,7 @@ class Budget:
 
 
 def make_budget(spec, workload: str, k: int | None = None, *, capacity_bytes: int | None = None) -> Budget:
-    """The budget of K typical requests of ``workload`` for ``spec`` (see the module docstring), or an
+    """The budget of K typical requests of ``workload`` for ``spec`` (README: "Workload comparison"), or an
     explicit ``capacity_bytes``."""
     if (k is None) == (capacity_bytes is None):
         raise ValueError("give exactly one of k and capacity_bytes")
