@@ -978,3 +978,22 @@ def test_allocators_reject_pages_past_the_limit():
     spec, _ = GEOMS["page>block"]
     with pytest.raises(ValueError, match="page_tokens must be a power of two in \\[1, 1024\\].*got 2048"):
         AVMPAllocator(spec, 1 << 22, device=DEVICE, page_tokens=2048)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_public_planning_surface_agrees_with_stats(cls):
+    """What the scheduler plans with (migrates, pool_index, free_counts) says what stats() says,
+    after allocations of both kinds; pool_index names the bad kind."""
+    a = make(cls)
+    a.alloc_kv(3)
+    a.alloc_ssm(2)
+    st = a.stats()
+    assert a.migrates is (cls is AVMPAllocator)
+    counts = a.free_counts.tolist()
+    for kind in ("kv", "ssm"):
+        p = a.pool_index(kind)
+        assert counts[p] == st.pools[a.pool_names[p]].free_units
+    assert (a.pool_index("kv") == a.pool_index("ssm")) is (cls is PaddedUnifiedAllocator)
+    assert counts[2] == a.num_handles - st.handles_live
+    with pytest.raises(ValueError, match="kind must be 'kv' or 'ssm', got 'page'"):
+        a.pool_index("page")
