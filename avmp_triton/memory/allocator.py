@@ -25,6 +25,7 @@ import triton
 from avmp_triton._checks import is_int
 from avmp_triton import _triton_env  # first: on CPU-only hosts it chooses the interpreter before triton loads
 from avmp_triton.kernels import alloc as K
+from avmp_triton.memory.planner import donor_holdings, plan_victims
 from avmp_triton.spec import HybridModelSpec, check_cache_dtypes, check_page_tokens
 
 KIND_FREE, KIND_KV, KIND_SSM = 0, 1, 2
@@ -473,26 +474,17 @@ class ArenaAllocator:
         """Plan (from a snapshot of the slab counters) and run a migration of ``need`` slabs."""
         p = self._pool_of[kind]
         d = 1 - p
-        owner = self.slab_owner.cpu()
-        live = self.slab_live.cpu()
-        donor = torch.nonzero(owner == d).flatten().tolist()
-        free_slabs = [s for s in donor if live[s] == 0]
-        if len(free_slabs) >= need:
-            # step 1: whole free slabs, no data moves; eagerly up to migration_batch of them
-            take = min(len(free_slabs), max(need, self.migration_batch)) if eager else need
-            victims = free_slabs[:take]
-        else:
-            # step 2: compaction; the least-occupied donor slabs are emptied into the others
-            busy = sorted((s for s in donor if live[s] > 0), key=lambda s: (int(live[s]), s))
-            live_total = int(live[donor].sum()) if donor else 0
-            if len(donor) < need or (len(donor) - need) * self.units_per_slab[d] < live_total:
-                if n is not None:
-                    raise self._exhausted(kind, n, free)
-                raise PoolExhaustedError(
-                    f"cannot move {need} slab(s) into the {_KIND_NAMES[kind]} pool: the "
-                    f"{self.pool_names[d]!r} pool has {len(donor)} slab(s) holding {live_total} live unit(s)")
-            victims = free_slabs + busy[:need - len(free_slabs)]
-        self._move_slabs(victims, d, p, int(live[victims].sum()))
+        owner, live = self.slab_owner.tolist(), self.slab_live.tolist()
+        victims = plan_victims(owner, live, d, need, self.units_per_slab[d], eager=eager,
+                               migration_batch=self.migration_batch)
+        if victims is None:
+            if n is not None:
+                raise self._exhausted(kind, n, free)
+            slabs, live_total = donor_holdings(owner, live, d)
+            raise PoolExhaustedError(
+                f"cannot move {need} slab(s) into the {_KIND_NAMES[kind]} pool: the "
+                f"{self.pool_names[d]!r} pool has {slabs} slab(s) holding {live_total} live unit(s)")
+        self._move_slabs(victims, d, p, sum(live[s] for s in victims))
 
     def _move_slabs(self, victims: list[int], d: int, p: int, n_moves: int) -> None:
         dev = self.device

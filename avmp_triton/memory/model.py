@@ -57,6 +57,7 @@ from avmp_triton.memory.allocator import (
     PoolExhaustedError,
     PoolStats,
 )
+from avmp_triton.memory.planner import donor_holdings, plan_victims
 
 # status codes, as the kernels write them
 ERR_NONE = 0
@@ -336,34 +337,19 @@ class AllocatorModel:
             raise self._exhausted(k, n, free)
         self._move_capacity(k, math.ceil((n - free) / self.units_per_slab[p]), eager=True, n=n, free=free)
 
-    def plan_victims(self, kind: int, need: int, *, eager: bool) -> list[int] | None:
-        """Donor slabs that would move into ``kind``'s pool, in order; None if impossible."""
-        p = self.pool_of[kind]
-        d = 1 - p
-        donor = [s for s in range(self.num_slabs) if self.slab_owner[s] == d]
-        free_slabs = [s for s in donor if self.slab_live[s] == 0]
-        if len(free_slabs) >= need:
-            take = min(len(free_slabs), max(need, self.migration_batch)) if eager else need
-            return free_slabs[:take]
-        live_total = sum(self.slab_live[s] for s in donor)
-        if len(donor) < need or (len(donor) - need) * self.units_per_slab[d] < live_total:
-            return None
-        busy = sorted((s for s in donor if self.slab_live[s] > 0), key=lambda s: (self.slab_live[s], s))
-        return free_slabs + busy[:need - len(free_slabs)]
-
     def _move_capacity(self, kind: int, need: int, *, eager: bool, n: int | None = None,
                        free: int | None = None) -> None:
-        victims = self.plan_victims(kind, need, eager=eager)
         p = self.pool_of[kind]
         d = 1 - p
+        victims = plan_victims(self.slab_owner, self.slab_live, d, need, self.units_per_slab[d], eager=eager,
+                               migration_batch=self.migration_batch)
         if victims is None:
             if n is not None:
                 raise self._exhausted(kind, n, free)
-            donor = [s for s in range(self.num_slabs) if self.slab_owner[s] == d]
+            slabs, live_total = donor_holdings(self.slab_owner, self.slab_live, d)
             raise PoolExhaustedError(
                 f"cannot move {need} slab(s) into the {KIND_NAMES[kind]} pool: the "
-                f"{self.pool_names[d]!r} pool has {len(donor)} slab(s) holding "
-                f"{sum(self.slab_live[s] for s in donor)} live unit(s)")
+                f"{self.pool_names[d]!r} pool has {slabs} slab(s) holding {live_total} live unit(s)")
         self._move_slabs(victims, d, p)
 
     def _move_slabs(self, victims: list[int], d: int, p: int) -> None:
