@@ -101,11 +101,7 @@ def state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer
     if arena.dtype != torch.uint8 or arena.dim() != 1 or not arena.is_contiguous():
         raise ValueError(f"arena must be a contiguous 1-D uint8 tensor, got {arena.dtype} shape "
                          f"{tuple(arena.shape)} strides {arena.stride()}")
-    if dev.type == "cpu":
-        from avmp_triton._triton_env import require_interpreter
-        require_interpreter()
-    elif dev.type != "cuda":
-        raise ValueError(f"arena must be on cuda (or cpu with TRITON_INTERPRET=1), got {dev}")
+    check_kernel_device(arena, "arena")
     check_tensor(handle_table, "handle_table", device=dev, beside="the arena", dim=1)
     if handle_table.dtype != torch.int64 or not handle_table.is_contiguous():
         raise ValueError(f"handle_table must be a contiguous int64 tensor, got {handle_table.dtype} "

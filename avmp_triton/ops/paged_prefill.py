@@ -17,10 +17,10 @@ import torch
 
 from avmp_triton._checks import is_int
 from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
-from avmp_triton._triton_env import interpreter_active, require_interpreter
+from avmp_triton._triton_env import interpreter_active
 from avmp_triton.kernels.paged_prefill import paged_prefill_kernel
 from avmp_triton.layout import KVPageLayout
-from avmp_triton.ops._args import check_tensor
+from avmp_triton.ops._args import check_kernel_device, check_tensor
 from avmp_triton.ops._host_checks import (KIND_KV, check_block_table, check_cu_seqlens, check_handles,
                                          live_pages, on_host)
 from avmp_triton.ops.paged_attention import from_alloc
@@ -228,10 +228,7 @@ def _check_q(q) -> torch.device:
     if q.dtype not in _DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     dev = q.device
-    if dev.type == "cpu":
-        require_interpreter()
-    elif dev.type != "cuda":
-        raise ValueError(f"q must be on a cuda device (or cpu with the interpreter), got {dev}")
+    check_kernel_device(q, "q")
     if q.stride(-1) != 1:
         raise ValueError(f"q must have a contiguous last dim, got strides {q.stride()}")
     return dev
