@@ -13,6 +13,7 @@ from avmp_triton.memory.allocator import (
     PoolStats,
     StaticDualAllocator,
 )
+from avmp_triton.memory.cache import PagedCache
 from avmp_triton.spec import HybridModelSpec, get_preset, list_presets
 
 import triton  # noqa: E402  (after _triton_env, which must run first)
@@ -21,6 +22,6 @@ _triton_env.warn_if_untested(triton.__version__)
 
 __all__ = [
     "AVMPAllocator", "AllocatorStats", "HybridModelSpec", "InvalidHandleError", "PaddedUnifiedAllocator",
-    "PoolExhaustedError", "PoolStats", "StaticDualAllocator", "get_preset", "list_presets",
+    "PagedCache", "PoolExhaustedError", "PoolStats", "StaticDualAllocator", "get_preset", "list_presets",
 ]
 __version__ = "0.1.0"

@@ -16,10 +16,13 @@ Runs on a GPU if present, else on the CPU through Triton's interpreter (about a 
 """
 import torch
 
-from avmp_triton import AVMPAllocator, HybridModelSpec
+from avmp_triton import AVMPAllocator, HybridModelSpec, PagedCache
 from avmp_triton.ops import (
-    MambaStateOps,
+    causal_conv1d_prefill,
+    causal_conv1d_update,
     kv_append,
+    mamba2_scan_prefill,
+    mamba2_state_update,
     paged_decode_attention,
     paged_prefill_attention,
 )
@@ -69,7 +72,7 @@ class Engine:
         block = -(-SPEC.ssm_block_bytes // 16) * 16
         slab = -(-max(2 * block, SPEC.kv_page_bytes) // 128) * 128
         self.alloc = AVMPAllocator(SPEC, capacity_bytes=8 * slab, slab_bytes=slab, kv_fraction=6 / 8, device=DEV)
-        self.mamba = MambaStateOps(self.alloc)
+        self.cache = PagedCache.of(self.alloc)
         n = len(PROMPTS)
         # one SSM block per request, in different slabs (so moving a slab later needs compaction)
         four = self.alloc.alloc_ssm(4)
@@ -99,14 +102,13 @@ class Engine:
         seq_lens = torch.tensor([s + n for s, n in zip(self.seen, lens)], dtype=torch.int32, device=DEV)
         init = torch.tensor([int(s > 0) for s in self.seen], dtype=torch.int32, device=DEV)
 
-        kv_append(cat["k"], cat["v"], self.alloc, self.block_table, req, pos)
-        attn = paged_prefill_attention(cat["q"], self.alloc, self.block_table, seq_lens, cu)
-        meta = dict(cu_seqlens=cu, has_initial_state=init)
-        xbc = self.mamba.causal_conv1d_prefill(self.ssm, 0, cat["xbc"], self.w["conv_w"], self.w["conv_b"], "silu",
-                                               **meta)
+        kv_append(cat["k"], cat["v"], self.block_table, req, pos, self.cache, layer=0)
+        attn = paged_prefill_attention(cat["q"], self.block_table, seq_lens, cu, self.cache, layer=0)
+        xbc = causal_conv1d_prefill(cat["xbc"], self.w["conv_w"], self.ssm, cu, init, self.cache, layer=0,
+                                    bias=self.w["conv_b"], activation="silu")
         x, B, C = split_xbc(xbc)
-        y = self.mamba.mamba2_scan_prefill(self.ssm, 0, x, cat["dt"], self.w["A"], B, C, self.w["D"],
-                                           dt_bias=self.w["dt_bias"], dt_softplus=True, **meta)
+        y = mamba2_scan_prefill(x, cat["dt"], self.w["A"], B, C, self.ssm, cu, init, self.cache, layer=0,
+                                D=self.w["D"], dt_bias=self.w["dt_bias"], dt_softplus=True)
         self.seen = [s + n for s, n in zip(self.seen, lens)]
         outs = torch.cat([attn.flatten(1), y.flatten(1)], dim=1)
         return list(torch.split(outs, lens))
@@ -118,12 +120,13 @@ class Engine:
         n = len(tok)
         req = torch.arange(n, dtype=torch.int32, device=DEV)
         pos = torch.tensor(self.seen, dtype=torch.int32, device=DEV)
-        kv_append(cat["k"], cat["v"], self.alloc, self.block_table, req, pos)
-        attn = paged_decode_attention(cat["q"], self.alloc, self.block_table, pos + 1)
-        xbc = self.mamba.causal_conv1d_update(self.ssm, 0, cat["xbc"], self.w["conv_w"], self.w["conv_b"], "silu")
+        kv_append(cat["k"], cat["v"], self.block_table, req, pos, self.cache, layer=0)
+        attn = paged_decode_attention(cat["q"], self.block_table, pos + 1, self.cache, layer=0)
+        xbc = causal_conv1d_update(cat["xbc"], self.w["conv_w"], self.ssm, self.cache, layer=0, bias=self.w["conv_b"],
+                                   activation="silu")
         x, B, C = split_xbc(xbc)
-        y = self.mamba.mamba2_state_update(self.ssm, 0, x, cat["dt"], self.w["A"], B, C, self.w["D"],
-                                           dt_bias=self.w["dt_bias"], dt_softplus=True)
+        y = mamba2_state_update(x, cat["dt"], self.w["A"], B, C, self.ssm, self.cache, layer=0, D=self.w["D"],
+                                dt_bias=self.w["dt_bias"], dt_softplus=True)
         self.seen = [s + 1 for s in self.seen]
         return list(torch.cat([attn.flatten(1), y.flatten(1)], dim=1).split(1))
 

@@ -4,38 +4,20 @@ Metadata only, never a host sync, so the launchers stay capturable in CUDA graph
 handles and ``cu_seqlens`` are checked only where they already live on the host
 (``check_on_host``). Every error names the bad argument and value.
 """
+import dataclasses
 from typing import Optional
 
 import torch
 
 from avmp_triton import _triton_env  # before triton: the interpreter on CPU-only hosts
-from avmp_triton._checks import is_int
+from avmp_triton._checks import check_tensor, is_int
 from avmp_triton.kernels.handles import REPEAT_BLOCK_MAX
-from avmp_triton.layout import SSMBlockLayout, ssm_block_layout
+from avmp_triton.layout import KVPageLayout
+from avmp_triton.memory.cache import PagedCache
 from avmp_triton.ops._host_checks import KIND_SSM, check_cu_seqlens, check_handles, on_host
-from avmp_triton.spec import HybridModelSpec
 
-_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NUM_WARPS = (1, 2, 4, 8, 16, 32)
-
-
-def check_tensor(t, name: str, *, dim: Optional[int] = None, dtypes: Optional[tuple] = None,
-                 device: Optional[torch.device] = None, beside: Optional[str] = None,
-                 contiguous: bool = False) -> torch.device:
-    """A tensor of one of ``dtypes`` with ``dim`` dimensions on ``device`` (each when given);
-    ``beside`` names the tensor that set ``device``, for the message. Returns its device."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} must be {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, " + (f"{beside} on {device}" if beside else f"expected {device}"))
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-    return t.device
 
 
 _SM_COUNTS: dict[int, int] = {}
@@ -74,82 +56,66 @@ def check_opt_float(t, name, device, shape):
     return None if t is None else check_float(t, name, device, shape)
 
 
-def check_launch(name: str, block, block_name: str, warps, default) -> tuple[int, int]:
-    if block is None:
-        block = default[0]
-    if warps is None:
-        warps = default[1]
-    if not is_int(block) or block < 1 or block & (block - 1):
-        raise ValueError(f"{block_name} must be a power of two >= 1, got {block!r}")
-    if not is_int(warps) or warps not in _NUM_WARPS:
-        raise ValueError(f"num_warps must be one of {_NUM_WARPS}, got {warps!r}")
-    return block, warps
+_POW2_FIELDS = ("block", "block_t", "chunk_size")
 
 
-def num_mamba_layers_of(layout: SSMBlockLayout) -> int:
-    if layout.ssm_base == 0:
-        return layout.conv_base // layout.ssm_layer_bytes if layout.ssm_layer_bytes else 0
-    return layout.ssm_base // layout.conv_layer_bytes if layout.conv_layer_bytes else 0
+def resolve_launch(config, default):
+    """``default`` (the launch table's pick, an instance of the family's config class) with the
+    fields set in ``config`` put in, checked: block sizes powers of two, ``num_warps`` one of
+    Triton's."""
+    cfg = dataclasses.replace(default, **config_overrides(config, type(default)))
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "num_warps" and (not is_int(v) or v not in _NUM_WARPS):
+            raise ValueError(f"num_warps must be one of {_NUM_WARPS}, got {v!r}")
+        if f.name in _POW2_FIELDS and v is not None and (not is_int(v) or v < 1 or v & (v - 1)):
+            raise ValueError(f"{f.name} must be a power of two >= 1, got {v!r}")
+    return cfg
+def config_overrides(config, cls) -> dict:
+    """The fields the caller set in ``config`` (an instance of the op family's config ``cls``, or
+    None): the launch table fills the rest."""
+    if config is None:
+        return {}
+    if not isinstance(config, cls):
+        raise TypeError(f"config must be a {cls.__name__} or None, got {type(config).__name__}")
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if getattr(config, f.name) is not None}
 
 
-def state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer, dtype, dtype_name: str,
-                   kind: str, version: Optional[int]):
-    """Validate the common arguments; return (layout, spec or None, dtype, B, device)."""
-    if not isinstance(arena, torch.Tensor):
-        raise TypeError(f"arena must be a torch.Tensor, got {type(arena).__name__}")
-    dev = arena.device
-    if arena.dtype != torch.uint8 or arena.dim() != 1 or not arena.is_contiguous():
-        raise ValueError(f"arena must be a contiguous 1-D uint8 tensor, got {arena.dtype} shape "
-                         f"{tuple(arena.shape)} strides {arena.stride()}")
-    check_kernel_device(arena, "arena")
-    check_tensor(handle_table, "handle_table", device=dev, beside="the arena", dim=1)
-    if handle_table.dtype != torch.int64 or not handle_table.is_contiguous():
-        raise ValueError(f"handle_table must be a contiguous int64 tensor, got {handle_table.dtype} "
-                         f"strides {handle_table.stride()}")
-    check_tensor(handle_kinds, "handle_kinds", device=dev, beside="the arena", dim=1)
-    if (handle_kinds.dtype != torch.int32 or not handle_kinds.is_contiguous()
-            or handle_kinds.numel() != handle_table.numel()):
-        raise ValueError(f"handle_kinds (the allocator's handle_kind) must be a contiguous int32 tensor of "
-                         f"handle_table's {handle_table.numel()} entries, got {handle_kinds.dtype} shape "
-                         f"{tuple(handle_kinds.shape)} strides {handle_kinds.stride()}")
-    check_tensor(ssm_handles, "ssm_handles", device=dev, beside="the arena", dim=1)
-    if ssm_handles.dtype != torch.int32:
-        raise TypeError(f"ssm_handles must be int32, got {ssm_handles.dtype}")
-    if not ssm_handles.is_contiguous():
-        raise ValueError(f"ssm_handles must be contiguous, got strides {ssm_handles.stride()}")
+def check_layer(layer, num_layers: int, kind: str) -> int:
+    """``layer`` is a required int in ``[0, num_layers)`` (the cache's layers of that kind)."""
+    if not is_int(layer) or not 0 <= layer < num_layers:
+        raise ValueError(f"layer must be an int in [0, {num_layers}) (the cache's {kind} layers), got {layer!r}")
+    return layer
 
-    spec = None
-    if isinstance(layout, HybridModelSpec):
-        spec = layout
-        if version is not None and spec.mamba_version != version:
-            raise ValueError(f"spec {spec.name!r} is a Mamba{spec.mamba_version} model; this op is Mamba{version}")
-        spec_dtype = spec.ssm_dtype if kind == "ssm" else spec.conv_dtype
-        if dtype is not None and dtype != spec_dtype:
-            raise ValueError(f"{dtype_name}={dtype} disagrees with spec {spec.name!r} ({spec_dtype})")
-        dtype = spec_dtype
-        n_layers = spec.num_mamba_layers
-        layout = ssm_block_layout(spec)
-    elif isinstance(layout, SSMBlockLayout):
-        if dtype is None:
-            raise TypeError(f"{dtype_name} is required when layout is an SSMBlockLayout (it has no dtype)")
-        n_layers = num_mamba_layers_of(layout)
-    else:
-        raise TypeError(f"layout must be a HybridModelSpec or SSMBlockLayout, got {type(layout).__name__}")
-    if dtype not in _STATE_DTYPES:
-        raise TypeError(f"{dtype_name} must be float32, bfloat16 or float16, got {dtype!r}")
-    if kind == "ssm":
-        want = layout.d_inner * layout.d_state * dtype.itemsize
-        have, off = layout.ssm_layer_bytes, layout.ssm_base
-    else:
-        want = layout.conv_width * layout.conv_channels * dtype.itemsize
-        have, off = layout.conv_layer_bytes, layout.conv_base
-    if want != have or off % dtype.itemsize:
-        raise ValueError(f"{dtype_name}={dtype} does not match the layout ({have} bytes per layer, "
-                         f"expected {want})")
-    if not is_int(layer) or not 0 <= layer < n_layers:
-        raise ValueError(f"layer must be an int in [0, {n_layers}), got {layer!r}")
-    if arena.numel() % dtype.itemsize:
-        raise ValueError(f"arena size {arena.numel()} is not a multiple of {dtype_name}'s {dtype.itemsize} bytes")
+
+def _check_cache(cache) -> None:
+    if not isinstance(cache, PagedCache):
+        raise TypeError(f"cache must be a PagedCache (PagedCache.of(allocator)), got {type(cache).__name__}")
+    check_kernel_device(cache.arena, "the cache's arena")
+
+
+def kv_cache_of(cache) -> KVPageLayout:
+    """The KV page layout of a cache that has one."""
+    _check_cache(cache)
+    if cache.kv_layout is None:
+        raise ValueError("this cache has no KV pages (kv_layout is None)")
+    return cache.kv_layout
+
+
+def ssm_cache_of(cache, ssm_handles, layer, kind: str, version: Optional[int]):
+    """Check a Mamba op's cache, handles and layer; return (layout, spec or None, the state's dtype,
+    B, device). ``kind`` is "ssm" or "conv"; ``version`` 1 or 2 when the op serves only that Mamba."""
+    _check_cache(cache)
+    layout, spec = cache.ssm_layout, cache.spec
+    if layout is None:
+        raise ValueError("this cache has no SSM blocks (ssm_layout is None)")
+    if spec is not None and version is not None and spec.mamba_version != version:
+        raise ValueError(f"spec {spec.name!r} is a Mamba{spec.mamba_version} model; this op is Mamba{version}")
+    dev = cache.device
+    check_tensor(ssm_handles, "ssm_handles", device=dev, beside="the cache", dim=1, dtypes=(torch.int32,),
+                 contiguous=True)
+    check_layer(layer, cache.num_mamba_layers, "Mamba")
+    dtype = cache.ssm_dtype if kind == "ssm" else cache.conv_dtype
     return layout, spec, dtype, ssm_handles.numel(), dev
 
 

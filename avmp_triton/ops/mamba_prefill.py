@@ -1,40 +1,22 @@
-"""Mamba prefill launchers: causal conv1d, Mamba1 selective scan, Mamba2 scan over a packed chunk.
+"""Mamba prefill ops over a ``PagedCache``: causal conv1d, Mamba1 selective scan and Mamba2 scan
+over a variable-length packed chunk (``cu_seqlens``). Each request starts from its SSM block's
+state (``has_initial_state[b] != 0``: chunked prefill continuing a request) or from zeros, and
+leaves its final state in place in the block, resolved through the handle table on the device (so
+blocks may move between chunks: the handle stays, the table entry changes).
 
-Same calling convention as the decode ops (``avmp_triton.ops.mamba_state``): where the state lives
-first (arena, handle table, handles, layout, layer), then the op's inputs, then keyword options;
-``dt_softplus`` defaults to False everywhere (as in mamba_ssm and vLLM). Each op reads a
-variable-length packed chunk (``cu_seqlens``), starts every request from its SSM block's state
-(``has_initial_state[b] != 0``, chunked prefill continuing a request) or from zeros, and leaves
-the final state IN PLACE in the block, resolved through the allocator's handle table on the
-device (so blocks may move between chunks: the handle stays, the table entry changes).
-
-Common arguments:
-    arena: ``[bytes]`` uint8, the allocator's arena (``AVMPAllocator.arena``); mutated.
-    handle_table: ``[H]`` int64 handle -> byte offset of the block, -1 when free. Offsets are
-        16-byte aligned (every allocator's units are); the kernels rely on it for wide loads.
-    handle_kinds (keyword, required): ``[H]`` int32 handle -> kind, 0 free, 1 KV, 2 SSM
-        (``AVMPAllocator.handle_kind``); the kernels serve SSM handles only.
-    ssm_handles: ``[B]`` int32 SSM handle per request; -1 skips the request: its outputs are zeros
-        and its state is untouched.
-    layout: the model's ``HybridModelSpec`` (dtypes come from it), or an ``SSMBlockLayout`` with
-        ``state_dtype=`` / ``conv_dtype=`` given.
-    layer: Mamba layer index in ``[0, num_mamba_layers)``.
-    cu_seqlens (keyword): ``[B + 1]`` int32 token ranges of the requests in the packed
-        ``[T, ...]`` inputs, non-decreasing from 0, at most T. Tokens in ``[cu_seqlens[B], T)``
-        (padding) get zero outputs.
-    has_initial_state (keyword): ``[B]`` int32 or bool.
-    out: optional preallocated output (for CUDA graphs); returned. Must not alias an input.
+Common arguments: ``ssm_handles`` ``[B]`` int32 (-1 skips a request: zero outputs, state
+untouched); ``cu_seqlens`` ``[B + 1]`` int32 token ranges of the requests in the packed ``[T, ...]``
+inputs, non-decreasing from 0, at most T (tokens in ``[cu_seqlens[B], T)`` get zero outputs);
+``has_initial_state`` ``[B]`` int32 or bool; ``cache`` and ``layer=`` as in the decode ops;
+``out=`` must not alias an input. ``dt_softplus`` defaults to False (as in mamba_ssm and vLLM).
 
 A request whose handle is -1, out of range, free, of the KV kind, or repeated within the call is
-skipped: its outputs are zeros and no byte of any unit is read or written. Any ``cu_seqlens`` is
-safe on the device: the kernels clamp each range to ``[0, T]``, so no access leaves x, out or the
-request's own unit. On CPU-resident metadata the launchers raise instead (InvalidHandleError
-naming the position and handle; ValueError naming a bad cu_seqlens value).
-
-No host synchronisation: every launch decision comes from shapes, and device metadata is never
-read on the host. Each op is registered as a PyTorch custom op (``torch.ops.avmp.*``) mutating
-``out`` and ``arena``.
+skipped, and the kernels clamp every range to ``[0, T]``, so no access leaves x, out or the
+request's own unit. On CPU-resident metadata the launchers raise instead, naming the value. No
+host sync: every launch decision comes from shapes. Registered as ``torch.ops.avmp.*`` custom ops
+mutating ``out`` and the arena.
 """
+import dataclasses
 import math
 from typing import Optional
 
@@ -43,14 +25,26 @@ import triton
 import triton.language as tl
 
 from avmp_triton import _triton_env  # sets the interpreter up on CPU-only hosts (before triton)
+from avmp_triton._checks import check_tensor
 from avmp_triton.kernels import mamba_prefill as K
-from avmp_triton._checks import is_int
+from avmp_triton.memory.cache import PagedCache
 from avmp_triton.ops._args import (
-    check_float, check_launch, check_mamba1_inputs, check_on_host, check_opt_float, check_out, check_tensor,
-    repeat_block, sm_count, state_location,
+    check_float, check_mamba1_inputs, check_on_host, check_opt_float, check_out, config_overrides, repeat_block,
+    resolve_launch, sm_count, ssm_cache_of,
 )
 
 _ALGORITHMS = ("auto", "serial", "chunked")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MambaPrefillConfig:
+    """Launch shape of a prefill kernel; a field left None comes from the op's launch table.
+    Fields an op has no use for must stay None."""
+    algorithm: str | None = None   # scans: "serial", "chunked" or "auto" (chunked on CUDA)
+    chunk_size: int | None = None  # scans, chunked: tokens per chunk
+    block: int | None = None       # channels (Mamba1 scan, conv) or head rows (Mamba2) per program
+    block_t: int | None = None     # conv: tokens per program step, >= d_conv - 1
+    num_warps: int | None = None
 
 
 def _check_batch_meta(cu_seqlens, has_initial_state, batch: int, dev) -> None:
@@ -75,12 +69,20 @@ def _check_dt_softplus(v) -> bool:
     return v
 
 
-def _check_algorithm(algorithm, chunk_size, min_chunk: int) -> None:
+def _scan_config(config, dev, table, min_chunk: int) -> tuple[bool, MambaPrefillConfig]:
+    """(chunked, launch config) of a scan: the algorithm first, then ``table(chunked)`` under the
+    caller's overrides."""
+    algorithm = config_overrides(config, MambaPrefillConfig).get("algorithm", "auto")
     if algorithm not in _ALGORITHMS:
         raise ValueError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
-    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < min_chunk
-                                   or chunk_size & (chunk_size - 1) or chunk_size > 256):
-        raise ValueError(f"chunk_size must be a power of two in [{min_chunk}, 256], got {chunk_size!r}")
+    chunked = _chunked(algorithm, dev)
+    cfg = resolve_launch(config, table(chunked))
+    if cfg.block_t is not None:
+        raise ValueError(f"block_t is the conv's launch field; a scan takes none, got {cfg.block_t!r}")
+    c = cfg.chunk_size
+    if c < min_chunk or c > 256:
+        raise ValueError(f"chunk_size must be a power of two in [{min_chunk}, 256], got {c!r}")
+    return chunked, cfg
 
 
 def _chunked(algorithm: str, dev: torch.device) -> bool:
@@ -105,20 +107,23 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def mamba1_prefill_launch_config(d_inner: int, d_state: int) -> tuple[int, int, int]:
-    """(CHUNK, BLOCK_D, num_warps) of the chunked Mamba1 scan: [CHUNK, BLOCK_D, d_state] fp32 pairs
+def mamba1_prefill_launch_config(d_inner: int, d_state: int, chunked: bool = True) -> MambaPrefillConfig:
+    """The Mamba1 scan's launch table. Chunked: [CHUNK, BLOCK_D, d_state] fp32 pairs
     in registers. Jamba (d_state 16): 16 tokens x 16 channels, 4 warps, within 2 % of the fastest
     of the swept shapes at B=1 x 4096, 4 x 1024 and 16 x 512 on an H100
     (perf/results/tune_prefill_H100.json)."""
-    block_d = min(_pow2(d_inner), max(1, 256 // _pow2(d_state)))
-    return 16, block_d, 4
+    if not chunked:  # one [block, d_state] state tile per program, token by token
+        return MambaPrefillConfig(algorithm="serial", chunk_size=16,
+                                  block=min(_pow2(d_inner), max(16, 1024 // _pow2(d_state))), num_warps=2)
+    return MambaPrefillConfig(algorithm="chunked", chunk_size=16,
+                              block=min(_pow2(d_inner), max(1, 256 // _pow2(d_state))), num_warps=4)
 
 
-def conv1d_prefill_launch_config(channels: int, d_conv: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, num_warps) of the prefill conv: 8 tokens x 512 channels, 2 warps, within 4 %
+def conv1d_prefill_launch_config(channels: int, d_conv: int) -> MambaPrefillConfig:
+    """The prefill conv's launch table: 8 tokens x 512 channels, 2 warps, within 4 %
     of the fastest swept shape at B=1 x 4096, 4 x 1024 and 16 x 512 on an H100
     (perf/results/conv1d_prefill_variants_H100.json)."""
-    return max(8, _pow2(d_conv - 1)), min(512, _pow2(channels)), 2
+    return MambaPrefillConfig(block_t=max(8, _pow2(d_conv - 1)), block=min(512, _pow2(channels)), num_warps=2)
 
 
 def _conv_workers(device: torch.device, T: int, block_t: int, programs: int) -> int:
@@ -129,21 +134,22 @@ def _conv_workers(device: torch.device, T: int, block_t: int, programs: int) -> 
     return max(1, min(triton.cdiv(max(T, 1), block_t), triton.cdiv(target, programs)))
 
 
-def mamba2_prefill_launch_config(head_dim: int, d_state: int, chunked: bool, chunk_size: int) -> tuple[int, int]:
-    """(BLOCK_P, num_warps) of the Mamba2 scans. Chunked (every tl.dot dimension >= 16): up to 64
+def mamba2_prefill_launch_config(head_dim: int, d_state: int, chunked: bool = True) -> MambaPrefillConfig:
+    """The Mamba2 scans' launch table. Chunked (every tl.dot dimension >= 16): up to 64
     head_dim rows, 4 warps: the fastest swept shape with chunk 64 on Nemotron-H at all three
     batches on an H100, 1.2-2.2x faster than 8 warps (perf/results/tune_prefill_H100.json)."""
     if chunked:
-        return max(16, min(64, _pow2(head_dim))), 4
-    return min(_pow2(head_dim), max(1, 2048 // _pow2(d_state))), 4
+        return MambaPrefillConfig(algorithm="chunked", chunk_size=64, block=max(16, min(64, _pow2(head_dim))),
+                                  num_warps=4)
+    return MambaPrefillConfig(algorithm="serial", chunk_size=64,
+                              block=min(_pow2(head_dim), max(1, 2048 // _pow2(d_state))), num_warps=4)
 
 
 @torch.library.custom_op("avmp::causal_conv1d_prefill", mutates_args=("out", "arena"))
 def _causal_conv1d_prefill_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-    arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, ssm_handles: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    has_initial_state: torch.Tensor, state_offset: int, state_dtype: torch.dtype, silu: bool,
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ssm_handles: torch.Tensor,
+    cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
+    handle_kinds: torch.Tensor, out: torch.Tensor, state_offset: int, state_dtype: torch.dtype, silu: bool,
     block_t: int, block_c: int, num_warps: int,
 ) -> None:
     T, C = x.shape
@@ -161,17 +167,16 @@ def _causal_conv1d_prefill_op(
 
 
 @_causal_conv1d_prefill_op.register_fake
-def _(x, weight, bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens, has_initial_state,
+def _(x, weight, bias, ssm_handles, cu_seqlens, has_initial_state, arena, handle_table, handle_kinds, out,
       state_offset, state_dtype, silu, block_t, block_c, num_warps) -> None:
     return None
 
 
 def causal_conv1d_prefill(
-    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None,
-    *, handle_kinds: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor,
-    conv_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, block_t: Optional[int] = None,
-    block_c: Optional[int] = None, num_warps: Optional[int] = None,
+    x: torch.Tensor, weight: torch.Tensor, ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor,
+    has_initial_state: torch.Tensor, cache: PagedCache, *, layer: int, bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None, out: Optional[torch.Tensor] = None,
+    config: Optional[MambaPrefillConfig] = None,
 ) -> torch.Tensor:
     """Depthwise causal conv1d over a packed chunk; the block's conv state is the left context.
 
@@ -179,48 +184,46 @@ def causal_conv1d_prefill(
         x: ``[T, channels]`` inputs (Mamba2: x|B|C concatenated), last dim contiguous.
         weight: ``[channels, d_conv]``; bias: ``[channels]`` or None.
         activation: None or "silu".
-        conv_dtype: the conv-state dtype, required with an ``SSMBlockLayout``.
-        block_t, block_c, num_warps: launch shape (tokens >= d_conv - 1 and channels per program,
-            powers of two), defaults from ``conv1d_prefill_launch_config``.
+        config: ``MambaPrefillConfig`` overrides of ``conv1d_prefill_launch_config`` (block_t,
+            block = channels, num_warps).
         (the rest: see the module docstring)
     Returns:
         out ``[T, channels]`` in x's dtype. Afterwards layer ``layer``'s conv state
         ``[d_conv - 1, channels]`` of every active request holds its last d_conv - 1 inputs, oldest
         first (older state rows, or zeros without an initial state, when the request is shorter).
     """
-    layout, _, dtype, batch, dev = state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer,
-                                                  conv_dtype, "conv_dtype", "conv", None)
+    layout, _, dtype, batch, dev = ssm_cache_of(cache, ssm_handles, layer, "conv", None)
     _check_batch_meta(cu_seqlens, has_initial_state, batch, dev)
     ch, d_conv = layout.conv_channels, layout.conv_width + 1
     if d_conv > 4:
         raise ValueError(f"d_conv must be at most 4 (the kernel keeps 3 past rows), got {d_conv}")
-    check_tensor(x, "x", device=dev, beside="the arena", dim=2)
+    check_tensor(x, "x", device=dev, beside="the cache", dim=2)
     T = x.shape[0]
     check_float(x, "x", dev, (T, ch))
     check_float(weight, "weight", dev, (ch, d_conv))
     check_opt_float(bias, "bias", dev, (ch,))
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    d_t, d_c, d_w = conv1d_prefill_launch_config(ch, d_conv)
-    block_t, num_warps = check_launch("causal_conv1d_prefill", block_t, "block_t", num_warps, (d_t, d_w))
-    block_c, _ = check_launch("causal_conv1d_prefill", block_c, "block_c", None, (d_c, d_w))
-    if block_t < d_conv - 1:
-        raise ValueError(f"block_t must be >= d_conv - 1 = {d_conv - 1}, got {block_t}")
-    out = check_out(out, x, {"x": x, "weight": weight, "bias": bias, "arena": arena})
-    check_on_host(handle_table, handle_kinds, ssm_handles, cu_seqlens, T)
+    cfg = resolve_launch(config, conv1d_prefill_launch_config(ch, d_conv))
+    if cfg.algorithm is not None or cfg.chunk_size is not None:
+        raise ValueError(f"the conv takes no algorithm or chunk_size, got {cfg.algorithm!r}, {cfg.chunk_size!r}")
+    if cfg.block_t < d_conv - 1:
+        raise ValueError(f"block_t must be >= d_conv - 1 = {d_conv - 1}, got {cfg.block_t}")
+    out = check_out(out, x, {"x": x, "weight": weight, "bias": bias, "arena": cache.arena})
+    check_on_host(cache.handle_table, cache.handle_kinds, ssm_handles, cu_seqlens, T)
     torch.ops.avmp.causal_conv1d_prefill(
-        x, weight, bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens, has_initial_state,
-        layout.conv_offset(layer), dtype, activation is not None, block_t, block_c, num_warps)
+        x, weight, bias, ssm_handles, cu_seqlens, has_initial_state, cache.arena, cache.handle_table,
+        cache.handle_kinds, out, layout.conv_offset(layer), dtype, activation is not None, cfg.block_t, cfg.block,
+        cfg.num_warps)
     return out
 
 
 @torch.library.custom_op("avmp::mamba1_scan_prefill", mutates_args=("out", "arena"))
 def _mamba1_scan_prefill_op(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], out: torch.Tensor,
-    arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, ssm_handles: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    has_initial_state: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
+    D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
+    ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, arena: torch.Tensor,
+    handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
     chunked: bool, chunk_size: int, block_d: int, num_warps: int,
 ) -> None:
     T, d_inner = x.shape
@@ -244,18 +247,17 @@ def _mamba1_scan_prefill_op(
 
 
 @_mamba1_scan_prefill_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens,
-      has_initial_state, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_d, num_warps) -> None:
+def _(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, arena, handle_table,
+      handle_kinds, out, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_d, num_warps) -> None:
     return None
 
 
 def mamba1_scan_prefill(
-    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
-    *, handle_kinds: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, dt_softplus: bool = False,
-    state_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, algorithm: str = "auto",
-    chunk_size: Optional[int] = None, block_d: Optional[int] = None, num_warps: Optional[int] = None,
+    ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, cache: PagedCache, *,
+    layer: int, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None, dt_softplus: bool = False, out: Optional[torch.Tensor] = None,
+    config: Optional[MambaPrefillConfig] = None,
 ) -> torch.Tensor:
     """Mamba1 selective scan (Jamba) over a packed chunk, the state kept in the block.
 
@@ -267,47 +269,38 @@ def mamba1_scan_prefill(
         A: ``[d_inner, d_state]`` (negative; usually -exp(A_log), fp32).
         B, C: ``[T, d_state]``.
         D, dt_bias: ``[d_inner]`` or None.
-        state_dtype: the ssm dtype, required with an ``SSMBlockLayout``.
-        algorithm: "serial" (token by token), "chunked" (``chunk_size`` tokens at a time through a
+        config: ``MambaPrefillConfig`` overrides of ``mamba1_prefill_launch_config``: algorithm
+            "serial" (token by token), "chunked" (``chunk_size`` tokens at a time through a
             parallel prefix scan; the fast one) or "auto" (chunked on CUDA, serial in the
-            interpreter).
-        chunk_size, block_d, num_warps: launch shape, defaults from
-            ``mamba1_prefill_launch_config`` (chunk_size: power of two in [1, 256]).
+            interpreter); chunk_size a power of two in [1, 256]; block = channels per program.
         (the rest: see the module docstring)
     Returns:
         y ``[T, d_inner]`` in x's dtype; layer ``layer``'s ssm state ``[d_inner, d_state]`` of every
         active request holds its state after its last token, in the state dtype.
     """
-    layout, _, dtype, nreq, dev = state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer,
-                                                 state_dtype, "state_dtype", "ssm", 1)
+    layout, _, dtype, nreq, dev = ssm_cache_of(cache, ssm_handles, layer, "ssm", 1)
     _check_batch_meta(cu_seqlens, has_initial_state, nreq, dev)
-    _check_algorithm(algorithm, chunk_size, 1)
     Di, N = layout.d_inner, layout.d_state
-    check_tensor(x, "x", device=dev, beside="the arena", dim=2)
+    check_tensor(x, "x", device=dev, beside="the cache", dim=2)
     T = x.shape[0]
     check_mamba1_inputs(dev, T, Di, N, x, dt, A, B, C, D, z, dt_bias)
     _check_dt_softplus(dt_softplus)
-    chunked = _chunked(algorithm, dev)
-    d_chunk, d_block, d_warps = mamba1_prefill_launch_config(Di, N)
-    if not chunked:   # one [BLOCK_D, N] state tile per program, token by token
-        d_block, d_warps = min(_pow2(Di), max(16, 1024 // _pow2(N))), 2
-    chunk_size = d_chunk if chunk_size is None else chunk_size
-    block_d, num_warps = check_launch("mamba1_scan_prefill", block_d, "block_d", num_warps, (d_block, d_warps))
-    out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
-    check_on_host(handle_table, handle_kinds, ssm_handles, cu_seqlens, T)
+    chunked, cfg = _scan_config(config, dev, lambda c: mamba1_prefill_launch_config(Di, N, c), 1)
+    out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": cache.arena})
+    check_on_host(cache.handle_table, cache.handle_kinds, ssm_handles, cu_seqlens, T)
     torch.ops.avmp.mamba1_scan_prefill(
-        x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens,
-        has_initial_state, layout.ssm_offset(layer), dtype, dt_softplus, chunked, chunk_size, block_d, num_warps)
+        x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, cache.arena, cache.handle_table,
+        cache.handle_kinds, out, layout.ssm_offset(layer), dtype, dt_softplus, chunked, cfg.chunk_size, cfg.block,
+        cfg.num_warps)
     return out
 
 
 @torch.library.custom_op("avmp::mamba2_scan_prefill", mutates_args=("out", "arena"))
 def _mamba2_scan_prefill_op(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], out: torch.Tensor,
-    arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, ssm_handles: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    has_initial_state: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
+    D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
+    ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, arena: torch.Tensor,
+    handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
     chunked: bool, chunk_size: int, block_p: int, num_warps: int,
 ) -> None:
     T, nheads, head_dim = x.shape
@@ -336,18 +329,40 @@ def _mamba2_scan_prefill_op(
 
 
 @_mamba2_scan_prefill_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens,
-      has_initial_state, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_p, num_warps) -> None:
+def _(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, arena, handle_table,
+      handle_kinds, out, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_p, num_warps) -> None:
     return None
 
 
+def _check_mamba2_chunk(x, dt, A, B, C, D, z, dt_bias, layout, spec, dev) -> None:
+    check_tensor(x, "x", device=dev, beside="the cache", dim=3)
+    T, NH, P = x.shape
+    N = layout.d_state
+    if NH * P != layout.d_inner:
+        raise ValueError(f"x's nheads * head_dim = {NH} * {P} must equal the layout's d_inner ({layout.d_inner})")
+    if spec is not None and (NH, P) != (spec.mamba_num_heads, spec.mamba_head_dim):
+        raise ValueError(f"x has {NH} heads x {P}; spec {spec.name!r} has "
+                         f"{spec.mamba_num_heads} x {spec.mamba_head_dim}")
+    check_float(x, "x", dev, (T, NH, P))
+    check_float(dt, "dt", dev, (T, NH))
+    check_float(A, "A", dev, (NH,))
+    check_tensor(B, "B", device=dev, beside="the cache", dim=3)
+    G = B.shape[1]
+    if G < 1 or NH % G:
+        raise ValueError(f"n_groups (B.shape[1] = {G}) must divide nheads ({NH})")
+    check_float(B, "B", dev, (T, G, N))
+    check_float(C, "C", dev, (T, G, N))
+    check_opt_float(z, "z", dev, (T, NH, P))
+    check_opt_float(D, "D", dev, (NH,))
+    check_opt_float(dt_bias, "dt_bias", dev, (NH,))
+
+
 def mamba2_scan_prefill(
-    arena: torch.Tensor, handle_table: torch.Tensor, ssm_handles: torch.Tensor, layout, layer: int,
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None, dt_bias: Optional[torch.Tensor] = None,
-    *, handle_kinds: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, dt_softplus: bool = False,
-    state_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, algorithm: str = "auto",
-    chunk_size: int = 64, block_p: Optional[int] = None, num_warps: Optional[int] = None,
+    ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, cache: PagedCache, *,
+    layer: int, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None, dt_softplus: bool = False, out: Optional[torch.Tensor] = None,
+    config: Optional[MambaPrefillConfig] = None,
 ) -> torch.Tensor:
     """Mamba2 (SSD) scan (Nemotron-H) over a packed chunk, the state kept in the block.
 
@@ -360,51 +375,27 @@ def mamba2_scan_prefill(
             follows, as in Nemotron-H). Last dims contiguous.
         dt: ``[T, nheads]``; A, D, dt_bias: ``[nheads]`` (D, dt_bias optional).
         B, C: ``[T, n_groups, d_state]``, n_groups dividing nheads.
-        state_dtype: the ssm dtype, required with an ``SSMBlockLayout``.
-        algorithm: "serial" (token by token), "chunked" (chunks of ``chunk_size`` tokens through
-            tl.dot, state passed between chunks) or "auto" (chunked on CUDA, serial in the
-            interpreter).
-        chunk_size: power of two in [16, 256] (chunked only).
-        block_p, num_warps: launch shape (head_dim rows per program; chunked: >= 16), defaults
-            from ``mamba2_prefill_launch_config``.
+        config: ``MambaPrefillConfig`` overrides of ``mamba2_prefill_launch_config``: algorithm
+            "serial", "chunked" (chunks through tl.dot, state passed between chunks) or "auto"
+            (chunked on CUDA, serial in the interpreter); chunk_size a power of two in [16, 256];
+            block = head_dim rows per program (chunked: >= 16).
         (the rest: see the module docstring)
     Returns:
         y ``[T, nheads, head_dim]`` in x's dtype; layer ``layer``'s ssm state
         ``[nheads, head_dim, d_state]`` of every active request holds its final state.
     """
-    layout, spec, dtype, nreq, dev = state_location(arena, handle_table, handle_kinds, ssm_handles, layout, layer,
-                                                    state_dtype, "state_dtype", "ssm", 2)
+    layout, spec, dtype, nreq, dev = ssm_cache_of(cache, ssm_handles, layer, "ssm", 2)
     _check_batch_meta(cu_seqlens, has_initial_state, nreq, dev)
-    _check_algorithm(algorithm, chunk_size, 16)
-    check_tensor(x, "x", device=dev, beside="the arena", dim=3)
-    T, NH, P = x.shape
-    N = layout.d_state
-    if NH * P != layout.d_inner:
-        raise ValueError(f"x's nheads * head_dim = {NH} * {P} must equal the layout's d_inner ({layout.d_inner})")
-    if spec is not None and (NH, P) != (spec.mamba_num_heads, spec.mamba_head_dim):
-        raise ValueError(f"x has {NH} heads x {P}; spec {spec.name!r} has "
-                         f"{spec.mamba_num_heads} x {spec.mamba_head_dim}")
-    check_float(x, "x", dev, (T, NH, P))
-    check_float(dt, "dt", dev, (T, NH))
-    check_float(A, "A", dev, (NH,))
-    check_tensor(B, "B", device=dev, beside="the arena", dim=3)
-    G = B.shape[1]
-    if G < 1 or NH % G:
-        raise ValueError(f"n_groups (B.shape[1] = {G}) must divide nheads ({NH})")
-    check_float(B, "B", dev, (T, G, N))
-    check_float(C, "C", dev, (T, G, N))
-    check_opt_float(z, "z", dev, (T, NH, P))
-    check_opt_float(D, "D", dev, (NH,))
-    check_opt_float(dt_bias, "dt_bias", dev, (NH,))
+    _check_mamba2_chunk(x, dt, A, B, C, D, z, dt_bias, layout, spec, dev)
     _check_dt_softplus(dt_softplus)
-    chunked = _chunked(algorithm, dev)
-    block_p, num_warps = check_launch("mamba2_scan_prefill", block_p, "block_p", num_warps,
-                                      mamba2_prefill_launch_config(P, N, chunked, chunk_size))
-    if chunked and block_p < 16:
-        raise ValueError(f"block_p must be >= 16 for the chunked scan (tl.dot), got {block_p}")
-    out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": arena})
-    check_on_host(handle_table, handle_kinds, ssm_handles, cu_seqlens, T)
+    P, N = x.shape[2], layout.d_state
+    chunked, cfg = _scan_config(config, dev, lambda c: mamba2_prefill_launch_config(P, N, c), 16)
+    if chunked and cfg.block < 16:
+        raise ValueError(f"block must be >= 16 for the chunked scan (tl.dot), got {cfg.block}")
+    out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": cache.arena})
+    check_on_host(cache.handle_table, cache.handle_kinds, ssm_handles, cu_seqlens, x.shape[0])
     torch.ops.avmp.mamba2_scan_prefill(
-        x, dt, A, B, C, D, z, dt_bias, out, arena, handle_table, handle_kinds, ssm_handles, cu_seqlens,
-        has_initial_state, layout.ssm_offset(layer), dtype, dt_softplus, chunked, chunk_size, block_p, num_warps)
+        x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, cache.arena, cache.handle_table,
+        cache.handle_kinds, out, layout.ssm_offset(layer), dtype, dt_softplus, chunked, cfg.chunk_size, cfg.block,
+        cfg.num_warps)
     return out

@@ -1,27 +1,12 @@
-"""Paged decode attention and KV append over the arena: validation, launch configuration, custom ops.
+"""Paged decode attention and KV append over a ``PagedCache``: argument checks, the launch table,
+the custom ops ``torch.ops.avmp.paged_decode_attention`` and ``torch.ops.avmp.kv_append``.
 
-Kernels: ``avmp_triton/kernels/paged_attention.py``. Reference: ``avmp_triton/reference/paged_attention.py``.
-
-Two ways to call each op:
-
-- with an allocator (``AVMPAllocator`` or either baseline): ``paged_decode_attention(q, alloc, ...)``,
-  ``kv_append(k, v, alloc, ...)`` take the arena, the handle table, the page layout
-  (``kv_page_layout(alloc.spec, alloc.page_tokens)``), the KV dtype and the layer count from it;
-- low level: ``paged_decode_attention_arena(q, arena, handle_table, layout, ..., handle_kinds=)`` and
-  ``kv_append_arena(...)`` take the tensors and a ``KVPageLayout``.
-
-Both end in the custom ops ``torch.ops.avmp.paged_decode_attention`` and ``torch.ops.avmp.kv_append``
-(mutating ``out`` / ``workspace`` and ``arena``), so they compose with ``torch.compile`` and can be
-captured in a CUDA graph: the launcher makes only shape-based decisions (no ``.item()``, no host sync)
-and every buffer it allocates has a size fixed by the shapes.
-
-Device-side sentinels (device metadata is never read on the host, which would need a sync): a -1
-entry of the block table, a handle outside the table, a free handle or an SSM handle (``handle_kinds``)
-inside a request's live length is skipped, i.e. its tokens are masked out of the softmax and no byte
-of its unit is read; a request with ``seq_len`` 0, or with nothing readable, gets a zero output row;
-a ``seq_len`` beyond ``W * page_tokens`` is clamped. Metadata on the CPU is checked first instead
-(``_host_checks``: InvalidHandleError / ValueError naming the value). Page offsets must be 16-byte
-aligned (the allocators guarantee it: units are rounded to 16 bytes).
+The launchers decide from shapes only (no ``.item()``, no host sync; every buffer they allocate has
+a size fixed by the shapes), so a step composes with ``torch.compile`` and CUDA graphs. On the
+device, a -1 block-table entry, a handle outside the table, a free handle or an SSM handle inside a
+request's live length is skipped (masked out of the softmax, no byte of its unit read); a request
+with nothing readable gets a zero row; a ``seq_len`` past ``W * page_tokens`` is clamped. Metadata
+on the CPU is checked first instead (``_host_checks``: errors that name the value).
 """
 from __future__ import annotations
 
@@ -32,11 +17,12 @@ from typing import Optional
 import torch
 import triton
 
-from avmp_triton._checks import is_int
 from avmp_triton import _triton_env
+from avmp_triton._checks import check_tensor, is_int
 from avmp_triton.kernels import paged_attention as K
-from avmp_triton.layout import KVPageLayout, kv_page_layout
-from avmp_triton.ops._args import check_kernel_device, check_tensor, sm_count
+from avmp_triton.layout import KVPageLayout
+from avmp_triton.memory.cache import PagedCache
+from avmp_triton.ops._args import check_kernel_device, check_layer, config_overrides, kv_cache_of, sm_count
 from avmp_triton.ops._host_checks import KIND_KV, check_block_table, check_handles, live_pages, on_host
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -50,25 +36,22 @@ DEFAULT_SM_COUNT = 132    # H100 SXM; used where no CUDA device says otherwise (
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class DecodeConfig:
-    """Launch parameters of the decode kernel (each is a compile-time constant of the kernel)."""
-    num_splits: int       # split-KV programs per (request, kv head); 1 = no workspace, no combine
-    pages_per_iter: int   # pages gathered per loop step
-    block_tokens: int     # tokens per loop step (BLOCK_N): pages_per_iter * page_tokens, or a part of
-                          # one page when pages are larger than a step's tile may be
-    num_warps: int
-    num_stages: int
-    use_dot: bool         # scores and P@V with tl.dot (group padded to >= 16 rows), else broadcast-sum
-    max_registers: int | None = None  # ptxas cap per thread (Triton's maxnreg); None: the compiler's
-
-    def block_n(self, page_tokens: int) -> int:
-        return self.block_tokens
+    """Launch parameters of the decode kernel (each a compile-time constant of it). A field left
+    None is picked by ``decode_config``'s table; ``decode_config`` returns every field set."""
+    num_splits: int | None = None      # split-KV programs per (request, kv head); 1 = no workspace
+    pages_per_iter: int | None = None  # pages gathered per loop step
+    block_tokens: int | None = None    # tokens per loop step (BLOCK_N): follows from pages_per_iter
+    num_warps: int | None = None
+    num_stages: int | None = None
+    use_dot: bool | None = None        # scores and P@V with tl.dot (group padded to >= 16 rows)
+    max_registers: int | None = None   # ptxas cap per thread (Triton's maxnreg)
 
 
 def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_tokens: int,
                   max_seq_len: int, sm_count: int = DEFAULT_SM_COUNT, num_splits: int | None = None,
                   pages_per_iter: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, use_dot: bool | None = None,
-                  max_registers: int | None = None) -> DecodeConfig:
+                  max_registers: int | None = None, block_tokens: int | None = None) -> DecodeConfig:
     """The launch table: a few shape rules, no autotuning; every field can be overridden.
 
     - ``use_dot``: tensor cores for GQA groups of >= 4 q heads (padded to 16 rows; decode is bound by
@@ -94,9 +77,13 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
         block_n = min(64, max(16, 8192 // (triton.next_power_of_2(group) * head_dim)))
     if pages_per_iter is None:
         pages_per_iter = max(1, block_n // page_tokens)
-    block_tokens = pages_per_iter * page_tokens
+    derived = pages_per_iter * page_tokens
     if pages_per_iter == 1 and page_tokens > block_n:
-        block_tokens = block_n
+        derived = block_n
+    if block_tokens is not None and block_tokens != derived:
+        raise ValueError(f"block_tokens={block_tokens!r} disagrees with pages_per_iter={pages_per_iter} "
+                         f"(which gives {derived}); leave it None")
+    block_tokens = derived
     if num_warps is None:
         num_warps = 4 if head_dim <= 128 else 8
     if num_splits is None:
@@ -144,11 +131,12 @@ def _layout_args(layout: KVPageLayout) -> list[int]:
 
 
 @torch.library.custom_op("avmp::paged_decode_attention", mutates_args=("out", "workspace"))
-def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
-                     block_table: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, workspace: Optional[torch.Tensor],
-                     layout: list[int], layer: int, scale: float, num_splits: int, block_tokens: int,
-                     num_warps: int, num_stages: int, use_dot: bool, max_registers: Optional[int] = None) -> None:
-    """Validated inputs only (see ``paged_decode_attention_arena``); writes ``out``."""
+def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, arena: torch.Tensor,
+                     handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor,
+                     workspace: Optional[torch.Tensor], layout: list[int], layer: int, scale: float, num_splits: int,
+                     block_tokens: int, num_warps: int, num_stages: int, use_dot: bool,
+                     max_registers: Optional[int] = None) -> None:
+    """Validated inputs only (see ``paged_decode_attention``); writes ``out``."""
     page_tokens, num_kv_heads, head_dim, elem_bytes, s_layer, s_kv, s_head, s_token = layout
     B, Hq, D = q.shape
     if B == 0:
@@ -156,7 +144,6 @@ def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.T
     _check_aligned(arena)
     interp = _triton_env.interpreter_active()
     group = Hq // num_kv_heads
-    kv = arena.view(q.dtype)
     if num_splits > 1:
         n = decode_workspace_numel(B, Hq, D, num_splits)
         ws = _scratch(q.device, n) if workspace is None else workspace
@@ -164,7 +151,7 @@ def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.T
     else:
         ws_acc = ws_ml = out  # unused
     K.paged_decode_kernel[(B, num_kv_heads, num_splits)](
-        q, kv, handle_table, handle_kinds, block_table, seq_lens, out, ws_acc, ws_ml,
+        q, arena.view(q.dtype), handle_table, handle_kinds, block_table, seq_lens, out, ws_acc, ws_ml,
         handle_table.numel(), block_table.shape[1], Hq,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         layer * s_layer, s_kv, s_head, s_token, scale * K.LOG2E,
@@ -183,16 +170,16 @@ def _paged_decode_op(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.T
 
 
 @_paged_decode_op.register_fake
-def _(q, arena, handle_table, handle_kinds, block_table, seq_lens, out, workspace, layout, layer, scale, num_splits,
+def _(q, block_table, seq_lens, arena, handle_table, handle_kinds, out, workspace, layout, layer, scale, num_splits,
       block_tokens, num_warps, num_stages, use_dot, max_registers=None):
     return None
 
 
 @torch.library.custom_op("avmp::kv_append", mutates_args=("arena",))
-def _kv_append_op(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
-                  handle_kinds: torch.Tensor, block_table: torch.Tensor, token_req: torch.Tensor, token_pos: torch.Tensor,
-                  layout: list[int], layer: int) -> None:
-    """Validated inputs only (see ``kv_append_arena``); writes into ``arena``."""
+def _kv_append_op(k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, token_req: torch.Tensor,
+                  token_pos: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
+                  handle_kinds: torch.Tensor, layout: list[int], layer: int) -> None:
+    """Validated inputs only (see ``kv_append``); writes into ``arena``."""
     page_tokens, num_kv_heads, head_dim, elem_bytes, s_layer, s_kv, s_head, s_token = layout
     T = k.shape[0]
     if T == 0:
@@ -208,185 +195,156 @@ def _kv_append_op(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_
 
 
 @_kv_append_op.register_fake
-def _(k, v, arena, handle_table, handle_kinds, block_table, token_req, token_pos, layout, layer):
+def _(k, v, block_table, token_req, token_pos, arena, handle_table, handle_kinds, layout, layer):
     return None
 
 
-def paged_decode_attention(q: torch.Tensor, alloc, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                           layer: int = 0, scale: float | None = None, out: torch.Tensor | None = None,
-                           workspace: torch.Tensor | None = None, max_seq_len: int | None = None,
-                           num_splits: int | None = None, pages_per_iter: int | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None,
-                           use_dot: bool | None = None, max_registers: int | None = None) -> torch.Tensor:
-    """Decode attention of one query token per request over its KV pages in ``alloc``'s arena.
+def paged_decode_attention(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                           cache: PagedCache, *, layer: int, scale: float | None = None,
+                           out: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
+                           max_seq_len: int | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
+    """Decode attention of one query token per request over its KV pages in ``cache``.
 
     Args:
-        q: ``[B, Hq, D]`` in the spec's ``kv_dtype`` (rows of D contiguous); ``Hq`` a multiple of Hkv.
-        alloc: an allocator (``AVMPAllocator``, ``StaticDualAllocator``, ``PaddedUnifiedAllocator``);
-            arena, handle table, page layout (``alloc.page_tokens``) and layer count come from it.
+        q: ``[B, Hq, D]`` in the cache's ``kv_dtype`` (rows of D contiguous); ``Hq`` a multiple of Hkv.
         block_table: ``[B, W]`` int32 KV handles, -1 padded (rows contiguous).
         seq_lens: ``[B]`` int32 tokens per request (0 allowed: zero output row).
-        layer: attention layer (0 <= layer < ``spec.num_attn_layers``).
+        cache: ``PagedCache.of(allocator)``.
+        layer: attention layer, in ``[0, cache.num_attn_layers)``.
         scale: softmax scale, ``D ** -0.5`` by default.
         out: optional ``[B, Hq, D]`` output buffer of q's dtype.
         workspace: optional fp32 buffer of >= ``decode_workspace_numel(B, Hq, D, num_splits)`` elements
             (only used when num_splits > 1); by default a shared per-size scratch buffer.
         max_seq_len: upper bound of ``seq_lens`` used to pick num_splits (shape-based, no sync);
             default ``W * page_tokens``.
-        num_splits, pages_per_iter, num_warps, num_stages, use_dot, max_registers: override
-            ``decode_config``.
+        config: a ``DecodeConfig``; its fields that are set override ``decode_config``'s table.
     Returns:
         ``out`` ``[B, Hq, D]`` in q's dtype.
     """
-    arena, table, kinds, layout, num_layers, kv_dtype = from_alloc(alloc)
-    return paged_decode_attention_arena(
-        q, arena, table, layout, block_table, seq_lens, handle_kinds=kinds, num_layers=num_layers, layer=layer,
-        kv_dtype=kv_dtype,
-        scale=scale, out=out, workspace=workspace, max_seq_len=max_seq_len, num_splits=num_splits,
-        pages_per_iter=pages_per_iter, num_warps=num_warps, num_stages=num_stages, use_dot=use_dot,
-        max_registers=max_registers)
-
-
-def paged_decode_attention_arena(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
-                                 layout: KVPageLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                                 handle_kinds: torch.Tensor, num_layers: int, layer: int = 0, kv_dtype: torch.dtype | None = None,
-                                 scale: float | None = None, out: torch.Tensor | None = None,
-                                 workspace: torch.Tensor | None = None, max_seq_len: int | None = None,
-                                 num_splits: int | None = None, pages_per_iter: int | None = None,
-                                 num_warps: int | None = None, num_stages: int | None = None,
-                                 use_dot: bool | None = None, max_registers: int | None = None) -> torch.Tensor:
-    """``paged_decode_attention`` on raw tensors.
-
-    Args:
-        arena: ``[N]`` uint8, contiguous; viewed as ``kv_dtype`` (default: q's dtype) inside.
-        handle_table: ``[H]`` int64 handle -> byte offset (-1 when free).
-        handle_kinds: ``[H]`` int32 handle -> kind (``alloc.handle_kind``; only KV pages, kind 1, are read).
-        layout: ``KVPageLayout`` of the pages (``avmp_triton.layout.kv_page_layout(spec, page_tokens)``).
-        num_layers: attention layers per page (bounds ``layer``).
-        Others as in ``paged_decode_attention``.
-    """
-    dev = check_tensor(q, "q", dtypes=SUPPORTED_DTYPES, dim=3)
-    check_kernel_device(q, "q")
-    if kv_dtype is not None and q.dtype != kv_dtype:
-        raise TypeError(f"q must have the KV dtype {kv_dtype}, got {q.dtype}")
-    if q.stride(2) != 1:
-        raise ValueError(f"q must have contiguous rows (stride 1 over D), got strides {q.stride()}")
+    dev = _check_q_like(q, "q", cache)
     B, Hq, D = q.shape
-    _check_arena(arena, handle_table, handle_kinds, dev)
-    _check_layout(layout, q.dtype, D, "q")
-    layer = _check_layer(layer, num_layers)
-    _check_page_fits(layout, num_layers, arena)
+    layout = cache.kv_layout
+    layer = check_layer(layer, cache.num_attn_layers, "attention")
     Hkv = layout.num_kv_heads
     if Hq < 1 or Hq % Hkv:
         raise ValueError(f"q has {Hq} heads, not a positive multiple of the layout's num_kv_heads={Hkv}")
-    check_tensor(block_table, "block_table", dtypes=(torch.int32,), dim=2, device=dev)
-    if block_table.shape[0] != B or block_table.shape[1] < 1 or block_table.stride(1) != 1:
-        raise ValueError(f"block_table must be [B={B}, W>=1] with contiguous rows, got shape "
-                         f"{tuple(block_table.shape)} strides {block_table.stride()}")
+    _check_block_table(block_table, B, dev)
     check_tensor(seq_lens, "seq_lens", dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
     if seq_lens.shape[0] != B:
         raise ValueError(f"seq_lens must have B={B} entries, got {seq_lens.shape[0]}")
-    if scale is None:
-        scale = D ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
-    W = block_table.shape[1]
+    scale = _check_scale(scale, D)
     if max_seq_len is None:
-        max_seq_len = W * layout.page_tokens
+        max_seq_len = block_table.shape[1] * layout.page_tokens
     elif not is_int(max_seq_len) or max_seq_len < 0:
         raise ValueError(f"max_seq_len must be a non-negative int, got {max_seq_len!r}")
     cfg = decode_config(batch=B, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, page_tokens=layout.page_tokens,
                         max_seq_len=max_seq_len, sm_count=sm_count(dev.index) if dev.type == "cuda" else DEFAULT_SM_COUNT,
-                        num_splits=num_splits, pages_per_iter=pages_per_iter, num_warps=num_warps,
-                        num_stages=num_stages, use_dot=use_dot, max_registers=max_registers)
+                        **config_overrides(config, DecodeConfig))
     _check_config(cfg, layout.page_tokens)
-    if out is None:
-        out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
-    else:
-        check_tensor(out, "out", dtypes=(q.dtype,), dim=3, device=dev)
-        if tuple(out.shape) != (B, Hq, D) or out.stride(2) != 1:
-            raise ValueError(f"out must be [B, Hq, D]={[B, Hq, D]} with contiguous rows, got shape "
-                             f"{tuple(out.shape)} strides {out.stride()}")
-    if workspace is not None:
-        check_tensor(workspace, "workspace", dtypes=(torch.float32,), dim=1, device=dev, contiguous=True)
-        need = decode_workspace_numel(B, Hq, D, cfg.num_splits)
-        if workspace.numel() < need:
-            raise ValueError(f"workspace has {workspace.numel()} elements; num_splits={cfg.num_splits} needs {need}")
-    if on_host(block_table, seq_lens, handle_table, handle_kinds):
+    out = _check_out(out, q)
+    _check_workspace(workspace, decode_workspace_numel(B, Hq, D, cfg.num_splits), cfg.num_splits, dev)
+    if on_host(block_table, seq_lens, cache.handle_table, cache.handle_kinds):
         check_block_table(block_table, seq_lens, layout.page_tokens)
-        check_handles(live_pages(block_table, seq_lens, layout.page_tokens), handle_table, handle_kinds,
+        check_handles(live_pages(block_table, seq_lens, layout.page_tokens), cache.handle_table, cache.handle_kinds,
                       KIND_KV, "block_table", unique=False)
     torch.ops.avmp.paged_decode_attention(
-        q, arena, handle_table, handle_kinds, block_table, seq_lens, out, workspace, _layout_args(layout), layer, float(scale),
-        cfg.num_splits, cfg.block_tokens, cfg.num_warps, cfg.num_stages, cfg.use_dot, cfg.max_registers)
+        q, block_table, seq_lens, cache.arena, cache.handle_table, cache.handle_kinds, out, workspace,
+        _layout_args(layout), layer, scale, cfg.num_splits, cfg.block_tokens, cfg.num_warps, cfg.num_stages,
+        cfg.use_dot, cfg.max_registers)
     return out
 
 
-def kv_append(k: torch.Tensor, v: torch.Tensor, alloc, block_table: torch.Tensor, token_req: torch.Tensor,
-              token_pos: torch.Tensor, *, layer: int = 0) -> None:
-    """Write K and V of new tokens into their page slots of ``alloc``'s arena (layer ``layer``).
+def kv_append(k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, token_req: torch.Tensor,
+              token_pos: torch.Tensor, cache: PagedCache, *, layer: int) -> torch.Tensor:
+    """Write K and V of new tokens into their page slots of ``cache`` (attention layer ``layer``).
 
     Args:
-        k, v: ``[T, Hkv, D]`` in the spec's ``kv_dtype`` (rows of D contiguous).
+        k, v: ``[T, Hkv, D]`` in the cache's ``kv_dtype`` (rows of D contiguous).
         block_table: ``[B, W]`` int32 KV handles, -1 padded.
         token_req: ``[T]`` int32 block-table row of each token; -1 = padding, skipped.
         token_pos: ``[T]`` int32 position of each token in its request: it goes to slot
             ``pos % page_tokens`` of page ``block_table[req, pos // page_tokens]``.
+        cache, layer: as in ``paged_decode_attention``.
+    Returns:
+        ``cache.arena``, written in place.
+
     Tokens with an invalid row, a negative position, a position past the table width, a -1 handle,
     a handle outside the table, a free handle or an SSM handle are skipped on the device (nothing is
     written for them); with CPU-resident metadata the launcher raises instead, naming the value.
     Two tokens aimed at the same slot race: the written value is one of them.
     """
-    arena, table, kinds, layout, num_layers, kv_dtype = from_alloc(alloc)
-    kv_append_arena(k, v, arena, table, layout, block_table, token_req, token_pos, handle_kinds=kinds,
-                    num_layers=num_layers, layer=layer, kv_dtype=kv_dtype)
-
-
-def kv_append_arena(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
-                    layout: KVPageLayout, block_table: torch.Tensor, token_req: torch.Tensor,
-                    token_pos: torch.Tensor, *, handle_kinds: torch.Tensor, num_layers: int, layer: int = 0,
-                    kv_dtype: torch.dtype | None = None) -> None:
-    """``kv_append`` on raw tensors (arena, handle table and layout as in ``paged_decode_attention_arena``)."""
-    dev = check_tensor(k, "k", dtypes=SUPPORTED_DTYPES, dim=3)
-    check_kernel_device(k, "k")
+    dev = _check_q_like(k, "k", cache)
     check_tensor(v, "v", dtypes=(k.dtype,), dim=3, device=dev)
-    if kv_dtype is not None and k.dtype != kv_dtype:
-        raise TypeError(f"k must have the KV dtype {kv_dtype}, got {k.dtype}")
     if v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.stride(2) != 1 or v.stride(2) != 1:
-        raise ValueError(f"k and v must have contiguous rows (stride 1 over D), got strides {k.stride()} "
-                         f"and {v.stride()}")
+    if v.stride(2) != 1:
+        raise ValueError(f"v must have contiguous rows (stride 1 over D), got strides {v.stride()}")
     T, Hkv, D = k.shape
-    _check_arena(arena, handle_table, handle_kinds, dev)
-    _check_layout(layout, k.dtype, D, "k")
-    layer = _check_layer(layer, num_layers)
-    _check_page_fits(layout, num_layers, arena)
+    layout = cache.kv_layout
+    layer = check_layer(layer, cache.num_attn_layers, "attention")
     if Hkv != layout.num_kv_heads:
         raise ValueError(f"k has {Hkv} kv heads, the layout {layout.num_kv_heads}")
-    check_tensor(block_table, "block_table", dtypes=(torch.int32,), dim=2, device=dev)
-    if block_table.shape[1] < 1 or block_table.stride(1) != 1:
-        raise ValueError(f"block_table must be [B, W>=1] with contiguous rows, got shape "
-                         f"{tuple(block_table.shape)} strides {block_table.stride()}")
+    _check_block_table(block_table, None, dev)
     for name, t in (("token_req", token_req), ("token_pos", token_pos)):
         check_tensor(t, name, dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
         if t.shape[0] != T:
             raise ValueError(f"{name} must have T={T} entries (one per token), got {t.shape[0]}")
-    if on_host(block_table, token_req, token_pos, handle_table, handle_kinds):
-        _check_append_targets(block_table, token_req, token_pos, handle_table, handle_kinds, layout.page_tokens)
-    torch.ops.avmp.kv_append(k, v, arena, handle_table, handle_kinds, block_table, token_req, token_pos,
-                             _layout_args(layout), layer)
+    if on_host(block_table, token_req, token_pos, cache.handle_table, cache.handle_kinds):
+        _check_append_targets(block_table, token_req, token_pos, cache.handle_table, cache.handle_kinds,
+                              layout.page_tokens)
+    torch.ops.avmp.kv_append(k, v, block_table, token_req, token_pos, cache.arena, cache.handle_table,
+                             cache.handle_kinds, _layout_args(layout), layer)
+    return cache.arena
 
 
-def from_alloc(alloc):
-    """(arena, handle table, handle kinds, page layout, attention layers, KV dtype) of an allocator."""
-    from avmp_triton.memory.allocator import ArenaAllocator
-    if not isinstance(alloc, ArenaAllocator):
-        raise TypeError(f"alloc must be an allocator (AVMPAllocator, StaticDualAllocator, PaddedUnifiedAllocator), "
-                        f"got {type(alloc).__name__}")
-    layout = kv_page_layout(alloc.spec, alloc.page_tokens)
-    return (alloc.arena, alloc.handle_table, alloc.handle_kind, layout, alloc.spec.num_attn_layers,
-            alloc.spec.kv_dtype)
+def _check_q_like(t, name: str, cache) -> torch.device:
+    """q, k: ``[rows, heads, D]`` in the cache's KV dtype and head dim, on the cache's device."""
+    layout = kv_cache_of(cache)
+    dev = check_tensor(t, name, dtypes=SUPPORTED_DTYPES, dim=3, device=cache.device, beside="the cache")
+    check_kernel_device(t, name)
+    if t.dtype != cache.kv_dtype:
+        raise TypeError(f"{name} must have the KV dtype {cache.kv_dtype}, got {t.dtype}")
+    if t.stride(2) != 1:
+        raise ValueError(f"{name} must have contiguous rows (stride 1 over D), got strides {t.stride()}")
+    D = t.shape[2]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if layout.head_dim != D:
+        raise ValueError(f"{name} has head_dim {D}, the layout {layout.head_dim}")
+    return dev
+
+
+def _check_block_table(block_table, B, dev) -> None:
+    check_tensor(block_table, "block_table", dtypes=(torch.int32,), dim=2, device=dev)
+    if (B is not None and block_table.shape[0] != B) or block_table.shape[1] < 1 or block_table.stride(1) != 1:
+        raise ValueError(f"block_table must be [B={'B' if B is None else B}, W>=1] with contiguous rows, got "
+                         f"shape {tuple(block_table.shape)} strides {block_table.stride()}")
+
+
+def _check_scale(scale, D: int) -> float:
+    if scale is None:
+        return D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    return float(scale)
+
+
+def _check_out(out, q) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    check_tensor(out, "out", dtypes=(q.dtype,), dim=3, device=q.device)
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must be [B, Hq, D]={list(q.shape)} with contiguous rows, got shape "
+                         f"{tuple(out.shape)} strides {out.stride()}")
+    return out
+
+
+def _check_workspace(workspace, need: int, num_splits: int, dev) -> None:
+    if workspace is None:
+        return
+    check_tensor(workspace, "workspace", dtypes=(torch.float32,), dim=1, device=dev, contiguous=True)
+    if workspace.numel() < need:
+        raise ValueError(f"workspace has {workspace.numel()} elements; num_splits={num_splits} needs {need}")
 
 
 def _check_append_targets(block_table, token_req, token_pos, handle_table, handle_kinds, page_tokens) -> None:
@@ -404,56 +362,10 @@ def _check_append_targets(block_table, token_req, token_pos, handle_table, handl
                       f"block_table[{r}, {p // page_tokens}] (token {t})", unique=False)
 
 
-def _check_arena(arena, handle_table, handle_kinds, dev) -> None:
-    check_tensor(arena, "arena", dtypes=(torch.uint8,), dim=1, device=dev, contiguous=True)
-    check_tensor(handle_table, "handle_table", dtypes=(torch.int64,), dim=1, device=dev, contiguous=True)
-    check_tensor(handle_kinds, "handle_kinds", dtypes=(torch.int32,), dim=1, device=dev, contiguous=True)
-    if handle_kinds.numel() != handle_table.numel():
-        raise ValueError(f"handle_kinds has {handle_kinds.numel()} entries, handle_table {handle_table.numel()}")
-
-
 def _check_aligned(arena: torch.Tensor) -> None:
     # inside the ops, on real tensors: dynamo cannot trace data_ptr()
     if arena.data_ptr() % 16:
         raise ValueError(f"arena must start 16-byte aligned, its data pointer is {arena.data_ptr():#x}")
-
-
-def _check_layout(layout, dtype: torch.dtype, head_dim: int, name: str) -> None:
-    if not isinstance(layout, KVPageLayout):
-        raise TypeError(f"layout must be a KVPageLayout, got {type(layout).__name__}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {head_dim} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    if layout.head_dim != head_dim:
-        raise ValueError(f"{name} has head_dim {head_dim}, the layout {layout.head_dim}")
-    if layout.elem_bytes != dtype.itemsize:
-        raise TypeError(f"{name} is {dtype} ({dtype.itemsize} bytes), the layout's elements are "
-                        f"{layout.elem_bytes} bytes")
-    pt = layout.page_tokens
-    if not is_int(pt) or pt < 1 or pt & (pt - 1):
-        raise ValueError(f"layout.page_tokens must be a power of two, got {pt!r}")
-    vec = 16 // dtype.itemsize
-    for f in ("stride_layer", "stride_kv", "stride_head", "stride_token"):
-        s = getattr(layout, f)
-        if not is_int(s) or s < head_dim or s % vec:
-            raise ValueError(f"layout.{f} must be an int >= head_dim and a multiple of {vec} elements "
-                             f"(16 bytes), got {s!r}")
-
-
-def _check_layer(layer, num_layers) -> int:
-    if not is_int(num_layers) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    if not is_int(layer) or not 0 <= layer < num_layers:
-        raise ValueError(f"layer must be an int in [0, {num_layers}), got {layer!r}")
-    return layer
-
-
-def _check_page_fits(layout: KVPageLayout, num_layers: int, arena: torch.Tensor) -> None:
-    if arena.numel() % layout.elem_bytes:
-        raise ValueError(f"arena has {arena.numel()} bytes, not a whole number of {layout.elem_bytes}-byte elements")
-    page_bytes = num_layers * layout.stride_layer * layout.elem_bytes
-    if page_bytes > arena.numel():
-        raise ValueError(f"a page of num_layers={num_layers} layers is {page_bytes} bytes, more than the "
-                         f"arena's {arena.numel()}")
 
 
 def _check_config(cfg: DecodeConfig, page_tokens: int) -> None:

@@ -11,21 +11,21 @@ Everything here is decided from shapes: no host synchronisation, fixed grid for 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
 
-from avmp_triton._checks import is_int
-from avmp_triton import _triton_env  # noqa: F401  (sets the interpreter up on CPU-only hosts)
+from avmp_triton import _triton_env  # noqa: F401  (before triton: the interpreter on CPU-only hosts)
+from avmp_triton._checks import check_tensor, is_int
 from avmp_triton._triton_env import interpreter_active
 from avmp_triton.kernels.paged_prefill import paged_prefill_kernel
-from avmp_triton.layout import KVPageLayout
-from avmp_triton.ops._args import check_kernel_device, check_tensor
+from avmp_triton.memory.cache import PagedCache
+from avmp_triton.ops._args import check_kernel_device, check_layer, config_overrides, kv_cache_of
 from avmp_triton.ops._host_checks import (KIND_KV, check_block_table, check_cu_seqlens, check_handles,
                                          live_pages, on_host)
-from avmp_triton.ops.paged_attention import from_alloc
 
-__all__ = ["paged_prefill_attention", "prefill_launch_config"]
+__all__ = ["PrefillConfig", "paged_prefill_attention", "prefill_launch_config"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -48,13 +48,22 @@ _GPU_FP32 = (32, 16, 8, 1)
 _CPU_CONFIG = (32, 32, 4, 1)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PrefillConfig:
+    """Launch shape of the prefill kernel; a field left None comes from ``prefill_launch_config``."""
+    block_m: int | None = None     # rows per tile: query tokens x the Hq // Hkv heads of one KV head
+    block_n: int | None = None     # KV positions per step
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (max(n, 1) - 1).bit_length())
 
 
 def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu: bool,
-                          max_seqlen_q: int | None = None) -> tuple[int, int, int, int]:
-    """Default ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``.
+                          max_seqlen_q: int | None = None) -> PrefillConfig:
+    """The launch table.
 
     ``BLOCK_M`` counts rows (query tokens x the ``gqa`` query heads of one KV head); a short
     ``max_seqlen_q`` shrinks it so a decode-like batch does not pad every tile to 128 rows.
@@ -72,13 +81,13 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu
             bm = short
             if on_gpu and bm <= 32:
                 warps = 4  # a 16- or 32-row tile keeps no more than one warpgroup busy
-    return bm, bn, warps, stages
+    return PrefillConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
 
 
 @torch.library.custom_op("avmp::paged_prefill_attention", mutates_args=("out",))
 def _paged_prefill_op(
-    out: torch.Tensor, q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-    block_table: torch.Tensor, kv: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
+    q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    kv: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor,
     page_tokens: int, num_kv_heads: int, layer_off: int, stride_kv: int, stride_kv_head: int,
     stride_kv_token: int, scale: float, block_m: int, block_n: int, num_warps: int, num_stages: int,
 ) -> None:
@@ -108,7 +117,7 @@ def _paged_prefill_op(
 
 
 @_paged_prefill_op.register_fake
-def _(out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, handle_kinds, page_tokens, num_kv_heads,
+def _(q, block_table, seq_lens, cu_seqlens_q, kv, handle_table, handle_kinds, out, page_tokens, num_kv_heads,
       layer_off, stride_kv, stride_kv_head, stride_kv_token, scale, block_m, block_n, num_warps,
       num_stages) -> None:
     return None
@@ -116,80 +125,37 @@ def _(out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, handle_kind
 
 def paged_prefill_attention(
     q: torch.Tensor,
-    alloc,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
+    cache: PagedCache,
     *,
-    layer: int = 0,
+    layer: int,
     scale: float | None = None,
     out: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-) -> torch.Tensor:
-    """``paged_prefill_attention_arena`` on an allocator's arena, handle table and page layout
-    (the same form as ``paged_decode_attention``); q must be in the spec's ``kv_dtype``."""
-    arena, table, kinds, layout, num_layers, kv_dtype = from_alloc(alloc)
-    if isinstance(q, torch.Tensor) and q.dtype != kv_dtype:
-        raise TypeError(f"q must have the KV dtype {kv_dtype}, got {q.dtype}")
-    return paged_prefill_attention_arena(
-        q, arena, table, layout, block_table, seq_lens, cu_seqlens_q, handle_kinds=kinds, layer=layer,
-        num_layers=num_layers,
-        scale=scale, out=out, max_seqlen_q=max_seqlen_q, block_m=block_m, block_n=block_n, num_warps=num_warps,
-        num_stages=num_stages)
-
-
-def paged_prefill_attention_arena(
-    q: torch.Tensor,
-    arena: torch.Tensor,
-    handle_table: torch.Tensor,
-    layout: KVPageLayout,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    *,
-    handle_kinds: torch.Tensor,
-    layer: int = 0,
-    num_layers: int | None = None,
-    scale: float | None = None,
-    out: torch.Tensor | None = None,
-    max_seqlen_q: int | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens over their requests' paged KV cache.
 
     Args:
-        q: ``[T, Hq, D]`` fp16 / bf16 / fp32, the new tokens of all requests packed; last dim
-            contiguous.
-        cu_seqlens_q: ``[B+1]`` int32, request b's tokens are ``q[cu[b]:cu[b+1]]``
-            (non-decreasing, ``cu[0] = 0``, ``cu[B] <= T``; rows past ``cu[B]`` are not written).
-        seq_lens: ``[B]`` int32, context of request b including its new tokens
-            (``seq_lens[b] >= q_len_b``); the new tokens are its last ``q_len_b`` positions.
+        q: ``[T, Hq, D]`` in the cache's ``kv_dtype``, the new tokens of all requests packed; last
+            dim contiguous; ``Hq`` a multiple of the cache's KV heads.
         block_table: ``[B, W]`` int32 KV page handles, -1 padded; row b needs
             ``cdiv(seq_lens[b], page_tokens)`` live handles. Rows contiguous.
-        arena: the allocator's arena, uint8 or already viewed as q's dtype (1-D, contiguous).
-        handle_table: ``[H]`` int64, handle -> byte offset in the arena (-1 when free). Live
-            offsets must be multiples of 16 bytes (the allocator's units are): the kernel tells
-            the compiler so, to load K/V in 16-byte vectors.
-        handle_kinds: ``[H]`` int32 handle -> kind (``alloc.handle_kind``); only KV pages (kind 1)
-            are read.
-        layout: the KV page layout (``avmp_triton.layout.kv_page_layout``); its element size
-            must be q's and its head_dim D; ``Hq`` must be a multiple of its ``num_kv_heads``.
-        layer: attention layer (index among the attention layers) to read.
+        seq_lens: ``[B]`` int32, context of request b including its new tokens
+            (``seq_lens[b] >= q_len_b``); the new tokens are its last ``q_len_b`` positions.
+        cu_seqlens_q: ``[B+1]`` int32, request b's tokens are ``q[cu[b]:cu[b+1]]``
+            (non-decreasing, ``cu[0] = 0``, ``cu[B] <= T``; rows past ``cu[B]`` are not written).
+        cache: ``PagedCache.of(allocator)``; live page offsets are multiples of 16 bytes (the
+            allocators' units are), which the kernel tells the compiler, to load K/V in 16-byte vectors.
+        layer: attention layer, in ``[0, cache.num_attn_layers)``.
         scale: softmax scale, default ``D ** -0.5``.
         out: optional ``[T, Hq, D]`` output of q's dtype (last dim contiguous).
-        num_layers: attention layers in a page; when given, ``layer`` is checked against it.
         max_seqlen_q: optional upper bound of ``q_len_b`` (a hint for the tile size only; never
             trusted for correctness).
-        block_m, block_n, num_warps, num_stages: launch overrides. ``block_m`` counts rows
-            (query tokens x the ``Hq // Hkv`` heads of one KV head; power of two >= 16 and
-            >= Hq // Hkv), ``block_n`` KV positions per step (power of two >= 16).
+        config: ``PrefillConfig`` overrides of ``prefill_launch_config``: ``block_m`` a power of two
+            >= 16 and >= Hq // Hkv, ``block_n`` a power of two >= 16.
 
     Returns:
         ``out`` ``[T, Hq, D]``. Token i of request b (absolute position
@@ -199,48 +165,47 @@ def paged_prefill_attention_arena(
         rows outside ``[0, T)``. When it is on the CPU, bad values raise (ValueError /
         InvalidHandleError naming the value).
     """
-    dev = _check_q(q)
+    layout = kv_cache_of(cache)
+    dev = _check_q(q, cache)
     T, D = q.shape[0], q.shape[2]
-    B = _check_tables(q, arena, handle_table, handle_kinds, block_table, seq_lens, cu_seqlens_q)
-    gqa = _check_layout_and_layer(q, arena, layout, layer, num_layers)
+    B = _check_tables(q, block_table, seq_lens, cu_seqlens_q)
+    gqa = _check_layout_and_layer(q, layout, layer, cache.num_attn_layers)
     scale = _check_scale(scale, D, max_seqlen_q)
     out = _check_out(out, q)
-    bm, bn, warps, stages = _launch_shape(D, q.dtype, gqa, dev, max_seqlen_q, block_m, block_n, num_warps,
-                                          num_stages)
+    cfg = _launch_shape(D, q.dtype, gqa, dev, max_seqlen_q, config)
     if B == 0:
         if T:
             raise ValueError(f"q has T={T} tokens but there are no requests (seq_lens is empty)")
         return out
     if T == 0:
         return out
-    if on_host(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds):
-        _check_metadata(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds, T, layout.page_tokens)
-    kv = arena if arena.dtype == q.dtype else arena[:arena.numel() // q.element_size() * q.element_size()].view(q.dtype)
+    if on_host(cu_seqlens_q, seq_lens, block_table, cache.handle_table, cache.handle_kinds):
+        _check_metadata(cu_seqlens_q, seq_lens, block_table, cache.handle_table, cache.handle_kinds, T,
+                        layout.page_tokens)
+    arena = cache.arena
+    kv = arena[:arena.numel() // q.element_size() * q.element_size()].view(q.dtype)
     torch.ops.avmp.paged_prefill_attention(
-        out, q, cu_seqlens_q, seq_lens, block_table, kv, handle_table, handle_kinds,
+        q, block_table, seq_lens, cu_seqlens_q, kv, cache.handle_table, cache.handle_kinds, out,
         layout.page_tokens, layout.num_kv_heads, layer * layout.stride_layer, layout.stride_kv, layout.stride_head,
-        layout.stride_token, float(scale), bm, bn, warps, stages)
+        layout.stride_token, float(scale), cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
     return out
 
 
-def _check_q(q) -> torch.device:
-    check_tensor(q, "q", dim=3)
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    dev = q.device
+def _check_q(q, cache) -> torch.device:
+    check_tensor(q, "q", dim=3, dtypes=_DTYPES, device=cache.device, beside="the cache")
     check_kernel_device(q, "q")
+    if q.dtype != cache.kv_dtype:
+        raise TypeError(f"q must have the KV dtype {cache.kv_dtype}, got {q.dtype}")
     if q.stride(-1) != 1:
         raise ValueError(f"q must have a contiguous last dim, got strides {q.stride()}")
-    return dev
+    return q.device
 
 
-def _check_tables(q, arena, handle_table, handle_kinds, block_table, seq_lens, cu_seqlens_q) -> int:
-    """Shapes, dtypes and devices of the metadata and the arena (values: ``_check_metadata``); returns B."""
+def _check_tables(q, block_table, seq_lens, cu_seqlens_q) -> int:
+    """Shapes, dtypes and devices of the metadata (values: ``_check_metadata``); returns B."""
     dev = q.device
     for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (seq_lens, "seq_lens")):
-        check_tensor(t, name, dim=1, dtypes=(torch.int32,), device=dev, beside="q")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+        check_tensor(t, name, dim=1, dtypes=(torch.int32,), device=dev, beside="q", contiguous=True)
     B = seq_lens.shape[0]
     if cu_seqlens_q.shape[0] != B + 1:
         raise ValueError(f"cu_seqlens_q must have B+1 = {B + 1} entries (seq_lens has B = {B}), "
@@ -252,28 +217,12 @@ def _check_tables(q, arena, handle_table, handle_kinds, block_table, seq_lens, c
         raise ValueError(f"block_table must have at least one column, got shape {tuple(block_table.shape)}")
     if block_table.stride(1) != 1:
         raise ValueError(f"block_table rows must be contiguous, got strides {block_table.stride()}")
-    for t, name, dtype in ((handle_table, "handle_table", torch.int64), (handle_kinds, "handle_kinds", torch.int32)):
-        check_tensor(t, name, dim=1, dtypes=(dtype,), device=dev, beside="q")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if handle_kinds.numel() != handle_table.numel():
-        raise ValueError(f"handle_kinds has {handle_kinds.numel()} entries, handle_table {handle_table.numel()}")
-    check_tensor(arena, "arena", dim=1, device=dev, beside="q")
-    if arena.dtype not in (torch.uint8, q.dtype):
-        raise TypeError(f"arena must be uint8 or q's dtype {q.dtype}, got {arena.dtype}")
-    if not arena.is_contiguous():
-        raise ValueError("arena must be contiguous")
     return B
 
 
-def _check_layout_and_layer(q, arena, layout, layer, num_layers) -> int:
-    """The page layout against q, and the layer against the layout and the arena; returns the GQA group."""
+def _check_layout_and_layer(q, layout, layer, num_layers) -> int:
+    """The page layout against q, and the layer; returns the GQA group."""
     D, Hq = q.shape[2], q.shape[1]
-    if not isinstance(layout, KVPageLayout):
-        raise TypeError(f"layout must be a KVPageLayout, got {type(layout).__name__}")
-    if layout.elem_bytes != q.element_size():
-        raise TypeError(f"layout.elem_bytes ({layout.elem_bytes}) differs from q's element size "
-                        f"({q.element_size()}, {q.dtype}): K/V must be stored in q's dtype")
     if layout.head_dim != D:
         raise ValueError(f"q's head dim D={D} differs from layout.head_dim={layout.head_dim}")
     if D not in (16, 32, 64, 128, 256):
@@ -281,20 +230,8 @@ def _check_layout_and_layer(q, arena, layout, layer, num_layers) -> int:
     Hkv = layout.num_kv_heads
     if Hq < 1 or Hq % Hkv:
         raise ValueError(f"q heads Hq={Hq} must be a positive multiple of layout.num_kv_heads={Hkv}")
-    gqa = Hq // Hkv
-    if not is_int(layer) or layer < 0:
-        raise ValueError(f"layer must be a non-negative int, got {layer!r}")
-    if num_layers is not None:
-        if not is_int(num_layers) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        if layer >= num_layers:
-            raise ValueError(f"layer={layer} is out of range for num_layers={num_layers}")
-    layer_span = (layer * layout.stride_layer + layout.stride_kv
-                  + (Hkv - 1) * layout.stride_head + (layout.page_tokens - 1) * layout.stride_token + D)
-    arena_elems = arena.numel() * arena.element_size() // q.element_size()
-    if layer_span > arena_elems:
-        raise ValueError(f"layer={layer} lies beyond the arena ({arena_elems} elements of {q.dtype})")
-    return gqa
+    check_layer(layer, num_layers, "attention")
+    return Hq // Hkv
 
 
 def _check_scale(scale, D: int, max_seqlen_q) -> float:
@@ -320,21 +257,22 @@ def _check_out(out, q) -> torch.Tensor:
     return out
 
 
-def _launch_shape(D, dtype, gqa, dev, max_seqlen_q, block_m, block_n, num_warps, num_stages):
+def _launch_shape(D, dtype, gqa, dev, max_seqlen_q, config) -> PrefillConfig:
     """``prefill_launch_config`` with the caller's overrides, checked."""
-    bm, bn, warps, stages = prefill_launch_config(D, dtype, gqa, on_gpu=dev.type == "cuda",
-                                                  max_seqlen_q=max_seqlen_q)
-    bm = _block_arg(block_m, "block_m", bm)
-    bn = _block_arg(block_n, "block_n", bn)
-    if bm < gqa:
-        raise ValueError(f"block_m={bm} must be >= Hq // Hkv = {gqa} (one token's query heads)")
-    warps = warps if num_warps is None else num_warps
-    if warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
-    stages = stages if num_stages is None else num_stages
-    if not is_int(stages) or stages < 1:
-        raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
-    return bm, bn, warps, stages
+    default = prefill_launch_config(D, dtype, gqa, on_gpu=dev.type == "cuda", max_seqlen_q=max_seqlen_q)
+    cfg = dataclasses.replace(default, **config_overrides(config, PrefillConfig))
+    for name in ("block_m", "block_n"):
+        v = getattr(cfg, name)
+        if not is_int(v) or v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
+    if cfg.block_m < gqa:
+        raise ValueError(f"block_m={cfg.block_m} must be >= Hq // Hkv = {gqa} (one token's query heads)")
+    if cfg.num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {cfg.num_warps!r}")
+    if not is_int(cfg.num_stages) or cfg.num_stages < 1:
+        raise ValueError(f"num_stages must be a positive int, got {cfg.num_stages!r}")
+    return cfg
+
 
 def _check_metadata(cu_seqlens_q, seq_lens, block_table, handle_table, handle_kinds, T: int,
                     page_tokens: int) -> None:
@@ -347,13 +285,3 @@ def _check_metadata(cu_seqlens_q, seq_lens, block_table, handle_table, handle_ki
     check_block_table(block_table, seq_lens, page_tokens)
     check_handles(live_pages(block_table, seq_lens, page_tokens), handle_table, handle_kinds, KIND_KV, "block_table",
                   unique=False)
-
-
-def _block_arg(v, name: str, default: int) -> int:
-    if v is None:
-        return default
-    if not is_int(v) or v < 16 or v & (v - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {v!r}")
-    return v
-
-
