@@ -31,3 +31,14 @@ def test_python_api_snippet_runs():
     # rows 0 and 2 released: 62 rows keep their page and 2 of the 4 SSM blocks stay live
     assert (stats.live_kv, stats.live_ssm) == (62, 2)
     assert "AllocatorStats(" in printed.getvalue()
+
+
+def test_ops_snippet_runs():
+    code = python_block("Kernels that read through the handle table")
+    assert '"cuda"' not in code
+    ns: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(code, str(README), "exec"), ns)
+    o, v, alloc = ns["o"], ns["v"], ns["alloc"]
+    assert o.device == alloc.device and o.shape == v.shape
+    assert float((o - v).abs().max()) < 1e-5

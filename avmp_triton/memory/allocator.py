@@ -44,8 +44,7 @@ _NUM_WARPS = 8
 
 def _launch_shape(n: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for a single-program kernel over ``n`` items: a fixed table, no autotuning
-    (these kernels mutate state). Picked on an H100 with perf/tune_alloc_block.py
-    (perf/results/tune_alloc_block_H100.json)."""
+    (these kernels mutate state). Picked on an H100 (perf/results/tune_alloc_block_H100.json)."""
     if n <= 256:
         return 256, 8
     if n <= 1024:
@@ -252,6 +251,33 @@ class ArenaAllocator:
             return
         self._launch_free(handles, req)
         self._raise_on_handle_error(self._status.tolist(), kind, "handles")
+
+    def alloc_into(self, kind: str, out: torch.Tensor) -> torch.Tensor:
+        """Allocate ``out.numel()`` units of ``kind`` ("kv" or "ssm") into ``out``: one launch, no
+        host sync, so a CUDA graph can capture it. Capacity is not moved here: when the pool is
+        short, nothing is allocated and ``out`` is untouched. Returns the status buffer, ``[3]``
+        int64 (code 0 = allocated, else code, n, units available), which the next call overwrites."""
+        req = self._kind_arg(kind)
+        if req == 0:
+            raise ValueError("kind must be 'kv' or 'ssm', got None")
+        self._check_vec(out, "out", None)
+        n = self._check_count(out.numel())
+        if n:
+            self._launch_alloc(req, n, out)
+        else:
+            self._status.zero_()
+        return self._status
+
+    def free_from(self, handles: torch.Tensor) -> torch.Tensor:
+        """Free ``handles`` (either kind, all or nothing): one launch, no host sync. Returns the
+        status buffer, ``[3]`` int64 (code 0 = freed, else code, position, handle: nothing was
+        freed), which the next call overwrites."""
+        self._check_vec(handles, "handles", None)
+        if handles.numel():
+            self._launch_free(handles, 0)
+        else:
+            self._status.zero_()
+        return self._status
 
     def resolve(self, handles: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """Byte offsets ``[n]`` int64 of live handles in the arena."""

@@ -163,3 +163,35 @@ def check_mamba1_inputs(dev, rows: int, d_inner: int, d_state: int, x, dt, A, B,
     check_opt_float(D, "D", dev, (d_inner,))
     check_opt_float(z, "z", dev, (rows, d_inner))
     check_opt_float(dt_bias, "dt_bias", dev, (d_inner,))
+
+
+_MAX_GRID_YZ = 65535
+
+
+def check_mamba2_inputs(dev, rows: int, layout, spec, x, dt, A, B, C, D, z, dt_bias) -> None:
+    """Shapes of a Mamba2 step or chunk: x, z ``[rows, nheads, head_dim]`` with nheads * head_dim =
+    the layout's d_inner (and the spec's heads, when the cache has a spec); dt ``[rows, nheads]``;
+    A, D, dt_bias ``[nheads]``; B, C ``[rows, n_groups, d_state]`` (D, z, dt_bias optional)."""
+    nheads, head_dim = x.shape[1], x.shape[2]
+    if nheads * head_dim != layout.d_inner:
+        raise ValueError(f"x's nheads * head_dim = {nheads} * {head_dim} must equal the layout's "
+                         f"d_inner ({layout.d_inner})")
+    if spec is not None and (nheads, head_dim) != (spec.mamba_num_heads, spec.mamba_head_dim):
+        raise ValueError(f"x has {nheads} heads x {head_dim}; spec {spec.name!r} has "
+                         f"{spec.mamba_num_heads} x {spec.mamba_head_dim}")
+    check_float(x, "x", dev, (rows, nheads, head_dim))
+    check_float(dt, "dt", dev, (rows, nheads))
+    check_float(A, "A", dev, (nheads,))
+    check_tensor(B, "B", device=dev, beside="the cache", dim=3)
+    n_groups = B.shape[1]
+    if n_groups < 1 or nheads % n_groups:
+        raise ValueError(f"n_groups (B.shape[1] = {n_groups}) must divide nheads ({nheads})")
+    if spec is not None and n_groups != spec.n_groups:
+        raise ValueError(f"B has n_groups={n_groups}; spec {spec.name!r} has {spec.n_groups}")
+    check_float(B, "B", dev, (rows, n_groups, layout.d_state))
+    check_float(C, "C", dev, (rows, n_groups, layout.d_state))
+    check_opt_float(D, "D", dev, (nheads,))
+    check_opt_float(z, "z", dev, (rows, nheads, head_dim))
+    check_opt_float(dt_bias, "dt_bias", dev, (nheads,))
+    if nheads > _MAX_GRID_YZ:
+        raise ValueError(f"nheads={nheads} exceeds the grid limit {_MAX_GRID_YZ}")

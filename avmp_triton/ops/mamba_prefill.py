@@ -29,7 +29,7 @@ from avmp_triton._checks import check_tensor
 from avmp_triton.kernels import mamba_prefill as K
 from avmp_triton.memory.cache import PagedCache
 from avmp_triton.ops._args import (
-    check_float, check_mamba1_inputs, check_on_host, check_opt_float, check_out, config_overrides, repeat_block,
+    check_float, check_mamba1_inputs, check_mamba2_inputs, check_on_host, check_opt_float, check_out, config_overrides, repeat_block,
     resolve_launch, sm_count, ssm_cache_of,
 )
 
@@ -334,29 +334,6 @@ def _(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state,
     return None
 
 
-def _check_mamba2_chunk(x, dt, A, B, C, D, z, dt_bias, layout, spec, dev) -> None:
-    check_tensor(x, "x", device=dev, beside="the cache", dim=3)
-    T, NH, P = x.shape
-    N = layout.d_state
-    if NH * P != layout.d_inner:
-        raise ValueError(f"x's nheads * head_dim = {NH} * {P} must equal the layout's d_inner ({layout.d_inner})")
-    if spec is not None and (NH, P) != (spec.mamba_num_heads, spec.mamba_head_dim):
-        raise ValueError(f"x has {NH} heads x {P}; spec {spec.name!r} has "
-                         f"{spec.mamba_num_heads} x {spec.mamba_head_dim}")
-    check_float(x, "x", dev, (T, NH, P))
-    check_float(dt, "dt", dev, (T, NH))
-    check_float(A, "A", dev, (NH,))
-    check_tensor(B, "B", device=dev, beside="the cache", dim=3)
-    G = B.shape[1]
-    if G < 1 or NH % G:
-        raise ValueError(f"n_groups (B.shape[1] = {G}) must divide nheads ({NH})")
-    check_float(B, "B", dev, (T, G, N))
-    check_float(C, "C", dev, (T, G, N))
-    check_opt_float(z, "z", dev, (T, NH, P))
-    check_opt_float(D, "D", dev, (NH,))
-    check_opt_float(dt_bias, "dt_bias", dev, (NH,))
-
-
 def mamba2_scan_prefill(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, cache: PagedCache, *,
@@ -386,7 +363,8 @@ def mamba2_scan_prefill(
     """
     layout, spec, dtype, nreq, dev = ssm_cache_of(cache, ssm_handles, layer, "ssm", 2)
     _check_batch_meta(cu_seqlens, has_initial_state, nreq, dev)
-    _check_mamba2_chunk(x, dt, A, B, C, D, z, dt_bias, layout, spec, dev)
+    check_tensor(x, "x", device=dev, beside="the cache", dim=3)
+    check_mamba2_inputs(dev, x.shape[0], layout, spec, x, dt, A, B, C, D, z, dt_bias)
     _check_dt_softplus(dt_softplus)
     P, N = x.shape[2], layout.d_state
     chunked, cfg = _scan_config(config, dev, lambda c: mamba2_prefill_launch_config(P, N, c), 16)

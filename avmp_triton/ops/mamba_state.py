@@ -21,8 +21,8 @@ from avmp_triton._checks import check_tensor
 from avmp_triton.kernels import mamba_state as K
 from avmp_triton.memory.cache import PagedCache
 from avmp_triton.ops._args import (
-    check_float, check_mamba1_inputs, check_on_host, check_opt_float, check_out, repeat_block, resolve_launch,
-    ssm_cache_of,
+    check_float, check_mamba1_inputs, check_mamba2_inputs, check_on_host, check_opt_float, check_out, repeat_block,
+    resolve_launch, ssm_cache_of,
 )
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 _UNIT_ALIGN_BYTES = 16  # every allocator's units start on a 16-byte boundary
-_MAX_GRID_YZ = 65535
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -193,34 +192,6 @@ def mamba1_state_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
     return out
 
 
-def _check_mamba2_inputs(x, dt, A, B, C, D, z, dt_bias, layout, spec, batch, dev) -> None:
-    check_tensor(x, "x", device=dev, beside="the cache", dim=3)
-    nheads, head_dim = x.shape[1], x.shape[2]
-    if nheads * head_dim != layout.d_inner:
-        raise ValueError(f"x's nheads * head_dim = {nheads} * {head_dim} must equal the layout's "
-                         f"d_inner ({layout.d_inner})")
-    if spec is not None and (nheads, head_dim) != (spec.mamba_num_heads, spec.mamba_head_dim):
-        raise ValueError(f"x has {nheads} heads x {head_dim}; spec {spec.name!r} has "
-                         f"{spec.mamba_num_heads} x {spec.mamba_head_dim}")
-    n = layout.d_state
-    check_float(x, "x", dev, (batch, nheads, head_dim))
-    check_float(dt, "dt", dev, (batch, nheads))
-    check_float(A, "A", dev, (nheads,))
-    check_tensor(B, "B", device=dev, beside="the cache", dim=3)
-    n_groups = B.shape[1]
-    if n_groups < 1 or nheads % n_groups:
-        raise ValueError(f"n_groups (B.shape[1] = {n_groups}) must divide nheads ({nheads})")
-    if spec is not None and n_groups != spec.n_groups:
-        raise ValueError(f"B has n_groups={n_groups}; spec {spec.name!r} has {spec.n_groups}")
-    check_float(B, "B", dev, (batch, n_groups, n))
-    check_float(C, "C", dev, (batch, n_groups, n))
-    check_opt_float(D, "D", dev, (nheads,))
-    check_opt_float(z, "z", dev, (batch, nheads, head_dim))
-    check_opt_float(dt_bias, "dt_bias", dev, (nheads,))
-    if nheads > _MAX_GRID_YZ:
-        raise ValueError(f"nheads={nheads} exceeds the grid limit {_MAX_GRID_YZ}")
-
-
 def mamba2_state_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                         ssm_handles: torch.Tensor, cache: PagedCache, *, layer: int,
                         D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
@@ -242,7 +213,8 @@ def mamba2_state_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
         ``out`` ``[B, nheads, head_dim]``; skipped rows are zeros.
     """
     layout, spec, dtype, batch, dev = ssm_cache_of(cache, ssm_handles, layer, "ssm", 2)
-    _check_mamba2_inputs(x, dt, A, B, C, D, z, dt_bias, layout, spec, batch, dev)
+    check_tensor(x, "x", device=dev, beside="the cache", dim=3)
+    check_mamba2_inputs(dev, batch, layout, spec, x, dt, A, B, C, D, z, dt_bias)
     _check_softplus(dt_softplus)
     cfg = resolve_launch(config, mamba2_launch_config(x.shape[2], layout.d_state))
     out = check_out(out, x)

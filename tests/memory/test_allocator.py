@@ -997,3 +997,35 @@ def test_public_planning_surface_agrees_with_stats(cls):
     assert counts[2] == a.num_handles - st.handles_live
     with pytest.raises(ValueError, match="kind must be 'kv' or 'ssm', got 'page'"):
         a.pool_index("page")
+
+
+@pytest.mark.parametrize("cls", [AVMPAllocator, StaticDualAllocator])
+def test_alloc_into_and_free_from_need_no_sync_and_match_the_model(cls):
+    """The capturable pair: results only in the returned status; a short pool or a bad handle
+    changes nothing (the status says why)."""
+    a, m = make(cls), AllocatorModel.like(make(cls))
+    out = torch.full((5,), -7, dtype=torch.int32, device=DEVICE)
+    status = a.alloc_into("ssm", out)
+    assert status.tolist() == [0, 5, status.tolist()[2]] and status.device == a.arena.device
+    assert out.tolist() == m.alloc("ssm", 5)
+    assert_matches(m, a)
+
+    before = raw_state(a)
+    big = torch.full((a.stats().pools[a.pool_names[1]].free_units + 1,), -7, dtype=torch.int32, device=DEVICE)
+    if big.numel() <= a.num_handles:
+        assert int(a.alloc_into("ssm", big)[0]) != 0
+        assert (big == -7).all()
+        assert_same_raw(before, raw_state(a))
+
+    bad = torch.cat([out[:2], out[:1]])  # a repeat: all or nothing
+    assert int(a.free_from(bad)[0]) != 0
+    assert_same_raw(before, raw_state(a))
+    assert a.free_from(out).tolist()[0] == 0
+    m.free(out.tolist())
+    assert_matches(m, a)
+    assert a.free_from(out[:0]).tolist() == [0, 0, 0]
+
+    with pytest.raises(ValueError, match="kind must be 'kv' or 'ssm'"):
+        a.alloc_into(None, out)
+    with pytest.raises(TypeError, match="out must be int32"):
+        a.alloc_into("kv", out.long())
