@@ -44,9 +44,10 @@ import time
 
 import torch
 
-from avmp_triton import AVMPAllocator, get_preset
+from avmp_triton import AVMPAllocator, PagedCache, get_preset
 from avmp_triton.layout import ssm_block_layout
 from avmp_triton.ops.mamba_state import (
+    MambaStateConfig,
     mamba1_launch_config,
     mamba1_state_update,
     mamba2_launch_config,
@@ -77,6 +78,7 @@ class Cell:
     spec: object
     layer: int
     alloc: AVMPAllocator
+    cache: PagedCache              # PagedCache.of(alloc), built once: what our ops read
     handles: torch.Tensor          # [B] int32 SSM handles (ours)
     phys: torch.Tensor             # [B] int32 physical slots (vLLM's state_batch_indices)
     states: torch.Tensor           # [N, *state_shape] view of this layer's state of every slot (arena)
@@ -163,8 +165,8 @@ def build_cell(case: str, B: int, state_dtype, mamba_layers: int | None, device,
     if bool((off % block != 0).any()):
         raise RuntimeError("block offsets are not multiples of the block size: physical slots undefined")
     phys = (off // block).to(torch.int32)
-    return Cell(case=case, B=B, spec=spec, layer=layer, alloc=alloc, handles=handles, phys=phys, states=states,
-                inputs=make_inputs(case, spec, B, device))
+    return Cell(case=case, B=B, spec=spec, layer=layer, alloc=alloc, cache=PagedCache.of(alloc), handles=handles,
+                phys=phys, states=states, inputs=make_inputs(case, spec, B, device))
 
 
 def bytes_model(cell: Cell) -> dict:
@@ -185,14 +187,15 @@ def reference(cell: Cell, old: torch.Tensor):
     return ref(old, i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"], True)
 
 
-def ours_fn(cell: Cell, out: torch.Tensor, **launch):
-    i, a = cell.inputs, cell.alloc
+def ours_fn(cell: Cell, out: torch.Tensor, launch: dict | None = None):
+    """One update of ours; ``launch`` as ``launch_default`` writes it (None: the op's default)."""
+    i, cache = cell.inputs, cell.cache
     op = mamba1_state_update if cell.spec.mamba_version == 1 else mamba2_state_update
+    config = state_config(launch)
 
     def run():
-        return op(a.arena, a.handle_table, cell.handles, cell.spec, cell.layer, i["x"], i["dt"], i["A"], i["B"],
-                  i["C"], i["D"], i["z"], i["dt_bias"], handle_kinds=a.handle_kind, dt_softplus=True, out=out,
-                  **launch)
+        return op(i["x"], i["dt"], i["A"], i["B"], i["C"], cell.handles, cache, layer=cell.layer, D=i["D"], z=i["z"],
+                  dt_bias=i["dt_bias"], dt_softplus=True, out=out, config=config)
 
     return run
 
@@ -245,11 +248,21 @@ def _is_resource_error(exc: BaseException) -> bool:
 
 
 def launch_default(spec) -> dict:
+    """The op's default launch, as the JSON records it: ``block_d`` (Mamba1) or ``block_p`` (Mamba2)
+    and ``num_warps``."""
     if spec.mamba_version == 1:
-        block, warps = mamba1_launch_config(spec.d_inner, spec.d_state)
-        return dict(block_d=block, num_warps=warps)
-    block, warps = mamba2_launch_config(spec.mamba_head_dim, spec.d_state)
-    return dict(block_p=block, num_warps=warps)
+        c = mamba1_launch_config(spec.d_inner, spec.d_state)
+        return dict(block_d=c.block, num_warps=c.num_warps)
+    c = mamba2_launch_config(spec.mamba_head_dim, spec.d_state)
+    return dict(block_p=c.block, num_warps=c.num_warps)
+
+
+def state_config(launch: dict | None) -> MambaStateConfig | None:
+    """The ``MambaStateConfig`` of a launch dict as ``launch_default`` writes it (block_d / block_p
+    are the config's ``block``)."""
+    if launch is None:
+        return None
+    return MambaStateConfig(block=launch.get("block_d", launch.get("block_p")), num_warps=launch["num_warps"])
 
 
 # ---------------------------------------------------------------------------------------- cells
@@ -343,7 +356,7 @@ class Runner:
                 continue
             name = " ".join(f"{k}={v}" for k, v in launch.items())
             tmp = dict(case=case, B=B, state_dtype=row["state_dtype"], kernels={}, checks={}, skipped={})
-            self._time(tmp, name, ours_fn(cell, out, **launch), cell.states, start, ref_out, ref_state, cell,
+            self._time(tmp, name, ours_fn(cell, out, launch), cell.states, start, ref_out, ref_state, cell,
                        bm["total"])
             e = dict(config=launch, default=launch == row["default_config"])
             if name in tmp["kernels"]:

@@ -48,9 +48,9 @@ import time
 
 import torch
 
-from avmp_triton import AVMPAllocator, get_preset
+from avmp_triton import AVMPAllocator, PagedCache, get_preset
 from avmp_triton.layout import kv_page_layout
-from avmp_triton.ops.paged_attention import decode_config, decode_workspace, paged_decode_attention
+from avmp_triton.ops.paged_attention import DecodeConfig, decode_config, decode_workspace, paged_decode_attention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402  (perf/peers.py)
@@ -77,6 +77,7 @@ class Cell:
     ctx: int
     dtype: torch.dtype
     alloc: AVMPAllocator
+    cache: PagedCache              # PagedCache.of(alloc), built once: what our ops read
     block_table: torch.Tensor      # [B, W] int32 handles (ours)
     phys_table: torch.Tensor       # [B, W] int32 physical page slots (peers)
     seq_lens: torch.Tensor         # [B] int32
@@ -142,8 +143,8 @@ def build_cell(B: int, ctx: int, spec, device, *, seed: int = 0) -> Cell:
     k_pages, v_pages = layer0_views(alloc, dtype)
     q = torch.randn(B, HQ, D, device=device).to(dtype)
     sl = torch.full((B,), ctx, dtype=torch.int32, device=device)
-    return Cell(B=B, ctx=ctx, dtype=dtype, alloc=alloc, block_table=bt, phys_table=phys, seq_lens=sl,
-                k_pages=k_pages, v_pages=v_pages, q=q, scale=D ** -0.5)
+    return Cell(B=B, ctx=ctx, dtype=dtype, alloc=alloc, cache=PagedCache.of(alloc), block_table=bt, phys_table=phys,
+                seq_lens=sl, k_pages=k_pages, v_pages=v_pages, q=q, scale=D ** -0.5)
 
 
 def _gather_chunk(pages_view, phys_rows, ctx):
@@ -311,7 +312,7 @@ class Runner:
         out = torch.full((B, HQ, D), float("nan"), dtype=dtype, device=DEVICE)
 
         def ours():
-            return paged_decode_attention(cell.q, cell.alloc, cell.block_table, cell.seq_lens, layer=0, out=out,
+            return paged_decode_attention(cell.q, cell.block_table, cell.seq_lens, cell.cache, layer=0, out=out,
                                           workspace=ws, max_seq_len=ctx)
 
         try:
@@ -395,7 +396,7 @@ class Runner:
         out = torch.empty(B, HQ, D, dtype=dtype, device=DEVICE)
 
         def measure(**over) -> dict | None:
-            cfg = dataclasses.replace(default, **over)
+            cfg = sweep_config(default, B, ctx, sms, **over)
             key = dataclasses.astuple(cfg)
             if key in seen:
                 return seen[key]
@@ -407,9 +408,8 @@ class Runner:
             ws = decode_workspace(B, HQ, D, cfg.num_splits, DEVICE)
 
             def fn():
-                return paged_decode_attention(cell.q, cell.alloc, cell.block_table, cell.seq_lens, layer=0,
-                                              out=out, workspace=ws, max_seq_len=ctx,
-                                              **dataclasses.asdict(cfg))
+                return paged_decode_attention(cell.q, cell.block_table, cell.seq_lens, cell.cache, layer=0,
+                                              out=out, workspace=ws, max_seq_len=ctx, config=cfg)
 
             entry = dict(config=dataclasses.asdict(cfg), default=cfg == default)
             try:
@@ -435,7 +435,7 @@ class Runner:
             return min(good, key=lambda e: e["ms"]) if good else None
 
         measure()
-        blocks = math.ceil(ctx / default.block_n(PAGE))
+        blocks = math.ceil(ctx / default.block_tokens)
         splits = [s for s in (1, 2, 4, 8, 16, 32, 64) if s <= max(1, blocks)]
         b = best([measure(num_splits=s) for s in splits])
         base = dict(num_splits=b["config"]["num_splits"]) if b else {}
@@ -464,6 +464,14 @@ class Runner:
 
 def _sm_count() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def sweep_config(default: DecodeConfig, B: int, ctx: int, sms: int, **over) -> DecodeConfig:
+    """``default`` with the fields in ``over`` replaced, every field set: ``block_tokens`` is
+    derived again from ``pages_per_iter`` (``decode_config`` rejects a stale one)."""
+    fields = dict(dataclasses.asdict(default), **over, block_tokens=None)
+    return decode_config(batch=B, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_tokens=PAGE, max_seq_len=ctx,
+                         sm_count=sms, **fields)
 
 
 def _cfg_str(c) -> str:

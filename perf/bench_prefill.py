@@ -23,7 +23,7 @@ hold them; states in the preset's dtype, bf16):
   algorithm "chunked" vs "serial". No vLLM peer: vLLM's Mamba1 prefill scan (``selective_scan_fn``)
   is a compiled CUDA op of its ``_C`` library (not Triton), and the wheel's library needs its own
   torch (2.14); so ours chunked vs ours serial vs the memory ceiling only.
-- ``attention``: ``paged_prefill_attention_arena`` (Jamba attention: 32 q heads, 8 KV heads, D 128,
+- ``attention``: ``paged_prefill_attention`` (Jamba attention: 32 q heads, 8 KV heads, D 128,
   pages of 16 tokens, scattered) vs vLLM ``unified_attention`` with varlen q (its Triton backend's
   call, K/V copied to its page layout, same physical pages) vs torch SDPA flash, causal, on
   contiguous per-request K/V (requests of equal length batched): the unpaged ceiling. TFLOP/s too.
@@ -75,9 +75,10 @@ import torch
 import triton
 import triton.testing
 
-from avmp_triton import AVMPAllocator, get_preset
+from avmp_triton import AVMPAllocator, PagedCache, get_preset
 from avmp_triton.layout import kv_page_layout, ssm_block_layout
 from avmp_triton.ops.mamba_prefill import (
+    MambaPrefillConfig,
     causal_conv1d_prefill,
     conv1d_prefill_launch_config,
     mamba1_prefill_launch_config,
@@ -85,7 +86,7 @@ from avmp_triton.ops.mamba_prefill import (
     mamba1_scan_prefill,
     mamba2_scan_prefill,
 )
-from avmp_triton.ops.paged_prefill import paged_prefill_attention_arena, prefill_launch_config
+from avmp_triton.ops.paged_prefill import paged_prefill_attention, prefill_launch_config
 from avmp_triton.reference import paged_prefill as RA
 from avmp_triton.reference import mamba_prefill as RM
 
@@ -140,6 +141,7 @@ class MambaCell:
     layer: int
     shape: Shape
     alloc: AVMPAllocator
+    cache: PagedCache              # PagedCache.of(alloc), built once: what our ops read
     handles: torch.Tensor          # [B] int32 SSM handles (ours)
     phys: torch.Tensor             # [B] int64 physical slots of those blocks
     ssm: torch.Tensor              # [N, *ssm state] view of this layer's ssm state of every slot (arena)
@@ -216,9 +218,9 @@ def build_mamba_cell(spec, shape: Shape, device, act_dtype=ACT_DTYPE, *, seed: i
     B, L = shape.B, shape.L
     cu = torch.arange(0, B * L + 1, L, dtype=torch.int32, device=device)
     init = torch.full((B,), int(shape.prefix > 0), dtype=torch.int32, device=device)
-    return MambaCell(spec=spec, layer=layer, shape=shape, alloc=alloc, handles=handles.to(torch.int32),
-                     phys=(off // block).long(), ssm=ssm, conv=conv, cu=cu, init=init,
-                     computed=[shape.prefix] * B, inputs=mamba_inputs(spec, shape.T, act_dtype, device))
+    return MambaCell(spec=spec, layer=layer, shape=shape, alloc=alloc, cache=PagedCache.of(alloc),
+                     handles=handles.to(torch.int32), phys=(off // block).long(), ssm=ssm, conv=conv, cu=cu,
+                     init=init, computed=[shape.prefix] * B, inputs=mamba_inputs(spec, shape.T, act_dtype, device))
 
 
 def mamba_bytes(cell: MambaCell, op: str) -> dict:
@@ -485,36 +487,32 @@ class Runner:
             ref_out, ref_state, row["_ref_s"] = self._reference(cell, op, kind)
             bm = mamba_bytes(cell, op)
             row["bytes"] = bm
-            a = cell.alloc
+            cache = cell.cache
             if op == "conv1d":
                 out = torch.empty_like(i["conv_x"], memory_format=torch.contiguous_format)
                 row.update(channels=cell.spec.conv_channels, d_conv=cell.spec.d_conv)
 
                 def ours():
-                    return causal_conv1d_prefill(a.arena, a.handle_table, cell.handles, cell.spec, cell.layer,
-                                                 i["conv_x"], i["weight"], i["bias"], "silu",
-                                                 handle_kinds=a.handle_kind, cu_seqlens=cell.cu,
-                                                 has_initial_state=cell.init, out=out)
+                    return causal_conv1d_prefill(i["conv_x"], i["weight"], cell.handles, cell.cu, cell.init, cache,
+                                                 layer=cell.layer, bias=i["bias"], activation="silu", out=out)
 
                 def vllm_make(pool, idx):
                     return peers.prepare_vllm_causal_conv1d(i["conv_x"], i["weight"], i["bias"], pool, idx,
                                                             cell.cu, cell.computed, activation="silu")
 
                 impls = {"ours": lambda: ours}
-                row["ours_config"] = dict(zip(("block_t", "block_c", "num_warps"),
-                                              conv1d_prefill_launch_config(cell.spec.conv_channels, cell.spec.d_conv)))
+                c = conv1d_prefill_launch_config(cell.spec.conv_channels, cell.spec.d_conv)
+                row["ours_config"] = dict(block_t=c.block_t, block_c=c.block, num_warps=c.num_warps)
             else:
                 out = torch.empty(shape.T, *i["x"].shape[1:], dtype=i["x"].dtype, device=DEVICE)
                 sp = cell.spec
                 row.update(state_shape=[sp.mamba_num_heads, sp.mamba_head_dim, sp.d_state], n_groups=sp.n_groups, z=False)
-                ck = {} if self.chunk["ours_m2"] is None else dict(chunk_size=self.chunk["ours_m2"])
+                config = MambaPrefillConfig(algorithm="chunked", chunk_size=self.chunk["ours_m2"])
 
                 def ours():
-                    return mamba2_scan_prefill(a.arena, a.handle_table, cell.handles, cell.spec, cell.layer, i["x"],
-                                               i["dt"], i["A"], i["B"], i["C"], i["D"], None, i["dt_bias"],
-                                               handle_kinds=a.handle_kind, cu_seqlens=cell.cu,
-                                               has_initial_state=cell.init, dt_softplus=True, out=out,
-                                               algorithm="chunked", **ck)
+                    return mamba2_scan_prefill(i["x"], i["dt"], i["A"], i["B"], i["C"], cell.handles, cell.cu,
+                                               cell.init, cache, layer=cell.layer, D=i["D"], z=None,
+                                               dt_bias=i["dt_bias"], dt_softplus=True, out=out, config=config)
 
                 def vllm_make(pool, idx):
                     return peers.prepare_vllm_mamba2_prefill(i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"],
@@ -522,9 +520,9 @@ class Runner:
                                                              self.chunk["vllm_m2"])
 
                 impls = {"ours": lambda: ours}
-                chunk_m2 = self.chunk["ours_m2"] or 64
-                row["ours_config"] = dict(algorithm="chunked", chunk_size=chunk_m2, **dict(zip(
-                    ("block_p", "num_warps"), mamba2_prefill_launch_config(sp.mamba_head_dim, sp.d_state, True, chunk_m2))))
+                c = mamba2_prefill_launch_config(sp.mamba_head_dim, sp.d_state, chunked=True)
+                row["ours_config"] = dict(algorithm="chunked", chunk_size=self.chunk["ours_m2"] or c.chunk_size,
+                                          block_p=c.block, num_warps=c.num_warps)
             self._run_state_op(row, op, cell, kind, ref_out, ref_state, impls, vllm_make, bm["total"])
             self._ratios(row, ["vllm"])
             rows.append(row)
@@ -538,26 +536,26 @@ class Runner:
             return []
         t0 = time.time()
         cell = self._mamba_cell("mamba1", shape)
-        i, a = cell.inputs, cell.alloc
+        i, cache = cell.inputs, cell.cache
         row = self._row("mamba1", shape, layer=cell.layer, mamba_layers_per_block=cell.spec.num_mamba_layers,
                         state_dtype=str(cell.spec.ssm_dtype).removeprefix("torch."), setup_s=time.time() - t0,
                         state_shape=[cell.spec.d_inner, cell.spec.d_state], z=True)
         ref_out, ref_state, row["_ref_s"] = self._reference(cell, "mamba1", "ssm")
         bm = mamba_bytes(cell, "mamba1")
         row["bytes"] = bm
-        chunk, block_d, warps = mamba1_prefill_launch_config(cell.spec.d_inner, cell.spec.d_state)
-        row["ours_config"] = dict(chunk_size=self.chunk["ours_m1"] or chunk, block_d=block_d, num_warps=warps)
+        c = mamba1_prefill_launch_config(cell.spec.d_inner, cell.spec.d_state, chunked=True)
+        row["ours_config"] = dict(chunk_size=self.chunk["ours_m1"] or c.chunk_size, block_d=c.block,
+                                  num_warps=c.num_warps)
         out = torch.empty_like(i["x"])
 
         def make(algorithm):
-            ck = {} if self.chunk["ours_m1"] is None or algorithm == "serial" else dict(chunk_size=self.chunk["ours_m1"])
+            config = MambaPrefillConfig(algorithm=algorithm,
+                                        chunk_size=None if algorithm == "serial" else self.chunk["ours_m1"])
 
             def ours():
-                return mamba1_scan_prefill(a.arena, a.handle_table, cell.handles, cell.spec, cell.layer, i["x"],
-                                           i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"],
-                                           handle_kinds=a.handle_kind, cu_seqlens=cell.cu,
-                                           has_initial_state=cell.init, dt_softplus=True, out=out,
-                                           algorithm=algorithm, **ck)
+                return mamba1_scan_prefill(i["x"], i["dt"], i["A"], i["B"], i["C"], cell.handles, cell.cu, cell.init,
+                                           cache, layer=cell.layer, D=i["D"], z=i["z"], dt_bias=i["dt_bias"],
+                                           dt_softplus=True, out=out, config=config)
             return lambda: ours
 
         self._run_state_op(row, "mamba1", cell, "ssm", ref_out, ref_state,
@@ -596,16 +594,14 @@ class Runner:
 
         same = (lambda y: y)
         out = torch.empty_like(q)
-        al = base.alloc
+        cache = base.cache
 
         def ours():
-            return paged_prefill_attention_arena(q, al.arena, al.handle_table, cell.layout, base.block_table,
-                                                 base.seq_lens, cell.cu, handle_kinds=al.handle_kind, layer=0,
-                                                 num_layers=spec.num_attn_layers,
-                                                 scale=base.scale, out=out, max_seqlen_q=shape.L)
+            return paged_prefill_attention(q, base.block_table, base.seq_lens, cell.cu, cache, layer=0,
+                                           scale=base.scale, out=out, max_seqlen_q=shape.L)
 
-        bm_, bn, w, st = prefill_launch_config(BA.D, q.dtype, BA.HQ // BA.HKV, on_gpu=q.is_cuda, max_seqlen_q=shape.L)
-        row["ours_config"] = dict(block_m=bm_, block_n=bn, num_warps=w, num_stages=st)
+        c = prefill_launch_config(BA.D, q.dtype, BA.HQ // BA.HKV, on_gpu=q.is_cuda, max_seqlen_q=shape.L)
+        row["ours_config"] = dict(block_m=c.block_m, block_n=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
         self._measure(row, "ours", lambda: ours, check(same), nothing, nothing, bm["total"], flops)
         out = None
         if a.no_vllm:

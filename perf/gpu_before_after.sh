@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One device-tool call that checks a change on the GPU: the whole suite at this tree (4 pytest
 # processes at once: the run is bound by compiling kernels on the host's cores), then decode
-# attention and the Mamba state update benchmarked at a base tree and at this one, side by side,
-# against vLLM's kernels (perf/vendor_vllm.py) in the same run.
+# attention, the Mamba state update and (with PREFILL=1) both prefill families benchmarked at a
+# base tree and at this one, side by side, against vLLM's kernels (perf/vendor_vllm.py) in the
+# same run.
 #
 # Here, before the call:  mkdir -p .base && git archive BASE | tar -x -C .base && python perf/vendor_vllm.py
 #   (.base/ and .vendor/ are git-ignored: name them in the device call's carry)
 # On the GPU machine:     bash perf/gpu_before_after.sh
-# Writes to $OUT: gpu.txt, pytest_gpu.log, bench.log, bench_{attention,mamba}_{base,head}.json
+# Writes to $OUT: gpu.txt, pytest_gpu.log, bench.log, bench_{attention,mamba,prefill}_{base,head}.json
 set -uo pipefail
 export PYTHONUNBUFFERED=1 AVMP_VLLM_VENDOR=$PWD/.vendor/vllm_kernels
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -44,5 +45,8 @@ for side in base head; do
   (cd "$dir" && PYTHONPATH=$dir timeout 120 python3 "$(named "$dir" bench_mamba_state bench_mamba)" --batch 1 64 256 \
      --rep 50 --out "$OUT/bench_mamba_$side.json" >> "$OUT/bench.log" 2>&1
    echo "mamba $side rc=$?" >> "$OUT/bench.log")
+  [ "${PREFILL:-0}" = 1 ] && (cd "$dir" && PYTHONPATH=$dir timeout 170 python3 perf/bench_prefill.py --rep 50 \
+     --out "$OUT/bench_prefill_$side.json" >> "$OUT/bench.log" 2>&1
+   echo "prefill $side rc=$?" >> "$OUT/bench.log")
 done
 grep -E "rc=" "$OUT/bench.log"

@@ -18,7 +18,7 @@ def main():
     cell = BA.build_cell(64, 512, BA.attn_spec(1, torch.bfloat16), "cuda")
     out = torch.empty_like(cell.q)
     for _ in range(5):
-        paged_decode_attention(cell.q, cell.alloc, cell.block_table, cell.seq_lens, layer=0, out=out)
+        paged_decode_attention(cell.q, cell.block_table, cell.seq_lens, cell.cache, layer=0, out=out)
     torch.cuda.synchronize()
     del cell
     torch.cuda.empty_cache()

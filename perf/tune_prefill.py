@@ -22,7 +22,7 @@ import time
 import torch
 import triton.testing
 
-from avmp_triton import AVMPAllocator, get_preset
+from avmp_triton import AVMPAllocator, PagedCache, get_preset
 from avmp_triton.layout import ssm_block_layout
 from avmp_triton.ops import mamba_prefill as MP
 
@@ -38,6 +38,7 @@ CONFIGS = {
                for w in (2, 4, 8) if 1024 <= t * c <= 16384],
 }
 PRESET = {"mamba1": "jamba-1.5-mini", "mamba2": "nemotron-h-8b", "conv1d": "nemotron-h-8b"}
+BLOCK_KEYS = ("block_d", "block_p", "block_c")   # the JSON's names of MambaPrefillConfig.block per op
 
 
 def build(op: str, B: int, L: int):
@@ -66,17 +67,24 @@ def build(op: str, B: int, L: int):
         nbytes = 2 * T * C * 2 + B * (spec.d_conv - 1) * C * 2
     cu = torch.arange(0, T + 1, L, dtype=torch.int32, device="cuda")
     init = torch.zeros(B, dtype=torch.int32, device="cuda")    # fresh prefill: calls are idempotent
-    return spec, alloc, handles, inp, cu, init, nbytes
+    return spec, alloc, PagedCache.of(alloc), handles, inp, cu, init, nbytes
 
 
-def run(op, spec, alloc, handles, inp, cu, init, **launch):
-    meta = dict(handle_kinds=alloc.handle_kind, cu_seqlens=cu, has_initial_state=init)
+def config_of(**launch) -> MP.MambaPrefillConfig | None:
+    """The ``MambaPrefillConfig`` of a launch as CONFIGS writes it (block_d / block_p / block_c are
+    the config's ``block``); None for the op's default launch."""
+    if not launch:
+        return None
+    return MP.MambaPrefillConfig(**{("block" if k in BLOCK_KEYS else k): v for k, v in launch.items()})
+
+
+def run(op, cache, handles, inp, cu, init, config):
     if op == "conv1d":
-        return MP.causal_conv1d_prefill(alloc.arena, alloc.handle_table, handles, spec, 0, inp["x"], inp["weight"],
-                                        inp["bias"], "silu", **meta, **launch)
+        return MP.causal_conv1d_prefill(inp["x"], inp["weight"], handles, cu, init, cache, layer=0, bias=inp["bias"],
+                                        activation="silu", config=config)
     fn = MP.mamba1_scan_prefill if op == "mamba1" else MP.mamba2_scan_prefill
-    return fn(alloc.arena, alloc.handle_table, handles, spec, 0, inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"],
-              inp["D"], inp["z"], inp["dt_bias"], **meta, dt_softplus=True, **launch)
+    return fn(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], handles, cu, init, cache, layer=0, D=inp["D"],
+              z=inp["z"], dt_bias=inp["dt_bias"], dt_softplus=True, config=config)
 
 
 def rel(a, b) -> float:
@@ -86,7 +94,7 @@ def rel(a, b) -> float:
 def tune_op(op: str, copy: dict, rep: int, failures: list) -> dict:
     res = dict(op=op, preset=PRESET[op], shapes=[])
     for B, L in SHAPES:
-        spec, alloc, handles, inp, cu, init, nbytes = build(op, B, L)
+        spec, alloc, cache, handles, inp, cu, init, nbytes = build(op, B, L)
         lay = ssm_block_layout(spec)
         start, size = ((lay.conv_offset(0), lay.conv_layer_bytes) if op == "conv1d"
                        else (lay.ssm_offset(0), lay.ssm_layer_bytes))
@@ -95,31 +103,32 @@ def tune_op(op: str, copy: dict, rep: int, failures: list) -> dict:
         def states():
             return torch.stack([alloc.arena[o:o + size].view(torch.bfloat16) for o in offs])
 
-        trusted = dict(algorithm="serial") if op != "conv1d" else {}
-        y0 = run(op, spec, alloc, handles, inp, cu, init, **trusted).clone()
+        trusted = config_of(algorithm="serial") if op != "conv1d" else None
+        y0 = run(op, cache, handles, inp, cu, init, trusted).clone()
         s0 = states().clone()
         row = dict(B=B, L=L, bytes=nbytes, configs=[])
         if op != "conv1d":
-            row["serial_ms"] = triton.testing.do_bench(lambda: run(op, spec, alloc, handles, inp, cu, init, **trusted),
+            row["serial_ms"] = triton.testing.do_bench(lambda: run(op, cache, handles, inp, cu, init, trusted),
                                                        rep=rep)
         chunked = {} if op == "conv1d" else dict(algorithm="chunked")
         for launch in [{}] + CONFIGS[op]:
             e = dict(launch or {"default": True})
+            config = config_of(**chunked, **launch)
             try:
-                y = run(op, spec, alloc, handles, inp, cu, init, **chunked, **launch)
+                y = run(op, cache, handles, inp, cu, init, config)
                 e.update(rel_err_y=rel(y, y0), rel_err_state=rel(states(), s0))
                 if not (e["rel_err_y"] < 1e-2 and e["rel_err_state"] < 1e-2):
                     failures.append(f"{op} B={B} L={L} {e}")
                     e["check"] = "FAILED"
                 else:
                     e["ms"] = triton.testing.do_bench(
-                        lambda: run(op, spec, alloc, handles, inp, cu, init, **chunked, **launch), rep=rep)
+                        lambda: run(op, cache, handles, inp, cu, init, config), rep=rep)
                     e["pct_copy"] = 100 * nbytes / (e["ms"] * 1e-3) / 1e9 / copy["gbps"]
             except Exception as exc:  # resources (registers / shared memory) of an oversized tile
                 e["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             row["configs"].append(e)
         res["shapes"].append(row)
-        alloc = inp = None
+        alloc = cache = inp = None
         torch.cuda.empty_cache()
     return res
 

@@ -60,8 +60,8 @@ class PagedCache:
             self._check_kv()
         if self.ssm_layout is not None:
             self._check_ssm()
-        if self.spec is not None and not isinstance(self.spec, HybridModelSpec):
-            raise TypeError(f"spec must be a HybridModelSpec or None, got {type(self.spec).__name__}")
+        if self.spec is not None:
+            self._check_spec()
 
     @property
     def device(self) -> torch.device:
@@ -121,5 +121,27 @@ class PagedCache:
             if want * dtype.itemsize != have or base % dtype.itemsize:
                 raise ValueError(f"{name}={dtype} does not match the ssm_layout ({have} bytes per layer, "
                                  f"expected {want * dtype.itemsize})")
-        if self.num_mamba_layers < 1:
+        n = self.num_mamba_layers
+        if n < 1:
             raise ValueError(f"the ssm_layout holds no Mamba layer: {lay}")
+        block_bytes = max(lay.ssm_offset(n), lay.conv_offset(n))
+        if block_bytes > self.arena.numel():
+            raise ValueError(f"an SSM block of {n} Mamba layers is {block_bytes} bytes, more than the arena's "
+                             f"{self.arena.numel()}")
+
+    def _check_spec(self) -> None:
+        """A spec, when given, is the one the layouts and dtypes were made from (the ops read
+        head counts from it)."""
+        spec = self.spec
+        if not isinstance(spec, HybridModelSpec):
+            raise TypeError(f"spec must be a HybridModelSpec or None, got {type(spec).__name__}")
+        if self.kv_layout is not None and (
+                self.kv_layout != kv_page_layout(spec, self.kv_layout.page_tokens)
+                or (self.num_attn_layers, self.kv_dtype) != (spec.num_attn_layers, spec.kv_dtype)):
+            raise ValueError(f"the KV geometry ({self.kv_layout}, {self.num_attn_layers} layers, {self.kv_dtype}) "
+                             f"is not spec {spec.name!r}'s")
+        if self.ssm_layout is not None and (
+                self.ssm_layout != ssm_block_layout(spec)
+                or (self.ssm_dtype, self.conv_dtype) != (spec.ssm_dtype, spec.conv_dtype)):
+            raise ValueError(f"the SSM geometry ({self.ssm_layout}, {self.ssm_dtype}, {self.conv_dtype}) "
+                             f"is not spec {spec.name!r}'s")

@@ -4,10 +4,12 @@ Two levels:
 
 - dense per-request functions (``conv1d_ref``, ``selective_scan_ref``, ``ssd_scan_ref``): one
   request, an explicit initial state in, (outputs, final state) out; fp32 math, a token loop;
-- arena wrappers (``*_prefill_ref``) with the ops' signatures: they resolve each request's block
-  through the handle table on the host, read and write the state in the arena in its dtype, and
-  return the output in x's dtype. Same conventions as the kernels (-1 handle: zero output, state
-  untouched; padded tail past cu_seqlens[B]: zero output).
+- arena wrappers (``*_prefill_ref``) with the ops' inputs, but the cache given as raw tensors and
+  a spec (``arena, handle_table, ssm_handles, cu_seqlens, has_initial_state, spec, layer``, where
+  the ops take a ``PagedCache`` and ``layer=``): they resolve each request's block through the
+  handle table on the host, read and write the state in the arena in its dtype (the spec's
+  ``ssm_dtype`` / ``conv_dtype``), and return the output in x's dtype. Same conventions as the
+  kernels (-1 handle: zero output, state untouched; padded tail past cu_seqlens[B]: zero output).
 
 The math follows state-spaces/mamba's ``selective_scan_ref`` / SSD and Dao-AILab/causal-conv1d's
 ``causal_conv1d_ref`` (initial states, final states).

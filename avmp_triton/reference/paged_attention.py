@@ -66,8 +66,10 @@ def paged_decode_attention_ref(q: torch.Tensor, arena: torch.Tensor, handle_tabl
                                layout: KVPageLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                                layer: int = 0, scale: float | None = None, kv_dtype: torch.dtype | None = None,
                                compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Reference of ``paged_decode_attention_arena`` (same arguments). Returns ``[B, Hq, D]`` in
-    ``compute_dtype``. ``seq_lens`` are clamped to ``[0, W * page_tokens]`` as the kernel does."""
+    """Reference of ``paged_decode_attention`` on raw tensors: the cache's ``arena``,
+    ``handle_table`` and ``kv_layout`` (``layout``) and its ``kv_dtype`` (default: q's) in place of a
+    ``PagedCache``. Returns ``[B, Hq, D]`` in ``compute_dtype``. ``seq_lens`` are clamped to
+    ``[0, W * page_tokens]`` as the kernel does."""
     B, Hq, D = q.shape
     dtype = q.dtype if kv_dtype is None else kv_dtype
     scale = D ** -0.5 if scale is None else scale
@@ -83,7 +85,8 @@ def paged_decode_attention_ref(q: torch.Tensor, arena: torch.Tensor, handle_tabl
 def kv_append_ref(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
                   layout: KVPageLayout, block_table: torch.Tensor, token_req: torch.Tensor, token_pos: torch.Tensor,
                   *, layer: int = 0) -> torch.Tensor:
-    """Reference of ``kv_append_arena``: returns a copy of ``arena`` with the tokens written (tokens on
+    """Reference of ``kv_append`` on raw tensors (arena, handle table and layout as in
+    ``paged_decode_attention_ref``): returns a copy of ``arena`` with the tokens written (tokens on
     an invalid row, position, handle or free handle skipped; a later token wins a shared slot)."""
     out = arena.clone()
     elems = _elements(out, k.dtype)

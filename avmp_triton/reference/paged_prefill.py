@@ -39,7 +39,9 @@ def paged_prefill_attention_ref(q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq
                                 block_table: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
                                 layout: KVPageLayout, layer: int, scale: float | None = None,
                                 compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Reference of ``paged_prefill_attention``: same arguments, returns ``[T, Hq, D]`` float32.
+    """Reference of ``paged_prefill_attention`` on raw tensors: the cache's ``arena``,
+    ``handle_table`` and ``kv_layout`` (``layout``) in place of a ``PagedCache``, and the metadata in
+    this order. Returns ``[T, Hq, D]`` float32.
 
     Rows of q outside ``cu_seqlens_q[0]:cu_seqlens_q[-1]`` are NaN (the kernel leaves them unwritten).
     """

@@ -14,8 +14,8 @@ import textwrap
 import pytest
 import torch
 
-from avmp_triton import InvalidHandleError
-from avmp_triton.ops import kv_append, paged_decode_attention, paged_prefill_attention
+from avmp_triton import InvalidHandleError, PagedCache
+from avmp_triton.ops import DecodeConfig, kv_append, paged_decode_attention, paged_prefill_attention
 from avmp_triton.reference.paged_attention import kv_append_ref, paged_decode_attention_ref
 from avmp_triton.reference.paged_prefill import paged_prefill_attention_ref
 
@@ -60,7 +60,7 @@ def test_kv_append_ssm_handle_device_path(device_checks_only):
     k, v, req, pos = _append_inputs()
     want = kv_append_ref(k, v, alloc.arena, alloc.handle_table, layout_of(alloc), skipped, req, pos, layer=1)
     block = _ssm_bytes(alloc, h)
-    kv_append(k, v, alloc, bad, req, pos, layer=1)
+    kv_append(k, v, bad, req, pos, PagedCache.of(alloc), layer=1)
     assert torch.equal(alloc.arena, want), "only the two valid tokens' slots may change"
     assert torch.equal(_ssm_bytes(alloc, h), block)
 
@@ -70,7 +70,7 @@ def test_kv_append_ssm_handle_host_check():
     alloc, bad, _, h, _ = _case()
     before = alloc.arena.clone()
     with pytest.raises(InvalidHandleError, match=_msg(h, "block_table[1, 1] (token 1)")):
-        kv_append(*_append_inputs()[:2], alloc, bad, *_append_inputs()[2:], layer=1)
+        kv_append(*_append_inputs()[:2], bad, *_append_inputs()[2:], PagedCache.of(alloc), layer=1)
     assert torch.equal(alloc.arena, before)
 
 
@@ -79,10 +79,11 @@ def test_kv_append_position_past_table_host_check():
     alloc, _, skipped, _, _ = _case()
     k, v, req, _ = _append_inputs()
     before = alloc.arena.clone()
+    cache = PagedCache.of(alloc)
     with pytest.raises(ValueError, match=re.escape("token_pos[2]=64 is outside [0, 64)")):
-        kv_append(k, v, alloc, skipped, req, i32([5, 20, 64]), layer=0)
+        kv_append(k, v, skipped, req, i32([5, 20, 64]), cache, layer=0)
     with pytest.raises(ValueError, match=re.escape("token_req[0]=2 is not a block_table row")):
-        kv_append(k, v, alloc, skipped, i32([2, 0, 0]), i32([5, 20, 3]), layer=0)
+        kv_append(k, v, skipped, i32([2, 0, 0]), i32([5, 20, 3]), cache, layer=0)
     assert torch.equal(alloc.arena, before)
 
 
@@ -91,8 +92,8 @@ def test_decode_ssm_handle_device_path(num_splits, device_checks_only):
     alloc, bad, skipped, _, _ = _case()
     before = alloc.arena.clone()
     q = torch.randn(2, 4, 64, device=DEVICE)
-    out = paged_decode_attention(q, alloc, bad, i32(SEQ_LENS), layer=2, num_splits=num_splits,
-                                 out=nan_like((2, 4, 64), torch.float32))
+    out = paged_decode_attention(q, bad, i32(SEQ_LENS), PagedCache.of(alloc), layer=2,
+                                 out=nan_like((2, 4, 64), torch.float32), config=DecodeConfig(num_splits=num_splits))
     ref = paged_decode_attention_ref(q, alloc.arena, alloc.handle_table, layout_of(alloc), skipped, i32(SEQ_LENS),
                                      layer=2)
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
@@ -102,10 +103,11 @@ def test_decode_ssm_handle_device_path(num_splits, device_checks_only):
 @host_checks
 def test_decode_ssm_handle_host_check():
     alloc, bad, _, h, _ = _case()
+    cache = PagedCache.of(alloc)
     with pytest.raises(InvalidHandleError, match=_msg(h, "block_table[1, 1]")):
-        paged_decode_attention(torch.randn(2, 4, 64, device=DEVICE), alloc, bad, i32(SEQ_LENS), layer=0)
+        paged_decode_attention(torch.randn(2, 4, 64, device=DEVICE), bad, i32(SEQ_LENS), cache, layer=0)
     with pytest.raises(ValueError, match=re.escape("seq_lens[0]=65 is outside [0, 64]")):
-        paged_decode_attention(torch.randn(2, 4, 64, device=DEVICE), alloc, bad, i32([65, 1]), layer=0)
+        paged_decode_attention(torch.randn(2, 4, 64, device=DEVICE), bad, i32([65, 1]), cache, layer=0)
 
 
 def _prefill_inputs(q_lens=(7, 5)):
@@ -119,8 +121,9 @@ def test_prefill_ssm_handle_device_path(device_checks_only):
     alloc, bad, skipped, _, _ = _case()
     before = alloc.arena.clone()
     q, cu = _prefill_inputs()
-    out = paged_prefill_attention(q, alloc, bad, i32(SEQ_LENS), cu, layer=1, out=torch.full_like(q, float("nan")))
-    want = paged_prefill_attention(q, alloc, skipped, i32(SEQ_LENS), cu, layer=1)
+    cache = PagedCache.of(alloc)
+    out = paged_prefill_attention(q, bad, i32(SEQ_LENS), cu, cache, layer=1, out=torch.full_like(q, float("nan")))
+    want = paged_prefill_attention(q, skipped, i32(SEQ_LENS), cu, cache, layer=1)
     assert not out.isnan().any()
     assert torch.equal(out, want)
     assert torch.equal(alloc.arena, before)
@@ -130,6 +133,7 @@ def test_prefill_ssm_handle_device_path(device_checks_only):
 def test_prefill_bad_metadata_host_checks():
     alloc, bad, skipped, h, _ = _case()
     q, cu = _prefill_inputs()
+    cache = PagedCache.of(alloc)
     cases = [
         (bad, cu, SEQ_LENS, InvalidHandleError, _msg(h, "block_table[1, 1]")),
         (skipped, i32([0, 7, 13]), SEQ_LENS, ValueError, re.escape("cu_seqlens_q[-1]=13 is past the end of the 12")),
@@ -140,7 +144,7 @@ def test_prefill_bad_metadata_host_checks():
     for bt, c, sl, exc, match in cases:
         out = torch.full_like(q, float("nan"))
         with pytest.raises(exc, match=match):
-            paged_prefill_attention(q, alloc, bt, i32(sl), c, layer=0, out=out)
+            paged_prefill_attention(q, bt, i32(sl), c, cache, layer=0, out=out)
         assert out.isnan().all(), "nothing may be written before the error"
 
 
@@ -149,7 +153,7 @@ def test_prefill_propagates_nan():
     alloc, _, _, _, bt = _case()
     q, cu = _prefill_inputs()
     q[3, 1] = float("nan")
-    out = paged_prefill_attention(q, alloc, bt, i32(SEQ_LENS), cu, layer=0)
+    out = paged_prefill_attention(q, bt, i32(SEQ_LENS), cu, PagedCache.of(alloc), layer=0)
     assert out[3, 1].isnan().all()
     ref = paged_prefill_attention_ref(q, cu, i32(SEQ_LENS), bt, alloc.arena, alloc.handle_table,
                                       layout_of(alloc), 0)
@@ -164,7 +168,7 @@ _PAST_END_SCRIPT = textwrap.dedent("""
     import avmp_triton.ops.paged_prefill as launcher
     launcher.on_host = lambda *tensors: False      # what a GPU run gets: no host read of cu_seqlens_q
     from test_paged_attention import DEVICE, fill_arena, i32, make_alloc, make_spec, scattered_table
-    from avmp_triton.ops import paged_prefill_attention
+    from avmp_triton.ops import PagedCache, paged_prefill_attention
     alloc = make_alloc(make_spec(2), 16, kv_pages=12)
     bt = scattered_table(alloc, [40, 23], width=4)
     fill_arena(alloc)
@@ -173,8 +177,9 @@ _PAST_END_SCRIPT = textwrap.dedent("""
     qbuf = torch.randn(T + 2 * guard, 4, 64, device=DEVICE)
     obuf = torch.full_like(qbuf, 7.0)
     q, out = qbuf[guard:guard + T], obuf[guard:guard + T]
+    cache = PagedCache.of(alloc)
     for cu in ([0, 7, {past}], [0, 9, 8], [-5, 3, 12]):
-        paged_prefill_attention(q, alloc, bt, i32([40, 23]), i32(cu), layer=0, out=out)
+        paged_prefill_attention(q, bt, i32([40, 23]), i32(cu), cache, layer=0, out=out)
         assert torch.equal(alloc.arena, before), "arena changed"
         assert (obuf[:guard] == 7.0).all() and (obuf[guard + T:] == 7.0).all(), "wrote outside out"
     print("survived")

@@ -26,7 +26,7 @@ import random
 import pytest
 import torch
 
-from avmp_triton import AVMPAllocator, get_preset
+from avmp_triton import AVMPAllocator, PagedCache, get_preset
 from avmp_triton.layout import kv_page_layout, ssm_block_layout
 from avmp_triton.ops import decode_config, decode_workspace, kv_append, paged_decode_attention
 from avmp_triton.ops.mamba_state import causal_conv1d_update, mamba1_state_update, mamba2_state_update
@@ -155,16 +155,17 @@ def test_decode_step_cuda_graph(seed, preset, ssm_dtype):
                         sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
     ws = decode_workspace(B, HQ, spec.head_dim, cfg.num_splits, "cuda")
     ssm_op = mamba2_state_update if spec.mamba_version == 2 else mamba1_state_update
-    arena, table, kinds = alloc.arena, alloc.handle_table, alloc.handle_kind
+    arena, table = alloc.arena, alloc.handle_table
+    cache = PagedCache.of(alloc)
 
     def step():
-        kv_append(buf["k"], buf["v"], alloc, bt, buf["token_req"], buf["token_pos"], layer=ATTN_LAYER)
-        paged_decode_attention(buf["q"], alloc, bt, buf["seq_lens"], layer=ATTN_LAYER, out=buf["attn_out"],
+        kv_append(buf["k"], buf["v"], bt, buf["token_req"], buf["token_pos"], cache, layer=ATTN_LAYER)
+        paged_decode_attention(buf["q"], bt, buf["seq_lens"], cache, layer=ATTN_LAYER, out=buf["attn_out"],
                                workspace=ws, max_seq_len=W * T)
-        causal_conv1d_update(arena, table, ssm_handles, spec, MAMBA_LAYER, buf["conv_x"], buf["conv_w"],
-                             buf["conv_b"], "silu", handle_kinds=kinds, out=buf["conv_out"])
-        ssm_op(arena, table, ssm_handles, spec, MAMBA_LAYER, buf["x"], buf["dt"], buf["A"], buf["B"], buf["C"],
-               buf["D"], buf["z"], buf["dt_bias"], handle_kinds=kinds, dt_softplus=True, out=buf["ssm_out"])
+        causal_conv1d_update(buf["conv_x"], buf["conv_w"], ssm_handles, cache, layer=MAMBA_LAYER, bias=buf["conv_b"],
+                             activation="silu", out=buf["conv_out"])
+        ssm_op(buf["x"], buf["dt"], buf["A"], buf["B"], buf["C"], ssm_handles, cache, layer=MAMBA_LAYER, D=buf["D"],
+               z=buf["z"], dt_bias=buf["dt_bias"], dt_softplus=True, out=buf["ssm_out"])
 
     # compile every kernel outside the capture, then undo what that eager step wrote
     snapshot = arena.clone()

@@ -14,13 +14,14 @@ import sys
 import pytest
 import torch
 
-from avmp_triton import InvalidHandleError
+from avmp_triton import InvalidHandleError, PagedCache
 from avmp_triton.ops.mamba_state import (
     causal_conv1d_update, conv1d_launch_config, mamba1_launch_config, mamba1_state_update, mamba2_launch_config,
     mamba2_state_update,
 )
 from avmp_triton.ops.mamba_prefill import (
-    causal_conv1d_prefill, conv1d_prefill_launch_config, mamba1_scan_prefill, mamba2_scan_prefill,
+    MambaPrefillConfig, causal_conv1d_prefill, conv1d_prefill_launch_config, mamba1_scan_prefill,
+    mamba2_scan_prefill,
 )
 from test_mamba_prefill import CPU_CHUNK, DEVICE, F32, INPUTS_OF, LAYER, N_BLOCKS, SPEC_OF, Env, run_ref
 
@@ -68,44 +69,50 @@ class Case:
     def raw(self, handles, out, cu=None, inputs=None):
         """The custom op itself: no host check of the metadata's values."""
         a, lay, i = self.env.alloc, self.env.layout, inputs or self.inputs
-        where = (a.arena, a.handle_table, a.handle_kind, handles)
+        where = (a.arena, a.handle_table, a.handle_kind, out)   # after the metadata, in every custom op
+        meta = (handles, self.cu if cu is None else cu, self.init)
         spec = self.env.spec
         if self.op == "causal_conv1d_update":
-            torch.ops.avmp.causal_conv1d_update(*where, i["x"], i["weight"], i["bias"], out, lay.conv_offset(LAYER),
-                                                F32, True, *conv1d_launch_config(spec.conv_channels, spec.d_conv))
+            cfg = conv1d_launch_config(spec.conv_channels, spec.d_conv)
+            torch.ops.avmp.causal_conv1d_update(i["x"], i["weight"], i["bias"], handles, *where,
+                                                lay.conv_offset(LAYER), F32, True, cfg.block, cfg.num_warps)
         elif self.op == "mamba1_state_update":
-            torch.ops.avmp.mamba1_state_update(*where, *[i[k] for k in SCAN_KEYS], out, lay.ssm_offset(LAYER), F32,
-                                               True, *mamba1_launch_config(spec.d_inner, spec.d_state))
+            cfg = mamba1_launch_config(spec.d_inner, spec.d_state)
+            torch.ops.avmp.mamba1_state_update(*[i[k] for k in SCAN_KEYS], handles, *where, lay.ssm_offset(LAYER),
+                                               F32, True, cfg.block, cfg.num_warps)
         elif self.op == "mamba2_state_update":
-            torch.ops.avmp.mamba2_state_update(*where, *[i[k] for k in SCAN_KEYS], out, lay.ssm_offset(LAYER), F32,
-                                               True, *mamba2_launch_config(spec.mamba_head_dim, spec.d_state))
+            cfg = mamba2_launch_config(spec.mamba_head_dim, spec.d_state)
+            torch.ops.avmp.mamba2_state_update(*[i[k] for k in SCAN_KEYS], handles, *where, lay.ssm_offset(LAYER),
+                                               F32, True, cfg.block, cfg.num_warps)
         elif self.op == "causal_conv1d_prefill":
-            torch.ops.avmp.causal_conv1d_prefill(
-                i["x"], i["weight"], i["bias"], out, *where[:3], handles, self.cu if cu is None else cu, self.init,
-                lay.conv_offset(LAYER), F32, True, *conv1d_prefill_launch_config(spec.conv_channels, spec.d_conv))
+            cfg = conv1d_prefill_launch_config(spec.conv_channels, spec.d_conv)
+            torch.ops.avmp.causal_conv1d_prefill(i["x"], i["weight"], i["bias"], *meta, *where,
+                                                 lay.conv_offset(LAYER), F32, True, cfg.block_t, cfg.block,
+                                                 cfg.num_warps)
         else:   # the scans; channel blocks smaller than the layer, so several programs share a request
             fn = torch.ops.avmp.mamba1_scan_prefill if self.kind == "m1" else torch.ops.avmp.mamba2_scan_prefill
-            fn(*[i[k] for k in SCAN_KEYS], out, *where[:3], handles, self.cu if cu is None else cu, self.init,
-               lay.ssm_offset(LAYER), F32, True, self.algorithm == "chunked", CPU_CHUNK[self.kind],
-               8 if self.kind == "m1" else 16, 2)
+            fn(*[i[k] for k in SCAN_KEYS], *meta, *where, lay.ssm_offset(LAYER), F32, True,
+               self.algorithm == "chunked", CPU_CHUNK[self.kind], 8 if self.kind == "m1" else 16, 2)
         return out
 
     def launch(self, handles, cu=None):
         """The public launcher."""
-        a, i = self.env.alloc, self.inputs
-        where = (a.arena, a.handle_table, handles, self.env.spec, LAYER)
-        kw = dict(handle_kinds=a.handle_kind)
+        i, cache = self.inputs, PagedCache.of(self.env.alloc)
+        meta = (handles, self.cu if cu is None else cu, self.init)
         if self.op == "causal_conv1d_update":
-            return causal_conv1d_update(*where, i["x"], i["weight"], i["bias"], "silu", **kw)
+            return causal_conv1d_update(i["x"], i["weight"], handles, cache, layer=LAYER, bias=i["bias"],
+                                        activation="silu")
+        if self.op == "causal_conv1d_prefill":
+            return causal_conv1d_prefill(i["x"], i["weight"], *meta, cache, layer=LAYER, bias=i["bias"],
+                                         activation="silu")
+        scan_in = [i[k] for k in ("x", "dt", "A", "B", "C")]
+        scan_kw = dict(layer=LAYER, D=i["D"], z=i["z"], dt_bias=i["dt_bias"], dt_softplus=True)
         if is_decode(self.op):
             fn = mamba1_state_update if self.kind == "m1" else mamba2_state_update
-            return fn(*where, *[i[k] for k in SCAN_KEYS], dt_softplus=True, **kw)
-        kw.update(cu_seqlens=self.cu if cu is None else cu, has_initial_state=self.init)
-        if self.op == "causal_conv1d_prefill":
-            return causal_conv1d_prefill(*where, i["x"], i["weight"], i["bias"], "silu", **kw)
+            return fn(*scan_in, handles, cache, **scan_kw)
         fn = mamba1_scan_prefill if self.kind == "m1" else mamba2_scan_prefill
-        return fn(*where, *[i[k] for k in SCAN_KEYS], dt_softplus=True, algorithm=self.algorithm,
-                  chunk_size=CPU_CHUNK[self.kind], **kw)
+        return fn(*scan_in, *meta, cache, **scan_kw,
+                  config=MambaPrefillConfig(algorithm=self.algorithm, chunk_size=CPU_CHUNK[self.kind]))
 
     def state_mask(self, handles):
         """Arena bytes the op may write: its layer's state in the unit of every handle given."""

@@ -12,10 +12,14 @@ import dataclasses
 import pytest
 import torch
 
-from avmp_triton import AVMPAllocator, HybridModelSpec
+from avmp_triton import AVMPAllocator, HybridModelSpec, PagedCache
 from avmp_triton.layout import ssm_block_layout
-from avmp_triton.ops.mamba_state import MambaStateOps
-from avmp_triton.ops.mamba_prefill import causal_conv1d_prefill, mamba1_scan_prefill, mamba2_scan_prefill
+from avmp_triton.ops.mamba_prefill import (
+    MambaPrefillConfig,
+    causal_conv1d_prefill,
+    mamba1_scan_prefill,
+    mamba2_scan_prefill,
+)
 from avmp_triton.reference.mamba_prefill import (
     causal_conv1d_prefill_ref,
     mamba1_scan_prefill_ref,
@@ -69,6 +73,16 @@ class Env:
         self.blocks = a.alloc_ssm(N_BLOCKS)
         for h in self.blocks.tolist():
             self.fill_block(h)
+        self.cache = PagedCache.of(a)   # a view: stays valid while the allocator moves blocks
+
+    def view(self, arena, table=None, kinds=None, spec=True) -> PagedCache:
+        """A PagedCache built by hand over ``arena`` (a copy of the allocator's) and the
+        allocator's handle table and kinds (or the given copies): the spec's SSM layout and
+        dtypes, the spec itself unless ``spec=False``."""
+        return PagedCache(arena=arena, handle_table=self.alloc.handle_table if table is None else table,
+                          handle_kinds=self.alloc.handle_kind if kinds is None else kinds,
+                          ssm_layout=self.layout, ssm_dtype=self.spec.ssm_dtype, conv_dtype=self.spec.conv_dtype,
+                          spec=self.spec if spec else None)
 
     def fill_block(self, h: int) -> None:
         """Random (finite, moderate) states in every layer of block ``h``."""
@@ -152,17 +166,16 @@ def _take(inputs: dict, idx: torch.Tensor) -> dict:
 CPU_CHUNK = {"m1": 4, "m2": 16}
 
 
-def run_op(kind, inputs, arena, table, kinds, handles, cu, init, spec, *, out=None, algorithm="serial",
-           activation="silu", chunk_size="cpu", dt_softplus=True):
+def run_op(kind, inputs, cache, handles, cu, init, *, out=None, algorithm="serial", activation="silu",
+           chunk_size="cpu", dt_softplus=True):
     if kind == "conv":
-        return causal_conv1d_prefill(arena, table, handles, spec, LAYER, inputs["x"], inputs["weight"],
-                                     inputs["bias"], activation, handle_kinds=kinds, cu_seqlens=cu,
-                                     has_initial_state=init, out=out)
+        return causal_conv1d_prefill(inputs["x"], inputs["weight"], handles, cu, init, cache, layer=LAYER,
+                                     bias=inputs["bias"], activation=activation, out=out)
     fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
-    extra = {} if chunk_size is None else dict(chunk_size=CPU_CHUNK[kind] if chunk_size == "cpu" else chunk_size)
-    return fn(arena, table, handles, spec, LAYER, inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"],
-              inputs["D"], inputs["z"], inputs["dt_bias"], handle_kinds=kinds, cu_seqlens=cu, has_initial_state=init,
-              dt_softplus=dt_softplus, out=out, algorithm=algorithm, **extra)
+    chunk = None if chunk_size is None else CPU_CHUNK[kind] if chunk_size == "cpu" else chunk_size
+    return fn(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], handles, cu, init, cache,
+              layer=LAYER, D=inputs["D"], z=inputs["z"], dt_bias=inputs["dt_bias"], dt_softplus=dt_softplus, out=out,
+              config=MambaPrefillConfig(algorithm=algorithm, chunk_size=chunk))
 
 
 def run_ref(kind, inputs, arena, table, handles, cu, init, spec, activation="silu", dt_softplus=True):
@@ -194,8 +207,7 @@ def test_prefill_matches_reference(kind, algorithm, in_dtype, state_dtype):
     ref_arena = a.arena.clone()
     want = run_ref(kind, inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
     out = torch.full_like(want, float("nan"))
-    got = run_op(kind, inputs, a.arena, a.handle_table, a.handle_kind, handles, cu, init, env.spec, out=out,
-                 algorithm=algorithm)
+    got = run_op(kind, inputs, env.cache, handles, cu, init, out=out, algorithm=algorithm)
     assert got is out
     tol = _tol(in_dtype, state_dtype, chunked=algorithm == "chunked")
     torch.testing.assert_close(got.float(), want.float(), **tol)
@@ -215,8 +227,7 @@ def test_two_chunks_equal_one(kind, algorithm):
     inputs = INPUTS_OF[kind](env.spec, T, F32)
     a = env.alloc
     one_arena = a.arena.clone()
-    want = run_op(kind, inputs, one_arena, a.handle_table, a.handle_kind, handles, cu, init, env.spec,
-                  algorithm=algorithm)
+    want = run_op(kind, inputs, env.view(one_arena), handles, cu, init, algorithm=algorithm)
 
     # the same tokens, reordered into two packed chunks
     starts = cu.tolist()
@@ -225,8 +236,8 @@ def test_two_chunks_equal_one(kind, algorithm):
     in1, in2 = _take(inputs, idx1), _take(inputs, idx2)
     _, cu1, _, _ = env.batch(lens=first, handles=handles, pad=0)
     _, cu2, init2, _ = env.batch(lens=second, init=[1] * len(LENS), handles=handles, pad=0)
-    y1 = run_op(kind, in1, a.arena, a.handle_table, a.handle_kind, handles, cu1, init, env.spec, algorithm=algorithm)
-    y2 = run_op(kind, in2, a.arena, a.handle_table, a.handle_kind, handles, cu2, init2, env.spec, algorithm=algorithm)
+    y1 = run_op(kind, in1, env.cache, handles, cu1, init, algorithm=algorithm)
+    y2 = run_op(kind, in2, env.cache, handles, cu2, init2, algorithm=algorithm)
     got = torch.empty_like(want)
     got[idx1] = y1
     got[idx2] = y2
@@ -263,10 +274,12 @@ def test_compaction_between_chunks(kind, algorithm):
     _, cu2, init2, _ = env.batch(lens=second, init=[1] * len(LENS), handles=handles, pad=0)
 
     still_arena, still_table, still_kinds = a.arena.clone(), a.handle_table.clone(), a.handle_kind.clone()
-    w1 = run_op(kind, in1, still_arena, still_table, still_kinds, handles, cu1, init, env.spec, algorithm=algorithm)
-    w2 = run_op(kind, in2, still_arena, still_table, still_kinds, handles, cu2, init2, env.spec, algorithm=algorithm)
+    still = env.view(still_arena, still_table, still_kinds)
+    w1 = run_op(kind, in1, still, handles, cu1, init, algorithm=algorithm)
+    w2 = run_op(kind, in2, still, handles, cu2, init2, algorithm=algorithm)
 
-    y1 = run_op(kind, in1, a.arena, a.handle_table, a.handle_kind, handles, cu1, init, env.spec, algorithm=algorithm)
+    cache = env.cache   # taken before the compaction: the view follows the moved blocks
+    y1 = run_op(kind, in1, cache, handles, cu1, init, algorithm=algorithm)
     live = set(handles.tolist())
     others = torch.tensor([h for h in env.blocks.tolist() if h not in live], dtype=torch.int32, device=DEVICE)
     a.free(others, "ssm")
@@ -275,7 +288,7 @@ def test_compaction_between_chunks(kind, algorithm):
     a.rebalance("kv", ssm_slabs - -(-len(live) // per_slab))
     moved = a.handle_table[handles.long()] != old
     assert bool(moved.any()), "compaction moved none of the live blocks"
-    y2 = run_op(kind, in2, a.arena, a.handle_table, a.handle_kind, handles, cu2, init2, env.spec, algorithm=algorithm)
+    y2 = run_op(kind, in2, cache, handles, cu2, init2, algorithm=algorithm)
 
     assert torch.equal(y1, w1) and torch.equal(y2, w2)
     block = env.spec.ssm_block_bytes
@@ -294,7 +307,7 @@ def test_conv_other_widths_and_no_bias(d_conv):
     a = env.alloc
     before, ref_arena = a.arena.clone(), a.arena.clone()
     want = run_ref("conv", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec, activation=None)
-    got = run_op("conv", inputs, a.arena, a.handle_table, a.handle_kind, handles, cu, init, env.spec, activation=None)
+    got = run_op("conv", inputs, env.cache, handles, cu, init, activation=None)
     tol = _tol(F32, F32)
     torch.testing.assert_close(got, want, **tol)
     check_arena(env, before, a.arena, ref_arena, handles, "conv", F32, tol)
@@ -308,7 +321,7 @@ def test_conv_short_request_keeps_older_rows():
     off = int(env.alloc.handle_table[int(handles[0])]) + env.layout.conv_offset(LAYER)
     state = env.alloc.arena[off:off + env.layout.conv_layer_bytes].view(F32).view(3, -1)
     old = state.clone()
-    run_op("conv", inputs, env.alloc.arena, env.alloc.handle_table, env.alloc.handle_kind, handles, cu, init, env.spec)
+    run_op("conv", inputs, env.cache, handles, cu, init)
     assert torch.equal(state[:2], old[1:]) and torch.equal(state[2], inputs["x"][0])
 
 
@@ -323,10 +336,10 @@ def test_conv_many_token_blocks(block_t):
     before, ref_arena = a.arena.clone(), a.arena.clone()
     want = run_ref("conv", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
     out = torch.full_like(want, float("nan"))
-    got = causal_conv1d_prefill(a.arena, a.handle_table, handles, env.spec, LAYER, inputs["x"], inputs["weight"],
-                                inputs["bias"], "silu", handle_kinds=a.handle_kind, cu_seqlens=cu,
-                                has_initial_state=init, out=out,
-                                block_t=block_t)
+    got = causal_conv1d_prefill(inputs["x"], inputs["weight"], handles, cu, init, env.cache, layer=LAYER,
+                                bias=inputs["bias"], activation="silu", out=out,
+                                config=MambaPrefillConfig(block_t=block_t))
+    assert got is out
     tol = _tol(F32, F32)
     torch.testing.assert_close(got, want, **tol)
     check_arena(env, before, a.arena, ref_arena, handles, "conv", F32, tol)
@@ -334,18 +347,21 @@ def test_conv_many_token_blocks(block_t):
 
 @pytest.mark.parametrize("G", [1, 4])
 def test_mamba2_group_counts(G):
-    """Groups other than the spec's (1 = shared B/C, 4 = one per head), bool has_initial_state."""
+    """Groups other than the spec's (1 = shared B/C, 4 = one per head), bool has_initial_state. A
+    cache with the spec holds B/C to the spec's groups; one of the layout and dtypes only (no
+    spec) takes any group count that divides the heads."""
     env = Env(M2_SPEC, F32)
     handles, cu, init, T = env.batch()
     init = init.bool()
     inputs = m2_inputs(env.spec, T, F32, G=G)
     a = env.alloc
+    with pytest.raises(ValueError, match=f"B has n_groups={G}; spec 'm2' has 2"):
+        run_op("m2", inputs, env.view(a.arena.clone()), handles, cu, init)
     ref_arena = a.arena.clone()
     want = run_ref("m2", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
     for algorithm in ("serial", "chunked"):
         arena = a.arena.clone()
-        got = run_op("m2", inputs, arena, a.handle_table, a.handle_kind, handles, cu, init, env.spec,
-                     algorithm=algorithm)
+        got = run_op("m2", inputs, env.view(arena, spec=False), handles, cu, init, algorithm=algorithm)
         torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
         torch.testing.assert_close(arena.view(F32), ref_arena.view(F32), atol=2e-4, rtol=2e-4, equal_nan=True)
 
@@ -364,63 +380,64 @@ def test_optional_inputs_absent(kind, algorithm):
     fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
     args = (inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
     want = fn_ref(*args, ref_arena, a.handle_table, handles, cu, init, env.spec, LAYER)
-    got = fn(a.arena, a.handle_table, handles, env.spec, LAYER, *args, handle_kinds=a.handle_kind, cu_seqlens=cu,
-             has_initial_state=init,
-             algorithm=algorithm, chunk_size=CPU_CHUNK[kind])
+    got = fn(*args, handles, cu, init, env.cache, layer=LAYER,
+             config=MambaPrefillConfig(algorithm=algorithm, chunk_size=CPU_CHUNK[kind]))
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(a.arena.view(F32), ref_arena.view(F32), atol=2e-4, rtol=2e-4, equal_nan=True)
 
 
 @pytest.mark.parametrize("kind,algorithm", CASES, ids=CASE_IDS)
 def test_layout_instead_of_spec(kind, algorithm):
-    """An SSMBlockLayout plus the state dtype addresses the same bytes as the spec."""
+    """A cache of an SSMBlockLayout plus the state dtypes (no spec) addresses the same bytes as the spec's."""
     env = Env(SPEC_OF[kind], BF16)
     handles, cu, init, T = env.batch()
     inputs = INPUTS_OF[kind](env.spec, T, F32)
     a = env.alloc
     arena2 = a.arena.clone()
-    want = run_op(kind, inputs, arena2, a.handle_table, a.handle_kind, handles, cu, init, env.spec,
-                  algorithm=algorithm)
-    dtype_kw = {"conv_dtype" if kind == "conv" else "state_dtype": BF16, "handle_kinds": a.handle_kind}
+    want = run_op(kind, inputs, env.view(arena2), handles, cu, init, algorithm=algorithm)
+    cache = PagedCache(arena=a.arena, handle_table=a.handle_table, handle_kinds=a.handle_kind, ssm_layout=env.layout,
+                       ssm_dtype=BF16, conv_dtype=BF16)
+    meta = (handles, cu, init, cache)
     if kind == "conv":
-        got = causal_conv1d_prefill(a.arena, a.handle_table, handles, env.layout, LAYER, inputs["x"],
-                                    inputs["weight"], inputs["bias"], "silu", cu_seqlens=cu, has_initial_state=init,
-                                    **dtype_kw)
+        got = causal_conv1d_prefill(inputs["x"], inputs["weight"], *meta, layer=LAYER, bias=inputs["bias"],
+                                    activation="silu")
     else:
         fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
-        got = fn(a.arena, a.handle_table, handles, env.layout, LAYER, inputs["x"], inputs["dt"], inputs["A"],
-                 inputs["B"], inputs["C"], inputs["D"], inputs["z"], inputs["dt_bias"], cu_seqlens=cu,
-                 has_initial_state=init, dt_softplus=True, algorithm=algorithm, chunk_size=CPU_CHUNK[kind],
-                 **dtype_kw)
+        got = fn(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], *meta, layer=LAYER,
+                 D=inputs["D"], z=inputs["z"], dt_bias=inputs["dt_bias"], dt_softplus=True,
+                 config=MambaPrefillConfig(algorithm=algorithm, chunk_size=CPU_CHUNK[kind]))
     assert torch.equal(got, want) and torch.equal(a.arena, arena2)
 
 
 @pytest.mark.parametrize("kind,algorithm", CASES, ids=CASE_IDS)
-def test_bound_ops_match_functions(kind, algorithm):
-    """MambaStateOps(alloc).<prefill op>(handles, layer, ...) == the function on alloc's tensors."""
+def test_allocator_cache_matches_hand_built(kind, algorithm):
+    """PagedCache.of(alloc) (what MambaStateOps(alloc) bound) == a cache built by hand over the
+    allocator's tensors, the spec's layout and dtypes."""
     env = Env(SPEC_OF[kind], F32)
     handles, cu, init, T = env.batch()
     inputs = INPUTS_OF[kind](env.spec, T, F32)
     a = env.alloc
     arena2 = a.arena.clone()
-    want = run_op(kind, inputs, arena2, a.handle_table, a.handle_kind, handles, cu, init, env.spec,
-                  algorithm=algorithm)
-    ops = MambaStateOps(a)
-    meta = dict(cu_seqlens=cu, has_initial_state=init)
+    want = run_op(kind, inputs, env.view(arena2), handles, cu, init, algorithm=algorithm)
+    cache = PagedCache.of(a)
+    assert cache.arena is a.arena and cache.handle_table is a.handle_table and cache.handle_kinds is a.handle_kind
+    assert cache.ssm_layout == env.layout and cache.spec is env.spec and cache.num_mamba_layers == 2
+    meta = (handles, cu, init, cache)
     if kind == "conv":
-        got = ops.causal_conv1d_prefill(handles, LAYER, inputs["x"], inputs["weight"], inputs["bias"], "silu", **meta)
+        got = causal_conv1d_prefill(inputs["x"], inputs["weight"], *meta, layer=LAYER, bias=inputs["bias"],
+                                    activation="silu")
     else:
-        fn = ops.mamba1_scan_prefill if kind == "m1" else ops.mamba2_scan_prefill
-        got = fn(handles, LAYER, inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
-                 inputs["z"], inputs["dt_bias"], **meta, dt_softplus=True, algorithm=algorithm,
-                 chunk_size=CPU_CHUNK[kind])
+        fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
+        got = fn(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], *meta, layer=LAYER,
+                 D=inputs["D"], z=inputs["z"], dt_bias=inputs["dt_bias"], dt_softplus=True,
+                 config=MambaPrefillConfig(algorithm=algorithm, chunk_size=CPU_CHUNK[kind]))
     assert torch.equal(got, want) and torch.equal(a.arena, arena2)
 
 
-@pytest.mark.parametrize("kind,launch", [("conv", dict(block_t=4, block_c=8, num_warps=1)),
-                                         ("conv", dict(block_t=32, block_c=16, num_warps=2)),
-                                         ("m2", dict(block_p=16, num_warps=2)),
-                                         ("m1", dict(block_d=4, num_warps=1))])
+@pytest.mark.parametrize("kind,launch", [("conv", dict(block_t=4, block=8, num_warps=1)),
+                                         ("conv", dict(block_t=32, block=16, num_warps=2)),
+                                         ("m2", dict(block=16, num_warps=2)),
+                                         ("m1", dict(block=4, num_warps=1))])
 def test_launch_overrides(kind, launch):
     """Other launch shapes give the reference result (tiles smaller than the request / channels)."""
     env = Env(SPEC_OF[kind], F32)
@@ -429,15 +446,15 @@ def test_launch_overrides(kind, launch):
     a = env.alloc
     before, ref_arena = a.arena.clone(), a.arena.clone()
     want = run_ref(kind, inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
-    meta = dict(handle_kinds=a.handle_kind, cu_seqlens=cu, has_initial_state=init, **launch)
+    meta = (handles, cu, init, env.cache)
     if kind == "conv":
-        got = causal_conv1d_prefill(a.arena, a.handle_table, handles, env.spec, LAYER, inputs["x"], inputs["weight"],
-                                    inputs["bias"], "silu", **meta)
+        got = causal_conv1d_prefill(inputs["x"], inputs["weight"], *meta, layer=LAYER, bias=inputs["bias"],
+                                    activation="silu", config=MambaPrefillConfig(**launch))
     else:
         fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
-        got = fn(a.arena, a.handle_table, handles, env.spec, LAYER, inputs["x"], inputs["dt"], inputs["A"],
-                 inputs["B"], inputs["C"], inputs["D"], inputs["z"], inputs["dt_bias"], **meta, dt_softplus=True,
-                 algorithm="chunked", chunk_size=CPU_CHUNK[kind])
+        got = fn(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], *meta, layer=LAYER,
+                 D=inputs["D"], z=inputs["z"], dt_bias=inputs["dt_bias"], dt_softplus=True,
+                 config=MambaPrefillConfig(algorithm="chunked", chunk_size=CPU_CHUNK[kind], **launch))
     tol = _tol(F32, F32)
     torch.testing.assert_close(got, want, **tol)
     check_arena(env, before, a.arena, ref_arena, handles, STATE_KIND[kind], F32, tol)
@@ -452,8 +469,7 @@ def test_mamba1_chunk_sizes(chunk_size):
     a = env.alloc
     before, ref_arena = a.arena.clone(), a.arena.clone()
     want = run_ref("m1", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
-    got = run_op("m1", inputs, a.arena, a.handle_table, a.handle_kind, handles, cu, init, env.spec, algorithm="chunked",
-                 chunk_size=chunk_size)
+    got = run_op("m1", inputs, env.cache, handles, cu, init, algorithm="chunked", chunk_size=chunk_size)
     tol = _tol(F32, F32)
     torch.testing.assert_close(got, want, **tol)
     check_arena(env, before, a.arena, ref_arena, handles, "ssm", F32, tol)
@@ -473,9 +489,9 @@ def test_custom_ops_registered_and_fake():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = {k: (mode.from_tensor(v) if v is not None else None) for k, v in inputs.items()}
         arena = mode.from_tensor(env.alloc.arena)
-        y = run_op("m2", fake, arena, mode.from_tensor(env.alloc.handle_table),
-                   mode.from_tensor(env.alloc.handle_kind), mode.from_tensor(handles),
-                   mode.from_tensor(cu), mode.from_tensor(init), env.spec, algorithm="chunked")
+        cache = env.view(arena, mode.from_tensor(env.alloc.handle_table), mode.from_tensor(env.alloc.handle_kind))
+        y = run_op("m2", fake, cache, mode.from_tensor(handles), mode.from_tensor(cu), mode.from_tensor(init),
+                   algorithm="chunked")
         assert y.shape == inputs["x"].shape and y.dtype == inputs["x"].dtype
 
 
@@ -487,15 +503,15 @@ def test_custom_op_opcheck(kind, algorithm):
     handles, cu, init, T = env.batch()
     i = INPUTS_OF[kind](env.spec, T, F32)
     a = env.alloc
-    common = (a.arena, a.handle_table, a.handle_kind, handles, cu, init)
+    out = torch.empty_like(i["x"])
+    # metadata, then the arena, handle table, kinds and out, then the static arguments
+    common = (handles, cu, init, a.arena, a.handle_table, a.handle_kind, out)
     if kind == "conv":
-        out = torch.empty_like(i["x"])
         op = torch.ops.avmp.causal_conv1d_prefill.default
-        args = (i["x"], i["weight"], i["bias"], out, *common, env.layout.conv_offset(LAYER), F32, True, 32, 16, 4)
+        args = (i["x"], i["weight"], i["bias"], *common, env.layout.conv_offset(LAYER), F32, True, 32, 16, 4)
     else:
-        out = torch.empty_like(i["x"])
         op = (torch.ops.avmp.mamba1_scan_prefill if kind == "m1" else torch.ops.avmp.mamba2_scan_prefill).default
-        args = (i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"], out, *common,
+        args = (i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"], *common,
                 env.layout.ssm_offset(LAYER), F32, True) + ((True, 16, 16, 4) if kind == "m2" else (True, 4, 16, 4))
     torch.library.opcheck(op, args)
 
@@ -508,13 +524,18 @@ def _bad_calls():
     def add(name, kind, env, mutate, err, match):
         cases.append((name, kind, env, mutate, err, match))
 
-    add("layer out of range", "m1", env1, lambda c: c.update(layer=2), ValueError, r"layer .*got 2")
+    add("layer out of range", "m1", env1, lambda c: c.update(layer=2), ValueError,
+        r"layer must be an int in \[0, 2\) \(the cache's Mamba layers\), got 2")
     add("cu_seqlens length", "m1", env1, lambda c: c.update(cu=c["cu"][:-1]), ValueError, r"cu_seqlens .*got 5")
     add("cu_seqlens dtype", "conv", envc, lambda c: c.update(cu=c["cu"].long()), TypeError, r"cu_seqlens .*int64")
-    add("handles dtype", "m2", env2, lambda c: c.update(handles=c["handles"].long()), TypeError, "ssm_handles")
+    add("handles dtype", "m2", env2, lambda c: c.update(handles=c["handles"].long()), TypeError,
+        "ssm_handles must be torch.int32, got torch.int64")
     add("init length", "m2", env2, lambda c: c.update(init=c["init"][:-1]), ValueError, "has_initial_state")
-    add("arena dtype", "m1", env1, lambda c: c.update(arena=c["arena"].view(torch.int32)), ValueError, "arena")
-    add("table dtype", "m1", env1, lambda c: c.update(table=c["table"].int()), ValueError, "handle_table")
+    # a bad tensor or layout of the cache: PagedCache(...) raises (CACHE_ERRORS)
+    add("arena dtype", "m1", env1, lambda c: c["cache"].update(arena=c["cache"]["arena"].view(torch.int32)), TypeError,
+        "arena must be torch.uint8, got torch.int32")
+    add("table dtype", "m1", env1, lambda c: c["cache"].update(handle_table=c["cache"]["handle_table"].int()),
+        TypeError, "handle_table must be torch.int64, got torch.int32")
     add("x channels", "conv", envc, lambda c: c["inputs"].update(x=c["inputs"]["x"][:, :7].contiguous()), ValueError,
         r"x must have shape \(30, 20\), got \(30, 7\)")
     add("weight width", "conv", envc, lambda c: c["inputs"].update(weight=c["inputs"]["weight"][:, :3].contiguous()),
@@ -532,23 +553,30 @@ def _bad_calls():
     add("out dtype", "m2", env2, lambda c: c.update(out=torch.empty(30, 4, 8, dtype=BF16, device=DEVICE)),
         TypeError, "out")
     add("out aliases x", "m2", env2, lambda c: c.update(out=c["inputs"]["x"]), ValueError, "share memory with x")
-    add("algorithm", "m2", env2, lambda c: c.update(algorithm="fast"), ValueError, "algorithm")
-    add("chunk size", "m2", env2, lambda c: c.update(chunk_size=24), ValueError, "chunk_size")
+    add("algorithm", "m2", env2, lambda c: c.update(algorithm="fast"), ValueError, "algorithm .*got 'fast'")
+    add("chunk size", "m2", env2, lambda c: c.update(chunk_size=24), ValueError, "chunk_size .*got 24")
     add("mamba2 chunk below 16", "m2", env2, lambda c: c.update(chunk_size=8), ValueError, r"chunk_size .*got 8")
     add("mamba1 algorithm", "m1", env1, lambda c: c.update(algorithm="parallel"), ValueError, "'parallel'")
     add("mamba1 chunk size", "m1", env1, lambda c: c.update(chunk_size=512), ValueError, r"chunk_size .*got 512")
     add("dt_softplus not bool", "m1", env1, lambda c: c.update(dt_softplus=1), TypeError, "dt_softplus")
-    add("layout without dtype", "m2", env2, lambda c: c.update(layout=env2.layout), TypeError, "state_dtype")
+    # an SSMBlockLayout without its state dtype (and no spec)
+    add("layout without dtype", "m2", env2, lambda c: c["cache"].update(ssm_dtype=None, spec=None), TypeError,
+        "ssm_dtype must be one of .* with an ssm_layout, got None")
     add("mamba1 op, mamba2 spec", "m1", env2, lambda c: None, ValueError, "this op is Mamba1")
     add("activation", "conv", envc, lambda c: c.update(activation="relu"), ValueError, "activation")
     env5 = Env(dataclasses.replace(CONV_SPEC, d_conv=5), F32)
     add("conv d_conv 5", "conv", env5, lambda c: None, ValueError, "d_conv must be at most 4.*got 5")
-    add("conv block_t", "conv", envc, lambda c: c.update(launch=dict(block_t=2)), ValueError, r"block_t must be >= d_conv - 1 = 3")
-    add("conv block_c", "conv", envc, lambda c: c.update(launch=dict(block_c=48)), ValueError, r"block_c .*got 48")
-    add("mamba2 block_p", "m2", env2, lambda c: c.update(algorithm="chunked", launch=dict(block_p=8)), ValueError,
-        r"block_p must be >= 16 .*got 8")
+    add("conv block_t", "conv", envc, lambda c: c.update(launch=dict(block_t=2)), ValueError,
+        r"block_t must be >= d_conv - 1 = 3, got 2")
+    add("conv block_c", "conv", envc, lambda c: c.update(launch=dict(block=48)), ValueError,
+        r"block must be a power of two >= 1, got 48")
+    add("mamba2 block_p", "m2", env2, lambda c: c.update(algorithm="chunked", launch=dict(block=8)), ValueError,
+        r"block must be >= 16 for the chunked scan \(tl.dot\), got 8")
     add("mamba1 num_warps", "m1", env1, lambda c: c.update(launch=dict(num_warps=3)), ValueError, r"num_warps .*got 3")
     return cases
+
+
+CACHE_ERRORS = {"arena dtype", "table dtype", "layout without dtype"}
 
 
 def test_launchers_validate():
@@ -557,24 +585,34 @@ def test_launchers_validate():
         assert T == 30
         make = conv_inputs if kind == "conv" else (m1_inputs if env.spec.mamba_version == 1 else m2_inputs)
         inputs = make(env.spec, T, F32)
-        c = dict(inputs=inputs, arena=env.alloc.arena, table=env.alloc.handle_table, kinds=env.alloc.handle_kind,
-                 handles=handles, cu=cu,
+        a = env.alloc
+        # the PagedCache keywords of a cache built by hand over the allocator's tensors
+        cache_kw = dict(arena=a.arena, handle_table=a.handle_table, handle_kinds=a.handle_kind, ssm_layout=env.layout,
+                        ssm_dtype=env.spec.ssm_dtype, conv_dtype=env.spec.conv_dtype, spec=env.spec)
+        c = dict(inputs=inputs, cache=cache_kw, handles=handles, cu=cu,
                  init=init, layer=LAYER, out=None, algorithm="serial", chunk_size=16, activation="silu",
-                 dt_softplus=True, layout=env.spec, launch={})
+                 dt_softplus=True, launch={})
         mutate(c)
-        before = env.alloc.arena.clone()
+        before = a.arena.clone()
         i = c["inputs"]
+        if name in CACHE_ERRORS:
+            with pytest.raises(err, match=match):
+                PagedCache(**c["cache"])
+            assert torch.equal(a.arena, before), name
+            continue
+        cache = PagedCache(**c["cache"])
         with pytest.raises(err, match=match):
-            where = (c["arena"], c["table"], c["handles"], c["layout"], c["layer"])
-            meta = dict(handle_kinds=c["kinds"], cu_seqlens=c["cu"], has_initial_state=c["init"], out=c["out"],
-                        **c["launch"])
+            meta = (c["handles"], c["cu"], c["init"], cache)
             if kind == "conv":
-                causal_conv1d_prefill(*where, i["x"], i["weight"], i["bias"], c["activation"], **meta)
+                causal_conv1d_prefill(i["x"], i["weight"], *meta, layer=c["layer"], bias=i["bias"],
+                                      activation=c["activation"], out=c["out"],
+                                      config=MambaPrefillConfig(**c["launch"]))
             else:
                 fn = mamba1_scan_prefill if kind == "m1" else mamba2_scan_prefill
-                fn(*where, i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"], **meta,
-                   dt_softplus=c["dt_softplus"], algorithm=c["algorithm"], chunk_size=c["chunk_size"])
-        assert torch.equal(env.alloc.arena, before), name
+                fn(i["x"], i["dt"], i["A"], i["B"], i["C"], *meta, layer=c["layer"], D=i["D"], z=i["z"],
+                   dt_bias=i["dt_bias"], dt_softplus=c["dt_softplus"], out=c["out"],
+                   config=MambaPrefillConfig(algorithm=c["algorithm"], chunk_size=c["chunk_size"], **c["launch"]))
+        assert torch.equal(a.arena, before), name
 
 
 # ------------------------------------------------------------------------------- GPU, real sizes
@@ -618,8 +656,7 @@ def _gpu_check(kind, spec, a, handles, cu, init, inputs, algorithm, tol):
     ref_arena = a.arena.clone()
     want = run_ref(kind, inputs, ref_arena, a.handle_table, handles, cu, init, spec)
     out = torch.full_like(want, float("nan"))
-    got = run_op(kind, inputs, a.arena, a.handle_table, a.handle_kind, handles, cu, init, spec, out=out,
-                 algorithm=algorithm,
+    got = run_op(kind, inputs, PagedCache.of(a), handles, cu, init, out=out, algorithm=algorithm,
                  chunk_size=64 if kind == "m2" else None)
     assert got.shape[0] == T and not got.isnan().any()
     _close_rel(got, want, tol)

@@ -14,10 +14,10 @@ import random
 import pytest
 import torch
 
-from avmp_triton import AVMPAllocator, HybridModelSpec, InvalidHandleError, get_preset
+from avmp_triton import AVMPAllocator, HybridModelSpec, InvalidHandleError, PagedCache, get_preset
 from avmp_triton.layout import ssm_block_layout
 from avmp_triton.ops.mamba_state import (
-    MambaStateOps,
+    MambaStateConfig,
     causal_conv1d_update,
     mamba1_state_update,
     mamba2_state_update,
@@ -170,20 +170,21 @@ def valid_of(alloc, handles):
     return R.valid_rows(alloc.handle_table, handles)
 
 
-def run_ssm_step(alloc, handles, layer, inp, *, softplus=True, use_out=True, **launch):
+def run_ssm_step(alloc, handles, layer, inp, *, softplus=True, use_out=True, config=None, cache=None):
     """Run the kernel and the reference for one step; check out, state and untouched bytes.
     The reference starts from the state the kernel left in the arena (gathered), so each step's
-    tolerance covers one step of rounding. Returns (the reference's new state, the kernel's output)."""
+    tolerance covers one step of rounding. ``cache`` defaults to ``PagedCache.of(alloc)``.
+    Returns (the reference's new state, the kernel's output)."""
     spec, lay = alloc.spec, ssm_block_layout(alloc.spec)
+    cache = PagedCache.of(alloc) if cache is None else cache
     op = mamba1_state_update if spec.mamba_version == 1 else mamba2_state_update
     ref = R.mamba1_state_update_ref if spec.mamba_version == 1 else R.mamba2_state_update_ref
     valid = R.valid_rows(alloc.handle_table, handles)
     before = alloc.arena.clone()
     prev = gather_ssm(alloc, handles, layer)
     out = nan_like(inp["x"]) if use_out else None
-    got = op(alloc.arena, alloc.handle_table, handles, spec, layer, inp["x"], inp["dt"], inp["A"], inp["B"],
-             inp["C"], inp["D"], inp["z"], inp["dt_bias"], handle_kinds=alloc.handle_kind, dt_softplus=softplus,
-             out=out, **launch)
+    got = op(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], handles, cache, layer=layer, D=inp["D"],
+             z=inp["z"], dt_bias=inp["dt_bias"], dt_softplus=softplus, out=out, config=config)
     if use_out:
         assert got is out
     assert got.shape == inp["x"].shape and got.dtype == inp["x"].dtype
@@ -200,14 +201,17 @@ def run_ssm_step(alloc, handles, layer, inp, *, softplus=True, use_out=True, **l
     return want_state, got
 
 
-def run_conv_step(alloc, handles, layer, inp, activation="silu", use_out=True, **launch):
+def run_conv_step(alloc, handles, layer, inp, activation="silu", use_out=True, config=None, cache=None):
     spec, lay = alloc.spec, ssm_block_layout(alloc.spec)
+    cache = PagedCache.of(alloc) if cache is None else cache
     valid = R.valid_rows(alloc.handle_table, handles)
     before = alloc.arena.clone()
     prev = R.gather_conv_state(alloc.arena, alloc.handle_table, handles, lay, layer, spec.conv_dtype)
     out = nan_like(inp["x"]) if use_out else None
-    got = causal_conv1d_update(alloc.arena, alloc.handle_table, handles, spec, layer, inp["x"], inp["weight"],
-                               inp["bias"], activation, handle_kinds=alloc.handle_kind, out=out, **launch)
+    got = causal_conv1d_update(inp["x"], inp["weight"], handles, cache, layer=layer, bias=inp["bias"],
+                               activation=activation, out=out, config=config)
+    if use_out:
+        assert got is out
     want_out, want_state = R.causal_conv1d_update_ref(prev, inp["x"], inp["weight"], inp["bias"],
                                                       activation, valid=valid)
     low = torch.bfloat16 if torch.bfloat16 in (spec.conv_dtype, inp["x"].dtype) else torch.float32
@@ -244,7 +248,7 @@ def test_mamba1_two_steps(seed, batch, ssm_dtype, in_dtype):
 
 @pytest.mark.parametrize("opts", [dict(D=False, z=False, bias=False, softplus=False),
                                   dict(D=True, z=False, bias=True, softplus=True, use_out=False),
-                                  dict(block_d=16, num_warps=2)])
+                                  dict(config=MambaStateConfig(block=16, num_warps=2))])
 def test_mamba1_options(seed, opts):
     opts = dict(opts)
     flags = {k: opts.pop(k) for k in ("D", "z", "bias") if k in opts}
@@ -273,7 +277,7 @@ def test_mamba2_two_steps(seed, batch, ssm_dtype, in_dtype):
 
 @pytest.mark.parametrize("opts", [dict(strided=True),
                                   dict(D=False, z=False, bias=False, softplus=False, use_out=False),
-                                  dict(block_p=4, num_warps=1)])
+                                  dict(config=MambaStateConfig(block=4, num_warps=1))])
 def test_mamba2_options(seed, opts):
     opts = dict(opts)
     flags = {k: opts.pop(k) for k in ("D", "z", "bias", "strided") if k in opts}
@@ -294,7 +298,8 @@ def test_conv1d_two_steps(seed, batch, conv_dtype, in_dtype, d_conv):
         run_conv_step(alloc, handles, layer, conv_inputs(alloc.spec, batch, in_dtype))
 
 
-@pytest.mark.parametrize("opts", [dict(activation=None, bias=False), dict(block_c=16, num_warps=1, use_out=False)])
+@pytest.mark.parametrize("opts", [dict(activation=None, bias=False),
+                                  dict(config=MambaStateConfig(block=16, num_warps=1), use_out=False)])
 def test_conv1d_options_mamba2_channels(seed, opts):
     opts = dict(opts)
     bias = opts.pop("bias", True)
@@ -324,15 +329,14 @@ def test_host_check_names_freed_and_out_of_range_handles(seed):
     handles = batch_handles(live, 5)
     inp = conv_inputs(alloc.spec, 5, torch.bfloat16)
     alloc.free(handles[:1])
+    cache = PagedCache.of(alloc)
     before = alloc.arena.clone()
     with pytest.raises(InvalidHandleError, match=rf"ssm_handles\[0\] = {int(handles[0])} is not allocated"):
-        causal_conv1d_update(alloc.arena, alloc.handle_table, handles, alloc.spec, 1, inp["x"], inp["weight"],
-                             handle_kinds=alloc.handle_kind)
+        causal_conv1d_update(inp["x"], inp["weight"], handles, cache, layer=1)
     handles[0] = -1
     handles[-1] = alloc.handle_table.numel() + 3
     with pytest.raises(InvalidHandleError, match=rf"ssm_handles\[4\] = {int(handles[-1])} is out of range"):
-        causal_conv1d_update(alloc.arena, alloc.handle_table, handles, alloc.spec, 1, inp["x"], inp["weight"],
-                             handle_kinds=alloc.handle_kind)
+        causal_conv1d_update(inp["x"], inp["weight"], handles, cache, layer=1)
     assert torch.equal(before, alloc.arena)
 
 
@@ -341,13 +345,14 @@ def test_empty_batch():
     empty = torch.empty(0, dtype=torch.int32, device=DEVICE)
     inp = mamba1_inputs(alloc.spec, 0, torch.float32)
     before = alloc.arena.clone()
-    out = MambaStateOps(alloc).mamba1_state_update(empty, 1, inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
+    out = mamba1_state_update(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], empty, PagedCache.of(alloc), layer=1)
     assert out.shape == (0, 48) and torch.equal(before, alloc.arena)
 
 
 def test_migration_between_steps(seed):
     """Compact the SSM pool between two steps: live blocks are copied to new places, handles stay.
-    Step 2 on the migrated arena gives bit-identical results to step 2 on an unmigrated copy."""
+    Step 2 on the migrated arena, through a cache view built before the rebalance, gives
+    bit-identical results to step 2 on an unmigrated copy."""
     spec = mamba2_spec(torch.bfloat16)
     alloc, live = make_pool(spec, per_slab=4, slabs=8, live=16)    # the SSM pool is full: 4 slabs x 4
     assert alloc.stats().pools["ssm"].free_units == 0
@@ -363,10 +368,11 @@ def test_migration_between_steps(seed):
     lay = ssm_block_layout(spec)
     layer = 1
     batch = handles.numel()
+    cache = PagedCache.of(alloc)    # one view for both steps: the rebalance must not invalidate it
 
     # step 1
-    run_conv_step(alloc, handles, layer, conv_inputs(spec, batch, torch.bfloat16))
-    run_ssm_step(alloc, handles, layer, mamba2_inputs(spec, batch, torch.bfloat16))
+    run_conv_step(alloc, handles, layer, conv_inputs(spec, batch, torch.bfloat16), cache=cache)
+    run_ssm_step(alloc, handles, layer, mamba2_inputs(spec, batch, torch.bfloat16), cache=cache)
 
     # migrate: two SSM slabs go to the KV pool; their live blocks are copied
     twin_arena, twin_table = alloc.arena.clone(), alloc.handle_table.clone()
@@ -381,13 +387,14 @@ def test_migration_between_steps(seed):
     # step 2 on both, identical inputs: bit-identical outputs and states
     xc = conv_inputs(spec, batch, torch.bfloat16)
     x2 = mamba2_inputs(spec, batch, torch.bfloat16)
-    _, got_c = run_conv_step(alloc, handles, layer, xc)
-    _, got_s = run_ssm_step(alloc, handles, layer, x2)
-    kinds = alloc.handle_kind
-    twin_c = causal_conv1d_update(twin_arena, twin_table, handles, spec, layer, xc["x"], xc["weight"], xc["bias"],
-                                  "silu", handle_kinds=kinds)
-    twin_s = mamba2_state_update(twin_arena, twin_table, handles, spec, layer, x2["x"], x2["dt"], x2["A"], x2["B"],
-                                 x2["C"], x2["D"], x2["z"], x2["dt_bias"], handle_kinds=kinds, dt_softplus=True)
+    assert cache.arena is alloc.arena and cache.handle_table is alloc.handle_table
+    _, got_c = run_conv_step(alloc, handles, layer, xc, cache=cache)
+    _, got_s = run_ssm_step(alloc, handles, layer, x2, cache=cache)
+    twin = dataclasses.replace(cache, arena=twin_arena, handle_table=twin_table)
+    twin_c = causal_conv1d_update(xc["x"], xc["weight"], handles, twin, layer=layer, bias=xc["bias"],
+                                  activation="silu")
+    twin_s = mamba2_state_update(x2["x"], x2["dt"], x2["A"], x2["B"], x2["C"], handles, twin, layer=layer,
+                                 D=x2["D"], z=x2["z"], dt_bias=x2["dt_bias"], dt_softplus=True)
     assert torch.equal(got_c, twin_c) and torch.equal(got_s, twin_s)
     for gather, dtype, shape in ((R.gather_ssm_state, spec.ssm_dtype, (ssm_shape(spec),)),
                                  (R.gather_conv_state, spec.conv_dtype, ())):
@@ -398,65 +405,89 @@ def test_migration_between_steps(seed):
 
 # --------------------------------------------------------------------------------------- validation
 
+def cache_fields(cache):
+    """The keyword arguments that rebuild ``cache`` by hand."""
+    return {f.name: getattr(cache, f.name) for f in dataclasses.fields(PagedCache)}
+
+
 def _m1_args():
     spec = mamba1_spec()
     alloc, live = make_pool(spec, live=4)
     inp = mamba1_inputs(spec, 3, torch.float32)
     h = live[:3].clone()
-    args = dict(arena=alloc.arena, handle_table=alloc.handle_table, ssm_handles=h, layout=spec, layer=1,
-                handle_kinds=alloc.handle_kind, **inp)
+    args = dict(ssm_handles=h, cache=PagedCache.of(alloc), layer=1, **inp)
     return alloc, args
 
 
 def _call_m1(args, **kw):
     a = dict(args)
     a.update(kw)
-    names = ("arena", "handle_table", "ssm_handles", "layout", "layer", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
-    pos = [a.pop(n) for n in names]
+    pos = [a.pop(n) for n in ("x", "dt", "A", "B", "C", "ssm_handles", "cache")]
     return mamba1_state_update(*pos, **a)
 
 
 @pytest.mark.parametrize("change,exc,match", [
-    (lambda a, s: dict(ssm_handles=a["ssm_handles"].long()), TypeError, "ssm_handles must be int32, got torch.int64"),
-    (lambda a, s: dict(ssm_handles=a["ssm_handles"][:2]), ValueError, r"x must have shape \(2, 48\), got \(3, 48\)"),
-    (lambda a, s: dict(layer=3), ValueError, r"layer must be an int in \[0, 3\), got 3"),
-    (lambda a, s: dict(layer=-1), ValueError, r"got -1"),
-    (lambda a, s: dict(layer=True), ValueError, r"got True"),
-    (lambda a, s: dict(arena=a["arena"].view(torch.int32)), ValueError, "arena must be a contiguous 1-D uint8"),
-    (lambda a, s: dict(handle_table=a["handle_table"].int()), ValueError, "handle_table must be a contiguous int64"),
-    (lambda a, s: dict(handle_kinds=a["handle_kinds"].long()), ValueError,
-     r"handle_kinds \(the allocator's handle_kind\) must be a contiguous int32 tensor .* got torch.int64"),
-    (lambda a, s: dict(handle_kinds=a["handle_kinds"][1:]), ValueError, r"handle_kinds .* entries, got .* shape"),
-    (lambda a, s: dict(handle_kinds=a["handle_kinds"].to("meta")), ValueError, "handle_kinds is on meta"),
-    (lambda a, s: dict(handle_kinds=None), TypeError, "handle_kinds must be a torch.Tensor, got NoneType"),
-    (lambda a, s: dict(x=a["x"].int()), TypeError, "x must be float32, bfloat16 or float16, got torch.int32"),
-    (lambda a, s: dict(x=a["x"].t().contiguous().t()), ValueError, "x must be contiguous in its last dimension"),
-    (lambda a, s: dict(A=a["A"][:, :8]), ValueError, r"A must have shape \(48, 16\), got \(48, 8\)"),
-    (lambda a, s: dict(D=a["D"][:5]), ValueError, r"D must have shape \(48,\), got \(5,\)"),
-    (lambda a, s: dict(x=a["x"].to("meta")), ValueError, "x is on meta, the arena on"),
-    (lambda a, s: dict(out=torch.empty(3, 48, dtype=torch.bfloat16, device=DEVICE)), TypeError, "out must have x's dtype"),
-    (lambda a, s: dict(out=torch.empty(3, 47, device=DEVICE)), ValueError, r"out must have shape \(3, 48\)"),
-    (lambda a, s: dict(block_d=24), ValueError, "block_d must be a power of two >= 1, got 24"),
-    (lambda a, s: dict(num_warps=3), ValueError, "num_warps must be one of .*, got 3"),
-    (lambda a, s: dict(dt_softplus=1), TypeError, "dt_softplus must be a bool, got 1"),
-    (lambda a, s: dict(layout=ssm_block_layout(s)), TypeError, "state_dtype is required"),
-    (lambda a, s: dict(layout=ssm_block_layout(s), state_dtype=torch.bfloat16), ValueError,
-     r"state_dtype=torch.bfloat16 does not match the layout"),
-    (lambda a, s: dict(state_dtype=torch.bfloat16), ValueError, "disagrees with spec"),
-    (lambda a, s: dict(layout="jamba"), TypeError, "layout must be a HybridModelSpec or SSMBlockLayout, got str"),
-    (lambda a, s: dict(layout=mamba2_spec()), ValueError, "is a Mamba2 model; this op is Mamba1"),
+    (lambda a: dict(ssm_handles=a["ssm_handles"].long()), TypeError, "ssm_handles must be torch.int32, got torch.int64"),
+    (lambda a: dict(ssm_handles=a["ssm_handles"][:2]), ValueError, r"x must have shape \(2, 48\), got \(3, 48\)"),
+    (lambda a: dict(layer=3), ValueError, r"layer must be an int in \[0, 3\) \(the cache's Mamba layers\), got 3"),
+    (lambda a: dict(layer=-1), ValueError, r"got -1"),
+    (lambda a: dict(layer=True), ValueError, r"got True"),
+    (lambda a: dict(x=a["x"].int()), TypeError, "x must be float32, bfloat16 or float16, got torch.int32"),
+    (lambda a: dict(x=a["x"].t().contiguous().t()), ValueError, "x must be contiguous in its last dimension"),
+    (lambda a: dict(A=a["A"][:, :8]), ValueError, r"A must have shape \(48, 16\), got \(48, 8\)"),
+    (lambda a: dict(D=a["D"][:5]), ValueError, r"D must have shape \(48,\), got \(5,\)"),
+    (lambda a: dict(x=a["x"].to("meta")), ValueError, "x is on meta, the arena on"),
+    (lambda a: dict(out=torch.empty(3, 48, dtype=torch.bfloat16, device=DEVICE)), TypeError, "out must have x's dtype"),
+    (lambda a: dict(out=torch.empty(3, 47, device=DEVICE)), ValueError, r"out must have shape \(3, 48\)"),
+    (lambda a: dict(config=MambaStateConfig(block=24)), ValueError, "block must be a power of two >= 1, got 24"),
+    (lambda a: dict(config=MambaStateConfig(num_warps=3)), ValueError, "num_warps must be one of .*, got 3"),
+    (lambda a: dict(dt_softplus=1), TypeError, "dt_softplus must be a bool, got 1"),
+    (lambda a: dict(cache=PagedCache.of(make_pool(mamba2_spec())[0])), ValueError,
+     "is a Mamba2 model; this op is Mamba1"),
+    (lambda a: dict(cache=dataclasses.replace(a["cache"], spec=mamba2_spec())), ValueError,
+     "is not spec 'm2-tiny''s"),
 ])
 def test_mamba1_validation(change, exc, match):
     alloc, args = _m1_args()
     before = alloc.arena.clone()
     with pytest.raises(exc, match=match):
-        _call_m1(args, **change(args, alloc.spec))
+        _call_m1(args, **change(args))
+    assert torch.equal(before, alloc.arena)
+
+
+# A bad tensor, layout or dtype in the cache now fails where the PagedCache is built, before any op.
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda c: dict(arena=c["arena"].view(torch.int32)), TypeError, "arena must be torch.uint8, got torch.int32"),
+    (lambda c: dict(handle_table=c["handle_table"].int()), TypeError,
+     "handle_table must be torch.int64, got torch.int32"),
+    (lambda c: dict(handle_kinds=c["handle_kinds"].long()), TypeError,
+     "handle_kinds must be torch.int32, got torch.int64"),
+    (lambda c: dict(handle_kinds=c["handle_kinds"][1:]), ValueError,
+     r"handle_kinds has \d+ entries, handle_table \d+"),
+    (lambda c: dict(handle_kinds=c["handle_kinds"].to("meta")), ValueError, "handle_kinds is on meta, the arena on"),
+    (lambda c: dict(handle_kinds=None), TypeError, "handle_kinds must be a torch.Tensor, got NoneType"),
+    (lambda c: dict(spec=None, ssm_dtype=None), TypeError, r"ssm_dtype must be one of .* with an ssm_layout, got None"),
+    (lambda c: dict(spec=None, ssm_dtype=torch.bfloat16), ValueError,
+     r"ssm_dtype=torch.bfloat16 does not match the ssm_layout"),
+    (lambda c: dict(ssm_dtype=torch.bfloat16), ValueError,
+     r"ssm_dtype=torch.bfloat16 does not match the ssm_layout \(\d+ bytes per layer, expected \d+\)"),
+    (lambda c: dict(ssm_layout="jamba"), TypeError, "ssm_layout must be an SSMBlockLayout, got str"),
+])
+def test_mamba1_cache_validation(change, exc, match):
+    alloc, _ = _m1_args()
+    fields = cache_fields(PagedCache.of(alloc))
+    before = alloc.arena.clone()
+    with pytest.raises(exc, match=match):
+        PagedCache(**{**fields, **change(fields)})
     assert torch.equal(before, alloc.arena)
 
 
 def test_mamba1_accepts_layout_with_dtype(seed):
+    """A cache built by hand from a bare SSMBlockLayout and its dtypes (no spec) serves the op."""
     alloc, args = _m1_args()
-    out = _call_m1(args, layout=ssm_block_layout(alloc.spec), state_dtype=torch.float32)
+    cache = PagedCache(arena=alloc.arena, handle_table=alloc.handle_table, handle_kinds=alloc.handle_kind,
+                       ssm_layout=ssm_block_layout(alloc.spec), ssm_dtype=torch.float32, conv_dtype=torch.bfloat16)
+    out = _call_m1(args, cache=cache)
     assert not out.isnan().any()
 
 
@@ -465,13 +496,13 @@ def test_mamba2_validation():
     alloc, live = make_pool(spec, live=4)
     inp = mamba2_inputs(spec, 3, torch.float32)
     h = live[:3].clone()
-    base = (alloc.arena, alloc.handle_table, h, spec, 1)
+    cache = PagedCache.of(alloc)
 
     def call(**kw):
         a = dict(inp)
         a.update(kw)
-        return mamba2_state_update(*base, a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"],
-                                   handle_kinds=alloc.handle_kind)
+        return mamba2_state_update(a["x"], a["dt"], a["A"], a["B"], a["C"], h, cache, layer=1, D=a["D"], z=a["z"],
+                                   dt_bias=a["dt_bias"])
 
     bad_groups = torch.randn(3, 4, 32, device=DEVICE)
     with pytest.raises(ValueError, match=r"n_groups \(B.shape\[1\] = 4\) must divide nheads \(6\)"):
@@ -490,13 +521,13 @@ def test_mamba2_validation():
     with pytest.raises(ValueError, match=r"A must have shape \(6,\)"):
         call(A=torch.randn(6, 32, device=DEVICE))
     with pytest.raises(ValueError, match="is a Mamba1 model; this op is Mamba2"):
-        mamba2_state_update(alloc.arena, alloc.handle_table, h, mamba1_spec(), 1, *[inp[k] for k in ("x", "dt", "A", "B", "C")],
-                            handle_kinds=alloc.handle_kind)
-    # with a bare layout the group count is free, but it must still divide the heads
-    lay = ssm_block_layout(spec)
+        mamba2_state_update(*[inp[k] for k in ("x", "dt", "A", "B", "C")], h,
+                            PagedCache.of(make_pool(mamba1_spec())[0]), layer=1)
+    # with a bare layout (no spec) the group count is free, but it must still divide the heads
+    bare = PagedCache(arena=alloc.arena, handle_table=alloc.handle_table, handle_kinds=alloc.handle_kind,
+                      ssm_layout=ssm_block_layout(spec), ssm_dtype=torch.float32, conv_dtype=spec.conv_dtype)
     with pytest.raises(ValueError, match="must divide nheads"):
-        mamba2_state_update(alloc.arena, alloc.handle_table, h, lay, 1, inp["x"], inp["dt"], inp["A"], bad_groups,
-                            bad_groups, handle_kinds=alloc.handle_kind, state_dtype=torch.float32)
+        mamba2_state_update(inp["x"], inp["dt"], inp["A"], bad_groups, bad_groups, h, bare, layer=1)
 
 
 def test_conv1d_validation():
@@ -504,13 +535,15 @@ def test_conv1d_validation():
     alloc, live = make_pool(spec, live=4)
     inp = conv_inputs(spec, 3, torch.bfloat16)
     h = live[:3].clone()
+    cache = PagedCache.of(alloc)
+    bare = {**cache_fields(cache), "spec": None}    # a hand-built cache over a bare SSMBlockLayout
 
-    def call(layout=spec, layer=1, **kw):
+    def call(cache=cache, layer=1, **kw):
         a = dict(inp)
         a.update(kw)
         act = a.pop("activation", "silu")
-        return causal_conv1d_update(alloc.arena, alloc.handle_table, h, layout, layer, a.pop("x"), a.pop("weight"),
-                                    a.pop("bias"), act, handle_kinds=alloc.handle_kind, **a)
+        return causal_conv1d_update(a.pop("x"), a.pop("weight"), h, cache, layer=layer, bias=a.pop("bias"),
+                                    activation=act, **a)
 
     with pytest.raises(ValueError, match=r"weight has d_conv=3; the layout stores 3 past inputs \(d_conv=4\)"):
         call(weight=torch.randn(40, 3, device=DEVICE))
@@ -522,16 +555,18 @@ def test_conv1d_validation():
         call(x=torch.randn(3, 41, device=DEVICE))
     with pytest.raises(ValueError, match="activation must be None or 'silu', got 'relu'"):
         call(activation="relu")
-    with pytest.raises(ValueError, match="block_c must be a power of two"):
-        call(block_c=0)
-    with pytest.raises(TypeError, match="conv_dtype is required"):
-        call(layout=ssm_block_layout(spec))
-    with pytest.raises(ValueError, match=r"conv_dtype=torch.float32 does not match the layout"):
-        call(layout=ssm_block_layout(spec), conv_dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 3\), got 7"):
+    with pytest.raises(ValueError, match="block must be a power of two >= 1, got 0"):
+        call(config=MambaStateConfig(block=0))
+    with pytest.raises(TypeError, match=r"conv_dtype must be one of .* with an ssm_layout, got None"):
+        PagedCache(**{**bare, "conv_dtype": None})
+    with pytest.raises(ValueError, match=r"conv_dtype=torch.float32 does not match the ssm_layout"):
+        PagedCache(**{**bare, "conv_dtype": torch.float32})
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 3\) \(the cache's Mamba layers\), got 7"):
         call(layer=7)
     with pytest.raises(TypeError, match="allocator must be an arena allocator"):
-        MambaStateOps(object())
+        PagedCache.of(object())
+    with pytest.raises(TypeError, match=r"cache must be a PagedCache \(PagedCache.of\(allocator\)\), got AVMPAllocator"):
+        call(cache=alloc)
 
 
 def test_torch_compile_fullgraph(seed):
@@ -544,16 +579,17 @@ def test_torch_compile_fullgraph(seed):
     x2 = mamba2_inputs(spec, 3, torch.float32)
     out_c = torch.empty_like(xc["x"])
 
-    def step(arena, table, handles):
-        y = causal_conv1d_update(arena, table, handles, spec, 1, xc["x"], xc["weight"], xc["bias"], "silu",
-                                 handle_kinds=alloc.handle_kind, out=out_c)
-        s = mamba2_state_update(arena, table, handles, spec, 1, x2["x"], x2["dt"], x2["A"], x2["B"], x2["C"],
-                                x2["D"], x2["z"], x2["dt_bias"], handle_kinds=alloc.handle_kind, dt_softplus=True)
+    def step(cache, handles):
+        y = causal_conv1d_update(xc["x"], xc["weight"], handles, cache, layer=1, bias=xc["bias"], activation="silu",
+                                 out=out_c)
+        s = mamba2_state_update(x2["x"], x2["dt"], x2["A"], x2["B"], x2["C"], handles, cache, layer=1, D=x2["D"],
+                                z=x2["z"], dt_bias=x2["dt_bias"], dt_softplus=True)
         return y * 2, s + 1
 
+    cache = PagedCache.of(alloc)
     twin = alloc.arena.clone()
-    want = step(twin, alloc.handle_table, handles)
-    got = torch.compile(step, backend="aot_eager", fullgraph=True)(alloc.arena, alloc.handle_table, handles)
+    want = step(dataclasses.replace(cache, arena=twin), handles)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(cache, handles)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(alloc.arena, twin), "the compiled step must mutate the arena like the eager one"
 
@@ -565,23 +601,24 @@ def test_custom_ops_registered():
         assert sorted(mutated) == ["arena", "out"], name
 
 
-def test_bound_ops_match_free_functions(seed):
-    """MambaStateOps(allocator) is the same call with the arena, table and spec filled in."""
+def test_cache_of_matches_hand_built_cache(seed):
+    """PagedCache.of(allocator) is the same call as a cache built by hand from the allocator's arena,
+    table, kinds, SSM layout and dtypes."""
     alloc, live = make_pool(mamba2_spec())
     handles = batch_handles(live, 3)
     twin = alloc.arena.clone()
     inp = mamba2_inputs(alloc.spec, 3, torch.float32)
     xc = conv_inputs(alloc.spec, 3, torch.bfloat16)
-    ops = MambaStateOps(alloc)
-    got_c = ops.causal_conv1d_update(handles, 2, xc["x"], xc["weight"], xc["bias"], "silu")
-    got_s = ops.mamba2_state_update(handles, 2, *[inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")],
-                                    dt_softplus=True)
-    kinds = alloc.handle_kind
-    want_c = causal_conv1d_update(twin, alloc.handle_table, handles, alloc.spec, 2, xc["x"], xc["weight"], xc["bias"],
-                                  "silu", handle_kinds=kinds)
-    want_s = mamba2_state_update(twin, alloc.handle_table, handles, alloc.spec, 2,
-                                 *[inp[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")], handle_kinds=kinds,
-                                 dt_softplus=True)
+    view = PagedCache.of(alloc)
+    got_c = causal_conv1d_update(xc["x"], xc["weight"], handles, view, layer=2, bias=xc["bias"], activation="silu")
+    got_s = mamba2_state_update(*[inp[k] for k in ("x", "dt", "A", "B", "C")], handles, view, layer=2, D=inp["D"],
+                                z=inp["z"], dt_bias=inp["dt_bias"], dt_softplus=True)
+    spec = alloc.spec
+    by_hand = PagedCache(arena=twin, handle_table=alloc.handle_table, handle_kinds=alloc.handle_kind,
+                         ssm_layout=ssm_block_layout(spec), ssm_dtype=spec.ssm_dtype, conv_dtype=spec.conv_dtype)
+    want_c = causal_conv1d_update(xc["x"], xc["weight"], handles, by_hand, layer=2, bias=xc["bias"], activation="silu")
+    want_s = mamba2_state_update(*[inp[k] for k in ("x", "dt", "A", "B", "C")], handles, by_hand, layer=2,
+                                 D=inp["D"], z=inp["z"], dt_bias=inp["dt_bias"], dt_softplus=True)
     assert torch.equal(got_c, want_c) and torch.equal(got_s, want_s) and torch.equal(alloc.arena, twin)
 
 
@@ -645,28 +682,30 @@ def test_gpu_cuda_graph_and_compile(seed):
     x2 = mamba2_inputs(spec, 64, torch.bfloat16)
     out_c, out_s = torch.empty_like(xc["x"]), torch.empty_like(x2["x"])
 
-    def step(arena, table):
-        causal_conv1d_update(arena, table, handles, spec, 1, xc["x"], xc["weight"], xc["bias"], "silu",
-                             handle_kinds=alloc.handle_kind, out=out_c)
-        mamba2_state_update(arena, table, handles, spec, 1, x2["x"], x2["dt"], x2["A"], x2["B"], x2["C"], x2["D"],
-                            x2["z"], x2["dt_bias"], handle_kinds=alloc.handle_kind, dt_softplus=True, out=out_s)
+    def step(cache):
+        causal_conv1d_update(xc["x"], xc["weight"], handles, cache, layer=1, bias=xc["bias"], activation="silu",
+                             out=out_c)
+        mamba2_state_update(x2["x"], x2["dt"], x2["A"], x2["B"], x2["C"], handles, cache, layer=1, D=x2["D"],
+                            z=x2["z"], dt_bias=x2["dt_bias"], dt_softplus=True, out=out_s)
 
+    cache = PagedCache.of(alloc)
     twin = alloc.arena.clone()
-    step(alloc.arena, alloc.handle_table)  # warm-up (compiles) before capture
-    step(twin, alloc.handle_table)
+    twin_cache = dataclasses.replace(cache, arena=twin)
+    step(cache)  # warm-up (compiles) before capture
+    step(twin_cache)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        step(alloc.arena, alloc.handle_table)
+        step(cache)
     for _ in range(2):
         g.replay()
         got_c, got_s = out_c.clone(), out_s.clone()
-        step(twin, alloc.handle_table)
+        step(twin_cache)
         assert torch.equal(got_c, out_c) and torch.equal(got_s, out_s)
     assert torch.equal(alloc.arena, twin)
 
     compiled = torch.compile(step, fullgraph=True)
-    compiled(alloc.arena, alloc.handle_table)
+    compiled(cache)
     got_c, got_s = out_c.clone(), out_s.clone()
-    step(twin, alloc.handle_table)
+    step(twin_cache)
     assert torch.equal(alloc.arena, twin) and torch.equal(got_c, out_c) and torch.equal(got_s, out_s)
 

@@ -7,19 +7,20 @@ SSM pool) is NaN, so any read outside the live tokens shows up in the output. Ou
 NaN-poisoned before each call. GPU cases (marked ``gpu``) use real sizes in bf16 / fp16.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
-from avmp_triton import AVMPAllocator, HybridModelSpec, PaddedUnifiedAllocator
+from avmp_triton import AVMPAllocator, HybridModelSpec, PaddedUnifiedAllocator, PagedCache
 from avmp_triton.layout import KVPageLayout, kv_page_layout
 from avmp_triton.ops import (
+    DecodeConfig,
     decode_config,
     decode_workspace,
     decode_workspace_numel,
     kv_append,
-    kv_append_arena,
     paged_decode_attention,
-    paged_decode_attention_arena,
 )
 from avmp_triton.reference.paged_attention import (
     decode_attention_dense,
@@ -114,13 +115,15 @@ def i32(xs, device=DEVICE) -> torch.Tensor:
 
 
 def check_decode(alloc, bt, seq_lens, hq, *, layer, **kw):
-    """Run the op on NaN-poisoned outputs and compare with the reference; return the output."""
+    """Run the op on NaN-poisoned outputs and compare with the reference; return the output.
+    ``kw``: the op's keywords (``scale``, ``config``, ...)."""
     B = bt.shape[0]
     D = alloc.spec.head_dim
     dt = alloc.spec.kv_dtype
     q = torch.randn(B, hq, D, device=alloc.device).to(dt)
     sl = i32(seq_lens, alloc.device)
-    out = paged_decode_attention(q, alloc, bt, sl, layer=layer, out=nan_like((B, hq, D), dt, alloc.device), **kw)
+    out = paged_decode_attention(q, bt, sl, PagedCache.of(alloc), layer=layer,
+                                 out=nan_like((B, hq, D), dt, alloc.device), **kw)
     ref = paged_decode_attention_ref(q, alloc.arena, alloc.handle_table, layout_of(alloc), bt, sl, layer=layer,
                                      scale=kw.get("scale"))
     torch.testing.assert_close(out.double(), ref, **TOL[dt])
@@ -148,7 +151,7 @@ def test_decode_matches_reference(hq, hkv, d, page_tokens, seq_lens, layer, num_
     alloc = make_alloc(make_spec(hkv, d), page_tokens, kv_pages=24)
     bt = scattered_table(alloc, seq_lens, width=-(-max(seq_lens) // page_tokens) + 2)
     fill_arena(alloc, bt, seq_lens)
-    _, out = check_decode(alloc, bt, seq_lens, hq, layer=layer, num_splits=num_splits)
+    _, out = check_decode(alloc, bt, seq_lens, hq, layer=layer, config=DecodeConfig(num_splits=num_splits))
     for b, n in enumerate(seq_lens):
         if n == 0:
             assert torch.equal(out[b], torch.zeros_like(out[b]))
@@ -161,23 +164,25 @@ def test_decode_dot_and_broadcast_paths(use_dot, pages_per_iter, num_splits):
     alloc = make_alloc(make_spec(2), 16, kv_pages=16)
     bt = scattered_table(alloc, seq_lens, width=5)
     fill_arena(alloc, bt, seq_lens)
-    check_decode(alloc, bt, seq_lens, 4, layer=1, num_splits=num_splits, use_dot=use_dot,
-                 pages_per_iter=pages_per_iter, scale=0.3)
+    check_decode(alloc, bt, seq_lens, 4, layer=1, scale=0.3,
+                 config=DecodeConfig(num_splits=num_splits, use_dot=use_dot, pages_per_iter=pages_per_iter))
 
 
 def test_decode_default_config_and_arena_path_agree():
-    """Default launch choice, the allocator and the low-level path, given out= and workspace=."""
+    """Default launch choice, the allocator's cache and a cache built by hand over its tensors (the
+    low-level path), given out= and workspace=."""
     seq_lens = [63, 17, 0]
     alloc = make_alloc(make_spec(1), 16, kv_pages=12)
     bt = scattered_table(alloc, seq_lens, width=6)
     fill_arena(alloc, bt, seq_lens)
     q, out = check_decode(alloc, bt, seq_lens, 8, layer=2)
-    lay, sl = layout_of(alloc), i32(seq_lens)
+    sl = i32(seq_lens)
+    cache = PagedCache(arena=alloc.arena, handle_table=alloc.handle_table, handle_kinds=alloc.handle_kind,
+                       kv_layout=layout_of(alloc), num_attn_layers=3, kv_dtype=torch.float32)
     for ns in (1, 4):
         ws = nan_like((decode_workspace_numel(3, 8, 64, ns) + 7,), torch.float32)
-        o2 = paged_decode_attention_arena(q, alloc.arena, alloc.handle_table, lay, bt, sl, handle_kinds=alloc.handle_kind,
-                                          num_layers=3, layer=2,
-                                          out=nan_like(q.shape, q.dtype), workspace=ws, num_splits=ns)
+        o2 = paged_decode_attention(q, bt, sl, cache, layer=2, out=nan_like(q.shape, q.dtype), workspace=ws,
+                                    config=DecodeConfig(num_splits=ns))
         torch.testing.assert_close(o2, out, **TOL[torch.float32])
     assert decode_workspace(3, 8, 64, 4, DEVICE).numel() >= decode_workspace_numel(3, 8, 64, 4)
 
@@ -188,7 +193,7 @@ def test_decode_padded_allocator():
     alloc = make_alloc(make_spec(2), 16, kv_pages=12, cls=PaddedUnifiedAllocator)
     bt = scattered_table(alloc, seq_lens, width=4)
     fill_arena(alloc, bt, seq_lens)
-    check_decode(alloc, bt, seq_lens, 4, layer=0, num_splits=2)
+    check_decode(alloc, bt, seq_lens, 4, layer=0, config=DecodeConfig(num_splits=2))
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -204,7 +209,7 @@ def test_decode_skips_invalid_handles(num_splits, device_checks_only):
     alloc.free(freed)                              # row 1's third page is now a free handle
     bt[2, :] = -1                                  # row 2: nothing readable -> zeros
     bt[3, 0] = alloc.num_handles + 5               # row 3: a handle outside the table; seq_len clamped to 64
-    _, out = check_decode(alloc, bt, seq_lens, 4, layer=1, num_splits=num_splits)
+    _, out = check_decode(alloc, bt, seq_lens, 4, layer=1, config=DecodeConfig(num_splits=num_splits))
     assert torch.equal(out[2], torch.zeros_like(out[2]))
     assert not torch.isnan(out).any()
 
@@ -215,10 +220,11 @@ def test_decode_all_empty_rows(num_splits):
     bt = scattered_table(alloc, [0, 0], width=3, extra=3)
     fill_arena(alloc)
     q = torch.randn(2, 4, 64, device=DEVICE)
-    out = paged_decode_attention(q, alloc, bt, i32([0, 0]), out=nan_like((2, 4, 64), torch.float32),
-                                 num_splits=num_splits)
+    cache = PagedCache.of(alloc)
+    out = paged_decode_attention(q, bt, i32([0, 0]), cache, layer=0, out=nan_like((2, 4, 64), torch.float32),
+                                 config=DecodeConfig(num_splits=num_splits))
     assert torch.equal(out, torch.zeros_like(out))
-    empty = paged_decode_attention(q[:0], alloc, bt[:0], i32([]))
+    empty = paged_decode_attention(q[:0], bt[:0], i32([]), cache, layer=0)
     assert empty.shape == (0, 4, 64)
 
 
@@ -245,14 +251,17 @@ def test_decode_survives_compaction():
     fill_arena(alloc, bt, seq_lens)
     q = torch.randn(4, 4, 64, device=DEVICE)
     sl = i32(seq_lens)
-    before = {ns: paged_decode_attention(q, alloc, bt, sl, layer=2, num_splits=ns) for ns in (1, 3)}
+    cache = PagedCache.of(alloc)      # taken once: the view stays valid across the rebalance
+    before = {ns: paged_decode_attention(q, bt, sl, cache, layer=2, config=DecodeConfig(num_splits=ns))
+              for ns in (1, 3)}
     offsets = alloc.handle_table[bt[bt >= 0].long()].clone()
     moved = alloc.units_moved
     alloc.rebalance("ssm", 2)
     assert alloc.units_moved > moved
     assert not torch.equal(alloc.handle_table[bt[bt >= 0].long()], offsets)
     for ns, want in before.items():
-        got = paged_decode_attention(q, alloc, bt, sl, layer=2, num_splits=ns, out=nan_like(q.shape, q.dtype))
+        got = paged_decode_attention(q, bt, sl, cache, layer=2, out=nan_like(q.shape, q.dtype),
+                                     config=DecodeConfig(num_splits=ns))
         assert torch.equal(got, want)
     ref = paged_decode_attention_ref(q, alloc.arena, alloc.handle_table, layout_of(alloc), bt, sl, layer=2)
     torch.testing.assert_close(before[1].double(), ref, **TOL[torch.float32])
@@ -264,8 +273,8 @@ def test_decode_fp16_and_bf16_interpreter():
         alloc = make_alloc(make_spec(1, dtype=dt), 16, kv_pages=8)
         bt = scattered_table(alloc, seq_lens, width=4)
         fill_arena(alloc, bt, seq_lens)
-        check_decode(alloc, bt, seq_lens, 8, layer=1, num_splits=2)
-        check_decode(alloc, bt, seq_lens, 2, layer=1, use_dot=False)
+        check_decode(alloc, bt, seq_lens, 8, layer=1, config=DecodeConfig(num_splits=2))
+        check_decode(alloc, bt, seq_lens, 2, layer=1, config=DecodeConfig(use_dot=False))
 
 
 # ----------------------------------------------------------------------------------- KV append
@@ -290,12 +299,13 @@ def test_kv_append_then_attention(page_tokens):
     tr, tp = i32(req), i32(pos)
     olds = [gather_kv(alloc.arena, alloc.handle_table, lay, bt[b], old[b], layer, torch.float32) for b in range(3)]
     want = kv_append_ref(k, v, alloc.arena, alloc.handle_table, lay, bt, tr, tp, layer=layer)
-    kv_append(k, v, alloc, bt, tr, tp, layer=layer)
+    cache = PagedCache.of(alloc)
+    assert kv_append(k, v, bt, tr, tp, cache, layer=layer) is alloc.arena
     assert torch.equal(alloc.arena, want)
     q = torch.randn(3, hq, D, device=DEVICE)
     for ns in (1, 2):
-        out = paged_decode_attention(q, alloc, bt, i32(total), layer=layer, num_splits=ns,
-                                     out=nan_like(q.shape, q.dtype))
+        out = paged_decode_attention(q, bt, i32(total), cache, layer=layer, out=nan_like(q.shape, q.dtype),
+                                     config=DecodeConfig(num_splits=ns))
         for b in range(3):
             mine = [t for t in range(T) if req[t] == b]
             mine.sort(key=lambda t: pos[t])
@@ -318,14 +328,16 @@ def test_kv_append_skips_invalid_tokens(device_checks_only):
     req = i32([2, -1, 0, 0, 1, 0])
     pos = i32([3, 0, -1, 48, 17, 16])
     k = torch.randn(6, 2, 64, device=DEVICE)
-    kv_append(k, k + 1, alloc, bt, req, pos, layer=2)
+    cache = PagedCache.of(alloc)
+    kv_append(k, k + 1, bt, req, pos, cache, layer=2)
     assert torch.equal(alloc.arena, before)
-    kv_append(k[:0], k[:0], alloc, bt, req[:0], pos[:0])   # no tokens: a no-op
+    kv_append(k[:0], k[:0], bt, req[:0], pos[:0], cache, layer=0)   # no tokens: a no-op
     assert torch.equal(alloc.arena, before)
 
 
 def test_kv_append_arena_path_layer_and_heads():
-    """Low-level path; writes land only in the addressed layer's K and V slices."""
+    """Low-level path (a cache built by hand over the allocator's tensors); writes land only in the
+    addressed layer's K and V slices."""
     alloc = make_alloc(make_spec(2, layers=2), 8, kv_pages=6)
     bt = scattered_table(alloc, [24], width=3)
     fill_arena(alloc)
@@ -333,8 +345,9 @@ def test_kv_append_arena_path_layer_and_heads():
     k, v = torch.randn(3, 2, 64, device=DEVICE), torch.randn(3, 2, 64, device=DEVICE)
     req, pos = i32([0, 0, 0]), i32([23, 0, 9])
     want = kv_append_ref(k, v, alloc.arena, alloc.handle_table, lay, bt, req, pos, layer=1)
-    kv_append_arena(k, v, alloc.arena, alloc.handle_table, lay, bt, req, pos, handle_kinds=alloc.handle_kind,
-                    num_layers=2, layer=1)
+    cache = PagedCache(arena=alloc.arena, handle_table=alloc.handle_table, handle_kinds=alloc.handle_kind,
+                       kv_layout=lay, num_attn_layers=2, kv_dtype=torch.float32)
+    kv_append(k, v, bt, req, pos, cache, layer=1)
     assert torch.equal(alloc.arena, want)
     kk, vv, ok = gather_kv(alloc.arena, alloc.handle_table, lay, bt[0], 24, 1, torch.float32)
     assert ok.all()
@@ -349,7 +362,25 @@ def _decode_args():
     q = torch.randn(2, 4, 64, device=DEVICE)
     return alloc, dict(q=q, arena=alloc.arena, handle_table=alloc.handle_table, layout=layout_of(alloc),
                        block_table=bt, seq_lens=i32([20, 5]), handle_kinds=alloc.handle_kind, num_layers=3,
-                       layer=1)
+                       kv_dtype=torch.float32, layer=1)
+
+
+# the argument names of a hand-built cache, and of the launch config, in the cases' dicts
+_CACHE_ARGS = dict(arena="arena", handle_table="handle_table", handle_kinds="handle_kinds", layout="kv_layout",
+                   num_layers="num_attn_layers", kv_dtype="kv_dtype")
+_CONFIG_ARGS = ("num_splits", "pages_per_iter", "block_tokens", "num_warps", "num_stages", "use_dot", "max_registers")
+
+
+def _split_args(args: dict) -> tuple[dict, DecodeConfig]:
+    """Pop the ``PagedCache(...)`` keywords and the launch config out of ``args``."""
+    cache_kw = {new: args.pop(old) for old, new in _CACHE_ARGS.items()}
+    config = DecodeConfig(**{k: args.pop(k) for k in _CONFIG_ARGS if k in args})
+    return cache_kw, config
+
+
+# bad tensors / layouts of the cache: they now fail when the PagedCache is built, before any op
+CACHE_ERRORS = {"arena dtype", "arena 2-D", "arena strided", "table int32", "layout type", "page_tokens",
+                "num_layers", "page too big", "table device"}
 
 
 DECODE_ERRORS = [
@@ -358,18 +389,24 @@ DECODE_ERRORS = [
     ("q strided D", lambda a: a.update(q=a["q"].repeat(1, 1, 2)[:, :, ::2]), ValueError, "q must have contiguous rows"),
     ("q heads", lambda a: a.update(q=torch.randn(2, 3, 64, device=DEVICE)), ValueError, "q has 3 heads"),
     ("head dim", lambda a: a.update(q=torch.randn(2, 4, 32, device=DEVICE)), ValueError, "head_dim 32"),
-    ("q fp16 vs layout", lambda a: a.update(q=a["q"].half()), TypeError, "2 bytes"),
-    ("kv dtype", lambda a: a.update(kv_dtype=torch.float16), TypeError, "KV dtype torch.float16"),
+    ("q fp16 vs layout", lambda a: a.update(q=a["q"].half()), TypeError,
+     "q must have the KV dtype torch.float32, got torch.float16"),
+    ("kv dtype", lambda a: a.update(kv_dtype=torch.float16,
+                                    layout=kv_page_layout(make_spec(2, dtype=torch.float16), 16)), TypeError,
+     "q must have the KV dtype torch.float16, got torch.float32"),
     ("arena dtype", lambda a: a.update(arena=a["arena"].view(torch.int32)), TypeError, "arena must be torch.uint8"),
     ("arena 2-D", lambda a: a.update(arena=a["arena"].view(16, -1)), ValueError, "arena must be 1-D"),
     ("arena strided", lambda a: a.update(arena=a["arena"][::2]), ValueError, "arena must be contiguous"),
     ("table int32", lambda a: a.update(handle_table=a["handle_table"].int()), TypeError, "handle_table must be torch.int64"),
-    ("layout type", lambda a: a.update(layout=dict(page_tokens=16)), TypeError, "KVPageLayout"),
+    ("layout type", lambda a: a.update(layout=dict(page_tokens=16)), TypeError,
+     "kv_layout must be a KVPageLayout, got dict"),
     ("page_tokens", lambda a: a.update(layout=kv_page_layout(make_spec(2), 12)), ValueError, "page_tokens must be a power of two, got 12"),
     ("layout heads", lambda a: a.update(layout=kv_page_layout(make_spec(3))), ValueError, "num_kv_heads=3"),
-    ("layer high", lambda a: a.update(layer=3), ValueError, "layer must be an int in [0, 3), got 3"),
+    ("layer high", lambda a: a.update(layer=3), ValueError,
+     "layer must be an int in [0, 3) (the cache's attention layers), got 3"),
     ("layer neg", lambda a: a.update(layer=-1), ValueError, "got -1"),
-    ("num_layers", lambda a: a.update(num_layers=0), ValueError, "num_layers must be a positive int, got 0"),
+    ("num_layers", lambda a: a.update(num_layers=0), ValueError,
+     "num_attn_layers must be a positive int with a kv_layout, got 0"),
     ("page too big", lambda a: a.update(num_layers=10 ** 6), ValueError, "more than the arena"),
     ("bt dtype", lambda a: a.update(block_table=a["block_table"].long()), TypeError, "block_table must be torch.int32"),
     ("bt rows", lambda a: a.update(block_table=a["block_table"][:1]), ValueError, "block_table must be [B=2"),
@@ -394,29 +431,63 @@ DECODE_ERRORS = [
 
 @pytest.mark.parametrize("name,mutate,exc,match", DECODE_ERRORS, ids=[e[0] for e in DECODE_ERRORS])
 def test_decode_validation(name, mutate, exc, match):
-    _, args = _decode_args()
+    alloc, args = _decode_args()
+    before = alloc.arena.clone()
     mutate(args)
-    q, arena, table, layout, bt, sl = (args.pop(k) for k in ("q", "arena", "handle_table", "layout", "block_table", "seq_lens"))
-    with pytest.raises(exc, match=_re(match)):
-        paged_decode_attention_arena(q, arena, table, layout, bt, sl, **args)
+    cache_kw, config = _split_args(args)
+    q, bt, sl = (args.pop(k) for k in ("q", "block_table", "seq_lens"))
+    if name in CACHE_ERRORS:
+        with pytest.raises(exc, match=_re(match)):
+            PagedCache(**cache_kw)
+    else:
+        cache = PagedCache(**cache_kw)
+        with pytest.raises(exc, match=_re(match)):
+            paged_decode_attention(q, bt, sl, cache, config=config, **args)
+    assert torch.equal(alloc.arena, before)
 
 
 def test_decode_validation_allocator_path():
     alloc, args = _decode_args()
-    with pytest.raises(TypeError, match="alloc must be an allocator"):
-        paged_decode_attention(args["q"], alloc.arena, args["block_table"], args["seq_lens"])
-    with pytest.raises(ValueError, match=_re("layer must be an int in [0, 3), got 7")):
-        paged_decode_attention(args["q"], alloc, args["block_table"], args["seq_lens"], layer=7)
+    q, bt, sl = args["q"], args["block_table"], args["seq_lens"]
+    cache = PagedCache.of(alloc)
+    with pytest.raises(TypeError, match="allocator must be an arena allocator .*got Tensor"):
+        PagedCache.of(alloc.arena)
+    for not_a_cache in (alloc, alloc.arena):
+        with pytest.raises(TypeError, match=_re("cache must be a PagedCache (PagedCache.of(allocator)), got "
+                                                f"{type(not_a_cache).__name__}")):
+            paged_decode_attention(q, bt, sl, not_a_cache, layer=0)
+    with pytest.raises(TypeError, match="required keyword-only argument: 'layer'"):
+        paged_decode_attention(q, bt, sl, cache)        # layer has no default
+    with pytest.raises(ValueError, match=_re("layer must be an int in [0, 3) (the cache's attention layers), got 7")):
+        paged_decode_attention(q, bt, sl, cache, layer=7)
     with pytest.raises(TypeError, match="q must have the KV dtype torch.float32, got torch.float16"):
-        paged_decode_attention(args["q"].half(), alloc, args["block_table"], args["seq_lens"])
+        paged_decode_attention(q.half(), bt, sl, cache, layer=0)
+    with pytest.raises(TypeError, match="config must be a DecodeConfig or None, got dict"):
+        paged_decode_attention(q, bt, sl, cache, layer=0, config=dict(num_splits=2))
+    with pytest.raises(ValueError, match=_re("block_tokens=48 disagrees with pages_per_iter=2 (which gives 32)")):
+        paged_decode_attention(q, bt, sl, cache, layer=0, config=DecodeConfig(pages_per_iter=2, block_tokens=48))
     with pytest.raises(ValueError, match="use_dot needs >= 16 tokens per step"):
         alloc8 = make_alloc(make_spec(2), 8, kv_pages=4)
-        paged_decode_attention(args["q"], alloc8, args["block_table"], args["seq_lens"], use_dot=True,
-                               pages_per_iter=1)
+        paged_decode_attention(q, bt, sl, PagedCache.of(alloc8), layer=0,
+                               config=DecodeConfig(use_dot=True, pages_per_iter=1))
+    # a hand-built cache is checked when it is built: table and kinds of different lengths, a
+    # layout stride off the 16-byte grid, a KV dtype the layout's elements disagree with
+    kw = dict(arena=alloc.arena, handle_table=alloc.handle_table, handle_kinds=alloc.handle_kind,
+              kv_layout=layout_of(alloc), num_attn_layers=3, kv_dtype=torch.float32)
+    n = alloc.handle_table.numel()
+    with pytest.raises(ValueError, match=_re(f"handle_kinds has {n - 1} entries, handle_table {n}")):
+        PagedCache(**{**kw, "handle_kinds": alloc.handle_kind[:-1]})
+    bad = dataclasses.replace(layout_of(alloc), stride_token=66)
+    with pytest.raises(ValueError, match=_re("kv_layout.stride_token must be an int >= head_dim and a multiple of "
+                                             "4 elements (16 bytes), got 66")):
+        PagedCache(**{**kw, "kv_layout": bad})
+    with pytest.raises(TypeError, match=_re("kv_dtype torch.float16 is 2 bytes, the kv_layout's elements 4")):
+        PagedCache(**{**kw, "kv_dtype": torch.float16})
 
 
 APPEND_ERRORS = [
-    ("k dtype", lambda a: a.update(k=a["k"].half(), v=a["v"].half()), TypeError, "2 bytes"),
+    ("k dtype", lambda a: a.update(k=a["k"].half(), v=a["v"].half()), TypeError,
+     "k must have the KV dtype torch.float32, got torch.float16"),
     ("v dtype", lambda a: a.update(v=a["v"].double()), TypeError, "v must be torch.float32"),
     ("v shape", lambda a: a.update(v=a["v"][:2]), ValueError, "v must have k's shape"),
     ("k heads", lambda a: a.update(k=a["k"].repeat(1, 2, 1), v=a["v"].repeat(1, 2, 1)), ValueError, "k has 4 kv heads"),
@@ -424,7 +495,8 @@ APPEND_ERRORS = [
     ("req dtype", lambda a: a.update(token_req=a["token_req"].long()), TypeError, "token_req must be torch.int32"),
     ("pos len", lambda a: a.update(token_pos=i32([1])), ValueError, "token_pos must have T=3 entries"),
     ("bt 1-D", lambda a: a.update(block_table=a["block_table"][0]), ValueError, "block_table must be 2-D"),
-    ("layer", lambda a: a.update(layer=5), ValueError, "got 5"),
+    ("layer", lambda a: a.update(layer=5), ValueError,
+     "layer must be an int in [0, 3) (the cache's attention layers), got 5"),
     ("table device", lambda a: a.update(handle_table=a["handle_table"].to("meta")), ValueError, "handle_table is on meta"),
 ]
 
@@ -435,12 +507,20 @@ def test_kv_append_validation(name, mutate, exc, match):
     args = dict(k=torch.randn(3, 2, 64, device=DEVICE), v=torch.randn(3, 2, 64, device=DEVICE), arena=alloc.arena,
                 handle_table=alloc.handle_table, layout=d["layout"], block_table=d["block_table"],
                 token_req=i32([0, 1, 0]), token_pos=i32([1, 2, 3]), handle_kinds=alloc.handle_kind,
-                num_layers=3, layer=0)
+                num_layers=3, kv_dtype=torch.float32, layer=0)
     before = alloc.arena.clone()
     mutate(args)
-    pos = [args.pop(k) for k in ("k", "v", "arena", "handle_table", "layout", "block_table", "token_req", "token_pos")]
-    with pytest.raises(exc, match=_re(match)):
-        kv_append_arena(*pos, **args)
+    cache_kw, _ = _split_args(args)
+    pos = [args.pop(k) for k in ("k", "v", "block_table", "token_req", "token_pos")]
+    if name in CACHE_ERRORS:
+        with pytest.raises(exc, match=_re(match)):
+            PagedCache(**cache_kw)
+    else:
+        cache = PagedCache(**cache_kw)
+        with pytest.raises(exc, match=_re(match)):
+            kv_append(*pos, cache, **args)
+        with pytest.raises(TypeError, match="required keyword-only argument: 'layer'"):
+            kv_append(*pos, cache)                      # layer has no default
     assert torch.equal(alloc.arena, before)
 
 
@@ -452,7 +532,7 @@ def _re(s: str) -> str:
 # --------------------------------------------------------------------------- config, custom ops
 def test_decode_config_table():
     c = decode_config(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, page_tokens=16, max_seq_len=4096)
-    assert c.use_dot and c.block_n(16) == 64 and c.num_splits == 9      # 32 CTAs -> 2 waves of 132 SMs
+    assert c.use_dot and c.block_tokens == 64 and c.num_splits == 9      # 32 CTAs -> 2 waves of 132 SMs
     c = decode_config(batch=64, num_q_heads=32, num_kv_heads=8, head_dim=128, page_tokens=16, max_seq_len=4096)
     assert c.num_splits == 1                                              # 512 CTAs already fill the GPU
     c = decode_config(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, page_tokens=16, max_seq_len=128)
@@ -460,7 +540,7 @@ def test_decode_config_table():
     c = decode_config(batch=1, num_q_heads=32, num_kv_heads=8, head_dim=128, page_tokens=16, max_seq_len=256)
     assert c.num_splits == 2                                              # 4 blocks: 2 splits of 2
     c = decode_config(batch=1, num_q_heads=4, num_kv_heads=2, head_dim=256, page_tokens=16, max_seq_len=10 ** 6)
-    assert not c.use_dot and c.num_splits == 32 and c.block_n(16) == 16 and c.num_warps == 8
+    assert not c.use_dot and c.num_splits == 32 and c.block_tokens == 16 and c.num_warps == 8
     c = decode_config(batch=1, num_q_heads=8, num_kv_heads=8, head_dim=64, page_tokens=16, max_seq_len=64,
                       num_splits=5, pages_per_iter=2, num_warps=2, num_stages=1, use_dot=True)
     assert (c.num_splits, c.pages_per_iter, c.num_warps, c.num_stages, c.use_dot) == (5, 2, 2, 1, True)
@@ -494,10 +574,11 @@ def test_torch_compile_fullgraph():
     q = torch.randn(2, 8, 64, device=DEVICE)
     k, v = torch.randn(2, 1, 64, device=DEVICE), torch.randn(2, 1, 64, device=DEVICE)
     req, pos = i32([0, 1]), sl.clone()
+    cache = PagedCache.of(alloc)
 
     def step(q, k, v, req, pos, sl):
-        kv_append(k, v, alloc, bt, req, pos, layer=1)
-        return paged_decode_attention(q, alloc, bt, sl + 1, layer=1, num_splits=2)
+        kv_append(k, v, bt, req, pos, cache, layer=1)
+        return paged_decode_attention(q, bt, sl + 1, cache, layer=1, config=DecodeConfig(num_splits=2))
 
     arena0 = alloc.arena.clone()
     want = step(q, k, v, req, pos, sl)
@@ -517,12 +598,12 @@ def test_opcheck():
     out = torch.empty_like(q)
     ws = torch.empty(decode_workspace_numel(2, 8, 64, 2), device=DEVICE)
     torch.library.opcheck(torch.ops.avmp.paged_decode_attention.default,
-                          (q, alloc.arena, alloc.handle_table, alloc.handle_kind, bt, sl, out, ws, layout, 0, 0.125, 2, 32, 4, 1,
-                           True, 128))
+                          (q, bt, sl, alloc.arena, alloc.handle_table, alloc.handle_kind, out, ws, layout, 0, 0.125,
+                           2, 32, 4, 1, True, 128))
     k = torch.randn(2, 1, 64, device=DEVICE)
     torch.library.opcheck(torch.ops.avmp.kv_append.default,
-                          (k, k, alloc.arena.clone(), alloc.handle_table, alloc.handle_kind, bt, i32([1, 0]), i32([9, 40]),
-                           layout, 2))
+                          (k, k, bt, i32([1, 0]), i32([9, 40]), alloc.arena.clone(), alloc.handle_table,
+                           alloc.handle_kind, layout, 2))
 
 
 # ----------------------------------------------------------------------------------------- GPU
@@ -542,7 +623,7 @@ def _gpu_case(dtype, hq, hkv, D, seq_lens, page_tokens=16, layers=2):
 def test_gpu_decode_real_sizes(dtype, num_splits):
     seq_lens = [1, 1000, 4096, 2049]
     alloc, bt = _gpu_case(dtype, 32, 8, 128, seq_lens)
-    check_decode(alloc, bt, seq_lens, 32, layer=1, num_splits=num_splits)
+    check_decode(alloc, bt, seq_lens, 32, layer=1, config=DecodeConfig(num_splits=num_splits))
 
 
 @gpu
@@ -552,7 +633,7 @@ def test_gpu_decode_real_sizes(dtype, num_splits):
 def test_gpu_decode_shapes(hq, hkv, D, use_dot):
     seq_lens = [17, 777, 2048 + 16, 0, 63]
     alloc, bt = _gpu_case(torch.bfloat16, hq, hkv, D, seq_lens)
-    check_decode(alloc, bt, seq_lens, hq, layer=0, use_dot=use_dot)
+    check_decode(alloc, bt, seq_lens, hq, layer=0, config=DecodeConfig(use_dot=use_dot))
 
 
 @gpu
@@ -581,10 +662,12 @@ def test_gpu_append_and_cuda_graph():
     req, pos, sl = i32(list(range(B))), i32(seq_lens), i32([n + 1 for n in seq_lens])
     out = torch.empty(B, hq, D, device="cuda", dtype=dtype)
     ws = decode_workspace(B, hq, D, 8, "cuda")
+    cache = PagedCache.of(alloc)
 
     def step():
-        kv_append(k, v, alloc, bt, req, pos, layer=1)
-        paged_decode_attention(q, alloc, bt, sl, layer=1, out=out, workspace=ws, num_splits=8, max_seq_len=4096)
+        kv_append(k, v, bt, req, pos, cache, layer=1)
+        paged_decode_attention(q, bt, sl, cache, layer=1, out=out, workspace=ws, max_seq_len=4096,
+                               config=DecodeConfig(num_splits=8))
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -614,8 +697,9 @@ def test_gpu_torch_compile():
     alloc, bt = _gpu_case(torch.bfloat16, 32, 8, 128, seq_lens)
     q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
     sl = i32(seq_lens)
-    f = torch.compile(lambda q: paged_decode_attention(q, alloc, bt, sl, layer=1) * 2, fullgraph=True)
-    torch.testing.assert_close(f(q), paged_decode_attention(q, alloc, bt, sl, layer=1) * 2, rtol=0, atol=0)
+    cache = PagedCache.of(alloc)
+    f = torch.compile(lambda q: paged_decode_attention(q, bt, sl, cache, layer=1) * 2, fullgraph=True)
+    torch.testing.assert_close(f(q), paged_decode_attention(q, bt, sl, cache, layer=1) * 2, rtol=0, atol=0)
 
 
 @gpu
@@ -641,11 +725,12 @@ def test_gpu_arena_over_4gib():
     bt[0, :19], bt[1, :2], bt[2, :18] = (handles[:19] + 30), (handles[19:21] + 30), (handles[21:39] + 30)
     bt, sl = bt.cuda(), i32(seq_lens)
     q = torch.randn(3, 32, D, device="cuda", dtype=dtype)
-    out = paged_decode_attention_arena(q, arena, table, lay, bt, sl, handle_kinds=kinds, num_layers=2, layer=1,
-                                       num_splits=3)
+    cache = PagedCache(arena=arena, handle_table=table, handle_kinds=kinds, kv_layout=lay, num_attn_layers=2,
+                       kv_dtype=dtype)
+    out = paged_decode_attention(q, bt, sl, cache, layer=1, config=DecodeConfig(num_splits=3))
     ref = paged_decode_attention_ref(q, arena, table, lay, bt, sl, layer=1)
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
     k = torch.randn(1, hkv, D, device="cuda", dtype=dtype)
-    kv_append_arena(k, k, arena, table, lay, bt, i32([2]), i32([279]), handle_kinds=kinds, num_layers=2, layer=0)
+    kv_append(k, k, bt, i32([2]), i32([279]), cache, layer=0)
     kk, vv, _ = gather_kv(arena, table, lay, bt[2], 280, 0, dtype)
     assert torch.equal(kk[-1], k[0]) and torch.equal(vv[-1], k[0])

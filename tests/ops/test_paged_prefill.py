@@ -6,13 +6,14 @@ written into its pages through the layout by a helper of this file (no dependenc
 Outputs are NaN-poisoned; the arena, the tables and the inputs must come back unchanged.
 """
 import math
+import re
 
 import pytest
 import torch
 
-from avmp_triton import AVMPAllocator, HybridModelSpec
+from avmp_triton import AVMPAllocator, HybridModelSpec, PagedCache
 from avmp_triton.layout import kv_page_layout
-from avmp_triton.ops.paged_prefill import paged_prefill_attention, paged_prefill_attention_arena, prefill_launch_config
+from avmp_triton.ops.paged_prefill import PrefillConfig, paged_prefill_attention, prefill_launch_config
 from avmp_triton.reference.paged_prefill import causal_attention_ref, paged_prefill_attention_ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -99,15 +100,19 @@ class Case:
         return torch.randn(*shape, generator=self.gen, device="cpu").to(self.device, self.dtype)
 
     def args(self, **over):
+        """The op's arguments and, under ``CACHE_KEYS``, those of a ``PagedCache`` built by hand
+        over the allocator's tensors (the low-level path); ``call`` runs them."""
         a = dict(q=self.q, cu_seqlens_q=self.cu, seq_lens=self.seq_lens, block_table=self.block_table,
-                 arena=self.alloc.arena, handle_table=self.alloc.handle_table, layout=self.layout,
-                 handle_kinds=self.alloc.handle_kind, layer=self.layer)
+                 arena=self.alloc.arena, handle_table=self.alloc.handle_table, kv_layout=self.layout,
+                 handle_kinds=self.alloc.handle_kind, num_attn_layers=self.num_layers, kv_dtype=self.dtype,
+                 layer=self.layer)
         a.update(over)
         return a
 
     def run(self, **kw):
+        """The op on NaN-poisoned ``out``; ``kw``: its keywords (``config``, ``max_seqlen_q``, ...)."""
         out = torch.full_like(self.q, float("nan"))
-        got = paged_prefill_attention_arena(**self.args(), out=out, num_layers=self.num_layers, **kw)
+        got = call(self.args(), out=out, **kw)
         assert got is out
         return out
 
@@ -121,6 +126,23 @@ class Case:
         cu = self.cu.tolist()
         return torch.cat([causal_attention_ref(self.q[cu[b]:cu[b + 1]], self.k[b], self.v[b], scale).float()
                           for b in range(len(self.ctx))])
+
+
+# the keywords of a hand-built PagedCache among ``Case.args``
+CACHE_KEYS = ("arena", "handle_table", "handle_kinds", "kv_layout", "num_attn_layers", "kv_dtype")
+
+
+def split_args(args: dict) -> tuple[dict, dict]:
+    """(the ``PagedCache(...)`` keywords, the op's own arguments) of ``Case.args``."""
+    op_args = dict(args)
+    return {k: op_args.pop(k) for k in CACHE_KEYS}, op_args
+
+
+def call(args: dict, **kw):
+    """``paged_prefill_attention`` on ``Case.args``, over a PagedCache built by hand from them."""
+    cache_kw, a = split_args(args)
+    q, bt, sl, cu = (a.pop(k) for k in ("q", "block_table", "seq_lens", "cu_seqlens_q"))
+    return paged_prefill_attention(q, bt, sl, cu, PagedCache(**cache_kw), **a, **kw)
 
 
 def _fresh_gen():
@@ -163,7 +185,8 @@ def test_matches_reference(name, gen):
     check_case(Case(q_lens, prefixes, hq, hkv, d, p, layer, gen=gen))
 
 
-@pytest.mark.parametrize("blocks", [dict(block_m=16, block_n=16), dict(block_n=64, num_warps=8),
+@pytest.mark.parametrize("blocks", [dict(config=PrefillConfig(block_m=16, block_n=16)),
+                                    dict(config=PrefillConfig(block_n=64, num_warps=8)),
                                     dict(max_seqlen_q=17)])
 def test_block_overrides(blocks, gen):
     # block_m=16 with 2 heads per group: 8-token tiles, several diagonal tiles per request;
@@ -246,21 +269,37 @@ def test_rows_past_cu_end_are_left_alone(gen, device_checks_only):
     case = Case([5, 17], [15, 0], 4, 2, 64, 16, 1, gen=gen)
     q = torch.cat([case.q, case.randn(3, *case.q.shape[1:])])
     out = torch.full_like(q, float("nan"))
-    paged_prefill_attention_arena(**case.args(q=q), out=out)
+    assert call(case.args(q=q), out=out) is out
     assert torch.isnan(out[-3:]).all()
     torch.testing.assert_close(out[:-3], case.reference(), **TOL[case.dtype])
 
 
 def test_allocator_form_matches_arena_form(gen):
-    """paged_prefill_attention(q, alloc, ...) reads the allocator's arena, table, layout and layer count."""
+    """PagedCache.of(alloc) reads the allocator's arena, table, layout and layer count: the same
+    output as a cache built by hand over those tensors."""
     case = Case([5, 17], [15, 0], 4, 2, 64, 16, 1, gen=gen)
-    want = paged_prefill_attention_arena(**case.args(), num_layers=case.num_layers)
-    got = paged_prefill_attention(case.q, case.alloc, case.block_table, case.seq_lens, case.cu, layer=case.layer)
+    want = call(case.args())
+    cache = PagedCache.of(case.alloc)
+    q, bt, sl, cu = case.q, case.block_table, case.seq_lens, case.cu
+    got = paged_prefill_attention(q, bt, sl, cu, cache, layer=case.layer)
     assert torch.equal(got, want)
-    with pytest.raises(ValueError, match=f"layer={case.num_layers} is out of range"):
-        paged_prefill_attention(case.q, case.alloc, case.block_table, case.seq_lens, case.cu, layer=case.num_layers)
-    with pytest.raises(TypeError, match="alloc must be an allocator"):
-        paged_prefill_attention(case.q, case.alloc.arena, case.block_table, case.seq_lens, case.cu)
+    with pytest.raises(ValueError, match=re.escape(f"layer must be an int in [0, {case.num_layers}) (the cache's "
+                                                   f"attention layers), got {case.num_layers}")):
+        paged_prefill_attention(q, bt, sl, cu, cache, layer=case.num_layers)
+    with pytest.raises(TypeError, match="required keyword-only argument: 'layer'"):
+        paged_prefill_attention(q, bt, sl, cu, cache)        # layer has no default
+    for not_a_cache in (case.alloc, case.alloc.arena):
+        with pytest.raises(TypeError, match=re.escape("cache must be a PagedCache (PagedCache.of(allocator)), got "
+                                                      f"{type(not_a_cache).__name__}")):
+            paged_prefill_attention(q, bt, sl, cu, not_a_cache, layer=case.layer)
+    with pytest.raises(TypeError, match="allocator must be an arena allocator .*got Tensor"):
+        PagedCache.of(case.alloc.arena)
+    with pytest.raises(TypeError, match="q must have the KV dtype torch.float32, got torch.float16"):
+        paged_prefill_attention(q.half(), bt, sl, cu, cache, layer=case.layer)
+    with pytest.raises(TypeError, match="kv_dtype torch.float16 is 2 bytes, the kv_layout's elements 4"):
+        PagedCache(**split_args(case.args(kv_dtype=torch.float16))[0])   # a layout of another dtype
+    with pytest.raises(TypeError, match="config must be a PrefillConfig or None, got dict"):
+        paged_prefill_attention(q, bt, sl, cu, cache, layer=case.layer, config=dict(block_m=16))
 
 
 def _i32(*shape):
@@ -270,56 +309,62 @@ def _i32(*shape):
 def test_empty_batch():
     case = Case([3], [0], 2, 2, 64, 16, 0)
     q = case.q[:0]
-    out = paged_prefill_attention_arena(**case.args(q=q, cu_seqlens_q=_i32(2), seq_lens=_i32(1)))
+    out = call(case.args(q=q, cu_seqlens_q=_i32(2), seq_lens=_i32(1)))
     assert out.shape == (0, 2, 64)
-    out = paged_prefill_attention_arena(**case.args(q=q, cu_seqlens_q=_i32(1), seq_lens=_i32(0),
-                                              block_table=case.block_table[:0]))
+    out = call(case.args(q=q, cu_seqlens_q=_i32(1), seq_lens=_i32(0), block_table=case.block_table[:0]))
     assert out.shape == (0, 2, 64)
-
-
 
 
 # name -> (overrides built from a valid case, exception, message pattern)
 BAD = {
-    "q-not-tensor": (lambda c: dict(q=c.q.tolist()), TypeError, "q must be a torch.Tensor"),
-    "q-2d": (lambda c: dict(q=c.q[:, 0]), ValueError, "q must be 3-D"),
-    "q-int": (lambda c: dict(q=c.q.to(torch.int32)), TypeError, "q must be float16"),
+    "q-not-tensor": (lambda c: dict(q=c.q.tolist()), TypeError, "q must be a torch.Tensor, got list"),
+    "q-2d": (lambda c: dict(q=c.q[:, 0]), ValueError, r"q must be 3-D, got shape \(8, 64\)"),
+    "q-int": (lambda c: dict(q=c.q.to(torch.int32)), TypeError,
+              "q must be torch.float16 or torch.bfloat16 or torch.float32, got torch.int32"),
     "q-strided": (lambda c: dict(q=c.q.transpose(1, 2).contiguous().transpose(1, 2)), ValueError,
                   "q must have a contiguous last dim"),
-    "cu-int64": (lambda c: dict(cu_seqlens_q=c.cu.long()), TypeError, "cu_seqlens_q must be torch.int32"),
-    "cu-length": (lambda c: dict(cu_seqlens_q=c.cu[:-1]), ValueError, r"cu_seqlens_q must have B\+1 = 3"),
-    "seq-lens-2d": (lambda c: dict(seq_lens=c.seq_lens[None]), ValueError, "seq_lens must be 1-D"),
-    "seq-lens-strided": (lambda c: dict(seq_lens=_i32(4)[::2]), ValueError, "seq_lens must be contiguous"),
-    "block-table-rows": (lambda c: dict(block_table=c.block_table[:1]), ValueError, "block_table must have B = 2"),
+    "cu-int64": (lambda c: dict(cu_seqlens_q=c.cu.long()), TypeError, "cu_seqlens_q must be torch.int32, got torch.int64"),
+    "cu-length": (lambda c: dict(cu_seqlens_q=c.cu[:-1]), ValueError, r"cu_seqlens_q must have B\+1 = 3 .*got 2"),
+    "seq-lens-2d": (lambda c: dict(seq_lens=c.seq_lens[None]), ValueError, r"seq_lens must be 1-D, got shape \(1, 2\)"),
+    "seq-lens-strided": (lambda c: dict(seq_lens=_i32(4)[::2]), ValueError, r"seq_lens must be contiguous, got strides \(2,\)"),
+    "block-table-rows": (lambda c: dict(block_table=c.block_table[:1]), ValueError, r"block_table must have B = 2 rows, got shape \(1, "),
     "block-table-int64": (lambda c: dict(block_table=c.block_table.long()), TypeError,
-                          "block_table must be torch.int32"),
+                          "block_table must be torch.int32, got torch.int64"),
     "block-table-cols": (lambda c: dict(block_table=c.block_table.t().contiguous().t()), ValueError,
                          "block_table rows must be contiguous"),
+    # a bad tensor or layout of the cache: PagedCache(...) raises, before any op (CACHE_ERRORS)
     "handle-table-int32": (lambda c: dict(handle_table=c.alloc.handle_table.int()), TypeError,
-                           "handle_table must be torch.int64"),
-    "arena-dtype": (lambda c: dict(arena=c.alloc.arena.view(torch.int32)), TypeError, "arena must be uint8"),
-    "arena-2d": (lambda c: dict(arena=c.alloc.arena.view(2, -1)), ValueError, "arena must be 1-D"),
-    "layout-type": (lambda c: dict(layout=dict(page_tokens=16)), TypeError, "layout must be a KVPageLayout"),
-    "layout-dtype": (lambda c: dict(q=c.q.half()), TypeError, "layout.elem_bytes"),
+                           "handle_table must be torch.int64, got torch.int32"),
+    "arena-dtype": (lambda c: dict(arena=c.alloc.arena.view(torch.int32)), TypeError,
+                    "arena must be torch.uint8, got torch.int32"),
+    "arena-2d": (lambda c: dict(arena=c.alloc.arena.view(2, -1)), ValueError, r"arena must be 1-D, got shape \(2, "),
+    "layout-type": (lambda c: dict(kv_layout=dict(page_tokens=16)), TypeError, "kv_layout must be a KVPageLayout, got dict"),
+    # q in another dtype than the cache's K/V (the layout's elements)
+    "layout-dtype": (lambda c: dict(q=c.q.half()), TypeError, "q must have the KV dtype torch.float32, got torch.float16"),
     "head-dim": (lambda c: dict(q=c.q[..., :32].contiguous()), ValueError, "head dim D=32"),
     "gqa": (lambda c: dict(q=c.q[:, :3].contiguous()), ValueError, "Hq=3 must be a positive multiple"),
-    "layer-negative": (lambda c: dict(layer=-1), ValueError, "layer must be a non-negative int"),
-    "layer-range": (lambda c: dict(layer=c.num_layers, num_layers=c.num_layers), ValueError,
-                    "layer=3 is out of range"),
-    "layer-arena": (lambda c: dict(layer=10**9), ValueError, "layer=1000000000 lies beyond the arena"),
-    "scale": (lambda c: dict(scale=float("nan")), ValueError, "scale must be"),
-    "out-shape": (lambda c: dict(out=torch.empty(8, 4, 65, device=DEVICE)), ValueError, "out must have q's shape"),
+    "layer-negative": (lambda c: dict(layer=-1), ValueError,
+                       r"layer must be an int in \[0, 3\) \(the cache's attention layers\), got -1"),
+    "layer-range": (lambda c: dict(layer=c.num_layers), ValueError,
+                    r"layer must be an int in \[0, 3\) \(the cache's attention layers\), got 3"),
+    # layers past the arena's end: the cache's pages of that many layers do not fit in it
+    "layer-arena": (lambda c: dict(num_attn_layers=10**9, layer=10**9 - 1), ValueError,
+                    "a page of num_attn_layers=1000000000 layers is .* bytes, more than the arena's"),
+    "scale": (lambda c: dict(scale=float("nan")), ValueError, "scale must be a positive finite float, got nan"),
+    "out-shape": (lambda c: dict(out=torch.empty(8, 4, 65, device=DEVICE)), ValueError,
+                  r"out must have q's shape \(8, 4, 64\), got \(8, 4, 65\)"),
     "out-device": (lambda c: dict(out=torch.empty(8, 4, 64, device="meta")), ValueError, "out is on meta"),
     "out-dtype": (lambda c: dict(out=torch.empty(8, 4, 64, dtype=torch.float64, device=DEVICE)), TypeError,
-                  "out must be torch.float32"),
-    "block-m": (lambda c: dict(block_m=24), ValueError, "block_m must be a power of two"),
-    "block-n": (lambda c: dict(block_n=8), ValueError, "block_n must be a power of two >= 16"),
-    "num-warps": (lambda c: dict(num_warps=3), ValueError, "num_warps"),
-    "num-stages": (lambda c: dict(num_stages=0), ValueError, "num_stages"),
-    "max-seqlen-q": (lambda c: dict(max_seqlen_q=0), ValueError, "max_seqlen_q"),
+                  "out must be torch.float32, got torch.float64"),
+    "block-m": (lambda c: dict(config=PrefillConfig(block_m=24)), ValueError, "block_m must be a power of two >= 16, got 24"),
+    "block-n": (lambda c: dict(config=PrefillConfig(block_n=8)), ValueError, "block_n must be a power of two >= 16, got 8"),
+    "num-warps": (lambda c: dict(config=PrefillConfig(num_warps=3)), ValueError, "num_warps .*got 3"),
+    "num-stages": (lambda c: dict(config=PrefillConfig(num_stages=0)), ValueError, "num_stages .*got 0"),
+    "max-seqlen-q": (lambda c: dict(max_seqlen_q=0), ValueError, "max_seqlen_q must be a positive int, got 0"),
     "no-requests": (lambda c: dict(cu_seqlens_q=_i32(1), seq_lens=_i32(0), block_table=c.block_table[:0]),
-                    ValueError, "no requests"),
+                    ValueError, "q has T=8 tokens but there are no requests"),
 }
+CACHE_ERRORS = {"handle-table-int32", "arena-dtype", "arena-2d", "layout-type", "layer-arena"}
 
 
 @pytest.fixture(scope="module")
@@ -330,15 +375,22 @@ def small_case():
 @pytest.mark.parametrize("bad", list(BAD))
 def test_validation_names_the_bad_value(bad, small_case):
     make, exc, match = BAD[bad]
-    with pytest.raises(exc, match=match):
-        paged_prefill_attention_arena(**small_case.args(**make(small_case)))
+    before = small_case.alloc.arena.clone()
+    args = small_case.args(**make(small_case))
+    if bad in CACHE_ERRORS:
+        with pytest.raises(exc, match=match):
+            PagedCache(**split_args(args)[0])
+    else:
+        with pytest.raises(exc, match=match):
+            call(args)
+    assert torch.equal(small_case.alloc.arena, before)
 
 
 def test_block_m_smaller_than_group():
     # Hq // Hkv = 32 query heads per KV head do not fit 16 rows
     c = Case([2], [0], 32, 1, 64, 16, 0)
     with pytest.raises(ValueError, match="block_m=16 must be >= Hq // Hkv = 32"):
-        paged_prefill_attention_arena(**c.args(), block_m=16)
+        call(c.args(), config=PrefillConfig(block_m=16))
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -347,7 +399,9 @@ def test_block_m_smaller_than_group():
 def test_default_configs_are_launchable(d, dtype, gqa):
     for on_gpu in (True, False):
         for max_q in (None, 1, 5, 4096):
-            bm, bn, warps, stages = prefill_launch_config(d, dtype, gqa, on_gpu=on_gpu, max_seqlen_q=max_q)
+            cfg = prefill_launch_config(d, dtype, gqa, on_gpu=on_gpu, max_seqlen_q=max_q)
+            assert isinstance(cfg, PrefillConfig)
+            bm, bn, warps, stages = cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
             assert bm >= 16 and bm & (bm - 1) == 0 and bm >= gqa
             assert bn >= 16 and bn & (bn - 1) == 0
             assert warps in (4, 8) and stages >= 1
@@ -359,12 +413,13 @@ def test_custom_op_opcheck(gen):
     c = Case([5, 2], [3, 0], 2, 1, 16, 8, 1, gen=gen)
     L = c.layout
     kv = c.alloc.arena.view(c.dtype)
-    args = (torch.empty_like(c.q), c.q, c.cu, c.seq_lens, c.block_table, kv, c.alloc.handle_table,
-            c.alloc.handle_kind, L.page_tokens, L.num_kv_heads, c.layer * L.stride_layer, L.stride_kv, L.stride_head,
-            L.stride_token, 0.25, 16, 16, 4, 1)
+    # inputs, metadata, the arena (as q's dtype), handle table, kinds, out, static ints
+    args = (c.q, c.block_table, c.seq_lens, c.cu, kv, c.alloc.handle_table, c.alloc.handle_kind,
+            torch.empty_like(c.q), L.page_tokens, L.num_kv_heads, c.layer * L.stride_layer, L.stride_kv,
+            L.stride_head, L.stride_token, 0.25, 16, 16, 4, 1)
     torch.library.opcheck(torch.ops.avmp.paged_prefill_attention.default, args)
     out = torch.full_like(c.q, float("nan"))
-    torch.ops.avmp.paged_prefill_attention(out, *args[1:])
+    torch.ops.avmp.paged_prefill_attention(*args[:7], out, *args[8:])
     ref = paged_prefill_attention_ref(c.q, c.cu, c.seq_lens, c.block_table, c.alloc.arena,
                                       c.alloc.handle_table, L, c.layer, scale=0.25)
     torch.testing.assert_close(out, ref, **TOL[c.dtype])
@@ -399,7 +454,8 @@ def test_gpu_head_dims(d, hq, hkv, page_tokens):
 def test_gpu_fp32_and_overrides():
     case = Case([129, 17], [700, 31], 8, 2, 128, 16, 0, device="cuda", gen=_fresh_gen())
     ref = case.reference()
-    for kw in ({}, dict(block_m=32, block_n=16, num_warps=4, num_stages=2), dict(max_seqlen_q=129)):
+    for kw in ({}, dict(config=PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)),
+               dict(max_seqlen_q=129)):
         torch.testing.assert_close(case.run(**kw), ref, **TOL[torch.float32])
 
 
@@ -429,7 +485,7 @@ def test_gpu_arena_over_4gib():
     cu = torch.tensor([0, 256, 287], dtype=torch.int32, device="cuda")
     sl = torch.tensor([p + q for p, q in zip(prefixes, q_lens)], dtype=torch.int32, device="cuda")
     q = torch.randn(287, 32, 128, generator=g).to("cuda", torch.bfloat16)
-    out = paged_prefill_attention(q, alloc, bt, sl, cu, layer=1)
+    out = paged_prefill_attention(q, bt, sl, cu, PagedCache.of(alloc), layer=1)
     ref = paged_prefill_attention_ref(q, cu, sl, bt, alloc.arena, alloc.handle_table, layout, 1)
     torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])
 
@@ -441,11 +497,11 @@ def test_gpu_cuda_graph_replay():
     case = Case([64, 64], [100, 300], 8, 2, 128, 16, 0, dtype=torch.bfloat16, device="cuda", gen=_fresh_gen())
     out = torch.empty_like(case.q)
     kw = dict(out=out, max_seqlen_q=64)
-    paged_prefill_attention_arena(**case.args(), **kw)  # compile before capture
+    call(case.args(), **kw)  # compile before capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        paged_prefill_attention_arena(**case.args(), **kw)
+        call(case.args(), **kw)
     case.q.copy_(torch.randn_like(case.q))
     case.seq_lens.copy_(torch.tensor([150, 330], dtype=torch.int32))  # fewer live tokens, same pages
     case.cu.copy_(torch.tensor([0, 50, 100], dtype=torch.int32))

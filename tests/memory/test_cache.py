@@ -1,0 +1,52 @@
+"""PagedCache: the frozen view every op takes, checked where it is built."""
+import dataclasses
+
+import pytest
+import torch
+
+from avmp_triton import AVMPAllocator, PaddedUnifiedAllocator, PagedCache, StaticDualAllocator, get_preset
+from avmp_triton.layout import kv_page_layout, ssm_block_layout
+
+SPEC = get_preset("nemotron-h-8b")
+CAP = 256 << 20
+
+
+@pytest.mark.parametrize("cls", [AVMPAllocator, StaticDualAllocator, PaddedUnifiedAllocator])
+def test_of_an_allocator_holds_its_tensors_and_geometry(cls):
+    alloc = cls(SPEC, CAP, device="cpu")
+    c = PagedCache.of(alloc)
+    assert c.arena is alloc.arena and c.handle_table is alloc.handle_table and c.handle_kinds is alloc.handle_kind
+    assert c.kv_layout == kv_page_layout(SPEC, alloc.page_tokens) and c.ssm_layout == ssm_block_layout(SPEC)
+    assert (c.num_attn_layers, c.num_mamba_layers) == (SPEC.num_attn_layers, SPEC.num_mamba_layers)
+    assert (c.kv_dtype, c.ssm_dtype, c.conv_dtype) == (SPEC.kv_dtype, SPEC.ssm_dtype, SPEC.conv_dtype)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.arena = torch.empty(0, dtype=torch.uint8)
+
+
+def test_rebalance_keeps_the_view_valid():
+    alloc = AVMPAllocator(SPEC, CAP, device="cpu")
+    c = PagedCache.of(alloc)
+    alloc.rebalance("ssm", 1)
+    assert c.arena is alloc.arena and c.handle_table is alloc.handle_table
+
+
+def _fields(alloc) -> dict:
+    c = PagedCache.of(alloc)
+    return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda f: dict(arena=f["arena"][:1 << 20], kv_layout=None), ValueError, r"an SSM block of \d+ Mamba layers is \d+ bytes, more than"),
+    (lambda f: dict(kv_layout=None, ssm_layout=None), ValueError, "needs a kv_layout, an ssm_layout or both"),
+    (lambda f: dict(spec=get_preset("jamba-1.5-mini")), ValueError, "is not spec 'jamba-1.5-mini''s"),
+    (lambda f: dict(num_attn_layers=3), ValueError, "is not spec 'nemotron-h-8b''s"),
+    (lambda f: dict(spec="nemotron-h-8b"), TypeError, "spec must be a HybridModelSpec or None, got str"),
+    (lambda f: dict(conv_dtype=torch.float32, spec=None), ValueError,
+     "conv_dtype=torch.float32 does not match the ssm_layout"),
+    (lambda f: dict(arena=f["arena"][:-1], kv_layout=None), ValueError, "not a whole number of ssm_dtype elements"),
+])
+def test_bad_geometry_fails_at_construction(change, exc, match):
+    f = _fields(AVMPAllocator(SPEC, CAP, device="cpu"))
+    f.update(change(f))
+    with pytest.raises(exc, match=match):
+        PagedCache(**f)
