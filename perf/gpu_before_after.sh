@@ -22,7 +22,7 @@ BASE_DIR=$PWD/.base
 
 groups=("tests/ops/test_paged_attention.py tests/ops/test_attention_bad_inputs.py tests/test_spec.py tests/test_triton_env.py tests/test_packaging.py"
         "tests/ops/test_paged_prefill.py tests/ops/test_decode_step_gpu.py tests/test_examples.py tests/test_readme.py tests/test_cli.py"
-        "tests/ops/test_mamba_state.py tests/ops/test_mamba_bad_inputs.py tests/memory/test_allocator_gpu.py tests/memory/test_allocator.py"
+        "tests/ops/test_mamba_state.py tests/ops/test_mamba_bad_inputs.py tests/memory/test_allocator_gpu.py tests/memory/test_allocator.py tests/memory/test_cache.py"
         "tests/ops/test_mamba_prefill.py tests/memory/test_allocator_stateful.py tests/engine/test_scheduler.py tests/sim/test_workloads.py tests/kernels/test_handles.py tests/kernels/test_sm90_compile.py tests/test_house.py")
 listed=$(printf '%s ' "${groups[@]}" | tr ' ' '\n' | sort | grep -c .)
 present=$(find tests -name 'test_*.py' | wc -l)
