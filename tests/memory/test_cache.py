@@ -13,7 +13,7 @@ CAP = 256 << 20
 
 @pytest.mark.parametrize("cls", [AVMPAllocator, StaticDualAllocator, PaddedUnifiedAllocator])
 def test_of_an_allocator_holds_its_tensors_and_geometry(cls):
-    alloc = cls(SPEC, CAP, device="cpu")
+    alloc = cls(SPEC, CAP)
     c = PagedCache.of(alloc)
     assert c.arena is alloc.arena and c.handle_table is alloc.handle_table and c.handle_kinds is alloc.handle_kind
     assert c.kv_layout == kv_page_layout(SPEC, alloc.page_tokens) and c.ssm_layout == ssm_block_layout(SPEC)
@@ -24,7 +24,7 @@ def test_of_an_allocator_holds_its_tensors_and_geometry(cls):
 
 
 def test_rebalance_keeps_the_view_valid():
-    alloc = AVMPAllocator(SPEC, CAP, device="cpu")
+    alloc = AVMPAllocator(SPEC, CAP)
     c = PagedCache.of(alloc)
     alloc.rebalance("ssm", 1)
     assert c.arena is alloc.arena and c.handle_table is alloc.handle_table
@@ -46,7 +46,7 @@ def _fields(alloc) -> dict:
     (lambda f: dict(arena=f["arena"][:-1], kv_layout=None), ValueError, "not a whole number of ssm_dtype elements"),
 ])
 def test_bad_geometry_fails_at_construction(change, exc, match):
-    f = _fields(AVMPAllocator(SPEC, CAP, device="cpu"))
+    f = _fields(AVMPAllocator(SPEC, CAP))
     f.update(change(f))
     with pytest.raises(exc, match=match):
         PagedCache(**f)
