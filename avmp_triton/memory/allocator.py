@@ -22,7 +22,7 @@ import math
 import torch
 import triton
 
-from avmp_triton._checks import is_int
+from avmp_triton._checks import check_tensor, is_int
 from avmp_triton import _triton_env  # first: on CPU-only hosts it chooses the interpreter before triton loads
 from avmp_triton.kernels import alloc as K
 from avmp_triton.memory.planner import donor_holdings, plan_victims
@@ -561,14 +561,7 @@ class ArenaAllocator:
 
     def _handles_arg(self, t, name: str) -> torch.Tensor:
         """Validate a 1-D int32 device tensor; the Python API accepts strided views."""
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of int32, got {type(t).__name__}")
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-        if t.device != self.device:
-            raise ValueError(f"{name} is on {t.device}, the allocator on {self.device}")
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D tensor, got shape {tuple(t.shape)}")
+        check_tensor(t, name, dim=1, dtypes=(torch.int32,), device=self.device, beside="the allocator")
         return t.contiguous()
 
     def _check_vec(self, t, name: str, length: int | None) -> None:
@@ -580,13 +573,9 @@ class ArenaAllocator:
             raise ValueError(f"{name} must have {length} entries (one per block-table row), got {t.numel()}")
 
     def _check_table_args(self, block_table, num_pages):
-        if not isinstance(block_table, torch.Tensor):
-            raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
-        if block_table.dtype != torch.int32:
-            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
-        if block_table.device != self.device:
-            raise ValueError(f"block_table is on {block_table.device}, the allocator on {self.device}")
-        if block_table.dim() != 2 or block_table.stride(1) != 1:
+        check_tensor(block_table, "block_table", dim=2, dtypes=(torch.int32,), device=self.device,
+                     beside="the allocator")
+        if block_table.stride(1) != 1:
             raise ValueError(f"block_table must be 2-D [R, W] with contiguous rows, got shape "
                              f"{tuple(block_table.shape)} strides {block_table.stride()}")
         R, W = block_table.shape

@@ -1027,5 +1027,5 @@ def test_alloc_into_and_free_from_need_no_sync_and_match_the_model(cls):
 
     with pytest.raises(ValueError, match="kind must be 'kv' or 'ssm'"):
         a.alloc_into(None, out)
-    with pytest.raises(TypeError, match="out must be int32"):
+    with pytest.raises(TypeError, match="out must be torch.int32"):
         a.alloc_into("kv", out.long())
