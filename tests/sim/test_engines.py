@@ -1,0 +1,51 @@
+"""The engine rules against numbers the engines themselves printed."""
+import dataclasses
+
+import pytest
+import torch
+
+from avmp_triton.spec import HybridModelSpec, get_preset
+from avmp_triton.sim.engines import vllm_hybrid_geometry
+
+
+def nemotron_nano_9b_v2() -> HybridModelSpec:
+    """The cache geometry of nvidia/NVIDIA-Nemotron-Nano-9B-v2 (its config.json: 8 KV heads of 128,
+    128 Mamba heads of 80, d_state 128, 8 groups, conv kernel 4, bf16). The layer counts do not
+    enter the block size."""
+    return HybridModelSpec(name="nemotron-nano-9b-v2", num_attn_layers=4, num_kv_heads=8, head_dim=128,
+                           kv_dtype=torch.bfloat16, num_mamba_layers=27, mamba_version=2, d_inner=128 * 80,
+                           mamba_num_heads=128, mamba_head_dim=80, d_state=128, n_groups=8, d_conv=4,
+                           conv_dtype=torch.bfloat16, ssm_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("spec,block,source", [
+    # "large attention page sizes (672 tokens for nvidia/NVIDIA-Nemotron-Nano-9B-v2)"
+    (nemotron_nano_9b_v2(), 672, "vllm-project/vllm#24280"),
+    # "the platform inflates cache_config.block_size to 528 (no prefix caching)" for granite-4.0-h-small
+    (get_preset("granite-4.0-h-small"), 528, "vllm-project/vllm-gaudi#1564"),
+])
+def test_block_size_is_the_one_vllm_logged(spec, block, source):
+    assert vllm_hybrid_geometry(spec).block_size == block, source
+
+
+def test_nemotron_h_8b_geometry_by_hand():
+    """vLLM's rule worked by hand for nemotron-h-8b (bf16): one attention layer holds 2 x 8 x 128 x 2 =
+    4096 bytes per token; one Mamba layer's state is 128 x 64 x 128 x 2 (SSM) + 3 x 10240 x 2
+    (conv) = 2158592 bytes, so 16 * ceil(2158592 / 65536) = 528 tokens; 4 attention and 24 Mamba
+    layers make groups of 4: 1 attention group and 6 Mamba groups, blocks of 4 x 528 x 4096 bytes."""
+    g = vllm_hybrid_geometry(get_preset("nemotron-h-8b"))
+    assert (g.block_size, g.mamba_page_bytes, g.attn_page_bytes) == (528, 2158592, 528 * 4096)
+    assert (g.group_size, g.attn_groups, g.mamba_groups) == (4, 1, 6)
+    assert g.block_bytes == 4 * 528 * 4096
+    assert g.request_blocks(451) == 1 + 6 and g.request_blocks(529) == 2 + 6
+    assert g.request_bytes(451) == 7 * 4 * 528 * 4096
+    assert 0 < g.mamba_padding < 0.01
+
+
+def test_groups_follow_the_layer_counts():
+    falcon = vllm_hybrid_geometry(get_preset("falcon-h1-7b"))   # 44 + 44: one group of each
+    assert (falcon.group_size, falcon.attn_groups, falcon.mamba_groups) == (44, 1, 1)
+    bamba = vllm_hybrid_geometry(get_preset("bamba-9b"))        # 3 + 29: groups of 3, the last padded
+    assert (bamba.group_size, bamba.attn_groups, bamba.mamba_groups) == (3, 1, 10)
+    close = dataclasses.replace(get_preset("bamba-9b"), num_attn_layers=12, num_mamba_layers=13)
+    assert vllm_hybrid_geometry(close).group_size == 13       # max < 1.5 min: the larger count
