@@ -656,7 +656,7 @@ class AVMPAllocator(ArenaAllocator):
 
 
 class StaticDualAllocator(ArenaAllocator):
-    """Two exact-size pools with a fixed split (SGLang-style); never rebalanced."""
+    """Two exact-size pools with a fixed split; never rebalanced."""
 
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, ssm_fraction: float = 0.5, device=None,
                  page_tokens: int = 16, slab_bytes: int | None = None):

@@ -187,7 +187,7 @@ def _verdict(metrics: dict, n: int) -> str:
         top = full[best].makespan_ticks
         tied = [v for v in full if full[v].makespan_ticks == top]
         others = sorted((v for v in full if v not in tied), key=lambda v: full[v].makespan_ticks)
-        s = (f"fastest to serve all {n} requests: {' = '.join(tied)} ({top:,} ticks"
+        s = (f"fewest ticks to serve all {n} requests: {' = '.join(tied)} ({top:,} ticks"
              + (", tied" if len(tied) > 1 else ""))
         if others:
             s += "; " + ", ".join(f"{(full[best].makespan_ticks / full[v].makespan_ticks - 1) * 100:+.0f}% vs {v}"
