@@ -6,6 +6,8 @@ with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -150,6 +152,9 @@ def _add_compare(sub, fmt) -> argparse.ArgumentParser:
                    help=f"comma-separated, from: {', '.join(sw.VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
     c.add_argument("--backend", choices=("auto", "device", "model"), default="auto",
                    help="allocator backend (default: auto)")
+    c.add_argument("--json", action="store_true",
+                   help="print one JSON object (each variant's unit geometry, vLLM's block size and groups for "
+                        "vllm_hybrid, the metrics) instead of the table")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     return c
 
@@ -222,12 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_compare(args, sub) -> int:
+    quiet = {"progress": False, "out": lambda *_: None} if args.json else {"progress": not args.no_progress}
     try:
         res = compare.run_compare(spec_name=args.spec, workload=args.workload, budget_k=args.budget_blocks,
-                          capacity_gib=args.capacity_gib, seed=args.seed, num_requests=args.num_requests,
-                          variants=args.variants, backend=args.backend, progress=not args.no_progress)
+                                  capacity_gib=args.capacity_gib, seed=args.seed, num_requests=args.num_requests,
+                                  variants=args.variants, backend=args.backend, **quiet)
     except ValueError as e:
         sub.error(str(e))
+    if args.json:
+        print(json.dumps({"spec": args.spec, "workload": args.workload, "backend": res["backend"],
+                          "num_requests": res["num_requests"], "budget": dataclasses.asdict(res["budget"]),
+                          "agree": res["agree"], "geometry": res["geometry"],
+                          "metrics": {v: dataclasses.asdict(m) for v, m in res["metrics"].items()}}, indent=1))
     if res["agree"] is False:
         print("compare: the Triton kernels and the reference allocator disagree (see the backend line)",
               file=sys.stderr)

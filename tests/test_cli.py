@@ -30,6 +30,27 @@ def test_compare_prints_every_variant(capsys):
     assert all("/20" in r for r in rows.values())
 
 
+def test_compare_json_shows_vllm_geometry(capsys):
+    """``compare --json``: the vLLM-rule block size, groups and per-request footprint for
+    nemotron-h-8b (pinned to vLLM's own numbers in tests/sim/test_engines.py), and the allocator
+    that simulates that pool holding exactly vLLM's blocks for a request."""
+    assert cli.main(["compare", "--spec", "nemotron-h-8b", "--json", *SMALL,
+                     "--variants", "vllm_hybrid,static_dual_0.5"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    g = d["geometry"]["vllm_hybrid"]
+    assert (g["vllm"]["block_size"], g["vllm"]["group_size"], g["vllm"]["attn_groups"],
+            g["vllm"]["mamba_groups"]) == (528, 4, 1, 6)
+    assert g["page_tokens"] == 528 and g["ssm_units_per_request"] == 6
+    t = g["request_tokens"]
+    assert g["vllm"]["request_blocks"] == -(-t // 528) + 6
+    assert g["request_bytes"] == g["vllm"]["request_bytes"] == g["vllm"]["request_blocks"] * 4 * 528 * 4096
+    assert 0 < g["request_overhead"] < 0.1
+    static = d["geometry"]["static_dual_0.5"]
+    assert static["page_tokens"] == 16 and "vllm" not in static
+    assert set(d["metrics"]) == {"vllm_hybrid", "static_dual_0.5"}
+    assert d["metrics"]["vllm_hybrid"]["completed"] == 20
+
+
 def test_default_command_is_compare(capsys):
     # options without a command go to `compare`
     assert cli.main([*SMALL, "--variants", "static_dual_0.5,avmp_mb16"]) == 0

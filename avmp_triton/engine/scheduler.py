@@ -273,7 +273,7 @@ class Scheduler:
         """
         if max_ticks is not None and (not is_int(max_ticks, numpy=True) or max_ticks < 0):
             raise ValueError(f"max_ticks must be None or a non-negative int, got {max_ticks!r}")
-        reqs = _Requests.of(requests, self.allocator.page_tokens)
+        reqs = _Requests.of(requests, self.allocator.page_tokens, self.allocator.ssm_units - 1)
         W = self.max_pages_per_request
         if W is None:
             W = max(1, int(reqs.max_pages.max()) if reqs.n else 1)
@@ -303,12 +303,14 @@ class _Requests:
     arrival: np.ndarray
     prompt: np.ndarray
     output: np.ndarray
-    max_pages: np.ndarray     # pages at the longest: ceil((prompt + output - 1) / page_tokens)
+    max_pages: np.ndarray     # pages at the longest: ceil((prompt + output - 1) / page_tokens) + extra
     generated: np.ndarray
     first_admit: np.ndarray   # tick of the first admission, -1 before
 
     @classmethod
-    def of(cls, requests: Sequence, page_tokens: int) -> "_Requests":
+    def of(cls, requests: Sequence, page_tokens: int, extra: int = 0) -> "_Requests":
+        """``extra``: pages every request holds besides its KV pages (the allocator's ``ssm_units - 1``:
+        the rest of its SSM state, in units of the same pool)."""
         n = len(requests)
         cols = {f: np.empty(n, dtype=np.int64) for f in ("arrival", "prompt_tokens", "output_tokens")}
         for i, r in enumerate(requests):
@@ -321,7 +323,7 @@ class _Requests:
                 raise ValueError(f"requests[{i}] needs arrival >= 0, prompt_tokens >= 1 and output_tokens >= 1, "
                                  f"got {r!r}")
         prompt, output = cols["prompt_tokens"], cols["output_tokens"]
-        max_pages = -(-(prompt + output - 1) // page_tokens) if n else np.zeros(0, dtype=np.int64)
+        max_pages = -(-(prompt + output - 1) // page_tokens) + extra if n else np.zeros(0, dtype=np.int64)
         return cls(n=n, rid=[getattr(r, "rid", i) for i, r in enumerate(requests)], arrival=cols["arrival"],
                    prompt=prompt, output=output, max_pages=max_pages, generated=np.zeros(n, dtype=np.int64),
                    first_admit=np.full(n, -1, dtype=np.int64))
@@ -361,6 +363,7 @@ class _Geometry:
         self.page_aligned = -(-a.kv_page_raw // UNIT_ALIGN) * UNIT_ALIGN
         self.block_aligned = a.spec.ssm_block_bytes
         self.token_bytes = a.spec.kv_bytes_per_token
+        self.extra = a.ssm_units - 1  # pages of each request that hold SSM state, not KV
         self.usable = a.num_slabs * a.slab_bytes
         self.tails = [a.slab_bytes - self.ups[p] * self.unit[p] for p in range(self.npools)] + [0]
 
@@ -384,15 +387,16 @@ class _Series:
 
     def sample(self, g: _Geometry, c: _Counts, rows: _Rows, running: np.ndarray) -> None:
         n_run = len(running)
-        live_kv = int(rows.pages.sum())
+        live_kv = int(rows.pages.sum()) - g.extra * n_run  # KV pages; the extras count as SSM units
+        ssm_held = (g.extra + 1) * n_run
         units = [c.slabs[p] * g.ups[p] for p in range(g.npools)]
         kv_units, ssm_units = units[g.pk], units[g.ps]
         self.batch.append(n_run)
         self.kv.append(live_kv / kv_units if kv_units else 0.0)
-        self.ssm.append(n_run / ssm_units if ssm_units else 0.0)
+        self.ssm.append(ssm_held / ssm_units if ssm_units else 0.0)
         self.tail.append(sum(c.slabs[p] * g.tails[p] for p in range(g.npools)))
         self.mem.append((int(rows.ctx[running].sum()) * g.token_bytes + n_run * g.block_raw) / g.usable)
-        self.pad.append(live_kv * (g.unit[g.pk] - g.page_raw) + n_run * (g.unit[g.ps] - g.block_raw))
+        self.pad.append(live_kv * (g.unit[g.pk] - g.page_raw) + ssm_held * g.unit[g.ps] - n_run * g.block_raw)
         self.align.append(live_kv * (g.page_aligned - g.page_raw) + n_run * (g.block_aligned - g.block_raw))
 
 
@@ -533,7 +537,7 @@ class _Run:
         while queue and len(admitted) < len(free_rows):
             i = queue[0]
             c0 = int(reqs.prompt[i] + reqs.generated[i])
-            pages = -(-c0 // self.pt)
+            pages = -(-c0 // self.pt) + self.g.extra
             kv_need, ssm_need = growth + kv_adm + pages, len(admitted) + 1
             if not self._fits_after_rebalance(kv_need, ssm_need):
                 if admitted or any_active:

@@ -13,6 +13,8 @@ The three allocators differ only in policy:
 - ``StaticDualAllocator``: the same two pools with a fixed split, never rebalanced.
 - ``PaddedUnifiedAllocator``: one pool whose unit is max(page, block) of the whole model (a
   simulation baseline: vLLM pads per layer group, not this way).
+- ``VllmHybridAllocator``: vLLM's pool for a hybrid model, one pool of equal blocks in which a
+  request's state takes one block per Mamba layer group (``avmp_triton.sim.engines``).
 """
 from __future__ import annotations
 
@@ -135,6 +137,9 @@ class ArenaAllocator:
     _migrates: bool = False
     # page sizes the attention kernels read (a power of two up to spec.MAX_PAGE_TOKENS)
     _KERNEL_PAGES: bool = True
+    # units one request's SSM state takes: one handle from alloc_ssm, and ssm_units - 1 more units
+    # that a scheduler holds as extra pages of the request (only VllmHybridAllocator has more than 1)
+    ssm_units: int = 1
 
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, kv_fraction: float = 0.5,
                  page_tokens: int = 16, slab_bytes: int | None = None, migration_batch: int = 16):
@@ -151,7 +156,7 @@ class ArenaAllocator:
         block = spec.ssm_block_bytes
         if self._unified:
             self.pool_names = ("unified",)
-            unit = max(page, block)
+            unit = max(page, _round_up(-(-block // self.ssm_units), UNIT_ALIGN))
             self.unit_bytes = (unit, unit)
             self._pool_of = {KIND_KV: 0, KIND_SSM: 0}
         else:
@@ -679,6 +684,31 @@ class PaddedUnifiedAllocator(ArenaAllocator):
 
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, page_tokens: int = 16,
                  slab_bytes: int | None = None):
+        super().__init__(spec, capacity_bytes, device=device, page_tokens=page_tokens, slab_bytes=slab_bytes)
+
+
+class VllmHybridAllocator(ArenaAllocator):
+    """vLLM v1's pool for a hybrid model: one pool of equal blocks, each the page of ``page_tokens``
+    tokens of every attention layer; a request's Mamba states take ``ssm_units`` blocks of the same
+    pool (one per Mamba layer group, each state padded to the block), its KV cache one block per
+    ``page_tokens`` tokens. Build it from ``avmp_triton.sim.engines.vllm_hybrid_geometry``
+    (block_size, mamba_groups). A simulation baseline: the Mamba ops need a request's state in one
+    unit, so ``PagedCache.of`` refuses it."""
+
+    _unified = True
+    _KERNEL_PAGES = False
+
+    def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, page_tokens: int, ssm_units: int,
+                 device=None, slab_bytes: int | None = None):
+        if not is_int(ssm_units) or ssm_units < 1:
+            raise ValueError(f"ssm_units must be a positive int, got {ssm_units!r}")
+        if not is_int(page_tokens) or page_tokens < 1:
+            raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
+        page = spec.kv_bytes_per_token * page_tokens
+        if -(-spec.ssm_block_bytes // ssm_units) > _round_up(page, UNIT_ALIGN):
+            raise ValueError(f"ssm_units={ssm_units} blocks of {page} bytes ({page_tokens} tokens) cannot hold the "
+                             f"SSM state of {spec.ssm_block_bytes} bytes")
+        self.ssm_units = ssm_units
         super().__init__(spec, capacity_bytes, device=device, page_tokens=page_tokens, slab_bytes=slab_bytes)
 
 

@@ -37,6 +37,9 @@ class PagedCache:
         if not isinstance(spec, HybridModelSpec) or not isinstance(getattr(allocator, "arena", None), torch.Tensor):
             raise TypeError(f"allocator must be an arena allocator (AVMPAllocator, StaticDualAllocator, "
                             f"PaddedUnifiedAllocator), got {type(allocator).__name__}")
+        if getattr(allocator, "ssm_units", 1) != 1:
+            raise TypeError(f"{type(allocator).__name__} spreads a request's SSM state over {allocator.ssm_units} units; "
+                            f"the Mamba ops read it from one")
         has_ssm = spec.num_mamba_layers > 0
         return cls(arena=allocator.arena, handle_table=allocator.handle_table, handle_kinds=allocator.handle_kind,
                    kv_layout=kv_page_layout(spec, allocator.page_tokens), num_attn_layers=spec.num_attn_layers,

@@ -14,21 +14,22 @@ import time
 
 from avmp_triton._triton_env import default_device
 from avmp_triton.sim import sweep as sw
+from avmp_triton.sim.engines import VLLM_VERSION, vllm_hybrid_geometry
 from avmp_triton.sim.workloads import make_workload
 from avmp_triton.spec import get_preset
 
 __all__ = ["DEFAULT_BUDGET_K", "DEFAULT_NUM_REQUESTS", "DEFAULT_SEED", "DEFAULT_SPEC", "DEFAULT_VARIANTS",
            "DEFAULT_WORKLOAD", "BackendChoice", "CommandError", "available_bytes", "check_memory",
-           "choose_backend", "run_compare"]
+           "choose_backend", "run_compare", "variant_geometry"]
 
 DEFAULT_SPEC = "jamba-1.5-mini"
 DEFAULT_WORKLOAD = "sharegpt"
 # the embedded default is small enough that, on a CPU-only machine, the real allocator kernels run
-# in Triton's interpreter in about 100 s on 2 cores (measured 82-100 s), with the pools under pressure
+# in Triton's interpreter in about 2 minutes on 2 cores (measured 82-123 s), with the pools under pressure
 DEFAULT_BUDGET_K = 8
 DEFAULT_NUM_REQUESTS = 48
 DEFAULT_SEED = 0
-DEFAULT_VARIANTS = ("padded_unified", "static_dual_0.5", "static_dual_0.9", "avmp_mb16")
+DEFAULT_VARIANTS = ("vllm_hybrid", "static_dual_0.5", "static_dual_0.9", "avmp_mb16")
 # RunMetrics fields that may differ between the device and the model backend
 _BACKEND_FIELDS = {"backend", "host_syncs_per_step", "alloc_time_us_per_step_mean", "alloc_time_us_per_step_p50",
                    "alloc_time_kind"}
@@ -110,8 +111,9 @@ def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLO
             budget = sw.make_budget(spec, workload, budget_k if budget_k is not None else DEFAULT_BUDGET_K)
         check_memory(budget.capacity_bytes, device,
                       opt if explicit else f"--budget-blocks {DEFAULT_BUDGET_K} (the default)")
-        for v in variants:  # fail fast on a budget too small for an allocator
-            sw.make_allocator(v, spec, budget.capacity_bytes, device)
+        tokens = round(sw.typical_tokens(workload))
+        geometry = {v: variant_geometry(sw.make_allocator(v, spec, budget.capacity_bytes, device), tokens)
+                    for v in variants}  # and fail fast on a budget too small for an allocator
     except ValueError as e:
         raise ValueError(f"{opt}: {e}" if explicit else str(e)) from None
     try:
@@ -130,12 +132,50 @@ def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLO
                  f"{'the same metrics' if agree else 'DIFFERENT metrics (a bug: please report)'}")
     out(f"backend: {choice.backend} ({note})")
     out("")
+    out(_geometry_lines(geometry, tokens))
+    out("")
     out(_table(metrics, len(reqs)))
     out("")
     out(_verdict(metrics, len(reqs)))
     out(f"done in {time.perf_counter() - t_start:.1f} s")
     return {"backend": choice.backend, "metrics": metrics, "budget": budget, "num_requests": len(reqs),
-            "agree": agree}
+            "agree": agree, "geometry": geometry}
+
+
+def variant_geometry(alloc, tokens: int) -> dict:
+    """How ``alloc`` sizes its units, and what a request of ``tokens`` tokens holds in it, beside
+    the exact bytes (its tokens' K/V and one SSM state); vLLM's block size and groups for its pool."""
+    spec, pt, su = alloc.spec, alloc.page_tokens, alloc.ssm_units
+    unit_kv, unit_ssm = alloc.unit_bytes[alloc.pool_index("kv")], alloc.unit_bytes[alloc.pool_index("ssm")]
+    held = (-(-tokens // pt) + su - 1) * unit_kv + unit_ssm
+    exact = tokens * spec.kv_bytes_per_token + spec.ssm_state_raw_bytes
+    g = {"allocator": type(alloc).__name__, "pools": list(alloc.pool_names), "page_tokens": pt,
+         "kv_unit_bytes": unit_kv, "ssm_unit_bytes": unit_ssm, "ssm_units_per_request": su,
+         "request_tokens": tokens, "request_bytes": held, "request_exact_bytes": exact,
+         "request_overhead": held / exact - 1}
+    if type(alloc).__name__ == "VllmHybridAllocator":
+        v = vllm_hybrid_geometry(spec)
+        g["vllm"] = {"version": VLLM_VERSION, "block_size": v.block_size, "group_size": v.group_size,
+                     "attn_groups": v.attn_groups, "mamba_groups": v.mamba_groups,
+                     "block_bytes": v.block_bytes, "mamba_padding": v.mamba_padding,
+                     "request_blocks": v.request_blocks(tokens), "request_bytes": v.request_bytes(tokens),
+                     "source": "vllm/platforms/interface.py (_align_hybrid_block_size), "
+                               "vllm/v1/core/kv_cache_planning.py (_get_kv_cache_groups_uniform_page_size)"}
+    return g
+
+
+def _geometry_lines(geometry: dict, tokens: int) -> str:
+    lines = [f"unit sizes, and what a request of {tokens:,} tokens (the workload's mean) holds:"]
+    for v, g in geometry.items():
+        s = (f"  {v}: pages of {g['page_tokens']:,} tokens, {g['kv_unit_bytes'] / 2**20:,.2f} MiB KV units, "
+             f"{g['ssm_units_per_request']} x {g['ssm_unit_bytes'] / 2**20:,.2f} MiB for the state; "
+             f"{g['request_bytes'] / 2**20:,.1f} MiB ({g['request_overhead']:+.0%} over exact)")
+        if "vllm" in g:
+            x = g["vllm"]
+            s += (f"; vLLM {x['version']}: {x['attn_groups']} attention + {x['mamba_groups']} Mamba group(s) of "
+                  f"{x['group_size']} layers")
+        lines.append(s)
+    return "\n".join(lines)
 
 
 def available_bytes(device: str) -> int | None:

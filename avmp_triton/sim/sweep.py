@@ -23,7 +23,9 @@ from typing import Callable, Iterable, Sequence
 
 import avmp_triton
 from avmp_triton._triton_env import default_device
-from avmp_triton.memory.allocator import AVMPAllocator, PaddedUnifiedAllocator, StaticDualAllocator
+from avmp_triton.memory.allocator import (AVMPAllocator, PaddedUnifiedAllocator, StaticDualAllocator,
+                                          VllmHybridAllocator)
+from avmp_triton.sim.engines import VLLM_VERSION, vllm_hybrid_geometry
 from avmp_triton.spec import get_preset, list_presets
 from avmp_triton.sim.workloads import WORKLOADS, make_workload
 
@@ -52,8 +54,10 @@ class Variant:
 
     def build(self, spec, capacity_bytes: int, device):
         cls = {"AVMPAllocator": AVMPAllocator, "StaticDualAllocator": StaticDualAllocator,
-               "PaddedUnifiedAllocator": PaddedUnifiedAllocator}[self.allocator]
+               "PaddedUnifiedAllocator": PaddedUnifiedAllocator, "VllmHybridAllocator": VllmHybridAllocator}[self.allocator]
         params = dict(self.params)
+        if cls is VllmHybridAllocator:
+            params.update(vllm_hybrid_params(spec))
         if params.get("page_tokens") == "fill_ssm_block":
             params["page_tokens"] = page_tokens_filling_ssm_block(spec)
         return cls(spec, capacity_bytes, device=device, **params)
@@ -66,8 +70,21 @@ def page_tokens_filling_ssm_block(spec) -> int:
     return 16 * math.ceil(spec.ssm_block_bytes / (16 * spec.kv_bytes_per_token))
 
 
+def vllm_hybrid_params(spec) -> dict:
+    """``VllmHybridAllocator`` keywords for vLLM's rule: blocks of ``block_size`` tokens of every
+    attention layer, and one block per Mamba layer group. The pool's unit is the page of all the
+    attention layers, which is vLLM's block when they form one group of ``group_size`` layers."""
+    g = vllm_hybrid_geometry(spec)
+    if g.attn_groups != 1 or g.group_size != spec.num_attn_layers:
+        raise ValueError(f"vllm_hybrid models one group of attention layers; {spec.name} makes "
+                         f"{g.attn_groups} group(s) of {g.group_size} from {spec.num_attn_layers}")
+    return {"page_tokens": g.block_size, "ssm_units": g.mamba_groups}
+
+
 def _variants() -> dict[str, Variant]:
-    v = [Variant("padded_unified", "PaddedUnifiedAllocator", {"page_tokens": "fill_ssm_block"},
+    v = [Variant("vllm_hybrid", "VllmHybridAllocator", {},
+                 f"vLLM {VLLM_VERSION}'s pool: blocks sized per layer group, one per Mamba group per request"),
+         Variant("padded_unified", "PaddedUnifiedAllocator", {"page_tokens": "fill_ssm_block"},
                  "one pool, one unit size; attention pages grown to the whole model's SSM block"),
          Variant("static_dual_0.5", "StaticDualAllocator", {"ssm_fraction": 0.5}, "fixed split, 50% SSM"),
          Variant("static_dual_0.9", "StaticDualAllocator", {"ssm_fraction": 0.9}, "fixed split, 90% SSM")]

@@ -17,6 +17,7 @@ from avmp_triton import (
     HybridModelSpec,
     PaddedUnifiedAllocator,
     StaticDualAllocator,
+    VllmHybridAllocator,
     get_preset,
 )
 from avmp_triton.engine.metrics import MAX_SERIES_POINTS, RunMetrics
@@ -159,6 +160,19 @@ def test_hand_trace_padded_unified():
     assert m.slab_tail_bytes == 5 * 64
 
 
+def test_hand_trace_vllm_hybrid():
+    """vLLM's pool: 128-byte units (16 in 4 slabs), a request's 224-byte state in 2 of them (one per
+    Mamba group), its KV in one per 4 tokens: 3 units each, so 5 requests of one page fit and the
+    sixth waits until the first ones finish."""
+    m, _ = run(make(VllmHybridAllocator, 4, ssm_units=2), reqs(*[(0, 1, 2)] * 6))
+    assert (m.batch_peak, m.completed, m.preemptions) == (5, 6, 0)
+    assert m.admission_failures > 0
+    assert m.kv_util_series[0] == pytest.approx(5 / 16)   # one KV page each
+    assert m.ssm_util_series[0] == pytest.approx(10 / 16)  # two state units each
+    # padding: each running request's 2 x 128 state bytes hold 224 (its page is a whole unit)
+    assert m.padding_waste_bytes_mean == pytest.approx(32 * m.batch_mean)
+
+
 # ------------------------------------------------------------------------------------- invariants
 def check_event_log(trace, m: RunMetrics, events, max_running: int):
     """Every request arrives once, is admitted no earlier; every admission ends in exactly one
@@ -216,6 +230,7 @@ ALLOCS = {
     "static-0.5": lambda s: make(StaticDualAllocator, s, ssm_fraction=0.5),
     "static-0.9": lambda s: make(StaticDualAllocator, s, ssm_fraction=0.9),
     "padded": lambda s: make(PaddedUnifiedAllocator, s),
+    "vllm-hybrid": lambda s: make(VllmHybridAllocator, s, ssm_units=2),
 }
 
 
@@ -331,7 +346,7 @@ def test_real_workload_small_budget():
 
 
 # ----------------------------------------------------------------------------- device vs model
-@pytest.mark.parametrize("name", ["avmp-b1", "avmp-proactive", "static-0.5", "padded"])
+@pytest.mark.parametrize("name", ["avmp-b1", "avmp-proactive", "static-0.5", "padded", "vllm-hybrid"])
 def test_device_backend_matches_model(name):
     """The Triton kernels behind the scheduler give the model backend's metrics exactly, and end in
     the same allocator state (block tables of both backends end all -1)."""
@@ -345,7 +360,7 @@ def test_device_backend_matches_model(name):
     assert_matches(sm.state.m, a)
     assert bool((sd.state.block_table == -1).all()) and int(sd.state.num_pages.abs().sum()) == 0
     assert bool((sd.state.ssm_handles == -1).all())
-    if name in ("static-0.5", "padded"):
+    if name in ("static-0.5", "padded", "vllm-hybrid"):
         assert md.host_syncs_per_step <= 2.0  # one read per tick, one more when admitting
     if name == "avmp-b1":
         assert mm.migrations > 0 and mm.bytes_moved > 0  # compaction on this trace

@@ -50,3 +50,17 @@ def test_bad_geometry_fails_at_construction(change, exc, match):
     f.update(change(f))
     with pytest.raises(exc, match=match):
         PagedCache(**f)
+
+
+def test_an_ssm_state_over_several_units_is_refused():
+    """vLLM's pool spreads a request's Mamba states over one block per layer group: the Mamba ops,
+    which read a state from one unit, must not get such a cache."""
+    from avmp_triton import VllmHybridAllocator
+    alloc = VllmHybridAllocator(SPEC, CAP, page_tokens=528, ssm_units=6)
+    assert alloc.unit_bytes[0] == SPEC.kv_bytes_per_token * 528 >= -(-SPEC.ssm_block_bytes // 6)
+    with pytest.raises(TypeError, match="spreads a request's SSM state over 6 units"):
+        PagedCache.of(alloc)
+    with pytest.raises(ValueError, match="ssm_units=5 blocks of .* cannot hold the SSM state"):
+        VllmHybridAllocator(SPEC, CAP, page_tokens=528, ssm_units=5)
+    with pytest.raises(ValueError, match="ssm_units must be a positive int, got 0"):
+        VllmHybridAllocator(SPEC, CAP, page_tokens=528, ssm_units=0)
