@@ -29,7 +29,7 @@ DEFAULT_WORKLOAD = "sharegpt"
 DEFAULT_BUDGET_K = 8
 DEFAULT_NUM_REQUESTS = 48
 DEFAULT_SEED = 0
-DEFAULT_VARIANTS = ("vllm_hybrid", "static_dual_0.5", "static_dual_0.9", "avmp_mb16")
+DEFAULT_VARIANTS = ("vllm_hybrid", "sglang_static", "avmp_mb16")
 # RunMetrics fields that may differ between the device and the model backend
 _BACKEND_FIELDS = {"backend", "host_syncs_per_step", "alloc_time_us_per_step_mean", "alloc_time_us_per_step_p50",
                    "alloc_time_kind"}
@@ -112,8 +112,10 @@ def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLO
         check_memory(budget.capacity_bytes, device,
                       opt if explicit else f"--budget-blocks {DEFAULT_BUDGET_K} (the default)")
         tokens = round(sw.typical_tokens(workload))
-        geometry = {v: variant_geometry(sw.make_allocator(v, spec, budget.capacity_bytes, device), tokens)
-                    for v in variants}  # and fail fast on a budget too small for an allocator
+        geometry = {}
+        for v in variants:  # and fail fast on a budget too small for an allocator
+            alloc = sw.make_allocator(v, spec, budget.capacity_bytes, device)
+            geometry[v] = variant_geometry(alloc, tokens)
     except ValueError as e:
         raise ValueError(f"{opt}: {e}" if explicit else str(e)) from None
     try:
@@ -150,6 +152,7 @@ def variant_geometry(alloc, tokens: int) -> dict:
     held = (-(-tokens // pt) + su - 1) * unit_kv + unit_ssm
     exact = tokens * spec.kv_bytes_per_token + spec.ssm_state_raw_bytes
     g = {"allocator": type(alloc).__name__, "pools": list(alloc.pool_names), "page_tokens": pt,
+         "pool_units": {k: p.units for k, p in alloc.stats().pools.items()},
          "kv_unit_bytes": unit_kv, "ssm_unit_bytes": unit_ssm, "ssm_units_per_request": su,
          "request_tokens": tokens, "request_bytes": held, "request_exact_bytes": exact,
          "request_overhead": held / exact - 1}

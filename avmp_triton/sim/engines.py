@@ -7,7 +7,8 @@ import math
 
 from avmp_triton.spec import HybridModelSpec
 
-__all__ = ["VLLM_KERNEL_BLOCK", "VLLM_VERSION", "VllmHybridGeometry", "vllm_hybrid_geometry"]
+__all__ = ["SGLANG_MAMBA_FULL_MEMORY_RATIO", "VLLM_KERNEL_BLOCK", "VLLM_VERSION", "VllmHybridGeometry",
+           "sglang_mamba_fraction", "vllm_hybrid_geometry"]
 
 VLLM_VERSION = "0.34.0"
 # vLLM's default block size and the smallest block of its FlashAttention backend (MultipleOf(16)),
@@ -62,3 +63,14 @@ def vllm_hybrid_geometry(spec: HybridModelSpec, kernel_block: int = VLLM_KERNEL_
     return VllmHybridGeometry(block_size=block, attn_page_bytes=block * attn_1, mamba_page_bytes=mamba,
                               group_size=group, attn_groups=math.ceil(counts[0] / group),
                               mamba_groups=math.ceil(counts[1] / group))
+
+
+# SGLang, sgl-project/sglang at 001ccef0: the default in python/sglang/srt/server_args.py, the split
+# in python/sglang/srt/model_executor/model_runner_kv_cache_mixin.py (handle_max_mamba_cache)
+SGLANG_MAMBA_FULL_MEMORY_RATIO = 0.9      # --mamba-full-memory-ratio: Mamba state memory / full KV memory
+
+
+def sglang_mamba_fraction(ratio: float = SGLANG_MAMBA_FULL_MEMORY_RATIO) -> float:
+    """The share of the cache budget SGLang gives the Mamba pool when no size is set: it solves
+    mamba + kv = budget with mamba / kv = ratio, so ratio / (1 + ratio) (0.9: 47.4%)."""
+    return ratio / (1 + ratio)

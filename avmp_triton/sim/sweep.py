@@ -25,7 +25,8 @@ import avmp_triton
 from avmp_triton._triton_env import default_device
 from avmp_triton.memory.allocator import (AVMPAllocator, PaddedUnifiedAllocator, StaticDualAllocator,
                                           VllmHybridAllocator)
-from avmp_triton.sim.engines import VLLM_VERSION, vllm_hybrid_geometry
+from avmp_triton.sim.engines import (SGLANG_MAMBA_FULL_MEMORY_RATIO, VLLM_VERSION, sglang_mamba_fraction,
+                                     vllm_hybrid_geometry)
 from avmp_triton.spec import get_preset, list_presets
 from avmp_triton.sim.workloads import WORKLOADS, make_workload
 
@@ -86,6 +87,11 @@ def _variants() -> dict[str, Variant]:
                  f"vLLM {VLLM_VERSION}'s pool: blocks sized per layer group, one per Mamba group per request"),
          Variant("padded_unified", "PaddedUnifiedAllocator", {"page_tokens": "fill_ssm_block"},
                  "one pool, one unit size; attention pages grown to the whole model's SSM block"),
+         # radix cache off (no prefix is shared here): SGLang then caps running requests at its
+         # Mamba slots, which the SSM pool enforces anyway
+         Variant("sglang_static", "StaticDualAllocator", {"ssm_fraction": sglang_mamba_fraction()},
+                 f"SGLang's split: mamba_full_memory_ratio {SGLANG_MAMBA_FULL_MEMORY_RATIO} -> "
+                 f"{sglang_mamba_fraction():.1%} SSM"),
          Variant("static_dual_0.5", "StaticDualAllocator", {"ssm_fraction": 0.5}, "fixed split, 50% SSM"),
          Variant("static_dual_0.9", "StaticDualAllocator", {"ssm_fraction": 0.9}, "fixed split, 90% SSM")]
     for mb in (1, 16, 128, 256):

@@ -49,3 +49,13 @@ def test_groups_follow_the_layer_counts():
     assert (bamba.group_size, bamba.attn_groups, bamba.mamba_groups) == (3, 1, 10)
     close = dataclasses.replace(get_preset("bamba-9b"), num_attn_layers=12, num_mamba_layers=13)
     assert vllm_hybrid_geometry(close).group_size == 13       # max < 1.5 min: the larger count
+
+
+def test_sglang_split_is_ratio_over_one_plus_ratio():
+    """SGLang (sgl-project/sglang 001ccef0, model_runner_kv_cache_mixin.py handle_max_mamba_cache)
+    solves mamba + kv = budget with mamba / kv = mamba_full_memory_ratio (server_args.py default 0.9)."""
+    from avmp_triton.sim.engines import SGLANG_MAMBA_FULL_MEMORY_RATIO, sglang_mamba_fraction
+    assert SGLANG_MAMBA_FULL_MEMORY_RATIO == 0.9
+    f = sglang_mamba_fraction()
+    assert f == pytest.approx(0.9 / 1.9) and f / (1 - f) == pytest.approx(0.9)
+    assert sglang_mamba_fraction(3.0) == pytest.approx(0.75)
