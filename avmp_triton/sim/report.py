@@ -34,6 +34,7 @@ __all__ = ["BootstrapCI", "paired_bootstrap_ci", "write_report"]
 AVMP = "avmp_mb16"
 STATICS = ("static_dual_0.5", "static_dual_0.9")
 PADDED = "padded_unified"
+ENGINES = ("vllm_hybrid", "sglang_static")  # baselines sized as vLLM and SGLang size their pools
 N_RESAMPLES = 10_000
 BOOT_SEED = 0
 UTIL_VARIANTS = ("padded_unified", "static_dual_0.5", "static_dual_0.9", "avmp_mb16", "avmp_proactive")
@@ -205,7 +206,11 @@ def _pairs(d: _Data, specs, workload, va, vb, key):
 
 
 def _family(v: str) -> str:
-    return "AVMP" if v.startswith("avmp") else ("static" if v.startswith("static") else "padded")
+    if v.startswith("avmp"):
+        return "AVMP"
+    if v in ENGINES:
+        return "engine"
+    return "static" if v.startswith("static") else "padded"
 
 
 def _avmp_schedule_identical(d: _Data) -> tuple[int, int]:
@@ -224,6 +229,22 @@ def _avmp_schedule_identical(d: _Data) -> tuple[int, int]:
                     total += 1
                     same += all(all(m[k] == ms[0][k] for k in keys) for m in ms[1:])
     return same, total
+
+
+def _engine_margins(d: _Data) -> list[str]:
+    """AVMP mb16's makespan over each engine baseline's, per workload, across (spec, budget) groups
+    where both served every request: the range and the median."""
+    out = []
+    for e in [x for x in ENGINES if x in d.variants]:
+        for wl in d.workloads:
+            rs = sorted((d.mean(s, wl, b, AVMP, "makespan_ticks") / d.mean(s, wl, b, e, "makespan_ticks"), s, b)
+                        for s in d.specs for b in d.budgets
+                        if d.runs(s, wl, b, e) and d.complete(s, wl, b, AVMP) and d.complete(s, wl, b, e))
+            if rs:
+                out.append(f"  - {wl}: AVMP mb16 vs {e}: makespan {_pct(rs[0][0])} ({rs[0][1]}, {rs[0][2]}) to "
+                           f"{_pct(rs[-1][0])} ({rs[-1][1]}, {rs[-1][2]}), median {_pct(rs[len(rs) // 2][0])} "
+                           f"over {len(rs)} groups.")
+    return out
 
 
 def _summary(d: _Data) -> list[str]:
@@ -245,13 +266,15 @@ def _summary(d: _Data) -> list[str]:
                         r = d.mean(s, wl, b, AVMP, "makespan_ticks") / d.mean(s, wl, b, st[0], "makespan_ticks")
                         margins[wl].append((r, s, b, st[0]))
     out.append(f"- Lowest makespan (among variants that served every request): AVMP in {per_fam['AVMP']} of {groups} "
-               f"(spec, workload, budget) groups, a static split in {per_fam['static']}, padded in {per_fam['padded']}.")
+               f"(spec, workload, budget) groups, an engine's baseline ({', '.join(ENGINES)}) in {per_fam['engine']}, "
+               f"an untuned static split in {per_fam['static']}, padded in {per_fam['padded']}.")
     for wl in d.workloads:
         if margins[wl]:
             lo = min(margins[wl])
             hi = max(margins[wl])
             out.append(f"  - {wl}: AVMP mb16 vs the best static split that served everything: makespan "
                        f"{_pct(lo[0])} ({lo[1]}, {lo[2]}, vs {lo[3]}) to {_pct(hi[0])} ({hi[1]}, {hi[2]}, vs {hi[3]}).")
+    out += _engine_margins(d)
     same, total = _avmp_schedule_identical(d)
     if total:
         if same == total:
@@ -571,7 +594,7 @@ def _ci_section(d: _Data) -> list[str]:
                 names = sorted(set(per.values()), key=lambda v: STATICS.index(v) if v in STATICS else 9)
                 bs_name = ("best static per spec (" + "; ".join(
                     f"{v}: {', '.join(x for x in specs if per[x] == v)}" for v in names) + ")") if bs else None
-            for base in [x for x in (bs, PADDED) if x]:
+            for base in [x for x in (*[e for e in ENGINES if e in d.variants], bs, PADDED) if x]:
                 bfun = base_of if base == bs else base
                 a, b, short = _pairs(d, specs, wl, AVMP, bfun, "makespan_ticks")
                 if not a:
@@ -702,7 +725,7 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
                                 + (f" ({len(unreadable)} could not be read)" if unreadable else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     d = _Data(recs)
-    L = ["# Workload comparison: AVMP vs static split vs padded pool\n", *warning_md, *_header(d, recs, results_dir),
+    L = ["# Workload comparison: AVMP vs the engines' pools, fixed splits and a padded pool\n", *warning_md, *_header(d, recs, results_dir),
          "## Summary\n", *_summary(d), "", *_budgets_section(d), *_wins_section(d), *_ci_section(d),
          *_avmp_section(d), *_per_variant_section(d)]
     if plots:
