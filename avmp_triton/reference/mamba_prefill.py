@@ -23,6 +23,11 @@ from avmp_triton.layout import ssm_block_layout
 from avmp_triton.spec import HybridModelSpec
 
 
+def _step_sizes(dt, dt_bias, dt_softplus: bool) -> torch.Tensor:
+    """dt + dt_bias in fp32, through softplus when the op applies it."""
+    dt = dt.float() if dt_bias is None else dt.float() + dt_bias.float()
+    return F.softplus(dt) if dt_softplus else dt
+
 def conv1d_ref(x, weight, bias=None, init_state=None, activation=None):
     """x ``[L, C]``, weight ``[C, W]``, init_state ``[W - 1, C]`` (None: zeros), oldest first.
     Returns (out ``[L, C]`` fp32, final state ``[W - 1, C]`` fp32: the last W - 1 inputs)."""
@@ -48,11 +53,7 @@ def selective_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus
     L, Di = x.shape
     N = A.shape[1]
     h = torch.zeros(Di, N, dtype=torch.float32, device=x.device) if h0 is None else h0.float().clone()
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
+    dt = _step_sizes(dt, dt_bias, dt_softplus)
     A = A.float()
     y = torch.zeros(L, Di, dtype=torch.float32, device=x.device)
     for t in range(L):
@@ -73,11 +74,7 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     G, N = B.shape[1], B.shape[2]
     rep = H // G
     h = torch.zeros(H, P, N, dtype=torch.float32, device=x.device) if h0 is None else h0.float().clone()
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
+    dt = _step_sizes(dt, dt_bias, dt_softplus)
     A = A.float()
     y = torch.zeros(L, H, P, dtype=torch.float32, device=x.device)
     for t in range(L):
