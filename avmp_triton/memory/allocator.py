@@ -1,4 +1,4 @@
-"""Device-resident arena allocators: AVMP and the two baselines, on one machinery.
+"""Device-resident arena allocators: AVMP and its baselines, on one machinery.
 
 Memory model: one uint8 arena split into equal slabs; every slab belongs to one
 pool; a pool hands out units of one size (KV page or SSM block, each rounded up to 16 bytes only).
@@ -6,7 +6,7 @@ All state is in device tensors and is changed only by the Triton kernels in
 ``avmp_triton.kernels.alloc``; Python validates arguments, launches, and (on the rare failure
 path) plans a rebalance from a small snapshot of the slab counters.
 
-The three allocators differ only in policy:
+The allocators differ only in policy:
 
 - ``AVMPAllocator``: two pools (KV pages, SSM blocks); on failure capacity moves between them,
   first whole free slabs, else compacted ones (live units copied out, handles rebound).
@@ -131,7 +131,7 @@ class AllocatorStats:
 
 
 class ArenaAllocator:
-    """Shared machinery; use one of the three policies below."""
+    """Shared machinery; use one of the policies below."""
 
     _unified: bool = False
     _migrates: bool = False

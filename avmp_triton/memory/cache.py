@@ -32,7 +32,7 @@ class PagedCache:
 
     @classmethod
     def of(cls, allocator) -> PagedCache:
-        """The view of an allocator (``AVMPAllocator`` or either baseline)."""
+        """The view of an allocator (``AVMPAllocator``, ``StaticDualAllocator``, ``PaddedUnifiedAllocator``)."""
         spec = getattr(allocator, "spec", None)
         if not isinstance(spec, HybridModelSpec) or not isinstance(getattr(allocator, "arena", None), torch.Tensor):
             raise TypeError(f"allocator must be an arena allocator (AVMPAllocator, StaticDualAllocator, "

@@ -124,7 +124,7 @@ class AllocatorModel:
 
     @classmethod
     def like(cls, allocator) -> "AllocatorModel":
-        """A model of a freshly built ``allocator`` (any of the three classes), from its geometry."""
+        """A model of a freshly built ``allocator`` (any of the allocator classes), from its geometry."""
         if (int(allocator._tops[2]) != allocator.num_handles or allocator.migrations
                 or any(allocator.proactive_counters())):
             raise ValueError("AllocatorModel.like needs a fresh allocator (no live handle, no migration)")
