@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_BUDGET_K", "DEFAULT_NUM_REQUESTS", "DEFAULT_SEED", "DEFAULT_
 DEFAULT_SPEC = "jamba-1.5-mini"
 DEFAULT_WORKLOAD = "sharegpt"
 # the embedded default is small enough that, on a CPU-only machine, the real allocator kernels run
-# in Triton's interpreter in about 2 minutes on 2 cores (measured 82-123 s), with the pools under pressure
+# in Triton's interpreter in 77-123 s on 2 cores (123 s with CI running beside it), with the pools under pressure
 DEFAULT_BUDGET_K = 8
 DEFAULT_NUM_REQUESTS = 48
 DEFAULT_SEED = 0
