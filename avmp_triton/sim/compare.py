@@ -40,7 +40,7 @@ class CommandError(Exception):
     ``main`` prints the message as one line on stderr and exits with code 2."""
 
 
-def _run_all(spec, reqs, budget, variants, backend, device, desc, progress):
+def _run_all(spec, reqs, budget, variants, backend, device, desc, progress, split):
     from tqdm import tqdm
 
     from avmp_triton.engine.scheduler import Scheduler
@@ -52,7 +52,7 @@ def _run_all(spec, reqs, budget, variants, backend, device, desc, progress):
     try:
         for i, v in enumerate(variants):
             bar.set_postfix_str(v)
-            alloc = sw.make_allocator(v, spec, budget.capacity_bytes, device)
+            alloc = sw.make_allocator(v, spec, budget.capacity_bytes, device, ssm_fraction=split.get(v))
             base = i * n
 
             def cb(done, total, base=base):
@@ -112,9 +112,11 @@ def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLO
         check_memory(budget.capacity_bytes, device,
                       opt if explicit else f"--budget-blocks {DEFAULT_BUDGET_K} (the default)")
         tokens = round(sw.typical_tokens(workload))
+        n_req = num_requests or DEFAULT_NUM_REQUESTS
+        split = {v: sw.tuned_split(spec, workload, budget, n_req).ssm_fraction for v in variants if v == "static_tuned"}
         geometry = {}
         for v in variants:  # and fail fast on a budget too small for an allocator
-            alloc = sw.make_allocator(v, spec, budget.capacity_bytes, device)
+            alloc = sw.make_allocator(v, spec, budget.capacity_bytes, device, ssm_fraction=split.get(v))
             geometry[v] = variant_geometry(alloc, tokens)
     except ValueError as e:
         raise ValueError(f"{opt}: {e}" if explicit else str(e)) from None
@@ -125,10 +127,10 @@ def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLO
     out(f"avmp compare: {spec.name}, {workload} ({len(reqs)} requests, seed {seed}), budget {budget.describe()}")
     desc = f"{choice.backend} backend" + (" (Triton interpreter)" if choice.backend == "device" and device == "cpu"
                                           else "")
-    metrics = _run_all(spec, reqs, budget, variants, choice.backend, device, desc, progress)
+    metrics = _run_all(spec, reqs, budget, variants, choice.backend, device, desc, progress, split)
     note, agree = choice.note, None
     if choice.cross_check:
-        ref = _run_all(spec, reqs, budget, variants, "model", device, "model backend (cross-check)", progress)
+        ref = _run_all(spec, reqs, budget, variants, "model", device, "model backend (cross-check)", progress, split)
         agree = all(_same(metrics[v], ref[v]) for v in variants)
         note += (f"; the pure-Python reference allocator gave "
                  f"{'the same metrics' if agree else 'DIFFERENT metrics (a bug: please report)'}")

@@ -32,7 +32,7 @@ from avmp_triton.sim.sweep import VARIANTS, load_results
 __all__ = ["BootstrapCI", "paired_bootstrap_ci", "write_report"]
 
 AVMP = "avmp_mb16"
-STATICS = ("static_dual_0.5", "static_dual_0.9")
+STATICS = ("static_tuned", "static_dual_0.5", "static_dual_0.9")
 PADDED = "padded_unified"
 ENGINES = ("vllm_hybrid", "sglang_static")  # baselines sized as vLLM and SGLang size their pools
 N_RESAMPLES = 10_000
@@ -267,7 +267,7 @@ def _summary(d: _Data) -> list[str]:
                         margins[wl].append((r, s, b, st[0]))
     out.append(f"- Lowest makespan (among variants that served every request): AVMP in {per_fam['AVMP']} of {groups} "
                f"(spec, workload, budget) groups, an engine's baseline ({', '.join(ENGINES)}) in {per_fam['engine']}, "
-               f"an untuned static split in {per_fam['static']}, padded in {per_fam['padded']}.")
+               f"a fixed split (tuned or not) in {per_fam['static']}, padded in {per_fam['padded']}.")
     for wl in d.workloads:
         if margins[wl]:
             lo = min(margins[wl])

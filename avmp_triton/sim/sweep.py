@@ -28,6 +28,7 @@ from avmp_triton.memory.allocator import (AVMPAllocator, PaddedUnifiedAllocator,
 from avmp_triton.sim.engines import (SGLANG_MAMBA_FULL_MEMORY_RATIO, VLLM_VERSION, sglang_mamba_fraction,
                                      vllm_hybrid_geometry)
 from avmp_triton.spec import get_preset, list_presets
+from avmp_triton.sim.tuning import TUNING_SEEDS, tune_static_split
 from avmp_triton.sim.workloads import WORKLOADS, make_workload
 
 __all__ = [
@@ -53,10 +54,14 @@ class Variant:
     params: dict            # constructor keywords besides spec, capacity and device
     label: str              # short human description
 
-    def build(self, spec, capacity_bytes: int, device):
+    def build(self, spec, capacity_bytes: int, device, *, ssm_fraction: float | None = None):
         cls = {"AVMPAllocator": AVMPAllocator, "StaticDualAllocator": StaticDualAllocator,
                "PaddedUnifiedAllocator": PaddedUnifiedAllocator, "VllmHybridAllocator": VllmHybridAllocator}[self.allocator]
         params = dict(self.params)
+        if params.get("ssm_fraction") == "tuned":
+            if ssm_fraction is None:
+                raise ValueError(f"{self.name} needs its tuned split (sim.tuning.tune_static_split)")
+            params["ssm_fraction"] = ssm_fraction
         if cls is VllmHybridAllocator:
             params.update(vllm_hybrid_params(spec))
         if params.get("page_tokens") == "fill_ssm_block":
@@ -92,6 +97,8 @@ def _variants() -> dict[str, Variant]:
          Variant("sglang_static", "StaticDualAllocator", {"ssm_fraction": sglang_mamba_fraction()},
                  f"SGLang's split: mamba_full_memory_ratio {SGLANG_MAMBA_FULL_MEMORY_RATIO} -> "
                  f"{sglang_mamba_fraction():.1%} SSM"),
+         Variant("static_tuned", "StaticDualAllocator", {"ssm_fraction": "tuned"},
+                 f"fixed split tuned per spec, workload and budget on held-out seeds {TUNING_SEEDS}"),
          Variant("static_dual_0.5", "StaticDualAllocator", {"ssm_fraction": 0.5}, "fixed split, 50% SSM"),
          Variant("static_dual_0.9", "StaticDualAllocator", {"ssm_fraction": 0.9}, "fixed split, 90% SSM")]
     for mb in (1, 16, 128, 256):
@@ -210,8 +217,16 @@ def git_info() -> dict:
         return {"commit": None, "dirty": None, "changed_files": None}
 
 
-def make_allocator(variant: str, spec, capacity_bytes: int, device: str | None = None):
-    return VARIANTS[variant].build(spec, capacity_bytes, device or default_device())
+def make_allocator(variant: str, spec, capacity_bytes: int, device: str | None = None, *,
+                   ssm_fraction: float | None = None):
+    """``ssm_fraction``: the tuned split, for ``static_tuned`` only."""
+    return VARIANTS[variant].build(spec, capacity_bytes, device or default_device(), ssm_fraction=ssm_fraction)
+
+
+def tuned_split(spec, workload: str, budget: "Budget", num_requests: int | None):
+    """``static_tuned``'s split for one (spec, workload, budget), tuned on the held-out seeds."""
+    return tune_static_split(spec, workload, budget.capacity_bytes, max_running=MAX_RUNNING,
+                             num_requests=num_requests)
 
 
 def _round_series(metrics: dict) -> dict:
@@ -223,7 +238,7 @@ def _round_series(metrics: dict) -> dict:
 
 def run_cell(cell: Cell, *, backend: str | None = None, device: str | None = None, num_requests: int | None = None,
              time_allocator: bool = True, progress: Callable[[int, int], None] | None = None,
-             budget: Budget | None = None, git: dict | None = None) -> dict:
+             budget: Budget | None = None, git: dict | None = None, tuned=None) -> dict:
     """Run one cell and return its JSON record (not written)."""
     from avmp_triton.engine.scheduler import Scheduler
 
@@ -232,7 +247,10 @@ def run_cell(cell: Cell, *, backend: str | None = None, device: str | None = Non
     spec = get_preset(cell.spec)
     budget = budget or make_budget(spec, cell.workload, cell.budget_k)
     reqs = make_workload(cell.workload, cell.seed, num_requests=num_requests)
-    alloc = make_allocator(cell.variant, spec, budget.capacity_bytes, device)
+    if cell.variant == "static_tuned" and tuned is None:
+        tuned = tuned_split(spec, cell.workload, budget, num_requests)
+    alloc = make_allocator(cell.variant, spec, budget.capacity_bytes, device,
+                           ssm_fraction=tuned.ssm_fraction if tuned is not None else None)
     t0 = time.perf_counter()
     m = Scheduler(alloc, max_running=MAX_RUNNING, time_allocator=time_allocator, backend=backend).run(
         reqs, progress=progress)
@@ -247,7 +265,11 @@ def run_cell(cell: Cell, *, backend: str | None = None, device: str | None = Non
                    "ssm_block_bytes": spec.ssm_block_bytes, "kv_page_bytes": spec.kv_page_bytes,
                    "page_tokens": alloc.page_tokens},
         "variant": {"allocator": v.allocator, "params": {k: (list(x) if isinstance(x, tuple) else x)
-                                                         for k, x in v.params.items()}, "label": v.label},
+                                                         for k, x in v.params.items()}, "label": v.label,
+                    **({"tuned": {"ssm_slabs": tuned.ssm_slabs, "num_slabs": tuned.num_slabs,
+                                  "ssm_fraction": tuned.ssm_fraction, "seeds": list(tuned.seeds),
+                                  "makespans": {str(k): x for k, x in tuned.makespans.items()}}}
+                       if tuned is not None else {})},
         "backend": m.backend,
         "device": str(alloc.device),
         "metrics": _round_series(dataclasses.asdict(m)),
@@ -299,8 +321,9 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _run_and_write(cell: Cell, out: str, backend: str, device: str, num_requests: int | None, git: dict) -> tuple:
-    rec = run_cell(cell, backend=backend, device=device, num_requests=num_requests, git=git)
+def _run_and_write(cell: Cell, out: str, backend: str, device: str, num_requests: int | None, git: dict,
+                   tuned=None) -> tuple:
+    rec = run_cell(cell, backend=backend, device=device, num_requests=num_requests, git=git, tuned=tuned)
     write_json(cell_path(out, cell), rec)
     return cell, rec["wall_s"]
 
@@ -333,18 +356,50 @@ def run_sweep(out: str | os.PathLike, *, specs: Sequence[str] = SPECS, workloads
         log("backend 'model': the pure-Python reference allocator (same semantics as the Triton kernels, tested "
             "equal); allocator time per step is its host wall time, not device time")
     t0 = time.perf_counter()
+    tunings = _tune_groups(todo, num_requests, jobs)
+    if tunings:
+        log(f"sweep: tuned static_tuned's split in {len(tunings)} group(s) on held-out seeds {TUNING_SEEDS}")
+    _dispatch(todo, str(out), backend, device, num_requests, git, jobs, tunings, progress)
+    secs = time.perf_counter() - t0
+    log(f"sweep: ran {len(todo)} cells in {secs:.1f} s; {len(cells)} cells in {out}")
+    return {"cells": len(cells), "skipped": skipped, "ran": len(todo), "seconds": secs}
+
+
+def _group(c: Cell) -> tuple:
+    return c.spec, c.workload, c.budget_k
+
+
+def _tune_one(key: tuple, num_requests: int | None):
+    spec_name, workload, k = key
+    spec = get_preset(spec_name)
+    return key, tuned_split(spec, workload, make_budget(spec, workload, k), num_requests)
+
+
+def _tune_groups(todo: list, num_requests: int | None, jobs: int) -> dict:
+    """``static_tuned``'s split for every group it has a cell to run in (once per group, in parallel)."""
+    keys = sorted({_group(c) for c in todo if c.variant == "static_tuned"})
+    if jobs == 1 or len(keys) <= 1:
+        return dict(_tune_one(k, num_requests) for k in keys)
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as ex:
+        return dict(ex.map(_tune_one, keys, [num_requests] * len(keys)))
+
+
+def _dispatch(todo: list, out: str, backend: str, device: str, num_requests, git: dict, jobs: int, tunings: dict,
+              progress: bool) -> None:
     bar = _bar(len(todo), "cells", progress)
+    args = lambda c: (c, out, backend, device, num_requests, git, tunings.get(_group(c)))  # noqa: E731
     try:
         if jobs == 1 or len(todo) <= 1:
             for c in todo:
-                _run_and_write(c, str(out), backend, device, num_requests, git)
+                _run_and_write(*args(c))
                 bar.update(1)
         else:
             ctx = multiprocessing.get_context("spawn")  # safe with CUDA and with torch's thread pools
             # the longest cells (padded allocators drain slowly) first, so no straggler ends the sweep
             todo.sort(key=lambda c: (c.variant != "padded_unified", c.budget_k, c.workload))
             with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as ex:
-                futs = [ex.submit(_run_and_write, c, str(out), backend, device, num_requests, git) for c in todo]
+                futs = [ex.submit(_run_and_write, *args(c)) for c in todo]
                 try:
                     for f in cf.as_completed(futs):
                         f.result()
@@ -355,9 +410,6 @@ def run_sweep(out: str | os.PathLike, *, specs: Sequence[str] = SPECS, workloads
                     raise
     finally:
         bar.close()
-    secs = time.perf_counter() - t0
-    log(f"sweep: ran {len(todo)} cells in {secs:.1f} s; {len(cells)} cells in {out}")
-    return {"cells": len(cells), "skipped": skipped, "ran": len(todo), "seconds": secs}
 
 
 def _bar(total: int, unit: str, enabled: bool):
