@@ -182,10 +182,9 @@ def paged_prefill_attention(
     if on_host(cu_seqlens_q, seq_lens, block_table, cache.handle_table, cache.handle_kinds):
         _check_metadata(cu_seqlens_q, seq_lens, block_table, cache.handle_table, cache.handle_kinds, T,
                         layout.page_tokens)
-    arena = cache.arena
-    kv = arena[:arena.numel() // q.element_size() * q.element_size()].view(q.dtype)
+    # PagedCache guarantees whole elements of the KV dtype, which q has
     torch.ops.avmp.paged_prefill_attention(
-        q, block_table, seq_lens, cu_seqlens_q, kv, cache.handle_table, cache.handle_kinds, out,
+        q, block_table, seq_lens, cu_seqlens_q, cache.arena.view(q.dtype), cache.handle_table, cache.handle_kinds, out,
         layout.page_tokens, layout.num_kv_heads, layer * layout.stride_layer, layout.stride_kv, layout.stride_head,
         layout.stride_token, float(scale), cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
     return out

@@ -436,13 +436,8 @@ def test_decode_validation(name, mutate, exc, match):
     mutate(args)
     cache_kw, config = _split_args(args)
     q, bt, sl = (args.pop(k) for k in ("q", "block_table", "seq_lens"))
-    if name in CACHE_ERRORS:
-        with pytest.raises(exc, match=_re(match)):
-            PagedCache(**cache_kw)
-    else:
-        cache = PagedCache(**cache_kw)
-        with pytest.raises(exc, match=_re(match)):
-            paged_decode_attention(q, bt, sl, cache, config=config, **args)
+    _raises_where_it_belongs(name, exc, match, cache_kw,
+                             lambda cache: paged_decode_attention(q, bt, sl, cache, config=config, **args))
     assert torch.equal(alloc.arena, before)
 
 
@@ -512,13 +507,9 @@ def test_kv_append_validation(name, mutate, exc, match):
     mutate(args)
     cache_kw, _ = _split_args(args)
     pos = [args.pop(k) for k in ("k", "v", "block_table", "token_req", "token_pos")]
-    if name in CACHE_ERRORS:
-        with pytest.raises(exc, match=_re(match)):
-            PagedCache(**cache_kw)
-    else:
+    _raises_where_it_belongs(name, exc, match, cache_kw, lambda cache: kv_append(*pos, cache, **args))
+    if name not in CACHE_ERRORS:
         cache = PagedCache(**cache_kw)
-        with pytest.raises(exc, match=_re(match)):
-            kv_append(*pos, cache, **args)
         with pytest.raises(TypeError, match="required keyword-only argument: 'layer'"):
             kv_append(*pos, cache)                      # layer has no default
     assert torch.equal(alloc.arena, before)
@@ -527,6 +518,17 @@ def test_kv_append_validation(name, mutate, exc, match):
 def _re(s: str) -> str:
     import re
     return re.escape(s)
+
+
+def _raises_where_it_belongs(name: str, exc, match: str, cache_kw: dict, op) -> None:
+    """A bad cache fails where the PagedCache is built; any other bad input fails in ``op(cache)``."""
+    if name in CACHE_ERRORS:
+        with pytest.raises(exc, match=_re(match)):
+            PagedCache(**cache_kw)
+    else:
+        cache = PagedCache(**cache_kw)
+        with pytest.raises(exc, match=_re(match)):
+            op(cache)
 
 
 # --------------------------------------------------------------------------- config, custom ops
