@@ -36,7 +36,8 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["Request", "WORKLOADS", "make_workload", "sharegpt_table", "sharegpt_metadata"]
+__all__ = ["Request", "WORKLOADS", "make_workload", "sharegpt_table", "sharegpt_metadata",
+           "sharegpt_multiturn_table"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -61,6 +62,8 @@ AGENTIC_MEAN_GAP = 0.1
 
 _DATA_CSV = "sharegpt_lengths.csv"
 _DATA_JSON = "sharegpt_lengths.json"
+_MULTITURN_CSV = "sharegpt_multiturn.csv"
+_MULTITURN_HEADER = "conversation,turn,prompt_tokens,output_tokens"
 
 
 def _uniform(rng: np.random.Generator, lo: int, hi: int, n: int) -> np.ndarray:
@@ -81,6 +84,27 @@ def sharegpt_table() -> tuple[np.ndarray, np.ndarray]:
     prompt.flags.writeable = False
     output.flags.writeable = False
     return prompt, output
+
+
+@functools.lru_cache(maxsize=1)
+def sharegpt_multiturn_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(conversation, turn, prompt_tokens, output_tokens) of every row of the committed multi-turn
+    ShareGPT table, int64, read-only.
+
+    One row per turn, in conversation then turn order; a turn's prompt is the whole conversation
+    before it plus its human message (see ``sharegpt_metadata()["multiturn"]``).
+    """
+    text = resources.files("avmp_triton.sim").joinpath("data", _MULTITURN_CSV).read_text()
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != _MULTITURN_HEADER:
+        raise RuntimeError(f"{_MULTITURN_CSV}: unexpected header {lines[:1]!r}")
+    arr = np.array([[int(v) for v in ln.split(",")] for ln in lines[1:] if ln.strip()], dtype=np.int64)
+    if arr.ndim != 2 or arr.shape[1] != 4 or len(arr) == 0:
+        raise RuntimeError(f"{_MULTITURN_CSV}: expected rows of four integers")
+    cols = tuple(arr[:, j].copy() for j in range(4))
+    for c in cols:
+        c.flags.writeable = False
+    return cols
 
 
 def sharegpt_metadata() -> dict:

@@ -10,6 +10,7 @@ from avmp_triton.sim.workloads import (
     Request,
     make_workload,
     sharegpt_metadata,
+    sharegpt_multiturn_table,
     sharegpt_table,
 )
 
@@ -143,6 +144,60 @@ def test_sharegpt_draws_rows_without_replacement():
     assert sorted((r.prompt_tokens, r.output_tokens) for r in full) == sorted(zip(p.tolist(), o.tolist()))
     with pytest.raises(ValueError, match=str(len(p) + 1)):
         make_workload("sharegpt", 0, num_requests=len(p) + 1)
+
+
+def test_sharegpt_multiturn_header():
+    from importlib import resources
+
+    text = resources.files("avmp_triton.sim").joinpath("data", "sharegpt_multiturn.csv").read_text()
+    assert text.splitlines()[0] == "conversation,turn,prompt_tokens,output_tokens"
+
+
+def test_sharegpt_multiturn_turns_and_growth():
+    conv, turn, p, o = sharegpt_multiturn_table()
+    assert all(a.dtype == np.int64 and not a.flags.writeable for a in (conv, turn, p, o))
+    assert len(conv) == len(turn) == len(p) == len(o) > 1000
+    # conversations are 0.. in order, each a contiguous run of turns numbered 0..
+    assert conv[0] == 0 and np.all(np.diff(conv) >= 0) and np.all(np.diff(conv) <= 1)
+    starts = np.r_[True, conv[1:] != conv[:-1]]
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(len(conv)), 0))
+    assert np.array_equal(turn, np.arange(len(conv)) - run_start)
+    # a later turn's prompt holds the whole previous turn plus a non-empty new human message
+    later = ~starts
+    assert np.all(p[1:][later[1:]] > (p[:-1] + o[:-1])[later[1:]])
+    assert p.min() >= 1 and o.min() >= 4 and (p + o).max() <= 8192
+    assert turn.max() >= 5  # genuinely multi-turn
+
+
+def test_sharegpt_multiturn_matches_metadata():
+    conv, turn, p, o = sharegpt_multiturn_table()
+    meta = sharegpt_metadata()["multiturn"]
+    c, s = meta["counts"], meta["stats"]
+    assert c["conversations_written"] == len(np.unique(conv)) == conv[-1] + 1
+    assert c["turns_written"] == len(conv)
+    assert c["turns_kept"] + sum(c["turns_dropped"].values()) == c["paired_turns"]
+    assert c["conversations_kept"] + c["conversations_without_kept_turn"] == c["conversations_with_pairs"]
+    assert (c["conversations_with_pairs"] + c["conversation_structure"]["no_human_turn_with_reply"]
+            == c["records"] == sharegpt_metadata()["counts"]["records"])
+    if not meta["subsample"]["applied"]:
+        assert c["conversations_written"] == c["conversations_kept"]
+        assert c["turns_written"] == c["turns_kept"]
+    assert abs(p.mean() - s["mean_prompt_tokens"]) < 1e-6
+    assert abs(o.mean() - s["mean_output_tokens"]) < 1e-6
+    assert p.max() == s["max_prompt_tokens"] and o.max() == s["max_output_tokens"]
+    assert (turn == 0).sum() == c["conversations_written"]
+
+
+def test_sharegpt_multiturn_first_turns_match_first_turn_table():
+    # turn 0's prompt is the first human message alone, so vLLM's filter applied to the turn-0 rows
+    # gives back the first-turn table, row for row (when neither table is subsampled)
+    if sharegpt_metadata()["subsample"]["applied"] or sharegpt_metadata()["multiturn"]["subsample"]["applied"]:
+        pytest.skip("a table is subsampled")
+    _, turn, p, o = sharegpt_multiturn_table()
+    p0, o0 = p[turn == 0], o[turn == 0]
+    keep = (p0 >= 4) & (o0 >= 4) & (p0 <= 1024) & (p0 + o0 <= 2048)
+    fp, fo = sharegpt_table()
+    assert np.array_equal(p0[keep], fp) and np.array_equal(o0[keep], fo)
 
 
 def test_errors():
