@@ -362,7 +362,8 @@ def run_migrate(spec) -> list[dict]:
     rows = []
     for n in MIGRATE_SLABS:
         def setup(n=n):
-            a = AVMPAllocator(spec, (4 * n + 8) * (8 << 20), device=DEV, kv_fraction=0.75, slab_bytes=8 << 20)
+            slab = -(-spec.ssm_block_bytes // (1 << 20)) << 20     # a slab must hold an SSM block
+            a = AVMPAllocator(spec, (4 * n + 8) * slab, device=DEV, kv_fraction=0.75, slab_bytes=slab)
             kv = a.alloc_kv(int(a.free_counts.tolist()[a.pool_index("kv")]))
             a.free(kv[torch.randperm(kv.numel(), device=kv.device)[: kv.numel() // 2]])  # half live, scattered
             return a
@@ -466,26 +467,31 @@ def main(argv=None) -> int:
     res = dict(bench="bench_step", env=environment(), args=vars(args), rows=[])
     if DEV == "cuda":
         res["ceilings"] = ceilings(args.rep)
+    out = args.out or f"perf/results/bench_step_{res['env']['gpu'].split(' (')[0].replace(' ', '_')}.json"
     first = next(iter(specs.values()))
     # the three presets share the attention geometry (8 KV heads of 128, 32 query heads): timed once
-    res["rows"] += [dict(r, spec=first.name) for r in run_attention(first, args.rep, args.quick)]
+    add(res, out, t0, [dict(r, spec=first.name) for r in run_attention(first, args.rep, args.quick)])
     for name, spec in specs.items():
         print(f"[{time.time() - t0:6.0f} s] {name}", flush=True)
-        res["rows"] += run_mamba(spec, args.rep, args.quick)
-        res["rows"] += run_linear(name, args.rep, args.quick)
-        res["rows"] += run_glue(name, args.rep, args.quick)
-    res["rows"] += [dict(r, spec=first.name) for r in run_migrate(first) + run_alloc(first)]
+        add(res, out, t0, run_mamba(spec, args.rep, args.quick))
+        add(res, out, t0, run_linear(name, args.rep, args.quick))
+        add(res, out, t0, run_glue(name, args.rep, args.quick))
+    add(res, out, t0, [dict(r, spec=first.name) for r in run_migrate(first) + run_alloc(first)])
     step_spec = "tiny" if args.tiny else "nemotron-h-8b"
     if step_spec in specs:
-        res["rows"] += run_steps(step_spec, args.rep, args.quick, specs[step_spec])
-    res["wall_s"] = time.time() - t0
-    out = args.out or f"perf/results/bench_step_{res['env']['gpu'].split(' (')[0].replace(' ', '_')}.json"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
+        add(res, out, t0, run_steps(step_spec, args.rep, args.quick, specs[step_spec]))
     print_table(res)
     print(f"wrote {out} ({res['wall_s']:.0f} s)")
     return 0
+
+
+def add(res: dict, out: str, t0: float, rows: list[dict]) -> None:
+    """Append a part's rows and rewrite the file, so that a run cut short keeps what it measured."""
+    res["rows"] += rows
+    res["wall_s"] = time.time() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
 
 
 def print_table(res: dict) -> None:
