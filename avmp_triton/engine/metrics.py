@@ -81,6 +81,22 @@ class RunMetrics:
     host_syncs_per_step: float      # device backend: host reads of device state per tick
     # end state
     units_returned_at_drain: bool   # every unit and handle free again after the run
+    # step budget and time (time: only with a step-time model, else None)
+    max_num_batched_tokens: int | None = None   # None: whole prefills, one per admission
+    step_time_model: str | None = None          # the recorded GPU run the model was fitted to
+    makespan_s: float | None = None             # first arrival to the last finish
+    output_tokens_per_s: float | None = None
+    requests_per_s: float | None = None
+    ttft_p50_s: float | None = None             # arrival to first token, over finished requests
+    ttft_p99_s: float | None = None
+    tpot_p50_s: float | None = None             # (finish - first token) / (output - 1), outputs > 1
+    tpot_p99_s: float | None = None
+    goodput_requests_per_s: float | None = None  # requests meeting both SLOs, per second
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    compute_s: float | None = None              # model steps (prefill chunks and recompute included)
+    alloc_s: float | None = None                # allocator calls
+    migrate_s: float | None = None              # capacity moves, by bytes copied
 
 
 def downsample(series, max_points: int = MAX_SERIES_POINTS) -> list[float]:

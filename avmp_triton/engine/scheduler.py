@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
+import numbers
 import time
 from typing import Callable, Protocol, Sequence
 
@@ -19,11 +21,31 @@ import torch
 
 from avmp_triton._checks import is_int
 from avmp_triton.memory.allocator import UNIT_ALIGN, ArenaAllocator, PoolExhaustedError
+from avmp_triton.engine.clock import Clock, StepShape
 from avmp_triton.engine.metrics import RunMetrics, downsample, mean, percentile
 
 __all__ = ["ModelRunner", "Scheduler", "StepBatch"]
 
 BACKENDS = ("device", "model")
+# goodput's default SLO: first token within 3 s, then at most 100 ms per output token (a stated
+# choice for interactive serving; engines' benchmarks take it as an argument, e.g. vLLM's --goodput)
+DEFAULT_SLO = (3.0, 0.1)
+
+
+def _check_time_args(max_running, max_num_batched_tokens, step_time, slo, model_runner) -> None:
+    if max_num_batched_tokens is not None:
+        if not is_int(max_num_batched_tokens, numpy=True) or max_num_batched_tokens < max_running:
+            # as vLLM requires: every running request must be able to decode in one step
+            raise ValueError(f"max_num_batched_tokens must be None or an int >= max_running ({max_running}), "
+                             f"got {max_num_batched_tokens!r}")
+        if model_runner is not None:
+            raise ValueError("a model_runner runs whole prefills: leave max_num_batched_tokens None")
+    if step_time is not None and not callable(getattr(step_time, "step_s", None)):
+        raise TypeError(f"step_time must be a StepTime (with step_s), got {type(step_time).__name__}")
+    ok = (isinstance(slo, tuple) and len(slo) == 2
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in slo))
+    if not ok:
+        raise ValueError(f"slo must be (ttft_s, tpot_s), two positive finite numbers, got {slo!r}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -228,10 +250,20 @@ class Scheduler:
         model_runner: optional ``ModelRunner``, called once per tick (device backend only).
         time_allocator: measure the time of the allocator calls per tick.
         backend: "device" or "model" (default: "device" when the allocator is on CUDA, else "model").
+        max_num_batched_tokens: the token budget of one step (chunked prefill, as vLLM's and
+            SGLang's schedulers run it): decode rows first, then prefill chunks of the running and
+            then of newly admitted requests until the budget is spent. None: a request's whole
+            prefill runs in its admission tick.
+        step_time: a ``avmp_triton.sim.steptime.StepTime``: the run keeps a clock in seconds, each
+            step costing what the model says (prefill chunks, recompute, allocator calls and
+            migrated bytes included), request arrivals are read in seconds, and the metrics give
+            throughput, TTFT, TPOT and goodput. None: time is counted in ticks.
+        slo: (TTFT seconds, TPOT seconds) a request must meet to count towards goodput.
     """
 
     def __init__(self, allocator: ArenaAllocator, *, max_running: int = 256, max_pages_per_request: int | None = None,
-                 model_runner: ModelRunner | None = None, time_allocator: bool = False, backend: str | None = None):
+                 model_runner: ModelRunner | None = None, time_allocator: bool = False, backend: str | None = None,
+                 max_num_batched_tokens: int | None = None, step_time=None, slo: tuple[float, float] = DEFAULT_SLO):
         if not isinstance(allocator, ArenaAllocator):
             raise TypeError(f"allocator must be an AVMPAllocator, StaticDualAllocator or PaddedUnifiedAllocator, "
                             f"got {type(allocator).__name__}")
@@ -248,8 +280,12 @@ class Scheduler:
                 raise TypeError(f"model_runner must have a step(...) method, got {type(model_runner).__name__}")
             if backend != "device":
                 raise ValueError("a model_runner needs backend='device' (the model backend has no arena)")
+        _check_time_args(max_running, max_num_batched_tokens, step_time, slo, model_runner)
         self.allocator = allocator
         self.max_running = max_running
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.step_time = step_time
+        self.slo = (float(slo[0]), float(slo[1]))
         self.max_pages_per_request = max_pages_per_request
         self.model_runner = model_runner
         self.time_allocator = bool(time_allocator)
@@ -312,19 +348,25 @@ class _Requests:
         """``extra``: pages every request holds besides its KV pages (the allocator's ``ssm_units - 1``:
         the rest of its SSM state, in units of the same pool)."""
         n = len(requests)
-        cols = {f: np.empty(n, dtype=np.int64) for f in ("arrival", "prompt_tokens", "output_tokens")}
+        cols = {f: np.empty(n, dtype=np.int64) for f in ("prompt_tokens", "output_tokens")}
+        arrival = np.empty(n, dtype=np.float64)
         for i, r in enumerate(requests):
             for f, col in cols.items():
                 v = getattr(r, f, None)
                 if not is_int(v, numpy=True):
                     raise TypeError(f"requests[{i}].{f} must be an int, got {v!r}")
                 col[i] = v
+            a = getattr(r, "arrival", None)
+            if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a):
+                raise TypeError(f"requests[{i}].arrival must be a finite number (ticks, or seconds with a "
+                                f"step_time), got {a!r}")
+            arrival[i] = a
             if r.arrival < 0 or r.prompt_tokens < 1 or r.output_tokens < 1:
                 raise ValueError(f"requests[{i}] needs arrival >= 0, prompt_tokens >= 1 and output_tokens >= 1, "
                                  f"got {r!r}")
         prompt, output = cols["prompt_tokens"], cols["output_tokens"]
         max_pages = -(-(prompt + output - 1) // page_tokens) + extra if n else np.zeros(0, dtype=np.int64)
-        return cls(n=n, rid=[getattr(r, "rid", i) for i, r in enumerate(requests)], arrival=cols["arrival"],
+        return cls(n=n, rid=[getattr(r, "rid", i) for i, r in enumerate(requests)], arrival=arrival,
                    prompt=prompt, output=output, max_pages=max_pages, generated=np.zeros(n, dtype=np.int64),
                    first_admit=np.full(n, -1, dtype=np.int64))
 
@@ -338,12 +380,16 @@ class _Rows:
         self.pages = np.zeros(R, dtype=np.int64)     # == num_pages on the device
         self.seq = np.full(R, -1, dtype=np.int64)    # admission order (preemption takes the largest)
         self.need = np.zeros(R, dtype=np.int32)      # pages the tick's grow call gives each row
+        self.todo = np.zeros(R, dtype=np.int64)      # tokens still to prefill (prompt, or all on recompute)
+        self.q = np.zeros(R, dtype=np.int64)         # tokens this step runs for the row
 
     def clear(self, rows) -> None:
         self.req[rows] = -1
         self.pages[rows] = 0
         self.ctx[rows] = 0
         self.seq[rows] = -1
+        self.todo[rows] = 0
+        self.q[rows] = 0
 
 
 class _Geometry:
@@ -414,6 +460,7 @@ class _Run:
         self.proactive = getattr(a, "proactive", None) is not None
         self.runner = _RunnerFeed(sched.model_runner, self.R, a.device) if sched.model_runner is not None else None
         self.start_stats = be.stats()
+        self.bytes_seen = self.start_stats.bytes_copied
         self.never = self.g.never_fits(be.probe(), reqs.max_pages)
         self.rows = _Rows(self.R)
         self.series = _Series()
@@ -426,6 +473,11 @@ class _Run:
         self.c: _Counts | None = None
         self.free: list[int] = []  # free units per pool, kept exact on the host through the tick
         self.fh = 0                # free handles, likewise
+        self.budget = sched.max_num_batched_tokens
+        self.clock = Clock(sched.step_time, reqs.n) if sched.step_time is not None else None
+        self.slo = sched.slo
+        self.alloc_rows = 0        # rows the tick's allocator calls touched (charged by the clock)
+        self.moved = False         # a capacity move was tried this tick (its bytes are charged)
 
     def left_to_settle(self) -> bool:
         return self.settled < self.reqs.n
@@ -445,38 +497,92 @@ class _Run:
         return kv + ssm <= free[g.pk] and kv + ssm <= self.fh
 
     def tick(self) -> None:
+        self._idle_wait()
         self._arrivals()
         self.timer.new_tick()
         with self.timer:
             if self.proactive:
                 self.be.proactive_step()
+                self.moved = True
             self._read_counts()
         rows = self.rows
         active = rows.req >= 0
+        left = self._plan_tokens(active)
         rows.need[:] = 0
-        rows.need[active] = (rows.ctx[active] % self.pt) == 0
+        rows.need[active] = -(-(rows.ctx[active] + rows.q[active]) // self.pt) + self.g.extra - rows.pages[active]
         growth = int(rows.need.sum())
         growth, preempted = self._grow_or_preempt(growth)
-        admitted, kv_adm = ([], 0) if preempted else self._admit(growth, active.any())
+        admitted, kv_adm = ([], 0) if preempted else self._admit(growth, active.any(), left)
         with self.timer:
             if growth or kv_adm:
                 self.be.grow(rows.need)
+                self.alloc_rows += int(np.count_nonzero(rows.need))
             if admitted:
                 self.be.alloc_ssm(admitted)
-        decoding = active & (rows.req >= 0)  # running before this tick and not preempted
         rows.pages += rows.need
-        rows.ctx[decoding] += 1
+        sampled, shape = self._run_tokens()
         running = np.flatnonzero(rows.req >= 0)
         if self.runner is not None:
             self.runner.step(self.be, self.t, rows, admitted)
-        self.reqs.generated[rows.req[running]] += 1
+        self.reqs.generated[rows.req[sampled]] += 1
         self.series.sample(self.g, self.c, rows, running)
-        self._finish(running)
+        self._advance_clock(shape, sampled)
+        self._finish(sampled)
         self.t += 1
+
+    def _idle_wait(self) -> None:
+        """With a clock: nothing running or queued, so the engine idles until the next arrival."""
+        if self.clock is None or self.nxt >= self.reqs.n or self.queue or (self.rows.req >= 0).any():
+            return
+        self.clock.idle_until(self.reqs.arrival[self.order[self.nxt]])
+
+    def _plan_tokens(self, active: np.ndarray) -> int | None:
+        """This step's tokens of each running row under the token budget: decode rows one each,
+        then the rows still prefilling, oldest first, a chunk each. Returns the budget left
+        (None: no budget, whole prefills)."""
+        rows = self.rows
+        rows.q[:] = 0
+        dec = active & (rows.todo == 0)
+        rows.q[dec] = 1
+        pre = np.flatnonzero(active & (rows.todo > 0))
+        if self.budget is None:
+            rows.q[pre] = rows.todo[pre]
+            return None
+        left = self.budget - int(dec.sum())
+        for r in pre[np.argsort(rows.seq[pre], kind="stable")]:
+            rows.q[r] = min(int(rows.todo[r]), left)
+            left -= int(rows.q[r])
+        return left
+
+    def _run_tokens(self) -> tuple[np.ndarray, "StepShape | None"]:
+        """Writes this step's tokens into the rows; returns the rows that sample a token (decode
+        rows, and rows whose prefill this step completes) and, with a clock, the step's shape."""
+        rows = self.rows
+        sched = np.flatnonzero(rows.q > 0)
+        shape = None
+        if self.clock is not None:
+            dec = sched[rows.todo[sched] == 0]
+            pre = sched[rows.todo[sched] > 0]
+            shape = StepShape(len(dec), int(rows.ctx[dec].sum()) + len(dec), rows.q[pre].copy(), rows.ctx[pre].copy(),
+                              self.alloc_rows, 0)
+        rows.ctx[sched] += rows.q[sched]
+        rows.todo[sched] = np.maximum(rows.todo[sched] - rows.q[sched], 0)   # a decode row has none left
+        return sched[rows.todo[sched] == 0], shape
+
+    def _advance_clock(self, shape, sampled: np.ndarray) -> None:
+        if self.clock is not None:
+            if self.moved:
+                now = self.be.stats().bytes_copied
+                shape.bytes_moved = now - self.bytes_seen
+                self.bytes_seen = now
+            self.clock.advance(shape)
+            self.clock.sampled(self.rows.req[sampled])
+        self.alloc_rows, self.moved = 0, False
 
     def _arrivals(self) -> None:
         reqs = self.reqs
-        while self.nxt < reqs.n and reqs.arrival[self.order[self.nxt]] <= self.t:
+        now = self.t if self.clock is None else self.clock.now
+        while self.nxt < reqs.n and reqs.arrival[self.order[self.nxt]] <= now:
             i = int(self.order[self.nxt])
             self.nxt += 1
             self._event("arrive", i)
@@ -506,6 +612,7 @@ class _Run:
                         self.be.make_room("kv", growth, self.free[g.pk])
                     except PoolExhaustedError:
                         pass
+                    self.moved = True
                     self._read_counts()
             if self.fits(growth, 0):
                 break
@@ -522,22 +629,26 @@ class _Run:
             self.queue.appendleft(i)
             self._event("preempt", i)
             pending.append(v)
+            self.alloc_rows += 1
             preempted = True
         if pending:
             with self.timer:
                 self.be.release(pending)
         return growth, preempted
 
-    def _admit(self, growth: int, any_active: bool) -> tuple[list[int], int]:
-        """Strict FIFO from the head of the queue. Returns (rows admitted, their prompt pages)."""
+    def _admit(self, growth: int, any_active: bool, left: int | None) -> tuple[list[int], int]:
+        """Strict FIFO from the head of the queue, while the step's token budget (``left``; None:
+        none) lasts: each admitted request runs its first chunk now. Returns (rows admitted, their
+        pages)."""
         admitted: list[int] = []
         kv_adm = 0
         free_rows = np.flatnonzero(self.rows.req < 0)
         reqs, rows, queue = self.reqs, self.rows, self.queue
-        while queue and len(admitted) < len(free_rows):
+        while queue and len(admitted) < len(free_rows) and (left is None or left > 0):
             i = queue[0]
             c0 = int(reqs.prompt[i] + reqs.generated[i])
-            pages = -(-c0 // self.pt) + self.g.extra
+            q = c0 if left is None else min(c0, left)
+            pages = -(-q // self.pt) + self.g.extra
             kv_need, ssm_need = growth + kv_adm + pages, len(admitted) + 1
             if not self._fits_after_rebalance(kv_need, ssm_need):
                 if admitted or any_active:
@@ -551,7 +662,10 @@ class _Run:
             r = int(free_rows[len(admitted)])
             admitted.append(r)
             kv_adm += pages
-            rows.req[r], rows.ctx[r], rows.seq[r], rows.need[r] = i, c0, self.seq, pages
+            if left is not None:
+                left -= q
+            rows.req[r], rows.ctx[r], rows.seq[r], rows.need[r] = i, 0, self.seq, pages
+            rows.todo[r], rows.q[r] = c0, q
             self.seq += 1
             if reqs.first_admit[i] < 0:
                 reqs.first_admit[i] = self.t
@@ -592,18 +706,22 @@ class _Run:
                     self.be.rebalance(kind, slabs)
             except PoolExhaustedError:
                 pass
+            self.moved = True
             self._read_counts()
         return True
 
-    def _finish(self, running: np.ndarray) -> None:
+    def _finish(self, sampled: np.ndarray) -> None:
         """Requests that have generated all their tokens free everything, in one call."""
         reqs, rows = self.reqs, self.rows
-        req_running = rows.req[running]
-        fin = running[reqs.generated[req_running] >= reqs.output[req_running]]
+        req_sampled = rows.req[sampled]
+        fin = sampled[reqs.generated[req_sampled] >= reqs.output[req_sampled]]
         if not fin.size:
             return
         with self.timer:
             self.be.release(fin.tolist())
+        self.alloc_rows += fin.size   # the release call is charged to the next step
+        if self.clock is not None:
+            self.clock.finished(rows.req[fin])
         for i in rows.req[fin].tolist():
             self._event("finish", i)
         rows.clear(fin)
@@ -646,7 +764,15 @@ class _Run:
             alloc_time_us_per_step_mean=alloc_mean_us, alloc_time_us_per_step_p50=alloc_p50_us,
             alloc_time_kind=self.timer.kind, host_syncs_per_step=self.be.syncs / t if t else 0.0,
             units_returned_at_drain=bool(drained),
+            max_num_batched_tokens=self.budget, **self._time_metrics(),
         )
+
+    def _time_metrics(self) -> dict:
+        if self.clock is None:
+            return {}
+        r = self.reqs
+        return dict(step_time_model=self.clock.st.source.get("run"),
+                    **self.clock.metrics(r.arrival, r.output, int(r.generated.sum()), self.slo))
 
 
 class _RunnerFeed:

@@ -23,28 +23,46 @@ from typing import Callable, Iterable, Sequence
 
 import avmp_triton
 from avmp_triton._triton_env import default_device
-from avmp_triton.memory.allocator import (AVMPAllocator, PaddedUnifiedAllocator, StaticDualAllocator,
-                                          VllmHybridAllocator)
+from avmp_triton.memory.allocator import AVMPAllocator, StaticDualAllocator, VllmHybridAllocator
 from avmp_triton.sim.engines import (SGLANG_MAMBA_FULL_MEMORY_RATIO, VLLM_VERSION, sglang_mamba_fraction,
                                      vllm_hybrid_geometry)
 from avmp_triton.spec import get_preset, list_presets
+from avmp_triton.engine.scheduler import Scheduler
+from avmp_triton.sim.geometry import variant_geometry
+from avmp_triton.sim.steptime import load_step_time
 from avmp_triton.sim.tuning import TUNING_SEEDS, tune_static_split
 from avmp_triton.sim.workloads import WORKLOADS, make_workload
 
 __all__ = [
-    "BUDGETS", "QUICK_NUM_REQUESTS", "SCHEMA", "SEEDS", "SPECS", "VARIANTS", "Budget", "Cell", "Variant",
-    "cell_path", "cell_problem", "default_backend", "git_info", "grid", "load_results",
-    "make_allocator", "make_budget", "run_cell", "run_sweep", "typical_tokens", "versions",
+    "BUDGETS", "LOADS", "MAX_NUM_BATCHED_TOKENS", "MAX_NUM_SEQS", "QUICK_NUM_REQUESTS", "SCHEMA", "SEEDS", "SPECS",
+    "VARIANTS", "Budget", "Cell", "GroupSetup", "Variant", "cell_path", "cell_problem", "default_backend",
+    "deployment_bytes", "engine_kw", "git_info", "grid", "load_results", "make_allocator", "make_budget",
+    "parse_budget", "parse_load", "run_cell", "run_sweep", "setup_group", "tuned_split", "typical_tokens", "versions",
 ]
 
-SCHEMA = 1
+SCHEMA = 2
 SPECS: tuple[str, ...] = ("jamba-1.5-mini", "nemotron-h-8b", "granite-4.0-h-small")
-BUDGETS: tuple[int, ...] = (16, 32, 64)
+# pressure budgets (K typical requests of the workload) and the deployment budget of one H200
+BUDGETS: tuple[str, ...] = ("k16", "k64", "h200")
+# Poisson arrival rates as multiples of the capacity measured for the group (``capacity_rps``)
+LOADS: tuple[str, ...] = ("x0.5", "x1", "x2")
 SEEDS: tuple[int, ...] = (0, 1, 2)
 QUICK_NUM_REQUESTS = 128
-PROACTIVE_WATERMARKS = (0.05, 0.25)
-MAX_RUNNING = 256
 SERIES_DECIMALS = 4  # utilization series are rounded to this many decimals in the JSON files
+# The engine every variant runs in, set as vLLM 0.34.0 sets it on an H100/H200 for its API server
+# (``get_batch_defaults`` in vllm/engine/arg_utils.py: max_num_seqs 1024, max_num_batched_tokens
+# 8192); SGLang's chunked_prefill_size is 8192 on these GPUs too (python/sglang/srt/server_args.py).
+MAX_NUM_SEQS = 1024
+MAX_NUM_BATCHED_TOKENS = 8192
+# The deployment budget: an H200's memory (as torch reports it on the device the step-time model
+# was measured on) x vLLM's gpu_memory_utilization without the extensible KV cache (0.92,
+# vllm/config/cache.py) - the bf16 weights - an assumed 4 GiB for activations and CUDA graphs (vLLM
+# profiles this; it is not modelled here).
+H200_BYTES = 150_109_880_320
+GPU_MEMORY_UTILIZATION = 0.92
+ACTIVATION_RESERVE = 4 << 30
+# parameters, counted from each model's config.json (the model cards give 52B / 8B / 32B)
+PARAMS = {"jamba-1.5-mini": 51.57e9, "nemotron-h-8b": 8.10e9, "granite-4.0-h-small": 32.21e9}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +74,7 @@ class Variant:
 
     def build(self, spec, capacity_bytes: int, device, *, ssm_fraction: float | None = None):
         cls = {"AVMPAllocator": AVMPAllocator, "StaticDualAllocator": StaticDualAllocator,
-               "PaddedUnifiedAllocator": PaddedUnifiedAllocator, "VllmHybridAllocator": VllmHybridAllocator}[self.allocator]
+               "VllmHybridAllocator": VllmHybridAllocator}[self.allocator]
         params = dict(self.params)
         if params.get("ssm_fraction") == "tuned":
             if ssm_fraction is None:
@@ -64,16 +82,7 @@ class Variant:
             params["ssm_fraction"] = ssm_fraction
         if cls is VllmHybridAllocator:
             params.update(vllm_hybrid_params(spec))
-        if params.get("page_tokens") == "fill_ssm_block":
-            params["page_tokens"] = page_tokens_filling_ssm_block(spec)
         return cls(spec, capacity_bytes, device=device, **params)
-
-
-def page_tokens_filling_ssm_block(spec) -> int:
-    """Tokens per page of the padded baseline: the smallest multiple of 16 whose KV bytes (all
-    attention layers of the model) reach one SSM block (all Mamba layers): 544 for Jamba-1.5-Mini.
-    A simulation baseline, not vLLM's rule, which sizes pages per layer group (issue 10)."""
-    return 16 * math.ceil(spec.ssm_block_bytes / (16 * spec.kv_bytes_per_token))
 
 
 def vllm_hybrid_params(spec) -> dict:
@@ -88,10 +97,10 @@ def vllm_hybrid_params(spec) -> dict:
 
 
 def _variants() -> dict[str, Variant]:
+    # no engine pads pages to a whole model's SSM block, and an untuned fixed split is no one's
+    # rule: the baselines are the two engines' rules and the split a user would tune
     v = [Variant("vllm_hybrid", "VllmHybridAllocator", {},
                  f"vLLM {VLLM_VERSION}'s pool: blocks sized per layer group, one per Mamba group per request"),
-         Variant("padded_unified", "PaddedUnifiedAllocator", {"page_tokens": "fill_ssm_block"},
-                 "one pool, one unit size; attention pages grown to the whole model's SSM block"),
          # radix cache off (no prefix is shared here): SGLang then caps running requests at its
          # Mamba slots, which the SSM pool enforces anyway
          Variant("sglang_static", "StaticDualAllocator", {"ssm_fraction": sglang_mamba_fraction()},
@@ -99,13 +108,9 @@ def _variants() -> dict[str, Variant]:
                  f"{sglang_mamba_fraction():.1%} SSM"),
          Variant("static_tuned", "StaticDualAllocator", {"ssm_fraction": "tuned"},
                  f"fixed split tuned per spec, workload and budget on held-out seeds {TUNING_SEEDS}"),
-         Variant("static_dual_0.5", "StaticDualAllocator", {"ssm_fraction": 0.5}, "fixed split, 50% SSM"),
-         Variant("static_dual_0.9", "StaticDualAllocator", {"ssm_fraction": 0.9}, "fixed split, 90% SSM")]
-    for mb in (1, 16, 128, 256):
-        v.append(Variant(f"avmp_mb{mb}", "AVMPAllocator", {"migration_batch": mb}, f"AVMP, migration batch {mb}"))
-    v.append(Variant("avmp_proactive", "AVMPAllocator",
-                     {"migration_batch": 16, "proactive": PROACTIVE_WATERMARKS},
-                     f"AVMP mb 16 + proactive watermarks {PROACTIVE_WATERMARKS}"))
+         # the migration batch only changes how many slabs one move may take; the schedule is
+         # the same for any batch (capacity moves whenever it can), so one AVMP variant
+         Variant("avmp", "AVMPAllocator", {"migration_batch": 16}, "AVMP: capacity moves between the pools")]
     return {x.name: x for x in v}
 
 
@@ -121,8 +126,8 @@ def typical_tokens(workload: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    label: str              # "k32", or "gib1.5" for an explicit capacity
-    k: int | None           # concurrent typical requests (None for an explicit capacity)
+    label: str              # "k32"; "h200" for the deployment budget; "gib1.5" for an explicit capacity
+    k: int | None           # concurrent typical requests (None for the others)
     typical_tokens: float | None
     typical_pages: int | None
     ssm_blocks: int | None  # = k
@@ -131,21 +136,45 @@ class Budget:
 
     def describe(self) -> str:
         gib = self.capacity_bytes / 2**30
+        if self.label == "h200":
+            return (f"h200: {GPU_MEMORY_UTILIZATION} x {H200_BYTES / 2**30:.1f} GiB - bf16 weights - "
+                    f"{ACTIVATION_RESERVE / 2**30:.0f} GiB = {gib:.3f} GiB")
         if self.k is None:
             return f"{gib:.3f} GiB"
         return (f"k{self.k}: {self.ssm_blocks} SSM blocks + {self.kv_pages} KV pages "
                 f"({self.k} requests of {self.typical_tokens:.0f} tokens) = {gib:.3f} GiB")
 
 
-def make_budget(spec, workload: str, k: int | None = None, *, capacity_bytes: int | None = None) -> Budget:
-    """The budget of K typical requests of ``workload`` for ``spec`` (README: "Workload comparison"), or an
-    explicit ``capacity_bytes``."""
+def deployment_bytes(spec) -> int:
+    """The KV + SSM memory one H200 leaves for ``spec`` (the constants above say how)."""
+    if spec.name not in PARAMS:
+        raise ValueError(f"no parameter count for {spec.name!r}; known: {sorted(PARAMS)}")
+    return int(GPU_MEMORY_UTILIZATION * H200_BYTES - 2 * PARAMS[spec.name] - ACTIVATION_RESERVE)
+
+
+def parse_budget(label) -> str:
+    """A budget label ("k16", "h200") from itself or a bare K."""
+    text = str(label)
+    if text.isdigit() and int(text) >= 1:
+        return f"k{int(text)}"
+    if text == "h200" or (text.startswith("k") and text[1:].isdigit() and int(text[1:]) >= 1):
+        return text
+    raise ValueError(f"budget must be kK (K typical requests, K >= 1) or h200, got {label!r}")
+
+
+def make_budget(spec, workload: str, k: int | str | None = None, *, capacity_bytes: int | None = None) -> Budget:
+    """The budget of K typical requests of ``workload`` for ``spec`` (README: "Workload
+    comparison"), the deployment budget ("h200"), or an explicit ``capacity_bytes``."""
     if (k is None) == (capacity_bytes is None):
         raise ValueError("give exactly one of k and capacity_bytes")
     if capacity_bytes is not None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
         return Budget(f"gib{capacity_bytes / 2**30:g}", None, None, None, None, None, int(capacity_bytes))
+    if isinstance(k, str) and parse_budget(k) == "h200":
+        return Budget("h200", None, None, None, None, None, deployment_bytes(spec))
+    if isinstance(k, str):
+        k = int(parse_budget(k)[1:])
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"budget k must be a positive int, got {k!r}")
     tok = typical_tokens(workload)
@@ -154,22 +183,35 @@ def make_budget(spec, workload: str, k: int | None = None, *, capacity_bytes: in
     return Budget(f"k{k}", k, round(tok, 3), pages, k, k * pages, cap)
 
 
+def parse_load(label) -> float:
+    """The multiple of capacity of a load label ("x0.5", "x2")."""
+    text = str(label)
+    try:
+        x = float(text[1:]) if text.startswith("x") else float("nan")
+    except ValueError:
+        x = float("nan")
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"load must be xM with M a positive multiple of capacity, e.g. x0.5, got {label!r}")
+    return x
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     spec: str
     workload: str
-    budget_k: int
+    budget: str          # label: "k16", "h200"
+    load: str            # label: "x0.5", "x1", "x2"
     seed: int
     variant: str
 
-    @property
-    def budget(self) -> str:
-        return f"k{self.budget_k}"
 
-
-def grid(specs: Iterable[str] = SPECS, workloads: Iterable[str] = WORKLOADS, budgets: Iterable[int] = BUDGETS,
-         seeds: Iterable[int] = SEEDS, variants: Iterable[str] = tuple(VARIANTS)) -> list[Cell]:
-    specs, workloads, budgets, seeds, variants = map(tuple, (specs, workloads, budgets, seeds, variants))
+def grid(specs: Iterable[str] = SPECS, workloads: Iterable[str] = WORKLOADS, budgets: Iterable[str] = BUDGETS,
+         loads: Iterable[str] = LOADS, seeds: Iterable[int] = SEEDS, variants: Iterable[str] = tuple(VARIANTS)) -> list[Cell]:
+    specs, workloads, seeds, variants = map(tuple, (specs, workloads, seeds, variants))
+    budgets = tuple(parse_budget(b) for b in budgets)
+    loads = tuple(loads)
+    for x in loads:
+        parse_load(x)
     for s in specs:
         if s not in list_presets():
             raise ValueError(f"unknown spec {s!r}; valid: {', '.join(list_presets())}")
@@ -179,12 +221,13 @@ def grid(specs: Iterable[str] = SPECS, workloads: Iterable[str] = WORKLOADS, bud
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
-    return [Cell(s, w, k, seed, v) for s in specs for w in workloads for k in budgets for seed in seeds
-            for v in variants]
+    return [Cell(s, w, b, x, seed, v) for s in specs for w in workloads for b in budgets for x in loads
+            for seed in seeds for v in variants]
 
 
 def cell_path(results_dir: str | os.PathLike, cell: Cell) -> Path:
-    return Path(results_dir) / cell.spec / cell.workload / cell.budget / f"{cell.variant}_seed{cell.seed}.json"
+    return (Path(results_dir) / cell.spec / cell.workload / cell.budget / cell.load
+            / f"{cell.variant}_seed{cell.seed}.json")
 
 
 def default_backend(device: str | None = None) -> str:
@@ -223,10 +266,33 @@ def make_allocator(variant: str, spec, capacity_bytes: int, device: str | None =
     return VARIANTS[variant].build(spec, capacity_bytes, device or default_device(), ssm_fraction=ssm_fraction)
 
 
-def tuned_split(spec, workload: str, budget: "Budget", num_requests: int | None):
+def engine_kw(spec) -> dict:
+    """The ``Scheduler`` settings every variant runs with: the engine's limits and the clock."""
+    return dict(max_running=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+                step_time=load_step_time(spec))
+
+
+def tuned_split(spec, workload: str, budget: Budget, num_requests: int | None):
     """``static_tuned``'s split for one (spec, workload, budget), tuned on the held-out seeds."""
-    return tune_static_split(spec, workload, budget.capacity_bytes, max_running=MAX_RUNNING,
-                             num_requests=num_requests)
+    return tune_static_split(spec, workload, budget.capacity_bytes, num_requests=num_requests, **engine_kw(spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSetup:
+    """What a (spec, workload, budget) group measures once, on held-out seeds, before its cells."""
+    capacity_rps: float     # requests/s vllm_hybrid sustains with every request arriving at once
+    tuned: object = None    # static_tuned's ``TunedSplit`` (None when no such cell runs)
+
+
+def setup_group(spec_name: str, workload: str, budget_label: str, num_requests: int | None,
+                tune: bool) -> GroupSetup:
+    spec = get_preset(spec_name)
+    budget = make_budget(spec, workload, budget_label)
+    reqs = make_workload(workload, TUNING_SEEDS[0], num_requests=num_requests)
+    alloc = make_allocator("vllm_hybrid", spec, budget.capacity_bytes, "cpu")
+    m = Scheduler(alloc, backend="model", **engine_kw(spec)).run(reqs)
+    tuned = tuned_split(spec, workload, budget, num_requests) if tune else None
+    return GroupSetup(capacity_rps=m.requests_per_s, tuned=tuned)
 
 
 def _round_series(metrics: dict) -> dict:
@@ -237,42 +303,44 @@ def _round_series(metrics: dict) -> dict:
 
 
 def run_cell(cell: Cell, *, backend: str | None = None, device: str | None = None, num_requests: int | None = None,
-             time_allocator: bool = True, progress: Callable[[int, int], None] | None = None,
-             budget: Budget | None = None, git: dict | None = None, tuned=None) -> dict:
+             progress: Callable[[int, int], None] | None = None, git: dict | None = None,
+             setup: GroupSetup | None = None) -> dict:
     """Run one cell and return its JSON record (not written)."""
-    from avmp_triton.engine.scheduler import Scheduler
-
     device = device or default_device()
     backend = backend or default_backend(device)
     spec = get_preset(cell.spec)
-    budget = budget or make_budget(spec, cell.workload, cell.budget_k)
-    reqs = make_workload(cell.workload, cell.seed, num_requests=num_requests)
-    if cell.variant == "static_tuned" and tuned is None:
-        tuned = tuned_split(spec, cell.workload, budget, num_requests)
+    budget = make_budget(spec, cell.workload, cell.budget)
+    if setup is None or (cell.variant == "static_tuned" and setup.tuned is None):
+        setup = setup_group(cell.spec, cell.workload, cell.budget, num_requests, cell.variant == "static_tuned")
+    rate = setup.capacity_rps * parse_load(cell.load)
+    reqs = make_workload(cell.workload, cell.seed, num_requests=num_requests, rate=rate)
+    tuned = setup.tuned if cell.variant == "static_tuned" else None
     alloc = make_allocator(cell.variant, spec, budget.capacity_bytes, device,
                            ssm_fraction=tuned.ssm_fraction if tuned is not None else None)
+    geometry = variant_geometry(alloc, round(typical_tokens(cell.workload)))
+    kw = engine_kw(spec)
     t0 = time.perf_counter()
-    m = Scheduler(alloc, max_running=MAX_RUNNING, time_allocator=time_allocator, backend=backend).run(
-        reqs, progress=progress)
+    m = Scheduler(alloc, backend=backend, **kw).run(reqs, progress=progress)
     wall = time.perf_counter() - t0
     v = VARIANTS[cell.variant]
     return {
         "schema": SCHEMA,
-        "cell": {"spec": cell.spec, "workload": cell.workload, "budget": budget.label, "budget_k": budget.k,
-                 "seed": cell.seed, "variant": cell.variant, "num_requests": len(reqs),
-                 "num_requests_arg": num_requests, "max_running": MAX_RUNNING},
-        "budget": {**dataclasses.asdict(budget), "slab_bytes": alloc.slab_bytes, "num_slabs": alloc.num_slabs,
-                   "ssm_block_bytes": spec.ssm_block_bytes, "kv_page_bytes": spec.kv_page_bytes,
-                   "page_tokens": alloc.page_tokens},
-        "variant": {"allocator": v.allocator, "params": {k: (list(x) if isinstance(x, tuple) else x)
-                                                         for k, x in v.params.items()}, "label": v.label,
+        "cell": {**dataclasses.asdict(cell), "rate_rps": rate, "capacity_rps": setup.capacity_rps,
+                 "num_requests": len(reqs), "num_requests_arg": num_requests, "max_num_seqs": MAX_NUM_SEQS,
+                 "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS},
+        "budget": {**dataclasses.asdict(budget), "describe": budget.describe(), "slab_bytes": alloc.slab_bytes,
+                   "num_slabs": alloc.num_slabs, "ssm_block_bytes": spec.ssm_block_bytes,
+                   "kv_page_bytes": spec.kv_page_bytes, "page_tokens": alloc.page_tokens},
+        "variant": {"allocator": v.allocator, "params": dict(v.params), "label": v.label, "geometry": geometry,
                     **({"tuned": {"ssm_slabs": tuned.ssm_slabs, "num_slabs": tuned.num_slabs,
                                   "ssm_fraction": tuned.ssm_fraction, "seeds": list(tuned.seeds),
-                                  "makespans": {str(k): x for k, x in tuned.makespans.items()}}}
+                                  "scores": {str(k): x for k, x in tuned.makespans.items()},
+                                  "score": f"mean makespan ({tuned.unit}), all requests at once"}}
                        if tuned is not None else {})},
         "backend": m.backend,
         "device": str(alloc.device),
         "metrics": _round_series(dataclasses.asdict(m)),
+        "step_time": kw["step_time"].source,
         "wall_s": round(wall, 4),
         "versions": versions(),
         "git": git if git is not None else git_info(),
@@ -322,14 +390,14 @@ def _worker_init() -> None:
 
 
 def _run_and_write(cell: Cell, out: str, backend: str, device: str, num_requests: int | None, git: dict,
-                   tuned=None) -> tuple:
-    rec = run_cell(cell, backend=backend, device=device, num_requests=num_requests, git=git, tuned=tuned)
+                   setup: GroupSetup | None = None) -> tuple:
+    rec = run_cell(cell, backend=backend, device=device, num_requests=num_requests, git=git, setup=setup)
     write_json(cell_path(out, cell), rec)
     return cell, rec["wall_s"]
 
 
 def run_sweep(out: str | os.PathLike, *, specs: Sequence[str] = SPECS, workloads: Sequence[str] = WORKLOADS,
-              budgets: Sequence[int] = BUDGETS, seeds: Sequence[int] = SEEDS,
+              budgets: Sequence[str] = BUDGETS, loads: Sequence[str] = LOADS, seeds: Sequence[int] = SEEDS,
               variants: Sequence[str] = tuple(VARIANTS), jobs: int | None = None, quick: bool = False,
               num_requests: int | None = None, backend: str | None = None, device: str | None = None,
               progress: bool = True, log: Callable[[str], None] = print) -> dict:
@@ -344,7 +412,7 @@ def run_sweep(out: str | os.PathLike, *, specs: Sequence[str] = SPECS, workloads
         jobs = 1 if backend == "device" and device.startswith("cuda") else (os.cpu_count() or 1)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    cells = grid(specs, workloads, budgets, seeds, variants)
+    cells = grid(specs, workloads, budgets, loads, seeds, variants)
     todo = [c for c in cells if not (cell_path(out, c).exists() and _existing_ok(cell_path(out, c), num_requests,
                                                                                    backend))]
     skipped = len(cells) - len(todo)
@@ -356,39 +424,40 @@ def run_sweep(out: str | os.PathLike, *, specs: Sequence[str] = SPECS, workloads
         log("backend 'model': the pure-Python reference allocator (same semantics as the Triton kernels, tested "
             "equal); allocator time per step is its host wall time, not device time")
     t0 = time.perf_counter()
-    tunings = _tune_groups(todo, num_requests, jobs)
-    if tunings:
-        log(f"sweep: tuned static_tuned's split in {len(tunings)} group(s) on held-out seeds {TUNING_SEEDS}")
-    _dispatch(todo, str(out), backend, device, num_requests, git, jobs, tunings, progress)
+    setups = _setup_groups(todo, num_requests, jobs)
+    log(f"sweep: measured capacity (and tuned static_tuned's split) in {len(setups)} group(s) on held-out seeds "
+        f"{TUNING_SEEDS}")
+    _dispatch(todo, str(out), backend, device, num_requests, git, jobs, setups, progress)
     secs = time.perf_counter() - t0
     log(f"sweep: ran {len(todo)} cells in {secs:.1f} s; {len(cells)} cells in {out}")
     return {"cells": len(cells), "skipped": skipped, "ran": len(todo), "seconds": secs}
 
 
 def _group(c: Cell) -> tuple:
-    return c.spec, c.workload, c.budget_k
+    return c.spec, c.workload, c.budget
 
 
-def _tune_one(key: tuple, num_requests: int | None):
-    spec_name, workload, k = key
-    spec = get_preset(spec_name)
-    return key, tuned_split(spec, workload, make_budget(spec, workload, k), num_requests)
+def _setup_one(key: tuple, num_requests: int | None, tune: bool):
+    return key, setup_group(*key, num_requests, tune)
 
 
-def _tune_groups(todo: list, num_requests: int | None, jobs: int) -> dict:
-    """``static_tuned``'s split for every group it has a cell to run in (once per group, in parallel)."""
-    keys = sorted({_group(c) for c in todo if c.variant == "static_tuned"})
+def _setup_groups(todo: list, num_requests: int | None, jobs: int) -> dict:
+    """Each group's ``GroupSetup`` (once per group with a cell to run, in parallel)."""
+    keys = sorted({_group(c) for c in todo})
+    tune = [any(c.variant == "static_tuned" and _group(c) == k for c in todo) for k in keys]
+    n = [num_requests] * len(keys)
     if jobs == 1 or len(keys) <= 1:
-        return dict(_tune_one(k, num_requests) for k in keys)
+        return dict(map(_setup_one, keys, n, tune))
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as ex:
-        return dict(ex.map(_tune_one, keys, [num_requests] * len(keys)))
+        # the slowest groups (tuning runs many splits) first, so no straggler ends the setup
+        return dict(ex.map(_setup_one, keys, n, tune))
 
 
-def _dispatch(todo: list, out: str, backend: str, device: str, num_requests, git: dict, jobs: int, tunings: dict,
+def _dispatch(todo: list, out: str, backend: str, device: str, num_requests, git: dict, jobs: int, setups: dict,
               progress: bool) -> None:
     bar = _bar(len(todo), "cells", progress)
-    args = lambda c: (c, out, backend, device, num_requests, git, tunings.get(_group(c)))  # noqa: E731
+    args = lambda c: (c, out, backend, device, num_requests, git, setups[_group(c)])  # noqa: E731
     try:
         if jobs == 1 or len(todo) <= 1:
             for c in todo:
@@ -396,8 +465,8 @@ def _dispatch(todo: list, out: str, backend: str, device: str, num_requests, git
                 bar.update(1)
         else:
             ctx = multiprocessing.get_context("spawn")  # safe with CUDA and with torch's thread pools
-            # the longest cells (padded allocators drain slowly) first, so no straggler ends the sweep
-            todo.sort(key=lambda c: (c.variant != "padded_unified", c.budget_k, c.workload))
+            # the longest cells (long prompts, many requests) first, so no straggler ends the sweep
+            todo.sort(key=lambda c: (c.workload != "mixed_long", c.budget))
             with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as ex:
                 futs = [ex.submit(_run_and_write, *args(c)) for c in todo]
                 try:
@@ -418,10 +487,11 @@ def _bar(total: int, unit: str, enabled: bool):
 
 
 # what the report reads from every cell file: a file that lacks one is named, never silently used or dropped
-_CELL_KEYS = ("spec", "workload", "budget", "variant", "seed", "num_requests")
-_METRIC_KEYS = ("num_requests", "completed", "unservable", "makespan_ticks", "batch_mean", "batch_peak",
-                "preemptions", "recomputed_tokens", "admission_wait_mean", "kv_util_mean", "ssm_util_mean",
-                "migrations", "slabs_moved", "proactive_slabs_moved", "bytes_moved")
+_CELL_KEYS = ("spec", "workload", "budget", "load", "rate_rps", "capacity_rps", "variant", "seed", "num_requests")
+_METRIC_KEYS = ("num_requests", "completed", "unservable", "preemptions", "recomputed_tokens", "kv_util_mean",
+                "ssm_util_mean", "migrations", "bytes_moved", "makespan_s", "output_tokens_per_s", "requests_per_s",
+                "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "goodput_requests_per_s", "slo_ttft_s",
+                "slo_tpot_s", "compute_s", "alloc_s", "migrate_s")
 _SERIES_KEYS = ("kv_util_series", "ssm_util_series")
 _BUDGET_KEYS = ("capacity_bytes", "num_slabs", "slab_bytes")
 

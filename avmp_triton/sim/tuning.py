@@ -1,5 +1,6 @@
 """The fixed split a user would tune: how many of a budget's slabs a ``StaticDualAllocator`` gives
-the SSM pool so that held-out seeds of a workload drain in the fewest ticks."""
+the SSM pool so that held-out seeds of a workload, all requests arriving at once, drain soonest (in
+seconds with a step-time model, else in ticks)."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +22,7 @@ class TunedSplit:
     num_slabs: int
     seeds: tuple
     makespans: dict          # SSM slabs -> mean makespan over the seeds (inf: a request went unserved)
+    unit: str = "ticks"      # of the makespans: "s" with a step-time model
 
     @property
     def ssm_fraction(self) -> float:
@@ -28,30 +30,32 @@ class TunedSplit:
         return self.ssm_slabs / self.num_slabs
 
 
-def _mean_makespan(spec, capacity_bytes: int, s: int, S: int, reqs_by_seed: list, max_running: int) -> float:
+def _mean_makespan(spec, capacity_bytes: int, s: int, S: int, reqs_by_seed: list, max_running: int,
+                   scheduler_kw: dict) -> float:
     from avmp_triton.engine.scheduler import Scheduler
     total = 0
     for reqs in reqs_by_seed:
         alloc = StaticDualAllocator(spec, capacity_bytes, ssm_fraction=s / S, device="cpu")
-        m = Scheduler(alloc, max_running=max_running, backend="model").run(reqs)
+        m = Scheduler(alloc, max_running=max_running, backend="model", **scheduler_kw).run(reqs)
         if m.completed != len(reqs):
             return math.inf
-        total += m.makespan_ticks
+        total += m.makespan_s if m.makespan_s is not None else m.makespan_ticks
     return total / len(reqs_by_seed)
 
 
 def tune_static_split(spec, workload: str, capacity_bytes: int, *, max_running: int, seeds=TUNING_SEEDS,
-                      num_requests: int | None = None) -> TunedSplit:
+                      num_requests: int | None = None, **scheduler_kw) -> TunedSplit:
     """Search the SSM slab count (1 to all but one) on ``seeds``: ``COARSE_POINTS`` evenly spaced
     counts, then halving steps around the best down to a single slab, the finest grid a split has.
-    Ties go to the fewer SSM slabs."""
+    Ties go to the fewer SSM slabs. ``scheduler_kw`` go to the ``Scheduler`` (the step-time model
+    and token budget of the runs it is tuned for)."""
     S = StaticDualAllocator(spec, capacity_bytes, device="cpu").num_slabs
     reqs_by_seed = [make_workload(workload, seed, num_requests=num_requests) for seed in seeds]
     seen: dict[int, float] = {}
 
     def score(s: int) -> float:
         if s not in seen:
-            seen[s] = _mean_makespan(spec, capacity_bytes, s, S, reqs_by_seed, max_running)
+            seen[s] = _mean_makespan(spec, capacity_bytes, s, S, reqs_by_seed, max_running, scheduler_kw)
         return seen[s]
 
     step = max(1, (S - 2) // (COARSE_POINTS - 1))
@@ -64,4 +68,5 @@ def tune_static_split(spec, workload: str, capacity_bytes: int, *, max_running: 
             if 1 <= s <= S - 1:
                 score(s)
         best = min(seen, key=lambda s: (seen[s], s))
-    return TunedSplit(ssm_slabs=best, num_slabs=S, seeds=tuple(seeds), makespans=dict(sorted(seen.items())))
+    return TunedSplit(ssm_slabs=best, num_slabs=S, seeds=tuple(seeds), makespans=dict(sorted(seen.items())),
+                      unit="s" if scheduler_kw.get("step_time") is not None else "ticks")
