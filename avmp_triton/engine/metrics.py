@@ -55,7 +55,7 @@ class RunMetrics:
     admission_wait_p99: float
     # pressure
     preemptions: int
-    recomputed_tokens: int          # prompt + generated tokens of every preempted request (redone later)
+    recomputed_tokens: int          # prefill tokens run beyond each prompt once: what preemption made redo
     alloc_failures: int
     alloc_failures_per_request: float
     growth_failures: int

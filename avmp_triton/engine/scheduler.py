@@ -342,6 +342,7 @@ class _Requests:
     max_pages: np.ndarray     # pages at the longest: ceil((prompt + output - 1) / page_tokens) + extra
     generated: np.ndarray
     first_admit: np.ndarray   # tick of the first admission, -1 before
+    fresh: np.ndarray         # prompt tokens not yet prefilled even once
 
     @classmethod
     def of(cls, requests: Sequence, page_tokens: int, extra: int = 0) -> "_Requests":
@@ -368,7 +369,7 @@ class _Requests:
         max_pages = -(-(prompt + output - 1) // page_tokens) + extra if n else np.zeros(0, dtype=np.int64)
         return cls(n=n, rid=[getattr(r, "rid", i) for i, r in enumerate(requests)], arrival=arrival,
                    prompt=prompt, output=output, max_pages=max_pages, generated=np.zeros(n, dtype=np.int64),
-                   first_admit=np.full(n, -1, dtype=np.int64))
+                   first_admit=np.full(n, -1, dtype=np.int64), fresh=prompt.copy())
 
 
 class _Rows:
@@ -559,15 +560,23 @@ class _Run:
         rows, and rows whose prefill this step completes) and, with a clock, the step's shape."""
         rows = self.rows
         sched = np.flatnonzero(rows.q > 0)
+        pre = sched[rows.todo[sched] > 0]
+        self._count_recompute(rows.req[pre], rows.q[pre])
         shape = None
         if self.clock is not None:
             dec = sched[rows.todo[sched] == 0]
-            pre = sched[rows.todo[sched] > 0]
             shape = StepShape(len(dec), int(rows.ctx[dec].sum()) + len(dec), rows.q[pre].copy(), rows.ctx[pre].copy(),
                               self.alloc_rows, 0)
         rows.ctx[sched] += rows.q[sched]
         rows.todo[sched] = np.maximum(rows.todo[sched] - rows.q[sched], 0)   # a decode row has none left
         return sched[rows.todo[sched] == 0], shape
+
+    def _count_recompute(self, reqs: np.ndarray, q: np.ndarray) -> None:
+        """Prefill tokens beyond each request's prompt run once: what preemption made it redo (the
+        tokens it had generated, and any part of a prefill it had done before)."""
+        first = np.minimum(q, self.reqs.fresh[reqs])
+        self.reqs.fresh[reqs] -= first
+        self.recomputed += int((q - first).sum())
 
     def _advance_clock(self, shape, sampled: np.ndarray) -> None:
         if self.clock is not None:
@@ -619,7 +628,6 @@ class _Run:
             v = int(np.argmax(np.where(rows.req >= 0, rows.seq, -1)))
             i = int(rows.req[v])
             self.preemptions += 1
-            self.recomputed += int(self.reqs.prompt[i] + self.reqs.generated[i])
             self.free[g.pk] += int(rows.pages[v])
             self.free[g.ps] += 1
             self.fh += int(rows.pages[v]) + 1

@@ -142,7 +142,11 @@ class ArenaAllocator:
     ssm_units: int = 1
 
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, kv_fraction: float = 0.5,
-                 page_tokens: int = 16, slab_bytes: int | None = None, migration_batch: int = 16):
+                 page_tokens: int = 16, slab_bytes: int | None = None, migration_batch: int = 16,
+                 materialize: bool = True):
+        """``materialize=False``: the arena is a meta tensor holding no bytes, for planners that
+        use the allocator's geometry and never its data (the scheduler's model backend at budgets
+        larger than the host's memory); anything that reads or copies the bytes then fails."""
         self._check_args(spec, capacity_bytes, kv_fraction, page_tokens, migration_batch)
         self.device = _resolve_device(device)
         self.spec = spec
@@ -190,7 +194,7 @@ class ArenaAllocator:
         if self._unified:
             owner.zero_()
 
-        self.arena = torch.empty(S * slab_bytes, dtype=torch.uint8, device=dev)
+        self.arena = torch.empty(S * slab_bytes, dtype=torch.uint8, device=dev if materialize else "meta")
         self._arena_words = self.arena.view(torch.int32)
         H = self.num_handles
         self.handle_table = torch.full((H,), -1, dtype=torch.int64, device=dev)
@@ -626,10 +630,10 @@ class AVMPAllocator(ArenaAllocator):
 
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, kv_fraction: float = 0.5,
                  page_tokens: int = 16, slab_bytes: int | None = None, migration_batch: int = 16,
-                 proactive: tuple[float, float] | None = None):
+                 proactive: tuple[float, float] | None = None, materialize: bool = True):
         self.proactive = _check_proactive(proactive)
         super().__init__(spec, capacity_bytes, device=device, kv_fraction=kv_fraction, page_tokens=page_tokens,
-                         slab_bytes=slab_bytes, migration_batch=migration_batch)
+                         slab_bytes=slab_bytes, migration_batch=migration_batch, materialize=materialize)
         if self.proactive is not None:
             dev = self.device
             self._proactive_fp = tuple(_watermark_fp(x) for x in self.proactive)
@@ -664,12 +668,12 @@ class StaticDualAllocator(ArenaAllocator):
     """Two exact-size pools with a fixed split; never rebalanced."""
 
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, ssm_fraction: float = 0.5, device=None,
-                 page_tokens: int = 16, slab_bytes: int | None = None):
+                 page_tokens: int = 16, slab_bytes: int | None = None, materialize: bool = True):
         if isinstance(ssm_fraction, bool) or not isinstance(ssm_fraction, (int, float)) or not 0.0 <= ssm_fraction <= 1.0:
             raise ValueError(f"ssm_fraction must be in [0, 1], got {ssm_fraction!r}")
         self.ssm_fraction = ssm_fraction
         super().__init__(spec, capacity_bytes, device=device, kv_fraction=1.0 - ssm_fraction,
-                         page_tokens=page_tokens, slab_bytes=slab_bytes)
+                         page_tokens=page_tokens, slab_bytes=slab_bytes, materialize=materialize)
 
 
 class PaddedUnifiedAllocator(ArenaAllocator):
@@ -699,7 +703,7 @@ class VllmHybridAllocator(ArenaAllocator):
     _KERNEL_PAGES = False
 
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, page_tokens: int, ssm_units: int,
-                 device=None, slab_bytes: int | None = None):
+                 device=None, slab_bytes: int | None = None, materialize: bool = True):
         if not is_int(ssm_units) or ssm_units < 1:
             raise ValueError(f"ssm_units must be a positive int, got {ssm_units!r}")
         if not is_int(page_tokens) or page_tokens < 1:
@@ -709,7 +713,8 @@ class VllmHybridAllocator(ArenaAllocator):
             raise ValueError(f"ssm_units={ssm_units} blocks of {page} bytes ({page_tokens} tokens) cannot hold the "
                              f"SSM state of {spec.ssm_block_bytes} bytes")
         self.ssm_units = ssm_units
-        super().__init__(spec, capacity_bytes, device=device, page_tokens=page_tokens, slab_bytes=slab_bytes)
+        super().__init__(spec, capacity_bytes, device=device, page_tokens=page_tokens, slab_bytes=slab_bytes,
+                         materialize=materialize)
 
 
 # watermarks are compared in integers: free * SCALE < round(low * SCALE) * units

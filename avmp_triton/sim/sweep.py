@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import torch
+
 import avmp_triton
 from avmp_triton._triton_env import default_device
 from avmp_triton.memory.allocator import AVMPAllocator, StaticDualAllocator, VllmHybridAllocator
@@ -37,7 +39,7 @@ __all__ = [
     "BUDGETS", "LOADS", "MAX_NUM_BATCHED_TOKENS", "MAX_NUM_SEQS", "QUICK_NUM_REQUESTS", "SCHEMA", "SEEDS", "SPECS",
     "VARIANTS", "Budget", "Cell", "GroupSetup", "Variant", "cell_path", "cell_problem", "default_backend",
     "deployment_bytes", "engine_kw", "git_info", "grid", "load_results", "make_allocator", "make_budget",
-    "parse_budget", "parse_load", "run_cell", "run_sweep", "setup_group", "tuned_split", "typical_tokens", "versions",
+    "parse_budget", "parse_load", "run_cell", "run_sweep", "serving_spec", "setup_group", "tuned_split", "typical_tokens", "versions",
 ]
 
 SCHEMA = 2
@@ -63,6 +65,17 @@ GPU_MEMORY_UTILIZATION = 0.92
 ACTIVATION_RESERVE = 4 << 30
 # parameters, counted from each model's config.json (the model cards give 52B / 8B / 32B)
 PARAMS = {"jamba-1.5-mini": 51.57e9, "nemotron-h-8b": 8.10e9, "granite-4.0-h-small": 32.21e9}
+# The SSM state dtype the engines serve a model with: vLLM 0.34.0's mamba_ssm_cache_dtype "auto" is
+# the model's dtype (bf16), except that it forces float32 for NemotronH
+# (vllm/model_executor/models/config.py). SGLang keeps float32 for every model by default
+# (python/sglang/srt/configs/mamba_utils.py); every variant here holds the same state, vLLM's.
+SSM_STATE_DTYPE = {"nemotron-h-8b": torch.float32}
+
+
+def serving_spec(name: str):
+    """The preset as the engines serve it (its SSM state dtype)."""
+    spec = get_preset(name)
+    return dataclasses.replace(spec, ssm_dtype=SSM_STATE_DTYPE[name]) if name in SSM_STATE_DTYPE else spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +85,8 @@ class Variant:
     params: dict            # constructor keywords besides spec, capacity and device
     label: str              # short human description
 
-    def build(self, spec, capacity_bytes: int, device, *, ssm_fraction: float | None = None):
+    def build(self, spec, capacity_bytes: int, device, *, ssm_fraction: float | None = None,
+              materialize: bool = True):
         cls = {"AVMPAllocator": AVMPAllocator, "StaticDualAllocator": StaticDualAllocator,
                "VllmHybridAllocator": VllmHybridAllocator}[self.allocator]
         params = dict(self.params)
@@ -82,7 +96,7 @@ class Variant:
             params["ssm_fraction"] = ssm_fraction
         if cls is VllmHybridAllocator:
             params.update(vllm_hybrid_params(spec))
-        return cls(spec, capacity_bytes, device=device, **params)
+        return cls(spec, capacity_bytes, device=device, materialize=materialize, **params)
 
 
 def vllm_hybrid_params(spec) -> dict:
@@ -261,9 +275,11 @@ def git_info() -> dict:
 
 
 def make_allocator(variant: str, spec, capacity_bytes: int, device: str | None = None, *,
-                   ssm_fraction: float | None = None):
-    """``ssm_fraction``: the tuned split, for ``static_tuned`` only."""
-    return VARIANTS[variant].build(spec, capacity_bytes, device or default_device(), ssm_fraction=ssm_fraction)
+                   ssm_fraction: float | None = None, materialize: bool = True):
+    """``ssm_fraction``: the tuned split, for ``static_tuned`` only; ``materialize=False``: no arena
+    bytes (the scheduler's model backend never touches them)."""
+    return VARIANTS[variant].build(spec, capacity_bytes, device or default_device(), ssm_fraction=ssm_fraction,
+                                   materialize=materialize)
 
 
 def engine_kw(spec) -> dict:
@@ -286,10 +302,10 @@ class GroupSetup:
 
 def setup_group(spec_name: str, workload: str, budget_label: str, num_requests: int | None,
                 tune: bool) -> GroupSetup:
-    spec = get_preset(spec_name)
+    spec = serving_spec(spec_name)
     budget = make_budget(spec, workload, budget_label)
     reqs = make_workload(workload, TUNING_SEEDS[0], num_requests=num_requests)
-    alloc = make_allocator("vllm_hybrid", spec, budget.capacity_bytes, "cpu")
+    alloc = make_allocator("vllm_hybrid", spec, budget.capacity_bytes, "cpu", materialize=False)
     m = Scheduler(alloc, backend="model", **engine_kw(spec)).run(reqs)
     tuned = tuned_split(spec, workload, budget, num_requests) if tune else None
     return GroupSetup(capacity_rps=m.requests_per_s, tuned=tuned)
@@ -308,7 +324,7 @@ def run_cell(cell: Cell, *, backend: str | None = None, device: str | None = Non
     """Run one cell and return its JSON record (not written)."""
     device = device or default_device()
     backend = backend or default_backend(device)
-    spec = get_preset(cell.spec)
+    spec = serving_spec(cell.spec)
     budget = make_budget(spec, cell.workload, cell.budget)
     if setup is None or (cell.variant == "static_tuned" and setup.tuned is None):
         setup = setup_group(cell.spec, cell.workload, cell.budget, num_requests, cell.variant == "static_tuned")
@@ -316,7 +332,8 @@ def run_cell(cell: Cell, *, backend: str | None = None, device: str | None = Non
     reqs = make_workload(cell.workload, cell.seed, num_requests=num_requests, rate=rate)
     tuned = setup.tuned if cell.variant == "static_tuned" else None
     alloc = make_allocator(cell.variant, spec, budget.capacity_bytes, device,
-                           ssm_fraction=tuned.ssm_fraction if tuned is not None else None)
+                           ssm_fraction=tuned.ssm_fraction if tuned is not None else None,
+                           materialize=backend == "device")
     geometry = variant_geometry(alloc, round(typical_tokens(cell.workload)))
     kw = engine_kw(spec)
     t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Workload generators: determinism, counts, ranges, distribution sanity, the ShareGPT table, errors."""
+"""Workload generators: determinism, counts, ranges, distribution sanity, arrivals in seconds (rate),
+the ShareGPT tables, errors."""
 import dataclasses
 import math
 
@@ -8,21 +9,27 @@ import pytest
 from avmp_triton.sim.workloads import (
     WORKLOADS,
     Request,
+    _multiturn_rows,
     make_workload,
     sharegpt_metadata,
     sharegpt_multiturn_table,
     sharegpt_table,
 )
 
-DEFAULTS = {"uniform_short": 512, "mixed_long": 256, "agentic_burst": 256, "sharegpt": 512}
+DEFAULTS = {"uniform_short": 512, "mixed_long": 256, "agentic_burst": 256, "sharegpt": 512,
+            "sharegpt_multiturn": 512}
 
 
 def _arr(reqs, field):
-    return np.array([getattr(r, field) for r in reqs], dtype=np.int64)
+    return np.array([getattr(r, field) for r in reqs], dtype=np.float64 if field == "arrival" else np.int64)
+
+
+def _lengths(reqs):
+    return [(r.prompt_tokens, r.output_tokens) for r in reqs]
 
 
 def test_names():
-    assert WORKLOADS == ("uniform_short", "mixed_long", "agentic_burst", "sharegpt")
+    assert WORKLOADS == ("uniform_short", "mixed_long", "agentic_burst", "sharegpt", "sharegpt_multiturn")
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
@@ -31,6 +38,10 @@ def test_deterministic_and_seed_dependent(name):
     assert a == make_workload(name, 0)
     assert a != make_workload(name, 1)
     assert make_workload(name, 7, num_requests=20) == make_workload(name, 7, num_requests=20)
+    b = make_workload(name, 7, num_requests=20, rate=3.0)
+    assert b == make_workload(name, 7, num_requests=20, rate=3.0)
+    other = make_workload(name, 8, num_requests=20, rate=3.0)
+    assert _arr(b, "arrival").tolist() != _arr(other, "arrival").tolist()
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
@@ -42,8 +53,9 @@ def test_counts_rids_arrivals(name):
     arr = _arr(reqs, "arrival")
     assert arr[0] >= 0 and np.all(np.diff(arr) >= 0)
     assert np.all(_arr(reqs, "prompt_tokens") >= 1) and np.all(_arr(reqs, "output_tokens") >= 1)
-    for r in reqs[:5]:
-        assert all(type(v) is int for v in (r.rid, r.arrival, r.prompt_tokens, r.output_tokens))
+    for r in reqs[:5] + make_workload(name, 3, num_requests=5, rate=2.0):
+        assert all(type(v) is int for v in (r.rid, r.prompt_tokens, r.output_tokens))
+        assert type(r.arrival) is float
     assert len(make_workload(name, 3, num_requests=17)) == 17
     assert len(make_workload(name, 3, num_requests=1)) == 1
 
@@ -52,12 +64,62 @@ def test_request_is_frozen():
     r = make_workload("uniform_short", 0, num_requests=1)[0]
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.prompt_tokens = 5
+    assert not hasattr(r, "__dict__")  # slots
 
 
-@pytest.mark.parametrize("name", ["uniform_short", "mixed_long", "sharegpt"])
-def test_one_arrival_per_tick(name):
-    reqs = make_workload(name, 5)
-    assert [r.arrival for r in reqs] == list(range(len(reqs)))
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_rate_none_all_arrive_at_zero(name):
+    # vLLM's default request rate "inf": the whole workload is there at the start
+    assert all(r.arrival == 0.0 for r in make_workload(name, 5))
+    assert make_workload(name, 5, rate=None) == make_workload(name, 5)
+
+
+@pytest.mark.parametrize("rate", [0.5, 8.0, 250.0])
+def test_poisson_arrivals(rate):
+    n = 4000
+    for seed in range(3):
+        a = _arr(make_workload("uniform_short", seed, num_requests=n, rate=rate), "arrival")
+        assert a[0] == 0.0 and np.all(np.diff(a) >= 0)
+        gaps = np.diff(a)
+        # n - 1 Exponential(1/rate) gaps: sd of their mean is (1/rate)/sqrt(3999) ~ 1.6%; 5% ~ 3 sd
+        assert abs(gaps.mean() * rate - 1) < 0.05
+        # exponential: sd == mean (sd of the sample var / mean^2 ~ sqrt(8/n) ~ 0.045)
+        assert abs(gaps.var() / gaps.mean() ** 2 - 1) < 0.2
+        # a rate only rescales the same gaps
+        a1 = _arr(make_workload("uniform_short", seed, num_requests=n, rate=1.0), "arrival")
+        assert np.allclose(a * rate, a1, rtol=1e-12, atol=0)
+    # a longer workload extends a shorter one's arrivals
+    short = _arr(make_workload("mixed_long", 4, num_requests=10, rate=rate), "arrival")
+    assert np.array_equal(short, _arr(make_workload("mixed_long", 4, num_requests=n, rate=rate), "arrival")[:10])
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_lengths_do_not_depend_on_rate(name):
+    for seed, n in ((0, None), (3, 40)):
+        base = _lengths(make_workload(name, seed, num_requests=n))
+        for rate in (0.01, 1, 2.5, 1e6):
+            reqs = make_workload(name, seed, num_requests=n, rate=rate)
+            assert _lengths(reqs) == base
+            assert _arr(reqs, "arrival")[-1] > 0
+
+
+@pytest.mark.parametrize("rate, exc, shown", [
+    (0, ValueError, "0"), (0.0, ValueError, "0.0"), (-1.5, ValueError, "-1.5"),
+    (float("nan"), ValueError, "nan"), (float("inf"), ValueError, "inf"), (-math.inf, ValueError, "-inf"),
+    (True, TypeError, "True"), (False, TypeError, "False"), ("3", TypeError, "'3'"),
+    ([1.0], TypeError, r"\[1.0\]"),
+    (np.float64("nan"), ValueError, "nan"),
+])
+def test_bad_rate(rate, exc, shown):
+    with pytest.raises(exc, match=f"rate.*{shown}"):
+        make_workload("uniform_short", 0, num_requests=4, rate=rate)
+
+
+def test_good_rate_types():
+    ref = make_workload("agentic_burst", 1, num_requests=6, rate=2.0)
+    assert make_workload("agentic_burst", 1, num_requests=6, rate=2) == ref
+    assert make_workload("agentic_burst", 1, num_requests=6, rate=np.float32(2.0)) == ref
+    assert make_workload("agentic_burst", 1, num_requests=6, rate=np.int64(2)) == ref
 
 
 def test_uniform_short_ranges():
@@ -90,23 +152,6 @@ def test_agentic_burst_lengths():
     assert abs(math.log(np.median(p)) - 8.5) < 0.1
     # the upper clip binds: P(X > 65536) = P(Z > (ln 65536 - 8.5)/1) ~ 0.5% of 4000 ~ 20
     assert (p == 65536).sum() >= 1
-
-
-def test_agentic_burst_poisson_arrivals():
-    gaps_means = []
-    for seed in range(3):
-        reqs = make_workload("agentic_burst", seed)
-        a = _arr(reqs, "arrival")
-        # 256 arrivals at mean gap 0.1 span ~25.6 ticks; floor of the cumulative sum
-        # => last arrival / (n - 1) estimates the mean gap (sd ~ 0.1/sqrt(256) = 0.006)
-        gaps_means.append(a[-1] / (len(a) - 1))
-        assert np.bincount(a).max() > 1  # bursts: several requests in one tick
-    assert abs(np.mean(gaps_means) - 0.1) < 0.02
-    a = _arr(make_workload("agentic_burst", 9, num_requests=20000), "arrival")
-    assert abs(a[-1] / (len(a) - 1) - 0.1) < 0.005
-    # per-tick counts are Poisson(10): variance ~ mean
-    counts = np.bincount(a)[:-1]
-    assert abs(counts.mean() - 10) < 0.5 and 0.7 < counts.var() / counts.mean() < 1.3
 
 
 def test_sharegpt_table_and_filter_rules():
@@ -200,8 +245,60 @@ def test_sharegpt_multiturn_first_turns_match_first_turn_table():
     assert np.array_equal(p0[keep], fp) and np.array_equal(o0[keep], fo)
 
 
+def _check_multiturn_rows(rows, n):
+    """rows: whole drawn conversations, each once, turns in order; only the last one may be cut."""
+    conv, turn, _, _ = sharegpt_multiturn_table()
+    sizes = np.bincount(conv)
+    assert len(rows) == n
+    c, t = conv[rows], turn[rows]
+    new = np.r_[True, c[1:] != c[:-1]]
+    run_convs = c[new]
+    assert len(np.unique(run_convs)) == len(run_convs)  # each conversation in one run, drawn once
+    bounds = np.r_[np.flatnonzero(new), n]
+    for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        assert np.array_equal(t[lo:hi], np.arange(hi - lo))  # all turns from 0, in turn order
+        if j < len(run_convs) - 1:
+            assert hi - lo == sizes[run_convs[j]]  # only the last conversation is cut
+    return c
+
+
+@pytest.mark.parametrize("seed, n", [(0, None), (1, 1), (2, 7), (3, 2000)])
+def test_sharegpt_multiturn_workload(seed, n):
+    _, _, p, o = sharegpt_multiturn_table()
+    reqs = make_workload("sharegpt_multiturn", seed, num_requests=n, rate=5.0)
+    n = n or 512
+    assert len(reqs) == n
+    rows = _multiturn_rows(np.random.Generator(np.random.PCG64(seed)), n)
+    assert _lengths(reqs) == list(zip(p[rows].tolist(), o[rows].tolist()))
+    c = _check_multiturn_rows(rows, n)
+    same = c[1:] == c[:-1]
+    rp, ro, ra = _arr(reqs, "prompt_tokens"), _arr(reqs, "output_tokens"), _arr(reqs, "arrival")
+    # the table holds this strictly on every later turn: its prompt is the previous turn's prompt and
+    # reply plus a non-empty human message
+    assert np.all(rp[1:][same] > (rp[:-1] + ro[:-1])[same])
+    # a later turn is a later request, so it never arrives before the turn it follows
+    assert np.all(ra[1:][same] >= ra[:-1][same])
+    if n >= 512:
+        assert same.any() and (~same).any()
+
+
+def test_sharegpt_multiturn_deterministic_and_exhaustive():
+    conv, _, _, _ = sharegpt_multiturn_table()
+    a = make_workload("sharegpt_multiturn", 11, num_requests=300)
+    assert a == make_workload("sharegpt_multiturn", 11, num_requests=300)
+    assert _lengths(a) != _lengths(make_workload("sharegpt_multiturn", 12, num_requests=300))
+    # a shorter draw is the longer one cut short: same conversation order
+    assert _lengths(make_workload("sharegpt_multiturn", 11, num_requests=120)) == _lengths(a)[:120]
+    total = len(conv)
+    rows = _multiturn_rows(np.random.Generator(np.random.PCG64(0)), total)
+    _check_multiturn_rows(rows, total)
+    assert np.array_equal(np.sort(rows), np.arange(total))  # every turn of every conversation once
+    with pytest.raises(ValueError, match=f"num_requests={total + 1}.*{total} turns"):
+        make_workload("sharegpt_multiturn", 0, num_requests=total + 1)
+
+
 def test_errors():
-    with pytest.raises(ValueError, match="uniform_short, mixed_long, agentic_burst, sharegpt"):
+    with pytest.raises(ValueError, match="uniform_short, mixed_long, agentic_burst, sharegpt, sharegpt_multiturn"):
         make_workload("nope", 0)
     with pytest.raises(ValueError, match="-1"):
         make_workload("uniform_short", -1)
