@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from avmp_triton.sim import compare
 from avmp_triton.sim import sweep as sw
 from avmp_triton.sim.compare import (DEFAULT_BUDGET_K, DEFAULT_NUM_REQUESTS, DEFAULT_SEED, DEFAULT_SPEC,
                                      DEFAULT_VARIANTS, DEFAULT_WORKLOAD, CommandError)
-from avmp_triton.sim.workloads import WORKLOADS, make_workload
+from avmp_triton.sim.workloads import DEFAULT_COUNTS, WORKLOADS, make_workload
 from avmp_triton.spec import get_preset, list_presets
 
 __all__ = ["build_parser", "main"]
@@ -71,6 +72,29 @@ def _name_list(valid, what: str, parse_item=str):
         return tuple(out)
     parse.__name__ = what
     return parse
+
+
+def _label_list(parse_label, what: str):
+    """A comma list of labels, each checked (and normalized) by ``parse_label``, which returns the
+    label or raises ValueError naming the bad one."""
+    def parse(s: str) -> tuple:
+        items = [x.strip() for x in s.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{what}: give at least one, comma-separated, got {s!r}")
+        try:
+            out = tuple(parse_label(x) for x in items)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError(f"{what}: repeated value in {s!r}")
+        return out
+    parse.__name__ = what
+    return parse
+
+
+def _load_label(x: str) -> str:
+    sw.parse_load(x)
+    return x  # as typed: it names the cells' folder
 
 
 def _int_list(what: str, lo: int):
@@ -130,9 +154,13 @@ def _prog() -> str:
 def _add_compare(sub, fmt) -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compare", formatter_class=fmt, help="compare allocators on one workload (the default command)",
-        description="Run one workload through the scheduler once per allocator variant and print a table.\n\n"
+        description="Run one workload, every request arriving at once, through the scheduler once per allocator\n"
+                    f"variant, in the sweep's engine (max_num_seqs {sw.MAX_NUM_SEQS}, max_num_batched_tokens "
+                    f"{sw.MAX_NUM_BATCHED_TOKENS}, chunked\n"
+                    "prefill), each step timed by the step-time model fitted to a recorded H200 run; print output\n"
+                    "tok/s, TTFT, TPOT, goodput, preemptions and migrations per variant.\n\n"
                     "Backends: 'device' = the allocator's Triton kernels (on a CPU-only machine they run in Triton's\n"
-                    "interpreter, milliseconds per decode tick: about 100 s for the default on 2 cores);\n"
+                    "interpreter, milliseconds per scheduler step: about 100 s for the default on 2 cores);\n"
                     "'model' = the pure-Python reference allocator, the same state machine and decisions (tested\n"
                     "equal), seconds on a CPU; 'auto' = device, cross-checked against model (same metrics expected).")
     c.add_argument("--spec", default=DEFAULT_SPEC, choices=list_presets(), metavar="NAME",
@@ -147,41 +175,54 @@ def _add_compare(sub, fmt) -> argparse.ArgumentParser:
                    help="memory budget in GiB instead")
     c.add_argument("--seed", type=_int_at_least(0, "--seed"), default=DEFAULT_SEED, help="workload seed (default: 0)")
     c.add_argument("--num-requests", type=_int_at_least(1, "--num-requests"), default=None, metavar="N",
-                   help=f"requests (default: {DEFAULT_NUM_REQUESTS}; the workloads' full counts are 512, 256, 256, 512)")
+                   help=f"requests (default: {DEFAULT_NUM_REQUESTS}; the workloads' full counts are "
+                        f"{', '.join(map(str, DEFAULT_COUNTS.values()))})")
     c.add_argument("--variants", type=_name_list(sw.VARIANTS, "variant"), default=DEFAULT_VARIANTS, metavar="LIST",
                    help=f"comma-separated, from: {', '.join(sw.VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
     c.add_argument("--backend", choices=("auto", "device", "model"), default="auto",
                    help="allocator backend (default: auto)")
     c.add_argument("--json", action="store_true",
-                   help="print one JSON object (each variant's unit geometry, vLLM's block size and groups for "
-                        "vllm_hybrid, the metrics) instead of the table")
+                   help="print one JSON object (the engine settings, each variant's unit geometry, vLLM's block "
+                        "size and groups for vllm_hybrid, the metrics) instead of the table")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     return c
 
 
 def _add_sweep(sub, fmt, default_out: str) -> argparse.ArgumentParser:
+    dims = {"specs": len(sw.SPECS), "workloads": len(WORKLOADS), "budgets": len(sw.BUDGETS), "loads": len(sw.LOADS),
+            "seeds": len(sw.SEEDS), "variants": len(sw.VARIANTS)}
     s = sub.add_parser(
         "sweep", formatter_class=fmt, help="run the full comparison grid (one JSON per cell, resumable) and report",
-        description="Every variant on specs x workloads x budgets x seeds; one JSON per cell under OUT/<spec>/<workload>/"
-                    "<budget>/<variant>_seed<k>.json; cells already there are skipped; then writes OUT/report.md.\n"
-                    f"Default grid: {len(sw.SPECS)} specs x {len(WORKLOADS)} workloads x {len(sw.BUDGETS)} budgets x "
-                    f"{len(sw.SEEDS)} seeds x {len(sw.VARIANTS)} variants = "
-                    f"{len(sw.SPECS) * len(WORKLOADS) * len(sw.BUDGETS) * len(sw.SEEDS) * len(sw.VARIANTS)} cells.\n"
-                    "Backend: device (Triton kernels) on a GPU, model (pure-Python reference) on a CPU.")
+        description="Every variant on specs x workloads x budgets x loads x seeds; one JSON per cell under\n"
+                    "OUT/<spec>/<workload>/<budget>/<load>/<variant>_seed<k>.json; cells already there are skipped;\n"
+                    "then writes OUT/report.md. Each cell runs in vLLM's default engine limits (max_num_seqs "
+                    f"{sw.MAX_NUM_SEQS},\nmax_num_batched_tokens {sw.MAX_NUM_BATCHED_TOKENS}, chunked prefill), "
+                    "timed by the step-time model fitted to a\nrecorded H200 run.\n"
+                    f"Default grid: {' x '.join(f'{n} {k}' for k, n in dims.items())} = "
+                    f"{math.prod(dims.values())} cells.\n"
+                    "Backend: device (Triton kernels) on a GPU, model (pure-Python reference) on a CPU; only "
+                    "the device\nbackend holds each cell's arena (the h200 budget: up to "
+                    f"{max(sw.deployment_bytes(get_preset(x)) for x in sw.SPECS) / 2**30:.0f} GiB).")
     s.add_argument("--out", default=default_out, help=f"results directory (default: {default_out})")
     s.add_argument("--jobs", type=_int_at_least(1, "--jobs"), default=None,
                    help="parallel processes (default: CPU count with the model backend, 1 with the device backend)")
     s.add_argument("--quick", action="store_true",
                    help=f"{sw.QUICK_NUM_REQUESTS} requests per workload instead of the defaults (every spec, "
-                        "workload, budget, seed and variant still runs)")
+                        "workload, budget, load, seed and variant still runs)")
     s.add_argument("--num-requests", type=_int_at_least(1, "--num-requests"), default=None, metavar="N",
                    help="requests per workload (overrides --quick)")
     s.add_argument("--specs", type=_name_list(list_presets(), "spec"), default=sw.SPECS, metavar="LIST",
                    help=f"comma-separated (default: {','.join(sw.SPECS)})")
     s.add_argument("--workloads", type=_name_list(WORKLOADS, "workload"), default=WORKLOADS, metavar="LIST",
                    help=f"comma-separated (default: {','.join(WORKLOADS)})")
-    s.add_argument("--budgets", type=_int_list("budget", 1), default=sw.BUDGETS, metavar="LIST",
-                   help=f"budgets K (typical requests), comma-separated (default: {','.join(map(str, sw.BUDGETS))})")
+    s.add_argument("--budgets", type=_label_list(sw.parse_budget, "budget"), default=sw.BUDGETS, metavar="LIST",
+                   help="comma-separated: kK = the memory of K typical requests of the workload (K SSM blocks + K x "
+                        "the pages of its mean request; a bare K means kK), h200 = what one H200 leaves for the "
+                        f"KV and SSM caches after the bf16 weights (default: {','.join(sw.BUDGETS)})")
+    s.add_argument("--loads", type=_label_list(_load_label, "load"), default=sw.LOADS, metavar="LIST",
+                   help="comma-separated: xM = Poisson arrivals at M times the group's capacity (the requests/s "
+                        "vllm_hybrid serves with every request arriving at once, on held-out seeds) "
+                        f"(default: {','.join(sw.LOADS)})")
     s.add_argument("--seeds", type=_int_list("seed", 0), default=sw.SEEDS, metavar="LIST",
                    help=f"comma-separated (default: {','.join(map(str, sw.SEEDS))})")
     s.add_argument("--variants", type=_name_list(sw.VARIANTS, "variant"), default=tuple(sw.VARIANTS), metavar="LIST",
@@ -199,11 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=prog, formatter_class=fmt,
         description="AVMP: asymmetric virtual memory paging for hybrid Mamba-Transformer inference.\n\n"
-                    f"With no command, runs `compare` on the default: jamba-1.5-mini, ShareGPT ({DEFAULT_NUM_REQUESTS} requests), a\n"
-                    f"budget of {DEFAULT_BUDGET_K} typical requests, allocators padded / static 0.5 / static 0.9 / "
-                    "AVMP,\non the GPU if present, else on the CPU (see `compare --help` for the backend choice).",
+                    f"With no command, runs `compare` on the default: {DEFAULT_SPEC}, {DEFAULT_WORKLOAD} "
+                    f"({DEFAULT_NUM_REQUESTS} requests, all at once),\n"
+                    f"a budget of {DEFAULT_BUDGET_K} typical requests, allocators {' / '.join(DEFAULT_VARIANTS)}, "
+                    "timed by the\nstep-time model of an H200; the allocator kernels run on the GPU if present, "
+                    "else on the CPU\n(see `compare --help` for the backend choice).",
         epilog=f"examples:\n  {prog}\n  {prog} compare --spec nemotron-h-8b --workload mixed_long --budget-blocks 16\n"
-               f"  {prog} sweep --quick --jobs 2\n  {prog} report --results perf/results/sweep_cpu_model\n"
+               f"  {prog} sweep --quick --budgets k16,k64 --jobs 2\n"
+               f"  {prog} report --results perf/results/sweep_cpu_model\n"
                f"  {prog} demo")
     ap.add_argument("--version", action="version", version=f"avmp-triton {avmp_triton.__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -237,7 +281,7 @@ def _cmd_compare(args, sub) -> int:
     if args.json:
         print(json.dumps({"spec": args.spec, "workload": args.workload, "backend": res["backend"],
                           "num_requests": res["num_requests"], "budget": dataclasses.asdict(res["budget"]),
-                          "agree": res["agree"], "geometry": res["geometry"],
+                          "agree": res["agree"], "engine": res["engine"], "geometry": res["geometry"],
                           "metrics": {v: dataclasses.asdict(m) for v, m in res["metrics"].items()}}, indent=1))
     if res["agree"] is False:
         print("compare: the Triton kernels and the reference allocator disagree (see the backend line)",
@@ -247,25 +291,31 @@ def _cmd_compare(args, sub) -> int:
 
 
 def _check_sweep_memory(args) -> None:
-    """Every cell needs its arena: the largest one of the grid must fit (cells run one per process)."""
+    """With the device backend every cell needs its arena: the largest one of the grid must fit
+    (cells run one per process). The model backend's allocators hold no arena bytes."""
     device = default_device()
-    cap, k, s, w = max((sw.make_budget(get_preset(s), w, k).capacity_bytes, k, s, w)
-                       for s in args.specs for w in args.workloads for k in args.budgets)
-    compare.check_memory(cap, device, f"--budgets {k} ({s}, {w})")
+    if (args.backend or sw.default_backend(device)) != "device":
+        return
+    cap, b, s, w = max((sw.make_budget(sw.serving_spec(s), w, b).capacity_bytes, b, s, w)
+                       for s in args.specs for w in args.workloads for b in args.budgets)
+    compare.check_memory(cap, device, f"--budgets {b} ({s}, {w})")
 
 
 def _cmd_sweep(args, sub) -> int:
-    if args.num_requests is not None and "sharegpt" in args.workloads:
+    # the trace workloads draw rows without replacement: a count past their table is an argument
+    # error, found before any work (the synthetic ones take any count)
+    traces = [w for w in args.workloads if w.startswith("sharegpt")] if args.num_requests is not None else []
+    for w in traces:
         try:
-            make_workload("sharegpt", 0, num_requests=args.num_requests)
+            make_workload(w, 0, num_requests=args.num_requests)
         except ValueError as e:
             sub.error(f"--num-requests {args.num_requests}: {e}")
     _check_writable(args.out, "--out")
     _check_sweep_memory(args)
     try:
-        sw.run_sweep(args.out, specs=args.specs, workloads=args.workloads, budgets=args.budgets, seeds=args.seeds,
-                     variants=args.variants, jobs=args.jobs, quick=args.quick, num_requests=args.num_requests,
-                     backend=args.backend, progress=not args.no_progress)
+        sw.run_sweep(args.out, specs=args.specs, workloads=args.workloads, budgets=args.budgets, loads=args.loads,
+                     seeds=args.seeds, variants=args.variants, jobs=args.jobs, quick=args.quick,
+                     num_requests=args.num_requests, backend=args.backend, progress=not args.no_progress)
     except ValueError as e:
         sub.error(str(e))
     if not args.no_report:
@@ -306,7 +356,7 @@ def _memory_args(args) -> str:
             return f"--capacity-gib {args.capacity_gib}"
         return f"--budget-blocks {args.budget_blocks if args.budget_blocks is not None else DEFAULT_BUDGET_K}"
     if args.command == "sweep":
-        return f"--budgets {','.join(map(str, args.budgets))}, --jobs {args.jobs or 'default'}"
+        return f"--budgets {','.join(args.budgets)}, --jobs {args.jobs or 'default'}"
     if args.command == "demo":
         return f"--slabs {args.slabs}"
     return f"--results {args.results}"

@@ -144,9 +144,7 @@ class ArenaAllocator:
     def __init__(self, spec: HybridModelSpec, capacity_bytes: int, *, device=None, kv_fraction: float = 0.5,
                  page_tokens: int = 16, slab_bytes: int | None = None, migration_batch: int = 16,
                  materialize: bool = True):
-        """``materialize=False``: the arena is a meta tensor holding no bytes, for planners that
-        use the allocator's geometry and never its data (the scheduler's model backend at budgets
-        larger than the host's memory); anything that reads or copies the bytes then fails."""
+        """``materialize=False``: a meta arena without bytes, for planners that never touch them."""
         self._check_args(spec, capacity_bytes, kv_fraction, page_tokens, migration_batch)
         self.device = _resolve_device(device)
         self.spec = spec

@@ -1,6 +1,11 @@
 """The compare experiment: one workload through the scheduler once per allocator variant, with
 a table and a verdict (what ``python -m avmp_triton`` runs by default).
 
+Every variant runs in the sweep's engine (``sweep.engine_kw``: vLLM's default limits, chunked
+prefill under its token budget, and a clock whose steps cost what the step-time model fitted to a
+recorded H200 run says), with every request arriving at once; the table reads throughput and
+latency in those modelled seconds.
+
 With the default backend choice the allocator's Triton kernels run ("device": compiled on a GPU,
 in Triton's interpreter on a CPU-only machine), cross-checked against the pure-Python model
 ("model": the same state machine and decisions). The choice depends on the flags and the
@@ -13,6 +18,7 @@ import sys
 import time
 
 from avmp_triton._triton_env import default_device
+from avmp_triton.engine.scheduler import Scheduler
 from avmp_triton.sim import sweep as sw
 from avmp_triton.sim.geometry import variant_geometry
 from avmp_triton.sim.workloads import make_workload
@@ -29,8 +35,9 @@ DEFAULT_WORKLOAD = "sharegpt"
 DEFAULT_BUDGET_K = 8
 DEFAULT_NUM_REQUESTS = 48
 DEFAULT_SEED = 0
-DEFAULT_VARIANTS = ("vllm_hybrid", "sglang_static", "avmp_mb16")
-# RunMetrics fields that may differ between the device and the model backend
+DEFAULT_VARIANTS = ("vllm_hybrid", "sglang_static", "avmp")
+# RunMetrics fields that may differ between the device and the model backend (the clock's fields do
+# not: it times the schedule and the bytes moved with the step-time model, never the host)
 _BACKEND_FIELDS = {"backend", "host_syncs_per_step", "alloc_time_us_per_step_mean", "alloc_time_us_per_step_p50",
                    "alloc_time_kind"}
 
@@ -42,8 +49,6 @@ class CommandError(Exception):
 
 def _run_all(spec, reqs, budget, variants, backend, device, desc, progress, split):
     from tqdm import tqdm
-
-    from avmp_triton.engine.scheduler import Scheduler
 
     n = len(reqs)
     bar = tqdm(total=n * len(variants), desc=desc, unit="req", disable=not progress, file=sys.stderr,
@@ -58,7 +63,7 @@ def _run_all(spec, reqs, budget, variants, backend, device, desc, progress, spli
             def cb(done, total, base=base):
                 bar.update(base + done - bar.n)
 
-            out[v] = Scheduler(alloc, max_running=sw.MAX_RUNNING, backend=backend).run(reqs, progress=cb)
+            out[v] = Scheduler(alloc, backend=backend, **sw.engine_kw(spec)).run(reqs, progress=cb)
             bar.update(base + n - bar.n)
     finally:
         bar.close()
@@ -121,10 +126,17 @@ def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLO
     except ValueError as e:
         raise ValueError(f"{opt}: {e}" if explicit else str(e)) from None
     try:
-        reqs = make_workload(workload, seed, num_requests=num_requests or DEFAULT_NUM_REQUESTS)
+        # rate=None: every request arrives at 0 s (vLLM's bench default), so the table is what the
+        # allocator makes of one queue of work, not of an arrival process
+        reqs = make_workload(workload, seed, num_requests=num_requests or DEFAULT_NUM_REQUESTS, rate=None)
     except ValueError as e:
         raise ValueError(f"--num-requests {num_requests}: {e}") from None
-    out(f"avmp compare: {spec.name}, {workload} ({len(reqs)} requests, seed {seed}), budget {budget.describe()}")
+    engine = _engine(spec)
+    out(f"avmp compare: {spec.name}, {workload} ({len(reqs)} requests, seed {seed}, all arriving at 0 s), "
+        f"budget {budget.describe()}")
+    out(f"engine: max_num_seqs {engine['max_num_seqs']}, max_num_batched_tokens {engine['max_num_batched_tokens']} "
+        f"(chunked prefill); step times from the model fitted to {engine['step_time_run']} "
+        f"({engine['step_time_gpu']})")
     desc = f"{choice.backend} backend" + (" (Triton interpreter)" if choice.backend == "device" and device == "cpu"
                                           else "")
     metrics = _run_all(spec, reqs, budget, variants, choice.backend, device, desc, progress, split)
@@ -143,7 +155,15 @@ def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLO
     out(_verdict(metrics, len(reqs)))
     out(f"done in {time.perf_counter() - t_start:.1f} s")
     return {"backend": choice.backend, "metrics": metrics, "budget": budget, "num_requests": len(reqs),
-            "agree": agree, "geometry": geometry}
+            "agree": agree, "geometry": geometry, "engine": engine}
+
+
+def _engine(spec) -> dict:
+    """The engine settings every variant runs with, and the recorded run its step times come from."""
+    kw = sw.engine_kw(spec)
+    src = kw["step_time"].source
+    return {"max_num_seqs": kw["max_running"], "max_num_batched_tokens": kw["max_num_batched_tokens"],
+            "step_time_run": src["run"], "step_time_gpu": src["gpu"], "arrivals": "all at 0 s"}
 
 
 def _geometry_lines(geometry: dict, tokens: int) -> str:
@@ -183,38 +203,50 @@ def check_memory(capacity_bytes: int, device: str, what: str) -> None:
                            f"{free / 2**30:,.2f} GiB of memory available on {device}; choose a smaller budget")
 
 
+def _fmt(x, scale: float, digits: int) -> str:
+    return "-" if x is None or x != x else f"{x * scale:,.{digits}f}"
+
+
 def _table(metrics: dict, n: int) -> str:
-    cols = ["variant", "completed", "makespan", "mean batch", "preemptions", "recomputed tok", "migrations",
-            "KV util", "SSM util"]
+    cols = ["variant", "completed", "output tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms",
+            "goodput req/s", "preemptions", "recomputed tok", "migrations"]
     rows = []
     for v, m in metrics.items():
         done = f"{m.completed}/{n}" + (f" ({m.unservable} unservable)" if m.unservable else "")
-        rows.append([v, done, f"{m.makespan_ticks:,}", f"{m.batch_mean:.1f}", f"{m.preemptions:,}",
-                     f"{m.recomputed_tokens:,}", f"{m.migrations:,}", f"{m.kv_util_mean:.2f}",
-                     f"{m.ssm_util_mean:.2f}"])
+        rows.append([v, done, f"{m.output_tokens_per_s:,.0f}", _fmt(m.ttft_p50_s, 1, 2),
+                     _fmt(m.ttft_p99_s, 1, 2), _fmt(m.tpot_p50_s, 1e3, 1), _fmt(m.tpot_p99_s, 1e3, 1),
+                     f"{m.goodput_requests_per_s:,.2f}", f"{m.preemptions:,}", f"{m.recomputed_tokens:,}",
+                     f"{m.migrations:,}"])
     width = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, width)))  # noqa: E731
     lines = [fmt(cols), "  ".join("-" * w for w in width)] + [fmt(r) for r in rows]
-    lines.append("makespan: decode ticks to drain the workload; mean batch: requests running per tick; "
-                 "util: live units / pool units (padded: one pool)")
+    m = next(iter(metrics.values()))
+    lines.append(f"times from the step-time model, not measured here. TTFT: arrival to first token; TPOT: time "
+                 f"per output token after the first; goodput: requests/s with TTFT <= {m.slo_ttft_s:g} s and "
+                 f"TPOT <= {m.slo_tpot_s * 1e3:g} ms")
     return "\n".join(lines)
 
 
+# a throughput gap below this fraction is reported as no difference
+SAME_WITHIN = 0.01
+
+
 def _verdict(metrics: dict, n: int) -> str:
-    full = {v: m for v, m in metrics.items() if m.completed == n}
+    """Which variant had the highest output tok/s, by how much against each other one (only among
+    those that served every request: a partial run's rate is over different work)."""
+    full = {v: m.output_tokens_per_s for v, m in metrics.items() if m.completed == n}
     partial = [v for v in metrics if v not in full]
     msg = []
-    if full:
-        best = min(full, key=lambda v: full[v].makespan_ticks)
-        top = full[best].makespan_ticks
-        tied = [v for v in full if full[v].makespan_ticks == top]
-        others = sorted((v for v in full if v not in tied), key=lambda v: full[v].makespan_ticks)
-        s = (f"fewest ticks to serve all {n} requests: {' = '.join(tied)} ({top:,} ticks"
-             + (", tied" if len(tied) > 1 else ""))
-        if others:
-            s += "; " + ", ".join(f"{(full[best].makespan_ticks / full[v].makespan_ticks - 1) * 100:+.0f}% vs {v}"
-                                  for v in others)
-        msg.append(s + ")")
+    if len(full) == 1:
+        (v, x), = full.items()
+        msg.append(f"output tok/s: {v} {x:,.0f} (the only variant that served all {n} requests)")
+    elif full:
+        best = max(full, key=full.get)
+        vs = [f"no difference vs {v} (within {SAME_WITHIN:.0%})" if full[best] / full[v] - 1 < SAME_WITHIN
+              else f"{(full[best] / full[v] - 1) * 100:+.1f}% vs {v}"
+              for v in sorted(full, key=full.get, reverse=True) if v != best]
+        msg.append(f"highest output tok/s serving all {n} requests: {best} ({full[best]:,.0f} tok/s; "
+                   + ", ".join(vs) + ")")
     if partial:
         msg.append("did not serve every request (unservable in this budget: they never fit even into an empty arena): "
                    + ", ".join(f"{v} ({metrics[v].completed}/{n})" for v in partial))

