@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "else on the CPU\n(see `compare --help` for the backend choice).",
         epilog=f"examples:\n  {prog}\n  {prog} compare --spec nemotron-h-8b --workload mixed_long --budget-blocks 16\n"
                f"  {prog} sweep --quick --budgets k16,k64 --jobs 2\n"
-               f"  {prog} report --results perf/results/sweep_cpu_model\n"
+               f"  {prog} report --results perf/results/sweep_time_model\n"
                f"  {prog} demo")
     ap.add_argument("--version", action="version", version=f"avmp-triton {avmp_triton.__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", title="commands")
