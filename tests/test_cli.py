@@ -12,7 +12,7 @@ from avmp_triton.sim import sweep as sw
 from avmp_triton.sim.engines import vllm_hybrid_geometry
 from avmp_triton.sim.report import paired_bootstrap_ci, write_report
 from avmp_triton.spec import get_preset
-from tests.sim.test_engines import NEMOTRON_H_8B_VLLM
+from tests.sim.test_engines import NEMOTRON_H_8B_VLLM_SERVED as NEMOTRON_H_8B_VLLM
 
 SMALL = ["--num-requests", "20", "--budget-blocks", "8", "--backend", "model", "--no-progress"]
 
@@ -45,9 +45,11 @@ def test_compare_json_shows_vllm_geometry(capsys):
                      "--variants", "vllm_hybrid,sglang_static"]) == 0
     d = json.loads(capsys.readouterr().out)
     g = d["geometry"]["vllm_hybrid"]
-    rule = vllm_hybrid_geometry(get_preset("nemotron-h-8b"))
-    got = {k: g["vllm"][k] for k in NEMOTRON_H_8B_VLLM}
-    assert got == NEMOTRON_H_8B_VLLM == {k: getattr(rule, k) for k in NEMOTRON_H_8B_VLLM}
+    rule = vllm_hybrid_geometry(sw.serving_spec("nemotron-h-8b"))   # fp32 SSM state, as vLLM serves it
+    assert g["ssm_dtype"] == "float32"
+    shown = {k: v for k, v in NEMOTRON_H_8B_VLLM.items() if k != "mamba_page_bytes"}
+    assert {k: g["vllm"][k] for k in shown} == shown
+    assert {k: getattr(rule, k) for k in NEMOTRON_H_8B_VLLM} == NEMOTRON_H_8B_VLLM
     block, groups = NEMOTRON_H_8B_VLLM["block_size"], NEMOTRON_H_8B_VLLM["mamba_groups"]
     assert g["page_tokens"] == block and g["ssm_units_per_request"] == groups
     t = g["request_tokens"]

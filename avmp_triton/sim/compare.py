@@ -22,7 +22,6 @@ from avmp_triton.engine.scheduler import Scheduler
 from avmp_triton.sim import sweep as sw
 from avmp_triton.sim.geometry import variant_geometry
 from avmp_triton.sim.workloads import make_workload
-from avmp_triton.spec import get_preset
 
 __all__ = ["DEFAULT_BUDGET_K", "DEFAULT_NUM_REQUESTS", "DEFAULT_SEED", "DEFAULT_SPEC", "DEFAULT_VARIANTS",
            "DEFAULT_WORKLOAD", "BackendChoice", "CommandError", "available_bytes", "check_memory",
@@ -104,7 +103,7 @@ def run_compare(*, spec_name: str = DEFAULT_SPEC, workload: str = DEFAULT_WORKLO
     Raises ValueError for a bad argument value and CommandError when the budget does not fit into
     the memory available on the device."""
     t_start = time.perf_counter()
-    spec = get_preset(spec_name)
+    spec = sw.serving_spec(spec_name)   # the SSM state dtype the engines serve it with
     device = default_device()
     choice = choose_backend(backend, device == "cuda")
     explicit = budget_k is not None or capacity_gib is not None

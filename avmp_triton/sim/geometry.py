@@ -14,7 +14,8 @@ def variant_geometry(alloc, tokens: int) -> dict:
     unit_kv, unit_ssm = alloc.unit_bytes[alloc.pool_index("kv")], alloc.unit_bytes[alloc.pool_index("ssm")]
     held = (-(-tokens // pt) + su - 1) * unit_kv + unit_ssm
     exact = tokens * spec.kv_bytes_per_token + spec.ssm_state_raw_bytes
-    g = {"allocator": type(alloc).__name__, "pools": list(alloc.pool_names), "page_tokens": pt,
+    g = {"allocator": type(alloc).__name__, "ssm_dtype": str(spec.ssm_dtype).replace("torch.", ""),
+         "pools": list(alloc.pool_names), "page_tokens": pt,
          "pool_units": {k: p.units for k, p in alloc.stats().pools.items()},
          "kv_unit_bytes": unit_kv, "ssm_unit_bytes": unit_ssm, "ssm_units_per_request": su,
          "request_tokens": tokens, "request_bytes": held, "request_exact_bytes": exact,

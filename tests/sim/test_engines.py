@@ -12,6 +12,13 @@ from avmp_triton.sim.engines import vllm_hybrid_geometry
 # CLI's tests check that ``compare --json`` prints these
 NEMOTRON_H_8B_VLLM = {"block_size": 528, "group_size": 4, "attn_groups": 1, "mamba_groups": 6,
                       "block_bytes": 4 * 528 * 4096}
+# as vLLM 0.34.0 serves it: NemotronHForCausalLMConfig forces mamba_ssm_cache_dtype float32
+# (vllm/model_executor/models/config.py), so one Mamba layer holds 128 x 64 x 128 x 4 B of SSM state
+# + 3 x (8192 + 2 x 8 x 128) x 2 B of conv state = 4,255,744 B; one attention layer's token is
+# 2 x 8 x 128 x 2 = 4,096 B; the smallest multiple of 16 tokens holding it: 16 x ceil(4255744 / 65536)
+# = 1040 tokens (Platform._align_hybrid_block_size, vllm/platforms/interface.py)
+NEMOTRON_H_8B_VLLM_SERVED = {"block_size": 1040, "group_size": 4, "attn_groups": 1, "mamba_groups": 6,
+                             "block_bytes": 4 * 1040 * 4096, "mamba_page_bytes": 4255744}
 
 
 def nemotron_nano_9b_v2() -> HybridModelSpec:
@@ -66,3 +73,11 @@ def test_sglang_split_is_ratio_over_one_plus_ratio():
     f = sglang_mamba_fraction()
     assert f == pytest.approx(0.9 / 1.9) and f / (1 - f) == pytest.approx(0.9)
     assert sglang_mamba_fraction(3.0) == pytest.approx(0.75)
+
+
+def test_nemotron_h_8b_as_vllm_serves_it():
+    from avmp_triton.sim.sweep import serving_spec
+    spec = serving_spec("nemotron-h-8b")
+    assert spec.ssm_dtype == torch.float32 and spec.conv_dtype == torch.bfloat16
+    g = vllm_hybrid_geometry(spec)
+    assert {k: getattr(g, k) for k in NEMOTRON_H_8B_VLLM_SERVED} == NEMOTRON_H_8B_VLLM_SERVED
