@@ -1,0 +1,75 @@
+"""The metadata of one packed model step: which tokens belong to which request, where each request's
+KV pages and SSM block are, and which requests prefill and which decode.
+
+A step packs the new tokens of B requests request after request (``[T]`` tokens in all). Requests
+that add exactly one token to a non-empty context DECODE (the single-token ops: decode attention,
+conv and state update); all others PREFILL (a first chunk, or a continuation chunk that starts
+from the state already in the block: ``has_initial_state``). Layers run each group through its
+own ops and scatter the outputs back to the packed token order.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenGroup:
+    """The requests of one kind (prefill or decode) in a step, and their tokens."""
+    tokens: torch.Tensor             # [t] int64 indices of the group's tokens in the packed step
+    block_table: torch.Tensor        # [b, W] int32 KV page handles of the group's requests
+    seq_lens: torch.Tensor           # [b] int32 context after this step (cached + new tokens)
+    ssm_handles: torch.Tensor        # [b] int32 SSM block handle of each request
+    cu_seqlens: torch.Tensor         # [b + 1] int32 ranges of the group's requests in its tokens
+    has_initial_state: torch.Tensor  # [b] int32: 1 when the request continues (state in the block)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBatch:
+    """Everything a layer needs about a packed step (all on the cache's device)."""
+    block_table: torch.Tensor        # [B, W] int32 rows of the step's requests, in step order
+    token_req: torch.Tensor          # [T] int32 request (row of block_table) of each token
+    token_pos: torch.Tensor          # [T] int32 position of each token in its request
+    prefill: TokenGroup | None
+    decode: TokenGroup | None
+
+    @property
+    def groups(self) -> list[TokenGroup]:
+        return [g for g in (self.prefill, self.decode) if g is not None]
+
+
+def build_step_batch(block_table: torch.Tensor, ssm_handles: torch.Tensor, cached: list[int],
+                     new: list[int]) -> StepBatch:
+    """Metadata of a step whose request b has ``cached[b]`` tokens in its cache and ``new[b]`` new ones.
+
+    ``block_table`` ``[B, W]`` and ``ssm_handles`` ``[B]`` are the step's requests' rows, in step order.
+    """
+    dev = block_table.device
+    starts = [0]
+    for n in new:
+        starts.append(starts[-1] + n)
+    token_req = torch.cat([torch.full((n,), b, dtype=torch.int32) for b, n in enumerate(new)])
+    token_pos = torch.cat([torch.arange(c, c + n, dtype=torch.int32) for c, n in zip(cached, new)])
+    is_decode = [n == 1 and c > 0 for c, n in zip(cached, new)]
+    groups = []
+    for want in (False, True):
+        reqs = [b for b, d in enumerate(is_decode) if d == want]
+        groups.append(_group(reqs, block_table, ssm_handles, cached, new, starts) if reqs else None)
+    return StepBatch(block_table=block_table, token_req=token_req.to(dev), token_pos=token_pos.to(dev),
+                     prefill=groups[0], decode=groups[1])
+
+
+def _group(reqs: list[int], block_table, ssm_handles, cached, new, starts) -> TokenGroup:
+    dev = block_table.device
+    tokens = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in reqs])
+    cu = [0]
+    for b in reqs:
+        cu.append(cu[-1] + new[b])
+    idx = torch.tensor(reqs, dtype=torch.long, device=dev)
+    i32 = dict(dtype=torch.int32, device=dev)
+    return TokenGroup(
+        tokens=tokens.to(dev), block_table=block_table[idx].contiguous(),
+        seq_lens=torch.tensor([cached[b] + new[b] for b in reqs], **i32),
+        ssm_handles=ssm_handles[idx].contiguous(), cu_seqlens=torch.tensor(cu, **i32),
+        has_initial_state=torch.tensor([int(cached[b] > 0) for b in reqs], **i32))

@@ -1,0 +1,159 @@
+"""Nemotron-H's layers over the paged cache: every cache byte is read and written by the project's ops.
+
+Each layer takes the packed hidden states ``[T, hidden]`` of a step and its ``StepBatch``; weights
+are references to a transformers module's parameters (no copy). Attention and Mamba layers know
+their index among the model's layers of their kind (``layer=`` of the ops: the slot of the layer in
+a KV page or an SSM block).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from avmp_triton.memory.cache import PagedCache
+from avmp_triton.models.batch import StepBatch
+from avmp_triton.ops import (
+    causal_conv1d_prefill,
+    causal_conv1d_update,
+    kv_append,
+    mamba2_scan_prefill,
+    mamba2_state_update,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
+
+
+def _w(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """NemotronHRMSNorm: normalised in fp32, the weight applied in fp32, then back to x's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h).to(x.dtype)
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
+                   eps: float) -> torch.Tensor:
+    """NemotronHRMSNormGated (norm_before_gate=False): y * silu(z) first, then an RMSNorm over
+    each group of ``group_size`` channels (d_inner / n_groups), the weight applied after the cast back."""
+    h = y.float() * F.silu(z.float())
+    g = h.view(*h.shape[:-1], -1, group_size)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * g.view(h.shape).to(y.dtype)
+
+
+class RMSNorm:
+    def __init__(self, weight: torch.Tensor, eps: float):
+        self.weight, self.eps = _w(weight), eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class ReLU2MLP:
+    """Nemotron-H's MLP: down(relu(up(x))^2), no gate."""
+
+    def __init__(self, up: torch.nn.Linear, down: torch.nn.Linear):
+        self.up_w, self.up_b = _w(up.weight), _w(up.bias)
+        self.down_w, self.down_b = _w(down.weight), _w(down.bias)
+
+    def __call__(self, x: torch.Tensor, batch: StepBatch | None = None) -> torch.Tensor:
+        return F.linear(torch.relu(F.linear(x, self.up_w, self.up_b)).square(), self.down_w, self.down_b)
+
+
+class PagedAttention:
+    """Causal multi-head (GQA) attention without positional encoding (Nemotron-H has no RoPE); K/V
+    of new tokens appended to the request's pages, then attention over the pages."""
+
+    def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, o: torch.nn.Linear, *,
+                 num_heads: int, num_kv_heads: int, head_dim: int, cache: PagedCache, layer: int):
+        self.wq, self.bq = _w(q.weight), _w(q.bias)
+        self.wk, self.bk = _w(k.weight), _w(k.bias)
+        self.wv, self.bv = _w(v.weight), _w(v.bias)
+        self.wo, self.bo = _w(o.weight), _w(o.bias)
+        self.hq, self.hkv, self.d = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5  # transformers' NemotronHAttention.scaling
+        self.cache, self.layer = cache, layer
+
+    def __call__(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        T = x.shape[0]
+        q = F.linear(x, self.wq, self.bq).view(T, self.hq, self.d)
+        k = F.linear(x, self.wk, self.bk).view(T, self.hkv, self.d)
+        v = F.linear(x, self.wv, self.bv).view(T, self.hkv, self.d)
+        # the step's own tokens go into the pages first: both attention ops read them from there
+        kv_append(k, v, batch.block_table, batch.token_req, batch.token_pos, self.cache, layer=self.layer)
+        o = torch.empty_like(q)
+        if batch.prefill is not None:
+            g = batch.prefill
+            o[g.tokens] = paged_prefill_attention(q[g.tokens], g.block_table, g.seq_lens, g.cu_seqlens, self.cache,
+                                                  layer=self.layer, scale=self.scale)
+        if batch.decode is not None:
+            g = batch.decode
+            o[g.tokens] = paged_decode_attention(q[g.tokens], g.block_table, g.seq_lens, self.cache,
+                                                 layer=self.layer, scale=self.scale)
+        return F.linear(o.view(T, self.hq * self.d), self.wo, self.bo)
+
+
+class Mamba2Mixer:
+    """Nemotron-H's Mamba2 mixer: in_proj -> z | xBC | dt; depthwise causal conv + silu over xBC
+    (conv state in the SSM block); the SSD scan (state in the block) with D and dt_bias; gated
+    RMSNorm with z; out_proj."""
+
+    def __init__(self, m: torch.nn.Module, *, cache: PagedCache, layer: int):
+        self.in_w, self.in_b = _w(m.in_proj.weight), _w(m.in_proj.bias)
+        self.out_w, self.out_b = _w(m.out_proj.weight), _w(m.out_proj.bias)
+        self.conv_w, self.conv_b = _w(m.conv1d.weight).squeeze(1), _w(m.conv1d.bias)  # [C, 1, K] -> [C, K]
+        self.A = -torch.exp(m.A_log.detach().float())
+        self.D, self.dt_bias = _w(m.D), _w(m.dt_bias)
+        self.norm_w, self.norm_eps, self.norm_group = _w(m.norm.weight), m.norm.variance_epsilon, m.norm.group_size
+        self.H, self.P, self.G, self.N = m.num_heads, m.head_dim, m.n_groups, m.ssm_state_size
+        self.d_inner, self.conv_dim = m.intermediate_size, m.conv_dim
+        lo, hi = m.time_step_limit
+        # transformers clamps softplus(dt + dt_bias) to time_step_limit; (0, inf) clamps nothing,
+        # so the kernels can apply dt_bias and softplus themselves (in fp32)
+        self.dt_limit = None if (lo, hi) == (0.0, math.inf) else (float(lo), float(hi))
+        self.cache, self.layer = cache, layer
+
+    def __call__(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        T = x.shape[0]
+        z, xbc, dt = F.linear(x, self.in_w, self.in_b).split([self.d_inner, self.conv_dim, self.H], dim=-1)
+        xbc = self._conv(xbc.contiguous(), batch)
+        xs, B, C = xbc.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
+        xs = xs.reshape(T, self.H, self.P)
+        B, C = B.reshape(T, self.G, self.N), C.reshape(T, self.G, self.N)
+        y = self._scan(xs, dt.contiguous(), B, C, batch).view(T, self.d_inner)
+        y = gated_rms_norm(y, z, self.norm_w, self.norm_group, self.norm_eps)
+        return F.linear(y, self.out_w, self.out_b)
+
+    def _conv(self, xbc: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        out = torch.empty_like(xbc)
+        kw = dict(layer=self.layer, bias=self.conv_b, activation="silu")
+        if batch.prefill is not None:
+            g = batch.prefill
+            out[g.tokens] = causal_conv1d_prefill(xbc[g.tokens], self.conv_w, g.ssm_handles, g.cu_seqlens,
+                                                  g.has_initial_state, self.cache, **kw)
+        if batch.decode is not None:
+            g = batch.decode
+            out[g.tokens] = causal_conv1d_update(xbc[g.tokens], self.conv_w, g.ssm_handles, self.cache, **kw)
+        return out
+
+    def _scan(self, xs, dt, B, C, batch: StepBatch) -> torch.Tensor:
+        if self.dt_limit is None:
+            dt_kw = dict(dt_bias=self.dt_bias, dt_softplus=True)
+        else:  # clamp on the host side: the kernels take the final dt
+            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit).to(dt.dtype)
+            dt_kw = dict(dt_bias=None, dt_softplus=False)
+        out = torch.empty_like(xs)
+        kw = dict(layer=self.layer, D=self.D, **dt_kw)
+        if batch.prefill is not None:
+            g, t = batch.prefill, batch.prefill.tokens
+            out[t] = mamba2_scan_prefill(xs[t], dt[t], self.A, B[t], C[t], g.ssm_handles, g.cu_seqlens,
+                                         g.has_initial_state, self.cache, **kw)
+        if batch.decode is not None:
+            g, t = batch.decode, batch.decode.tokens
+            out[t] = mamba2_state_update(xs[t], dt[t], self.A, B[t], C[t], g.ssm_handles, self.cache, **kw)
+        return out
