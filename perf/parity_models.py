@@ -1,0 +1,126 @@
+"""Model runners in bf16 at real layer sizes against transformers (GPU).
+
+    python perf/parity_models.py [--out FILE] [--tiny]
+
+For each family: a transformers model built from the real model's config numbers with fewer layers
+(every layer type of the family present), random weights at transformers' init scale (A_log,
+dt_bias, D, norms and conv bias randomised too), kept in fp32 as the reference. Its bf16 copy is
+run twice: through transformers (the bf16 error any bf16 user of transformers gets) and through
+the project's runner (arena caches, the project's ops). Both errors are max |logit - fp32 logit|
+over every position of two requests: one prefilled in two chunks packed beside the other's whole
+prefill, then decode steps of both in one packed step each. The issue's bar: ours within about
+1.5x transformers-bf16's own error.
+
+``--tiny``: CPU dry run (Triton interpreter, toy sizes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import triton
+import transformers
+
+from avmp_triton.models.nemotron_h import NemotronHRunner
+
+# nvidia/Nemotron-H-8B-Base-8K config.json numbers (hidden 4096, 32/8 heads of 128, 128 Mamba
+# heads of 64, 8 groups, d_state 128, MLP 21504 relu2, vocab 131072), 5 of its 52 layers
+NEMOTRON_H_8B = dict(vocab_size=131072, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, intermediate_size=21504, ssm_state_size=128, mamba_num_heads=128,
+                     mamba_head_dim=64, n_groups=8, conv_kernel=4, chunk_size=128, use_conv_bias=True,
+                     hybrid_override_pattern="M-M*-")
+TINY = dict(vocab_size=97, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+            intermediate_size=96, ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2,
+            conv_kernel=4, chunk_size=8, use_conv_bias=True, hybrid_override_pattern="M*M-")
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """transformers' init leaves A_log, dt_bias, D and the norms at fixed values: draw them."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, device=p.device)
+            if name.endswith("A_log"):
+                p.copy_(noise * 0.5)
+            elif name.endswith("dt_bias"):
+                p.copy_(noise * 0.5 - 1.0)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * noise)
+            elif p.dim() == 1:
+                p.copy_(noise * 0.1)
+            else:
+                p.copy_(noise * 0.02)          # transformers' initializer_range
+
+
+def run_ours(model, lens: tuple[int, int], chunk: int, decode: int, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits of every position of both requests through the runner: request a in two chunks
+    (the first packed with b's whole prefill), then ``decode`` packed decode steps."""
+    r = NemotronHRunner.from_transformers(model, capacity_bytes=4 << 30, max_requests=2,
+                                          max_context=max(lens) + decode + 16)
+    a, b = ids
+    la, lb = lens
+    out_a, out_b = r.step(["a", "b"], [a[:chunk], b[:lb]], all_logits=True)
+    out_a = [out_a, r.step(["a"], [a[chunk:la]], all_logits=True)[0]]
+    out_b = [out_b]
+    for t in range(decode):
+        x, y = r.step(["a", "b"], [a[la + t:la + t + 1], b[lb + t:lb + t + 1]], all_logits=True)
+        out_a.append(x)
+        out_b.append(y)
+    r.release(["a", "b"])
+    return [torch.cat(out_a), torch.cat(out_b)]
+
+
+@torch.no_grad()
+def family(name: str, geometry: dict, dev: str, lens=(300, 129), chunk=160, decode=8) -> dict:
+    cfg = transformers.NemotronHConfig(**geometry)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        ref = transformers.NemotronHForCausalLM(cfg).float().eval()
+    randomize(ref, 0)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    ids = [torch.randint(0, cfg.vocab_size, (n + decode,), generator=gen, device=dev) for n in lens]
+    want = [ref(x[None], use_cache=False).logits[0].float() for x in ids]
+    bf16 = ref.to(torch.bfloat16)              # in place: the fp32 reference is computed already
+    hf = [bf16(x[None], use_cache=False).logits[0].float() for x in ids]
+    t0 = time.time()
+    ours = run_ours(bf16, lens, chunk, decode, ids)
+    wall = time.time() - t0
+    err = lambda got: max((g - w).abs().max().item() for g, w in zip(got, want))  # noqa: E731
+    scale = max(w.abs().max().item() for w in want)
+    e_ours, e_hf = err(ours), err(hf)
+    return dict(family=name, config=geometry, lens=list(lens), chunk=chunk, decode_steps=decode,
+                max_abs_logit=scale, err_ours_bf16=e_ours, err_transformers_bf16=e_hf,
+                ratio=e_ours / e_hf if e_hf else None, ours_wall_s=wall)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out")
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args(argv)
+    dev = "cpu" if args.tiny else "cuda"
+    rows = [family("nemotron_h", TINY if args.tiny else NEMOTRON_H_8B, dev,
+                   **(dict(lens=(21, 9), chunk=12, decode=2) if args.tiny else {}))]
+    env = dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
+               python=platform.python_version(),
+               gpu=torch.cuda.get_device_name() if dev == "cuda" else "none (CPU dry run)")
+    res = dict(bench="parity_models", env=env, rows=rows)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(f"{'family':12s} {'|logit| max':>12s} {'ours bf16':>10s} {'hf bf16':>10s} {'ratio':>6s}")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        print(f"{r['family']:12s} {r['max_abs_logit']:12.3f} {r['err_ours_bf16']:10.4f} "
+              f"{r['err_transformers_bf16']:10.4f} {ratio:>6s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
