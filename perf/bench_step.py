@@ -83,15 +83,8 @@ def timed(fn, rep: int) -> dict:
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
         return dict(ms=sorted(ts)[len(ts) // 2], p20_ms=min(ts), p80_ms=max(ts), timing="cpu_eager")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    from harness import graphed
+    g, _ = graphed(fn)
     g.replay()
     torch.cuda.synchronize()
     med, p20, p80 = triton.testing.do_bench(g.replay, warmup=10, rep=rep, quantiles=[0.5, 0.2, 0.8])

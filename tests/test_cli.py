@@ -324,8 +324,10 @@ def test_report_with_only_unreadable_cells_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("rec, why", [
     ([1, 2], "not a JSON object but list"),
-    ({"cell": {}, "metrics": {}}, "no 'backend'"),
-    ({"backend": "model", "cell": {}}, "cell lacks 'spec'"),
+    ({"cell": {}, "metrics": {}}, "schema None"),
+    ({"schema": 1, "backend": "model"}, "schema 1"),
+    ({"schema": 2, "cell": {}, "metrics": {}}, "no 'backend'"),
+    ({"schema": 2, "backend": "model", "cell": {}}, "cell lacks 'spec'"),
 ])
 def test_cell_problem_names_what_is_wrong(rec, why):
     assert why in sw.cell_problem(rec)

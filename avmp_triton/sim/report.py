@@ -172,58 +172,17 @@ def _change(avmp: list[float], base: list[float], higher_is_better: bool) -> Cha
 # ---------------------------------------------------------------------------------------------
 # reading and checking the cells
 
-# what this report reads from every cell; a file that lacks any of it is named, never used half
-_NEEDS = {
-    "cell": ("spec", "workload", "budget", "load", "seed", "variant", "rate_rps", "capacity_rps", "num_requests",
-             "max_num_seqs", "max_num_batched_tokens"),
-    "budget": ("capacity_bytes", "num_slabs", "slab_bytes", "describe"),
-    "variant": ("label",),
-    "step_time": (),
-    "metrics": ("kv_util_series", "ssm_util_series"),
-}
-_NUMBERS = ("num_requests", "completed", "unservable", "preemptions", "recomputed_tokens", "migrations",
-            "bytes_moved", "kv_util_mean", "ssm_util_mean", "makespan_s", "output_tokens_per_s", "ttft_p50_s",
-            "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "goodput_requests_per_s", "slo_ttft_s", "slo_tpot_s",
-            "alloc_s", "migrate_s")
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _problem(rec: dict) -> str | None:
-    """Why the report cannot use a cell record, or None."""
-    if rec.get("schema") != SCHEMA:
-        return f"schema {rec.get('schema')!r}; this report reads schema {SCHEMA}"
-    for section, keys in _NEEDS.items():
-        part = rec.get(section)
-        if not isinstance(part, dict):
-            return f"no {section!r} object"
-        missing = [k for k in keys if k not in part]
-        if missing:
-            return f"{section} lacks {', '.join(map(repr, missing))}"
-    m = rec["metrics"]
-    bad = [k for k in _NUMBERS if not _is_number(m.get(k))]
-    bad += [k for k in ("kv_util_series", "ssm_util_series") if not isinstance(m[k], list)]
-    if bad:
-        return "metrics " + ", ".join(f"{k}={m.get(k)!r}" for k in bad) + " missing or of the wrong type"
-    if not isinstance(rec["cell"]["seed"], int):
-        return f"cell seed {rec['cell']['seed']!r} is not an int"
-    return None
-
-
 def _cell_key(rec: dict) -> tuple:
     c = rec["cell"]
     return c["spec"], c["workload"], c["budget"], c["load"], c["variant"], c["seed"]
 
 
 def _usable(recs: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
-    """The records the report can use, and (path, why) for the others (including repeats of a cell)."""
+    """The records the report can use (``load_results`` has checked each), and (path, why) for the
+    repeats of a cell."""
     good, bad, seen = [], [], {}
     for r in recs:
-        why = _problem(r)
-        if why is None and _cell_key(r) in seen:
-            why = f"the same cell as {seen[_cell_key(r)]}"
+        why = f"the same cell as {seen[_cell_key(r)]}" if _cell_key(r) in seen else None
         if why is not None:
             bad.append((r.get("_path", "?"), why))
             continue

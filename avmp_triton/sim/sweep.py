@@ -504,13 +504,18 @@ def _bar(total: int, unit: str, enabled: bool):
 
 
 # what the report reads from every cell file: a file that lacks one is named, never silently used or dropped
-_CELL_KEYS = ("spec", "workload", "budget", "load", "rate_rps", "capacity_rps", "variant", "seed", "num_requests")
+_SECTION_KEYS = {
+    "cell": ("spec", "workload", "budget", "load", "rate_rps", "capacity_rps", "variant", "seed", "num_requests",
+             "max_num_seqs", "max_num_batched_tokens"),
+    "budget": ("capacity_bytes", "num_slabs", "slab_bytes", "describe"),
+    "variant": ("label",),
+    "step_time": (),
+}
 _METRIC_KEYS = ("num_requests", "completed", "unservable", "preemptions", "recomputed_tokens", "kv_util_mean",
                 "ssm_util_mean", "migrations", "bytes_moved", "makespan_s", "output_tokens_per_s", "requests_per_s",
                 "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "goodput_requests_per_s", "slo_ttft_s",
                 "slo_tpot_s", "compute_s", "alloc_s", "migrate_s")
 _SERIES_KEYS = ("kv_util_series", "ssm_util_series")
-_BUDGET_KEYS = ("capacity_bytes", "num_slabs", "slab_bytes")
 
 
 def _is_number(x) -> bool:
@@ -522,9 +527,11 @@ def cell_problem(rec) -> str | None:
     metric), or None when it can."""
     if not isinstance(rec, dict):
         return f"not a JSON object but {type(rec).__name__}"
+    if rec.get("schema") != SCHEMA:
+        return f"schema {rec.get('schema')!r}; this version reads schema {SCHEMA}"
     if not isinstance(rec.get("backend"), str):
         return "no 'backend'"
-    for section, keys in (("cell", _CELL_KEYS), ("metrics", _METRIC_KEYS + _SERIES_KEYS), ("budget", _BUDGET_KEYS)):
+    for section, keys in (*_SECTION_KEYS.items(), ("metrics", _METRIC_KEYS + _SERIES_KEYS)):
         part = rec.get(section)
         if not isinstance(part, dict):
             return f"no {section!r} object"
@@ -535,6 +542,8 @@ def cell_problem(rec) -> str | None:
     bad = [k for k in _METRIC_KEYS if not _is_number(m[k])] + [k for k in _SERIES_KEYS if not isinstance(m[k], list)]
     if bad:
         return f"metrics {', '.join(f'{k}={m[k]!r}' for k in bad)} of the wrong type"
+    if not isinstance(rec["cell"]["seed"], int) or isinstance(rec["cell"]["seed"], bool):
+        return f"cell seed {rec['cell']['seed']!r} is not an int"
     return None
 
 
