@@ -1,9 +1,10 @@
-"""Nemotron-H's layers over the paged cache: every cache byte is read and written by the project's ops.
+"""Hybrid models' layers over the paged cache: every cache byte is read and written by the project's ops.
 
 Each layer takes the packed hidden states ``[T, hidden]`` of a step and its ``StepBatch``; weights
 are references to a transformers module's parameters (no copy). Attention and Mamba layers know
 their index among the model's layers of their kind (``layer=`` of the ops: the slot of the layer in
-a KV page or an SSM block).
+a KV page or an SSM block). Nemotron-H uses RMSNorm, ReLU2MLP, PagedAttention without RoPE and
+Mamba2Mixer; Bamba the same mixer and norms, SwiGLUMLP and PagedAttention with a ``Rotary``.
 """
 from __future__ import annotations
 
@@ -29,10 +30,15 @@ def _w(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """NemotronHRMSNorm: normalised in fp32, the weight applied in fp32, then back to x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+             weight_after_cast: bool = False) -> torch.Tensor:
+    """RMSNorm normalised in fp32. NemotronHRMSNorm applies the weight in fp32, then casts back to
+    x's dtype; with ``weight_after_cast`` (BambaRMSNorm, LlamaRMSNorm) it casts back first and then
+    applies the weight: the same in fp32, different roundings in bf16."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_after_cast:
+        return weight * h.to(x.dtype)
     return (weight.float() * h).to(x.dtype)
 
 
@@ -47,11 +53,11 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
 
 
 class RMSNorm:
-    def __init__(self, weight: torch.Tensor, eps: float):
-        self.weight, self.eps = _w(weight), eps
+    def __init__(self, weight: torch.Tensor, eps: float, *, weight_after_cast: bool = False):
+        self.weight, self.eps, self.weight_after_cast = _w(weight), eps, weight_after_cast
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, weight_after_cast=self.weight_after_cast)
 
 
 class ReLU2MLP:
@@ -65,25 +71,70 @@ class ReLU2MLP:
         return F.linear(torch.relu(F.linear(x, self.up_w, self.up_b)).square(), self.down_w, self.down_b)
 
 
+class SwiGLUMLP:
+    """A gated MLP, down(silu(gate(x)) * up(x)) (Bamba's, Llama's)."""
+
+    def __init__(self, gate: torch.nn.Linear, up: torch.nn.Linear, down: torch.nn.Linear):
+        self.gate_w, self.gate_b = _w(gate.weight), _w(gate.bias)
+        self.up_w, self.up_b = _w(up.weight), _w(up.bias)
+        self.down_w, self.down_b = _w(down.weight), _w(down.bias)
+
+    def __call__(self, x: torch.Tensor, batch: StepBatch | None = None) -> torch.Tensor:
+        h = F.silu(F.linear(x, self.gate_w, self.gate_b)) * F.linear(x, self.up_w, self.up_b)
+        return F.linear(h, self.down_w, self.down_b)
+
+
+class Rotary:
+    """Rotary position embedding as transformers' default rope type: angles pos * inv_freq, cos/sin
+    of the angles repeated twice (``cat(freqs, freqs)``) and cast to the activations' dtype, the
+    rotate_half convention (pairs (i, i + rot_dim/2), not interleaved), and with a partial rotary
+    factor only the first ``rot_dim = 2 * len(inv_freq)`` channels of each head rotated."""
+
+    def __init__(self, inv_freq: torch.Tensor, head_dim: int, attention_scaling: float = 1.0):
+        self.inv_freq = inv_freq.detach().float()
+        self.rot_dim = 2 * self.inv_freq.numel()
+        if self.rot_dim > head_dim:
+            raise ValueError(f"rotary dim {self.rot_dim} exceeds head_dim {head_dim}")
+        self.scaling = attention_scaling
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[T, rot_dim]`` of the given token positions."""
+        freqs = positions.float()[:, None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[T, heads, head_dim]`` rotated by the cos/sin of its tokens."""
+        rot, rest = x[..., :self.rot_dim], x[..., self.rot_dim:]
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = rot * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+        return torch.cat((rotated, rest), dim=-1)
+
+
 class PagedAttention:
-    """Causal multi-head (GQA) attention without positional encoding (Nemotron-H has no RoPE); K/V
-    of new tokens appended to the request's pages, then attention over the pages."""
+    """Causal multi-head (GQA) attention, with RoPE when given a ``Rotary`` (Nemotron-H has none);
+    K/V of new tokens appended to the request's pages (K already rotated, so the cache holds what
+    transformers' cache would), then attention over the pages."""
 
     def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, o: torch.nn.Linear, *,
-                 num_heads: int, num_kv_heads: int, head_dim: int, cache: PagedCache, layer: int):
+                 num_heads: int, num_kv_heads: int, head_dim: int, cache: PagedCache, layer: int,
+                 rope: Rotary | None = None):
         self.wq, self.bq = _w(q.weight), _w(q.bias)
         self.wk, self.bk = _w(k.weight), _w(k.bias)
         self.wv, self.bv = _w(v.weight), _w(v.bias)
         self.wo, self.bo = _w(o.weight), _w(o.bias)
         self.hq, self.hkv, self.d = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5  # transformers' NemotronHAttention.scaling
-        self.cache, self.layer = cache, layer
+        self.scale = head_dim ** -0.5  # transformers' NemotronHAttention.scaling (and Bamba's)
+        self.cache, self.layer, self.rope = cache, layer, rope
 
     def __call__(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         T = x.shape[0]
         q = F.linear(x, self.wq, self.bq).view(T, self.hq, self.d)
         k = F.linear(x, self.wk, self.bk).view(T, self.hkv, self.d)
         v = F.linear(x, self.wv, self.bv).view(T, self.hkv, self.d)
+        if self.rope is not None:  # positions are each token's position in its own request
+            cos, sin = self.rope.cos_sin(batch.token_pos, q.dtype)
+            q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         # the step's own tokens go into the pages first: both attention ops read them from there
         kv_append(k, v, batch.block_table, batch.token_req, batch.token_pos, self.cache, layer=self.layer)
         o = torch.empty_like(q)
@@ -99,9 +150,9 @@ class PagedAttention:
 
 
 class Mamba2Mixer:
-    """Nemotron-H's Mamba2 mixer: in_proj -> z | xBC | dt; depthwise causal conv + silu over xBC
-    (conv state in the SSM block); the SSD scan (state in the block) with D and dt_bias; gated
-    RMSNorm with z; out_proj."""
+    """The Mamba2 mixer of Nemotron-H and Bamba (the same modules, attribute names and arithmetic):
+    in_proj -> z | xBC | dt; depthwise causal conv + silu over xBC (conv state in the SSM block);
+    the SSD scan (state in the block) with D and dt_bias; gated RMSNorm with z; out_proj."""
 
     def __init__(self, m: torch.nn.Module, *, cache: PagedCache, layer: int):
         self.in_w, self.in_b = _w(m.in_proj.weight), _w(m.in_proj.bias)
@@ -109,7 +160,10 @@ class Mamba2Mixer:
         self.conv_w, self.conv_b = _w(m.conv1d.weight).squeeze(1), _w(m.conv1d.bias)  # [C, 1, K] -> [C, K]
         self.A = -torch.exp(m.A_log.detach().float())
         self.D, self.dt_bias = _w(m.D), _w(m.dt_bias)
-        self.norm_w, self.norm_eps, self.norm_group = _w(m.norm.weight), m.norm.variance_epsilon, m.norm.group_size
+        # transformers releases whose gated norm has no group_size (Bamba before the grouped norm)
+        # normalise over all d_inner channels at once
+        self.norm_group = getattr(m.norm, "group_size", m.intermediate_size)
+        self.norm_w, self.norm_eps = _w(m.norm.weight), m.norm.variance_epsilon
         self.H, self.P, self.G, self.N = m.num_heads, m.head_dim, m.n_groups, m.ssm_state_size
         self.d_inner, self.conv_dim = m.intermediate_size, m.conv_dim
         lo, hi = m.time_step_limit

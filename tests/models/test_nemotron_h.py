@@ -15,9 +15,9 @@ if NemotronHConfig is None or int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the runner reads transformers 5.x's Nemotron-H modules", allow_module_level=True)
 
 from avmp_triton.models import NemotronHRunner  # noqa: E402
+from tests.models import parity as P  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"   # the ops run where the arena is
-TOL = 1e-4          # max abs logit error, fp32
+DEV, TOL = P.DEV, P.TOL
 VOCAB = 97
 SLAB = 32 << 10     # a slab holds 4 KV pages or 2 SSM blocks of this model: compaction is easy to force
 GEOMETRY = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
@@ -25,30 +25,11 @@ GEOMETRY = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=2, num_key
                 conv_kernel=4, chunk_size=8, use_conv_bias=True, layer_norm_epsilon=1e-5)
 
 
-def _randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Every parameter random, at a scale that keeps activations O(1)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("A_log"):
-                p.copy_(noise * 0.5)                    # A = -exp(A_log) in about [-2.7, -0.4]
-            elif name.endswith("dt_bias"):
-                p.copy_(noise * 0.5 - 1.0)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            elif p.dim() == 1:                          # D, conv bias, any other bias
-                p.copy_(noise * 0.5)
-            elif "embeddings" in name:
-                p.copy_(noise)
-            else:                                       # linears and the conv: fan-in scaling
-                p.copy_(noise * p[0].numel() ** -0.5)
-
-
 @pytest.fixture(scope="module")
 def hf_model():
     gen = torch.Generator().manual_seed(0)
     model = transformers.NemotronHForCausalLM(NemotronHConfig(hybrid_override_pattern="M*M-", **GEOMETRY)).eval()
-    _randomize(model, gen)
+    P.randomize(model, gen)
     return model.to(DEV)
 
 
@@ -58,89 +39,12 @@ def _runner(hf_model) -> NemotronHRunner:
                                              max_context=64)
 
 
-def _reference(hf_model, ids: torch.Tensor) -> torch.Tensor:
-    """transformers' logits ``[len, vocab]`` of a whole sequence, without a cache."""
-    with torch.no_grad():
-        return hf_model(ids[None], use_cache=False).logits[0].float()
+@pytest.mark.parametrize("check", [P.check_prefill_one_request, P.check_two_requests_packed,
+                                   P.check_chunked_prefill_then_decode,
+                                   P.check_compaction_mid_generation_changes_nothing])
+def test_parity_with_transformers(hf_model, check):
+    check(hf_model, _runner, VOCAB)
 
-
-def _err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return (got - want).abs().max().item()
-
-
-def _tokens(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).to(DEV)
-
-
-def test_prefill_one_request(hf_model):
-    ids = _tokens(21, 1)
-    runner = _runner(hf_model)
-    logits = runner.step(["a"], [ids], all_logits=True)[0]
-    err = _err(logits, _reference(hf_model, ids))
-    print(f"prefill, one request: max abs logit error {err:.2e}")
-    assert err < TOL
-    last = runner.step(["b"], [ids])[0]       # the default: the last token's logits only
-    assert last.shape == (VOCAB,) and _err(last, logits[-1]) < TOL
-
-
-def test_two_requests_packed(hf_model):
-    seqs = [_tokens(19, 2), _tokens(7, 3)]
-    runner = _runner(hf_model)
-    got = runner.step(["x", "y"], seqs, all_logits=True)
-    errs = [_err(g, _reference(hf_model, s)) for g, s in zip(got, seqs)]
-    print(f"packed prefill of 19 + 7 tokens: max abs logit errors {errs[0]:.2e}, {errs[1]:.2e}")
-    assert max(errs) < TOL
-
-
-def test_chunked_prefill_then_decode(hf_model):
-    ids = _tokens(26, 4)                       # 13 + 9 prompt tokens in two chunks, then 4 decoded
-    want = _reference(hf_model, ids)
-    runner = _runner(hf_model)
-    got = [runner.step([0], [ids[:13]], all_logits=True)[0],
-           runner.step([0], [ids[13:22]], positions=[13], all_logits=True)[0]]
-    for i in range(22, 26):
-        got.append(runner.step([0], [ids[i:i + 1]], positions=[i])[0][None])
-    err = _err(torch.cat(got), want)
-    print(f"chunked prefill (13 + 9) then 4 decode steps: max abs logit error {err:.2e}")
-    assert err < TOL
-    assert runner.num_pages[runner.rows[0]].item() == 2   # 26 tokens: two pages of 16
-
-
-def _offsets(runner, rid) -> list:
-    row = runner.rows[rid]
-    pages = runner.block_table[row, :runner.num_pages[row]]
-    return runner.allocator.resolve(torch.cat([pages, runner.ssm_handles[row:row + 1]])).tolist()
-
-
-def test_compaction_mid_generation_changes_nothing(hf_model):
-    seqs = {"a": _tokens(24, 5), "b": _tokens(20, 6), "c": _tokens(27, 7)}
-    want = {r: _reference(hf_model, s) for r, s in seqs.items()}
-    runner = _runner(hf_model)
-    alloc = runner.allocator
-    # a and b share the first SSM slab and KV slab, c takes the next ones; b leaves, so neither
-    # pool has a free slab beyond two spare ones and moving 3 slabs must compact live units
-    got = {r: [g] for r, g in zip("abc", runner.step(list("abc"), [seqs["a"][:20], seqs["b"], seqs["c"][:20]],
-                                                      all_logits=True))}
-    runner.release(["b"])
-    before = {r: _offsets(runner, r) for r in "ac"}
-    alloc.rebalance("kv", 3)                   # compacts an SSM slab with a live block
-    moved_ssm = alloc.stats().bytes_copied
-    alloc.rebalance("ssm", 6)                  # then a KV slab with live pages
-    stats = alloc.stats()
-    after = {r: _offsets(runner, r) for r in "ac"}
-    print(f"compaction: {stats.units_moved} units moved, {stats.bytes_copied} bytes copied; "
-          f"offsets {before} -> {after}")
-    assert moved_ssm > 0 and stats.bytes_copied > moved_ssm and before != after
-    # one mixed step (a decodes, c prefills a continuation chunk), then decode both
-    for r, g in zip("ac", runner.step(["a", "c"], [seqs["a"][20:21], seqs["c"][20:24]], all_logits=True)):
-        got[r].append(g)
-    for i in range(21, 24):
-        for r, g in zip("ac", runner.step(["a", "c"], [seqs["a"][i:i + 1], seqs["c"][i + 3:i + 4]])):
-            got[r].append(g[None])
-    errs = {r: _err(torch.cat(got[r]), want[r]) for r in "ac"}
-    print(f"compaction mid-generation: max abs logit errors {errs}")
-    assert max(errs.values()) < TOL
-    assert len(got["b"]) == 1 and _err(got["b"][0], want["b"]) < TOL
 
 
 def test_bad_token_raises_and_allocates_nothing(hf_model):

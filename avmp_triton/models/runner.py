@@ -1,0 +1,210 @@
+"""The family-independent half of a hybrid (Mamba + attention) runner whose caches live in one AVMP arena.
+
+``HybridRunner`` owns the arena (an ``AVMPAllocator`` and its ``PagedCache``), the per-request rows
+(block tables, page counts, SSM handles), admission, KV growth, release and the packed step loop:
+embed -> blocks -> final norm -> lm_head. A model family subclasses it and supplies what differs:
+
+- ``check_config(config)``: a ValueError naming any config feature the family's layers do not run;
+- ``embedding_weight(hf_model)``, ``final_norm(hf_model)``, ``lm_head_weight(hf_model)``: the ends of the model;
+- ``build_blocks(hf_model)``: the model as a list of ``Residual`` blocks over ``self.cache``;
+- ``embed_tokens`` / ``output_logits``: override to scale the embeddings or the logits (the defaults do not).
+
+The arena's geometry comes from ``HybridModelSpec.from_hf_config``, which dispatches on the model type.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from avmp_triton.memory.allocator import AVMPAllocator, PoolExhaustedError
+from avmp_triton.memory.cache import PagedCache
+from avmp_triton.models.batch import StepBatch, build_step_batch
+from avmp_triton.models.layers import RMSNorm
+from avmp_triton.spec import HybridModelSpec
+
+
+class Residual:
+    """``h + scale * mixer(norm(h), batch)``: one pre-norm residual branch (a mixer, an attention or
+    an MLP). ``scale`` is for families with a residual multiplier; 1.0 skips the multiply."""
+
+    def __init__(self, norm, mixer, scale: float = 1.0):
+        self.norm, self.mixer, self.scale = norm, mixer, scale
+
+    def __call__(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        out = self.mixer(self.norm(h), batch)
+        return h + (out if self.scale == 1.0 else out * self.scale)
+
+
+class HybridRunner:
+    """A hybrid model's forward over a paged cache in one AVMP arena. Build a family's subclass
+    with ``from_transformers``; subclasses implement the hooks named in the module docstring."""
+
+    def __init__(self, hf_model: torch.nn.Module, spec: HybridModelSpec, *, capacity_bytes: int,
+                 max_requests: int, max_context: int, **alloc_kwargs):
+        config = hf_model.config
+        self.check_config(config)
+        embed = self.embedding_weight(hf_model)
+        self.device, self.dtype = embed.device, embed.dtype
+        self.spec = spec
+        self.allocator = AVMPAllocator(spec, capacity_bytes, device=self.device, **alloc_kwargs)
+        self.cache = PagedCache.of(self.allocator)  # the allocator never replaces its tensors
+        self.vocab_size = config.vocab_size
+        self.embed = embed.detach()
+        self.lm_head = self.lm_head_weight(hf_model).detach()
+        self.norm_f = self.final_norm(hf_model)
+        self.blocks = self.build_blocks(hf_model)
+        self._init_tables(max_requests, max_context)
+
+    @classmethod
+    def from_transformers(cls, hf_model: torch.nn.Module, *, capacity_bytes: int, max_requests: int = 8,
+                          max_context: int = 4096, ssm_dtype: torch.dtype = torch.float32,
+                          **alloc_kwargs) -> HybridRunner:
+        """A runner over ``hf_model``'s weights (references, no copy) and a new arena of
+        ``capacity_bytes``. KV and conv state in the model's dtype; the SSM state in ``ssm_dtype``
+        (fp32 by default, as serving engines keep it). ``alloc_kwargs`` go to ``AVMPAllocator``
+        (``kv_fraction``, ``slab_bytes``, ``page_tokens``, ...)."""
+        cls.check_config(hf_model.config)  # a clear error before the spec reader sees an unsupported model
+        dtype = cls.embedding_weight(hf_model).dtype
+        page_tokens = alloc_kwargs.get("page_tokens", 16)
+        spec = HybridModelSpec.from_hf_config(hf_model.config, kv_dtype=dtype, conv_dtype=dtype,
+                                              ssm_dtype=ssm_dtype, page_tokens=page_tokens)
+        return cls(hf_model, spec, capacity_bytes=capacity_bytes, max_requests=max_requests,
+                   max_context=max_context, **alloc_kwargs)
+
+    # --- the family's hooks --------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise ValueError naming any config feature the family's layers would get wrong."""
+        raise NotImplementedError
+
+    @classmethod
+    def embedding_weight(cls, hf_model: torch.nn.Module) -> torch.Tensor:
+        """The token embedding weight ``[vocab, hidden]``."""
+        raise NotImplementedError
+
+    @classmethod
+    def lm_head_weight(cls, hf_model: torch.nn.Module) -> torch.Tensor:
+        """The output projection weight ``[vocab, hidden]``; transformers' ``lm_head`` by default."""
+        return hf_model.lm_head.weight
+
+    @classmethod
+    def final_norm(cls, hf_model: torch.nn.Module) -> RMSNorm:
+        """The final norm, applied before lm_head."""
+        raise NotImplementedError
+
+    def build_blocks(self, hf_model: torch.nn.Module) -> list:
+        """The model's layers as ``Residual`` blocks (or any ``block(h, batch) -> h``), in order."""
+        raise NotImplementedError
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed)
+
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final hidden states (before the final norm)."""
+        return F.linear(self.norm_f(h), self.lm_head).float()
+
+    # --- request rows --------------------------------------------------------------------------
+    def _init_tables(self, max_requests: int, max_context: int) -> None:
+        """Per-row cache metadata: a request holds one row while it lives."""
+        dev, pt = self.device, self.allocator.page_tokens
+        self.max_context = max_context
+        self.block_table = torch.full((max_requests, -(-max_context // pt)), -1, dtype=torch.int32, device=dev)
+        self.num_pages = torch.zeros(max_requests, dtype=torch.int32, device=dev)
+        self.ssm_handles = torch.full((max_requests,), -1, dtype=torch.int32, device=dev)
+        self.rows: dict = {}                 # request id -> row
+        self.cached: dict = {}               # request id -> tokens in its cache
+        self.free_rows = list(range(max_requests - 1, -1, -1))
+
+    # --- one packed step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, request_ids: list, tokens: list, *, positions: list | None = None,
+             all_logits: bool = False) -> list[torch.Tensor]:
+        """One packed step: request ``request_ids[b]`` adds ``tokens[b]`` (a 1-D int tensor or list:
+        a prefill chunk of any length, or one decode token). A new id starts a request.
+
+        ``positions[b]``, when given, is the position of ``tokens[b][0]``: it must equal the tokens
+        request b already has in its cache (checked). Returns per request the fp32 logits of its
+        last token ``[vocab]``, or of all its new tokens ``[n, vocab]`` with ``all_logits``.
+        """
+        toks = self._check_step(request_ids, tokens, positions)
+        self._admit([r for r in request_ids if r not in self.rows])
+        new = [t.numel() for t in toks]
+        cached = [self.cached[r] for r in request_ids]
+        self._grow([self.rows[r] for r in request_ids], [c + n for c, n in zip(cached, new)])
+        rows = torch.tensor([self.rows[r] for r in request_ids], dtype=torch.long, device=self.device)
+        batch = build_step_batch(self.block_table[rows], self.ssm_handles[rows], cached, new)
+        h = self.embed_tokens(torch.cat(toks).to(self.device))
+        for block in self.blocks:
+            h = block(h, batch)
+        for r, n in zip(request_ids, new):
+            self.cached[r] += n
+        out = list(h.split(new))
+        if not all_logits:
+            out = [o[-1] for o in out]
+        return [self.output_logits(o) for o in out]
+
+    def _check_step(self, request_ids, tokens, positions) -> list[torch.Tensor]:
+        """Every input checked before anything is allocated; errors name the bad value."""
+        if len(request_ids) != len(tokens) or not request_ids:
+            raise ValueError(f"request_ids and tokens must be non-empty lists of one length, got "
+                             f"{len(request_ids)} and {len(tokens)}")
+        if len(set(request_ids)) != len(request_ids):
+            raise ValueError(f"a request appears twice in one step: {list(request_ids)}")
+        if positions is not None and len(positions) != len(request_ids):
+            raise ValueError(f"positions must have one entry per request, got {len(positions)}")
+        toks = []
+        for b, (r, t) in enumerate(zip(request_ids, tokens)):
+            t = torch.as_tensor(t)
+            if t.dim() != 1 or t.numel() == 0 or t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise ValueError(f"tokens of request {r!r} must be a non-empty 1-D integer tensor, got "
+                                 f"{t.dtype} of shape {tuple(t.shape)}")
+            bad = (t < 0) | (t >= self.vocab_size)
+            if bool(bad.any()):
+                raise ValueError(f"request {r!r}: token id {int(t[bad][0])} is out of range [0, {self.vocab_size})")
+            have = self.cached.get(r, 0)
+            if positions is not None and positions[b] != have:
+                raise ValueError(f"request {r!r}: position {positions[b]!r} given, but its cache holds {have} tokens")
+            if have + t.numel() > self.max_context:
+                raise ValueError(f"request {r!r}: {have} + {t.numel()} tokens exceed max_context={self.max_context}")
+            toks.append(t.long())
+        if sum(r not in self.rows for r in request_ids) > len(self.free_rows):
+            raise ValueError(f"{len(self.free_rows)} free request rows, fewer than the step's new requests")
+        return toks
+
+    def _admit(self, new_ids: list) -> None:
+        """A row and one SSM block per new request (alloc_ssm moves capacity from the KV pool if needed)."""
+        if not new_ids:
+            return
+        handles = self.allocator.alloc_ssm(len(new_ids))
+        for r, h in zip(new_ids, handles):
+            row = self.free_rows.pop()
+            self.rows[r], self.cached[r] = row, 0
+            self.ssm_handles[row] = h
+
+    def _grow(self, rows: list[int], lengths: list[int]) -> None:
+        """Pages for ``lengths[i]`` tokens in row ``rows[i]``; make room once if the KV pool is short."""
+        for attempt in range(2):
+            need = torch.zeros_like(self.num_pages)
+            for row, n in zip(rows, lengths):
+                need[row] = -(-n // self.allocator.page_tokens)
+            need = (need - self.num_pages).clamp_min(0).to(torch.int32)
+            failed = self.allocator.grow_kv(self.block_table, self.num_pages, need)
+            if not bool((failed != 0).any()):  # one sync per step, on the host anyway
+                return
+            short = int(need[failed != 0].sum())
+            if attempt == 0:
+                self.allocator.make_room("kv", short)  # raises PoolExhaustedError if it cannot
+        raise PoolExhaustedError(f"no room for {short} more KV pages")
+
+    def release(self, request_ids: list) -> None:
+        """Free every KV page and the SSM block of the given requests (their rows become free)."""
+        unknown = [r for r in request_ids if r not in self.rows]
+        if unknown:
+            raise KeyError(f"unknown request ids: {unknown}")
+        rows = torch.tensor([self.rows[r] for r in request_ids], dtype=torch.int32, device=self.device)
+        status = self.allocator.release_rows(rows, self.block_table, self.num_pages, self.ssm_handles)
+        self.allocator.check_status(status)
+        self.ssm_handles[rows.long()] = -1
+        for r in request_ids:
+            self.free_rows.append(self.rows.pop(r))
+            del self.cached[r]
