@@ -2,7 +2,7 @@
 
     python perf/parity_models.py [--out FILE] [--tiny]
 
-For each family: a transformers model built from the real model's config numbers with fewer layers
+For each family (Nemotron-H, Bamba): a transformers model built from the real model's config numbers with fewer layers
 (every layer type of the family present), random weights at transformers' init scale (A_log,
 dt_bias, D, norms and conv bias randomised too), kept in fp32 as the reference. Its bf16 copy is
 run twice: through transformers (the bf16 error any bf16 user of transformers gets) and through
@@ -26,7 +26,7 @@ import torch
 import triton
 import transformers
 
-from avmp_triton.models.nemotron_h import NemotronHRunner
+from avmp_triton.models import runner_for
 
 # nvidia/Nemotron-H-8B-Base-8K config.json numbers (hidden 4096, 32/8 heads of 128, 128 Mamba
 # heads of 64, 8 groups, d_state 128, MLP 21504 relu2, vocab 131072), 5 of its 52 layers
@@ -34,9 +34,22 @@ NEMOTRON_H_8B = dict(vocab_size=131072, hidden_size=4096, num_attention_heads=32
                      head_dim=128, intermediate_size=21504, ssm_state_size=128, mamba_num_heads=128,
                      mamba_head_dim=64, n_groups=8, conv_kernel=4, chunk_size=128, use_conv_bias=True,
                      hybrid_override_pattern="M-M*-")
-TINY = dict(vocab_size=97, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-            intermediate_size=96, ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2,
-            conv_kernel=4, chunk_size=8, use_conv_bias=True, hybrid_override_pattern="M*M-")
+NEMOTRON_H_TINY = dict(vocab_size=97, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                       intermediate_size=96, ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2,
+                       conv_kernel=4, chunk_size=8, use_conv_bias=True, hybrid_override_pattern="M*M-")
+# ibm-ai-platform/Bamba-9B's sizes (hidden 4096, 32/8 heads of 128, MLP 14336 SwiGLU, vocab 128256;
+# Mamba2 128 heads of 64, 1 group, d_state 128, expand 2: the cache geometry of the bamba-9b
+# preset in avmp_triton/spec.py), 4 of its 32 layers with the attention layer third
+BAMBA_9B = dict(vocab_size=128256, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=14336, num_hidden_layers=4, attn_layer_indices=[2], mamba_n_heads=128,
+                mamba_d_head=64, mamba_expand=2, mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4,
+                mamba_chunk_size=256)
+BAMBA_TINY = dict(vocab_size=97, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=96,
+                  num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_expand=1,
+                  mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=8)
+# family -> (config class, model class, real sizes, dry-run sizes)
+FAMILIES = {"nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", NEMOTRON_H_8B, NEMOTRON_H_TINY),
+            "bamba": ("BambaConfig", "BambaForCausalLM", BAMBA_9B, BAMBA_TINY)}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -60,8 +73,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 def run_ours(model, lens: tuple[int, int], chunk: int, decode: int, ids: list[torch.Tensor]) -> list[torch.Tensor]:
     """Logits of every position of both requests through the runner: request a in two chunks
     (the first packed with b's whole prefill), then ``decode`` packed decode steps."""
-    r = NemotronHRunner.from_transformers(model, capacity_bytes=4 << 30, max_requests=2,
-                                          max_context=max(lens) + decode + 16)
+    r = runner_for(model, capacity_bytes=4 << 30, max_requests=2, max_context=max(lens) + decode + 16)
     a, b = ids
     la, lb = lens
     out_a, out_b = r.step(["a", "b"], [a[:chunk], b[:lb]], all_logits=True)
@@ -77,10 +89,11 @@ def run_ours(model, lens: tuple[int, int], chunk: int, decode: int, ids: list[to
 
 @torch.no_grad()
 def family(name: str, geometry: dict, dev: str, lens=(300, 129), chunk=160, decode=8) -> dict:
-    cfg = transformers.NemotronHConfig(**geometry)
+    config_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[name][:2])
+    cfg = config_cls(**geometry)
     torch.manual_seed(0)
     with torch.device(dev):
-        ref = transformers.NemotronHForCausalLM(cfg).float().eval()
+        ref = model_cls(cfg).float().eval()
     randomize(ref, 0)
     gen = torch.Generator(device=dev).manual_seed(1)
     ids = [torch.randint(0, cfg.vocab_size, (n + decode,), generator=gen, device=dev) for n in lens]
@@ -104,8 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args(argv)
     dev = "cpu" if args.tiny else "cuda"
-    rows = [family("nemotron_h", TINY if args.tiny else NEMOTRON_H_8B, dev,
-                   **(dict(lens=(21, 9), chunk=12, decode=2) if args.tiny else {}))]
+    small = dict(lens=(21, 9), chunk=12, decode=2) if args.tiny else {}
+    rows = [family(name, f[3] if args.tiny else f[2], dev, **small) for name, f in FAMILIES.items()]
     env = dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
                python=platform.python_version(),
                gpu=torch.cuda.get_device_name() if dev == "cuda" else "none (CPU dry run)")
