@@ -24,8 +24,8 @@ def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
                 p.copy_(noise * 0.5)
             elif "embed" in name:                       # embed_tokens, embeddings
                 p.copy_(noise)
-            else:                                       # linears and the conv: fan-in scaling
-                p.copy_(noise * p[0].numel() ** -0.5)
+            else:                                       # linears, the conv, experts' [E, out, in]: fan-in
+                p.copy_(noise * p.shape[-1] ** -0.5)
 
 
 def reference(hf_model, ids: torch.Tensor) -> torch.Tensor:
