@@ -2,7 +2,7 @@
 
     python perf/parity_models.py [--out FILE] [--tiny]
 
-For each family (Nemotron-H, Bamba): a transformers model built from the real model's config numbers with fewer layers
+For each family (Nemotron-H, Bamba, Granite-4.0-H, Jamba, Falcon-H1): a transformers model built from the real model's config numbers with fewer layers
 (every layer type of the family present), random weights at transformers' init scale (A_log,
 dt_bias, D, norms and conv bias randomised too), kept in fp32 as the reference. Its bf16 copy is
 run twice: through transformers (the bf16 error any bf16 user of transformers gets) and through
@@ -47,9 +47,48 @@ BAMBA_9B = dict(vocab_size=128256, hidden_size=4096, num_attention_heads=32, num
 BAMBA_TINY = dict(vocab_size=97, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=96,
                   num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_expand=1,
                   mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=8)
+# ibm-granite/granite-4.0-h-small's sizes (hidden 4096, 32/8 heads of 128, vocab 100352, 72 experts
+# of 768 top-10, shared MLP 1536; Mamba2 128 heads of 64, 1 group, d_state 128), 4 of its 40
+# layers with the attention layer second; attention_multiplier 128^-0.5 (transformers' default 1.0
+# is no model's value), the other multipliers at transformers' defaults
+GRANITE_4_H_SMALL = dict(vocab_size=100352, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=768, shared_intermediate_size=1536, num_local_experts=72,
+                         num_experts_per_tok=10, num_hidden_layers=4,
+                         layer_types=["mamba", "attention", "mamba", "mamba"], mamba_n_heads=128, mamba_d_head=64,
+                         mamba_expand=2, mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_chunk_size=256,
+                         position_embedding_type="nope", tie_word_embeddings=True, attention_multiplier=128 ** -0.5)
+GRANITE_TINY = dict(vocab_size=97, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=48,
+                    shared_intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=3,
+                    layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8, mamba_d_head=16, mamba_expand=1,
+                    mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=8,
+                    position_embedding_type="nope", attention_multiplier=64 ** -0.5)
+# ai21labs/AI21-Jamba-1.5-Mini's sizes (hidden 4096, 32/8 heads of 128, MLP 14336, 16 experts top-2,
+# vocab 65536; Mamba1 d_inner 8192, d_state 16, dt rank 256), 4 of its 32 layers: attention third
+# (period 4, offset 2 here; 8 and 4 in the model), experts on odd layers as in the model
+JAMBA_1_5_MINI = dict(vocab_size=65536, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, num_experts=16, num_experts_per_tok=2, num_hidden_layers=4,
+                      attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1,
+                      mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=256)
+JAMBA_TINY = dict(vocab_size=97, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=96,
+                  num_hidden_layers=3, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=0, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_d_conv=4,
+                  mamba_expand=1, mamba_dt_rank=8)
+# tiiuae/Falcon-H1-7B's attention and Mamba sizes (hidden 3072, 12/2 heads of 128; mamba_d_ssm 3072,
+# 24 heads of 128, 1 group, d_state 256: the falcon-h1-7b preset), 3 layers; its MLP width, vocab
+# and multipliers at transformers' FalconH1Config defaults (not read from the model)
+FALCON_H1_7B = dict(hidden_size=3072, num_attention_heads=12, num_key_value_heads=2, head_dim=128,
+                    num_hidden_layers=3, mamba_d_ssm=3072, mamba_n_heads=24, mamba_d_head=128, mamba_n_groups=1,
+                    mamba_d_state=256, mamba_d_conv=4, mamba_chunk_size=256)
+FALCON_TINY = dict(vocab_size=97, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                   intermediate_size=96, num_hidden_layers=2, mamba_d_ssm=256, mamba_n_heads=8, mamba_d_head=32,
+                   mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=8)
 # family -> (config class, model class, real sizes, dry-run sizes)
 FAMILIES = {"nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", NEMOTRON_H_8B, NEMOTRON_H_TINY),
-            "bamba": ("BambaConfig", "BambaForCausalLM", BAMBA_9B, BAMBA_TINY)}
+            "bamba": ("BambaConfig", "BambaForCausalLM", BAMBA_9B, BAMBA_TINY),
+            "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", GRANITE_4_H_SMALL,
+                                 GRANITE_TINY),
+            "jamba": ("JambaConfig", "JambaForCausalLM", JAMBA_1_5_MINI, JAMBA_TINY),
+            "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", FALCON_H1_7B, FALCON_TINY)}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -66,6 +105,8 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1.0 + 0.1 * noise)
             elif p.dim() == 1:
                 p.copy_(noise * 0.1)
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(noise * p.shape[-1] ** -0.5)   # per-expert fan-in: the MoE branch not silent
             else:
                 p.copy_(noise * 0.02)          # transformers' initializer_range
 

@@ -1,10 +1,11 @@
 """Model runners over the paged cache: the project's ops and one AVMP arena hold every cache byte."""
 from avmp_triton.models.bamba import BambaRunner
+from avmp_triton.models.falcon_h1 import FalconH1Runner
 from avmp_triton.models.granitemoehybrid import GraniteMoeHybridRunner
 from avmp_triton.models.jamba import JambaRunner
 from avmp_triton.models.nemotron_h import SUPPORTED_LAYERS, NemotronHRunner, layer_pattern
 from avmp_triton.models.loading import RUNNERS, load_checkpoint, random_model, runner_for
 from avmp_triton.models.runner import HybridRunner, Residual
 
-__all__ = ["RUNNERS", "BambaRunner", "GraniteMoeHybridRunner", "JambaRunner", "HybridRunner", "NemotronHRunner", "Residual", "SUPPORTED_LAYERS", "layer_pattern",
+__all__ = ["RUNNERS", "BambaRunner", "FalconH1Runner", "GraniteMoeHybridRunner", "JambaRunner", "HybridRunner", "NemotronHRunner", "Residual", "SUPPORTED_LAYERS", "layer_pattern",
            "load_checkpoint", "random_model", "runner_for"]

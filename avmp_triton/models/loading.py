@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from avmp_triton.models.bamba import BambaRunner
+from avmp_triton.models.falcon_h1 import FalconH1Runner
 from avmp_triton.models.granitemoehybrid import GraniteMoeHybridRunner
 from avmp_triton.models.jamba import JambaRunner
 from avmp_triton.models.nemotron_h import NemotronHRunner
@@ -24,7 +25,7 @@ from avmp_triton.models.nemotron_h import NemotronHRunner
 # model_type -> runner class (each with ``from_transformers(model, capacity_bytes=..., **kw)``);
 # a new family registers here
 RUNNERS = {"nemotron_h": NemotronHRunner, "bamba": BambaRunner, "granitemoehybrid": GraniteMoeHybridRunner,
-           "jamba": JambaRunner}
+           "jamba": JambaRunner, "falcon_h1": FalconH1Runner}
 
 _NEMOTRON_H_8B_PATTERN = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
 # config.json dicts for random_model. nemotron-h-8b: nvidia/Nemotron-H-8B-Base-8K's geometry (as the
