@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from avmp_triton.models.layers import Mamba2Mixer, PagedAttention, RMSNorm, Rotary, SwiGLUMLP
+from avmp_triton.models.layers import Mamba2Mixer, PagedAttention, Rotary, SwiGLUMLP, cast_rms_norm
 from avmp_triton.models.runner import HybridRunner, Residual
 
 LAYER_TYPES = ("linear_attention", "full_attention")
@@ -46,19 +46,11 @@ class BambaRunner(HybridRunner):
     def check_config(cls, config) -> None:
         check_bamba_config(config)
 
-    @classmethod
-    def embedding_weight(cls, hf_model: torch.nn.Module) -> torch.Tensor:
-        return hf_model.model.embed_tokens.weight
-
-    @classmethod
-    def final_norm(cls, hf_model: torch.nn.Module) -> RMSNorm:
-        return _norm(hf_model.model.final_layernorm)
-
     def build_blocks(self, hf_model: torch.nn.Module) -> list[Residual]:
         """Two residual blocks per decoder layer (mixer, then MLP); attention and Mamba layers
         numbered within their kind (their slot in a KV page or an SSM block)."""
         config, base = hf_model.config, hf_model.model
-        rope = _rotary(base.rotary_emb, config)
+        rope = Rotary.of(base.rotary_emb, config)
         blocks, n_attn, n_mamba = [], 0, 0
         for layer, kind in zip(base.layers, config.layers_block_type):
             if kind == "linear_attention":
@@ -66,23 +58,11 @@ class BambaRunner(HybridRunner):
                 n_mamba += 1
             else:
                 a = layer.self_attn
-                mixer = PagedAttention(a.q_proj, a.k_proj, a.v_proj, a.o_proj, num_heads=config.num_attention_heads,
-                                       num_kv_heads=config.num_key_value_heads, head_dim=a.head_dim,
-                                       cache=self.cache, layer=n_attn, rope=rope)
+                mixer = PagedAttention.of(a, config, cache=self.cache, layer=n_attn, rope=rope)
                 n_attn += 1
             ff = layer.feed_forward
-            blocks.append(Residual(_norm(layer.input_layernorm), mixer))
-            blocks.append(Residual(_norm(layer.pre_ff_layernorm), SwiGLUMLP(ff.gate_proj, ff.up_proj, ff.down_proj)))
+            blocks.append(Residual(cast_rms_norm(layer.input_layernorm), mixer))
+            blocks.append(Residual(cast_rms_norm(layer.pre_ff_layernorm), SwiGLUMLP(ff.gate_proj, ff.up_proj, ff.down_proj)))
         return blocks
 
 
-def _norm(module: torch.nn.Module) -> RMSNorm:
-    # BambaRMSNorm casts the normalised activations back to their dtype before applying the weight
-    return RMSNorm(module.weight, module.variance_epsilon, weight_after_cast=True)
-
-
-def _rotary(rotary_emb: torch.nn.Module, config) -> Rotary:
-    """The model's own inverse frequencies (rope_theta and the partial rotary factor, 0.5 in
-    BambaConfig, already applied), so the angles are transformers' to the bit."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return Rotary(rotary_emb.inv_freq, head_dim, float(rotary_emb.attention_scaling))

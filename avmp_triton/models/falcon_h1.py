@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from avmp_triton.models.batch import StepBatch
-from avmp_triton.models.layers import Mamba2Mixer, PagedAttention, RMSNorm, Rotary
+from avmp_triton.models.layers import Mamba2Mixer, PagedAttention, Rotary, cast_rms_norm
 from avmp_triton.models.runner import HybridRunner, Residual
-from avmp_triton.ops import kv_append, paged_decode_attention, paged_prefill_attention
 
 ATTN_HEAD_DIMS = (64, 128, 256)
 
@@ -109,41 +108,11 @@ class FalconH1Mamba(Mamba2Mixer):
         return F.linear(y.to(x.dtype), self.out_w, self.out_b)
 
 
-class FalconH1Attention(PagedAttention):
-    """``PagedAttention`` with RoPE and Falcon-H1's ``key_multiplier`` on K (before the rotation)."""
-
-    def __init__(self, a: torch.nn.Module, *, config, cache, layer: int, rope: Rotary):
-        super().__init__(a.q_proj, a.k_proj, a.v_proj, a.o_proj, num_heads=config.num_attention_heads,
-                         num_kv_heads=config.num_key_value_heads, head_dim=a.head_dim, cache=cache, layer=layer,
-                         rope=rope)
-        self.scale = a.scaling
-        self.key_mult = float(a.key_multiplier)
-
-    def __call__(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        T = x.shape[0]
-        q = F.linear(x, self.wq, self.bq).view(T, self.hq, self.d)
-        k = F.linear(x, self.wk, self.bk).view(T, self.hkv, self.d) * self.key_mult
-        v = F.linear(x, self.wv, self.bv).view(T, self.hkv, self.d)
-        cos, sin = self.rope.cos_sin(batch.token_pos, q.dtype)
-        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
-        kv_append(k, v, batch.block_table, batch.token_req, batch.token_pos, self.cache, layer=self.layer)
-        o = torch.empty_like(q)
-        if batch.prefill is not None:
-            g = batch.prefill
-            o[g.tokens] = paged_prefill_attention(q[g.tokens], g.block_table, g.seq_lens, g.cu_seqlens, self.cache,
-                                                  layer=self.layer, scale=self.scale)
-        if batch.decode is not None:
-            g = batch.decode
-            o[g.tokens] = paged_decode_attention(q[g.tokens], g.block_table, g.seq_lens, self.cache,
-                                                 layer=self.layer, scale=self.scale)
-        return F.linear(o.view(T, self.hq * self.d), self.wo, self.bo)
-
-
 class ParallelHybrid:
     """The mixer half of a Falcon-H1 layer: Mamba and attention on the same normed input, summed
     with their output multipliers (in transformers' order: mamba first)."""
 
-    def __init__(self, mamba: FalconH1Mamba, attn: FalconH1Attention, *, ssm_out: float, attn_in: float,
+    def __init__(self, mamba: FalconH1Mamba, attn: PagedAttention, *, ssm_out: float, attn_in: float,
                  attn_out: float):
         self.mamba, self.attn = mamba, attn
         self.ssm_out, self.attn_in, self.attn_out = ssm_out, attn_in, attn_out
@@ -176,14 +145,6 @@ class FalconH1Runner(HybridRunner):
     def check_config(cls, config) -> None:
         check_falcon_h1_config(config)
 
-    @classmethod
-    def embedding_weight(cls, hf_model: torch.nn.Module) -> torch.Tensor:
-        return hf_model.model.embed_tokens.weight
-
-    @classmethod
-    def final_norm(cls, hf_model: torch.nn.Module) -> RMSNorm:
-        return _norm(hf_model.model.final_layernorm)
-
     def __init__(self, hf_model: torch.nn.Module, spec, **kwargs):
         self.embedding_multiplier = float(hf_model.model.embedding_multiplier)
         self.lm_head_multiplier = float(hf_model.model.lm_head_multiplier)
@@ -199,17 +160,17 @@ class FalconH1Runner(HybridRunner):
         """Two residual blocks per decoder layer (Mamba + attention in parallel, then the MLP);
         layer i is attention layer i and Mamba layer i of the arena."""
         config, base = hf_model.config, hf_model.model
-        rope = _rotary(base.rotary_emb, config)
+        rope = Rotary.of(base.rotary_emb, config)
         blocks = []
         for i, layer in enumerate(base.layers):
             mixer = ParallelHybrid(FalconH1Mamba(layer.mamba, config=config, cache=self.cache, layer=i),
-                                   FalconH1Attention(layer.self_attn, config=config, cache=self.cache, layer=i,
-                                                     rope=rope),
+                                   PagedAttention.of(layer.self_attn, config, cache=self.cache, layer=i, rope=rope,
+                                                     key_multiplier=float(layer.self_attn.key_multiplier)),
                                    ssm_out=float(layer.ssm_out_multiplier),
                                    attn_in=float(layer.attention_in_multiplier),
                                    attn_out=float(layer.attn_out_multiplier))
-            blocks.append(Residual(_norm(layer.input_layernorm), mixer))
-            blocks.append(Residual(_norm(layer.pre_ff_layernorm), FalconH1MLP(layer.feed_forward)))
+            blocks.append(Residual(cast_rms_norm(layer.input_layernorm), mixer))
+            blocks.append(Residual(cast_rms_norm(layer.pre_ff_layernorm), FalconH1MLP(layer.feed_forward)))
         return blocks
 
 
@@ -217,12 +178,3 @@ def _opt(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-def _norm(module: torch.nn.Module) -> RMSNorm:
-    # FalconH1RMSNorm casts the normalised activations back to their dtype before applying the weight
-    return RMSNorm(module.weight, module.variance_epsilon, weight_after_cast=True)
-
-
-def _rotary(rotary_emb: torch.nn.Module, config) -> Rotary:
-    """The model's own inverse frequencies, so the angles are transformers' to the bit."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return Rotary(rotary_emb.inv_freq, head_dim, float(rotary_emb.attention_scaling))

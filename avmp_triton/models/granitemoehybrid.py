@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from avmp_triton.models.batch import StepBatch
-from avmp_triton.models.layers import Mamba2Mixer, PagedAttention, RMSNorm, Rotary
+from avmp_triton.models.layers import Mamba2Mixer, PagedAttention, RMSNorm, Rotary, cast_rms_norm
 from avmp_triton.models.runner import HybridRunner, Residual
 
 MAMBA_TYPES = ("linear_attention", "mamba")
@@ -125,12 +125,8 @@ class GraniteMoeHybridRunner(HybridRunner):
         check_granitemoehybrid_config(config)
 
     @classmethod
-    def embedding_weight(cls, hf_model: torch.nn.Module) -> torch.Tensor:
-        return hf_model.model.embed_tokens.weight
-
-    @classmethod
     def final_norm(cls, hf_model: torch.nn.Module) -> RMSNorm:
-        return _norm(hf_model.model.norm)
+        return cast_rms_norm(hf_model.model.norm)
 
     def build_blocks(self, hf_model: torch.nn.Module) -> list[Residual]:
         """Two residual blocks per decoder layer (mixer, then MoE + shared MLP), both scaled by
@@ -138,7 +134,7 @@ class GraniteMoeHybridRunner(HybridRunner):
         config, base = hf_model.config, hf_model.model
         self.embedding_multiplier = float(config.embedding_multiplier)
         self.logits_scaling = float(config.logits_scaling)
-        rope = _rotary(base.rotary_emb, config) if base.rotary_emb is not None else None
+        rope = Rotary.of(base.rotary_emb, config) if base.rotary_emb is not None else None
         scale = float(config.residual_multiplier)
         blocks, n_attn, n_mamba = [], 0, 0
         for layer, kind in zip(base.layers, config.layer_types):
@@ -146,10 +142,10 @@ class GraniteMoeHybridRunner(HybridRunner):
                 mixer = Mamba2Mixer(layer.mamba, cache=self.cache, layer=n_mamba)
                 n_mamba += 1
             else:
-                mixer = _attention(layer.self_attn, config, self.cache, n_attn, rope)
+                mixer = PagedAttention.of(layer.self_attn, config, cache=self.cache, layer=n_attn, rope=rope)
                 n_attn += 1
-            blocks.append(Residual(_norm(layer.input_layernorm), mixer, scale))
-            blocks.append(Residual(_norm(layer.post_attention_layernorm), MoEFeedForward(layer), scale))
+            blocks.append(Residual(cast_rms_norm(layer.input_layernorm), mixer, scale))
+            blocks.append(Residual(cast_rms_norm(layer.post_attention_layernorm), MoEFeedForward(layer), scale))
         return blocks
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
@@ -160,21 +156,3 @@ class GraniteMoeHybridRunner(HybridRunner):
         return (F.linear(self.norm_f(h), self.lm_head) / self.logits_scaling).float()
 
 
-def _attention(a: torch.nn.Module, config, cache, layer: int, rope: Rotary | None) -> PagedAttention:
-    """PagedAttention whose score scale is attention_multiplier (GraniteMoeHybridAttention.scaling)."""
-    attn = PagedAttention(a.q_proj, a.k_proj, a.v_proj, a.o_proj, num_heads=config.num_attention_heads,
-                          num_kv_heads=config.num_key_value_heads, head_dim=a.head_dim, cache=cache,
-                          layer=layer, rope=rope)
-    attn.scale = float(a.scaling)
-    return attn
-
-
-def _norm(module: torch.nn.Module) -> RMSNorm:
-    # GraniteMoeHybridRMSNorm casts the normalised activations back to their dtype before the weight
-    return RMSNorm(module.weight, module.variance_epsilon, weight_after_cast=True)
-
-
-def _rotary(rotary_emb: torch.nn.Module, config) -> Rotary:
-    """The model's own inverse frequencies, so the angles are transformers' to the bit."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return Rotary(rotary_emb.inv_freq, head_dim, float(rotary_emb.attention_scaling))

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from avmp_triton.models.batch import StepBatch
-from avmp_triton.models.layers import PagedAttention, RMSNorm, SwiGLUMLP
+from avmp_triton.models.layers import PagedAttention, SwiGLUMLP, cast_rms_norm, causal_conv_silu
 from avmp_triton.models.runner import HybridRunner, Residual
-from avmp_triton.ops import causal_conv1d_prefill, causal_conv1d_update, mamba1_scan_prefill, mamba1_state_update
+from avmp_triton.ops import mamba1_scan_prefill, mamba1_state_update
 
 LAYER_TYPES = ("mamba", "attention")
 
@@ -76,8 +76,8 @@ class Mamba1Mixer:
         if self.A.dim() != 2:
             raise ValueError(f"A_log of a Mamba1 mixer must be [d_inner, d_state], got {tuple(self.A.shape)}")
         self.D = w(m.D)
-        self.dt_norm = _norm(m.dt_layernorm)
-        self.b_norm, self.c_norm = _norm(m.b_layernorm), _norm(m.c_layernorm)
+        self.dt_norm = cast_rms_norm(m.dt_layernorm)
+        self.b_norm, self.c_norm = cast_rms_norm(m.b_layernorm), cast_rms_norm(m.c_layernorm)
         self.d_inner, self.N, self.rank = m.intermediate_size, m.ssm_state_size, m.time_step_rank
         self.cache, self.layer = cache, layer
 
@@ -91,16 +91,7 @@ class Mamba1Mixer:
         return F.linear(y, self.out_w, self.out_b)
 
     def _conv(self, xs: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        out = torch.empty_like(xs)
-        kw = dict(layer=self.layer, bias=self.conv_b, activation="silu")
-        if batch.prefill is not None:
-            g = batch.prefill
-            out[g.tokens] = causal_conv1d_prefill(xs[g.tokens], self.conv_w, g.ssm_handles, g.cu_seqlens,
-                                                  g.has_initial_state, self.cache, **kw)
-        if batch.decode is not None:
-            g = batch.decode
-            out[g.tokens] = causal_conv1d_update(xs[g.tokens], self.conv_w, g.ssm_handles, self.cache, **kw)
-        return out
+        return causal_conv_silu(xs, self.conv_w, self.conv_b, batch, self.cache, self.layer)
 
     def _scan(self, xs, dt, B, C, z, batch: StepBatch) -> torch.Tensor:
         out = torch.empty_like(xs)
@@ -146,14 +137,6 @@ class JambaRunner(HybridRunner):
     def check_config(cls, config) -> None:
         check_jamba_config(config)
 
-    @classmethod
-    def embedding_weight(cls, hf_model: torch.nn.Module) -> torch.Tensor:
-        return hf_model.model.embed_tokens.weight
-
-    @classmethod
-    def final_norm(cls, hf_model: torch.nn.Module) -> RMSNorm:
-        return _norm(hf_model.model.final_layernorm)
-
     def build_blocks(self, hf_model: torch.nn.Module) -> list[Residual]:
         """Two residual blocks per decoder layer (mixer, then MLP or MoE); attention and Mamba layers
         numbered within their kind (their slot in a KV page or an SSM block)."""
@@ -165,18 +148,13 @@ class JambaRunner(HybridRunner):
                 n_mamba += 1
             else:
                 a = layer.self_attn
-                mixer = PagedAttention(a.q_proj, a.k_proj, a.v_proj, a.o_proj, num_heads=config.num_attention_heads,
-                                       num_kv_heads=config.num_key_value_heads, head_dim=a.head_dim,
-                                       cache=self.cache, layer=n_attn)
+                mixer = PagedAttention.of(a, config, cache=self.cache, layer=n_attn)
                 n_attn += 1
             ff = layer.feed_forward
             ffn = SparseMoE(ff, config.num_experts_per_tok) if n_exp > 1 else SwiGLUMLP(ff.gate_proj, ff.up_proj,
                                                                                         ff.down_proj)
-            blocks.append(Residual(_norm(layer.input_layernorm), mixer))
-            blocks.append(Residual(_norm(layer.pre_ff_layernorm), ffn))
+            blocks.append(Residual(cast_rms_norm(layer.input_layernorm), mixer))
+            blocks.append(Residual(cast_rms_norm(layer.pre_ff_layernorm), ffn))
         return blocks
 
 
-def _norm(module: torch.nn.Module) -> RMSNorm:
-    # JambaRMSNorm casts the normalised activations back to their dtype before applying the weight
-    return RMSNorm(module.weight, module.variance_epsilon, weight_after_cast=True)

@@ -60,6 +60,12 @@ class RMSNorm:
         return rms_norm(x, self.weight, self.eps, weight_after_cast=self.weight_after_cast)
 
 
+def cast_rms_norm(module: torch.nn.Module) -> RMSNorm:
+    """The RMSNorm of Bamba, Granite-4.0-H, Jamba and Falcon-H1: the normalised activations are cast
+    back to their dtype before the weight is applied."""
+    return RMSNorm(module.weight, module.variance_epsilon, weight_after_cast=True)
+
+
 class ReLU2MLP:
     """Nemotron-H's MLP: down(relu(up(x))^2), no gate."""
 
@@ -97,6 +103,13 @@ class Rotary:
             raise ValueError(f"rotary dim {self.rot_dim} exceeds head_dim {head_dim}")
         self.scaling = attention_scaling
 
+    @classmethod
+    def of(cls, rotary_emb: torch.nn.Module, config) -> "Rotary":
+        """From a transformers model's own rotary embedding: its inverse frequencies (rope_theta and
+        any partial rotary factor already applied), so the angles are transformers' to the bit."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(rotary_emb.inv_freq, head_dim, float(rotary_emb.attention_scaling))
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[T, rot_dim]`` of the given token positions."""
         freqs = positions.float()[:, None] * self.inv_freq
@@ -118,19 +131,31 @@ class PagedAttention:
 
     def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, o: torch.nn.Linear, *,
                  num_heads: int, num_kv_heads: int, head_dim: int, cache: PagedCache, layer: int,
-                 rope: Rotary | None = None):
+                 rope: Rotary | None = None, scale: float | None = None, key_multiplier: float = 1.0):
         self.wq, self.bq = _w(q.weight), _w(q.bias)
         self.wk, self.bk = _w(k.weight), _w(k.bias)
         self.wv, self.bv = _w(v.weight), _w(v.bias)
         self.wo, self.bo = _w(o.weight), _w(o.bias)
         self.hq, self.hkv, self.d = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5  # transformers' NemotronHAttention.scaling (and Bamba's)
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.key_mult = key_multiplier   # Falcon-H1 scales K before the rotation
         self.cache, self.layer, self.rope = cache, layer, rope
+
+    @classmethod
+    def of(cls, a: torch.nn.Module, config, *, cache: PagedCache, layer: int, rope: Rotary | None = None,
+           key_multiplier: float = 1.0) -> "PagedAttention":
+        """From a transformers attention module (q/k/v/o_proj, head_dim; its ``scaling``, which is
+        Granite's attention_multiplier and head_dim ** -0.5 elsewhere)."""
+        return cls(a.q_proj, a.k_proj, a.v_proj, a.o_proj, num_heads=config.num_attention_heads,
+                   num_kv_heads=config.num_key_value_heads, head_dim=a.head_dim, cache=cache, layer=layer,
+                   rope=rope, scale=float(getattr(a, "scaling", a.head_dim ** -0.5)), key_multiplier=key_multiplier)
 
     def __call__(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         T = x.shape[0]
         q = F.linear(x, self.wq, self.bq).view(T, self.hq, self.d)
         k = F.linear(x, self.wk, self.bk).view(T, self.hkv, self.d)
+        if self.key_mult != 1.0:
+            k = k * self.key_mult
         v = F.linear(x, self.wv, self.bv).view(T, self.hkv, self.d)
         if self.rope is not None:  # positions are each token's position in its own request
             cos, sin = self.rope.cos_sin(batch.token_pos, q.dtype)
@@ -147,6 +172,22 @@ class PagedAttention:
             o[g.tokens] = paged_decode_attention(q[g.tokens], g.block_table, g.seq_lens, self.cache,
                                                  layer=self.layer, scale=self.scale)
         return F.linear(o.view(T, self.hq * self.d), self.wo, self.bo)
+
+
+def causal_conv_silu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, batch: StepBatch,
+                     cache: PagedCache, layer: int) -> torch.Tensor:
+    """A Mamba mixer's depthwise causal conv + silu over ``x`` ``[T, C]``, its state in each request's
+    SSM block: prefill chunks through the varlen kernel, decode tokens through the update."""
+    out = torch.empty_like(x)
+    kw = dict(layer=layer, bias=b, activation="silu")
+    if batch.prefill is not None:
+        g = batch.prefill
+        out[g.tokens] = causal_conv1d_prefill(x[g.tokens], w, g.ssm_handles, g.cu_seqlens, g.has_initial_state,
+                                              cache, **kw)
+    if batch.decode is not None:
+        g = batch.decode
+        out[g.tokens] = causal_conv1d_update(x[g.tokens], w, g.ssm_handles, cache, **kw)
+    return out
 
 
 class Mamba2Mixer:
@@ -184,16 +225,7 @@ class Mamba2Mixer:
         return F.linear(y, self.out_w, self.out_b)
 
     def _conv(self, xbc: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        out = torch.empty_like(xbc)
-        kw = dict(layer=self.layer, bias=self.conv_b, activation="silu")
-        if batch.prefill is not None:
-            g = batch.prefill
-            out[g.tokens] = causal_conv1d_prefill(xbc[g.tokens], self.conv_w, g.ssm_handles, g.cu_seqlens,
-                                                  g.has_initial_state, self.cache, **kw)
-        if batch.decode is not None:
-            g = batch.decode
-            out[g.tokens] = causal_conv1d_update(xbc[g.tokens], self.conv_w, g.ssm_handles, self.cache, **kw)
-        return out
+        return causal_conv_silu(xbc, self.conv_w, self.conv_b, batch, self.cache, self.layer)
 
     def _scan(self, xs, dt, B, C, batch: StepBatch) -> torch.Tensor:
         if self.dt_limit is None:

@@ -75,9 +75,7 @@ class NemotronHRunner(HybridRunner):
                 mixer = Mamba2Mixer(m, cache=self.cache, layer=n_mamba)
                 n_mamba += 1
             elif c == "*":
-                mixer = PagedAttention(m.q_proj, m.k_proj, m.v_proj, m.o_proj, num_heads=config.num_attention_heads,
-                                       num_kv_heads=config.num_key_value_heads, head_dim=m.head_dim,
-                                       cache=self.cache, layer=n_attn)
+                mixer = PagedAttention.of(m, config, cache=self.cache, layer=n_attn)
                 n_attn += 1
             else:
                 mixer = ReLU2MLP(m.up_proj, m.down_proj)

@@ -5,7 +5,8 @@
 embed -> blocks -> final norm -> lm_head. A model family subclasses it and supplies what differs:
 
 - ``check_config(config)``: a ValueError naming any config feature the family's layers do not run;
-- ``embedding_weight(hf_model)``, ``final_norm(hf_model)``, ``lm_head_weight(hf_model)``: the ends of the model;
+- ``embedding_weight(hf_model)``, ``final_norm(hf_model)``, ``lm_head_weight(hf_model)``: the ends of
+  the model, where they differ from the defaults (``model.embed_tokens``, ``model.final_layernorm``, ``lm_head``);
 - ``build_blocks(hf_model)``: the model as a list of ``Residual`` blocks over ``self.cache``;
 - ``embed_tokens`` / ``output_logits``: override to scale the embeddings or the logits (the defaults do not).
 
@@ -13,13 +14,15 @@ The arena's geometry comes from ``HybridModelSpec.from_hf_config``, which dispat
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 
 from avmp_triton.memory.allocator import AVMPAllocator, PoolExhaustedError
 from avmp_triton.memory.cache import PagedCache
 from avmp_triton.models.batch import StepBatch, build_step_batch
-from avmp_triton.models.layers import RMSNorm
+from avmp_triton.models.layers import RMSNorm, cast_rms_norm
 from avmp_triton.spec import HybridModelSpec
 
 
@@ -35,7 +38,7 @@ class Residual:
         return h + (out if self.scale == 1.0 else out * self.scale)
 
 
-class HybridRunner:
+class HybridRunner(abc.ABC):
     """A hybrid model's forward over a paged cache in one AVMP arena. Build a family's subclass
     with ``from_transformers``; subclasses implement the hooks named in the module docstring."""
 
@@ -73,14 +76,14 @@ class HybridRunner:
 
     # --- the family's hooks --------------------------------------------------------------------
     @classmethod
+    @abc.abstractmethod
     def check_config(cls, config) -> None:
         """Raise ValueError naming any config feature the family's layers would get wrong."""
-        raise NotImplementedError
 
     @classmethod
     def embedding_weight(cls, hf_model: torch.nn.Module) -> torch.Tensor:
-        """The token embedding weight ``[vocab, hidden]``."""
-        raise NotImplementedError
+        """The token embedding weight ``[vocab, hidden]``; transformers' ``model.embed_tokens`` by default."""
+        return hf_model.model.embed_tokens.weight
 
     @classmethod
     def lm_head_weight(cls, hf_model: torch.nn.Module) -> torch.Tensor:
@@ -89,12 +92,13 @@ class HybridRunner:
 
     @classmethod
     def final_norm(cls, hf_model: torch.nn.Module) -> RMSNorm:
-        """The final norm, applied before lm_head."""
-        raise NotImplementedError
+        """The final norm, applied before lm_head; by default ``model.final_layernorm``, an RMSNorm
+        that casts back before its weight (Bamba, Jamba, Falcon-H1)."""
+        return cast_rms_norm(hf_model.model.final_layernorm)
 
+    @abc.abstractmethod
     def build_blocks(self, hf_model: torch.nn.Module) -> list:
         """The model's layers as ``Residual`` blocks (or any ``block(h, batch) -> h``), in order."""
-        raise NotImplementedError
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed)
