@@ -51,6 +51,10 @@ class HybridModelSpec:
     Mamba1: conv channels = d_inner; ssm state = [d_inner, d_state].
     Mamba2: conv channels = d_inner + 2 * n_groups * d_state (x, B and C go through the conv);
     ssm state = [mamba_num_heads, mamba_head_dim, d_state] with d_inner = heads * head_dim.
+
+    An attention-free model (pure Mamba1 or Mamba2) has ``num_attn_layers=0``; its
+    ``num_kv_heads`` and ``head_dim`` may then be 0 (the readers give 0), and its KV cache is empty:
+    ``kv_bytes_per_token == kv_page_bytes == 0``. With attention layers both must be positive.
     """
 
     name: str = "custom"
@@ -77,10 +81,17 @@ class HybridModelSpec:
             v = getattr(self, f)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{f} must be a non-negative int, got {v!r}")
-        for f in ("num_kv_heads", "head_dim", "d_inner", "d_state", "d_conv", "n_groups"):
+        for f in ("d_inner", "d_state", "d_conv", "n_groups"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be a positive int, got {v!r}")
+        # An attention-free model (pure Mamba) has no K/V heads to describe: 0 is allowed there only.
+        least = 1 if self.num_attn_layers else 0
+        for f in ("num_kv_heads", "head_dim"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < least:
+                raise ValueError(f"{f} must be an int >= {least} with num_attn_layers={self.num_attn_layers}, "
+                                 f"got {v!r}")
         if self.num_attn_layers + self.num_mamba_layers == 0:
             raise ValueError("a hybrid spec needs at least one attention or Mamba layer")
         if self.mamba_version not in (1, 2):
@@ -102,7 +113,7 @@ class HybridModelSpec:
     # --- attention ---
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token over all attention layers."""
+        """K and V of one token over all attention layers (0 without any)."""
         return self.num_attn_layers * 2 * self.num_kv_heads * self.head_dim * self.kv_dtype.itemsize
 
     @property
@@ -150,7 +161,8 @@ class HybridModelSpec:
         "model_type" key (made into transformers' config class for that type, so its defaults and
         derived fields such as ``layers_block_type`` apply), dispatching on the model type.
 
-        Supported: jamba, bamba, nemotron_h, granitemoehybrid, zamba2, falcon_h1, qwen3_next.
+        Supported: jamba, bamba, nemotron_h, granitemoehybrid, zamba2, falcon_h1, qwen3_next, and
+        the attention-free mamba (Mamba1) and mamba2, whose specs have no attention layers.
         Each dtype left as None follows ``config.dtype`` (``torch_dtype`` on older configs) and
         falls back to bf16. NemotronH's ``mamba_ssm_cache_dtype`` is not applied: transformers'
         own cache ignores it; pass ``ssm_dtype=torch.float32`` to model a serving engine that honours it.
@@ -333,6 +345,30 @@ def _read_qwen3_next(c) -> dict:
                   d_conv=c.linear_conv_kernel_dim))
 
 
+# Pure Mamba models: no attention layer, so no KV heads to describe (see HybridModelSpec).
+_NO_ATTN = dict(num_attn_layers=0, num_kv_heads=0, head_dim=0)
+
+
+def _read_mamba(c) -> dict:
+    # MambaConfig derives intermediate_size = expand * hidden_size unless config.json gives it;
+    # the mixer's width is intermediate_size either way.
+    return dict(**_NO_ATTN, num_mamba_layers=c.num_hidden_layers, mamba_version=1,
+                d_inner=c.intermediate_size, d_state=c.state_size, d_conv=c.conv_kernel)
+
+
+def _read_mamba2(c) -> dict:
+    # The mixer is int(expand * hidden_size) wide and views that as num_heads x head_dim.
+    # Mamba2Config refuses a config where they differ; an object that skipped its validation is
+    # refused here, before the spec would blame d_inner for it.
+    width = int(c.expand * c.hidden_size)
+    if width != c.num_heads * c.head_dim:
+        raise ValueError(f"the mamba2 config's expand * hidden_size ({c.expand} * {c.hidden_size} = {width}) "
+                         f"is not num_heads * head_dim ({c.num_heads} * {c.head_dim}); the mixer needs them equal")
+    return dict(**_NO_ATTN, num_mamba_layers=c.num_hidden_layers,
+                **_mamba2(heads=c.num_heads, head_dim=c.head_dim, d_state=c.state_size, n_groups=c.n_groups,
+                          d_conv=c.conv_kernel))
+
+
 _HF_READERS = {
     "jamba": _read_jamba,
     "bamba": _read_bamba,
@@ -341,6 +377,8 @@ _HF_READERS = {
     "zamba2": _read_zamba2,
     "falcon_h1": _read_falcon_h1,
     "qwen3_next": _read_qwen3_next,
+    "mamba": _read_mamba,
+    "mamba2": _read_mamba2,
 }
 
 

@@ -63,6 +63,24 @@ def test_bad_values_are_named_in_the_error(field, bad):
         HybridModelSpec(**{**_OK, field: bad})
 
 
+def test_attention_free_spec_has_an_empty_kv_cache():
+    s = HybridModelSpec(num_attn_layers=0, num_kv_heads=0, head_dim=0, num_mamba_layers=3, mamba_version=1,
+                        d_inner=5, d_state=3, d_conv=4)
+    assert s.kv_bytes_per_token == s.kv_page_bytes == 0
+    assert s.ssm_state_raw_bytes == 3 * 60 and s.ssm_block_bytes == 192
+    # head fields left as they were (an ablation of a hybrid spec) count for nothing either
+    assert HybridModelSpec(**{**_OK, "num_attn_layers": 0}).kv_page_bytes == 0
+
+
+@pytest.mark.parametrize("layers, field, bad", [
+    (1, "num_kv_heads", 0), (1, "head_dim", 0), (0, "num_kv_heads", -1), (0, "head_dim", -2), (0, "head_dim", 1.5),
+])
+def test_attention_fields_may_be_zero_only_without_attention(layers, field, bad):
+    with pytest.raises(ValueError, match=rf"{field} must be an int >= {1 if layers else 0} with "
+                                         rf"num_attn_layers={layers}, got {re.escape(repr(bad))}"):
+        HybridModelSpec(**{**_OK, "num_attn_layers": layers, field: bad})
+
+
 def test_no_layers_at_all_is_rejected():
     with pytest.raises(ValueError, match="at least one"):
         HybridModelSpec(**{**_OK, "num_attn_layers": 0, "num_mamba_layers": 0})
@@ -271,7 +289,7 @@ def test_dtype_defaults_to_bf16():
 def test_unsupported_model_type():
     with pytest.raises(ValueError, match="'llama'") as info:
         HybridModelSpec.from_hf_config(transformers.LlamaConfig())
-    for supported in ("jamba", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "falcon_h1"):
+    for supported in ("jamba", "bamba", "nemotron_h", "granitemoehybrid", "zamba2", "falcon_h1", "mamba", "mamba2"):
         assert supported in str(info.value)
 
 
@@ -321,6 +339,10 @@ def test_unsupported_model_type_in_a_dict_is_named_with_the_supported_ones():
                            head_dim=128, mamba_num_heads=None), "mamba_num_heads", "nemotron_h"),
     (types.SimpleNamespace(model_type="falcon_h1", num_hidden_layers=2, num_key_value_heads=2, head_dim=64,
                            mamba_d_ssm=None), "mamba_expand", "falcon_h1"),
+    (types.SimpleNamespace(model_type="mamba", num_hidden_layers=2, state_size=16, conv_kernel=4),
+     "intermediate_size", "mamba"),
+    (types.SimpleNamespace(model_type="mamba2", num_hidden_layers=2, expand=2, hidden_size=64, num_heads=2,
+                           head_dim=64, state_size=16, conv_kernel=4), "n_groups", "mamba2"),
 ])
 def test_missing_field_is_named_with_the_model_type(config, field, model_type):
     with pytest.raises(ValueError, match=f"the {model_type} config has no field '{field}'"):
@@ -334,3 +356,54 @@ def test_a_config_without_model_type_is_a_type_error(config):
         HybridModelSpec.from_hf_config(config)
     assert type(config).__name__ in str(info.value)
     assert "unsupported model_type" not in str(info.value)
+
+
+# --- from_hf_config: attention-free Mamba1 / Mamba2 ----------------------------------------------
+
+def test_mamba_default_config():
+    spec = HybridModelSpec.from_hf_config(transformers.MambaConfig())
+    assert spec == HybridModelSpec(
+        name="hf:mamba", num_attn_layers=0, num_kv_heads=0, head_dim=0, num_mamba_layers=32, mamba_version=1,
+        d_inner=1536, d_state=16, d_conv=4)  # intermediate_size = expand 2 * hidden_size 768
+    assert spec.kv_page_bytes == 0
+    assert spec.ssm_block_bytes == 32 * (1536 * 3 * 2 + 1536 * 16 * 2)
+
+
+def test_mamba2_default_config():
+    spec = HybridModelSpec.from_hf_config(transformers.Mamba2Config())
+    assert spec == HybridModelSpec(
+        name="hf:mamba2", num_attn_layers=0, num_kv_heads=0, head_dim=0, num_mamba_layers=64, mamba_version=2,
+        d_inner=8192, mamba_num_heads=128, mamba_head_dim=64, d_state=128, n_groups=8, d_conv=4)
+    assert spec.kv_page_bytes == 0
+    assert spec.conv_channels == 8192 + 2 * 8 * 128  # x, B and C, as Mamba2Mixer.conv_dim
+    assert spec.ssm_block_bytes == 64 * (10240 * 3 * 2 + 128 * 64 * 128 * 2)
+
+
+def test_mamba_config_json_dict():
+    # a config.json that spells out intermediate_size: the mixer uses it as given
+    cfg = {"model_type": "mamba", "hidden_size": 2560, "num_hidden_layers": 64, "state_size": 16, "expand": 2,
+           "conv_kernel": 4, "intermediate_size": 5120, "torch_dtype": "float32"}
+    spec = HybridModelSpec.from_hf_config(cfg)
+    assert (spec.num_attn_layers, spec.num_mamba_layers, spec.mamba_version) == (0, 64, 1)
+    assert (spec.d_inner, spec.d_state, spec.d_conv) == (5120, 16, 4)
+    assert spec.conv_dtype == spec.ssm_dtype == torch.float32
+    assert HybridModelSpec.from_hf_config({**cfg, "intermediate_size": 6000}).d_inner == 6000
+
+
+def test_mamba2_config_json_dict_and_dtype():
+    cfg = {"model_type": "mamba2", "hidden_size": 2560, "num_hidden_layers": 64, "num_heads": 80, "head_dim": 64,
+           "expand": 2, "state_size": 128, "n_groups": 1, "conv_kernel": 4, "torch_dtype": "bfloat16"}
+    spec = HybridModelSpec.from_hf_config(cfg, ssm_dtype=torch.float32)
+    assert (spec.num_attn_layers, spec.num_mamba_layers, spec.mamba_version) == (0, 64, 2)
+    assert (spec.d_inner, spec.mamba_num_heads, spec.mamba_head_dim) == (5120, 80, 64)
+    assert (spec.d_state, spec.n_groups, spec.d_conv) == (128, 1, 4)
+    assert (spec.conv_dtype, spec.ssm_dtype) == (torch.bfloat16, torch.float32)
+
+
+def test_mamba2_width_must_match_the_heads():
+    # Mamba2Config refuses this itself; an object built without its validation is refused by the reader
+    cfg = types.SimpleNamespace(model_type="mamba2", num_hidden_layers=2, expand=2, hidden_size=100, num_heads=4,
+                                head_dim=64, state_size=16, n_groups=1, conv_kernel=4)
+    with pytest.raises(ValueError, match=r"expand \* hidden_size \(2 \* 100 = 200\) is not num_heads \* "
+                                         r"head_dim \(4 \* 64\)"):
+        HybridModelSpec.from_hf_config(cfg)

@@ -10,6 +10,8 @@ The allocators differ only in policy:
 
 - ``AVMPAllocator``: two pools (KV pages, SSM blocks); on failure capacity moves between them,
   first whole free slabs, else compacted ones (live units copied out, handles rebound).
+  For an attention-free spec (pure Mamba: ``num_attn_layers == 0``) the KV unit is 0 bytes and
+  its pool owns no slab, ever: the SSM pool is the whole arena (``StaticDualAllocator`` likewise).
 - ``StaticDualAllocator``: the same two pools with a fixed split, never rebalanced.
 - ``PaddedUnifiedAllocator``: one pool whose unit is max(page, block) of the whole model (a
   simulation baseline: vLLM pads per layer group, not this way).
@@ -65,6 +67,13 @@ class PoolExhaustedError(RuntimeError):
 
 class InvalidHandleError(ValueError):
     """A handle that is out of range, free, of the wrong kind, or repeated. Nothing was changed."""
+
+
+def no_kv_pool_error(spec_name: str, what: str) -> ValueError:
+    """What a request for KV capacity raises on an attention-free spec (the Python model raises
+    the same): no rebalance could serve it, so it is a caller's error, not an exhausted pool."""
+    return ValueError(f"spec {spec_name!r} has no attention layers (num_attn_layers=0), so the allocator "
+                      f"has no KV pool: {what}")
 
 
 _ERROR_TEXT = {
@@ -148,13 +157,14 @@ class ArenaAllocator:
         self._check_args(spec, capacity_bytes, kv_fraction, page_tokens, migration_batch)
         self.device = _resolve_device(device)
         self.spec = spec
+        self._kv_pool = spec.num_attn_layers > 0
         self.page_tokens = page_tokens
         self.migration_batch = migration_batch
 
         # exact unit sizes, then the unit each pool hands out
         self.kv_page_raw = spec.kv_bytes_per_token * page_tokens
         self.ssm_block_raw = spec.ssm_state_raw_bytes
-        page = _round_up(self.kv_page_raw, UNIT_ALIGN)
+        page = _round_up(self.kv_page_raw, UNIT_ALIGN)  # 0 without attention layers
         block = spec.ssm_block_bytes
         if self._unified:
             self.pool_names = ("unified",)
@@ -167,30 +177,24 @@ class ArenaAllocator:
             self._pool_of = {KIND_KV: 0, KIND_SSM: 1}
 
         if slab_bytes is None:
-            slab_bytes = default_slab_bytes(sorted(set(self.unit_bytes)))
+            slab_bytes = default_slab_bytes(sorted({u for u in self.unit_bytes if u}))
         if not is_int(slab_bytes) or slab_bytes % SLAB_ALIGN or slab_bytes < max(self.unit_bytes):
             raise ValueError(f"slab_bytes must be a multiple of {SLAB_ALIGN} holding the largest unit "
                              f"({max(self.unit_bytes)} bytes), got {slab_bytes!r}")
         self.slab_bytes = slab_bytes
         self.num_slabs = capacity_bytes // slab_bytes
-        min_slabs = 1 if self._unified else 2
+        min_slabs = 2 if self._kv_pool and not self._unified else 1
         if self.num_slabs < min_slabs:
             raise ValueError(f"capacity_bytes={capacity_bytes} holds {self.num_slabs} slab(s) of {slab_bytes} "
                              f"bytes; at least {min_slabs} needed")
         self.capacity_bytes = capacity_bytes
-        self.units_per_slab = tuple(slab_bytes // u for u in self.unit_bytes)
+        # a 0-byte KV unit fits no slab: its pool stays empty and the handle space is the SSM pool's
+        self.units_per_slab = tuple(slab_bytes // u if u else 0 for u in self.unit_bytes)
         self.max_units_per_slab = max(self.units_per_slab)
         self.num_handles = self.num_slabs * self.max_units_per_slab  # never fewer than live units
 
         S, dev = self.num_slabs, self.device
-        if self._unified:
-            n_pool0 = S
-        else:
-            n_pool0 = min(S, int(kv_fraction * S + 0.5))  # round half up, not to even
-        owner = torch.ones(S, dtype=torch.int32)
-        owner[:n_pool0] = 0
-        if self._unified:
-            owner.zero_()
+        owner = self._initial_owner(kv_fraction)
 
         self.arena = torch.empty(S * slab_bytes, dtype=torch.uint8, device=dev if materialize else "meta")
         self._arena_words = self.arena.view(torch.int32)
@@ -221,14 +225,29 @@ class ArenaAllocator:
         self.units_moved = 0
         self.bytes_copied = 0
 
+    def _initial_owner(self, kv_fraction: float) -> torch.Tensor:
+        """``[S]`` int32 pool of each slab at the start: the KV pool's first, then the SSM pool's."""
+        S = self.num_slabs
+        if self._unified:
+            return torch.zeros(S, dtype=torch.int32)
+        # without attention layers kv_fraction is moot: there is no KV page to put in a slab
+        n_kv = min(S, int(kv_fraction * S + 0.5)) if self._kv_pool else 0  # round half up, not to even
+        owner = torch.ones(S, dtype=torch.int32)
+        owner[:n_kv] = 0
+        return owner
+
     def _check_args(self, spec, capacity_bytes, kv_fraction, page_tokens, migration_batch) -> None:
         """Every constructor argument, before anything is allocated; errors name the value."""
         if not isinstance(spec, HybridModelSpec):
             raise TypeError(f"spec must be a HybridModelSpec, got {type(spec).__name__}")
         check_cache_dtypes(spec)  # again here: a spec changed through object.__setattr__ skips its own check
-        if spec.num_attn_layers < 1 or spec.num_mamba_layers < 1:
-            raise ValueError(f"spec {spec.name!r} needs attention and Mamba layers, got "
-                             f"{spec.num_attn_layers} and {spec.num_mamba_layers}")
+        if spec.num_mamba_layers < 1:
+            raise ValueError(f"spec {spec.name!r} has no Mamba layers (num_mamba_layers="
+                             f"{spec.num_mamba_layers}); the allocators need an SSM pool")
+        if self._unified and spec.num_attn_layers < 1:
+            raise ValueError(f"{type(self).__name__} pools KV pages and SSM blocks in one unit size, but spec "
+                             f"{spec.name!r} has no attention layers (num_attn_layers=0): use AVMPAllocator or "
+                             f"StaticDualAllocator")
         if not is_int(page_tokens) or page_tokens < 1:
             raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
         if self._KERNEL_PAGES:
@@ -269,6 +288,7 @@ class ArenaAllocator:
             raise ValueError("kind must be 'kv' or 'ssm', got None")
         self._check_vec(out, "out", None)
         n = self._check_count(out.numel())
+        self._check_kv_demand(req, n, f"cannot allocate n={n} KV pages")
         if n:
             self._launch_alloc(req, n, out)
         else:
@@ -311,6 +331,7 @@ class ArenaAllocator:
             raise ValueError(f"num_slabs must be an int in [0, {self.num_slabs}], got {num_slabs!r}")
         if not self._migrates:
             raise PoolExhaustedError(f"{type(self).__name__} never moves capacity between pools")
+        self._check_kv_demand(_KIND_OF_NAME[to_kind], num_slabs, f"cannot move {num_slabs} slab(s) into it")
         if num_slabs:
             self._move_capacity(_KIND_OF_NAME[to_kind], num_slabs, eager=False)
 
@@ -327,7 +348,8 @@ class ArenaAllocator:
             ``failed`` ``[R]`` int32: 0 granted; 7 no capacity; 6 bad count (need < 0 or the row
             would pass W). A row gets all its pages or none, rows are served in order, and once
             one row does not fit no later row is granted. Nothing is rebalanced here (no sync):
-            call ``make_room`` / ``rebalance`` from the host on failure.
+            call ``make_room`` / ``rebalance`` from the host on failure. On an attention-free spec
+            the KV pool stays empty: zero-need rows get 0 and change nothing, others get 7.
         """
         R, W = self._check_table_args(block_table, num_pages)
         self._check_vec(need, "need", R)
@@ -393,6 +415,7 @@ class ArenaAllocator:
         if not k:
             raise ValueError(f"kind must be 'kv' or 'ssm', got {kind!r}")
         n = self._check_count(n)
+        self._check_kv_demand(k, n, f"cannot make room for n={n} KV pages")
         pool = self._pool_of[k]
         free = int(self._tops[pool])
         if free >= n:
@@ -465,6 +488,7 @@ class ArenaAllocator:
 
     def _alloc(self, kind: int, n) -> torch.Tensor:
         n = self._check_count(n)
+        self._check_kv_demand(kind, n, f"cannot allocate n={n} KV pages")
         out = torch.empty(n, dtype=torch.int32, device=self.device)
         if n == 0:
             return out
@@ -554,6 +578,11 @@ class ArenaAllocator:
             ws = self._workspaces[rp] = torch.empty(2 * rp, dtype=torch.int64, device=self.device)
         return ws
 
+    def _check_kv_demand(self, kind: int, n: int, what: str) -> None:
+        """Host check, no sync: only zero KV demand is valid on an attention-free spec."""
+        if kind == KIND_KV and n and not self._kv_pool:
+            raise no_kv_pool_error(self.spec.name, what)
+
     def _kind_arg(self, kind) -> int:
         if kind not in _KIND_OF_NAME:
             raise ValueError(f"kind must be None, 'kv' or 'ssm', got {kind!r}")
@@ -621,7 +650,12 @@ class AVMPAllocator(ArenaAllocator):
             ``0 <= low <= high <= 1``: each ``proactive_step()`` moves up to ``migration_batch``
             completely free slabs into a pool whose free fraction is below ``low`` from the other
             pool when that one's is above ``high`` (decided on the device, no host sync), never
-            taking the donor below ``low`` or its last slab.
+            taking the donor below ``low`` or its last slab. Refused for an attention-free spec,
+            whose KV pool must never take a slab.
+
+    With an attention-free spec every slab is the SSM pool's; ``kv_fraction`` is ignored, any
+    request for KV capacity (``alloc_kv(n > 0)``, ``make_room("kv", n > 0)``, ``rebalance("kv",
+    k > 0)``) raises ValueError, and ``grow_kv`` with zero need and ``release_rows`` work as usual.
     """
 
     _migrates = True
@@ -639,6 +673,13 @@ class AVMPAllocator(ArenaAllocator):
             self._proactive_victims = torch.zeros(min(self.num_slabs, self.migration_batch), dtype=torch.int32,
                                                   device=dev)
             self._proactive_counters = torch.zeros(2, dtype=torch.int64, device=dev)
+
+    def _check_args(self, spec, *args) -> None:
+        super()._check_args(spec, *args)
+        if self.proactive is not None and not spec.num_attn_layers:
+            # the policy would hand free SSM slabs to a KV pool that has no unit to fill them with
+            raise ValueError(f"proactive={self.proactive!r} balances the KV and SSM pools, but spec {spec.name!r} "
+                             f"has no attention layers (num_attn_layers=0), so no KV pool")
 
     def proactive_step(self) -> None:
         """One launch of the watermark policy (see ``kernels/alloc.py:proactive_kernel``): no host
@@ -704,15 +745,17 @@ class VllmHybridAllocator(ArenaAllocator):
                  device=None, slab_bytes: int | None = None, materialize: bool = True):
         if not is_int(ssm_units) or ssm_units < 1:
             raise ValueError(f"ssm_units must be a positive int, got {ssm_units!r}")
-        if not is_int(page_tokens) or page_tokens < 1:
-            raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
-        page = spec.kv_bytes_per_token * page_tokens
-        if -(-spec.ssm_block_bytes // ssm_units) > _round_up(page, UNIT_ALIGN):
-            raise ValueError(f"ssm_units={ssm_units} blocks of {page} bytes ({page_tokens} tokens) cannot hold the "
-                             f"SSM state of {spec.ssm_block_bytes} bytes")
         self.ssm_units = ssm_units
         super().__init__(spec, capacity_bytes, device=device, page_tokens=page_tokens, slab_bytes=slab_bytes,
                          materialize=materialize)
+
+    def _check_args(self, spec, capacity_bytes, kv_fraction, page_tokens, migration_batch) -> None:
+        # after the shared checks: they vouch for the spec and page_tokens this reads
+        super()._check_args(spec, capacity_bytes, kv_fraction, page_tokens, migration_batch)
+        page = spec.kv_bytes_per_token * page_tokens
+        if -(-spec.ssm_block_bytes // self.ssm_units) > _round_up(page, UNIT_ALIGN):
+            raise ValueError(f"ssm_units={self.ssm_units} blocks of {page} bytes ({page_tokens} tokens) cannot hold "
+                             f"the SSM state of {spec.ssm_block_bytes} bytes")
 
 
 # watermarks are compared in integers: free * SCALE < round(low * SCALE) * units

@@ -32,7 +32,8 @@ class PagedCache:
 
     @classmethod
     def of(cls, allocator) -> PagedCache:
-        """The view of an allocator (``AVMPAllocator``, ``StaticDualAllocator``, ``PaddedUnifiedAllocator``)."""
+        """The view of an allocator (``AVMPAllocator``, ``StaticDualAllocator``, ``PaddedUnifiedAllocator``);
+        an attention-free spec's view has no ``kv_layout``, only the SSM side."""
         spec = getattr(allocator, "spec", None)
         if not isinstance(spec, HybridModelSpec) or not isinstance(getattr(allocator, "arena", None), torch.Tensor):
             raise TypeError(f"allocator must be an arena allocator (AVMPAllocator, StaticDualAllocator, "
@@ -40,10 +41,11 @@ class PagedCache:
         if getattr(allocator, "ssm_units", 1) != 1:
             raise TypeError(f"{type(allocator).__name__} spreads a request's SSM state over {allocator.ssm_units} units; "
                             f"the Mamba ops read it from one")
-        has_ssm = spec.num_mamba_layers > 0
+        has_kv, has_ssm = spec.num_attn_layers > 0, spec.num_mamba_layers > 0
         return cls(arena=allocator.arena, handle_table=allocator.handle_table, handle_kinds=allocator.handle_kind,
-                   kv_layout=kv_page_layout(spec, allocator.page_tokens), num_attn_layers=spec.num_attn_layers,
-                   kv_dtype=spec.kv_dtype, ssm_layout=ssm_block_layout(spec) if has_ssm else None,
+                   kv_layout=kv_page_layout(spec, allocator.page_tokens) if has_kv else None,
+                   num_attn_layers=spec.num_attn_layers, kv_dtype=spec.kv_dtype if has_kv else None,
+                   ssm_layout=ssm_block_layout(spec) if has_ssm else None,
                    ssm_dtype=spec.ssm_dtype if has_ssm else None, conv_dtype=spec.conv_dtype if has_ssm else None,
                    spec=spec)
 

@@ -21,6 +21,9 @@ Policy (mirrors ``kernels/alloc.py``):
   ``stack[top+i]`` in input order. A fresh allocator pops the lowest slot and handle 0 first.
 - ``alloc``: all or nothing from ``min(free units, free handles)``; on shortage AVMP rebalances
   (eagerly) and retries, the baselines raise ``PoolExhaustedError``.
+- Attention-free spec (KV unit of 0 bytes): the KV pool never owns a slab; ``alloc``,
+  ``make_room`` or ``rebalance`` asking for KV capacity raise ValueError; ``grow`` fails rows with
+  a need (``ERR_NO_SPACE``) and grants zero-need ones.
 - ``free``: every handle is checked first (range, live, kind, repeated); the first bad one in input
   order is reported and nothing changes. Otherwise units and handles are pushed in input order.
 - ``grow``: rows are served in order, each all or nothing; ``need < 0`` or overflowing rows get
@@ -56,6 +59,7 @@ from avmp_triton.memory.allocator import (
     InvalidHandleError,
     PoolExhaustedError,
     PoolStats,
+    no_kv_pool_error,
 )
 from avmp_triton.memory.planner import donor_holdings, plan_victims
 
@@ -85,9 +89,10 @@ class AllocatorModel:
     def __init__(self, *, unit_bytes: tuple[int, int], units_per_slab: tuple[int, int], slab_bytes: int,
                  slab_owner: list[int], pool_of: dict[int, int], pool_names: tuple[str, ...],
                  migrates: bool, migration_batch: int, kv_page_raw: int, ssm_block_raw: int,
-                 capacity_bytes: int, name: str = "allocator",
+                 capacity_bytes: int, name: str = "allocator", spec_name: str = "custom",
                  proactive: tuple[float, float] | None = None):
         self.name = name  # the device class name (it appears in one error message)
+        self.spec_name = spec_name  # named by the refusals of an attention-free spec
         self.unit_bytes = tuple(unit_bytes)
         self.units_per_slab = tuple(units_per_slab)
         self.slab_bytes = slab_bytes
@@ -134,7 +139,7 @@ class AllocatorModel:
                    migrates=allocator._migrates, migration_batch=allocator.migration_batch,
                    kv_page_raw=allocator.kv_page_raw, ssm_block_raw=allocator.ssm_block_raw,
                    capacity_bytes=allocator.capacity_bytes, name=type(allocator).__name__,
-                   proactive=getattr(allocator, "proactive", None))
+                   spec_name=allocator.spec.name, proactive=getattr(allocator, "proactive", None))
 
     def _slab_units(self, s: int, p: int) -> list[int]:
         return [s * self.slab_bytes + i * self.unit_bytes[p] for i in range(self.units_per_slab[p])]
@@ -162,6 +167,11 @@ class AllocatorModel:
         if kind not in KIND_OF_NAME:
             raise ValueError(f"kind must be None, 'kv' or 'ssm', got {kind!r}")
         return KIND_OF_NAME[kind]
+
+    def _check_kv_demand(self, kind: int, n: int, what: str) -> None:
+        """A 0-byte KV unit (attention-free spec) means no KV pool: only zero KV demand is valid."""
+        if kind == KIND_KV and n and not self.unit_size(KIND_KV):
+            raise no_kv_pool_error(self.spec_name, what)
 
     def _exhausted(self, kind: int, n: int, free: int) -> PoolExhaustedError:
         return PoolExhaustedError(
@@ -223,6 +233,7 @@ class AllocatorModel:
         n = self._check_count(n)
         if n == 0:
             return []
+        self._check_kv_demand(k, n, f"cannot allocate n={n} KV pages")
         avail = self._available(k)
         if avail < n:
             if not self.migrates:
@@ -321,6 +332,7 @@ class AllocatorModel:
             raise ValueError(f"num_slabs must be an int in [0, {self.num_slabs}], got {num_slabs!r}")
         if not self.migrates:
             raise PoolExhaustedError(f"{self.name} never moves capacity between pools")
+        self._check_kv_demand(KIND_OF_NAME[to_kind], num_slabs, f"cannot move {num_slabs} slab(s) into it")
         if num_slabs:
             self._move_capacity(KIND_OF_NAME[to_kind], num_slabs, eager=False)
 
@@ -329,6 +341,7 @@ class AllocatorModel:
         if not k:
             raise ValueError(f"kind must be 'kv' or 'ssm', got {kind!r}")
         n = self._check_count(n)
+        self._check_kv_demand(k, n, f"cannot make room for n={n} KV pages")
         p = self.pool_of[k]
         free = len(self.unit_stacks[p])
         if free >= n:

@@ -847,7 +847,9 @@ def test_constructor_rejects_bad_arguments(cls):
     if not torch.cuda.is_available():
         bad(ValueError, "'cuda'", device="cuda")
     bad(TypeError, "dict", spec={"num_attn_layers": 1})
-    bad(ValueError, "'no-attn'", spec=dataclasses.replace(spec, name="no-attn", num_attn_layers=0))
+    bad(ValueError, "'no-mamba'", "num_mamba_layers=0", spec=dataclasses.replace(spec, name="no-mamba", num_mamba_layers=0))
+    if cls is PaddedUnifiedAllocator:  # attention-free specs: see the section of their own below
+        bad(ValueError, "'no-attn'", "no attention layers", spec=dataclasses.replace(spec, name="no-attn", num_attn_layers=0))
     bad(ValueError, "capacity_bytes", "0", capacity_bytes=0)
     bad(ValueError, "capacity_bytes", "4096.0", capacity_bytes=4096.0)
     bad(ValueError, "capacity_bytes=2000", capacity_bytes=2000)
@@ -1029,3 +1031,148 @@ def test_alloc_into_and_free_from_need_no_sync_and_match_the_model(cls):
         a.alloc_into(None, out)
     with pytest.raises(TypeError, match="out must be torch.int32"):
         a.alloc_into("kv", out.long())
+
+
+# ---------------------------------------------------------------------------------------- attention-free specs
+
+# pure Mamba1: no KV page (0 B, 0 per slab); SSM block 96 + 128 = 224 B, 9 per slab, 32-B tail
+SPEC_NO_ATTN = HybridModelSpec(
+    name="tiny-mamba", num_attn_layers=0, num_kv_heads=0, head_dim=0, num_mamba_layers=1, mamba_version=1,
+    d_inner=8, d_state=4, conv_dtype=torch.float32, ssm_dtype=torch.float32)
+TWO_POOL = [AVMPAllocator, StaticDualAllocator]
+
+
+def make_attention_free(cls=AVMPAllocator, slabs=5, **kw):
+    return cls(SPEC_NO_ATTN, slabs * SLAB + ARENA_TAIL, device=DEVICE, slab_bytes=SLAB, **kw)
+
+
+@pytest.mark.parametrize("cls", TWO_POOL)
+def test_attention_free_arena_is_all_ssm_pool(cls):
+    """The KV pool has a 0-byte unit and no slab, whatever split is asked for; the handle space is
+    the SSM pool's alone; one slab is enough."""
+    split = dict(kv_fraction=1.0) if cls is AVMPAllocator else dict(ssm_fraction=0.0)
+    a = make_attention_free(cls, **split)
+    m = AllocatorModel.like(a)
+    assert a.unit_bytes == (0, 224) and a.units_per_slab == (0, 9) and (a.kv_page_raw, a.ssm_block_raw) == (0, 224)
+    assert a.slab_owner.tolist() == [a.pool_index("ssm")] * 5
+    assert a.num_handles == 5 * 9
+    st = a.stats()
+    assert st == m.stats()
+    assert (st.pools["kv"].slabs, st.pools["kv"].units, st.pools["kv"].slab_tail_bytes) == (0, 0, 0)
+    assert st.pools["ssm"].units == 45 and st.slab_tail_bytes == 5 * 32
+    assert_matches(m, a)
+    assert make_attention_free(cls, slabs=1).num_slabs == 1
+    # the default slab size is sized by the SSM block alone
+    b = cls(SPEC_NO_ATTN, 4 << 20, device=DEVICE)
+    assert b.units_per_slab[0] == 0 and b.slab_bytes % 224 <= 0.01 * b.slab_bytes
+    assert b.num_handles == b.num_slabs * b.units_per_slab[1]
+
+
+@pytest.mark.parametrize("cls", TWO_POOL)
+def test_attention_free_alloc_free_release_against_model(cls):
+    gen = torch.Generator().manual_seed(41 + TWO_POOL.index(cls))
+    a = make_attention_free(cls)
+    m = AllocatorModel.like(a)
+    units = Units(a, gen)
+    R, W = 6, 3
+    _, bt, npg = _tables(R, W)
+    ssm = torch.full((R,), -1, dtype=torch.int32, device=DEVICE)
+    m_bt, m_npg, m_ssm = [[-1] * W for _ in range(R)], [0] * R, [-1] * R
+    for step in range(5):
+        # a runner grows KV every step; for this spec the demand is always zero: nothing changes
+        before, tables = raw_state(a), (bt.clone(), npg.clone())
+        assert a.grow_kv(bt, npg, i32([0] * R)).tolist() == m.grow(m_bt, m_npg, [0] * R) == [0] * R
+        assert_same_raw(before, raw_state(a))
+        assert torch.equal(bt, tables[0]) and torch.equal(npg, tables[1])
+        assert a.alloc_kv(0).shape == (0,)
+        free = a.stats().pools["ssm"].free_units
+        units.stamp(alloc_both(a, m, "ssm", min(free, int(torch.randint(1, 9, (1,), generator=gen)))), KIND_SSM)
+        rows = [r for r in shuffled(range(R), gen) if m_ssm[r] < 0][:2]
+        if rows and free > 10:
+            hs = alloc_both(a, m, "ssm", len(rows))
+            units.stamp(hs, KIND_SSM)
+            for r, h in zip(rows, hs):
+                ssm[r] = m_ssm[r] = h
+        loose = [h for h in units.live() if h not in m_ssm]
+        assert a.resolve(i32(loose)).tolist() == m.resolve(loose)
+        drop = shuffled(loose, gen)[: len(loose) // 2]
+        a.free(i32(drop), kind="ssm")
+        m.free(drop, kind="ssm")
+        units.forget(drop)
+        # release rows whose block tables are empty (-1): only their SSM blocks go
+        picked = shuffled(range(R), gen)[:2]
+        freed = [m_ssm[r] for r in picked if m_ssm[r] >= 0]
+        rows = shuffled(picked + [-1, -1], gen)
+        status = a.release_rows(i32(rows), bt, npg, ssm)
+        assert tuple(status.tolist()) == m.release(rows, m_bt, m_npg, m_ssm) == (0, -1, 0)
+        units.forget(freed)
+        assert bt.tolist() == m_bt and npg.tolist() == m_npg and ssm.tolist() == m_ssm
+        assert_matches(m, a)
+        units.verify()
+    assert a.stats() == m.stats() and a.stats().live_kv == 0
+    # a row that does ask for pages is refused (no capacity), as the model says, and nothing changes
+    before = raw_state(a)
+    assert a.grow_kv(bt, npg, i32([0, 2, 0, -1, 0, 0])).tolist() == m.grow(m_bt, m_npg, [0, 2, 0, -1, 0, 0]) \
+        == [0, 7, 0, 6, 0, 0]
+    assert_same_raw(before, raw_state(a))
+    assert (bt == -1).all() and (npg == 0).all()
+
+
+@pytest.mark.parametrize("cls", TWO_POOL)
+def test_attention_free_refuses_kv_capacity_and_changes_nothing(cls):
+    a = make_attention_free(cls)
+    m = AllocatorModel.like(a)
+    units = Units(a, torch.Generator().manual_seed(5))
+    units.stamp(alloc_both(a, m, "ssm", 11), KIND_SSM)
+    named = ("'tiny-mamba'", "no attention layers")
+    expect_error(a, m, ValueError, lambda: a.alloc_kv(3), lambda: m.alloc("kv", 3), names=named + ("n=3",))
+    expect_error(a, m, ValueError, lambda: a.make_room("kv", 2), lambda: m.make_room("kv", 2), names=named + ("n=2",))
+    out = torch.full((2,), -7, dtype=torch.int32, device=DEVICE)
+    expect_error(a, m, ValueError, lambda: a.alloc_into("kv", out), names=named + ("n=2",))
+    assert (out == -7).all()
+    if cls is AVMPAllocator:
+        expect_error(a, m, ValueError, lambda: a.rebalance("kv", 1), lambda: m.rebalance("kv", 1), names=named + ("1 slab",))
+    else:
+        expect_error(a, m, PoolExhaustedError, lambda: a.rebalance("kv", 1), lambda: m.rebalance("kv", 1),
+                     names=("never moves",))
+    # zero KV demand is no request at all
+    before = raw_state(a)
+    a.make_room("kv", 0)
+    m.make_room("kv", 0)
+    assert a.alloc_into("kv", out[:0]).tolist() == [0, 0, 0]
+    if cls is AVMPAllocator:
+        a.rebalance("kv", 0)
+        m.rebalance("kv", 0)
+    assert_same_raw(before, raw_state(a))
+    assert_matches(m, a)
+    units.verify()
+
+
+def test_attention_free_ssm_pool_cannot_grow_or_compact():
+    """There is no other pool to take slabs from or hand them to: a full SSM pool is exhausted
+    (AVMP finds nothing to move), and a fragmented one is never compacted; bytes stay put."""
+    gen = torch.Generator().manual_seed(9)
+    a = make_attention_free(AVMPAllocator, slabs=4)
+    m = AllocatorModel.like(a)
+    units = Units(a, gen)
+    _fill_donor_scattered(a, m, units, gen, KIND_SSM)
+    assert all(n > 0 for n in a.slab_live.tolist()), "every slab busy: a move would have to compact"
+    expect_error(a, m, ValueError, lambda: a.rebalance("kv", 1), lambda: m.rebalance("kv", 1), names=("'tiny-mamba'",))
+    expect_error(a, m, PoolExhaustedError, lambda: a.rebalance("ssm", 1), lambda: m.rebalance("ssm", 1),
+                 names=("'kv' pool has 0 slab(s)",))
+    units.stamp(alloc_both(a, m, "ssm", a.stats().pools["ssm"].free_units), KIND_SSM)
+    expect_error(a, m, PoolExhaustedError, lambda: a.alloc_ssm(1), lambda: m.alloc("ssm", 1), names=("n=1", "'ssm'"))
+    st = a.stats()
+    assert (st.migrations, st.slabs_moved, st.units_moved, st.bytes_copied) == (0, 0, 0, 0)
+    units.verify()
+
+
+def test_attention_free_refusals_by_the_other_allocators():
+    with pytest.raises(ValueError, match="PaddedUnifiedAllocator .*'tiny-mamba' has no attention layers"):
+        PaddedUnifiedAllocator(SPEC_NO_ATTN, 5 * SLAB, device=DEVICE, slab_bytes=SLAB)
+    from avmp_triton import VllmHybridAllocator
+    with pytest.raises(ValueError, match="VllmHybridAllocator .*'tiny-mamba' has no attention layers"):
+        VllmHybridAllocator(SPEC_NO_ATTN, 5 * SLAB, device=DEVICE, page_tokens=16, ssm_units=1, slab_bytes=SLAB)
+    # the watermark policy would hand SSM slabs to a KV pool that can never fill them
+    with pytest.raises(ValueError, match=r"proactive=\(0.1, 0.5\) .*'tiny-mamba' has no attention layers"):
+        make_attention_free(AVMPAllocator, proactive=(0.1, 0.5))

@@ -38,6 +38,10 @@ GEOMS = {
         num_mamba_layers=1, mamba_version=1, d_inner=10, d_state=11, conv_dtype=torch.bfloat16,
         ssm_dtype=torch.float32), 2),
 }
+# pure Mamba1 (no attention layer): a 0-byte KV unit, SSM blocks of 224 B
+SPEC_NO_ATTN = HybridModelSpec(
+    name="tiny-mamba", num_attn_layers=0, num_kv_heads=0, head_dim=0, num_mamba_layers=1, mamba_version=1,
+    d_inner=8, d_state=4, conv_dtype=torch.float32, ssm_dtype=torch.float32)
 R, W = 4, 3  # block table of the grow / release rules
 
 
@@ -67,7 +71,9 @@ class AllocatorMachine(RuleBasedStateMachine):
                 fraction=st.sampled_from([0.25, 0.5, 0.75]), batch=st.sampled_from([1, 2, 16]),
                 seed=st.integers(0, 2**31 - 1))
     def build(self, geom, slabs, fraction, batch, seed):
-        spec, page_tokens = GEOMS[geom]
+        self.setup(*GEOMS[geom], slabs, fraction, batch, seed)
+
+    def setup(self, spec, page_tokens, slabs, fraction, batch, seed):
         kw = dict(device=DEVICE, slab_bytes=SLAB, page_tokens=page_tokens)
         if self.cls is AVMPAllocator:
             kw.update(kv_fraction=fraction, migration_batch=batch)
@@ -133,6 +139,10 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.assert_unchanged(before)
         return got, want, want_err
 
+    def kv_refused(self, kind, err) -> bool:
+        """An attention-free spec refuses every request for KV capacity (and names itself)."""
+        return kind == "kv" and not self.a.spec.num_attn_layers and "has no KV pool" in str(err)
+
     def free_handles(self):
         return [h for h in range(self.a.num_handles) if self.m.kinds[h] == 0]
 
@@ -143,7 +153,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         got, want, err = self.both(lambda: (self.a.alloc_kv if k == KIND_KV else self.a.alloc_ssm)(n),
                                    lambda: self.m.alloc(kind, n), (PoolExhaustedError, ValueError))
         if isinstance(err, ValueError):
-            assert n > self.a.num_handles and str(n) in str(err)
+            assert (n > self.a.num_handles or self.kv_refused(kind, err)) and str(n) in str(err)
         if err is None:
             assert got.tolist() == want
             self.stamp(want, k)
@@ -210,8 +220,9 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @rule(to_kind=st.sampled_from(["kv", "ssm"]), num_slabs=st.one_of(st.integers(1, 2), st.integers(0, 4)))
     def rebalance(self, to_kind, num_slabs):
-        self.both(lambda: self.a.rebalance(to_kind, num_slabs), lambda: self.m.rebalance(to_kind, num_slabs),
-                  PoolExhaustedError)
+        _, _, err = self.both(lambda: self.a.rebalance(to_kind, num_slabs),
+                              lambda: self.m.rebalance(to_kind, num_slabs), (PoolExhaustedError, ValueError))
+        assert not isinstance(err, ValueError) or self.kv_refused(to_kind, err) or num_slabs > self.a.num_slabs
 
     @rule(to_kind=st.sampled_from(["kv", "ssm"]), data=st.data())
     def squeeze(self, to_kind, data):
@@ -221,8 +232,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         d = 1 - self.m.pool_of[KIND_KV if to_kind == "kv" else KIND_SSM]
         donor = [s for s in range(self.m.num_slabs) if self.m.slab_owner[s] == d]
         live = sum(self.m.slab_live[s] for s in donor)
-        most = len(donor) - -(-live // self.m.units_per_slab[d])
-        if most >= 1:
+        most = len(donor) - -(-live // self.m.units_per_slab[d]) if donor else 0
+        if most >= 1 and not (to_kind == "kv" and not self.a.spec.num_attn_layers):
             k = data.draw(st.integers(1, most))
             self.both(lambda: self.a.rebalance(to_kind, k), lambda: self.m.rebalance(to_kind, k), ())
             assert self.m.stats().pools[self.m.pool_names[d]].slabs == len(donor) - k
@@ -232,7 +243,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         _, _, err = self.both(lambda: self.a.make_room(kind, n), lambda: self.m.make_room(kind, n),
                               (PoolExhaustedError, ValueError))
         if isinstance(err, ValueError):
-            assert n > self.a.num_handles and str(n) in str(err)
+            assert (n > self.a.num_handles or self.kv_refused(kind, err)) and str(n) in str(err)
 
     @rule(need=st.lists(st.integers(-1, 3), min_size=R, max_size=R))
     def grow(self, need):
@@ -343,7 +354,23 @@ class PaddedUnifiedMachine(AllocatorMachine):
     cls = PaddedUnifiedAllocator
 
 
+class AttentionFreeMachine(AllocatorMachine):
+    """AVMP on a pure Mamba spec: every slab is the SSM pool's, KV demand is refused or fails."""
+
+    @initialize(slabs=st.integers(1, 6), fraction=st.sampled_from([0.0, 0.5, 1.0]), batch=st.sampled_from([1, 16]),
+                seed=st.integers(0, 2**31 - 1))
+    def build(self, slabs, fraction, batch, seed):
+        self.setup(SPEC_NO_ATTN, 16, slabs, fraction, batch, seed)
+
+    @invariant()
+    def kv_pool_stays_empty(self):
+        if self.a is not None:
+            assert self.a.stats().pools["kv"].slabs == 0 and not self.m.unit_stacks[0]
+
+
 TestStaticDualAllocatorStateful = StaticDualMachine.TestCase
 TestStaticDualAllocatorStateful.settings = settings(max_examples=10, stateful_step_count=20, **_FAST)
 TestPaddedUnifiedAllocatorStateful = PaddedUnifiedMachine.TestCase
 TestPaddedUnifiedAllocatorStateful.settings = settings(max_examples=10, stateful_step_count=20, **_FAST)
+TestAttentionFreeAllocatorStateful = AttentionFreeMachine.TestCase
+TestAttentionFreeAllocatorStateful.settings = settings(max_examples=15, stateful_step_count=25, **_FAST)

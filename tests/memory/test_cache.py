@@ -23,6 +23,15 @@ def test_of_an_allocator_holds_its_tensors_and_geometry(cls):
         c.arena = torch.empty(0, dtype=torch.uint8)
 
 
+@pytest.mark.parametrize("cls", [AVMPAllocator, StaticDualAllocator])
+def test_of_an_attention_free_allocator_has_only_the_ssm_side(cls):
+    spec = dataclasses.replace(SPEC, name="nemotron-h-no-attn", num_attn_layers=0, num_kv_heads=0, head_dim=0)
+    c = PagedCache.of(cls(spec, CAP))
+    assert (c.kv_layout, c.kv_dtype, c.num_attn_layers) == (None, None, 0)
+    assert c.ssm_layout == ssm_block_layout(spec) and c.num_mamba_layers == spec.num_mamba_layers
+    assert (c.ssm_dtype, c.conv_dtype, c.spec) == (spec.ssm_dtype, spec.conv_dtype, spec)
+
+
 def test_rebalance_keeps_the_view_valid():
     alloc = AVMPAllocator(SPEC, CAP)
     c = PagedCache.of(alloc)
