@@ -2,6 +2,7 @@
 
     python perf/inspect_sm90.py [--out FILE]
     python perf/inspect_sm90.py --batch-one     # compile only; exit 1 if any kernel fails
+    python perf/inspect_sm90.py --padded-head-dim   # likewise, the attention kernels at head dim 160
     python perf/inspect_sm90.py --ptx-dir DIR   # also write each kernel's PTX, normalised
 
 For each kernel (with the argument specialisations the JIT would apply on an H100 call: pointers
@@ -17,6 +18,9 @@ GPU re-timing.
 ``--batch-one`` compiles the kernels that take a batch size with it equal to 1, which the JIT
 turns into a compile-time constant: a loop bounded by it once crashed Triton 3.6's TritonGPUCoalesce
 pass on every batch-1 call on the GPU while the interpreter ran it fine (tests/kernels/test_sm90_compile.py).
+
+``--padded-head-dim`` compiles the attention kernels at Zamba2-2.7B's head dim 160, whose tiles
+are padded to 256 lanes and masked: a path that the power-of-two cases never compile.
 """
 import argparse
 import json
@@ -136,6 +140,7 @@ def cases():
                      "stride_B_g", "stride_C_t", "stride_C_g", "stride_out_t", "stride_out_h"]))
 
     yield from attention_cases()
+    yield from padded_head_dim_cases()
     yield from allocator_cases()
 
 
@@ -164,29 +169,55 @@ def allocator_cases():
            _div(adopt, []))
 
 
+_DECODE_SIG = dict(q_ptr=BF, arena_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", block_table_ptr="*i32",
+                   seq_lens_ptr="*i32", out_ptr=BF, ws_acc_ptr=F32, ws_ml_ptr=F32, num_handles="i32", W="i32",
+                   num_q_heads="i32", stride_q_b="i32", stride_q_h="i32", stride_o_b="i32", stride_o_h="i32",
+                   stride_bt_b="i32", layer_off="i32", stride_kv="i32", stride_head="i32", stride_token="i32",
+                   qk_scale="fp32")
+_DECODE_DIV = _div(_DECODE_SIG, ["stride_q_b", "stride_q_h", "stride_o_b", "stride_o_h", "layer_off", "stride_kv",
+                                 "stride_head", "stride_token"])
+_PREFILL_SIG = dict(q_ptr=BF, out_ptr=BF, cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", block_table_ptr="*i32",
+                    handle_table_ptr="*i64", kinds_ptr="*i32", kv_ptr=BF, num_seqs="i32", max_pages="i32",
+                    num_handles="i32", num_tokens="i32", stride_q_t="i32", stride_q_h="i32", stride_o_t="i32",
+                    stride_o_h="i32", stride_bt_b="i32", layer_off="i32", stride_kv="i32", stride_kv_head="i32",
+                    stride_kv_token="i32", qk_scale="fp32")
+_PREFILL_DIV = _div(_PREFILL_SIG, ["stride_q_t", "stride_q_h", "stride_o_t", "stride_o_h", "layer_off", "stride_kv",
+                                   "stride_kv_head", "stride_kv_token"])
+
+
 def attention_cases():
     """Decode attention at the Jamba shape of the benchmark (32/8 heads, D 128, pages of 16, the
     B=16 default launch: 3 splits, 4 pages a step, 4 warps) and prefill attention (D 128, GQA 4)."""
-    dec = dict(q_ptr=BF, arena_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", block_table_ptr="*i32",
-               seq_lens_ptr="*i32", out_ptr=BF, ws_acc_ptr=F32, ws_ml_ptr=F32, num_handles="i32", W="i32",
-               num_q_heads="i32", stride_q_b="i32", stride_q_h="i32", stride_o_b="i32", stride_o_h="i32",
-               stride_bt_b="i32", layer_off="i32", stride_kv="i32", stride_head="i32", stride_token="i32",
-               qk_scale="fp32")
-    yield ("paged_decode_attention (Jamba, 3 splits, 64 tokens a step, 4 warps)", KA.paged_decode_kernel, dec,
-           dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, PAGE_TOKENS=16, BLOCK_N=64, NUM_SPLITS=3, ELEM_BYTES=2,
-                USE_DOT=True, DOT_FP32=False, PIPELINE=True), 4,
-           _div(dec, ["stride_q_b", "stride_q_h", "stride_o_b", "stride_o_h", "layer_off", "stride_kv",
+    yield ("paged_decode_attention (Jamba, 3 splits, 64 tokens a step, 4 warps)", KA.paged_decode_kernel,
+           _DECODE_SIG, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, BLOCK_N=64,
+                             NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=True, DOT_FP32=False, PIPELINE=True), 4, _DECODE_DIV)
+    yield ("paged_prefill_attention (D 128, GQA 4, 128 x 64 tiles, 8 warps)", KPA.paged_prefill_kernel,
+           _PREFILL_SIG, dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=128, BLOCK_Q=32,
+                              BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False), 8, _PREFILL_DIV)
+
+
+def padded_head_dim_cases():
+    """The attention kernels at Zamba2-2.7B's shape (32 q and 32 KV heads, D 160 in 256 masked lanes,
+    pages of 16) with the launchers' picks: decode by the broadcast path (group 1), 3 splits, 32 tokens
+    a step, 8 warps, and its combine kernel; KV append; prefill in 64 x 32 tiles (the 256 row)."""
+    yield ("paged_decode_attention (Zamba2, D 160, 3 splits, 32 tokens a step, 8 warps)", KA.paged_decode_kernel,
+           _DECODE_SIG, dict(GROUP=1, GROUP_PAD=1, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, BLOCK_N=32,
+                             NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=False, DOT_FP32=False, PIPELINE=True), 8, _DECODE_DIV)
+    comb = dict(ws_acc_ptr=F32, ws_ml_ptr=F32, out_ptr=BF, num_q_heads="i32", stride_o_b="i32", stride_o_h="i32")
+    yield ("paged_decode_combine (D 160, 3 splits, 8 warps)", KA.paged_decode_combine_kernel, comb,
+           dict(NUM_SPLITS=3, SPLITS_PAD=4, CHUNK=4, HEAD_DIM=160, BLOCK_D=256), 8,
+           _div(comb, ["stride_o_b", "stride_o_h"]))
+    app = dict(k_ptr=BF, v_ptr=BF, arena_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", block_table_ptr="*i32",
+               token_req_ptr="*i32", token_pos_ptr="*i32", num_handles="i32", B="i32", W="i32", stride_k_t="i32",
+               stride_k_h="i32", stride_v_t="i32", stride_v_h="i32", stride_bt_b="i32", layer_off="i32",
+               stride_kv="i32", stride_head="i32", stride_token="i32")
+    yield ("kv_append (Zamba2, D 160, 4 warps)", KA.kv_append_kernel, app,
+           dict(NUM_KV_HEADS=32, HEADS_PAD=32, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, ELEM_BYTES=2), 4,
+           _div(app, ["stride_k_t", "stride_k_h", "stride_v_t", "stride_v_h", "layer_off", "stride_kv",
                       "stride_head", "stride_token"]))
-    pre = dict(q_ptr=BF, out_ptr=BF, cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", block_table_ptr="*i32",
-               handle_table_ptr="*i64", kinds_ptr="*i32", kv_ptr=BF, num_seqs="i32", max_pages="i32",
-               num_handles="i32", num_tokens="i32", stride_q_t="i32", stride_q_h="i32", stride_o_t="i32",
-               stride_o_h="i32", stride_bt_b="i32", layer_off="i32", stride_kv="i32", stride_kv_head="i32",
-               stride_kv_token="i32", qk_scale="fp32")
-    yield ("paged_prefill_attention (D 128, GQA 4, 128 x 64 tiles, 8 warps)", KPA.paged_prefill_kernel, pre,
-           dict(GQA=4, HEAD_DIM=128, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=128, BLOCK_Q=32, BLOCK_N=64,
-                PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False), 8,
-           _div(pre, ["stride_q_t", "stride_q_h", "stride_o_t", "stride_o_h", "layer_off", "stride_kv",
-                      "stride_kv_head", "stride_kv_token"]))
+    yield ("paged_prefill_attention (Zamba2, D 160, GQA 1, 64 x 32 tiles, 8 warps)", KPA.paged_prefill_kernel,
+           _PREFILL_SIG, dict(GQA=1, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=64, BLOCK_Q=64,
+                              BLOCK_N=32, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False), 8, _PREFILL_DIV)
 
 
 def batch_one_cases():
@@ -199,9 +230,10 @@ def batch_one_cases():
                    warps, [d for d in div if d != key])
 
 
-def check_batch_one() -> int:
+def check_compiles(cases) -> int:
+    """Compile each case; 1 if any failed (each failure printed), else 0."""
     failed = []
-    for name, fn, sig, const, warps, div in batch_one_cases():
+    for name, fn, sig, const, warps, div in cases:
         try:
             compile_sm90(fn, sig, const, warps, div)
             print(f"ok      {name}")
@@ -215,10 +247,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="perf/results/inspect_sm90.json")
     ap.add_argument("--batch-one", action="store_true", help="compile with batch 1; report failures only")
+    ap.add_argument("--padded-head-dim", action="store_true",
+                    help="compile the attention kernels at head dim 160; report failures only")
     ap.add_argument("--ptx-dir", default=None, help="also write each case's normalised PTX here")
     args = ap.parse_args()
     if args.batch_one:
-        raise SystemExit(check_batch_one())
+        raise SystemExit(check_compiles(batch_one_cases()))
+    if args.padded_head_dim:
+        raise SystemExit(check_compiles(padded_head_dim_cases()))
     res = dict(triton=triton.__version__, target="sm_90a", kernels={})
     for name, fn, sig, const, warps, div in cases():
         r = compile_sm90(fn, sig, const, warps, div)

@@ -2,7 +2,8 @@
 
     python perf/parity_models.py [--out FILE] [--tiny]
 
-For each family (Nemotron-H, Bamba, Granite-4.0-H, Jamba, Falcon-H1): a transformers model built from the real model's config numbers with fewer layers
+For each family (Nemotron-H, Bamba, Granite-4.0-H, Jamba, Falcon-H1, Zamba2, and the attention-free
+Mamba and Mamba2): a transformers model built from the real model's config numbers with fewer layers
 (every layer type of the family present), random weights at transformers' init scale (A_log,
 dt_bias, D, norms and conv bias randomised too), kept in fp32 as the reference. Its bf16 copy is
 run twice: through transformers (the bf16 error any bf16 user of transformers gets) and through
@@ -82,13 +83,42 @@ FALCON_H1_7B = dict(hidden_size=3072, num_attention_heads=12, num_key_value_head
 FALCON_TINY = dict(vocab_size=97, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
                    intermediate_size=96, num_hidden_layers=2, mamba_d_ssm=256, mamba_n_heads=8, mamba_d_head=32,
                    mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=8)
+# Zyphra/Zamba2-2.7B's sizes (hidden 2560, 32 heads = 32 KV heads of 2 * 2560 / 32 = 160, MLP 10240
+# gelu, vocab 32000, two shared blocks; Mamba2 80 heads of 64, 1 group, d_state 64: the zamba2-2.7b
+# preset), 4 of its 54 layers, two of them hybrid; RoPE and attention adapters switched on (rank
+# 128) so that every branch of the runner runs, whatever the released checkpoint sets
+ZAMBA2_2_7B = dict(vocab_size=32000, hidden_size=2560, num_attention_heads=32, num_key_value_heads=32,
+                   intermediate_size=10240, num_hidden_layers=4,
+                   layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"], num_mem_blocks=2,
+                   use_shared_attention_adapter=True, adapter_rank=128, use_mem_rope=True, mamba_expand=2,
+                   n_mamba_heads=80, mamba_d_state=64, mamba_ngroups=1, mamba_d_conv=4, chunk_size=256,
+                   hidden_act="gelu")
+ZAMBA2_TINY = dict(vocab_size=97, hidden_size=80, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+                   num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"], num_mem_blocks=2,
+                   use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True, mamba_expand=2,
+                   n_mamba_heads=10, mamba_d_state=16, mamba_ngroups=1, mamba_d_conv=4, chunk_size=8)
+# state-spaces/mamba-2.8b-hf's sizes (hidden 2560, d_inner 5120, d_state 16, dt rank 160, vocab
+# 50280), 3 of its 64 layers
+MAMBA_2_8B = dict(vocab_size=50280, hidden_size=2560, intermediate_size=5120, state_size=16, conv_kernel=4,
+                  time_step_rank=160, num_hidden_layers=3, residual_in_fp32=True)
+MAMBA_TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, state_size=8, conv_kernel=4, time_step_rank=4,
+                  num_hidden_layers=2, residual_in_fp32=True)
+# mistralai/Mamba-Codestral-7B-v0.1's sizes (hidden 4096, 128 heads of 64, 8 groups, d_state 128,
+# vocab 32768), 3 of its 64 layers
+MAMBA2_CODESTRAL_7B = dict(vocab_size=32768, hidden_size=4096, num_heads=128, head_dim=64, n_groups=8, state_size=128,
+                           expand=2, conv_kernel=4, chunk_size=256, num_hidden_layers=3, residual_in_fp32=True)
+MAMBA2_TINY = dict(vocab_size=97, hidden_size=32, num_heads=4, head_dim=16, n_groups=2, state_size=8, expand=2,
+                   conv_kernel=4, chunk_size=8, num_hidden_layers=2, residual_in_fp32=True)
 # family -> (config class, model class, real sizes, dry-run sizes)
 FAMILIES = {"nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", NEMOTRON_H_8B, NEMOTRON_H_TINY),
             "bamba": ("BambaConfig", "BambaForCausalLM", BAMBA_9B, BAMBA_TINY),
             "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", GRANITE_4_H_SMALL,
                                  GRANITE_TINY),
             "jamba": ("JambaConfig", "JambaForCausalLM", JAMBA_1_5_MINI, JAMBA_TINY),
-            "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", FALCON_H1_7B, FALCON_TINY)}
+            "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", FALCON_H1_7B, FALCON_TINY),
+            "zamba2": ("Zamba2Config", "Zamba2ForCausalLM", ZAMBA2_2_7B, ZAMBA2_TINY),
+            "mamba": ("MambaConfig", "MambaForCausalLM", MAMBA_2_8B, MAMBA_TINY),
+            "mamba2": ("Mamba2Config", "Mamba2ForCausalLM", MAMBA2_CODESTRAL_7B, MAMBA2_TINY)}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -156,10 +186,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ",".join(FAMILIES))
     args = ap.parse_args(argv)
+    names = args.families.split(",")
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown families {unknown}; known: {list(FAMILIES)}")
     dev = "cpu" if args.tiny else "cuda"
     small = dict(lens=(21, 9), chunk=12, decode=2) if args.tiny else {}
-    rows = [family(name, f[3] if args.tiny else f[2], dev, **small) for name, f in FAMILIES.items()]
+    rows = [family(name, FAMILIES[name][3] if args.tiny else FAMILIES[name][2], dev, **small) for name in names]
     env = dict(torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
                python=platform.python_version(),
                gpu=torch.cuda.get_device_name() if dev == "cuda" else "none (CPU dry run)")

@@ -10,6 +10,12 @@ so the K (or V) rows of one (layer, kv head) of a page are a contiguous ``[PAGE_
 tile. The arena pointer is the arena viewed as the KV dtype; byte offsets are turned into element
 offsets (``off // ELEM_BYTES``) after the int64 load, never multiplied in 32 bits.
 
+Head dims that are not powers of two (Zamba2's 160): the head-dim lanes run over ``BLOCK_D =
+max(16, next_power_of_2(HEAD_DIM))``, since tl.arange needs a power of two and tl.dot at least 16;
+lanes past HEAD_DIM are masked on every load and store (``row_mask``) and every stride stays in real
+HEAD_DIM elements. The launchers take multiples of 8 only, so a row of HEAD_DIM elements is whole
+16-byte words, which the ``tl.multiple_of`` hints below promise the compiler.
+
 Sentinels: a -1 handle (block-table padding), a handle outside the table, a free handle or an
 SSM handle (``kinds[h] != 1``) inside the live length of a request is *skipped* (its tokens are
 masked out of the softmax, no byte of its unit is read), since the launcher cannot check device
@@ -30,6 +36,18 @@ import triton.language as tl
 from avmp_triton.kernels.handles import KIND_KV, both, unit_offset
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def row_mask(m_rows, o_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[rows, BLOCK_D]`` mask of a tile of head-dim rows: the rows' own, and lanes < HEAD_DIM.
+
+    A power-of-two head dim fills its lanes and keeps the row mask alone, so the kernels tuned on
+    the H200 keep their PTX byte for byte (an always-on lane test, though folded, reorders it)."""
+    if BLOCK_D == HEAD_DIM:
+        return m_rows[:, None]
+    else:
+        return m_rows[:, None] & (o_d < HEAD_DIM)[None, :]
 
 
 @triton.jit
@@ -54,7 +72,8 @@ def _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
         o_tok = tok0 % PAGE_TOKENS + tl.arange(0, BLOCK_N).to(tl.int64)
         m = both(tok0 - tok0 % PAGE_TOKENS + o_tok < end, ok)
         row = tl.where(m, off // ELEM_BYTES + head_off + o_tok * stride_token, 0)
-    # units are 16-byte aligned and every stride is a multiple of HEAD_DIM: 16-byte vector loads
+    # units are 16-byte aligned and every stride is a multiple of HEAD_DIM, whose rows are whole
+    # 16-byte words (the launchers' head-dim rule): 16-byte vector loads
     row = tl.multiple_of(row, 16 // ELEM_BYTES)
     return row, m
 
@@ -62,14 +81,15 @@ def _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
 @triton.jit
 def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr,
                   kinds_ptr, num_handles, head_off, stride_kv, stride_token, qk_scale,
-                  HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  ELEM_BYTES: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
     """One online-softmax step over tokens [tok0, tok0 + BLOCK_N) (those < end)."""
     row, m = _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
                       head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, BLOCK_D)
     p_k = arena_ptr + (row[:, None] + o_d[None, :])
-    b_k = tl.load(p_k, mask=m[:, None], other=0.0)                        # [BLOCK_N, D]
+    m_kv = row_mask(m, o_d, HEAD_DIM, BLOCK_D)
+    b_k = tl.load(p_k, mask=m_kv, other=0.0)                              # [BLOCK_N, BLOCK_D]
     if USE_DOT:
         if DOT_FP32:
             s = tl.dot(q.to(tl.float32), tl.trans(b_k.to(tl.float32)), input_precision="ieee")
@@ -84,7 +104,7 @@ def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, 
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    b_v = tl.load(p_k + stride_kv, mask=m[:, None], other=0.0)           # [BLOCK_N, D]
+    b_v = tl.load(p_k + stride_kv, mask=m_kv, other=0.0)                 # [BLOCK_N, BLOCK_D]
     if USE_DOT:
         if DOT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p, b_v.to(tl.float32), input_precision="ieee")
@@ -104,15 +124,15 @@ def paged_decode_kernel(
     block_table_ptr,  # [B, W] int32 KV handles, -1 padded
     seq_lens_ptr,     # [B] int32
     out_ptr,          # [B, Hq, D] KV dtype (written when NUM_SPLITS == 1)
-    ws_acc_ptr,       # [B, Hq, NUM_SPLITS, D] fp32 partial numerators (NUM_SPLITS > 1)
+    ws_acc_ptr,       # [B, Hq, NUM_SPLITS, D] fp32 partial numerators (NUM_SPLITS > 1), D = HEAD_DIM
     ws_ml_ptr,        # [B, Hq, NUM_SPLITS, 2] fp32 partial (max, sum), base-2 max
     num_handles, W, num_q_heads,
     stride_q_b, stride_q_h, stride_o_b, stride_o_h, stride_bt_b,
     layer_off,        # layer * stride_layer (elements)
     stride_kv, stride_head, stride_token,
     qk_scale,         # softmax scale * log2(e)
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, ELEM_BYTES: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
@@ -125,8 +145,9 @@ def paged_decode_kernel(
     o_g = tl.arange(0, GROUP_PAD)
     m_g = o_g < GROUP
     i_hq = i_kvh * GROUP + o_g
-    o_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + i_b * stride_q_b + i_hq[:, None] * stride_q_h + o_d[None, :], mask=m_g[:, None], other=0.0)
+    o_d = tl.arange(0, BLOCK_D)
+    m_gd = row_mask(m_g, o_d, HEAD_DIM, BLOCK_D)
+    q = tl.load(q_ptr + i_b * stride_q_b + i_hq[:, None] * stride_q_h + o_d[None, :], mask=m_gd, other=0.0)
 
     if NUM_SPLITS == 1:
         start = seq_len * 0
@@ -140,32 +161,32 @@ def paged_decode_kernel(
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     if PIPELINE:
         # compiled: a counted loop, which Triton software-pipelines (num_stages)
         n_iters = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
         for it in tl.range(0, n_iters):
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start + it * BLOCK_N, end, i_b, arena_ptr,
                                           block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
-                                          stride_kv, stride_token, qk_scale, HEAD_DIM, PAGE_TOKENS, BLOCK_N,
-                                          ELEM_BYTES, USE_DOT, DOT_FP32)
+                                          stride_kv, stride_token, qk_scale, HEAD_DIM, BLOCK_D, PAGE_TOKENS,
+                                          BLOCK_N, ELEM_BYTES, USE_DOT, DOT_FP32)
     else:
         # the interpreter cannot run range() over loaded bounds
         tok0 = start
         while tok0 < end:
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr,
                                           block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
-                                          stride_kv, stride_token, qk_scale, HEAD_DIM, PAGE_TOKENS, BLOCK_N,
-                                          ELEM_BYTES, USE_DOT, DOT_FP32)
+                                          stride_kv, stride_token, qk_scale, HEAD_DIM, BLOCK_D, PAGE_TOKENS,
+                                          BLOCK_N, ELEM_BYTES, USE_DOT, DOT_FP32)
             tok0 += BLOCK_N
 
     if NUM_SPLITS == 1:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + i_b * stride_o_b + i_hq[:, None] * stride_o_h + o_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=m_g[:, None])
+                 o.to(out_ptr.dtype.element_ty), mask=m_gd)
     else:
         i_row = (i_b * num_q_heads + i_hq) * NUM_SPLITS + i_s             # [GROUP_PAD]
-        tl.store(ws_acc_ptr + i_row[:, None] * HEAD_DIM + o_d[None, :], acc, mask=m_g[:, None])
+        tl.store(ws_acc_ptr + i_row[:, None] * HEAD_DIM + o_d[None, :], acc, mask=m_gd)
         tl.store(ws_ml_ptr + i_row * 2, m_i, mask=m_g)
         tl.store(ws_ml_ptr + i_row * 2 + 1, l_i, mask=m_g)
 
@@ -177,6 +198,7 @@ def paged_decode_combine_kernel(
     out_ptr,          # [B, Hq, D] KV dtype
     num_q_heads, stride_o_b, stride_o_h,
     NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """out[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s; 0 where nothing was read."""
     i_b = tl.program_id(0).to(tl.int64)
@@ -189,16 +211,21 @@ def paged_decode_combine_kernel(
     m_max = tl.max(b_m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     l_sum = tl.sum(tl.exp2(b_m - m_max) * b_l, 0)
-    o_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    o_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], tl.float32)
     for c in tl.static_range(SPLITS_PAD // CHUNK):
         o_c = c * CHUNK + tl.arange(0, CHUNK)
         m_c = o_c < NUM_SPLITS
         w = tl.exp2(tl.load(ws_ml_ptr + (i_row + o_c) * 2, mask=m_c, other=float("-inf")) - m_max)
-        b_a = tl.load(ws_acc_ptr + (i_row + o_c)[:, None] * HEAD_DIM + o_d[None, :], mask=m_c[:, None], other=0.0)
+        b_a = tl.load(ws_acc_ptr + (i_row + o_c)[:, None] * HEAD_DIM + o_d[None, :],
+                      mask=row_mask(m_c, o_d, HEAD_DIM, BLOCK_D), other=0.0)
         acc += tl.sum(w[:, None] * b_a, 0)
     o = acc / tl.where(l_sum > 0, l_sum, 1.0)
-    tl.store(out_ptr + i_b * stride_o_b + i_h * stride_o_h + o_d, o.to(out_ptr.dtype.element_ty))
+    p_o = out_ptr + i_b * stride_o_b + i_h * stride_o_h + o_d
+    if BLOCK_D == HEAD_DIM:
+        tl.store(p_o, o.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(p_o, o.to(out_ptr.dtype.element_ty), mask=o_d < HEAD_DIM)
 
 
 @triton.jit
@@ -214,7 +241,7 @@ def kv_append_kernel(
     num_handles, B, W,
     stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_bt_b,
     layer_off, stride_kv, stride_head, stride_token,
-    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr,
 ):
     """Token ``pid`` -> slot ``pos % PAGE_TOKENS`` of page ``block_table[req, pos // PAGE_TOKENS]``,
@@ -229,7 +256,7 @@ def kv_append_kernel(
     ok, off = unit_offset(h, ok, table_ptr, kinds_ptr, num_handles, KIND_KV)
     base = off // ELEM_BYTES + layer_off + (pos % PAGE_TOKENS) * stride_token
     o_h = tl.arange(0, HEADS_PAD)
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, BLOCK_D)
     m = both((o_h < NUM_KV_HEADS)[:, None] & (o_d < HEAD_DIM)[None, :], ok)
     b_k = tl.load(k_ptr + i_t * stride_k_t + o_h[:, None] * stride_k_h + o_d[None, :], mask=m)
     b_v = tl.load(v_ptr + i_t * stride_v_t + o_h[:, None] * stride_v_h + o_d[None, :], mask=m)

@@ -23,11 +23,15 @@ see (no causal mask), then the diagonal blocks with the causal mask. Online soft
 exp2. Pages whose handle is -1, out of range, free or not a KV page are skipped (their scores are
 -inf, no byte of their unit is read); a row that sees nothing writes zeros; NaN in q or K/V
 propagates to the output. Query rows outside ``[0, T)`` (a bad ``cu_seqlens_q``) are skipped.
+
+Head dims that are not powers of two run padded to ``BLOCK_D`` lanes, masked, as in decode
+(``kernels/paged_attention.py``).
 """
 import triton
 import triton.language as tl
 
 from avmp_triton.kernels.handles import KIND_KV, unit_offset
+from avmp_triton.kernels.paged_attention import row_mask
 
 
 @triton.jit
@@ -43,7 +47,7 @@ def _attn_block(
     acc, m_i, l_i, b_q,
     start, kv_end, q_pos, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles,
     p_kv_head, stride_kv, stride_kv_token, qk_scale,
-    PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One ``BLOCK_N`` step of KV positions ``[start, start + BLOCK_N)``; CAUSAL on diagonal blocks."""
@@ -54,13 +58,15 @@ def _attn_block(
     # each row resolves its page: handle -> byte offset (duplicate loads hit the cache)
     h = tl.load(bt_row_ptr + i_page, mask=m_n, other=-1).to(tl.int64)
     m_n, off = unit_offset(h, m_n, handle_table_ptr, kinds_ptr, num_handles, KIND_KV)
-    # units start on 16-byte boundaries (the allocator's UNIT_ALIGN): say so, or every K/V load
-    # is split into element-sized accesses
+    # units start on 16-byte boundaries (the allocator's UNIT_ALIGN) and rows are whole 16-byte
+    # words (the launcher's head-dim rule): say so, or every K/V load is split into element-sized
+    # accesses
     o_page = tl.multiple_of(off // ELEM_BYTES, 16 // ELEM_BYTES)
     o_kv = o_page + i_tok.to(tl.int64) * stride_kv_token
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, BLOCK_D)
     p_k = p_kv_head + o_kv[:, None] + o_d[None, :]
-    b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)
+    m_kv = row_mask(m_n, o_d, HEAD_DIM, BLOCK_D)
+    b_k = tl.load(p_k, mask=m_kv, other=0.0)
     b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST) * qk_scale
     if CAUSAL:
         m_s = m_n[None, :] & (o_n[None, :] <= q_pos[:, None])
@@ -73,7 +79,7 @@ def _attn_block(
     alpha = tl.exp2(m_i - m_use)
     b_p = tl.exp2(b_s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(b_p, 1)
-    b_v = tl.load(p_k + stride_kv, mask=m_n[:, None], other=0.0)
+    b_v = tl.load(p_k + stride_kv, mask=m_kv, other=0.0)
     acc = acc * alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST)
     return acc, m_new, l_i
 
@@ -121,7 +127,8 @@ def paged_prefill_kernel(
     layer_off,         # layer * stride_layer, in elements
     stride_kv, stride_kv_head, stride_kv_token,
     qk_scale,          # softmax scale * log2(e)
-    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr,
+    ELEM_BYTES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PIPELINE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
@@ -139,11 +146,12 @@ def paged_prefill_kernel(
     prefix = ctx_len - q_len
 
     o_row, i_qh, m_m, q_pos = _tile_rows(q_start, q_lo, q_len, prefix, i_kvh, num_tokens, GQA, BLOCK_M, BLOCK_Q)
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, BLOCK_D)
+    m_md = row_mask(m_m, o_d, HEAD_DIM, BLOCK_D)
     p_q = q_ptr + o_row[:, None] * stride_q_t + i_qh[:, None] * stride_q_h + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
+    b_q = tl.load(p_q, mask=m_md, other=0.0)
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -158,25 +166,25 @@ def paged_prefill_kernel(
         for start in tl.range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
                                         handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
-                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
+                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
                                         BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
         for start in tl.range(full_end, kv_end, BLOCK_N):
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
                                         handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
-                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
+                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
                                         BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
     else:
         start = full_end * 0
         while start < full_end:
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
                                         handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
-                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
+                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
                                         BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
             start += BLOCK_N
         while start < kv_end:
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
                                         handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
-                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM,
+                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
                                         BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
             start += BLOCK_N
 
@@ -184,4 +192,4 @@ def paged_prefill_kernel(
     # reach the output, as in decode, so no `l > 0` test here
     b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     p_o = out_ptr + o_row[:, None] * stride_o_t + i_qh[:, None] * stride_o_h + o_d[None, :]
-    tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_m[:, None])
+    tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_md)

@@ -21,8 +21,8 @@ slot in an SSM block); layer i is attention layer i and Mamba layer i. The muP m
 - MLP: ``down(up(x) * silu(gate(x) * gate_multiplier)) * down_multiplier`` (``mlp_multipliers``).
 
 Unsupported (a ValueError names them): a hidden_act other than 'silu' (the conv's and the MLP's
-activation), rope types other than 'default', an attention head_dim the project's attention kernels
-do not compile (they take 64, 128 or 256).
+activation), rope types other than 'default' (and, for every family, an attention head_dim outside
+the kernels' rule: ``HybridRunner``).
 """
 from __future__ import annotations
 
@@ -35,9 +35,6 @@ from avmp_triton.models.batch import StepBatch
 from avmp_triton.models.layers import Mamba2Mixer, PagedAttention, Rotary, cast_rms_norm
 from avmp_triton.models.runner import HybridRunner, Residual
 
-ATTN_HEAD_DIMS = (64, 128, 256)
-
-
 def check_falcon_h1_config(config) -> None:
     """ValueError naming the first config feature the Falcon-H1 runner does not implement."""
     if config.hidden_act != "silu":
@@ -46,10 +43,6 @@ def check_falcon_h1_config(config) -> None:
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type != "default":
         raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default')")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim not in ATTN_HEAD_DIMS:
-        raise ValueError(f"attention head_dim {head_dim} is not supported (the attention kernels take "
-                         f"{ATTN_HEAD_DIMS})")
     if config.num_hidden_layers < 1:
         raise ValueError("num_hidden_layers must be at least 1")
 

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from avmp_triton.models.batch import StepBatch
-from avmp_triton.models.layers import PagedAttention, SwiGLUMLP, cast_rms_norm, causal_conv_silu
+from avmp_triton.models.layers import Mamba1Mixer, PagedAttention, SwiGLUMLP, cast_rms_norm
 from avmp_triton.models.runner import HybridRunner, Residual
-from avmp_triton.ops import mamba1_scan_prefill, mamba1_state_update
 
 LAYER_TYPES = ("mamba", "attention")
 
@@ -57,53 +56,6 @@ def check_jamba_config(config) -> None:
     if config.num_experts > 1 and not 1 <= config.num_experts_per_tok <= config.num_experts:
         raise ValueError(f"num_experts_per_tok {config.num_experts_per_tok} is not in [1, num_experts="
                          f"{config.num_experts}]")
-
-
-class Mamba1Mixer:
-    """Jamba's Mamba1 mixer over the paged cache: in_proj -> x | z; causal conv + silu over x (conv
-    state in the SSM block); x_proj -> dt | B | C with their RMSNorms; dt_proj's weight on the host,
-    its bias and the softplus in the scan ops; the selective scan (state ``[d_inner, d_state]`` in
-    the block) with D and the silu(z) gate; out_proj."""
-
-    def __init__(self, m: torch.nn.Module, *, cache, layer: int):
-        w = lambda t: None if t is None else t.detach()  # noqa: E731
-        self.in_w, self.in_b = w(m.in_proj.weight), w(m.in_proj.bias)
-        self.out_w, self.out_b = w(m.out_proj.weight), w(m.out_proj.bias)
-        self.conv_w, self.conv_b = w(m.conv1d.weight).squeeze(1), w(m.conv1d.bias)  # [C, 1, K] -> [C, K]
-        self.x_w = w(m.x_proj.weight)
-        self.dt_w, self.dt_bias = w(m.dt_proj.weight), w(m.dt_proj.bias)
-        self.A = -torch.exp(m.A_log.detach().float())
-        if self.A.dim() != 2:
-            raise ValueError(f"A_log of a Mamba1 mixer must be [d_inner, d_state], got {tuple(self.A.shape)}")
-        self.D = w(m.D)
-        self.dt_norm = cast_rms_norm(m.dt_layernorm)
-        self.b_norm, self.c_norm = cast_rms_norm(m.b_layernorm), cast_rms_norm(m.c_layernorm)
-        self.d_inner, self.N, self.rank = m.intermediate_size, m.ssm_state_size, m.time_step_rank
-        self.cache, self.layer = cache, layer
-
-    def __call__(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        xs, z = F.linear(h, self.in_w, self.in_b).chunk(2, dim=-1)
-        xs = self._conv(xs.contiguous(), batch)
-        dt, B, C = F.linear(xs, self.x_w).split([self.rank, self.N, self.N], dim=-1)
-        dt = F.linear(self.dt_norm(dt), self.dt_w)                   # dt_proj without its bias
-        B, C = self.b_norm(B).contiguous(), self.c_norm(C).contiguous()
-        y = self._scan(xs, dt.contiguous(), B, C, z.contiguous(), batch)
-        return F.linear(y, self.out_w, self.out_b)
-
-    def _conv(self, xs: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        return causal_conv_silu(xs, self.conv_w, self.conv_b, batch, self.cache, self.layer)
-
-    def _scan(self, xs, dt, B, C, z, batch: StepBatch) -> torch.Tensor:
-        out = torch.empty_like(xs)
-        kw = dict(layer=self.layer, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
-        if batch.prefill is not None:
-            g, t = batch.prefill, batch.prefill.tokens
-            out[t] = mamba1_scan_prefill(xs[t], dt[t], self.A, B[t], C[t], g.ssm_handles, g.cu_seqlens,
-                                         g.has_initial_state, self.cache, z=z[t], **kw)
-        if batch.decode is not None:
-            g, t = batch.decode, batch.decode.tokens
-            out[t] = mamba1_state_update(xs[t], dt[t], self.A, B[t], C[t], g.ssm_handles, self.cache, z=z[t], **kw)
-        return out
 
 
 class SparseMoE:

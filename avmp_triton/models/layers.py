@@ -19,6 +19,8 @@ from avmp_triton.ops import (
     causal_conv1d_prefill,
     causal_conv1d_update,
     kv_append,
+    mamba1_scan_prefill,
+    mamba1_state_update,
     mamba2_scan_prefill,
     mamba2_state_update,
     paged_decode_attention,
@@ -90,6 +92,41 @@ class SwiGLUMLP:
         return F.linear(h, self.down_w, self.down_b)
 
 
+class LowRank:
+    """A low-rank adapter ``up(down(x))`` (Zamba2's per-invocation adapters of its shared blocks:
+    two bias-free linears, kept apart rather than folded into the shared weight, which would copy
+    that weight once per invocation)."""
+
+    def __init__(self, adapter: torch.nn.Sequential):
+        down, up = adapter
+        self.down_w, self.up_w = _w(down.weight), _w(up.weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down_w), self.up_w)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class GatedMLP:
+    """``down(act(gate) * up)`` with gate | up from one fused projection (Zamba2's gate_up_proj),
+    plus an optional low-rank adapter on that projection."""
+
+    def __init__(self, gate_up: torch.nn.Linear, down: torch.nn.Linear, act: str, adapter: LowRank | None = None):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+        self.gate_up_w, self.gate_up_b = _w(gate_up.weight), _w(gate_up.bias)
+        self.down_w, self.down_b = _w(down.weight), _w(down.bias)
+        self.act, self.adapter = ACTIVATIONS[act], adapter
+
+    def __call__(self, x: torch.Tensor, batch: StepBatch | None = None) -> torch.Tensor:
+        h = F.linear(x, self.gate_up_w, self.gate_up_b)
+        if self.adapter is not None:
+            h = h + self.adapter(x)
+        gate, up = h.chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.down_w, self.down_b)
+
+
 class Rotary:
     """Rotary position embedding as transformers' default rope type: angles pos * inv_freq, cos/sin
     of the angles repeated twice (``cat(freqs, freqs)``) and cast to the activations' dtype, the
@@ -131,7 +168,8 @@ class PagedAttention:
 
     def __init__(self, q: torch.nn.Linear, k: torch.nn.Linear, v: torch.nn.Linear, o: torch.nn.Linear, *,
                  num_heads: int, num_kv_heads: int, head_dim: int, cache: PagedCache, layer: int,
-                 rope: Rotary | None = None, scale: float | None = None, key_multiplier: float = 1.0):
+                 rope: Rotary | None = None, scale: float | None = None, key_multiplier: float = 1.0,
+                 adapters: tuple[LowRank | None, LowRank | None, LowRank | None] = (None, None, None)):
         self.wq, self.bq = _w(q.weight), _w(q.bias)
         self.wk, self.bk = _w(k.weight), _w(k.bias)
         self.wv, self.bv = _w(v.weight), _w(v.bias)
@@ -140,23 +178,25 @@ class PagedAttention:
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.key_mult = key_multiplier   # Falcon-H1 scales K before the rotation
         self.cache, self.layer, self.rope = cache, layer, rope
+        self.adapters = adapters         # added to q, k, v projections (Zamba2's shared blocks)
 
     @classmethod
     def of(cls, a: torch.nn.Module, config, *, cache: PagedCache, layer: int, rope: Rotary | None = None,
-           key_multiplier: float = 1.0) -> "PagedAttention":
+           key_multiplier: float = 1.0, adapters=(None, None, None)) -> "PagedAttention":
         """From a transformers attention module (q/k/v/o_proj, head_dim; its ``scaling``, which is
-        Granite's attention_multiplier and head_dim ** -0.5 elsewhere)."""
+        Granite's attention_multiplier, Zamba2's (head_dim / 2) ** -0.5 and head_dim ** -0.5 elsewhere)."""
         return cls(a.q_proj, a.k_proj, a.v_proj, a.o_proj, num_heads=config.num_attention_heads,
                    num_kv_heads=config.num_key_value_heads, head_dim=a.head_dim, cache=cache, layer=layer,
-                   rope=rope, scale=float(getattr(a, "scaling", a.head_dim ** -0.5)), key_multiplier=key_multiplier)
+                   rope=rope, scale=float(getattr(a, "scaling", a.head_dim ** -0.5)), key_multiplier=key_multiplier,
+                   adapters=adapters)
 
     def __call__(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         T = x.shape[0]
-        q = F.linear(x, self.wq, self.bq).view(T, self.hq, self.d)
-        k = F.linear(x, self.wk, self.bk).view(T, self.hkv, self.d)
+        q, k, v = (self._project(x, w, b, a) for w, b, a in
+                   zip((self.wq, self.wk, self.wv), (self.bq, self.bk, self.bv), self.adapters))
+        q, k, v = q.view(T, self.hq, self.d), k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d)
         if self.key_mult != 1.0:
             k = k * self.key_mult
-        v = F.linear(x, self.wv, self.bv).view(T, self.hkv, self.d)
         if self.rope is not None:  # positions are each token's position in its own request
             cos, sin = self.rope.cos_sin(batch.token_pos, q.dtype)
             q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
@@ -173,6 +213,11 @@ class PagedAttention:
                                                  layer=self.layer, scale=self.scale)
         return F.linear(o.view(T, self.hq * self.d), self.wo, self.bo)
 
+    @staticmethod
+    def _project(x, w, b, adapter):
+        y = F.linear(x, w, b)
+        return y if adapter is None else y + adapter(x)
+
 
 def causal_conv_silu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, batch: StepBatch,
                      cache: PagedCache, layer: int) -> torch.Tensor:
@@ -188,6 +233,58 @@ def causal_conv_silu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, b
         g = batch.decode
         out[g.tokens] = causal_conv1d_update(x[g.tokens], w, g.ssm_handles, cache, **kw)
     return out
+
+
+class Mamba1Mixer:
+    """The Mamba1 mixer of Mamba and Jamba over the paged cache: in_proj -> x | z; causal conv + silu
+    over x (conv state in the SSM block); x_proj -> dt | B | C, with RMSNorms on each where the
+    module has them (Jamba's dt_layernorm, b_layernorm, c_layernorm); dt_proj's weight on the host,
+    its bias and the softplus in the scan ops; the selective scan (state ``[d_inner, d_state]`` in
+    the block) with D and the silu(z) gate; out_proj."""
+
+    def __init__(self, m: torch.nn.Module, *, cache, layer: int):
+        self.in_w, self.in_b = _w(m.in_proj.weight), _w(m.in_proj.bias)
+        self.out_w, self.out_b = _w(m.out_proj.weight), _w(m.out_proj.bias)
+        self.conv_w, self.conv_b = _w(m.conv1d.weight).squeeze(1), _w(m.conv1d.bias)  # [C, 1, K] -> [C, K]
+        self.x_w = _w(m.x_proj.weight)
+        self.dt_w, self.dt_bias = _w(m.dt_proj.weight), _w(m.dt_proj.bias)
+        self.A = -torch.exp(m.A_log.detach().float())
+        if self.A.dim() != 2:
+            raise ValueError(f"A_log of a Mamba1 mixer must be [d_inner, d_state], got {tuple(self.A.shape)}")
+        self.D = _w(m.D)
+        self.dt_norm, self.b_norm, self.c_norm = (_optional_norm(m, n) for n in
+                                                  ("dt_layernorm", "b_layernorm", "c_layernorm"))
+        self.d_inner, self.N, self.rank = m.intermediate_size, m.ssm_state_size, m.time_step_rank
+        self.cache, self.layer = cache, layer
+
+    def __call__(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        xs, z = F.linear(h, self.in_w, self.in_b).chunk(2, dim=-1)
+        xs = self._conv(xs.contiguous(), batch)
+        dt, B, C = F.linear(xs, self.x_w).split([self.rank, self.N, self.N], dim=-1)
+        dt = F.linear(self.dt_norm(dt), self.dt_w)                   # dt_proj without its bias
+        B, C = self.b_norm(B).contiguous(), self.c_norm(C).contiguous()
+        y = self._scan(xs, dt.contiguous(), B, C, z.contiguous(), batch)
+        return F.linear(y, self.out_w, self.out_b)
+
+    def _conv(self, xs: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        return causal_conv_silu(xs, self.conv_w, self.conv_b, batch, self.cache, self.layer)
+
+    def _scan(self, xs, dt, B, C, z, batch: StepBatch) -> torch.Tensor:
+        out = torch.empty_like(xs)
+        kw = dict(layer=self.layer, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+        if batch.prefill is not None:
+            g, t = batch.prefill, batch.prefill.tokens
+            out[t] = mamba1_scan_prefill(xs[t], dt[t], self.A, B[t], C[t], g.ssm_handles, g.cu_seqlens,
+                                         g.has_initial_state, self.cache, z=z[t], **kw)
+        if batch.decode is not None:
+            g, t = batch.decode, batch.decode.tokens
+            out[t] = mamba1_state_update(xs[t], dt[t], self.A, B[t], C[t], g.ssm_handles, self.cache, z=z[t], **kw)
+        return out
+
+
+def _optional_norm(m: torch.nn.Module, name: str):
+    norm = getattr(m, name, None)
+    return (lambda x: x) if norm is None else cast_rms_norm(norm)
 
 
 class Mamba2Mixer:

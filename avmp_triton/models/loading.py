@@ -20,12 +20,15 @@ from avmp_triton.models.bamba import BambaRunner
 from avmp_triton.models.falcon_h1 import FalconH1Runner
 from avmp_triton.models.granitemoehybrid import GraniteMoeHybridRunner
 from avmp_triton.models.jamba import JambaRunner
+from avmp_triton.models.mamba import Mamba2Runner, MambaRunner
 from avmp_triton.models.nemotron_h import NemotronHRunner
+from avmp_triton.models.zamba2 import Zamba2Runner
 
 # model_type -> runner class (each with ``from_transformers(model, capacity_bytes=..., **kw)``);
 # a new family registers here
 RUNNERS = {"nemotron_h": NemotronHRunner, "bamba": BambaRunner, "granitemoehybrid": GraniteMoeHybridRunner,
-           "jamba": JambaRunner, "falcon_h1": FalconH1Runner}
+           "jamba": JambaRunner, "falcon_h1": FalconH1Runner, "zamba2": Zamba2Runner,
+           "mamba": MambaRunner, "mamba2": Mamba2Runner}
 
 _NEMOTRON_H_8B_PATTERN = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
 # config.json dicts for random_model. nemotron-h-8b: nvidia/Nemotron-H-8B-Base-8K's geometry (as the

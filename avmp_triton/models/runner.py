@@ -23,17 +23,26 @@ from avmp_triton.memory.allocator import AVMPAllocator, PoolExhaustedError
 from avmp_triton.memory.cache import PagedCache
 from avmp_triton.models.batch import StepBatch, build_step_batch
 from avmp_triton.models.layers import RMSNorm, cast_rms_norm
+from avmp_triton.ops import check_attn_head_dim
 from avmp_triton.spec import HybridModelSpec
 
 
 class Residual:
     """``h + scale * mixer(norm(h), batch)``: one pre-norm residual branch (a mixer, an attention or
-    an MLP). ``scale`` is for families with a residual multiplier; 1.0 skips the multiply."""
+    an MLP). ``scale`` is for families with a residual multiplier; 1.0 skips the multiply.
+    ``fp32_residual`` (Mamba's and Mamba2's ``residual_in_fp32``): the residual stream is kept in
+    fp32 and cast to ``dtype`` (the weights') before the norm."""
 
-    def __init__(self, norm, mixer, scale: float = 1.0):
+    def __init__(self, norm, mixer, scale: float = 1.0, *, fp32_residual: bool = False,
+                 dtype: torch.dtype | None = None):
+        if fp32_residual and (dtype is None or scale != 1.0):
+            raise ValueError(f"fp32_residual needs the weights' dtype and no scale, got {dtype} and {scale}")
         self.norm, self.mixer, self.scale = norm, mixer, scale
+        self.fp32_residual, self.dtype = fp32_residual, dtype
 
     def __call__(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        if self.fp32_residual:
+            return h.float() + self.mixer(self.norm(h.to(self.dtype)), batch)
         out = self.mixer(self.norm(h), batch)
         return h + (out if self.scale == 1.0 else out * self.scale)
 
@@ -71,6 +80,8 @@ class HybridRunner(abc.ABC):
         page_tokens = alloc_kwargs.get("page_tokens", 16)
         spec = HybridModelSpec.from_hf_config(hf_model.config, kv_dtype=dtype, conv_dtype=dtype,
                                               ssm_dtype=ssm_dtype, page_tokens=page_tokens)
+        if spec.num_attn_layers:
+            check_attn_head_dim(spec.head_dim, f"the {hf_model.config.model_type} model's attention")
         return cls(hf_model, spec, capacity_bytes=capacity_bytes, max_requests=max_requests,
                    max_context=max_context, **alloc_kwargs)
 
@@ -186,7 +197,10 @@ class HybridRunner(abc.ABC):
             self.ssm_handles[row] = h
 
     def _grow(self, rows: list[int], lengths: list[int]) -> None:
-        """Pages for ``lengths[i]`` tokens in row ``rows[i]``; make room once if the KV pool is short."""
+        """Pages for ``lengths[i]`` tokens in row ``rows[i]``; make room once if the KV pool is short.
+        An attention-free model has no KV pool: nothing to grow."""
+        if self.spec.num_attn_layers == 0:
+            return
         for attempt in range(2):
             need = torch.zeros_like(self.num_pages)
             for row, n in zip(rows, lengths):

@@ -88,6 +88,27 @@ def check_layer(layer, num_layers: int, kind: str) -> int:
     return layer
 
 
+# The attention kernels' head dims. A multiple of 8 makes a K/V row of 2-byte elements whole 16-byte
+# words, which the kernels promise the compiler (``tl.multiple_of``) for 16-byte vector loads; the
+# kernels pad the head dim to a power of two of lanes (BLOCK_D), and the launch tables are sized for
+# at most 256 of them.
+ATTN_HEAD_DIM_MULTIPLE = 8
+ATTN_HEAD_DIM_MIN, ATTN_HEAD_DIM_MAX = 16, 256
+
+
+def check_attn_head_dim(head_dim: int, name: str) -> None:
+    """``name``'s head dim (the last dim of an attention op's q or k) against the kernels' rule."""
+    if not (ATTN_HEAD_DIM_MIN <= head_dim <= ATTN_HEAD_DIM_MAX and head_dim % ATTN_HEAD_DIM_MULTIPLE == 0):
+        raise ValueError(f"{name} has head_dim {head_dim}; the attention kernels take a multiple of "
+                         f"{ATTN_HEAD_DIM_MULTIPLE} in [{ATTN_HEAD_DIM_MIN}, {ATTN_HEAD_DIM_MAX}]")
+
+
+def attn_block_d(head_dim: int) -> int:
+    """Head-dim lanes of the attention kernels' tiles (BLOCK_D): the next power of two, at least 16
+    (tl.dot's smallest K). Register- and shared-memory-bound launch choices go by this, not head_dim."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def _check_cache(cache) -> None:
     if not isinstance(cache, PagedCache):
         raise TypeError(f"cache must be a PagedCache (PagedCache.of(allocator)), got {type(cache).__name__}")

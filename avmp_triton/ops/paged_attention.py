@@ -7,6 +7,9 @@ device, a -1 block-table entry, a handle outside the table, a free handle or an 
 request's live length is skipped (masked out of the softmax, no byte of its unit read); a request
 with nothing readable gets a zero row; a ``seq_len`` past ``W * page_tokens`` is clamped. Metadata
 on the CPU is checked first instead (``_host_checks``: errors that name the value).
+
+Head dims: multiples of 8 in [16, 256] (``_args.check_attn_head_dim``); one that is not a power of
+two runs in tiles padded to the next one (Zamba2's 160 in those of 256, masked).
 """
 from __future__ import annotations
 
@@ -22,10 +25,10 @@ from avmp_triton._checks import check_tensor, is_int
 from avmp_triton.kernels import paged_attention as K
 from avmp_triton.layout import KVPageLayout
 from avmp_triton.memory.cache import PagedCache
-from avmp_triton.ops._args import check_kernel_device, check_layer, config_overrides, kv_cache_of, sm_count
+from avmp_triton.ops._args import (attn_block_d, check_attn_head_dim, check_kernel_device, check_layer,
+                                   config_overrides, kv_cache_of, sm_count)
 from avmp_triton.ops._host_checks import KIND_KV, check_block_table, check_handles, live_pages, on_host
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 128          # explicit num_splits at most
 MAX_AUTO_SPLITS = 32      # what the launcher picks by itself at most
@@ -60,6 +63,7 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
       its [group, BLOCK_N, D] fp32 product at <= 8192 elements. At least one page, at least 16 tokens,
       except that a page larger than that is walked in steps of that size (a whole 1024-token page
       per step ran out of shared memory on the H200).
+    - ``num_warps``: 4 for D <= 128, else 8.
     - ``num_splits``: enough splits that B * Hkv * splits fills ``WAVES`` waves of ``sm_count`` SMs, but
       no more than leave ``MIN_BLOCKS_PER_SPLIT`` blocks of the longest context per split.
     - ``num_stages`` and ``max_registers`` (H200, perf/results/decode_variants_H200/): split
@@ -67,14 +71,18 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
       warps keep 2 stages and a cap of 128 registers, so 4 programs fit an SM: the compiler's 160
       left room for 3, and B=64 x 8 KV heads then took two waves of 132 SMs instead of one
       (387 -> 267 us at B=64 ctx 4096; 20 bytes of spill).
+
+    D above is the head dim padded to the kernel's tile (``attn_block_d``: 160 -> 256), which is
+    what registers and shared memory go by.
     """
     group = num_q_heads // num_kv_heads
+    block_d = attn_block_d(head_dim)
     if use_dot is None:
         use_dot = group >= 4
     if use_dot:
-        block_n = 64 if head_dim <= 128 else 32
+        block_n = 64 if block_d <= 128 else 32
     else:
-        block_n = min(64, max(16, 8192 // (triton.next_power_of_2(group) * head_dim)))
+        block_n = min(64, max(16, 8192 // (triton.next_power_of_2(group) * block_d)))
     if pages_per_iter is None:
         pages_per_iter = max(1, block_n // page_tokens)
     derived = pages_per_iter * page_tokens
@@ -85,7 +93,7 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
                          f"(which gives {derived}); leave it None")
     block_tokens = derived
     if num_warps is None:
-        num_warps = 4 if head_dim <= 128 else 8
+        num_warps = 4 if block_d <= 128 else 8
     if num_splits is None:
         ctas = max(1, batch * num_kv_heads)
         want = math.ceil(WAVES * sm_count / ctas)
@@ -144,6 +152,7 @@ def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
     _check_aligned(arena)
     interp = _triton_env.interpreter_active()
     group = Hq // num_kv_heads
+    block_d = attn_block_d(D)
     if num_splits > 1:
         n = decode_workspace_numel(B, Hq, D, num_splits)
         ws = _scratch(q.device, n) if workspace is None else workspace
@@ -156,7 +165,7 @@ def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         layer * s_layer, s_kv, s_head, s_token, scale * K.LOG2E,
         GROUP=group, GROUP_PAD=max(16 if use_dot else 1, triton.next_power_of_2(group)), HEAD_DIM=D,
-        PAGE_TOKENS=page_tokens, BLOCK_N=block_tokens, NUM_SPLITS=num_splits,
+        BLOCK_D=block_d, PAGE_TOKENS=page_tokens, BLOCK_N=block_tokens, NUM_SPLITS=num_splits,
         ELEM_BYTES=elem_bytes, USE_DOT=use_dot,
         DOT_FP32=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16),
         PIPELINE=not interp,
@@ -166,7 +175,7 @@ def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
         K.paged_decode_combine_kernel[(B, Hq)](
             ws_acc, ws_ml, out, Hq, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, SPLITS_PAD=splits_pad, CHUNK=min(splits_pad, 16), HEAD_DIM=D,
-            num_warps=4 if D <= 128 else 8)
+            BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8)
 
 
 @_paged_decode_op.register_fake
@@ -191,7 +200,7 @@ def _kv_append_op(k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, t
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_table.stride(0),
         layer * s_layer, s_kv, s_head, s_token,
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-        PAGE_TOKENS=page_tokens, ELEM_BYTES=elem_bytes, num_warps=4)
+        BLOCK_D=attn_block_d(head_dim), PAGE_TOKENS=page_tokens, ELEM_BYTES=elem_bytes, num_warps=4)
 
 
 @_kv_append_op.register_fake
@@ -206,7 +215,8 @@ def paged_decode_attention(q: torch.Tensor, block_table: torch.Tensor, seq_lens:
     """Decode attention of one query token per request over its KV pages in ``cache``.
 
     Args:
-        q: ``[B, Hq, D]`` in the cache's ``kv_dtype`` (rows of D contiguous); ``Hq`` a multiple of Hkv.
+        q: ``[B, Hq, D]`` in the cache's ``kv_dtype`` (rows of D contiguous); ``Hq`` a multiple of Hkv;
+            D a multiple of 8 in [16, 256], the layout's head dim.
         block_table: ``[B, W]`` int32 KV handles, -1 padded (rows contiguous).
         seq_lens: ``[B]`` int32 tokens per request (0 allowed: zero output row).
         cache: ``PagedCache.of(allocator)``.
@@ -259,7 +269,8 @@ def kv_append(k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, token
     """Write K and V of new tokens into their page slots of ``cache`` (attention layer ``layer``).
 
     Args:
-        k, v: ``[T, Hkv, D]`` in the cache's ``kv_dtype`` (rows of D contiguous).
+        k, v: ``[T, Hkv, D]`` in the cache's ``kv_dtype`` (rows of D contiguous); D as in
+            ``paged_decode_attention``.
         block_table: ``[B, W]`` int32 KV handles, -1 padded.
         token_req: ``[T]`` int32 block-table row of each token; -1 = padding, skipped.
         token_pos: ``[T]`` int32 position of each token in its request: it goes to slot
@@ -307,8 +318,7 @@ def _check_q_like(t, name: str, cache) -> torch.device:
     if t.stride(2) != 1:
         raise ValueError(f"{name} must have contiguous rows (stride 1 over D), got strides {t.stride()}")
     D = t.shape[2]
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    check_attn_head_dim(D, name)
     if layout.head_dim != D:
         raise ValueError(f"{name} has head_dim {D}, the layout {layout.head_dim}")
     return dev

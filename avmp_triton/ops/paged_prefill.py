@@ -7,6 +7,9 @@ the pages (append first, as vLLM and FlashInfer do).
 Everything here is decided from shapes: no host synchronisation, fixed grid for fixed shapes, an
 ``out=`` buffer, so a step can be captured in a CUDA graph. The op is registered as
 ``torch.ops.avmp.paged_prefill_attention`` (mutates ``out``).
+
+Head dims: multiples of 8 in [16, 256], the rule of ``_args.check_attn_head_dim`` that decode
+shares; one that is not a power of two runs in tiles padded to the next one, masked.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from avmp_triton._checks import check_tensor, is_int
 from avmp_triton._triton_env import interpreter_active
 from avmp_triton.kernels.paged_prefill import paged_prefill_kernel
 from avmp_triton.memory.cache import PagedCache
-from avmp_triton.ops._args import check_kernel_device, check_layer, config_overrides, kv_cache_of
+from avmp_triton.ops._args import (attn_block_d, check_attn_head_dim, check_kernel_device, check_layer,
+                                   config_overrides, kv_cache_of)
 from avmp_triton.ops._host_checks import (KIND_KV, check_block_table, check_cu_seqlens, check_handles,
                                          live_pages, on_host)
 
@@ -30,11 +34,12 @@ __all__ = ["PrefillConfig", "paged_prefill_attention", "prefill_launch_config"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
-# (BLOCK_M rows, BLOCK_N kv positions, num_warps, num_stages) by head_dim for 16-bit inputs on a
-# GPU. Not autotuned (the op writes ``out``; no launcher of this package autotunes): picked from
-# sm_90 compiles (triton 3.6, bf16, GQA 4) as the largest tiles that keep within 227 KiB of shared
-# memory and spill no registers (D=128: 251 regs, 98 KiB; 4 warps spill at D >= 128). Timed only
-# at these defaults (perf/results/bench_prefill_H100.json); no launch sweep of this kernel yet.
+# (BLOCK_M rows, BLOCK_N kv positions, num_warps, num_stages) by the head dim padded to the kernel's
+# tile (``attn_block_d``: 160 takes the 256 row) for 16-bit inputs on a GPU. Not autotuned (the op
+# writes ``out``; no launcher of this package autotunes): picked from sm_90 compiles (triton 3.6,
+# bf16, GQA 4) as the largest tiles that keep within 227 KiB of shared memory and spill no
+# registers (D=128: 251 regs, 98 KiB; 4 warps spill at D >= 128). Timed only at these defaults
+# (perf/results/bench_prefill_H100.json); no launch sweep of this kernel yet.
 _GPU_TABLE = {
     16: (128, 64, 8, 3),
     32: (128, 64, 8, 3),
@@ -63,7 +68,7 @@ def _pow2_at_least(n: int) -> int:
 
 def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu: bool,
                           max_seqlen_q: int | None = None) -> PrefillConfig:
-    """The launch table.
+    """The launch table; ``head_dim`` the real one (the table goes by its padded tile width).
 
     ``BLOCK_M`` counts rows (query tokens x the ``gqa`` query heads of one KV head); a short
     ``max_seqlen_q`` shrinks it so a decode-like batch does not pad every tile to 128 rows.
@@ -73,7 +78,7 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu
     elif dtype == torch.float32:
         bm, bn, warps, stages = _GPU_FP32
     else:
-        bm, bn, warps, stages = _GPU_TABLE[head_dim]
+        bm, bn, warps, stages = _GPU_TABLE[attn_block_d(head_dim)]
     bm = max(bm, _pow2_at_least(gqa))
     if max_seqlen_q is not None:
         short = max(16, _pow2_at_least(gqa * max_seqlen_q))
@@ -108,7 +113,8 @@ def _paged_prefill_op(
             B, block_table.shape[1], handle_table.shape[0], T,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
             layer_off, stride_kv, stride_kv_head, stride_kv_token, scale * _LOG2E,
-            GQA=gqa, HEAD_DIM=D, PAGE_TOKENS=page_tokens, ELEM_BYTES=q.element_size(),
+            GQA=gqa, HEAD_DIM=D, BLOCK_D=attn_block_d(D), PAGE_TOKENS=page_tokens,
+            ELEM_BYTES=q.element_size(),
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
             PIPELINE=not interp,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -140,7 +146,8 @@ def paged_prefill_attention(
 
     Args:
         q: ``[T, Hq, D]`` in the cache's ``kv_dtype``, the new tokens of all requests packed; last
-            dim contiguous; ``Hq`` a multiple of the cache's KV heads.
+            dim contiguous; ``Hq`` a multiple of the cache's KV heads; D a multiple of 8 in [16, 256],
+            the layout's head dim.
         block_table: ``[B, W]`` int32 KV page handles, -1 padded; row b needs
             ``cdiv(seq_lens[b], page_tokens)`` live handles. Rows contiguous.
         seq_lens: ``[B]`` int32, context of request b including its new tokens
@@ -222,10 +229,9 @@ def _check_tables(q, block_table, seq_lens, cu_seqlens_q) -> int:
 def _check_layout_and_layer(q, layout, layer, num_layers) -> int:
     """The page layout against q, and the layer; returns the GQA group."""
     D, Hq = q.shape[2], q.shape[1]
+    check_attn_head_dim(D, "q")
     if layout.head_dim != D:
         raise ValueError(f"q's head dim D={D} differs from layout.head_dim={layout.head_dim}")
-    if D not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head dim D must be a power of two in [16, 256], got {D}")
     Hkv = layout.num_kv_heads
     if Hq < 1 or Hq % Hkv:
         raise ValueError(f"q heads Hq={Hq} must be a positive multiple of layout.num_kv_heads={Hkv}")

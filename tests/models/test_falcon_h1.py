@@ -87,7 +87,7 @@ def test_gated_rms_norm_variant(norm_before_gate):
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0}),
      "rope_type 'linear' is not supported"),
-    (dict(num_attention_heads=4, num_key_value_heads=2), "attention head_dim 32 is not supported"),
+    (dict(head_dim=36), "the falcon_h1 model's attention has head_dim 36; the attention kernels take a multiple of 8"),
 ])
 def test_unsupported_config_is_named(overrides, message):
     model = transformers.FalconH1ForCausalLM(_config(**overrides)).eval()

@@ -23,7 +23,7 @@ from avmp_triton.models.loading import (  # noqa: E402
     runner_for,
 )
 from avmp_triton.models import (BambaRunner, FalconH1Runner, GraniteMoeHybridRunner, JambaRunner,  # noqa: E402
-                                NemotronHRunner)
+                                Mamba2Runner, MambaRunner, NemotronHRunner, Zamba2Runner)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-4          # max abs logit error, fp32
@@ -127,10 +127,12 @@ def test_weights_missing_from_checkpoint_are_named(model, checkpoints, tmp_path)
 
 def test_unknown_model_type_is_named():
     fake = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
-    with pytest.raises(ValueError, match="no runner for model_type 'llama'; supported: bamba, falcon_h1, granitemoehybrid, jamba, nemotron_h"):
+    with pytest.raises(ValueError, match="no runner for model_type 'llama'; supported: bamba, falcon_h1, "
+                                         "granitemoehybrid, jamba, mamba, mamba2, nemotron_h, zamba2"):
         runner_for(fake, capacity_bytes=1 << 20)
     assert RUNNERS == {"nemotron_h": NemotronHRunner, "bamba": BambaRunner,
-                       "granitemoehybrid": GraniteMoeHybridRunner, "jamba": JambaRunner, "falcon_h1": FalconH1Runner}
+                       "granitemoehybrid": GraniteMoeHybridRunner, "jamba": JambaRunner, "falcon_h1": FalconH1Runner,
+                       "zamba2": Zamba2Runner, "mamba": MambaRunner, "mamba2": Mamba2Runner}
 
 
 def test_random_model_forms_and_nontrivial_weights(model, tmp_path):

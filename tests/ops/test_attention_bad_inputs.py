@@ -162,6 +162,27 @@ def test_prefill_propagates_nan():
     torch.testing.assert_close(out[keep].double(), ref[keep].double(), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("d", [12, 100, 264])
+def test_head_dims_off_the_rule(d):
+    """A cache whose head dim is not a multiple of 8 in [16, 256] (a K/V row of whole 16-byte words,
+    at most 256 lanes) is refused by every attention op, the value named; nothing is written."""
+    alloc = make_alloc(make_spec(2, d), 16, kv_pages=4)
+    bt = scattered_table(alloc, SEQ_LENS, width=4, extra=0)
+    fill_arena(alloc)
+    before = alloc.arena.clone()
+    cache = PagedCache.of(alloc)
+    rule = re.escape(f"has head_dim {d}; the attention kernels take a multiple of 8 in [16, 256]")
+    q, cu = torch.randn(12, 4, d, device=DEVICE), i32([0, 7, 12])
+    k = torch.randn(2, 2, d, device=DEVICE)
+    with pytest.raises(ValueError, match="q " + rule):
+        paged_decode_attention(q[:2], bt, i32(SEQ_LENS), cache, layer=0)
+    with pytest.raises(ValueError, match="k " + rule):
+        kv_append(k, k, bt, i32([0, 1]), i32([40, 23]), cache, layer=0)
+    with pytest.raises(ValueError, match="q " + rule):
+        paged_prefill_attention(q, bt, i32(SEQ_LENS), cu, cache, layer=0)
+    assert torch.equal(alloc.arena, before)
+
+
 _PAST_END_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})

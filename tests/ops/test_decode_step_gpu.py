@@ -7,8 +7,9 @@ The captured step is what one attention layer and one Mamba layer do for a batch
     -> Mamba2 / Mamba1 state update (Mamba layer 1) on the conv output
 
 Nemotron-H (Mamba2: the conv runs over the xBC channels, which are then split into x, B and C as
-strided views of the conv output) and Jamba (Mamba1: the conv output is x), each with fp32 and
-bf16 ssm state. The batch has a padding row (block-table row of -1, seq_len 0, token_req -1, ssm
+strided views of the conv output), Jamba (Mamba1: the conv output is x) and Zamba2-2.7B (Mamba2,
+attention head dim 160, which the attention kernels pad to 256 lanes), each with fp32 and bf16 ssm
+state. The batch has a padding row (block-table row of -1, seq_len 0, token_req -1, ssm
 handle -1), as a graph captured for a larger batch size would; the real rows have odd context
 lengths, their KV pages and SSM blocks scattered with ``torch.randperm`` over larger allocations.
 
@@ -142,7 +143,7 @@ def ssm_shape(spec) -> tuple:
 
 
 @pytest.mark.parametrize("ssm_dtype", [torch.float32, torch.bfloat16], ids=["ssm_fp32", "ssm_bf16"])
-@pytest.mark.parametrize("preset", ["nemotron-h-8b", "jamba-1.5-mini"])
+@pytest.mark.parametrize("preset", ["nemotron-h-8b", "jamba-1.5-mini", "zamba2-2.7b"])
 def test_decode_step_cuda_graph(seed, preset, ssm_dtype):
     spec, alloc, bt, ssm_handles = make_case(preset, ssm_dtype)
     B, W = bt.shape

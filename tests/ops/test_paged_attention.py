@@ -114,19 +114,34 @@ def i32(xs, device=DEVICE) -> torch.Tensor:
     return torch.tensor(xs, dtype=torch.int32, device=device)
 
 
-def check_decode(alloc, bt, seq_lens, hq, *, layer, **kw):
+def lanes_padded(t: torch.Tensor, fill: float, pad: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` copied into rows ``pad`` lanes wider whose extra lanes hold ``fill``: (the view shaped
+    like ``t``, the whole buffer). A kernel that reads past a row's D sees ``fill``; one that writes
+    there changes it."""
+    buf = torch.full((*t.shape[:-1], t.shape[-1] + pad), fill, dtype=t.dtype, device=t.device)
+    buf[..., :t.shape[-1]] = t
+    return buf[..., :t.shape[-1]], buf
+
+
+def check_decode(alloc, bt, seq_lens, hq, *, layer, padded=False, **kw):
     """Run the op on NaN-poisoned outputs and compare with the reference; return the output.
+    ``padded``: q's rows sit in wider rows of NaN and out's in wider rows of 7s, which must stay.
     ``kw``: the op's keywords (``scale``, ``config``, ...)."""
     B = bt.shape[0]
     D = alloc.spec.head_dim
     dt = alloc.spec.kv_dtype
     q = torch.randn(B, hq, D, device=alloc.device).to(dt)
+    out = nan_like((B, hq, D), dt, alloc.device)
+    if padded:
+        q, _ = lanes_padded(q, float("nan"))
+        out, out_rows = lanes_padded(out, 7.0)
     sl = i32(seq_lens, alloc.device)
-    out = paged_decode_attention(q, bt, sl, PagedCache.of(alloc), layer=layer,
-                                 out=nan_like((B, hq, D), dt, alloc.device), **kw)
+    out = paged_decode_attention(q, bt, sl, PagedCache.of(alloc), layer=layer, out=out, **kw)
     ref = paged_decode_attention_ref(q, alloc.arena, alloc.handle_table, layout_of(alloc), bt, sl, layer=layer,
                                      scale=kw.get("scale"))
     torch.testing.assert_close(out.double(), ref, **TOL[dt])
+    if padded:
+        assert (out_rows[..., D:] == 7).all(), "written past D"
     return q, out
 
 
@@ -277,6 +292,45 @@ def test_decode_fp16_and_bf16_interpreter():
         check_decode(alloc, bt, seq_lens, 2, layer=1, config=DecodeConfig(use_dot=False))
 
 
+# ------------------------------------------------------------------- head dims not powers of two
+ODD_HEAD_DIMS = [
+    # (Hq, Hkv, D, dtype): a GQA group of >= 4 takes the tl.dot path, a smaller one the broadcast path
+    pytest.param(8, 2, 160, torch.float32, id="d160-gqa4-fp32"),
+    pytest.param(8, 2, 160, torch.bfloat16, id="d160-gqa4-bf16"),
+    pytest.param(2, 2, 160, torch.bfloat16, id="d160-mha-bf16"),     # Zamba2-2.7B: 32 q / 32 kv heads
+    pytest.param(4, 2, 160, torch.float32, id="d160-gqa2-fp32"),
+    pytest.param(8, 2, 80, torch.bfloat16, id="d80-gqa4-bf16"),
+    pytest.param(4, 2, 80, torch.float32, id="d80-gqa2-fp32"),
+]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("hq,hkv,d,dtype", ODD_HEAD_DIMS)
+def test_decode_head_dims_not_powers_of_two(hq, hkv, d, dtype, num_splits):
+    """Tiles padded to a power of two of lanes (160 -> 256, 80 -> 128): nothing past D is read (q's
+    extra lanes are NaN, and so are the arena's dead slots) or written."""
+    seq_lens = [33, 1, 20]
+    alloc = make_alloc(make_spec(hkv, d, dtype=dtype), 16, kv_pages=8)
+    bt = scattered_table(alloc, seq_lens, width=4)
+    fill_arena(alloc, bt, seq_lens)
+    check_decode(alloc, bt, seq_lens, hq, layer=1, padded=True, config=DecodeConfig(num_splits=num_splits))
+
+
+@pytest.mark.parametrize("d", [160, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_append_head_dims_not_powers_of_two(d, dtype):
+    """3 kv heads (padded to 4) of D lanes (padded to a power of two): exactly the tokens' slots change."""
+    alloc = make_alloc(make_spec(3, d, dtype=dtype), 8, kv_pages=8)
+    bt = scattered_table(alloc, [20, 9], width=4)
+    fill_arena(alloc)
+    req, pos = i32([1, 0, -1, 0]), i32([8, 19, 0, 3])
+    k, _ = lanes_padded(torch.randn(4, 3, d, device=DEVICE).to(dtype), float("nan"))
+    v, _ = lanes_padded(torch.randn(4, 3, d, device=DEVICE).to(dtype), float("nan"))
+    want = kv_append_ref(k, v, alloc.arena, alloc.handle_table, layout_of(alloc), bt, req, pos, layer=1)
+    kv_append(k, v, bt, req, pos, PagedCache.of(alloc), layer=1)
+    assert torch.equal(alloc.arena, want)
+
+
 # ----------------------------------------------------------------------------------- KV append
 @pytest.mark.parametrize("page_tokens", [16, 8])
 def test_kv_append_then_attention(page_tokens):
@@ -388,7 +442,10 @@ DECODE_ERRORS = [
     ("q 2-D", lambda a: a.update(q=a["q"][0]), ValueError, "q must be 3-D"),
     ("q strided D", lambda a: a.update(q=a["q"].repeat(1, 1, 2)[:, :, ::2]), ValueError, "q must have contiguous rows"),
     ("q heads", lambda a: a.update(q=torch.randn(2, 3, 64, device=DEVICE)), ValueError, "q has 3 heads"),
-    ("head dim", lambda a: a.update(q=torch.randn(2, 4, 32, device=DEVICE)), ValueError, "head_dim 32"),
+    ("head dim layout", lambda a: a.update(q=torch.randn(2, 4, 32, device=DEVICE)), ValueError,
+     "q has head_dim 32, the layout 64"),
+    ("head dim rule", lambda a: a.update(q=torch.randn(2, 4, 100, device=DEVICE)), ValueError,
+     "q has head_dim 100; the attention kernels take a multiple of 8 in [16, 256]"),
     ("q fp16 vs layout", lambda a: a.update(q=a["q"].half()), TypeError,
      "q must have the KV dtype torch.float32, got torch.float16"),
     ("kv dtype", lambda a: a.update(kv_dtype=torch.float16,
@@ -486,6 +543,8 @@ APPEND_ERRORS = [
     ("v dtype", lambda a: a.update(v=a["v"].double()), TypeError, "v must be torch.float32"),
     ("v shape", lambda a: a.update(v=a["v"][:2]), ValueError, "v must have k's shape"),
     ("k heads", lambda a: a.update(k=a["k"].repeat(1, 2, 1), v=a["v"].repeat(1, 2, 1)), ValueError, "k has 4 kv heads"),
+    ("k head dim", lambda a: a.update(k=a["k"][..., :12].contiguous(), v=a["v"][..., :12].contiguous()), ValueError,
+     "k has head_dim 12; the attention kernels take a multiple of 8 in [16, 256]"),
     ("k strided", lambda a: a.update(k=a["k"].repeat(1, 1, 2)[:, :, ::2]), ValueError, "contiguous rows"),
     ("req dtype", lambda a: a.update(token_req=a["token_req"].long()), TypeError, "token_req must be torch.int32"),
     ("pos len", lambda a: a.update(token_pos=i32([1])), ValueError, "token_pos must have T=3 entries"),
@@ -543,6 +602,11 @@ def test_decode_config_table():
     assert c.num_splits == 2                                              # 4 blocks: 2 splits of 2
     c = decode_config(batch=1, num_q_heads=4, num_kv_heads=2, head_dim=256, page_tokens=16, max_seq_len=10 ** 6)
     assert not c.use_dot and c.num_splits == 32 and c.block_tokens == 16 and c.num_warps == 8
+    # a head dim that is not a power of two takes the rows of its tile width (160 -> 256)
+    for hq in (4, 8, 16):
+        kw = dict(batch=1, num_q_heads=hq, num_kv_heads=4, page_tokens=16, max_seq_len=10 ** 6)
+        assert decode_config(head_dim=160, **kw) == decode_config(head_dim=256, **kw)
+        assert decode_config(head_dim=80, **kw) == decode_config(head_dim=128, **kw)
     c = decode_config(batch=1, num_q_heads=8, num_kv_heads=8, head_dim=64, page_tokens=16, max_seq_len=64,
                       num_splits=5, pages_per_iter=2, num_warps=2, num_stages=1, use_dot=True)
     assert (c.num_splits, c.pages_per_iter, c.num_warps, c.num_stages, c.use_dot) == (5, 2, 2, 1, True)
@@ -630,7 +694,8 @@ def test_gpu_decode_real_sizes(dtype, num_splits):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("hq,hkv,D", [(32, 8, 64), (16, 4, 256), (64, 4, 128), (8, 8, 128), (16, 8, 128)])
+@pytest.mark.parametrize("hq,hkv,D", [(32, 8, 64), (16, 4, 256), (64, 4, 128), (8, 8, 128), (16, 8, 128),
+                                     (32, 32, 160), (16, 4, 160), (8, 4, 80)])
 @pytest.mark.parametrize("use_dot", [None, True, False])
 def test_gpu_decode_shapes(hq, hkv, D, use_dot):
     seq_lens = [17, 777, 2048 + 16, 0, 63]
@@ -641,7 +706,8 @@ def test_gpu_decode_shapes(hq, hkv, D, use_dot):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype,hq,hkv,D,page_tokens", [(torch.bfloat16, 16, 4, 256, 1024), (torch.float32, 16, 4, 128, 512),
-                                                        (torch.bfloat16, 32, 8, 64, 1024), (torch.bfloat16, 8, 8, 128, 256)])
+                                                        (torch.bfloat16, 32, 8, 64, 1024), (torch.bfloat16, 8, 8, 128, 256),
+                                                        (torch.bfloat16, 16, 4, 160, 1024)])
 def test_gpu_decode_large_pages(dtype, hq, hkv, D, page_tokens):
     """Pages up to the spec's limit (1024 tokens) are walked in steps; a whole page per step ran out
     of shared memory on the H200 from 256 tokens (GQA >= 4, D 256)."""

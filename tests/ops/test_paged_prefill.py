@@ -16,6 +16,8 @@ from avmp_triton.layout import kv_page_layout
 from avmp_triton.ops.paged_prefill import PrefillConfig, paged_prefill_attention, prefill_launch_config
 from avmp_triton.reference.paged_prefill import causal_attention_ref, paged_prefill_attention_ref
 
+from test_paged_attention import lanes_padded, live_elements
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -185,6 +187,28 @@ def test_matches_reference(name, gen):
     check_case(Case(q_lens, prefixes, hq, hkv, d, p, layer, gen=gen))
 
 
+@pytest.mark.parametrize("d,dtype,hq,hkv", [
+    pytest.param(160, torch.float32, 8, 2, id="d160-fp32-gqa4"),
+    pytest.param(160, torch.bfloat16, 2, 2, id="d160-bf16-mha"),   # Zamba2-2.7B: 32 q / 32 kv heads
+    pytest.param(80, torch.bfloat16, 8, 2, id="d80-bf16-gqa4"),
+    pytest.param(80, torch.float32, 3, 1, id="d80-fp32-gqa3"),
+])
+def test_head_dims_not_powers_of_two(d, dtype, hq, hkv, gen):
+    """Tiles padded to a power of two of lanes (160 -> 256, 80 -> 128): nothing past D is read (q's
+    rows sit in wider rows of NaN, and every arena element outside the live K/V rows is NaN) or
+    written (out's rows sit in wider rows of 7s)."""
+    case = Case([5, 17], [15, 0], hq, hkv, d, 8, 1, dtype=dtype, gen=gen)
+    case.q, _ = lanes_padded(case.q, float("nan"))
+    dead = torch.ones(case.alloc.arena.numel() // dtype.itemsize, dtype=torch.bool, device=DEVICE)
+    dead[live_elements(case.alloc, case.block_table, case.ctx).to(DEVICE)] = False
+    case.alloc.arena.view(dtype)[dead] = float("nan")
+    want = check_case(case)
+    out, out_rows = lanes_padded(torch.full_like(want, float("nan")), 7.0)
+    assert call(case.args(), out=out) is out
+    assert torch.equal(out, want)
+    assert (out_rows[..., d:] == 7).all(), "written past D"
+
+
 @pytest.mark.parametrize("blocks", [dict(config=PrefillConfig(block_m=16, block_n=16)),
                                     dict(config=PrefillConfig(block_n=64, num_warps=8)),
                                     dict(max_seqlen_q=17)])
@@ -341,7 +365,10 @@ BAD = {
     "layout-type": (lambda c: dict(kv_layout=dict(page_tokens=16)), TypeError, "kv_layout must be a KVPageLayout, got dict"),
     # q in another dtype than the cache's K/V (the layout's elements)
     "layout-dtype": (lambda c: dict(q=c.q.half()), TypeError, "q must have the KV dtype torch.float32, got torch.float16"),
-    "head-dim": (lambda c: dict(q=c.q[..., :32].contiguous()), ValueError, "head dim D=32"),
+    "head-dim-layout": (lambda c: dict(q=c.q[..., :32].contiguous()), ValueError,
+                        "q's head dim D=32 differs from layout.head_dim=64"),
+    "head-dim-rule": (lambda c: dict(q=c.q[..., :12].contiguous()), ValueError,
+                      re.escape("q has head_dim 12; the attention kernels take a multiple of 8 in [16, 256]")),
     "gqa": (lambda c: dict(q=c.q[:, :3].contiguous()), ValueError, "Hq=3 must be a positive multiple"),
     "layer-negative": (lambda c: dict(layer=-1), ValueError,
                        r"layer must be an int in \[0, 3\) \(the cache's attention layers\), got -1"),
@@ -393,10 +420,11 @@ def test_block_m_smaller_than_group():
         call(c.args(), config=PrefillConfig(block_m=16))
 
 
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d", [64, 80, 128, 160, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("gqa", [1, 4, 7, 64])
 def test_default_configs_are_launchable(d, dtype, gqa):
+    lanes = 1 << (d - 1).bit_length()  # the kernel's tile width: shared memory goes by it, not by d
     for on_gpu in (True, False):
         for max_q in (None, 1, 5, 4096):
             cfg = prefill_launch_config(d, dtype, gqa, on_gpu=on_gpu, max_seqlen_q=max_q)
@@ -406,7 +434,7 @@ def test_default_configs_are_launchable(d, dtype, gqa):
             assert bn >= 16 and bn & (bn - 1) == 0
             assert warps in (4, 8) and stages >= 1
             if on_gpu:  # K and V tiles of every stage within an H100's 227 KiB of shared memory
-                assert 2 * bn * d * dtype.itemsize * stages <= 227 << 10
+                assert 2 * bn * lanes * dtype.itemsize * stages <= 227 << 10
 
 
 def test_custom_op_opcheck(gen):
@@ -441,7 +469,8 @@ def test_gpu_real_sizes(dtype):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("d,hq,hkv,page_tokens", [(64, 16, 2, 16), (256, 8, 8, 32), (128, 28, 4, 64)])
+@pytest.mark.parametrize("d,hq,hkv,page_tokens", [(64, 16, 2, 16), (256, 8, 8, 32), (128, 28, 4, 64),
+                                                  (160, 32, 32, 16), (160, 16, 4, 16), (80, 8, 2, 32)])
 def test_gpu_head_dims(d, hq, hkv, page_tokens):
     case = Case([333, 64, 7], [1500, 0, 2049], hq, hkv, d, page_tokens, 2, dtype=torch.bfloat16,
                 device="cuda", gen=_fresh_gen())
