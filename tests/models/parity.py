@@ -28,6 +28,16 @@ def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
                 p.copy_(noise * p.shape[-1] ** -0.5)
 
 
+def routed_experts(router, x: torch.Tensor) -> torch.Tensor:
+    """The expert indices a transformers MoE router picks for ``x``: its one integer output (5.x
+    releases return them in different positions of tuples of different lengths)."""
+    with torch.no_grad():
+        out = router(x)
+    ints = [t for t in out if isinstance(t, torch.Tensor) and not t.dtype.is_floating_point]
+    assert len(ints) == 1, f"router returned {[getattr(t, 'dtype', type(t)) for t in out]}"
+    return ints[0]
+
+
 def reference(hf_model, ids: torch.Tensor) -> torch.Tensor:
     """transformers' logits ``[len, vocab]`` of a whole sequence, without a cache."""
     with torch.no_grad():
