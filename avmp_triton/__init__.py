@@ -14,6 +14,7 @@ from avmp_triton.memory.allocator import (
     StaticDualAllocator,
     VllmHybridAllocator,
 )
+from avmp_triton.engine.sampling import SamplingParams
 from avmp_triton.memory.cache import PagedCache
 from avmp_triton.spec import HybridModelSpec, get_preset, list_presets
 
@@ -23,7 +24,7 @@ _triton_env.warn_if_untested(triton.__version__)
 
 __all__ = [
     "AVMPAllocator", "AllocatorStats", "HybridModelSpec", "InvalidHandleError", "PaddedUnifiedAllocator",
-    "PagedCache", "PoolExhaustedError", "PoolStats", "StaticDualAllocator", "VllmHybridAllocator", "get_preset",
+    "PagedCache", "PoolExhaustedError", "PoolStats", "SamplingParams", "StaticDualAllocator", "VllmHybridAllocator", "get_preset",
     "list_presets",
 ]
 __version__ = "0.1.0"
