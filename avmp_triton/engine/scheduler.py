@@ -32,14 +32,12 @@ BACKENDS = ("device", "model")
 DEFAULT_SLO = (3.0, 0.1)
 
 
-def _check_time_args(max_running, max_num_batched_tokens, step_time, slo, model_runner) -> None:
+def _check_time_args(max_running, max_num_batched_tokens, step_time, slo) -> None:
     if max_num_batched_tokens is not None:
         if not is_int(max_num_batched_tokens, numpy=True) or max_num_batched_tokens < max_running:
             # as vLLM requires: every running request must be able to decode in one step
             raise ValueError(f"max_num_batched_tokens must be None or an int >= max_running ({max_running}), "
                              f"got {max_num_batched_tokens!r}")
-        if model_runner is not None:
-            raise ValueError("a model_runner runs whole prefills: leave max_num_batched_tokens None")
     if step_time is not None and not callable(getattr(step_time, "step_s", None)):
         raise TypeError(f"step_time must be a StepTime (with step_s), got {type(step_time).__name__}")
     ok = (isinstance(slo, tuple) and len(slo) == 2
@@ -50,24 +48,31 @@ def _check_time_args(max_running, max_num_batched_tokens, step_time, slo, model_
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StepBatch:
-    """Per-tick metadata for a model runner (all ``[R]`` device tensors are fixed-size buffers)."""
+    """Per-tick metadata for a model runner (all ``[R]`` device tensors are fixed-size buffers; the
+    ``*_host`` arrays are the same values on the host, where the scheduler computed them)."""
     tick: int
-    query_lens: torch.Tensor    # [R] int32 tokens whose K/V this step writes: prefill length / 1 / 0
+    query_lens: torch.Tensor    # [R] int32 tokens whose K/V this step writes: a prefill chunk / 1 / 0
     context_lens: torch.Tensor  # [R] int32 tokens in the KV cache after this step
-    prefill_mask: torch.Tensor  # [R] bool rows admitted in this tick (their prefill runs now)
-    request_ids: np.ndarray     # [R] int64 rid of each row, -1 for an idle row (host)
+    prefill_mask: torch.Tensor  # [R] bool rows admitted in this tick (their first chunk runs now)
+    request_ids: np.ndarray     # [R] int64 index of each row's request in the run's list, -1 for an idle row (host)
+    query_lens_host: np.ndarray    # [R] int64
+    context_lens_host: np.ndarray  # [R] int64
+    sample_mask: np.ndarray        # [R] bool rows that produce a token this step (decode, or prefill done)
 
 
 class ModelRunner(Protocol):
     """What the scheduler calls once per tick, after the tick's allocations and before its frees.
 
     ``block_table`` [R, W] int32 KV handles (-1 padded), ``num_pages`` [R] int32,
-    ``ssm_handles`` [R] int32 (-1 for an idle row), ``running_mask`` [R] bool: the rows that
-    generate a token in this tick. The runner must not change them.
+    ``ssm_handles`` [R] int32 (-1 for an idle row), ``running_mask`` [R] bool: the rows that hold a
+    request in this tick. The runner must not change them. Row r runs the tokens
+    ``[context_lens[r] - query_lens[r], context_lens[r])`` of its request (its prompt, then what it
+    generated: a recomputed request prefills both again). It may return the indices of requests
+    that stop early (a stop token): the scheduler finishes them with the tokens they have.
     """
 
     def step(self, block_table: torch.Tensor, num_pages: torch.Tensor, ssm_handles: torch.Tensor,
-             running_mask: torch.Tensor, batch: StepBatch) -> None: ...
+             running_mask: torch.Tensor, batch: StepBatch) -> Sequence[int] | None: ...
 
 
 class _Counts:
@@ -280,7 +285,7 @@ class Scheduler:
                 raise TypeError(f"model_runner must have a step(...) method, got {type(model_runner).__name__}")
             if backend != "device":
                 raise ValueError("a model_runner needs backend='device' (the model backend has no arena)")
-        _check_time_args(max_running, max_num_batched_tokens, step_time, slo, model_runner)
+        _check_time_args(max_running, max_num_batched_tokens, step_time, slo)
         self.allocator = allocator
         self.max_running = max_running
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -523,9 +528,10 @@ class _Run:
         rows.pages += rows.need
         sampled, shape = self._run_tokens()
         running = np.flatnonzero(rows.req >= 0)
-        if self.runner is not None:
-            self.runner.step(self.be, self.t, rows, admitted)
+        stopped = self.runner.step(self.be, self.t, rows, admitted, sampled) if self.runner is not None else None
         self.reqs.generated[rows.req[sampled]] += 1
+        if stopped:
+            self._stop_early(stopped, sampled)
         self.series.sample(self.g, self.c, rows, running)
         self._advance_clock(shape, sampled)
         self._finish(sampled)
@@ -718,6 +724,14 @@ class _Run:
             self._read_counts()
         return True
 
+    def _stop_early(self, stopped, sampled: np.ndarray) -> None:
+        """Requests the runner stopped (a stop token) finish with what they generated."""
+        stopped = np.asarray(stopped, dtype=np.int64)
+        bad = np.setdiff1d(stopped, self.rows.req[sampled])
+        if bad.size:
+            raise ValueError(f"the model runner stopped request {int(bad[0])}, which sampled no token this tick")
+        self.reqs.output[stopped] = self.reqs.generated[stopped]
+
     def _finish(self, sampled: np.ndarray) -> None:
         """Requests that have generated all their tokens free everything, in one call."""
         reqs, rows = self.reqs, self.rows
@@ -793,17 +807,19 @@ class _RunnerFeed:
         self.qlen = torch.zeros(R, dtype=torch.int32, device=dev)
         self.ctx = torch.zeros(R, dtype=torch.int32, device=dev)
 
-    def step(self, be, t: int, rows: _Rows, admitted: list[int]) -> None:
+    def step(self, be, t: int, rows: _Rows, admitted: list[int], sampled: np.ndarray):
         running = rows.req >= 0
         prefill = np.zeros(len(running), dtype=bool)
         prefill[admitted] = True
-        qlen = np.where(prefill, rows.ctx, running.astype(np.int64)).astype(np.int32)
+        qlen = np.where(running, rows.q, 0)
+        ctx = np.where(running, rows.ctx, 0)
+        sample = np.zeros(len(running), dtype=bool)
+        sample[sampled] = True
         self.running.copy_(torch.from_numpy(running))
         self.prefill.copy_(torch.from_numpy(prefill))
-        self.qlen.copy_(torch.from_numpy(qlen))
-        self.ctx.copy_(torch.from_numpy(np.where(running, rows.ctx, 0).astype(np.int32)))
-        self.runner.step(be.block_table, be.num_pages, be.ssm_handles, self.running,
-                         StepBatch(tick=t, query_lens=self.qlen, context_lens=self.ctx, prefill_mask=self.prefill,
-                                   request_ids=np.where(running, rows.req, -1)))
-
-
+        self.qlen.copy_(torch.from_numpy(qlen.astype(np.int32)))
+        self.ctx.copy_(torch.from_numpy(ctx.astype(np.int32)))
+        return self.runner.step(be.block_table, be.num_pages, be.ssm_handles, self.running,
+                                StepBatch(tick=t, query_lens=self.qlen, context_lens=self.ctx, prefill_mask=self.prefill,
+                                          request_ids=np.where(running, rows.req, -1), query_lens_host=qlen,
+                                          context_lens_host=ctx, sample_mask=sample))

@@ -15,6 +15,7 @@ The arena's geometry comes from ``HybridModelSpec.from_hf_config``, which dispat
 from __future__ import annotations
 
 import abc
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -51,14 +52,18 @@ class HybridRunner(abc.ABC):
     """A hybrid model's forward over a paged cache in one AVMP arena. Build a family's subclass
     with ``from_transformers``; subclasses implement the hooks named in the module docstring."""
 
-    def __init__(self, hf_model: torch.nn.Module, spec: HybridModelSpec, *, capacity_bytes: int,
-                 max_requests: int, max_context: int, **alloc_kwargs):
+    def __init__(self, hf_model: torch.nn.Module, spec: HybridModelSpec, *, capacity_bytes: int | None = None,
+                 allocator=None, max_requests: int, max_context: int, **alloc_kwargs):
         config = hf_model.config
         self.check_config(config)
         embed = self.embedding_weight(hf_model)
         self.device, self.dtype = embed.device, embed.dtype
         self.spec = spec
-        self.allocator = AVMPAllocator(spec, capacity_bytes, device=self.device, **alloc_kwargs)
+        if allocator is None:
+            allocator = AVMPAllocator(spec, capacity_bytes, device=self.device, **alloc_kwargs)
+        elif capacity_bytes is not None or alloc_kwargs:
+            raise ValueError("pass either an allocator or capacity_bytes (and allocator keywords), not both")
+        self.allocator = allocator
         self.cache = PagedCache.of(self.allocator)  # the allocator never replaces its tensors
         self.vocab_size = config.vocab_size
         self.embed = embed.detach()
@@ -68,21 +73,35 @@ class HybridRunner(abc.ABC):
         self._init_tables(max_requests, max_context)
 
     @classmethod
-    def from_transformers(cls, hf_model: torch.nn.Module, *, capacity_bytes: int, max_requests: int = 8,
-                          max_context: int = 4096, ssm_dtype: torch.dtype = torch.float32,
-                          **alloc_kwargs) -> HybridRunner:
-        """A runner over ``hf_model``'s weights (references, no copy) and a new arena of
-        ``capacity_bytes``. KV and conv state in the model's dtype; the SSM state in ``ssm_dtype``
-        (fp32 by default, as serving engines keep it). ``alloc_kwargs`` go to ``AVMPAllocator``
-        (``kv_fraction``, ``slab_bytes``, ``page_tokens``, ...)."""
+    def spec_of(cls, hf_model: torch.nn.Module, *, ssm_dtype: torch.dtype = torch.float32,
+                page_tokens: int = 16) -> HybridModelSpec:
+        """The cache geometry of ``hf_model``: KV and conv state in the model's dtype, the SSM state
+        in ``ssm_dtype``; checked against what the family's layers and the kernels run."""
         cls.check_config(hf_model.config)  # a clear error before the spec reader sees an unsupported model
         dtype = cls.embedding_weight(hf_model).dtype
-        page_tokens = alloc_kwargs.get("page_tokens", 16)
         spec = HybridModelSpec.from_hf_config(hf_model.config, kv_dtype=dtype, conv_dtype=dtype,
                                               ssm_dtype=ssm_dtype, page_tokens=page_tokens)
         if spec.num_attn_layers:
             check_attn_head_dim(spec.head_dim, f"the {hf_model.config.model_type} model's attention")
-        return cls(hf_model, spec, capacity_bytes=capacity_bytes, max_requests=max_requests,
+        return spec
+
+    @classmethod
+    def from_transformers(cls, hf_model: torch.nn.Module, *, capacity_bytes: int | None = None, allocator=None,
+                          max_requests: int = 8, max_context: int = 4096, ssm_dtype: torch.dtype = torch.float32,
+                          **alloc_kwargs) -> HybridRunner:
+        """A runner over ``hf_model``'s weights (references, no copy) and a new AVMP arena of
+        ``capacity_bytes``, or the arena of ``allocator`` (any allocator ``PagedCache.of`` takes,
+        built for this model's ``spec_of``). KV and conv state in the model's dtype; the SSM state in
+        ``ssm_dtype`` (fp32 by default, as serving engines keep it). ``alloc_kwargs`` go to
+        ``AVMPAllocator`` (``kv_fraction``, ``slab_bytes``, ``page_tokens``, ...)."""
+        if allocator is None:
+            spec = cls.spec_of(hf_model, ssm_dtype=ssm_dtype, page_tokens=alloc_kwargs.get("page_tokens", 16))
+        else:
+            spec = allocator.spec
+            want = cls.spec_of(hf_model, ssm_dtype=spec.ssm_dtype, page_tokens=allocator.page_tokens)
+            if dataclasses.replace(want, name=spec.name) != spec:
+                raise ValueError(f"the allocator's spec {spec} is not this model's cache geometry {want}")
+        return cls(hf_model, spec, capacity_bytes=capacity_bytes, allocator=allocator, max_requests=max_requests,
                    max_context=max_context, **alloc_kwargs)
 
     # --- the family's hooks --------------------------------------------------------------------
@@ -147,16 +166,28 @@ class HybridRunner(abc.ABC):
         cached = [self.cached[r] for r in request_ids]
         self._grow([self.rows[r] for r in request_ids], [c + n for c, n in zip(cached, new)])
         rows = torch.tensor([self.rows[r] for r in request_ids], dtype=torch.long, device=self.device)
-        batch = build_step_batch(self.block_table[rows], self.ssm_handles[rows], cached, new)
-        h = self.embed_tokens(torch.cat(toks).to(self.device))
-        for block in self.blocks:
-            h = block(h, batch)
+        out = self.forward(toks, self.block_table[rows], self.ssm_handles[rows], cached, all_logits=all_logits)
         for r, n in zip(request_ids, new):
             self.cached[r] += n
-        out = list(h.split(new))
-        if not all_logits:
-            out = [o[-1] for o in out]
-        return [self.output_logits(o) for o in out]
+        return out if all_logits else list(out)
+
+    @torch.no_grad()
+    def forward(self, tokens: list[torch.Tensor], block_table: torch.Tensor, ssm_handles: torch.Tensor,
+                cached: list[int], *, all_logits: bool = False):
+        """The model over one packed step whose cache metadata someone else keeps (an engine's
+        scheduler): request b adds ``tokens[b]`` after its ``cached[b]`` cached tokens, its pages in
+        ``block_table[b]`` (already grown to hold them) and its state in block ``ssm_handles[b]``.
+        Returns fp32 logits of each request's last token ``[B, vocab]``, or with ``all_logits`` a
+        list of ``[n_b, vocab]``."""
+        new = [t.numel() for t in tokens]
+        batch = build_step_batch(block_table, ssm_handles, cached, new)
+        h = self.embed_tokens(torch.cat(tokens).to(self.device))
+        for block in self.blocks:
+            h = block(h, batch)
+        if all_logits:
+            return [self.output_logits(o) for o in h.split(new)]
+        last = torch.tensor(new, device=h.device).cumsum(0) - 1
+        return self.output_logits(h[last])
 
     def _check_step(self, request_ids, tokens, positions) -> list[torch.Tensor]:
         """Every input checked before anything is allocated; errors name the bad value."""
