@@ -86,7 +86,8 @@ class Variant:
     label: str              # short human description
 
     def build(self, spec, capacity_bytes: int, device, *, ssm_fraction: float | None = None,
-              materialize: bool = True):
+              materialize: bool = True, **overrides):
+        """The allocator; ``overrides`` replace or add constructor keywords (e.g. ``slab_bytes``)."""
         cls = {"AVMPAllocator": AVMPAllocator, "StaticDualAllocator": StaticDualAllocator,
                "VllmHybridAllocator": VllmHybridAllocator}[self.allocator]
         params = dict(self.params)
@@ -96,7 +97,7 @@ class Variant:
             params["ssm_fraction"] = ssm_fraction
         if cls is VllmHybridAllocator:
             params.update(vllm_hybrid_params(spec))
-        return cls(spec, capacity_bytes, device=device, materialize=materialize, **params)
+        return cls(spec, capacity_bytes, device=device, materialize=materialize, **{**params, **overrides})
 
 
 def vllm_hybrid_params(spec) -> dict:
@@ -275,11 +276,11 @@ def git_info() -> dict:
 
 
 def make_allocator(variant: str, spec, capacity_bytes: int, device: str | None = None, *,
-                   ssm_fraction: float | None = None, materialize: bool = True):
+                   ssm_fraction: float | None = None, materialize: bool = True, **overrides):
     """``ssm_fraction``: the tuned split, for ``static_tuned`` only; ``materialize=False``: no arena
-    bytes (the scheduler's model backend never touches them)."""
+    bytes (the scheduler's model backend never touches them); ``overrides``: constructor keywords."""
     return VARIANTS[variant].build(spec, capacity_bytes, device or default_device(), ssm_fraction=ssm_fraction,
-                                   materialize=materialize)
+                                   materialize=materialize, **overrides)
 
 
 def engine_kw(spec) -> dict:

@@ -1,0 +1,177 @@
+"""``LLM``: generation with continuous batching over one arena, driven the way vLLM's ``LLM`` is.
+
+    llm = LLM("path/to/checkpoint" | "nemotron-h-tiny" | hf_model, allocator="avmp", memory_gib=2)
+    outs = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=8))
+
+The model's runner (``avmp_triton.models``) computes every step; the scheduler
+(``avmp_triton.engine.scheduler``, the one the simulator drives) decides each step's rows: chunked
+prefill under ``max_num_batched_tokens`` beside the decode rows, admission when a request's pages
+and SSM block fit, growth of the pages, preemption with recompute when growth fails (after AVMP
+moves capacity), and release of finished requests in one batched call. The allocator is chosen by
+name among the simulator's variants (``avmp``, ``sglang_static``, ``static_tuned``), each sized the
+way its engine sizes its pools (``avmp_triton/sim/sweep.py``).
+
+Eager steps only for now: ``enforce_eager=False`` (CUDA-graph decode) is refused until it exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Sequence
+
+import torch
+
+from avmp_triton.engine.sampling import SamplingParams
+from avmp_triton.engine.scheduler import Scheduler
+from avmp_triton.models.loading import MODEL_PRESETS, RUNNERS, as_dtype, load_checkpoint, random_model
+from avmp_triton.serve.executor import EngineRequest, ModelExecutor
+from avmp_triton.sim.sweep import VARIANTS, make_allocator
+
+# vLLM 0.34.0 keeps NemotronH's SSM state in fp32 (models/config.py forces it); other hybrids
+# follow the model's dtype ("auto")
+FP32_SSM_MODELS = ("nemotron_h",)
+SERVABLE = tuple(v for v in VARIANTS if v != "vllm_hybrid")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    finish_reason: str          # "stop" (EOS or a stop token), "length" (max_tokens), "abort" (never fits the arena)
+    text: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    ttft_s: float | None        # first token's wall time since generate() started (None: no token)
+    tpot_s: float | None        # mean time per output token after the first (None for one token)
+    finished: bool = True
+
+
+class LLM:
+    """A hybrid model served from one arena.
+
+    ``model``: a checkpoint directory, a name in ``MODEL_PRESETS`` (random weights at that size) or a
+    transformers model object. ``allocator``: one of ``SERVABLE`` (``static_tuned`` takes its split
+    as ``ssm_fraction``); ``memory_gib``: the arena (default on a GPU: 90% of the free memory);
+    ``max_num_seqs`` / ``max_num_batched_tokens``: vLLM's limits (None: whole prefills);
+    ``allocator_kwargs``: more constructor keywords of the allocator (``slab_bytes``, ...)."""
+
+    def __init__(self, model, *, allocator: str = "avmp", memory_gib: float | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = 8192, dtype="bfloat16", device=None, tokenizer=None,
+                 enforce_eager: bool = True, ssm_fraction: float | None = None, seed: int = 0,
+                 allocator_kwargs: dict | None = None):
+        if not enforce_eager:
+            raise NotImplementedError("CUDA-graph decode is not implemented yet: pass enforce_eager=True")
+        if allocator not in SERVABLE:
+            reason = (" (its SSM state spans several units, and the Mamba ops read a request's state from one)"
+                      if allocator == "vllm_hybrid" else "")
+            raise ValueError(f"allocator {allocator!r} cannot serve{reason}; choose one of {SERVABLE}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = _load(model, as_dtype(dtype), device, seed)
+        self.tokenizer = tokenizer
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        cls = RUNNERS.get(self.model.config.model_type)
+        if cls is None:
+            raise ValueError(f"no runner for model_type {self.model.config.model_type!r}; supported: {sorted(RUNNERS)}")
+        weights = cls.embedding_weight(self.model)
+        ssm_dtype = torch.float32 if self.model.config.model_type in FP32_SSM_MODELS else weights.dtype
+        spec = cls.spec_of(self.model, ssm_dtype=ssm_dtype)
+        capacity = _capacity_bytes(memory_gib, device)
+        self.allocator = make_allocator(allocator, spec, capacity, device, ssm_fraction=ssm_fraction,
+                                        **(allocator_kwargs or {}))
+        self.runner = cls.from_transformers(self.model, allocator=self.allocator, max_requests=1, max_context=16)
+        self.eos = _eos_ids(self.model.config)
+        self.last_metrics = None
+
+    def generate(self, prompts: Sequence, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 arrivals: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (token-id lists, or strings with a tokenizer); one
+        ``SamplingParams`` for all or one per prompt. ``arrivals``: the scheduler step at which each
+        request arrives (all at step 0 by default). Outputs in prompt order."""
+        ids = [self._token_ids(p, i) for i, p in enumerate(prompts)]
+        params = _params_list(sampling_params, len(ids))
+        arrivals = [0] * len(ids) if arrivals is None else list(arrivals)
+        if len(arrivals) != len(ids):
+            raise ValueError(f"arrivals must have one entry per prompt ({len(ids)}), got {len(arrivals)}")
+        start = time.perf_counter()
+        reqs = [EngineRequest(rid=str(i), prompt=p, params=sp, arrival=a, start_s=start,
+                              stop_ids=frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos),
+                              generator=_generator(sp, self.allocator.device))
+                for i, (p, sp, a) in enumerate(zip(ids, params, arrivals))]
+        sched = Scheduler(self.allocator, max_running=self.max_num_seqs, backend="device",
+                          max_num_batched_tokens=self.max_num_batched_tokens, model_runner=ModelExecutor(self.runner, reqs))
+        self.last_metrics = sched.run(reqs)
+        return [_output(r, self.tokenizer) for r in reqs]
+
+    def _token_ids(self, prompt, i: int) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompts[{i}] is a string but the LLM has no tokenizer: pass token ids")
+            prompt = self.tokenizer(prompt)["input_ids"]
+        ids = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if not ids or bad:
+            raise ValueError(f"prompts[{i}] must be a non-empty list of token ids in [0, {vocab}), got "
+                             f"{bad[0] if bad else 'an empty prompt'}")
+        return ids
+
+
+def _load(model, dtype: torch.dtype, device: torch.device, seed: int):
+    if isinstance(model, (str, os.PathLike)):
+        if os.path.isdir(model):
+            return load_checkpoint(model, dtype=dtype, device=device).eval()
+        if model in MODEL_PRESETS:
+            return random_model(model, dtype=dtype, device=device, seed=seed).eval()
+        raise ValueError(f"model {model!r} is neither a checkpoint directory nor a preset ({sorted(MODEL_PRESETS)})")
+    if not hasattr(model, "config"):
+        raise TypeError(f"model must be a path, a preset name or a transformers model, got {type(model).__name__}")
+    return model.eval()
+
+
+def _capacity_bytes(memory_gib, device: torch.device) -> int:
+    if memory_gib is None:
+        if device.type != "cuda":
+            raise ValueError("memory_gib is required off the GPU (the arena's size in GiB)")
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    if isinstance(memory_gib, bool) or not isinstance(memory_gib, (int, float)) or not memory_gib > 0:
+        raise ValueError(f"memory_gib must be a positive number, got {memory_gib!r}")
+    return int(memory_gib * (1 << 30))
+
+
+def _eos_ids(config) -> frozenset:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])
+
+
+def _params_list(sp, n: int) -> list[SamplingParams]:
+    if sp is None:
+        sp = SamplingParams()
+    if isinstance(sp, SamplingParams):
+        return [sp] * n
+    sp = list(sp)
+    if len(sp) != n or not all(isinstance(p, SamplingParams) for p in sp):
+        raise ValueError(f"sampling_params must be one SamplingParams or one per prompt ({n})")
+    return sp
+
+
+def _generator(sp: SamplingParams, device) -> torch.Generator | None:
+    if sp.seed is None or sp.greedy:
+        return None
+    return torch.Generator(device=device).manual_seed(sp.seed)
+
+
+def _output(r: EngineRequest, tokenizer) -> RequestOutput:
+    t = r.token_times
+    text = tokenizer.decode(r.output) if tokenizer is not None else None
+    return RequestOutput(request_id=r.rid, prompt_token_ids=r.prompt,
+                         outputs=[CompletionOutput(0, list(r.output), r.finish_reason or "abort", text)],
+                         ttft_s=t[0] - r.start_s if t else None, tpot_s=(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None)

@@ -1,0 +1,109 @@
+"""The LLM engine (avmp_triton/serve/) on a tiny random Nemotron-H in fp32 on the CPU (the ops in
+Triton's interpreter): greedy generation token-equal to transformers' own greedy generate() for
+requests of different lengths arriving at different steps with chunked prefill; the same tokens
+when memory pressure preempts requests (recompute), under every allocator that can serve; early
+stop on a stop token; and the refusals."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from avmp_triton.engine.sampling import SamplingParams  # noqa: E402
+from avmp_triton.models.loading import random_model  # noqa: E402
+from avmp_triton.serve import LLM  # noqa: E402
+
+PROMPTS = [list(range(5, 24)), [30, 31, 32], list(range(40, 47))]   # 19, 3 and 7 tokens
+ARRIVALS = [0, 2, 3]                                                  # scheduler steps
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("nemotron-h-tiny", dtype=torch.float32, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """transformers' greedy continuation of each prompt (min_new_tokens: no early EOS)."""
+    out = []
+    for p in PROMPTS:
+        g = model.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+def _llm(model, **kw):
+    kw = {"memory_gib": 0.01, "max_num_seqs": 4, "max_num_batched_tokens": 16, "dtype": "float32", **kw}
+    return LLM(model, **kw)
+
+
+def test_greedy_equals_transformers_generate(model, reference):
+    """Budget 16 tokens a step: the 19-token prompt prefills in two chunks, beside the others'."""
+    llm = _llm(model)
+    outs = llm.generate(PROMPTS, GREEDY, arrivals=ARRIVALS)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert all(o.ttft_s > 0 and o.tpot_s > 0 for o in outs)
+    m = llm.last_metrics
+    assert m.completed == 3 and m.units_returned_at_drain
+
+
+# 4 slabs of 4 KV pages (16 tokens each, fp32) or 3 SSM blocks: 4 requests of up to 49 tokens need
+# 16 pages and 4 blocks, so no split holds them all and growth must preempt
+PRESSURE = dict(memory_gib=4 * 65536 / (1 << 30), allocator_kwargs={"slab_bytes": 65536})
+LONG = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def unpressured(model):
+    prompts = [PROMPTS[0], PROMPTS[2], [50 + i for i in range(12)], PROMPTS[1]]
+    return prompts, [o.outputs[0].token_ids for o in _llm(model).generate(prompts, LONG)]
+
+
+@pytest.mark.parametrize("allocator, extra", [("avmp", {}), ("sglang_static", {}),
+                                              ("static_tuned", {"ssm_fraction": 0.5})])
+def test_preempted_requests_generate_the_same_tokens(model, unpressured, allocator, extra):
+    prompts, want = unpressured
+    llm = _llm(model, allocator=allocator, **PRESSURE, **extra)
+    outs = llm.generate(prompts, LONG)
+    m = llm.last_metrics
+    print(f"{allocator}: {m.preemptions} preemptions, {m.recomputed_tokens} tokens recomputed, "
+          f"{m.migrations} migrations")
+    assert m.preemptions > 0 and m.completed == 4 and m.units_returned_at_drain
+    assert [o.outputs[0].token_ids for o in outs] == want
+
+
+def test_stop_token_ends_a_request_early(model, reference):
+    stop = reference[0][3]
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, stop_token_ids=[stop])
+    out = _llm(model).generate([PROMPTS[0]], sp)[0].outputs[0]
+    first = reference[0].index(stop)
+    assert out.token_ids == reference[0][:first + 1] and out.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(model):
+    sp = SamplingParams(temperature=1.0, top_k=20, seed=7, max_tokens=5, ignore_eos=True)
+    a = _llm(model).generate(PROMPTS[:2], sp)
+    b = _llm(model).generate(PROMPTS[:2], sp)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    (dict(allocator="vllm_hybrid"), ValueError, "allocator 'vllm_hybrid' cannot serve .its SSM state spans"),
+    (dict(allocator="lru"), ValueError, "allocator 'lru' cannot serve; choose one of"),
+    (dict(enforce_eager=False), NotImplementedError, "CUDA-graph decode is not implemented yet"),
+    (dict(memory_gib=-1), ValueError, "memory_gib must be a positive number, got -1"),
+])
+def test_bad_engine_arguments_are_named(model, kw, error, message):
+    with pytest.raises(error, match=message):
+        _llm(model, **kw)
+
+
+def test_bad_prompts_are_named(model):
+    llm = _llm(model)
+    with pytest.raises(ValueError, match="prompts.1. is a string but the LLM has no tokenizer"):
+        llm.generate([[1, 2], "hello"], GREEDY)
+    with pytest.raises(ValueError, match=r"prompts\[0\] must be a non-empty list of token ids in \[0, 97\), got 97"):
+        llm.generate([[1, 97]], GREEDY)
+    with pytest.raises(ValueError, match="arrivals must have one entry per prompt"):
+        llm.generate([[1, 2]], GREEDY, arrivals=[0, 1])
