@@ -24,7 +24,15 @@ _triton_env.warn_if_untested(triton.__version__)
 
 __all__ = [
     "AVMPAllocator", "AllocatorStats", "HybridModelSpec", "InvalidHandleError", "PaddedUnifiedAllocator",
-    "PagedCache", "PoolExhaustedError", "PoolStats", "SamplingParams", "StaticDualAllocator", "VllmHybridAllocator", "get_preset",
+    "LLM", "PagedCache", "PoolExhaustedError", "PoolStats", "SamplingParams", "StaticDualAllocator", "VllmHybridAllocator", "get_preset",
     "list_presets",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the engine imports the model runners and the simulator: load it on first use, not with the package
+    if name == "LLM":
+        from avmp_triton.serve import LLM
+        return LLM
+    raise AttributeError(f"module 'avmp_triton' has no attribute {name!r}")

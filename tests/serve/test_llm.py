@@ -107,3 +107,8 @@ def test_bad_prompts_are_named(model):
         llm.generate([[1, 97]], GREEDY)
     with pytest.raises(ValueError, match="arrivals must have one entry per prompt"):
         llm.generate([[1, 2]], GREEDY, arrivals=[0, 1])
+
+
+def test_the_package_exports_the_engine():
+    import avmp_triton
+    assert avmp_triton.LLM is LLM and avmp_triton.SamplingParams is SamplingParams
