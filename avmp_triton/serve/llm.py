@@ -59,7 +59,9 @@ class LLM:
     transformers model object. ``allocator``: one of ``SERVABLE`` (``static_tuned`` takes its split
     as ``ssm_fraction``); ``memory_gib``: the arena (default on a GPU: 90% of the free memory);
     ``max_num_seqs`` / ``max_num_batched_tokens``: vLLM's limits (None: whole prefills);
-    ``allocator_kwargs``: more constructor keywords of the allocator (``slab_bytes``, ...)."""
+    ``allocator_kwargs``: more constructor keywords of the allocator (``slab_bytes``, ...).
+    ``dtype`` and ``device`` apply to a model the LLM loads (default device: the GPU if there is one);
+    a model object is served in its own dtype, moved to ``device`` only if one is given."""
 
     def __init__(self, model, *, allocator: str = "avmp", memory_gib: float | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = 8192, dtype="bfloat16", device=None, tokenizer=None,
@@ -71,8 +73,8 @@ class LLM:
             reason = (" (its SSM state spans several units, and the Mamba ops read a request's state from one)"
                       if allocator == "vllm_hybrid" else "")
             raise ValueError(f"allocator {allocator!r} cannot serve{reason}; choose one of {SERVABLE}")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = _load(model, as_dtype(dtype), device, seed)
+        device = next(self.model.parameters()).device
         self.tokenizer = tokenizer
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         cls = RUNNERS.get(self.model.config.model_type)
@@ -122,8 +124,11 @@ class LLM:
         return ids
 
 
-def _load(model, dtype: torch.dtype, device: torch.device, seed: int):
+def _load(model, dtype: torch.dtype, device, seed: int):
+    """The model on ``device`` (default: a model object stays where it is, a loaded one goes to
+    the GPU if there is one). ``dtype`` applies to what is loaded here, not to a given object."""
     if isinstance(model, (str, os.PathLike)):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if os.path.isdir(model):
             return load_checkpoint(model, dtype=dtype, device=device).eval()
         if model in MODEL_PRESETS:
@@ -131,7 +136,7 @@ def _load(model, dtype: torch.dtype, device: torch.device, seed: int):
         raise ValueError(f"model {model!r} is neither a checkpoint directory nor a preset ({sorted(MODEL_PRESETS)})")
     if not hasattr(model, "config"):
         raise TypeError(f"model must be a path, a preset name or a transformers model, got {type(model).__name__}")
-    return model.eval()
+    return (model if device is None else model.to(device)).eval()
 
 
 def _capacity_bytes(memory_gib, device: torch.device) -> int:
