@@ -40,8 +40,11 @@ class FakeStepTime:
         return self._byte * nbytes
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # a CPU allocator needs Triton's interpreter
+
+
 def make(cls, slabs: int, **kw):
-    return cls(SPEC, slabs * SLAB + 77, device="cpu", slab_bytes=SLAB, page_tokens=PT, **kw)
+    return cls(SPEC, slabs * SLAB + 77, device=DEVICE, slab_bytes=SLAB, page_tokens=PT, **kw)
 
 
 def run(alloc, requests, st, **kw):

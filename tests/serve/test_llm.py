@@ -15,11 +15,12 @@ from avmp_triton.serve import LLM  # noqa: E402
 PROMPTS = [list(range(5, 24)), [30, 31, 32], list(range(40, 47))]   # 19, 3 and 7 tokens
 ARRIVALS = [0, 2, 3]                                                  # scheduler steps
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"    # the ops run where the arena is
 
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model("nemotron-h-tiny", dtype=torch.float32, seed=0).eval()
+    return random_model("nemotron-h-tiny", dtype=torch.float32, seed=0, device=DEV).eval()
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def reference(model):
     """transformers' greedy continuation of each prompt (min_new_tokens: no early EOS)."""
     out = []
     for p in PROMPTS:
-        g = model.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        g = model.generate(torch.tensor([p], device=DEV), max_new_tokens=6, min_new_tokens=6, do_sample=False)
         out.append(g[0, len(p):].tolist())
     return out
 
