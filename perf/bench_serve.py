@@ -1,0 +1,95 @@
+"""First end-to-end serving measurement (GPU): the LLM engine against transformers' generate().
+
+    python perf/bench_serve.py [--out FILE] [--requests 32] [--prompt 512] [--output 64]
+
+Nemotron-H-8B at real size with random bf16 weights (``MODEL_PRESETS["nemotron-h-8b"]``), one batch
+of ``--requests`` prompts of ``--prompt`` random tokens, greedy, ``--output`` tokens each (EOS
+ignored), all arriving at once:
+
+- ours: ``LLM(model, allocator=..., memory_gib=...)`` for each allocator, eager steps (no CUDA
+  graphs yet), chunked prefill under 8192 tokens, the whole batch running at once;
+- transformers: ``model.generate`` on the same model and GPU, the batch as one padded tensor (all
+  prompts have the same length, so no padding), its own cache, ``min_new_tokens`` = ``max_new_tokens``.
+
+Reports wall time, output tokens/s, and how many of our greedy tokens equal transformers' (bf16:
+the two may diverge after a near-tie). Writes JSON (--out) and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+import triton
+import transformers
+
+from avmp_triton import LLM, SamplingParams
+from avmp_triton.models.loading import random_model
+
+
+def _sync_time(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--output", type=int, default=64)
+    ap.add_argument("--memory-gib", type=float, default=24.0)
+    ap.add_argument("--allocators", default="avmp,sglang_static")
+    args = ap.parse_args()
+    model = random_model("nemotron-h-8b", dtype=torch.bfloat16, device="cuda", seed=0).eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, model.config.vocab_size, (args.requests, args.prompt), generator=gen)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
+    rows, ours_tokens = [], None
+    for name in args.allocators.split(","):
+        llm = LLM(model, allocator=name, memory_gib=args.memory_gib, max_num_seqs=args.requests)
+        llm.generate(prompts[:2, :32].tolist(), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))  # warm-up
+        outs, wall = _sync_time(lambda: llm.generate(prompts.tolist(), sp))
+        toks = [o.outputs[0].token_ids for o in outs]
+        ours_tokens = ours_tokens or toks
+        m = llm.last_metrics
+        rows.append(dict(engine=f"ours/{name}", wall_s=wall, out_tok_s=args.requests * args.output / wall,
+                         ttft_p50_s=sorted(o.ttft_s for o in outs)[len(outs) // 2],
+                         tpot_p50_s=sorted(o.tpot_s for o in outs)[len(outs) // 2],
+                         steps=m.makespan_ticks, preemptions=m.preemptions))
+        llm = None    # its arena goes before the next allocator's
+        torch.cuda.empty_cache()
+    ids = prompts.cuda()
+    model.generate(ids[:2, :32], max_new_tokens=2, min_new_tokens=2, do_sample=False)   # warm-up
+    hf, wall = _sync_time(lambda: model.generate(ids, max_new_tokens=args.output, min_new_tokens=args.output,
+                                                 do_sample=False))
+    hf_tokens = hf[:, args.prompt:].tolist()
+    rows.append(dict(engine="transformers.generate", wall_s=wall, out_tok_s=args.requests * args.output / wall))
+    same = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y))
+    first_div = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(ours_tokens, hf_tokens)]
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               transformers=transformers.__version__, python=platform.python_version(),
+               commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+    res = dict(bench="serve_e2e", env=env, model="nemotron-h-8b (random bf16)", requests=args.requests,
+               prompt=args.prompt, output=args.output, memory_gib=args.memory_gib, rows=rows,
+               greedy_tokens_equal=same, greedy_tokens_total=args.requests * args.output,
+               first_divergence_per_request=first_div)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(f"{env['gpu']}: {args.requests} x ({args.prompt} prompt + {args.output} out), greedy")
+    for r in rows:
+        print(f"{r['engine']:24s} {r['wall_s']:8.2f} s {r['out_tok_s']:9.1f} out tok/s")
+    print(f"greedy tokens equal to transformers': {same}/{args.requests * args.output}")
+
+
+if __name__ == "__main__":
+    main()
