@@ -11,7 +11,7 @@ ignored), all arriving at once:
 - transformers: ``model.generate`` on the same model and GPU, the batch as one padded tensor (all
   prompts have the same length, so no padding), its own cache, ``min_new_tokens`` = ``max_new_tokens``.
 
-Reports wall time, output tokens/s, and how many of our greedy tokens equal transformers' (bf16:
+Reports the median wall time of ``--repeats`` runs, output tokens/s, and how many of our greedy tokens equal transformers' (bf16:
 the two may diverge after a near-tie). Writes JSON (--out) and prints a table last.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _sync_time(fn):
     return out, time.perf_counter() - t
 
 
-def _transformers_generate(model, ids, n_out: int, rows: list):
+def _transformers_generate(model, ids, n_out: int, rows: list, repeats: int):
     """transformers' greedy generate of the whole batch; if that runs out of memory (its torch
     Mamba2 prefill materialises a [B, chunks, chunk, chunk, heads, state]-sized product), the OOM is
     recorded and the batch is run in slices of halving size until one fits."""
@@ -48,12 +48,17 @@ def _transformers_generate(model, ids, n_out: int, rows: list):
     B, P, notes, size = ids.shape[0], ids.shape[1], [], ids.shape[0]
     while size >= 1:
         try:
-            outs, wall = [], 0.0
-            for i in range(0, B, size):
-                out, t = _sync_time(lambda: run(ids[i:i + size]))
-                outs.append(out[:, P:])
-                wall += t
-            rows.append(dict(engine=f"transformers.generate (batch {size})", wall_s=wall, out_tok_s=B * n_out / wall))
+            walls = []
+            for _ in range(repeats):
+                outs, wall = [], 0.0
+                for i in range(0, B, size):
+                    out, t = _sync_time(lambda: run(ids[i:i + size]))
+                    outs.append(out[:, P:])
+                    wall += t
+                walls.append(wall)
+            wall = sorted(walls)[len(walls) // 2]
+            rows.append(dict(engine=f"transformers.generate (batch {size})", wall_s=wall, walls_s=walls,
+                             out_tok_s=B * n_out / wall))
             return torch.cat(outs).tolist(), notes
         except torch.OutOfMemoryError as e:
             notes.append(f"batch {size}: {str(e).splitlines()[0]}")
@@ -70,6 +75,7 @@ def main() -> None:
     ap.add_argument("--output", type=int, default=64)
     ap.add_argument("--memory-gib", type=float, default=24.0)
     ap.add_argument("--allocators", default="avmp,sglang_static")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine (the median is reported)")
     args = ap.parse_args()
     model = random_model("nemotron-h-8b", dtype=torch.bfloat16, device="cuda", seed=0).eval()
     gen = torch.Generator().manual_seed(1)
@@ -79,18 +85,22 @@ def main() -> None:
     for name in args.allocators.split(","):
         llm = LLM(model, allocator=name, memory_gib=args.memory_gib, max_num_seqs=args.requests)
         llm.generate(prompts[:2, :32].tolist(), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))  # warm-up
-        outs, wall = _sync_time(lambda: llm.generate(prompts.tolist(), sp))
+        walls = []
+        for _ in range(args.repeats):
+            outs, wall = _sync_time(lambda: llm.generate(prompts.tolist(), sp))
+            walls.append(wall)
+        wall = sorted(walls)[len(walls) // 2]
         toks = [o.outputs[0].token_ids for o in outs]
         ours_tokens = ours_tokens or toks
         m = llm.last_metrics
-        rows.append(dict(engine=f"ours/{name}", wall_s=wall, out_tok_s=args.requests * args.output / wall,
+        rows.append(dict(engine=f"ours/{name}", wall_s=wall, walls_s=walls, out_tok_s=args.requests * args.output / wall,
                          ttft_p50_s=sorted(o.ttft_s for o in outs)[len(outs) // 2],
                          tpot_p50_s=sorted(o.tpot_s for o in outs)[len(outs) // 2],
                          steps=m.makespan_ticks, preemptions=m.preemptions))
         llm = None    # its arena goes before the next allocator's
         torch.cuda.empty_cache()
     ids = prompts.cuda()
-    hf_tokens, hf_note = _transformers_generate(model, ids, args.output, rows)
+    hf_tokens, hf_note = _transformers_generate(model, ids, args.output, rows, args.repeats)
     hf_tokens = hf_tokens or [[] for _ in ours_tokens]
     same = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y))
     first_div = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(ours_tokens, hf_tokens)]
