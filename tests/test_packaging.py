@@ -17,3 +17,12 @@ def test_no_top_level_kernels_package():
 def test_kernels_live_in_the_package():
     import avmp_triton.kernels.paged_attention as k
     assert Path(k.__file__).resolve().parent == REPO / "avmp_triton" / "kernels"
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject.toml lists the packages by hand (no discovery, see the comment there): a package
+    folder missing from the list would be left out of a built wheel."""
+    import tomllib
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "avmp_triton").rglob("__init__.py")}
+    assert found == listed, (sorted(found - listed), sorted(listed - found))
