@@ -1,6 +1,6 @@
 """The command line, ``python -m avmp_triton`` / ``avmp``: argument parsing, and one function per
 subcommand that calls into ``avmp_triton.sim`` (``compare``, the default; ``sweep``; ``report``;
-``demo``). Out of memory, an unavailable device and an unwritable output folder end the command
+``demo``) or the engine (``generate``, ``bench-serve``: ``cli_serve``). Out of memory, an unavailable device and an unwritable output folder end the command
 with one line on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import avmp_triton  # noqa: F401  (chooses Triton's interpreter on CPU-only hosts before triton is imported)
 from avmp_triton._triton_env import default_device
+from avmp_triton import cli_serve
 from avmp_triton.sim import compare
 from avmp_triton.sim import sweep as sw
 from avmp_triton.sim.compare import (DEFAULT_BUDGET_K, DEFAULT_NUM_REQUESTS, DEFAULT_SEED, DEFAULT_SPEC,
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"model cache geometry, one of: {', '.join(list_presets())}")
     d.add_argument("--slabs", type=_int_at_least(8, "--slabs"), default=12, help="arena size in slabs (>= 8)")
     d.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda if available")
-    ap.command_parsers = {"compare": c, "sweep": s, "report": r, "demo": d}
+    ap.command_parsers = {"compare": c, "sweep": s, "report": r, "demo": d, **cli_serve.add_parsers(sub, fmt)}
     return ap
 
 
@@ -346,7 +347,8 @@ def _cmd_demo(args, sub) -> int:
     return 0
 
 
-_COMMANDS = {"compare": _cmd_compare, "sweep": _cmd_sweep, "report": _cmd_report, "demo": _cmd_demo}
+_COMMANDS = {"compare": _cmd_compare, "sweep": _cmd_sweep, "report": _cmd_report, "demo": _cmd_demo,
+             "generate": cli_serve.cmd_generate, "bench-serve": cli_serve.cmd_bench_serve}
 
 
 def _memory_args(args) -> str:
@@ -359,6 +361,8 @@ def _memory_args(args) -> str:
         return f"--budgets {','.join(args.budgets)}, --jobs {args.jobs or 'default'}"
     if args.command == "demo":
         return f"--slabs {args.slabs}"
+    if args.command in ("generate", "bench-serve"):
+        return f"--memory-gib {args.memory_gib}, --max-num-seqs {args.max_num_seqs}"
     return f"--results {args.results}"
 
 

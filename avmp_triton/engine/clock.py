@@ -2,11 +2,13 @@
 got its first token and finished, and the latency metrics users read from a serving benchmark."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from avmp_triton.engine.metrics import percentile
 
-__all__ = ["Clock", "StepShape"]
+__all__ = ["Clock", "StepShape", "WallClock"]
 
 
 class StepShape:
@@ -29,6 +31,10 @@ class Clock:
         self.first_token = np.full(n, -1.0)
         self.finish = np.full(n, -1.0)
         self.compute_s = self.alloc_s = self.migrate_s = 0.0
+
+    @property
+    def source(self):
+        return self.st.source.get("run")
 
     def idle_until(self, t: float) -> None:
         """Nothing to run: the engine waits for the next arrival."""
@@ -68,3 +74,31 @@ class Clock:
             tpot_p50_s=percentile(tpot, 50), tpot_p99_s=percentile(tpot, 99),
             goodput_requests_per_s=int(good.sum()) / span, slo_ttft_s=slo[0], slo_tpot_s=slo[1],
             compute_s=self.compute_s, alloc_s=self.alloc_s, migrate_s=self.migrate_s)
+
+
+class WallClock(Clock):
+    """The clock of a real engine: seconds of wall time since the run began. A step costs what it
+    took (model, sampling, scheduling and allocator calls together, all in ``compute_s``), and an
+    idle engine sleeps until the next arrival, as a serving benchmark's client makes it wait."""
+
+    def __init__(self, n: int):
+        super().__init__(None, n)
+        self.t0 = time.perf_counter()
+
+    @property
+    def source(self):
+        return "wall clock"
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def idle_until(self, t: float) -> None:
+        wait = float(t) - self._elapsed()
+        if wait > 0:
+            time.sleep(wait)
+        self.now = max(self.now, self._elapsed())
+
+    def advance(self, s: StepShape) -> None:
+        now = self._elapsed()
+        self.compute_s += now - self.now
+        self.now = now

@@ -21,7 +21,7 @@ import torch
 
 from avmp_triton._checks import is_int
 from avmp_triton.memory.allocator import UNIT_ALIGN, ArenaAllocator, PoolExhaustedError
-from avmp_triton.engine.clock import Clock, StepShape
+from avmp_triton.engine.clock import Clock, StepShape, WallClock
 from avmp_triton.engine.metrics import RunMetrics, downsample, mean, percentile
 
 __all__ = ["ModelRunner", "Scheduler", "StepBatch"]
@@ -38,8 +38,8 @@ def _check_time_args(max_running, max_num_batched_tokens, step_time, slo) -> Non
             # as vLLM requires: every running request must be able to decode in one step
             raise ValueError(f"max_num_batched_tokens must be None or an int >= max_running ({max_running}), "
                              f"got {max_num_batched_tokens!r}")
-    if step_time is not None and not callable(getattr(step_time, "step_s", None)):
-        raise TypeError(f"step_time must be a StepTime (with step_s), got {type(step_time).__name__}")
+    if step_time is not None and step_time != "wall" and not callable(getattr(step_time, "step_s", None)):
+        raise TypeError(f"step_time must be a StepTime (with step_s) or 'wall', got {type(step_time).__name__}")
     ok = (isinstance(slo, tuple) and len(slo) == 2
           and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in slo))
     if not ok:
@@ -262,7 +262,9 @@ class Scheduler:
         step_time: a ``avmp_triton.sim.steptime.StepTime``: the run keeps a clock in seconds, each
             step costing what the model says (prefill chunks, recompute, allocator calls and
             migrated bytes included), request arrivals are read in seconds, and the metrics give
-            throughput, TTFT, TPOT and goodput. None: time is counted in ticks.
+            throughput, TTFT, TPOT and goodput. "wall": the same in wall-clock seconds, for a real
+            engine (each step costs what it took; an idle engine sleeps until the next arrival).
+            None: time is counted in ticks.
         slo: (TTFT seconds, TPOT seconds) a request must meet to count towards goodput.
     """
 
@@ -480,7 +482,11 @@ class _Run:
         self.free: list[int] = []  # free units per pool, kept exact on the host through the tick
         self.fh = 0                # free handles, likewise
         self.budget = sched.max_num_batched_tokens
-        self.clock = Clock(sched.step_time, reqs.n) if sched.step_time is not None else None
+        self.clock = None
+        if sched.step_time == "wall":
+            self.clock = WallClock(reqs.n)
+        elif sched.step_time is not None:
+            self.clock = Clock(sched.step_time, reqs.n)
         self.slo = sched.slo
         self.alloc_rows = 0        # rows the tick's allocator calls touched (charged by the clock)
         self.moved = False         # a capacity move was tried this tick (its bytes are charged)
@@ -793,7 +799,7 @@ class _Run:
         if self.clock is None:
             return {}
         r = self.reqs
-        return dict(step_time_model=self.clock.st.source.get("run"),
+        return dict(step_time_model=self.clock.source,
                     **self.clock.metrics(r.arrival, r.output, int(r.generated.sum()), self.slo))
 
 

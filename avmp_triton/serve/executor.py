@@ -27,7 +27,8 @@ class EngineRequest:
     arrival: float                     # tick (scheduler time) the request arrives at
     stop_ids: frozenset                # token ids that end it (EOS unless ignore_eos, stop_token_ids)
     generator: torch.Generator | None
-    start_s: float = 0.0               # wall time the engine started, for TTFT
+    start_s: float = 0.0               # wall time the request arrived (steps: the engine started), for TTFT
+    on_token: object = None            # called with each sampled token id
     output: list[int] = dataclasses.field(default_factory=list)
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
@@ -50,6 +51,8 @@ class EngineRequest:
         """Records a sampled token; True when it ends the request."""
         self.output.append(token)
         self.token_times.append(now)
+        if self.on_token is not None:
+            self.on_token(token)
         if token in self.stop_ids:
             self.finish_reason = "stop"
         elif len(self.output) >= self.params.max_tokens:

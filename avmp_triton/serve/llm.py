@@ -16,6 +16,7 @@ Eager steps only for now: ``enforce_eager=False`` (CUDA-graph decode) is refused
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Sequence
@@ -47,7 +48,7 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
-    ttft_s: float | None        # first token's wall time since generate() started (None: no token)
+    ttft_s: float | None        # first token's wall time since the request arrived (None: no token)
     tpot_s: float | None        # mean time per output token after the first (None for one token)
     finished: bool = True
 
@@ -91,23 +92,35 @@ class LLM:
         self.last_metrics = None
 
     def generate(self, prompts: Sequence, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 arrivals: Sequence[int] | None = None) -> list[RequestOutput]:
+                 arrivals: Sequence[int] | None = None, arrival_s: Sequence[float] | None = None,
+                 on_token=None, progress=None) -> list[RequestOutput]:
         """Generate for every prompt (token-id lists, or strings with a tokenizer); one
-        ``SamplingParams`` for all or one per prompt. ``arrivals``: the scheduler step at which each
-        request arrives (all at step 0 by default). Outputs in prompt order."""
+        ``SamplingParams`` for all or one per prompt. Outputs in prompt order.
+
+        Arrivals (default: all at once): ``arrivals`` in scheduler steps, or ``arrival_s`` in
+        seconds of wall time since the call (a serving benchmark's trace: the engine sleeps when it
+        has nothing to run, and ``last_metrics`` then has throughput, TTFT, TPOT and goodput in
+        seconds). ``on_token(i, token_id)`` is called for every token of prompt i as it is sampled;
+        ``progress(finished, total)`` as requests finish."""
         ids = [self._token_ids(p, i) for i, p in enumerate(prompts)]
         params = _params_list(sampling_params, len(ids))
-        arrivals = [0] * len(ids) if arrivals is None else list(arrivals)
-        if len(arrivals) != len(ids):
-            raise ValueError(f"arrivals must have one entry per prompt ({len(ids)}), got {len(arrivals)}")
+        if arrivals is not None and arrival_s is not None:
+            raise ValueError("give arrivals (steps) or arrival_s (seconds), not both")
+        times = arrivals if arrival_s is None else arrival_s
+        times = [0] * len(ids) if times is None else list(times)
+        if len(times) != len(ids):
+            raise ValueError(f"arrivals must have one entry per prompt ({len(ids)}), got {len(times)}")
         start = time.perf_counter()
-        reqs = [EngineRequest(rid=str(i), prompt=p, params=sp, arrival=a, start_s=start,
+        reqs = [EngineRequest(rid=str(i), prompt=p, params=sp, arrival=a, start_s=start + (a if arrival_s else 0.0),
                               stop_ids=frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos),
-                              generator=_generator(sp, self.allocator.device))
-                for i, (p, sp, a) in enumerate(zip(ids, params, arrivals))]
+                              generator=_generator(sp, self.allocator.device),
+                              on_token=None if on_token is None else functools.partial(on_token, i))
+                for i, (p, sp, a) in enumerate(zip(ids, params, times))]
         sched = Scheduler(self.allocator, max_running=self.max_num_seqs, backend="device",
-                          max_num_batched_tokens=self.max_num_batched_tokens, model_runner=ModelExecutor(self.runner, reqs))
-        self.last_metrics = sched.run(reqs)
+                          max_num_batched_tokens=self.max_num_batched_tokens,
+                          step_time="wall" if arrival_s is not None else None,
+                          model_runner=ModelExecutor(self.runner, reqs))
+        self.last_metrics = sched.run(reqs, progress=progress)
         return [_output(r, self.tokenizer) for r in reqs]
 
     def _token_ids(self, prompt, i: int) -> list[int]:
