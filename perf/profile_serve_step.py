@@ -94,7 +94,8 @@ def main() -> None:
         timed.wrap(llm.runner)
         prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt), generator=torch.Generator().manual_seed(B)).tolist()
         sp = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
-        llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))   # warm-up
+        # warm-up at the same batch: Triton compiles a kernel per new shape class on first use
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
         timed.forward.clear(), timed.sample.clear()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
