@@ -97,6 +97,9 @@ class RunMetrics:
     compute_s: float | None = None              # model steps (prefill chunks and recompute included)
     alloc_s: float | None = None                # allocator calls
     migrate_s: float | None = None              # capacity moves, by bytes copied
+    # preemption by swapping (Scheduler(preemption="swap")): requests swapped out, bytes copied out and back
+    swapped_out: int = 0
+    swap_bytes: int = 0
 
 
 def downsample(series, max_points: int = MAX_SERIES_POINTS) -> list[float]:

@@ -46,6 +46,16 @@ def _check_time_args(max_running, max_num_batched_tokens, step_time, slo) -> Non
         raise ValueError(f"slo must be (ttft_s, tpot_s), two positive finite numbers, got {slo!r}")
 
 
+def _check_preemption(preemption, backend, step_time, allocator) -> None:
+    if preemption not in ("recompute", "swap"):
+        raise ValueError(f"preemption must be 'recompute' or 'swap', got {preemption!r}")
+    if preemption == "swap":
+        if backend != "device" or allocator.arena.device.type == "meta":
+            raise ValueError("preemption='swap' copies bytes: it needs backend='device' and an arena with bytes")
+        if step_time not in (None, "wall"):
+            raise ValueError("preemption='swap' has no cost in the step-time model: use step_time None or 'wall'")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class StepBatch:
     """Per-tick metadata for a model runner (all ``[R]`` device tensors are fixed-size buffers; the
@@ -131,6 +141,35 @@ class _DeviceBackend:
     def make_room(self, kind: str, n: int, free_now: int) -> None:
         self.syncs += 1 if n <= free_now else 3  # tops; then slab owners and live counts to plan
         self.a.make_room(kind, n)
+
+    def swap_out(self, row: int, pages: int) -> list[torch.Tensor]:
+        """Copies of the row's ``pages`` page units and its SSM block in host memory (pinned on a
+        GPU), queued on the stream before anything can free or reuse the units."""
+        return [self._copy_units(h, kind) for h, kind in self._units(row, pages)]
+
+    def swap_in(self, row: int, pages: int, saved: list[torch.Tensor]) -> None:
+        """The copies back into the row's new units (its first ``pages`` pages and its SSM block)."""
+        for (h, kind), host in zip(self._units(row, pages), saved):
+            self._arena16().index_copy_(0, self._unit_rows(h, kind), host.to(self.a.device, non_blocking=True))
+
+    def _units(self, row: int, pages: int):
+        return [(self.block_table[row, :pages], "kv"), (self.ssm_handles[row:row + 1], "ssm")]
+
+    def _arena16(self) -> torch.Tensor:
+        return self.a.arena.view(-1, UNIT_ALIGN)   # units start and end on 16-byte boundaries
+
+    def _unit_rows(self, handles: torch.Tensor, kind: str) -> torch.Tensor:
+        """Rows of ``_arena16`` that the units of ``handles`` cover, unit after unit."""
+        self.syncs += 1  # resolve checks the handles
+        unit = self.a.unit_bytes[self.a.pool_index(kind)] // UNIT_ALIGN
+        first = self.a.resolve(handles, kind) // UNIT_ALIGN
+        return (first[:, None] + torch.arange(unit, device=first.device)[None, :]).flatten()
+
+    def _copy_units(self, handles: torch.Tensor, kind: str) -> torch.Tensor:
+        data = self._arena16()[self._unit_rows(handles, kind)]
+        host = torch.empty(data.shape, dtype=data.dtype, pin_memory=data.is_cuda)
+        host.copy_(data, non_blocking=True)
+        return host
 
     def rebalance(self, kind: str, num_slabs: int) -> None:
         self.syncs += 2  # slab owners and live counts to plan
@@ -266,11 +305,17 @@ class Scheduler:
             engine (each step costs what it took; an idle engine sleeps until the next arrival).
             None: time is counted in ticks.
         slo: (TTFT seconds, TPOT seconds) a request must meet to count towards goodput.
+        preemption: what a preempted request keeps. "recompute" (vLLM's default): nothing, it
+            prefills its prompt and generated tokens again when readmitted. "swap": its KV pages and
+            SSM block are copied to host memory and back when it is readmitted, where it left off
+            (device backend with a real arena; its cost is only known in wall time, so not with a
+            step-time model).
     """
 
     def __init__(self, allocator: ArenaAllocator, *, max_running: int = 256, max_pages_per_request: int | None = None,
                  model_runner: ModelRunner | None = None, time_allocator: bool = False, backend: str | None = None,
-                 max_num_batched_tokens: int | None = None, step_time=None, slo: tuple[float, float] = DEFAULT_SLO):
+                 max_num_batched_tokens: int | None = None, step_time=None, slo: tuple[float, float] = DEFAULT_SLO,
+                 preemption: str = "recompute"):
         if not isinstance(allocator, ArenaAllocator):
             raise TypeError(f"allocator must be an AVMPAllocator, StaticDualAllocator or PaddedUnifiedAllocator, "
                             f"got {type(allocator).__name__}")
@@ -288,12 +333,14 @@ class Scheduler:
             if backend != "device":
                 raise ValueError("a model_runner needs backend='device' (the model backend has no arena)")
         _check_time_args(max_running, max_num_batched_tokens, step_time, slo)
+        _check_preemption(preemption, backend, step_time, allocator)
         self.allocator = allocator
         self.max_running = max_running
         self.max_num_batched_tokens = max_num_batched_tokens
         self.step_time = step_time
         self.slo = (float(slo[0]), float(slo[1]))
         self.max_pages_per_request = max_pages_per_request
+        self.preemption = preemption
         self.model_runner = model_runner
         self.time_allocator = bool(time_allocator)
         self.backend = backend
@@ -488,6 +535,9 @@ class _Run:
         elif sched.step_time is not None:
             self.clock = Clock(sched.step_time, reqs.n)
         self.slo = sched.slo
+        self.swap = sched.preemption == "swap"
+        self.swapped: dict[int, tuple] = {}   # request -> (ctx, todo, pages, host copies) while swapped out
+        self.swaps = self.swap_bytes = 0
         self.alloc_rows = 0        # rows the tick's allocator calls touched (charged by the clock)
         self.moved = False         # a capacity move was tried this tick (its bytes are charged)
 
@@ -531,6 +581,7 @@ class _Run:
                 self.alloc_rows += int(np.count_nonzero(rows.need))
             if admitted:
                 self.be.alloc_ssm(admitted)
+                self._swap_in(admitted)
         rows.pages += rows.need
         sampled, shape = self._run_tokens()
         running = np.flatnonzero(rows.req >= 0)
@@ -645,6 +696,8 @@ class _Run:
             self.fh += int(rows.pages[v]) + 1
             growth -= int(rows.need[v])
             rows.need[v] = 0
+            if self.swap:
+                self._swap_out(v, i)
             rows.clear(v)
             self.queue.appendleft(i)
             self._event("preempt", i)
@@ -666,9 +719,8 @@ class _Run:
         reqs, rows, queue = self.reqs, self.rows, self.queue
         while queue and len(admitted) < len(free_rows) and (left is None or left > 0):
             i = queue[0]
-            c0 = int(reqs.prompt[i] + reqs.generated[i])
-            q = c0 if left is None else min(c0, left)
-            pages = -(-q // self.pt) + self.g.extra
+            ctx0, todo0, q = self._first_step(i, left)
+            pages = -(-(ctx0 + q) // self.pt) + self.g.extra
             kv_need, ssm_need = growth + kv_adm + pages, len(admitted) + 1
             if not self._fits_after_rebalance(kv_need, ssm_need):
                 if admitted or any_active:
@@ -684,13 +736,41 @@ class _Run:
             kv_adm += pages
             if left is not None:
                 left -= q
-            rows.req[r], rows.ctx[r], rows.seq[r], rows.need[r] = i, 0, self.seq, pages
-            rows.todo[r], rows.q[r] = c0, q
+            rows.req[r], rows.ctx[r], rows.seq[r], rows.need[r] = i, ctx0, self.seq, pages
+            rows.todo[r], rows.q[r] = todo0, q
             self.seq += 1
             if reqs.first_admit[i] < 0:
                 reqs.first_admit[i] = self.t
             self._event("admit", i)
         return admitted, kv_adm
+
+    def _first_step(self, i: int, left: int | None) -> tuple[int, int, int]:
+        """(tokens in cache, tokens left to prefill, tokens this step) of request i on admission:
+        a new or recomputed request prefills its prompt and what it generated from nothing; a
+        swapped-out one resumes where it was (a decode token, or the rest of its prefill)."""
+        if i in self.swapped:
+            ctx0, todo0 = self.swapped[i][:2]
+        else:
+            ctx0, todo0 = 0, int(self.reqs.prompt[i] + self.reqs.generated[i])
+        if todo0 == 0:
+            return ctx0, 0, 1
+        return ctx0, todo0, todo0 if left is None else min(todo0, left)
+
+    def _swap_out(self, v: int, i: int) -> None:
+        rows = self.rows
+        pages = int(rows.pages[v])
+        host = self.be.swap_out(v, pages)
+        self.swapped[i] = (int(rows.ctx[v]), int(rows.todo[v]), pages, host)
+        self.swaps += 1
+        self.swap_bytes += sum(h.numel() for h in host)
+
+    def _swap_in(self, admitted: list[int]) -> None:
+        """Readmitted swapped-out requests get their bytes back, in their new units."""
+        for r in admitted:
+            saved = self.swapped.pop(int(self.rows.req[r]), None)
+            if saved is not None:
+                self.be.swap_in(r, saved[2], saved[3])
+                self.swap_bytes += sum(h.numel() for h in saved[3])
 
     def _fits_after_rebalance(self, kv_need: int, ssm_need: int) -> bool:
         if self.fits(kv_need, ssm_need):
@@ -792,7 +872,8 @@ class _Run:
             alloc_time_us_per_step_mean=alloc_mean_us, alloc_time_us_per_step_p50=alloc_p50_us,
             alloc_time_kind=self.timer.kind, host_syncs_per_step=self.be.syncs / t if t else 0.0,
             units_returned_at_drain=bool(drained),
-            max_num_batched_tokens=self.budget, **self._time_metrics(),
+            max_num_batched_tokens=self.budget, swapped_out=self.swaps, swap_bytes=self.swap_bytes,
+            **self._time_metrics(),
         )
 
     def _time_metrics(self) -> dict:

@@ -61,13 +61,17 @@ class LLM:
     as ``ssm_fraction``); ``memory_gib``: the arena (default on a GPU: 90% of the free memory);
     ``max_num_seqs`` / ``max_num_batched_tokens``: vLLM's limits (None: whole prefills);
     ``allocator_kwargs``: more constructor keywords of the allocator (``slab_bytes``, ...).
+    ``preemption_mode``: "recompute" (a preempted request prefills again) or "swap" (its pages and
+    SSM block go to host memory and come back; see ``Scheduler``).
     ``dtype`` and ``device`` apply to a model the LLM loads (default device: the GPU if there is one);
     a model object is served in its own dtype, moved to ``device`` only if one is given."""
 
     def __init__(self, model, *, allocator: str = "avmp", memory_gib: float | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = 8192, dtype="bfloat16", device=None, tokenizer=None,
                  enforce_eager: bool = True, ssm_fraction: float | None = None, seed: int = 0,
-                 allocator_kwargs: dict | None = None):
+                 allocator_kwargs: dict | None = None, preemption_mode: str = "recompute"):
+        if preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
         if not enforce_eager:
             raise NotImplementedError("CUDA-graph decode is not implemented yet: pass enforce_eager=True")
         if allocator not in SERVABLE:
@@ -78,6 +82,7 @@ class LLM:
         device = next(self.model.parameters()).device
         self.tokenizer = tokenizer
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.preemption_mode = preemption_mode
         cls = RUNNERS.get(self.model.config.model_type)
         if cls is None:
             raise ValueError(f"no runner for model_type {self.model.config.model_type!r}; supported: {sorted(RUNNERS)}")
@@ -118,7 +123,7 @@ class LLM:
                 for i, (p, sp, a) in enumerate(zip(ids, params, times))]
         sched = Scheduler(self.allocator, max_running=self.max_num_seqs, backend="device",
                           max_num_batched_tokens=self.max_num_batched_tokens,
-                          step_time="wall" if arrival_s is not None else None,
+                          step_time="wall" if arrival_s is not None else None, preemption=self.preemption_mode,
                           model_runner=ModelExecutor(self.runner, reqs))
         self.last_metrics = sched.run(reqs, progress=progress)
         return [_output(r, self.tokenizer) for r in reqs]

@@ -23,6 +23,7 @@ from avmp_triton import (
 from avmp_triton.engine.metrics import MAX_SERIES_POINTS, RunMetrics
 from avmp_triton.memory.model import AllocatorModel, assert_matches
 from avmp_triton.engine.scheduler import Scheduler
+from avmp_triton.sim.steptime import load_step_time
 from avmp_triton.sim.workloads import Request, make_workload
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -536,3 +537,13 @@ def test_device_backend_on_gpu_times_device_work():
     assert md.alloc_time_kind == "cuda_profiler_mean" and md.alloc_time_us_per_step_mean > 0
     assert md.alloc_time_us_per_step_p50 is None  # the profiler gives totals only
     assert_matches(sm.state.m, a)
+
+
+def test_swap_preemption_needs_real_bytes_and_wall_time():
+    a = make(AVMPAllocator, 6)
+    with pytest.raises(ValueError, match="preemption must be 'recompute' or 'swap', got 'drop'"):
+        Scheduler(a, preemption="drop")
+    with pytest.raises(ValueError, match="preemption='swap' copies bytes: it needs backend='device'"):
+        Scheduler(a, backend="model", preemption="swap")
+    with pytest.raises(ValueError, match="preemption='swap' has no cost in the step-time model"):
+        Scheduler(a, backend="device", preemption="swap", step_time=load_step_time(get_preset("jamba-1.5-mini")))

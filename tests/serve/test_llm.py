@@ -63,14 +63,19 @@ def unpressured(model):
 
 @pytest.mark.parametrize("allocator, extra", [("avmp", {}), ("sglang_static", {}),
                                               ("static_tuned", {"ssm_fraction": 0.5})])
-def test_preempted_requests_generate_the_same_tokens(model, unpressured, allocator, extra):
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preempted_requests_generate_the_same_tokens(model, unpressured, allocator, extra, mode):
     prompts, want = unpressured
-    llm = _llm(model, allocator=allocator, **PRESSURE, **extra)
+    llm = _llm(model, allocator=allocator, preemption_mode=mode, **PRESSURE, **extra)
     outs = llm.generate(prompts, LONG)
     m = llm.last_metrics
-    print(f"{allocator}: {m.preemptions} preemptions, {m.recomputed_tokens} tokens recomputed, "
-          f"{m.migrations} migrations")
+    print(f"{allocator}, {mode}: {m.preemptions} preemptions, {m.recomputed_tokens} tokens recomputed, "
+          f"{m.swapped_out} swapped out ({m.swap_bytes} bytes), {m.migrations} migrations")
     assert m.preemptions > 0 and m.completed == 4 and m.units_returned_at_drain
+    if mode == "swap":    # nothing is prefilled twice: every preempted request resumes from its copy
+        assert m.swapped_out == m.preemptions and m.recomputed_tokens == 0 and m.swap_bytes > 0
+    else:
+        assert m.swapped_out == 0 and m.recomputed_tokens > 0
     assert [o.outputs[0].token_ids for o in outs] == want
 
 
@@ -94,6 +99,7 @@ def test_seeded_sampling_is_reproducible(model):
     (dict(allocator="lru"), ValueError, "allocator 'lru' cannot serve; choose one of"),
     (dict(enforce_eager=False), NotImplementedError, "CUDA-graph decode is not implemented yet"),
     (dict(memory_gib=-1), ValueError, "memory_gib must be a positive number, got -1"),
+    (dict(preemption_mode="evict"), ValueError, "preemption_mode must be 'recompute' or 'swap', got 'evict'"),
 ])
 def test_bad_engine_arguments_are_named(model, kw, error, message):
     with pytest.raises(error, match=message):
