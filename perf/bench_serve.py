@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--output", type=int, default=64)
     ap.add_argument("--memory-gib", type=float, default=24.0)
     ap.add_argument("--allocators", default="avmp,sglang_static")
+    ap.add_argument("--preemption", default="recompute", help="comma-separated preemption modes to run each allocator with")
+    ap.add_argument("--no-transformers", action="store_true", help="skip transformers' generate()")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine (the median is reported)")
     args = ap.parse_args()
     model = random_model("nemotron-h-8b", dtype=torch.bfloat16, device="cuda", seed=0).eval()
@@ -83,24 +85,37 @@ def main() -> None:
     sp = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
     rows, ours_tokens = [], None
     for name in args.allocators.split(","):
-        llm = LLM(model, allocator=name, memory_gib=args.memory_gib, max_num_seqs=args.requests)
-        llm.generate(prompts[:2, :32].tolist(), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))  # warm-up
-        walls = []
-        for _ in range(args.repeats):
-            outs, wall = _sync_time(lambda: llm.generate(prompts.tolist(), sp))
-            walls.append(wall)
-        wall = sorted(walls)[len(walls) // 2]
-        toks = [o.outputs[0].token_ids for o in outs]
-        ours_tokens = ours_tokens or toks
-        m = llm.last_metrics
-        rows.append(dict(engine=f"ours/{name}", wall_s=wall, walls_s=walls, out_tok_s=args.requests * args.output / wall,
-                         ttft_p50_s=sorted(o.ttft_s for o in outs)[len(outs) // 2],
-                         tpot_p50_s=sorted(o.tpot_s for o in outs)[len(outs) // 2],
-                         steps=m.makespan_ticks, preemptions=m.preemptions))
-        llm = None    # its arena goes before the next allocator's
-        torch.cuda.empty_cache()
-    ids = prompts.cuda()
-    hf_tokens, hf_note = _transformers_generate(model, ids, args.output, rows, args.repeats)
+        for mode in args.preemption.split(","):
+            rows.append(_ours(model, name, mode, prompts, sp, args))
+            toks = rows[-1].pop("tokens")
+            ours_tokens = ours_tokens or toks
+            # bf16: a recomputed prefill may round differently from the decode steps it replaces
+            rows[-1]["tokens_equal_to_first_row"] = sum(a == b for x, y in zip(toks, ours_tokens) for a, b in zip(x, y))
+    if args.no_transformers:
+        _report(args, rows, ours_tokens, None, [])
+        return
+    hf_tokens, hf_note = _transformers_generate(model, prompts.cuda(), args.output, rows, args.repeats)
+    _report(args, rows, ours_tokens, hf_tokens, hf_note)
+
+
+def _ours(model, name: str, mode: str, prompts, sp, args) -> dict:
+    """One allocator and preemption mode: the median of ``--repeats`` timed runs after a warm-up."""
+    llm = LLM(model, allocator=name, memory_gib=args.memory_gib, max_num_seqs=args.requests, preemption_mode=mode)
+    llm.generate(prompts[:2, :32].tolist(), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    walls = []
+    for _ in range(args.repeats):
+        outs, wall = _sync_time(lambda: llm.generate(prompts.tolist(), sp))
+        walls.append(wall)
+    wall = sorted(walls)[len(walls) // 2]
+    m = llm.last_metrics
+    return dict(engine=f"ours/{name}/{mode}", wall_s=wall, walls_s=walls, out_tok_s=args.requests * args.output / wall,
+                ttft_p50_s=sorted(o.ttft_s for o in outs)[len(outs) // 2],
+                tpot_p50_s=sorted(o.tpot_s for o in outs)[len(outs) // 2], steps=m.makespan_ticks,
+                preemptions=m.preemptions, recomputed_tokens=m.recomputed_tokens, swapped_out=m.swapped_out,
+                swap_bytes=m.swap_bytes, migrations=m.migrations, tokens=[o.outputs[0].token_ids for o in outs])
+
+
+def _report(args, rows, ours_tokens, hf_tokens, hf_note) -> None:
     hf_tokens = hf_tokens or [[] for _ in ours_tokens]
     same = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y))
     first_div = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(ours_tokens, hf_tokens)]
@@ -117,7 +132,9 @@ def main() -> None:
             json.dump(res, f, indent=1)
     print(f"{env['gpu']}: {args.requests} x ({args.prompt} prompt + {args.output} out), greedy")
     for r in rows:
-        print(f"{r['engine']:24s} {r['wall_s']:8.2f} s {r['out_tok_s']:9.1f} out tok/s")
+        extra = (f"  preempted {r['preemptions']}, recomputed {r['recomputed_tokens']} tokens, swapped "
+                 f"{r['swapped_out']} ({r['swap_bytes'] / 2**30:.2f} GiB)" if "preemptions" in r else "")
+        print(f"{r['engine']:34s} {r['wall_s']:8.2f} s {r['out_tok_s']:9.1f} out tok/s{extra}")
     print(f"greedy tokens equal to transformers': {same}/{args.requests * args.output}; "
           f"first divergence per request: {first_div}")
     for n in hf_note:
