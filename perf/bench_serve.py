@@ -116,9 +116,11 @@ def _ours(model, name: str, mode: str, prompts, sp, args) -> dict:
 
 
 def _report(args, rows, ours_tokens, hf_tokens, hf_note) -> None:
-    hf_tokens = hf_tokens or [[] for _ in ours_tokens]
-    same = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y))
-    first_div = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(ours_tokens, hf_tokens)]
+    same = first_div = None
+    if hf_tokens is not None:
+        same = sum(a == b for x, y in zip(ours_tokens, hf_tokens) for a, b in zip(x, y))
+        first_div = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                     for x, y in zip(ours_tokens, hf_tokens)]
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                transformers=transformers.__version__, python=platform.python_version(),
                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
@@ -135,8 +137,9 @@ def _report(args, rows, ours_tokens, hf_tokens, hf_note) -> None:
         extra = (f"  preempted {r['preemptions']}, recomputed {r['recomputed_tokens']} tokens, swapped "
                  f"{r['swapped_out']} ({r['swap_bytes'] / 2**30:.2f} GiB)" if "preemptions" in r else "")
         print(f"{r['engine']:34s} {r['wall_s']:8.2f} s {r['out_tok_s']:9.1f} out tok/s{extra}")
-    print(f"greedy tokens equal to transformers': {same}/{args.requests * args.output}; "
-          f"first divergence per request: {first_div}")
+    if same is not None:
+        print(f"greedy tokens equal to transformers': {same}/{args.requests * args.output}; "
+              f"first divergence per request: {first_div}")
     for n in hf_note:
         print("transformers:", n[:160])
 
