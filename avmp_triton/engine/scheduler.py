@@ -46,6 +46,18 @@ def _check_time_args(max_running, max_num_batched_tokens, step_time, slo) -> Non
         raise ValueError(f"slo must be (ttft_s, tpot_s), two positive finite numbers, got {slo!r}")
 
 
+def _page_tokens(allocator) -> int | None:
+    """Tokens per KV page, or None when the model has no attention layers (nothing to page)."""
+    return allocator.page_tokens if allocator.spec.num_attn_layers else None
+
+
+def _kv_pages(tokens, page_tokens: int | None):
+    """KV pages holding ``tokens`` (an int or an array), 0 without a KV pool."""
+    if page_tokens is None:
+        return tokens * 0
+    return -(-tokens // page_tokens)
+
+
 def _check_preemption(preemption, backend, step_time, allocator) -> None:
     if preemption not in ("recompute", "swap"):
         raise ValueError(f"preemption must be 'recompute' or 'swap', got {preemption!r}")
@@ -363,7 +375,7 @@ class Scheduler:
         """
         if max_ticks is not None and (not is_int(max_ticks, numpy=True) or max_ticks < 0):
             raise ValueError(f"max_ticks must be None or a non-negative int, got {max_ticks!r}")
-        reqs = _Requests.of(requests, self.allocator.page_tokens, self.allocator.ssm_units - 1)
+        reqs = _Requests.of(requests, _page_tokens(self.allocator), self.allocator.ssm_units - 1)
         W = self.max_pages_per_request
         if W is None:
             W = max(1, int(reqs.max_pages.max()) if reqs.n else 1)
@@ -399,9 +411,10 @@ class _Requests:
     fresh: np.ndarray         # prompt tokens not yet prefilled even once
 
     @classmethod
-    def of(cls, requests: Sequence, page_tokens: int, extra: int = 0) -> "_Requests":
+    def of(cls, requests: Sequence, page_tokens: int | None, extra: int = 0) -> "_Requests":
         """``extra``: pages every request holds besides its KV pages (the allocator's ``ssm_units - 1``:
-        the rest of its SSM state, in units of the same pool)."""
+        the rest of its SSM state, in units of the same pool); ``page_tokens`` None: no KV pages at all
+        (an attention-free model)."""
         n = len(requests)
         cols = {f: np.empty(n, dtype=np.int64) for f in ("prompt_tokens", "output_tokens")}
         arrival = np.empty(n, dtype=np.float64)
@@ -420,7 +433,7 @@ class _Requests:
                 raise ValueError(f"requests[{i}] needs arrival >= 0, prompt_tokens >= 1 and output_tokens >= 1, "
                                  f"got {r!r}")
         prompt, output = cols["prompt_tokens"], cols["output_tokens"]
-        max_pages = -(-(prompt + output - 1) // page_tokens) + extra if n else np.zeros(0, dtype=np.int64)
+        max_pages = _kv_pages(prompt + output - 1, page_tokens) + extra if n else np.zeros(0, dtype=np.int64)
         return cls(n=n, rid=[getattr(r, "rid", i) for i, r in enumerate(requests)], arrival=arrival,
                    prompt=prompt, output=output, max_pages=max_pages, generated=np.zeros(n, dtype=np.int64),
                    first_admit=np.full(n, -1, dtype=np.int64), fresh=prompt.copy())
@@ -473,6 +486,8 @@ class _Geometry:
         their longest, and one SSM block): fixed pools for the baselines, any split of the slabs
         for AVMP."""
         pk, ps, ups = self.pk, self.ps, self.ups
+        if ups[pk] == 0:   # no KV pool (attention-free): one SSM block is all a request needs
+            return np.full(len(max_pages), c.slabs[ps] * ups[ps] < 1)
         if not self.dual:
             return max_pages + 1 > c.slabs[pk] * ups[pk]
         if self.migrates:
@@ -509,7 +524,7 @@ class _Run:
         a = sched.allocator
         self.a, self.be, self.reqs, self.events = a, be, reqs, sched.events
         self.g = _Geometry(a)
-        self.pt = a.page_tokens
+        self.pt = _page_tokens(a)   # None: an attention-free model, no KV pages
         self.R = sched.max_running
         self.timer = _Timer(sched.time_allocator, sched.backend == "device" and a.device.type == "cuda")
         self.proactive = getattr(a, "proactive", None) is not None
@@ -571,7 +586,7 @@ class _Run:
         active = rows.req >= 0
         left = self._plan_tokens(active)
         rows.need[:] = 0
-        rows.need[active] = -(-(rows.ctx[active] + rows.q[active]) // self.pt) + self.g.extra - rows.pages[active]
+        rows.need[active] = _kv_pages(rows.ctx[active] + rows.q[active], self.pt) + self.g.extra - rows.pages[active]
         growth = int(rows.need.sum())
         growth, preempted = self._grow_or_preempt(growth)
         admitted, kv_adm = ([], 0) if preempted else self._admit(growth, active.any(), left)
@@ -720,7 +735,7 @@ class _Run:
         while queue and len(admitted) < len(free_rows) and (left is None or left > 0):
             i = queue[0]
             ctx0, todo0, q = self._first_step(i, left)
-            pages = -(-(ctx0 + q) // self.pt) + self.g.extra
+            pages = int(_kv_pages(ctx0 + q, self.pt)) + self.g.extra
             kv_need, ssm_need = growth + kv_adm + pages, len(admitted) + 1
             if not self._fits_after_rebalance(kv_need, ssm_need):
                 if admitted or any_active:

@@ -119,3 +119,28 @@ def test_bad_prompts_are_named(model):
 def test_the_package_exports_the_engine():
     import avmp_triton
     assert avmp_triton.LLM is LLM and avmp_triton.SamplingParams is SamplingParams
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_attention_free_models_are_served(family):
+    """An attention-free model's requests hold one SSM block and no page: with room for 2 blocks,
+    the third request waits for a block, and every request's greedy tokens equal transformers'."""
+    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, conv_kernel=4, expand=2,
+               use_conv_bias=True, residual_in_fp32=True)
+    if family == "mamba":
+        model = transformers.MambaForCausalLM(transformers.MambaConfig(**cfg, intermediate_size=64,
+                                                                        time_step_rank=4))
+    else:
+        model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg, num_heads=4, head_dim=16, n_groups=2,
+                                                                          chunk_size=8))
+    model = model.eval().to(DEV)
+    block = LLM(model, memory_gib=0.01, max_num_seqs=4).allocator.spec.ssm_block_bytes
+    slab = -(-block // 128) * 128
+    llm = LLM(model, memory_gib=2 * slab / (1 << 30), max_num_seqs=4, max_num_batched_tokens=16,
+              allocator_kwargs={"slab_bytes": slab})
+    outs = llm.generate(PROMPTS, GREEDY)
+    want = [model.generate(torch.tensor([p], device=DEV), max_new_tokens=6, min_new_tokens=6,
+                           do_sample=False)[0, len(p):].tolist() for p in PROMPTS]
+    assert [o.outputs[0].token_ids for o in outs] == want
+    m = llm.last_metrics
+    assert m.completed == 3 and m.batch_peak == 2 and m.units_returned_at_drain
