@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from avmp_triton.engine.sampling import SamplingParams  # noqa: E402
 from avmp_triton.models.loading import random_model  # noqa: E402
 from avmp_triton.serve import LLM  # noqa: E402
+from tests.models.parity import randomize  # noqa: E402
 
 PROMPTS = [list(range(5, 24)), [30, 31, 32], list(range(40, 47))]   # 19, 3 and 7 tokens
 ARRIVALS = [0, 2, 3]                                                  # scheduler steps
@@ -121,10 +122,23 @@ def test_the_package_exports_the_engine():
     assert avmp_triton.LLM is LLM and avmp_triton.SamplingParams is SamplingParams
 
 
+def _forward_greedy(model, prompt: list, n: int) -> list:
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq], device=DEV)).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
-def test_attention_free_models_are_served(family):
+def test_attention_free_models_are_served(family, seed):
     """An attention-free model's requests hold one SSM block and no page: with room for 2 blocks,
-    the third request waits for a block, and every request's greedy tokens equal transformers'."""
+    the third request waits for a block, and every request's greedy tokens equal transformers'
+    greedy continuation by its own forward of the whole sequence. Not its generate(): for Mamba2
+    with n_groups 2, transformers 5.25's cached decode disagrees with its own forward (at
+    transformers' init, seed 0, prompt 40..46: generate gives 88 69 87 41, the forward's argmax
+    after 88 69 87 is token 2 by 0.46); with n_groups 1 the two agree."""
     cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, conv_kernel=4, expand=2,
                use_conv_bias=True, residual_in_fp32=True)
     if family == "mamba":
@@ -133,14 +147,13 @@ def test_attention_free_models_are_served(family):
     else:
         model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg, num_heads=4, head_dim=16, n_groups=2,
                                                                           chunk_size=8))
+    randomize(model, torch.Generator().manual_seed(seed))
     model = model.eval().to(DEV)
     block = LLM(model, memory_gib=0.01, max_num_seqs=4).allocator.spec.ssm_block_bytes
     slab = -(-block // 128) * 128
     llm = LLM(model, memory_gib=2 * slab / (1 << 30), max_num_seqs=4, max_num_batched_tokens=16,
               allocator_kwargs={"slab_bytes": slab})
     outs = llm.generate(PROMPTS, GREEDY)
-    want = [model.generate(torch.tensor([p], device=DEV), max_new_tokens=6, min_new_tokens=6,
-                           do_sample=False)[0, len(p):].tolist() for p in PROMPTS]
-    assert [o.outputs[0].token_ids for o in outs] == want
+    assert [o.outputs[0].token_ids for o in outs] == [_forward_greedy(model, p, 6) for p in PROMPTS]
     m = llm.last_metrics
     assert m.completed == 3 and m.batch_peak == 2 and m.units_returned_at_drain
