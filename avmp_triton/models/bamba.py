@@ -33,9 +33,7 @@ def check_bamba_config(config) -> None:
     if config.hidden_act != "silu":
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu': the conv and the "
                          f"MLP both use it)")
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default')")
+    Rotary.check_config(config)
 
 
 class BambaRunner(HybridRunner):

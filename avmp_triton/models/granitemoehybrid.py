@@ -55,9 +55,7 @@ def check_granitemoehybrid_config(config) -> None:
         raise ValueError(f"position_embedding_type {config.position_embedding_type!r} is not supported "
                          f"(only {POSITION_TYPES})")
     if config.position_embedding_type == "rope":
-        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default')")
+        Rotary.check_config(config)
     if config.time_step_limit is None:
         raise ValueError("time_step_limit None is not supported (give (0.0, inf) for no clamp)")
 

@@ -140,6 +140,14 @@ class Rotary:
             raise ValueError(f"rotary dim {self.rot_dim} exceeds head_dim {head_dim}")
         self.scaling = attention_scaling
 
+    @staticmethod
+    def check_config(config) -> None:
+        """ValueError unless the config's rope type is the default one (the others' angles change
+        with the sequence, which this class does not model)."""
+        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default')")
+
     @classmethod
     def of(cls, rotary_emb: torch.nn.Module, config) -> "Rotary":
         """From a transformers model's own rotary embedding: its inverse frequencies (rope_theta and

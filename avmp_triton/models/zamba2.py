@@ -43,9 +43,8 @@ def check_zamba2_config(config) -> None:
         raise ValueError(f"layer types {kinds}: the arena needs at least one 'hybrid' (attention) layer")
     if config.hidden_act not in ACTIVATIONS:
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if config.use_mem_rope and rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default')")
+    if config.use_mem_rope:
+        Rotary.check_config(config)
 
 
 class SharedTransformer:
