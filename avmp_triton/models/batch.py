@@ -73,3 +73,20 @@ def _group(reqs: list[int], block_table, ssm_handles, cached, new, starts) -> To
         seq_lens=torch.tensor([cached[b] + new[b] for b in reqs], **i32),
         ssm_handles=ssm_handles[idx].contiguous(), cu_seqlens=torch.tensor(cu, **i32),
         has_initial_state=torch.tensor([int(cached[b] > 0) for b in reqs], **i32))
+
+
+def decode_step_batch(block_table: torch.Tensor, ssm_handles: torch.Tensor, seq_lens: torch.Tensor) -> StepBatch:
+    """Metadata of a decode-only step built on the device from fixed-shape tensors (no host read,
+    no host-built tensor), so a CUDA graph can capture it: row b adds one token at position
+    ``seq_lens[b] - 1``. A row with ``seq_lens[b] == 0`` is padding: its token has request -1 (no
+    K/V written), it reads no page, and its ``ssm_handles[b]`` must be -1 (its state is skipped);
+    its output is garbage that the caller drops."""
+    B = block_table.shape[0]
+    dev = block_table.device
+    rows = torch.arange(B, dtype=torch.int32, device=dev)
+    real = seq_lens > 0
+    group = TokenGroup(tokens=rows.long(), block_table=block_table, seq_lens=seq_lens, ssm_handles=ssm_handles,
+                       cu_seqlens=torch.arange(B + 1, dtype=torch.int32, device=dev),
+                       has_initial_state=real.to(torch.int32))
+    return StepBatch(block_table=block_table, token_req=torch.where(real, rows, -1),
+                     token_pos=(seq_lens - 1).clamp_min(0), prefill=None, decode=group)

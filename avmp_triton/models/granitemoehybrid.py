@@ -144,6 +144,7 @@ class GraniteMoeHybridRunner(HybridRunner):
                 n_attn += 1
             blocks.append(Residual(cast_rms_norm(layer.input_layernorm), mixer, scale))
             blocks.append(Residual(cast_rms_norm(layer.post_attention_layernorm), MoEFeedForward(layer), scale))
+            self.has_moe |= layer.block_sparse_moe is not None
         return blocks
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

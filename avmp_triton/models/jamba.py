@@ -107,6 +107,7 @@ class JambaRunner(HybridRunner):
                                                                                         ff.down_proj)
             blocks.append(Residual(cast_rms_norm(layer.input_layernorm), mixer))
             blocks.append(Residual(cast_rms_norm(layer.pre_ff_layernorm), ffn))
+            self.has_moe |= n_exp > 1
         return blocks
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from avmp_triton.memory.allocator import AVMPAllocator, PoolExhaustedError
 from avmp_triton.memory.cache import PagedCache
-from avmp_triton.models.batch import StepBatch, build_step_batch
+from avmp_triton.models.batch import StepBatch, build_step_batch, decode_step_batch
 from avmp_triton.models.layers import RMSNorm, cast_rms_norm
 from avmp_triton.ops import check_attn_head_dim
 from avmp_triton.spec import HybridModelSpec
@@ -51,6 +51,8 @@ class Residual:
 class HybridRunner(abc.ABC):
     """A hybrid model's forward over a paged cache in one AVMP arena. Build a family's subclass
     with ``from_transformers``; subclasses implement the hooks named in the module docstring."""
+
+    has_moe = False   # set by families whose blocks include a MoE (Jamba, Granite-4.0-H)
 
     def __init__(self, hf_model: torch.nn.Module, spec: HybridModelSpec, *, capacity_bytes: int | None = None,
                  allocator=None, max_requests: int, max_context: int, **alloc_kwargs):
@@ -188,6 +190,27 @@ class HybridRunner(abc.ABC):
             return [self.output_logits(o) for o in h.split(new)]
         last = torch.tensor(new, device=h.device).cumsum(0) - 1
         return self.output_logits(h[last])
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, block_table: torch.Tensor, ssm_handles: torch.Tensor,
+               seq_lens: torch.Tensor) -> torch.Tensor:
+        """One decode token per row, from fixed-shape device tensors and without any host read, so
+        that a CUDA graph can capture it (``graph_safe`` families): row b adds ``tokens[b]`` (int64)
+        at position ``seq_lens[b] - 1`` of its request, pages in ``block_table[b]`` (grown to hold
+        it), state in block ``ssm_handles[b]``. Rows with ``seq_lens[b] == 0`` and
+        ``ssm_handles[b] == -1`` are padding (nothing of theirs is read or written). Returns fp32
+        logits ``[B, vocab]`` (padding rows' are garbage)."""
+        batch = decode_step_batch(block_table, ssm_handles, seq_lens)
+        h = self.embed_tokens(tokens)
+        for block in self.blocks:
+            h = block(h, batch)
+        return self.output_logits(h)
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether ``decode`` reads nothing on the host (a CUDA graph can capture it): not when a
+        layer is a MoE, whose routing reads the chosen experts on the host."""
+        return not self.has_moe
 
     def _check_step(self, request_ids, tokens, positions) -> list[torch.Tensor]:
         """Every input checked before anything is allocated; errors name the bad value."""

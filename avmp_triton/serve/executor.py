@@ -62,11 +62,13 @@ class EngineRequest:
 
 class ModelExecutor:
     """The scheduler's ``ModelRunner`` over a ``HybridRunner`` and the run's requests (the list
-    the scheduler replays, in the same order: the scheduler names requests by their index)."""
+    the scheduler replays, in the same order: the scheduler names requests by their index).
+    With ``graphs`` (a ``DecodeGraphs``), decode-only steps run through it; steps with a prefill
+    chunk run eagerly."""
 
-    def __init__(self, runner, requests: list[EngineRequest]):
-        self.runner, self.requests = runner, requests
-        self.steps = 0
+    def __init__(self, runner, requests: list[EngineRequest], graphs=None):
+        self.runner, self.requests, self.graphs = runner, requests, graphs
+        self.steps = self.graph_steps = 0
 
     def step(self, block_table, num_pages, ssm_handles, running_mask, batch) -> list[int]:
         rows = np.flatnonzero(batch.query_lens_host > 0)
@@ -75,9 +77,15 @@ class ModelExecutor:
         ids = batch.request_ids[rows]
         q, ctx = batch.query_lens_host[rows], batch.context_lens_host[rows]
         reqs = [self.requests[i] for i in ids]
-        toks = [torch.tensor(r.tokens(int(c - n), int(c)), dtype=torch.long) for r, c, n in zip(reqs, ctx, q)]
         idx = torch.as_tensor(rows, device=block_table.device)
-        logits = self.runner.forward(toks, block_table[idx], ssm_handles[idx], (ctx - q).tolist())
+        if self.graphs is not None and bool(np.all((q == 1) & (ctx > 1))):
+            # a decode-only step: every row adds one token to a non-empty cache
+            last = [r.tokens(int(c) - 1, int(c))[0] for r, c in zip(reqs, ctx)]
+            logits = self.graphs.run(idx, last, ctx, block_table, ssm_handles)
+            self.graph_steps += 1
+        else:
+            toks = [torch.tensor(r.tokens(int(c - n), int(c)), dtype=torch.long) for r, c, n in zip(reqs, ctx, q)]
+            logits = self.runner.forward(toks, block_table[idx], ssm_handles[idx], (ctx - q).tolist())
         self.steps += 1
         pick = np.flatnonzero(batch.sample_mask[rows])
         if not pick.size:

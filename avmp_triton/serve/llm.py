@@ -11,7 +11,8 @@ moves capacity), and release of finished requests in one batched call. The alloc
 name among the simulator's variants (``avmp``, ``sglang_static``, ``static_tuned``), each sized the
 way its engine sizes its pools (``avmp_triton/sim/sweep.py``).
 
-Eager steps only for now: ``enforce_eager=False`` (CUDA-graph decode) is refused until it exists.
+Decode-only steps run through CUDA graphs captured per batch-size bucket (``serve/graphs.py``)
+unless ``enforce_eager``; steps with a prefill chunk run eagerly.
 """
 from __future__ import annotations
 
@@ -19,14 +20,17 @@ import dataclasses
 import functools
 import os
 import time
+import warnings
 from typing import Sequence
 
 import torch
 
+from avmp_triton._checks import is_int
 from avmp_triton.engine.sampling import SamplingParams
 from avmp_triton.engine.scheduler import Scheduler
 from avmp_triton.models.loading import MODEL_PRESETS, RUNNERS, as_dtype, load_checkpoint, random_model
 from avmp_triton.serve.executor import EngineRequest, ModelExecutor
+from avmp_triton.serve.graphs import DecodeGraphs
 from avmp_triton.sim.sweep import VARIANTS, make_allocator
 
 # vLLM 0.34.0 keeps NemotronH's SSM state in fp32 (models/config.py forces it); other hybrids
@@ -64,16 +68,24 @@ class LLM:
     ``preemption_mode``: "recompute" (a preempted request prefills again) or "swap" (its pages and
     SSM block go to host memory and come back; see ``Scheduler``).
     ``dtype`` and ``device`` apply to a model the LLM loads (default device: the GPU if there is one);
-    a model object is served in its own dtype, moved to ``device`` only if one is given."""
+    a model object is served in its own dtype, moved to ``device`` only if one is given.
+    ``max_model_len``: the most tokens (prompt + max_tokens) of one request (default: the config's
+    ``max_position_embeddings``, else 8192); it sets the width of the captured block tables.
+    ``enforce_eager``: False (vLLM's default) captures the decode step as CUDA graphs, one per
+    batch bucket 1, 2, 4, ... ``max_num_seqs``; off the GPU the same fixed-shape step runs
+    uncaptured. A family whose decode reads the device on the host (MoE routing: Jamba,
+    Granite-4.0-H with experts) runs eagerly, with a warning (``cuda_graphs`` says which)."""
 
     def __init__(self, model, *, allocator: str = "avmp", memory_gib: float | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = 8192, dtype="bfloat16", device=None, tokenizer=None,
-                 enforce_eager: bool = True, ssm_fraction: float | None = None, seed: int = 0,
-                 allocator_kwargs: dict | None = None, preemption_mode: str = "recompute"):
+                 max_num_batched_tokens: int | None = 8192, max_model_len: int | None = None, dtype="bfloat16",
+                 device=None, tokenizer=None, enforce_eager: bool = False, ssm_fraction: float | None = None,
+                 seed: int = 0, allocator_kwargs: dict | None = None, preemption_mode: str = "recompute"):
         if preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
-        if not enforce_eager:
-            raise NotImplementedError("CUDA-graph decode is not implemented yet: pass enforce_eager=True")
+        if not isinstance(enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
+        if not is_int(max_num_seqs) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive int, got {max_num_seqs!r}")
         if allocator not in SERVABLE:
             reason = (" (its SSM state spans several units, and the Mamba ops read a request's state from one)"
                       if allocator == "vllm_hybrid" else "")
@@ -94,7 +106,24 @@ class LLM:
                                         **(allocator_kwargs or {}))
         self.runner = cls.from_transformers(self.model, allocator=self.allocator, max_requests=1, max_context=16)
         self.eos = _eos_ids(self.model.config)
+        self.max_model_len = _max_model_len(max_model_len, self.model.config)
+        self.graphs = None if enforce_eager else self._decode_graphs()
         self.last_metrics = None
+        self.last_graph_steps = self.last_steps = 0
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps replay captured CUDA graphs."""
+        return self.graphs is not None and bool(self.graphs.graphs)
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        if not self.runner.graph_safe:
+            warnings.warn(f"{self.model.config.model_type}: the MoE routing reads the chosen experts on the host, "
+                          f"so its decode step cannot be captured; it runs eagerly", stacklevel=3)
+            return None
+        a = self.allocator
+        pages = -(-(self.max_model_len - 1) // a.page_tokens) if a.spec.num_attn_layers else 0
+        return DecodeGraphs(self.runner, max_batch=self.max_num_seqs, width=max(1, pages + a.ssm_units - 1))
 
     def generate(self, prompts: Sequence, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  arrivals: Sequence[int] | None = None, arrival_s: Sequence[float] | None = None,
@@ -115,17 +144,23 @@ class LLM:
         times = [0] * len(ids) if times is None else list(times)
         if len(times) != len(ids):
             raise ValueError(f"arrivals must have one entry per prompt ({len(ids)}), got {len(times)}")
+        for i, (p, sp) in enumerate(zip(ids, params)):
+            if len(p) + sp.max_tokens > self.max_model_len:
+                raise ValueError(f"prompts[{i}]: {len(p)} prompt tokens + max_tokens {sp.max_tokens} exceed "
+                                 f"max_model_len={self.max_model_len}")
         start = time.perf_counter()
         reqs = [EngineRequest(rid=str(i), prompt=p, params=sp, arrival=a, start_s=start + (a if arrival_s else 0.0),
                               stop_ids=frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos),
                               generator=_generator(sp, self.allocator.device),
                               on_token=None if on_token is None else functools.partial(on_token, i))
                 for i, (p, sp, a) in enumerate(zip(ids, params, times))]
+        ex = ModelExecutor(self.runner, reqs, self.graphs)
         sched = Scheduler(self.allocator, max_running=self.max_num_seqs, backend="device",
                           max_num_batched_tokens=self.max_num_batched_tokens,
                           step_time="wall" if arrival_s is not None else None, preemption=self.preemption_mode,
-                          model_runner=ModelExecutor(self.runner, reqs))
+                          model_runner=ex)
         self.last_metrics = sched.run(reqs, progress=progress)
+        self.last_steps, self.last_graph_steps = ex.steps, ex.graph_steps
         return [_output(r, self.tokenizer) for r in reqs]
 
     def _token_ids(self, prompt, i: int) -> list[int]:
@@ -155,6 +190,14 @@ def _load(model, dtype: torch.dtype, device, seed: int):
     if not hasattr(model, "config"):
         raise TypeError(f"model must be a path, a preset name or a transformers model, got {type(model).__name__}")
     return (model if device is None else model.to(device)).eval()
+
+
+def _max_model_len(given, config) -> int:
+    if given is None:
+        return int(getattr(config, "max_position_embeddings", None) or 8192)
+    if not is_int(given) or given < 2:
+        raise ValueError(f"max_model_len must be an int >= 2 (a prompt token and an output token), got {given!r}")
+    return int(given)
 
 
 def _capacity_bytes(memory_gib, device: torch.device) -> int:

@@ -121,3 +121,39 @@ def check_compaction_mid_generation_changes_nothing(hf_model, make_runner, vocab
     print(f"compaction mid-generation: max abs logit errors {errs}")
     assert max(errs.values()) < TOL
     assert len(got["b"]) == 1 and max_err(got["b"][0], want["b"]) < TOL
+
+
+def check_fixed_shape_decode(hf_model, make_runner, vocab: int) -> None:
+    """``runner.decode`` (the step CUDA graphs capture) over rows in a scattered order with a
+    padding row between them: each request's logits equal transformers' on its whole sequence,
+    the bytes the eager step leaves unchanged stay unchanged (the padding row wrote nothing), and
+    the ones it writes (new K/V, conv and SSM states) get the same values (fp32, up to the
+    matmuls' rounding at another batch size)."""
+    seqs = [tokens(18, 8, vocab), tokens(5, 9, vocab), tokens(11, 10, vocab)]
+    runner = make_runner(hf_model)
+    runner.step(list("abc"), [s[:-1] for s in seqs])
+    order = ["c", "a", None, "b"]                  # row 2 is padding
+    real = [b for b, r in enumerate(order) if r is not None]
+    rows = torch.tensor([runner.rows[r] for r in order if r is not None], device=runner.device)
+    W = runner.block_table.shape[1]
+    bt = torch.full((4, W), -1, dtype=torch.int32, device=runner.device)
+    ssm = torch.full((4,), -1, dtype=torch.int32, device=runner.device)
+    bt[real], ssm[real] = runner.block_table[rows], runner.ssm_handles[rows]
+    bt[2] = runner.block_table[runner.rows["a"]]   # a stale row, as a graph's padding rows keep
+    seq = {"a": seqs[0], "b": seqs[1], "c": seqs[2]}
+    toks = torch.tensor([int(seq[r][-1]) if r else 0 for r in order], device=runner.device)
+    lens = torch.tensor([len(seq[r]) if r else 0 for r in order], dtype=torch.int32, device=runner.device)
+    before = runner.allocator.arena.clone()
+    eager = runner.forward([seq[r][-1:] for r in order if r], bt[real], ssm[real], [len(seq[r]) - 1 for r in order if r])
+    after_eager = runner.allocator.arena.clone()
+    runner.allocator.arena.copy_(before)
+    got = runner.decode(toks, bt, ssm, lens)
+    errs = [max_err(got[b], reference(hf_model, seq[order[b]])[-1]) for b in real]
+    print(f"fixed-shape decode, rows c a (pad) b: max abs logit errors {errs}; vs eager "
+          f"{max_err(got[real], eager):.2e}")
+    assert max(errs) < TOL
+    words = [t.view(torch.int32) for t in (runner.allocator.arena, before, after_eager)]
+    kept = words[1] == words[2]
+    assert torch.equal(words[0][kept], words[1][kept]) and not kept.all()
+    got_f, eager_f = (t.view(torch.float32)[~kept] for t in (runner.allocator.arena, after_eager))
+    assert max_err(got_f, eager_f) < TOL

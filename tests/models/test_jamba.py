@@ -70,7 +70,7 @@ def test_moe_routes_tokens_to_several_experts(hf_model):
 
 @pytest.mark.parametrize("check", [P.check_prefill_one_request, P.check_two_requests_packed,
                                    P.check_chunked_prefill_then_decode,
-                                   P.check_compaction_mid_generation_changes_nothing])
+                                   P.check_compaction_mid_generation_changes_nothing, P.check_fixed_shape_decode])
 def test_parity_with_transformers(hf_model, check):
     check(hf_model, _runner, VOCAB)
 

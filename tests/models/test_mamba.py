@@ -48,7 +48,8 @@ def _slab(family: str) -> int:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("check", [P.check_prefill_one_request, P.check_two_requests_packed])
+@pytest.mark.parametrize("check", [P.check_prefill_one_request, P.check_two_requests_packed,
+                                   P.check_fixed_shape_decode])
 def test_prefill_parity(family, check):
     check(_model(family), _make_runner(family, _slab(family)), VOCAB)
 

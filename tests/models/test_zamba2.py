@@ -62,7 +62,7 @@ def test_geometry_matches_the_slab_plan(hf_model):
 
 @pytest.mark.parametrize("check", [P.check_prefill_one_request, P.check_two_requests_packed,
                                    P.check_chunked_prefill_then_decode,
-                                   P.check_compaction_mid_generation_changes_nothing])
+                                   P.check_compaction_mid_generation_changes_nothing, P.check_fixed_shape_decode])
 def test_parity_with_transformers(hf_model, check):
     check(hf_model, _runner, VOCAB)
 

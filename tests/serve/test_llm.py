@@ -35,15 +35,19 @@ def reference(model):
 
 
 def _llm(model, **kw):
-    kw = {"memory_gib": 0.01, "max_num_seqs": 4, "max_num_batched_tokens": 16, "dtype": "float32", **kw}
+    kw = {"memory_gib": 0.01, "max_num_seqs": 4, "max_num_batched_tokens": 16, "max_model_len": 64, "dtype": "float32",
+          **kw}
     return LLM(model, **kw)
 
 
-def test_greedy_equals_transformers_generate(model, reference):
-    """Budget 16 tokens a step: the 19-token prompt prefills in two chunks, beside the others'."""
-    llm = _llm(model)
+@pytest.mark.parametrize("eager", [True, False])
+def test_greedy_equals_transformers_generate(model, reference, eager):
+    """Budget 16 tokens a step: the 19-token prompt prefills in two chunks, beside the others'.
+    Not eager: the decode-only steps run the fixed-shape step that CUDA graphs capture."""
+    llm = _llm(model, enforce_eager=eager)
     outs = llm.generate(PROMPTS, GREEDY, arrivals=ARRIVALS)
     assert [o.outputs[0].token_ids for o in outs] == reference
+    assert (llm.last_graph_steps == 0) if eager else (0 < llm.last_graph_steps < llm.last_steps)
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
     assert all(o.ttft_s > 0 and o.tpot_s > 0 for o in outs)
     m = llm.last_metrics
@@ -98,7 +102,9 @@ def test_seeded_sampling_is_reproducible(model):
 @pytest.mark.parametrize("kw, error, message", [
     (dict(allocator="vllm_hybrid"), ValueError, "allocator 'vllm_hybrid' cannot serve .its SSM state spans"),
     (dict(allocator="lru"), ValueError, "allocator 'lru' cannot serve; choose one of"),
-    (dict(enforce_eager=False), NotImplementedError, "CUDA-graph decode is not implemented yet"),
+    (dict(enforce_eager="no"), ValueError, "enforce_eager must be a bool, got 'no'"),
+    (dict(max_model_len=1), ValueError, "max_model_len must be an int >= 2 .* got 1"),
+    (dict(max_num_seqs=0), ValueError, "max_num_seqs must be a positive int, got 0"),
     (dict(memory_gib=-1), ValueError, "memory_gib must be a positive number, got -1"),
     (dict(preemption_mode="evict"), ValueError, "preemption_mode must be 'recompute' or 'swap', got 'evict'"),
 ])
@@ -115,6 +121,8 @@ def test_bad_prompts_are_named(model):
         llm.generate([[1, 97]], GREEDY)
     with pytest.raises(ValueError, match="arrivals must have one entry per prompt"):
         llm.generate([[1, 2]], GREEDY, arrivals=[0, 1])
+    with pytest.raises(ValueError, match=r"prompts\[1\]: 60 prompt tokens \+ max_tokens 6 exceed max_model_len=64"):
+        llm.generate([[1, 2], [3] * 60], GREEDY)
 
 
 def test_the_package_exports_the_engine():
