@@ -30,6 +30,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
+    p.add_argument("--max-model-len", type=int, default=None, help="most tokens of a request (default: the model "
+                   "config's max_position_embeddings); bench-serve cuts its trace's lengths to it")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the trace")
 
 
@@ -55,7 +58,6 @@ def add_parsers(sub, fmt) -> dict:
     b.add_argument("--workload", default="sharegpt", choices=WORKLOADS)
     b.add_argument("--num-requests", type=int, default=32)
     b.add_argument("--request-rate", type=float, default=math.inf, help="requests per second (default: all at once)")
-    b.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens are cut to this length")
     b.add_argument("--out", default=None, help="JSON file of the results")
     b.add_argument("--plots", default=None, help="folder for PNG plots of TTFT and TPOT")
     b.add_argument("--no-progress", action="store_true")
@@ -66,7 +68,8 @@ def _llm(args):
     from avmp_triton.serve.llm import LLM
     return LLM(args.model, allocator=args.allocator, memory_gib=args.memory_gib, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype, device=args.device,
-               ssm_fraction=args.ssm_fraction, seed=args.seed)
+               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, ssm_fraction=args.ssm_fraction,
+               seed=args.seed)
 
 
 def _read_prompts(path: str, sub) -> list[list[int]]:
@@ -101,15 +104,15 @@ def cmd_generate(args, sub) -> int:
     return 0
 
 
-def _trace(args, vocab: int):
+def _trace(args, vocab: int, max_len: int):
     from avmp_triton.sim.workloads import make_workload
     rate = None if math.isinf(args.request_rate) else args.request_rate
     reqs = make_workload(args.workload, args.seed, num_requests=args.num_requests, rate=rate)
     rng = np.random.default_rng(args.seed)
     prompts, params, arrivals = [], [], []
     for r in reqs:
-        p = max(1, min(r.prompt_tokens, args.max_model_len - 1))
-        out = max(1, min(r.output_tokens, args.max_model_len - p))
+        p = max(1, min(r.prompt_tokens, max_len - 1))
+        out = max(1, min(r.output_tokens, max_len - p))
         prompts.append(rng.integers(0, vocab, p).tolist())
         params.append(SamplingParams(temperature=0.0, max_tokens=out, ignore_eos=True))
         arrivals.append(float(r.arrival))
@@ -120,7 +123,7 @@ def cmd_bench_serve(args, sub) -> int:
     from tqdm import tqdm
     try:
         llm = _llm(args)
-        prompts, params, arrivals = _trace(args, llm.model.config.vocab_size)
+        prompts, params, arrivals = _trace(args, llm.model.config.vocab_size, llm.max_model_len)
     except ValueError as e:
         sub.error(str(e))
     bar = tqdm(total=len(prompts), desc="bench-serve", unit="req", disable=args.no_progress, file=sys.stderr)
@@ -147,6 +150,8 @@ def _results(args, llm, outs) -> dict:
     return dict(model=args.model, allocator=args.allocator, workload=args.workload, num_requests=len(outs),
                 request_rate=None if math.isinf(args.request_rate) else args.request_rate,
                 device=str(dev), arena_bytes=llm.allocator.capacity_bytes, peak_gpu_memory_bytes=peak,
+                max_model_len=llm.max_model_len, cuda_graphs=llm.cuda_graphs, steps=llm.last_steps,
+                graph_steps=llm.last_graph_steps,
                 metrics={k: m[k] for k in keep},
                 requests=[dict(prompt=len(o.prompt_token_ids), output=len(o.outputs[0].token_ids),
                                finish=o.outputs[0].finish_reason, ttft_s=o.ttft_s, tpot_s=o.tpot_s) for o in outs])

@@ -11,7 +11,8 @@ pytest.importorskip("transformers")
 from avmp_triton.cli import main  # noqa: E402
 from avmp_triton.engine.clock import StepShape, WallClock  # noqa: E402
 
-TINY = ["--dtype", "float32", "--memory-gib", "0.02", "--max-num-seqs", "4", "--max-num-batched-tokens", "32"]
+TINY = ["--dtype", "float32", "--memory-gib", "0.02", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+        "--max-model-len", "64"]
 
 
 def test_generate_streams_then_summarises(tmp_path, capsys):
@@ -40,14 +41,15 @@ def test_generate_names_a_bad_prompt_line(tmp_path, capsys):
 
 def test_bench_serve_reports_and_writes(tmp_path, capsys):
     out = tmp_path / "res.json"
-    assert main(["bench-serve", "--num-requests", "4", "--request-rate", "20", "--max-model-len", "24",
-                 "--out", str(out), "--plots", str(tmp_path / "plots"), "--no-progress", *TINY]) == 0
+    assert main(["bench-serve", "--num-requests", "4", "--request-rate", "20", "--out", str(out),
+                 "--plots", str(tmp_path / "plots"), "--no-progress", *TINY, "--max-model-len", "24"]) == 0
     res = json.loads(out.read_text())
     m = res["metrics"]
     assert m["completed"] == 4 and len(res["requests"]) == 4
     assert m["output_tokens_per_s"] > 0 and 0 < m["ttft_p50_s"] <= m["ttft_p99_s"] <= m["makespan_s"]
     assert all(r["prompt"] + r["output"] <= 24 and r["finish"] == "length" for r in res["requests"])
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft.png", "tpot.png"}
+    assert res["max_model_len"] == 24 and 0 < res["graph_steps"] < res["steps"]
     assert "output tokens/s" in capsys.readouterr().out
 
 
