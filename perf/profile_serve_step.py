@@ -1,18 +1,19 @@
 """Where a decode step of the engine goes (GPU): model, sampling, scheduler + allocator, and the step
-against its roofline.
+against its roofline, eager and with CUDA graphs.
 
-    python perf/profile_serve_step.py [--out FILE] [--batch 1 16 64] [--prompt 256] [--output 24]
+    python perf/profile_serve_step.py [--out FILE] [--batch 1 16 64 256] [--modes eager graphs]
+                                      [--prompt 256] [--output 24]
 
 Nemotron-H-8B at real size, random bf16 weights, SSM state in fp32 (as vLLM serves it), the LLM
-engine with ``allocator=avmp``, eager steps. For each batch size B, B requests of ``--prompt``
-tokens generate ``--output`` tokens each, all arriving at once. The executor's calls are wrapped
-(with a device synchronisation at each boundary, so the split is exact but the whole is a little
-slower than unwrapped): per decode step, the wall time of the model forward, of sampling, and of
-the rest of the tick (the scheduler's planning and the allocator calls). The roofline of a decode
+engine with ``allocator=avmp``, eager steps or decode through CUDA graphs. For each mode and batch
+size B, B requests of ``--prompt`` tokens generate ``--output`` tokens each, all arriving at once.
+The executor's calls are wrapped (with a device synchronisation at each boundary, so the split is
+exact but the whole is a little slower than unwrapped): per decode step, the wall time of the
+model (the eager forward, or the graph replay with its input staging), of sampling, and of the
+rest of the tick (the scheduler's planning and the allocator calls). The roofline of a decode
 step: weight bytes + the KV bytes read + the SSM and conv state read and written, over the copy
 bandwidth measured in the same run (read + write). Writes JSON (--out) and prints a table last.
-"""
-from __future__ import annotations
+"""from __future__ import annotations
 
 import argparse
 import json
@@ -44,32 +45,19 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * a.numel() / statistics.median(ts)
 
 
-class Timed:
-    """Wraps the executor's model forward and sampling with synchronised wall timers."""
+def timed(obj, name: str, sink: list, *, sync_before: bool = True) -> None:
+    """Replace ``obj.name`` by a wrapper that appends its synchronised wall time to ``sink``."""
+    fn = getattr(obj, name)
 
-    def __init__(self):
-        self.forward, self.sample, self.tick_start, self.ticks = [], [], None, []
-
-    def wrap(self, runner):
-        fwd = runner.forward
-
-        def forward(*a, **k):
+    def wrapper(*a, **k):
+        if sync_before:
             torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = fwd(*a, **k)
-            torch.cuda.synchronize()
-            self.forward.append(time.perf_counter() - t)
-            return out
-        runner.forward = forward
-        smp = ex.sample
-
-        def sample(*a, **k):
-            t = time.perf_counter()
-            out = smp(*a, **k)
-            torch.cuda.synchronize()
-            self.sample.append(time.perf_counter() - t)
-            return out
-        ex.sample = sample
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        torch.cuda.synchronize()
+        sink.append(time.perf_counter() - t)
+        return out
+    setattr(obj, name, wrapper)
 
 
 def step_bytes(spec, B: int, ctx: int, weight_bytes: int) -> int:
@@ -77,10 +65,43 @@ def step_bytes(spec, B: int, ctx: int, weight_bytes: int) -> int:
     return weight_bytes + kv + 2 * B * spec.ssm_state_raw_bytes   # states read and written
 
 
+def _profile(model, mode: str, B: int, args, weight_bytes: int, bw: float, smp: list) -> dict:
+    """One engine mode ("eager" or "graphs") at batch B: per decode step the median model time
+    (the eager forward, or the graph replay with its input staging), sampling, and the rest."""
+    llm = LLM(model, allocator="avmp", memory_gib=40, max_num_seqs=B, max_model_len=args.prompt + args.output,
+              enforce_eager=mode == "eager")
+    fwd, dec = [], []
+    timed(llm.runner, "forward", fwd)
+    if llm.graphs is not None:
+        timed(llm.graphs, "run", dec)
+    prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt), generator=torch.Generator().manual_seed(B)).tolist()
+    sp = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
+    # warm-up at the same batch: Triton compiles a kernel per new shape class on first use
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    for t in (fwd, dec, smp):
+        t.clear()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    llm.generate(prompts, sp)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    steps = llm.last_metrics.makespan_ticks
+    n_pre = steps - (args.output - 1)          # prefill ticks (one token each for the rest)
+    dec_f = dec if llm.graphs is not None else fwd[n_pre:]
+    f, s = statistics.median(dec_f), statistics.median(smp[n_pre:])
+    tick = (wall - sum(fwd) - sum(dec) - sum(smp)) / steps
+    step = f + s + tick
+    roof = step_bytes(llm.allocator.spec, B, args.prompt + args.output // 2, weight_bytes) / bw
+    return dict(mode=mode, batch=B, steps=steps, decode_steps=len(dec_f), graph_steps=llm.last_graph_steps,
+                forward_ms=f * 1e3, sample_ms=s * 1e3, sched_alloc_ms=tick * 1e3, step_ms=step * 1e3,
+                roofline_ms=roof * 1e3, roofline_fraction=roof / step, sched_alloc_share=tick / step)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--modes", nargs="+", default=["eager", "graphs"], choices=["eager", "graphs"])
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--output", type=int, default=24)
     args = ap.parse_args()
@@ -88,32 +109,12 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bw = copy_bandwidth()
     rows = []
-    for B in args.batch:
-        llm = LLM(model, allocator="avmp", memory_gib=40, max_num_seqs=max(B, 1))
-        timed = Timed()
-        timed.wrap(llm.runner)
-        prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt), generator=torch.Generator().manual_seed(B)).tolist()
-        sp = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
-        # warm-up at the same batch: Triton compiles a kernel per new shape class on first use
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
-        timed.forward.clear(), timed.sample.clear()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        llm.generate(prompts, sp)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        steps = llm.last_metrics.makespan_ticks
-        n_pre = steps - (args.output - 1)          # prefill ticks (one token each for the rest)
-        dec_f, dec_s = timed.forward[n_pre:], timed.sample[n_pre:]
-        f, s = statistics.median(dec_f), statistics.median(dec_s)
-        tick = (wall - sum(timed.forward) - sum(timed.sample)) / steps
-        step = f + s + tick
-        roof = step_bytes(llm.allocator.spec, B, args.prompt + args.output // 2, weight_bytes) / bw
-        rows.append(dict(batch=B, steps=steps, decode_steps=len(dec_f), forward_ms=f * 1e3, sample_ms=s * 1e3,
-                         sched_alloc_ms=tick * 1e3, step_ms=step * 1e3, roofline_ms=roof * 1e3,
-                         roofline_fraction=roof / step, sched_alloc_share=tick / step))
-        llm = None
-        torch.cuda.empty_cache()
+    smp: list = []
+    timed(ex, "sample", smp, sync_before=False)    # the executor's sampler, for every run below
+    for mode in args.modes:
+        for B in args.batch:
+            rows.append(_profile(model, mode, B, args, weight_bytes, bw, smp))
+            torch.cuda.empty_cache()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                copy_bytes_per_s=bw, weight_bytes=weight_bytes,
                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
@@ -124,9 +125,9 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump(res, fh, indent=1)
     print(f"{env['gpu']}  copy {bw / 1e12:.2f} TB/s  weights {weight_bytes / 1e9:.1f} GB")
-    print(f"{'B':>4s} {'forward':>9s} {'sample':>8s} {'sched+alloc':>12s} {'step':>8s} {'roofline':>9s} {'of roof':>8s}")
+    print(f"{'mode':>6s} {'B':>4s} {'forward':>9s} {'sample':>8s} {'sched+alloc':>12s} {'step':>8s} {'roofline':>9s} {'of roof':>8s}")
     for r in rows:
-        print(f"{r['batch']:4d} {r['forward_ms']:8.2f}m {r['sample_ms']:7.2f}m {r['sched_alloc_ms']:11.2f}m "
+        print(f"{r['mode']:>6s} {r['batch']:4d} {r['forward_ms']:8.2f}m {r['sample_ms']:7.2f}m {r['sched_alloc_ms']:11.2f}m "
               f"{r['step_ms']:7.2f}m {r['roofline_ms']:8.2f}m {r['roofline_fraction']:8.1%}")
 
 
