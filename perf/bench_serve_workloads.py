@@ -135,6 +135,11 @@ def write(out: dict, path: str | None) -> None:
             json.dump(out, f, indent=1)
 
 
+def _fmt(d: dict, scale: float = 1.0) -> str:
+    half = f" ±{d['ci95'] * scale:6.1f}" if d["ci95"] is not None else " " * 8
+    return f"{d['mean'] * scale:8.1f}{half}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
@@ -162,8 +167,7 @@ def main() -> None:
           f"{'preempt':>8s}")
     for s in out["summary"]:
         t, p = s["output_tokens_per_s"], s["tpot_p99_s"]
-        ci = lambda d, k=1.0: f"{d['mean'] * k:8.1f}" + (f" ±{d['ci95'] * k:6.1f}" if d["ci95"] is not None else " " * 8)  # noqa: E731
-        print(f"{s['workload']:>10s} {s['budget']:>6s} {s['load']:>5s} {s['allocator']:>14s} {ci(t)} {ci(p, 1e3)} "
+        print(f"{s['workload']:>10s} {s['budget']:>6s} {s['load']:>5s} {s['allocator']:>14s} {_fmt(t)} {_fmt(p, 1e3)} "
               f"{s['preemptions']['mean']:8.1f}")
 
 
