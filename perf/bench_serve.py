@@ -6,8 +6,9 @@ Nemotron-H-8B at real size with random bf16 weights (``MODEL_PRESETS["nemotron-h
 of ``--requests`` prompts of ``--prompt`` random tokens, greedy, ``--output`` tokens each (EOS
 ignored), all arriving at once:
 
-- ours: ``LLM(model, allocator=..., memory_gib=...)`` for each allocator, eager steps (no CUDA
-  graphs yet), chunked prefill under 8192 tokens, the whole batch running at once;
+- ours: ``LLM(model, allocator=..., memory_gib=...)`` for each allocator and engine mode (``--modes``:
+  decode through CUDA graphs, and eager steps), chunked prefill under 8192 tokens, the whole batch
+  running at once;
 - transformers: ``model.generate`` on the same model and GPU, the batch as one padded tensor (all
   prompts have the same length, so no padding), its own cache, ``min_new_tokens`` = ``max_new_tokens``.
 
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--memory-gib", type=float, default=24.0)
     ap.add_argument("--allocators", default="avmp,sglang_static")
     ap.add_argument("--preemption", default="recompute", help="comma-separated preemption modes to run each allocator with")
+    ap.add_argument("--modes", default="graphs,eager", help="comma-separated engine modes: graphs, eager")
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' generate()")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine (the median is reported)")
     args = ap.parse_args()
@@ -86,11 +88,13 @@ def main() -> None:
     rows, ours_tokens = [], None
     for name in args.allocators.split(","):
         for mode in args.preemption.split(","):
-            rows.append(_ours(model, name, mode, prompts, sp, args))
-            toks = rows[-1].pop("tokens")
-            ours_tokens = ours_tokens or toks
-            # bf16: a recomputed prefill may round differently from the decode steps it replaces
-            rows[-1]["tokens_equal_to_first_row"] = sum(a == b for x, y in zip(toks, ours_tokens) for a, b in zip(x, y))
+            for engine in args.modes.split(","):
+                rows.append(_ours(model, name, mode, engine, prompts, sp, args))
+                toks = rows[-1].pop("tokens")
+                ours_tokens = ours_tokens or toks
+                # bf16: a recomputed prefill may round differently from the decode steps it replaces
+                rows[-1]["tokens_equal_to_first_row"] = sum(a == b for x, y in zip(toks, ours_tokens)
+                                                            for a, b in zip(x, y))
     if args.no_transformers:
         _report(args, rows, ours_tokens, None, [])
         return
@@ -98,9 +102,12 @@ def main() -> None:
     _report(args, rows, ours_tokens, hf_tokens, hf_note)
 
 
-def _ours(model, name: str, mode: str, prompts, sp, args) -> dict:
-    """One allocator and preemption mode: the median of ``--repeats`` timed runs after a warm-up."""
-    llm = LLM(model, allocator=name, memory_gib=args.memory_gib, max_num_seqs=args.requests, preemption_mode=mode)
+def _ours(model, name: str, mode: str, engine: str, prompts, sp, args) -> dict:
+    """One allocator, preemption mode and engine mode: the median of ``--repeats`` timed runs after a warm-up."""
+    if engine not in ("graphs", "eager"):
+        raise ValueError(f"engine mode must be graphs or eager, got {engine!r}")
+    llm = LLM(model, allocator=name, memory_gib=args.memory_gib, max_num_seqs=args.requests, preemption_mode=mode,
+              max_model_len=args.prompt + args.output, enforce_eager=engine == "eager")
     llm.generate(prompts[:2, :32].tolist(), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     walls = []
     for _ in range(args.repeats):
@@ -108,7 +115,7 @@ def _ours(model, name: str, mode: str, prompts, sp, args) -> dict:
         walls.append(wall)
     wall = sorted(walls)[len(walls) // 2]
     m = llm.last_metrics
-    return dict(engine=f"ours/{name}/{mode}", wall_s=wall, walls_s=walls, out_tok_s=args.requests * args.output / wall,
+    return dict(engine=f"ours/{name}/{mode}/{engine}", graph_steps=llm.last_graph_steps, wall_s=wall, walls_s=walls, out_tok_s=args.requests * args.output / wall,
                 ttft_p50_s=sorted(o.ttft_s for o in outs)[len(outs) // 2],
                 tpot_p50_s=sorted(o.tpot_s for o in outs)[len(outs) // 2], steps=m.makespan_ticks,
                 preemptions=m.preemptions, recomputed_tokens=m.recomputed_tokens, swapped_out=m.swapped_out,
