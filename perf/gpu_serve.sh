@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device-tool call of the serving measurements (issue 12): STAGE picks what runs, each within
+# the tool's 10 minutes. Results go to $OUT; copy them to perf/results/ with a README entry.
+#   STAGE=tests      the serving, graph and model tests on the GPU (graphs vs eager, long-run drain)
+#   STAGE=profile    perf/profile_serve_step.py: decode step eager vs graphs, B = 1 16 64 256, vs roofline
+#   STAGE=e2e        perf/bench_serve.py: ours (graphs, eager) against transformers' generate()
+#   STAGE=workloads  perf/bench_serve_workloads.py under a time limit (WORKLOADS, BUDGETS, LOADS, SEEDS, N)
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+  export PYTHONPATH=$PWD:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+case "${STAGE:-tests}" in
+  tests)
+    python3 -m pytest -q -p no:cacheprovider tests/serve tests/models -s 2>&1 | tee "$OUT/pytest_gpu_serve.log" | tail -30 ;;
+  profile)
+    python3 perf/profile_serve_step.py --out "$OUT/profile_serve_step.json" 2>&1 | tee "$OUT/profile.log" | tail -20 ;;
+  e2e)
+    python3 perf/bench_serve.py --out "$OUT/bench_serve.json" --allocators avmp --repeats 3 2>&1 \
+      | tee "$OUT/bench_serve.log" | tail -20 ;;
+  workloads)
+    python3 perf/bench_serve_workloads.py --out "$OUT/bench_serve_workloads.json" --time-limit "${LIMIT:-480}" \
+      --workloads ${WORKLOADS:-sharegpt} --budgets ${BUDGETS:-k32 h200} --loads ${LOADS:-x0.5 x1 x2} \
+      --seeds ${SEEDS:-0 1 2} --num-requests "${N:-64}" 2>&1 | tee "$OUT/workloads.log" | tail -40 ;;
+  *) echo "unknown STAGE=${STAGE}"; exit 2 ;;
+esac
