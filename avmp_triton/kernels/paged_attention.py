@@ -22,6 +22,11 @@ masked out of the softmax, no byte of its unit is read), since the launcher cann
 data without a sync; a request whose every token is skipped (or whose seq_len is 0) gets a zero
 output row. ``kv_append`` skips such tokens likewise (nothing is written for them).
 
+fp8 pages (float8_e4m3fn, ``KV_FP8``): K and V of kv head h of a layer are stored divided by that
+layer's scales ``kv_scale[0, h]`` and ``kv_scale[1, h]`` and saturated to +-448; decode converts
+a loaded tile to q's dtype and folds the scales into the scores (K) and the output (V), one
+multiply each per program, since a program reads one kv head.
+
 Decode grid: (B, Hkv, NUM_SPLITS). One program handles every q head of one kv head (the GQA
 group, padded to GROUP_PAD rows), so each K/V page is read once per kv head, and walks its split's
 tokens BLOCK_N at a time (whole pages, or part of one page when pages are larger than a step's
@@ -36,6 +41,7 @@ import triton.language as tl
 from avmp_triton.kernels.handles import KIND_KV, both, unit_offset
 
 LOG2E = 1.4426950408889634
+FP8_MAX = tl.constexpr(448.0)   # largest finite float8_e4m3fn
 
 
 @triton.jit
@@ -82,7 +88,8 @@ def _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
 def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr,
                   kinds_ptr, num_handles, head_off, stride_kv, stride_token, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+                  BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                  KV_FP8: tl.constexpr):
     """One online-softmax step over tokens [tok0, tok0 + BLOCK_N) (those < end)."""
     row, m = _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
                       head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
@@ -90,6 +97,8 @@ def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, 
     p_k = arena_ptr + (row[:, None] + o_d[None, :])
     m_kv = row_mask(m, o_d, HEAD_DIM, BLOCK_D)
     b_k = tl.load(p_k, mask=m_kv, other=0.0)                              # [BLOCK_N, BLOCK_D]
+    if KV_FP8:  # the scale is folded into qk_scale (K) and the output (V) by the caller
+        b_k = b_k.to(q.dtype)
     if USE_DOT:
         if DOT_FP32:
             s = tl.dot(q.to(tl.float32), tl.trans(b_k.to(tl.float32)), input_precision="ieee")
@@ -105,6 +114,8 @@ def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, 
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     b_v = tl.load(p_k + stride_kv, mask=m_kv, other=0.0)                 # [BLOCK_N, BLOCK_D]
+    if KV_FP8:
+        b_v = b_v.to(q.dtype)
     if USE_DOT:
         if DOT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p, b_v.to(tl.float32), input_precision="ieee")
@@ -113,6 +124,16 @@ def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, 
     else:
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * b_v.to(tl.float32)[None, :, :], 1)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _fp8_scales(qk_scale, kv_scale_ptr, i_kvh, NUM_KV_HEADS: tl.constexpr, KV_FP8: tl.constexpr):
+    """(score scale, output scale) of a program's kv head: an fp8 cache's K scale folds into the
+    scores and its V scale into the output; (qk_scale, 1) otherwise."""
+    if KV_FP8:
+        return qk_scale * tl.load(kv_scale_ptr + i_kvh), tl.load(kv_scale_ptr + NUM_KV_HEADS + i_kvh)
+    else:
+        return qk_scale, 1.0
 
 
 @triton.jit
@@ -131,13 +152,16 @@ def paged_decode_kernel(
     layer_off,        # layer * stride_layer (elements)
     stride_kv, stride_head, stride_token,
     qk_scale,         # softmax scale * log2(e)
+    kv_scale_ptr,     # [2, Hkv] fp32 dequantisation scales of an fp8 cache (K row, V row); unused otherwise
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, ELEM_BYTES: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PIPELINE: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PIPELINE: tl.constexpr, KV_FP8: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_kvh = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(2).to(tl.int64)
+    qk_scale, v_scale = _fp8_scales(qk_scale, kv_scale_ptr, i_kvh, NUM_KV_HEADS, KV_FP8)
     # a seq_len past the block table cannot be checked on the host without a sync: clamp it
     seq_len = tl.load(seq_lens_ptr + i_b).to(tl.int64)
     seq_len = tl.minimum(tl.maximum(seq_len, 0), W * PAGE_TOKENS)
@@ -169,7 +193,7 @@ def paged_decode_kernel(
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start + it * BLOCK_N, end, i_b, arena_ptr,
                                           block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
                                           stride_kv, stride_token, qk_scale, HEAD_DIM, BLOCK_D, PAGE_TOKENS,
-                                          BLOCK_N, ELEM_BYTES, USE_DOT, DOT_FP32)
+                                          BLOCK_N, ELEM_BYTES, USE_DOT, DOT_FP32, KV_FP8)
     else:
         # the interpreter cannot run range() over loaded bounds
         tok0 = start
@@ -177,9 +201,11 @@ def paged_decode_kernel(
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr,
                                           block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
                                           stride_kv, stride_token, qk_scale, HEAD_DIM, BLOCK_D, PAGE_TOKENS,
-                                          BLOCK_N, ELEM_BYTES, USE_DOT, DOT_FP32)
+                                          BLOCK_N, ELEM_BYTES, USE_DOT, DOT_FP32, KV_FP8)
             tok0 += BLOCK_N
 
+    if KV_FP8:
+        acc = acc * v_scale
     if NUM_SPLITS == 1:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + i_b * stride_o_b + i_hq[:, None] * stride_o_h + o_d[None, :],
@@ -241,8 +267,9 @@ def kv_append_kernel(
     num_handles, B, W,
     stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_bt_b,
     layer_off, stride_kv, stride_head, stride_token,
+    kv_scale_ptr,     # [2, Hkv] fp32 scales of an fp8 cache (K row, V row); unused otherwise
     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr,
+    PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, KV_FP8: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
 ):
     """Token ``pid`` -> slot ``pos % PAGE_TOKENS`` of page ``block_table[req, pos // PAGE_TOKENS]``,
     all kv heads, K and V of layer ``layer``. Tokens whose row, position, handle or table entry is
@@ -260,6 +287,25 @@ def kv_append_kernel(
     m = both((o_h < NUM_KV_HEADS)[:, None] & (o_d < HEAD_DIM)[None, :], ok)
     b_k = tl.load(k_ptr + i_t * stride_k_t + o_h[:, None] * stride_k_h + o_d[None, :], mask=m)
     b_v = tl.load(v_ptr + i_t * stride_v_t + o_h[:, None] * stride_v_h + o_d[None, :], mask=m)
+    if KV_FP8:
+        m_h = o_h < NUM_KV_HEADS
+        b_k = _quantize(b_k, tl.load(kv_scale_ptr + o_h, mask=m_h, other=1.0), arena_ptr.dtype.element_ty,
+                        ROUND_IN_FP32)
+        b_v = _quantize(b_v, tl.load(kv_scale_ptr + NUM_KV_HEADS + o_h, mask=m_h, other=1.0),
+                        arena_ptr.dtype.element_ty, ROUND_IN_FP32)
     p_dst = arena_ptr + (base + o_h[:, None] * stride_head + o_d[None, :])
     tl.store(p_dst, b_k, mask=m)
     tl.store(p_dst + stride_kv, b_v, mask=m)
+
+
+@triton.jit
+def _quantize(x, scale, dtype: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
+    """``x / scale`` per row (kv head), saturated to e4m3's finite range (+-448), in ``dtype``.
+    ROUND_IN_FP32 (the interpreter, whose fp8 conversion in triton 3.6 keeps the exponent when the
+    mantissa rounds up: 1.97 becomes 1.0): round to the e4m3 grid first (nearest, ties to even, by
+    adding and subtracting 1.5 * 2^23 in fp32), so the conversion only has exact values to store."""
+    y = tl.minimum(tl.maximum(x.to(tl.float32) / scale[:, None], -FP8_MAX), FP8_MAX)
+    if ROUND_IN_FP32:
+        step = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(y), 0.015625))) - 3.0)   # 2^-9 below 2^-6
+        y = tl.minimum(tl.maximum(((y / step + 12582912.0) - 12582912.0) * step, -FP8_MAX), FP8_MAX)
+    return y.to(dtype)

@@ -29,7 +29,8 @@ from avmp_triton.ops._args import (attn_block_d, check_attn_head_dim, check_kern
                                    config_overrides, kv_cache_of, sm_count)
 from avmp_triton.ops._host_checks import KIND_KV, check_block_table, check_handles, live_pages, on_host
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # of q, k, v and out
+FP8 = torch.float8_e4m3fn                                           # the one quantised KV dtype
 MAX_SPLITS = 128          # explicit num_splits at most
 MAX_AUTO_SPLITS = 32      # what the launcher picks by itself at most
 MIN_BLOCKS_PER_SPLIT = 2  # a split should walk at least this many BLOCK_N blocks of the longest request
@@ -143,8 +144,9 @@ def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
                      handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor,
                      workspace: Optional[torch.Tensor], layout: list[int], layer: int, scale: float, num_splits: int,
                      block_tokens: int, num_warps: int, num_stages: int, use_dot: bool,
-                     max_registers: Optional[int] = None) -> None:
-    """Validated inputs only (see ``paged_decode_attention``); writes ``out``."""
+                     max_registers: Optional[int] = None, kv_scale: Optional[torch.Tensor] = None) -> None:
+    """Validated inputs only (see ``paged_decode_attention``); writes ``out``. ``kv_scale`` given:
+    the pages are float8_e4m3fn."""
     page_tokens, num_kv_heads, head_dim, elem_bytes, s_layer, s_kv, s_head, s_token = layout
     B, Hq, D = q.shape
     if B == 0:
@@ -159,16 +161,17 @@ def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
         ws_acc, ws_ml = ws[:B * Hq * num_splits * D], ws[B * Hq * num_splits * D:n]
     else:
         ws_acc = ws_ml = out  # unused
+    fp8 = kv_scale is not None
     K.paged_decode_kernel[(B, num_kv_heads, num_splits)](
-        q, arena.view(q.dtype), handle_table, handle_kinds, block_table, seq_lens, out, ws_acc, ws_ml,
-        handle_table.numel(), block_table.shape[1], Hq,
+        q, arena.view(FP8 if fp8 else q.dtype), handle_table, handle_kinds, block_table, seq_lens, out, ws_acc,
+        ws_ml, handle_table.numel(), block_table.shape[1], Hq,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
-        layer * s_layer, s_kv, s_head, s_token, scale * K.LOG2E,
+        layer * s_layer, s_kv, s_head, s_token, scale * K.LOG2E, kv_scale if fp8 else seq_lens,
         GROUP=group, GROUP_PAD=max(16 if use_dot else 1, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, PAGE_TOKENS=page_tokens, BLOCK_N=block_tokens, NUM_SPLITS=num_splits,
         ELEM_BYTES=elem_bytes, USE_DOT=use_dot,
         DOT_FP32=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16),
-        PIPELINE=not interp,
+        PIPELINE=not interp, KV_FP8=fp8, NUM_KV_HEADS=num_kv_heads,
         num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers)
     if num_splits > 1:
         splits_pad = triton.next_power_of_2(num_splits)
@@ -180,43 +183,49 @@ def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
 
 @_paged_decode_op.register_fake
 def _(q, block_table, seq_lens, arena, handle_table, handle_kinds, out, workspace, layout, layer, scale, num_splits,
-      block_tokens, num_warps, num_stages, use_dot, max_registers=None):
+      block_tokens, num_warps, num_stages, use_dot, max_registers=None, kv_scale=None):
     return None
 
 
 @torch.library.custom_op("avmp::kv_append", mutates_args=("arena",))
 def _kv_append_op(k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, token_req: torch.Tensor,
                   token_pos: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
-                  handle_kinds: torch.Tensor, layout: list[int], layer: int) -> None:
-    """Validated inputs only (see ``kv_append``); writes into ``arena``."""
+                  handle_kinds: torch.Tensor, layout: list[int], layer: int,
+                  kv_scale: Optional[torch.Tensor] = None) -> None:
+    """Validated inputs only (see ``kv_append``); writes into ``arena`` (quantised to
+    float8_e4m3fn with ``kv_scale`` when given)."""
     page_tokens, num_kv_heads, head_dim, elem_bytes, s_layer, s_kv, s_head, s_token = layout
     T = k.shape[0]
     if T == 0:
         return
     _check_aligned(arena)
+    fp8 = kv_scale is not None
     K.kv_append_kernel[(T,)](
-        k, v, arena.view(k.dtype), handle_table, handle_kinds, block_table, token_req, token_pos,
+        k, v, arena.view(FP8 if fp8 else k.dtype), handle_table, handle_kinds, block_table, token_req, token_pos,
         handle_table.numel(), block_table.shape[0], block_table.shape[1],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_table.stride(0),
-        layer * s_layer, s_kv, s_head, s_token,
+        layer * s_layer, s_kv, s_head, s_token, kv_scale if fp8 else token_pos,
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-        BLOCK_D=attn_block_d(head_dim), PAGE_TOKENS=page_tokens, ELEM_BYTES=elem_bytes, num_warps=4)
+        BLOCK_D=attn_block_d(head_dim), PAGE_TOKENS=page_tokens, ELEM_BYTES=elem_bytes, KV_FP8=fp8,
+        ROUND_IN_FP32=fp8 and _triton_env.interpreter_active(), num_warps=4)
 
 
 @_kv_append_op.register_fake
-def _(k, v, block_table, token_req, token_pos, arena, handle_table, handle_kinds, layout, layer):
+def _(k, v, block_table, token_req, token_pos, arena, handle_table, handle_kinds, layout, layer, kv_scale=None):
     return None
 
 
 def paged_decode_attention(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                            cache: PagedCache, *, layer: int, scale: float | None = None,
                            out: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
-                           max_seq_len: int | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
+                           max_seq_len: int | None = None, config: DecodeConfig | None = None,
+                           kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of one query token per request over its KV pages in ``cache``.
 
     Args:
-        q: ``[B, Hq, D]`` in the cache's ``kv_dtype`` (rows of D contiguous); ``Hq`` a multiple of Hkv;
-            D a multiple of 8 in [16, 256], the layout's head dim.
+        q: ``[B, Hq, D]`` in the cache's ``kv_dtype`` (rows of D contiguous), or any of fp16, bf16 and
+            fp32 over a float8_e4m3fn cache; ``Hq`` a multiple of Hkv; D a multiple of 8 in [16, 256]
+            (of 16 for fp8), the layout's head dim.
         block_table: ``[B, W]`` int32 KV handles, -1 padded (rows contiguous).
         seq_lens: ``[B]`` int32 tokens per request (0 allowed: zero output row).
         cache: ``PagedCache.of(allocator)``.
@@ -228,6 +237,8 @@ def paged_decode_attention(q: torch.Tensor, block_table: torch.Tensor, seq_lens:
         max_seq_len: upper bound of ``seq_lens`` used to pick num_splits (shape-based, no sync);
             default ``W * page_tokens``.
         config: a ``DecodeConfig``; its fields that are set override ``decode_config``'s table.
+        kv_scale: ``[2, Hkv]`` fp32 scales of layer ``layer`` for a float8_e4m3fn cache (K row, V row:
+            a stored element times its scale is the value); required for fp8, refused otherwise.
     Returns:
         ``out`` ``[B, Hq, D]`` in q's dtype.
     """
@@ -257,25 +268,28 @@ def paged_decode_attention(q: torch.Tensor, block_table: torch.Tensor, seq_lens:
         check_block_table(block_table, seq_lens, layout.page_tokens)
         check_handles(live_pages(block_table, seq_lens, layout.page_tokens), cache.handle_table, cache.handle_kinds,
                       KIND_KV, "block_table", unique=False)
+    kv_scale = _check_kv_scale(kv_scale, cache, dev)
     torch.ops.avmp.paged_decode_attention(
         q, block_table, seq_lens, cache.arena, cache.handle_table, cache.handle_kinds, out, workspace,
         _layout_args(layout), layer, scale, cfg.num_splits, cfg.block_tokens, cfg.num_warps, cfg.num_stages,
-        cfg.use_dot, cfg.max_registers)
+        cfg.use_dot, cfg.max_registers, kv_scale)
     return out
 
 
 def kv_append(k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, token_req: torch.Tensor,
-              token_pos: torch.Tensor, cache: PagedCache, *, layer: int) -> torch.Tensor:
+              token_pos: torch.Tensor, cache: PagedCache, *, layer: int,
+              kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Write K and V of new tokens into their page slots of ``cache`` (attention layer ``layer``).
 
     Args:
-        k, v: ``[T, Hkv, D]`` in the cache's ``kv_dtype`` (rows of D contiguous); D as in
-            ``paged_decode_attention``.
+        k, v: ``[T, Hkv, D]`` in the cache's ``kv_dtype`` (rows of D contiguous), or any of fp16,
+            bf16 and fp32 for a float8_e4m3fn cache, which stores them divided by ``kv_scale`` and
+            saturated to +-448; D as in ``paged_decode_attention``.
         block_table: ``[B, W]`` int32 KV handles, -1 padded.
         token_req: ``[T]`` int32 block-table row of each token; -1 = padding, skipped.
         token_pos: ``[T]`` int32 position of each token in its request: it goes to slot
             ``pos % page_tokens`` of page ``block_table[req, pos // page_tokens]``.
-        cache, layer: as in ``paged_decode_attention``.
+        cache, layer, kv_scale: as in ``paged_decode_attention``.
     Returns:
         ``cache.arena``, written in place.
 
@@ -303,8 +317,9 @@ def kv_append(k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, token
     if on_host(block_table, token_req, token_pos, cache.handle_table, cache.handle_kinds):
         _check_append_targets(block_table, token_req, token_pos, cache.handle_table, cache.handle_kinds,
                               layout.page_tokens)
+    kv_scale = _check_kv_scale(kv_scale, cache, dev)
     torch.ops.avmp.kv_append(k, v, block_table, token_req, token_pos, cache.arena, cache.handle_table,
-                             cache.handle_kinds, _layout_args(layout), layer)
+                             cache.handle_kinds, _layout_args(layout), layer, kv_scale)
     return cache.arena
 
 
@@ -313,7 +328,7 @@ def _check_q_like(t, name: str, cache) -> torch.device:
     layout = kv_cache_of(cache)
     dev = check_tensor(t, name, dtypes=SUPPORTED_DTYPES, dim=3, device=cache.device, beside="the cache")
     check_kernel_device(t, name)
-    if t.dtype != cache.kv_dtype:
+    if t.dtype != cache.kv_dtype and cache.kv_dtype != FP8:
         raise TypeError(f"{name} must have the KV dtype {cache.kv_dtype}, got {t.dtype}")
     if t.stride(2) != 1:
         raise ValueError(f"{name} must have contiguous rows (stride 1 over D), got strides {t.stride()}")
@@ -322,6 +337,27 @@ def _check_q_like(t, name: str, cache) -> torch.device:
     if layout.head_dim != D:
         raise ValueError(f"{name} has head_dim {D}, the layout {layout.head_dim}")
     return dev
+
+
+def _check_kv_scale(kv_scale, cache, dev) -> torch.Tensor | None:
+    """``[2, Hkv]`` fp32 scales for an fp8 cache (finite and positive, checked where that is free),
+    None for any other."""
+    if cache.kv_dtype != FP8:
+        if kv_scale is not None:
+            raise ValueError(f"kv_scale is for float8_e4m3fn caches; this cache holds {cache.kv_dtype}")
+        return None
+    if kv_scale is None:
+        raise ValueError("a float8_e4m3fn cache needs kv_scale: [2, num_kv_heads] fp32 (K row, V row)")
+    hkv = cache.kv_layout.num_kv_heads
+    check_tensor(kv_scale, "kv_scale", dtypes=(torch.float32,), dim=2, device=dev, contiguous=True)
+    if tuple(kv_scale.shape) != (2, hkv):
+        raise ValueError(f"kv_scale must be [2, {hkv}] (K row, V row per kv head), got {tuple(kv_scale.shape)}")
+    if on_host(kv_scale):
+        bad = ~(torch.isfinite(kv_scale) & (kv_scale > 0))
+        if bool(bad.any()):
+            i, h = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"kv_scale[{i}, {h}] = {float(kv_scale[i, h])} must be finite and positive")
+    return kv_scale
 
 
 def _check_block_table(block_table, B, dev) -> None:

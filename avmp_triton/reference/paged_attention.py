@@ -11,6 +11,8 @@ import torch
 
 from avmp_triton.layout import KVPageLayout
 
+FP8_MAX = 448.0   # largest finite float8_e4m3fn
+
 
 def _elements(arena: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n = arena.numel() // dtype.itemsize * dtype.itemsize
@@ -65,11 +67,13 @@ def decode_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, va
 def paged_decode_attention_ref(q: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
                                layout: KVPageLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
                                layer: int = 0, scale: float | None = None, kv_dtype: torch.dtype | None = None,
-                               compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                               compute_dtype: torch.dtype = torch.float64,
+                               kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of ``paged_decode_attention`` on raw tensors: the cache's ``arena``,
     ``handle_table`` and ``kv_layout`` (``layout``) and its ``kv_dtype`` (default: q's) in place of a
     ``PagedCache``. Returns ``[B, Hq, D]`` in ``compute_dtype``. ``seq_lens`` are clamped to
-    ``[0, W * page_tokens]`` as the kernel does."""
+    ``[0, W * page_tokens]`` as the kernel does. ``kv_scale`` ``[2, Hkv]``: the stored K and V of
+    kv head h are multiplied by ``kv_scale[0, h]`` and ``kv_scale[1, h]`` (an fp8 cache)."""
     B, Hq, D = q.shape
     dtype = q.dtype if kv_dtype is None else kv_dtype
     scale = D ** -0.5 if scale is None else scale
@@ -78,17 +82,25 @@ def paged_decode_attention_ref(q: torch.Tensor, arena: torch.Tensor, handle_tabl
     for b, n in enumerate(seq_lens.tolist()):
         n = min(max(n, 0), W * layout.page_tokens)
         k, v, ok = gather_kv(arena, handle_table, layout, block_table[b], n, layer, dtype)
+        if kv_scale is not None:
+            s = kv_scale.to(device=k.device, dtype=compute_dtype)
+            k, v = k.to(compute_dtype) * s[0, None, :, None], v.to(compute_dtype) * s[1, None, :, None]
         out[b] = decode_attention_dense(q[b], k, v, ok, scale, compute_dtype)
     return out
 
 
 def kv_append_ref(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
                   layout: KVPageLayout, block_table: torch.Tensor, token_req: torch.Tensor, token_pos: torch.Tensor,
-                  *, layer: int = 0) -> torch.Tensor:
+                  *, layer: int = 0, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of ``kv_append`` on raw tensors (arena, handle table and layout as in
     ``paged_decode_attention_ref``): returns a copy of ``arena`` with the tokens written (tokens on
-    an invalid row, position, handle or free handle skipped; a later token wins a shared slot)."""
+    an invalid row, position, handle or free handle skipped; a later token wins a shared slot).
+    With ``kv_scale`` ``[2, Hkv]`` the cache is float8_e4m3fn: K and V of kv head h are stored
+    divided by ``kv_scale[0, h]`` and ``kv_scale[1, h]``, saturated to +-448."""
     out = arena.clone()
+    if kv_scale is not None:
+        s = kv_scale.to(device=k.device, dtype=torch.float32)
+        k, v = (_fp8(x.float() / s[i, :, None]) for i, x in enumerate((k, v)))
     elems = _elements(out, k.dtype)
     B, W = block_table.shape
     Hkv, D = layout.num_kv_heads, layout.head_dim
@@ -103,3 +115,8 @@ def kv_append_ref(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_
         elems[idx] = k[t]
         elems[idx + layout.stride_kv] = v[t]
     return out
+
+
+def _fp8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` saturated to float8_e4m3fn's finite range (+-448) and rounded to it."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
