@@ -9,7 +9,7 @@ import torch
 
 # What the kernels can read: the attention kernels (decode, KV append, prefill) take K/V in these
 # dtypes and pages of a power-of-two number of tokens; the Mamba kernels take these state dtypes.
-KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)   # fp8: decode + append
+KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)   # fp8: with kv_scale
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A bound on absurd sizes, not a guarantee: on an H200 the decode kernel loads a whole page per step,
 # and its tl.dot path (GQA groups of >= 4 query heads) runs out of shared memory from 128 tokens

@@ -127,7 +127,7 @@ def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, 
 
 
 @triton.jit
-def _fp8_scales(qk_scale, kv_scale_ptr, i_kvh, NUM_KV_HEADS: tl.constexpr, KV_FP8: tl.constexpr):
+def fp8_scales(qk_scale, kv_scale_ptr, i_kvh, NUM_KV_HEADS: tl.constexpr, KV_FP8: tl.constexpr):
     """(score scale, output scale) of a program's kv head: an fp8 cache's K scale folds into the
     scores and its V scale into the output; (qk_scale, 1) otherwise."""
     if KV_FP8:
@@ -161,7 +161,7 @@ def paged_decode_kernel(
     i_b = tl.program_id(0).to(tl.int64)
     i_kvh = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(2).to(tl.int64)
-    qk_scale, v_scale = _fp8_scales(qk_scale, kv_scale_ptr, i_kvh, NUM_KV_HEADS, KV_FP8)
+    qk_scale, v_scale = fp8_scales(qk_scale, kv_scale_ptr, i_kvh, NUM_KV_HEADS, KV_FP8)
     # a seq_len past the block table cannot be checked on the host without a sync: clamp it
     seq_len = tl.load(seq_lens_ptr + i_b).to(tl.int64)
     seq_len = tl.minimum(tl.maximum(seq_len, 0), W * PAGE_TOKENS)

@@ -24,14 +24,14 @@ exp2. Pages whose handle is -1, out of range, free or not a KV page are skipped 
 -inf, no byte of their unit is read); a row that sees nothing writes zeros; NaN in q or K/V
 propagates to the output. Query rows outside ``[0, T)`` (a bad ``cu_seqlens_q``) are skipped.
 
-Head dims that are not powers of two run padded to ``BLOCK_D`` lanes, masked, as in decode
-(``kernels/paged_attention.py``).
+Head dims that are not powers of two run padded to ``BLOCK_D`` lanes, masked, and fp8 pages are
+read as in decode (``kernels/paged_attention.py``).
 """
 import triton
 import triton.language as tl
 
 from avmp_triton.kernels.handles import KIND_KV, unit_offset
-from avmp_triton.kernels.paged_attention import row_mask
+from avmp_triton.kernels.paged_attention import fp8_scales, row_mask
 
 
 @triton.jit
@@ -49,8 +49,10 @@ def _attn_block(
     p_kv_head, stride_kv, stride_kv_token, qk_scale,
     PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
-    """One ``BLOCK_N`` step of KV positions ``[start, start + BLOCK_N)``; CAUSAL on diagonal blocks."""
+    """One ``BLOCK_N`` step of KV positions ``[start, start + BLOCK_N)``; CAUSAL on diagonal blocks.
+    KV_FP8: the tiles convert to q's dtype (the scales are folded in by the caller)."""
     o_n = start + tl.arange(0, BLOCK_N)
     i_page = o_n // PAGE_TOKENS
     i_tok = o_n - i_page * PAGE_TOKENS
@@ -67,6 +69,8 @@ def _attn_block(
     p_k = p_kv_head + o_kv[:, None] + o_d[None, :]
     m_kv = row_mask(m_n, o_d, HEAD_DIM, BLOCK_D)
     b_k = tl.load(p_k, mask=m_kv, other=0.0)
+    if KV_FP8:
+        b_k = b_k.to(b_q.dtype)
     b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST) * qk_scale
     if CAUSAL:
         m_s = m_n[None, :] & (o_n[None, :] <= q_pos[:, None])
@@ -80,6 +84,8 @@ def _attn_block(
     b_p = tl.exp2(b_s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(b_p, 1)
     b_v = tl.load(p_k + stride_kv, mask=m_kv, other=0.0)
+    if KV_FP8:
+        b_v = b_v.to(b_q.dtype)
     acc = acc * alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST)
     return acc, m_new, l_i
 
@@ -121,20 +127,23 @@ def paged_prefill_kernel(
     block_table_ptr,   # [B, W] int32 KV handles, -1 padded
     handle_table_ptr,  # [H] int64 handle -> byte offset in the arena, -1 when free
     kinds_ptr,         # [H] int32 handle -> kind (1 = KV page)
-    kv_ptr,            # arena viewed as the KV dtype (same dtype as q)
+    kv_ptr,            # arena viewed as the KV dtype (q's, or float8_e4m3fn)
     num_seqs, max_pages, num_handles, num_tokens,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt_b,
     layer_off,         # layer * stride_layer, in elements
     stride_kv, stride_kv_head, stride_kv_token,
     qk_scale,          # softmax scale * log2(e)
+    kv_scale_ptr,      # [2, Hkv] fp32 scales of an fp8 cache (K row, V row); unused otherwise
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr,
     ELEM_BYTES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    PIPELINE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PIPELINE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
 ):
     # heaviest tiles (the last ones, furthest along the context) start first
     i_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     i_kvh = tl.program_id(1).to(tl.int64)
+    qk_scale, v_scale = fp8_scales(qk_scale, kv_scale_ptr, i_kvh, NUM_KV_HEADS, KV_FP8)
 
     i_b = _tile_request(i_tile, cu_seqlens_q_ptr, num_seqs, BLOCK_Q)
     q_start = tl.load(cu_seqlens_q_ptr + i_b)
@@ -167,29 +176,31 @@ def paged_prefill_kernel(
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
                                         handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
                                         stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
+                                        BLOCK_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8)
         for start in tl.range(full_end, kv_end, BLOCK_N):
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
                                         handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
                                         stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
+                                        BLOCK_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8)
     else:
         start = full_end * 0
         while start < full_end:
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
                                         handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
                                         stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
+                                        BLOCK_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8)
             start += BLOCK_N
         while start < kv_end:
             acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
                                         handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
                                         stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
+                                        BLOCK_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8)
             start += BLOCK_N
 
     # a row that saw nothing has acc = 0 and l = 0: divide by 1. A NaN l (NaN in q or K/V) must
     # reach the output, as in decode, so no `l > 0` test here
+    if KV_FP8:
+        acc = acc * v_scale
     b_o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     p_o = out_ptr + o_row[:, None] * stride_o_t + i_qh[:, None] * stride_o_h + o_d[None, :]
     tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_md)

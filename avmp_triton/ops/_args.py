@@ -16,6 +16,8 @@ from avmp_triton.layout import KVPageLayout
 from avmp_triton.memory.cache import PagedCache
 from avmp_triton.ops._host_checks import KIND_SSM, check_cu_seqlens, check_handles, on_host
 
+FP8 = torch.float8_e4m3fn   # the one quantised KV dtype: K/V stored / kv_scale
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NUM_WARPS = (1, 2, 4, 8, 16, 32)
 
@@ -216,3 +218,24 @@ def check_mamba2_inputs(dev, rows: int, layout, spec, x, dt, A, B, C, D, z, dt_b
     check_opt_float(dt_bias, "dt_bias", dev, (nheads,))
     if nheads > _MAX_GRID_YZ:
         raise ValueError(f"nheads={nheads} exceeds the grid limit {_MAX_GRID_YZ}")
+
+
+def check_kv_scale(kv_scale, cache, dev) -> torch.Tensor | None:
+    """``[2, Hkv]`` fp32 scales for an fp8 cache (finite and positive, checked where that is free),
+    None for any other."""
+    if cache.kv_dtype != FP8:
+        if kv_scale is not None:
+            raise ValueError(f"kv_scale is for float8_e4m3fn caches; this cache holds {cache.kv_dtype}")
+        return None
+    if kv_scale is None:
+        raise ValueError("a float8_e4m3fn cache needs kv_scale: [2, num_kv_heads] fp32 (K row, V row)")
+    hkv = cache.kv_layout.num_kv_heads
+    check_tensor(kv_scale, "kv_scale", dtypes=(torch.float32,), dim=2, device=dev, contiguous=True)
+    if tuple(kv_scale.shape) != (2, hkv):
+        raise ValueError(f"kv_scale must be [2, {hkv}] (K row, V row per kv head), got {tuple(kv_scale.shape)}")
+    if on_host(kv_scale):
+        bad = ~(torch.isfinite(kv_scale) & (kv_scale > 0))
+        if bool(bad.any()):
+            i, h = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"kv_scale[{i}, {h}] = {float(kv_scale[i, h])} must be finite and positive")
+    return kv_scale

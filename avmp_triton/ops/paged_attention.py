@@ -25,12 +25,11 @@ from avmp_triton._checks import check_tensor, is_int
 from avmp_triton.kernels import paged_attention as K
 from avmp_triton.layout import KVPageLayout
 from avmp_triton.memory.cache import PagedCache
-from avmp_triton.ops._args import (attn_block_d, check_attn_head_dim, check_kernel_device, check_layer,
-                                   config_overrides, kv_cache_of, sm_count)
+from avmp_triton.ops._args import (FP8, attn_block_d, check_attn_head_dim, check_kernel_device, check_kv_scale,
+                                   check_layer, config_overrides, kv_cache_of, sm_count)
 from avmp_triton.ops._host_checks import KIND_KV, check_block_table, check_handles, live_pages, on_host
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # of q, k, v and out
-FP8 = torch.float8_e4m3fn                                           # the one quantised KV dtype
 MAX_SPLITS = 128          # explicit num_splits at most
 MAX_AUTO_SPLITS = 32      # what the launcher picks by itself at most
 MIN_BLOCKS_PER_SPLIT = 2  # a split should walk at least this many BLOCK_N blocks of the longest request
@@ -268,7 +267,7 @@ def paged_decode_attention(q: torch.Tensor, block_table: torch.Tensor, seq_lens:
         check_block_table(block_table, seq_lens, layout.page_tokens)
         check_handles(live_pages(block_table, seq_lens, layout.page_tokens), cache.handle_table, cache.handle_kinds,
                       KIND_KV, "block_table", unique=False)
-    kv_scale = _check_kv_scale(kv_scale, cache, dev)
+    kv_scale = check_kv_scale(kv_scale, cache, dev)
     torch.ops.avmp.paged_decode_attention(
         q, block_table, seq_lens, cache.arena, cache.handle_table, cache.handle_kinds, out, workspace,
         _layout_args(layout), layer, scale, cfg.num_splits, cfg.block_tokens, cfg.num_warps, cfg.num_stages,
@@ -317,7 +316,7 @@ def kv_append(k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, token
     if on_host(block_table, token_req, token_pos, cache.handle_table, cache.handle_kinds):
         _check_append_targets(block_table, token_req, token_pos, cache.handle_table, cache.handle_kinds,
                               layout.page_tokens)
-    kv_scale = _check_kv_scale(kv_scale, cache, dev)
+    kv_scale = check_kv_scale(kv_scale, cache, dev)
     torch.ops.avmp.kv_append(k, v, block_table, token_req, token_pos, cache.arena, cache.handle_table,
                              cache.handle_kinds, _layout_args(layout), layer, kv_scale)
     return cache.arena
@@ -337,27 +336,6 @@ def _check_q_like(t, name: str, cache) -> torch.device:
     if layout.head_dim != D:
         raise ValueError(f"{name} has head_dim {D}, the layout {layout.head_dim}")
     return dev
-
-
-def _check_kv_scale(kv_scale, cache, dev) -> torch.Tensor | None:
-    """``[2, Hkv]`` fp32 scales for an fp8 cache (finite and positive, checked where that is free),
-    None for any other."""
-    if cache.kv_dtype != FP8:
-        if kv_scale is not None:
-            raise ValueError(f"kv_scale is for float8_e4m3fn caches; this cache holds {cache.kv_dtype}")
-        return None
-    if kv_scale is None:
-        raise ValueError("a float8_e4m3fn cache needs kv_scale: [2, num_kv_heads] fp32 (K row, V row)")
-    hkv = cache.kv_layout.num_kv_heads
-    check_tensor(kv_scale, "kv_scale", dtypes=(torch.float32,), dim=2, device=dev, contiguous=True)
-    if tuple(kv_scale.shape) != (2, hkv):
-        raise ValueError(f"kv_scale must be [2, {hkv}] (K row, V row per kv head), got {tuple(kv_scale.shape)}")
-    if on_host(kv_scale):
-        bad = ~(torch.isfinite(kv_scale) & (kv_scale > 0))
-        if bool(bad.any()):
-            i, h = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"kv_scale[{i}, {h}] = {float(kv_scale[i, h])} must be finite and positive")
-    return kv_scale
 
 
 def _check_block_table(block_table, B, dev) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 
@@ -24,8 +25,8 @@ from avmp_triton._checks import check_tensor, is_int
 from avmp_triton._triton_env import interpreter_active
 from avmp_triton.kernels.paged_prefill import paged_prefill_kernel
 from avmp_triton.memory.cache import PagedCache
-from avmp_triton.ops._args import (attn_block_d, check_attn_head_dim, check_kernel_device, check_layer,
-                                   config_overrides, kv_cache_of)
+from avmp_triton.ops._args import (FP8, attn_block_d, check_attn_head_dim, check_kernel_device, check_kv_scale,
+                                   check_layer, config_overrides, kv_cache_of)
 from avmp_triton.ops._host_checks import (KIND_KV, check_block_table, check_cu_seqlens, check_handles,
                                          live_pages, on_host)
 
@@ -95,8 +96,10 @@ def _paged_prefill_op(
     kv: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor,
     page_tokens: int, num_kv_heads: int, layer_off: int, stride_kv: int, stride_kv_head: int,
     stride_kv_token: int, scale: float, block_m: int, block_n: int, num_warps: int, num_stages: int,
+    kv_scale: Optional[torch.Tensor] = None,
 ) -> None:
-    """Validated launch; use ``paged_prefill_attention``. ``kv`` is the arena viewed as q's dtype."""
+    """Validated launch; use ``paged_prefill_attention``. ``kv`` is the arena viewed as the KV dtype
+    (q's, or float8_e4m3fn with ``kv_scale``)."""
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
     if T == 0 or B == 0:
@@ -113,8 +116,9 @@ def _paged_prefill_op(
             B, block_table.shape[1], handle_table.shape[0], T,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
             layer_off, stride_kv, stride_kv_head, stride_kv_token, scale * _LOG2E,
+            kv_scale if kv_scale is not None else seq_lens,
             GQA=gqa, HEAD_DIM=D, BLOCK_D=attn_block_d(D), PAGE_TOKENS=page_tokens,
-            ELEM_BYTES=q.element_size(),
+            ELEM_BYTES=kv.element_size(), KV_FP8=kv_scale is not None, NUM_KV_HEADS=num_kv_heads,
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
             PIPELINE=not interp,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -125,7 +129,7 @@ def _paged_prefill_op(
 @_paged_prefill_op.register_fake
 def _(q, block_table, seq_lens, cu_seqlens_q, kv, handle_table, handle_kinds, out, page_tokens, num_kv_heads,
       layer_off, stride_kv, stride_kv_head, stride_kv_token, scale, block_m, block_n, num_warps,
-      num_stages) -> None:
+      num_stages, kv_scale=None) -> None:
     return None
 
 
@@ -141,13 +145,14 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     config: PrefillConfig | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens over their requests' paged KV cache.
 
     Args:
-        q: ``[T, Hq, D]`` in the cache's ``kv_dtype``, the new tokens of all requests packed; last
-            dim contiguous; ``Hq`` a multiple of the cache's KV heads; D a multiple of 8 in [16, 256],
-            the layout's head dim.
+        q: ``[T, Hq, D]`` in the cache's ``kv_dtype`` (any of fp16, bf16 and fp32 over a
+            float8_e4m3fn cache), the new tokens of all requests packed; last dim contiguous; ``Hq``
+            a multiple of the cache's KV heads; D a multiple of 8 in [16, 256], the layout's head dim.
         block_table: ``[B, W]`` int32 KV page handles, -1 padded; row b needs
             ``cdiv(seq_lens[b], page_tokens)`` live handles. Rows contiguous.
         seq_lens: ``[B]`` int32, context of request b including its new tokens
@@ -163,6 +168,8 @@ def paged_prefill_attention(
             trusted for correctness).
         config: ``PrefillConfig`` overrides of ``prefill_launch_config``: ``block_m`` a power of two
             >= 16 and >= Hq // Hkv, ``block_n`` a power of two >= 16.
+        kv_scale: ``[2, Hkv]`` fp32 scales of layer ``layer`` for a float8_e4m3fn cache, as in
+            ``paged_decode_attention``; required for fp8, refused otherwise.
 
     Returns:
         ``out`` ``[T, Hq, D]``. Token i of request b (absolute position
@@ -189,18 +196,20 @@ def paged_prefill_attention(
     if on_host(cu_seqlens_q, seq_lens, block_table, cache.handle_table, cache.handle_kinds):
         _check_metadata(cu_seqlens_q, seq_lens, block_table, cache.handle_table, cache.handle_kinds, T,
                         layout.page_tokens)
-    # PagedCache guarantees whole elements of the KV dtype, which q has
+    kv_scale = check_kv_scale(kv_scale, cache, dev)
+    # PagedCache guarantees whole elements of the KV dtype
     torch.ops.avmp.paged_prefill_attention(
-        q, block_table, seq_lens, cu_seqlens_q, cache.arena.view(q.dtype), cache.handle_table, cache.handle_kinds, out,
-        layout.page_tokens, layout.num_kv_heads, layer * layout.stride_layer, layout.stride_kv, layout.stride_head,
-        layout.stride_token, float(scale), cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+        q, block_table, seq_lens, cu_seqlens_q, cache.arena.view(cache.kv_dtype), cache.handle_table,
+        cache.handle_kinds, out, layout.page_tokens, layout.num_kv_heads, layer * layout.stride_layer,
+        layout.stride_kv, layout.stride_head, layout.stride_token, float(scale), cfg.block_m, cfg.block_n,
+        cfg.num_warps, cfg.num_stages, kv_scale)
     return out
 
 
 def _check_q(q, cache) -> torch.device:
     check_tensor(q, "q", dim=3, dtypes=_DTYPES, device=cache.device, beside="the cache")
     check_kernel_device(q, "q")
-    if q.dtype != cache.kv_dtype:
+    if q.dtype != cache.kv_dtype and cache.kv_dtype != FP8:
         raise TypeError(f"q must have the KV dtype {cache.kv_dtype}, got {q.dtype}")
     if q.stride(-1) != 1:
         raise ValueError(f"q must have a contiguous last dim, got strides {q.stride()}")

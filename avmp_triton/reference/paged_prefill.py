@@ -38,10 +38,12 @@ def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
 def paged_prefill_attention_ref(q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                                 block_table: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
                                 layout: KVPageLayout, layer: int, scale: float | None = None,
-                                compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                                compute_dtype: torch.dtype = torch.float64,
+                                kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of ``paged_prefill_attention`` on raw tensors: the cache's ``arena``,
     ``handle_table`` and ``kv_layout`` (``layout``) in place of a ``PagedCache``, and the metadata in
-    this order. Returns ``[T, Hq, D]`` float32.
+    this order. Returns ``[T, Hq, D]`` float32. With ``kv_scale`` ``[2, Hkv]`` the pages are
+    float8_e4m3fn, dequantised as in ``paged_decode_attention_ref``.
 
     Rows of q outside ``cu_seqlens_q[0]:cu_seqlens_q[-1]`` are NaN (the kernel leaves them unwritten).
     """
@@ -54,7 +56,11 @@ def paged_prefill_attention_ref(q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq
         if hi == lo:
             continue
         assert ctx >= hi - lo, f"request {b}: seq_len {ctx} < q_len {hi - lo}"
-        k, v, ok = gather_kv(arena, handle_table, layout, block_table[b], ctx, layer, q.dtype)
+        k, v, ok = gather_kv(arena, handle_table, layout, block_table[b], ctx, layer,
+                             q.dtype if kv_scale is None else torch.float8_e4m3fn)
+        if kv_scale is not None:
+            s = kv_scale.to(device=k.device, dtype=compute_dtype)
+            k, v = k.to(compute_dtype) * s[0, None, :, None], v.to(compute_dtype) * s[1, None, :, None]
         assert bool(ok.all()), f"request {b}: the pages of tokens {(~ok).nonzero().flatten().tolist()[:8]} are not readable"
         out[lo:hi] = causal_attention_ref(q[lo:hi], k, v, scale, compute_dtype).float()
     return out

@@ -1,5 +1,6 @@
-"""fp8 (float8_e4m3fn) KV pages in ``kv_append`` and ``paged_decode_attention`` against the pure-torch
-reference, with scales per layer and kv head (``kv_scale`` ``[2, Hkv]``: K row, V row).
+"""fp8 (float8_e4m3fn) KV pages in ``kv_append``, ``paged_decode_attention`` and
+``paged_prefill_attention`` against the pure-torch references, with scales per layer and kv head
+(``kv_scale`` ``[2, Hkv]``: K row, V row).
 
 Pages come scattered from an ``AVMPAllocator`` whose spec stores K/V in fp8 while q, k, v and the
 output stay in fp32 / bf16; every element no live token owns is NaN, so a read outside the live
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from avmp_triton import HybridModelSpec, PagedCache
-from avmp_triton.ops import DecodeConfig, kv_append, paged_decode_attention
+from avmp_triton.ops import DecodeConfig, PrefillConfig, kv_append, paged_decode_attention, paged_prefill_attention
 from avmp_triton.reference.paged_attention import kv_append_ref, paged_decode_attention_ref
+from avmp_triton.reference.paged_prefill import paged_prefill_attention_ref
 from tests.ops.test_paged_attention import DEVICE, TOL, i32, layout_of, live_elements, make_alloc, scattered_table
 
 FP8 = torch.float8_e4m3fn
@@ -56,6 +58,28 @@ def test_decode_reads_fp8_pages(hq, hkv, d, qdtype, num_splits):
                                       layer=1, kv_dtype=FP8, kv_scale=s)
     assert out.dtype == qdtype and not out.isnan().any()
     torch.testing.assert_close(out.double(), want, **{k: v * 4 for k, v in TOL[qdtype].items()})
+
+
+@pytest.mark.parametrize("block_n", [16, 32])
+@pytest.mark.parametrize("hq,hkv,d,qdtype", [(4, 2, 64, torch.float32), (2, 2, 160, torch.float32),
+                                             (4, 1, 64, torch.bfloat16)])
+def test_prefill_reads_fp8_pages(hq, hkv, d, qdtype, block_n):
+    """Chunks of 20, 1 and 9 new tokens at the end of contexts of 37, 16 and 9 (a continuation,
+    a decode-like row and a first chunk)."""
+    gen = torch.Generator().manual_seed(hq + d + block_n)
+    seq_lens, q_lens = [37, 16, 9], [20, 1, 9]
+    alloc = make_alloc(fp8_spec(hkv, d), 16, 12)
+    bt = scattered_table(alloc, seq_lens, width=4)
+    fp8_arena(alloc, bt, seq_lens, gen)
+    s = scales(hkv, gen)
+    q = torch.randn(sum(q_lens), hq, d, generator=gen).to(DEVICE, qdtype)
+    cu = i32([0, 20, 21, 30])
+    out = paged_prefill_attention(q, bt, i32(seq_lens), cu, PagedCache.of(alloc), layer=1, kv_scale=s,
+                                  config=PrefillConfig(block_n=block_n))
+    want = paged_prefill_attention_ref(q, cu, i32(seq_lens), bt, alloc.arena, alloc.handle_table, layout_of(alloc),
+                                       layer=1, kv_scale=s)
+    assert out.dtype == qdtype and not out.isnan().any()
+    torch.testing.assert_close(out.float(), want, **{k: v * 4 for k, v in TOL[qdtype].items()})
 
 
 @pytest.mark.parametrize("kdtype", [torch.float32, torch.bfloat16])
