@@ -128,23 +128,18 @@ def paged_prefill_kernel(
     handle_table_ptr,  # [H] int64 handle -> byte offset in the arena, -1 when free
     kinds_ptr,         # [H] int32 handle -> kind (1 = KV page)
     kv_ptr,            # arena viewed as the KV dtype (q's, or float8_e4m3fn)
-    num_seqs, max_pages, num_handles, num_tokens,
-    stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt_b,
-    layer_off,         # layer * stride_layer, in elements
-    stride_kv, stride_kv_head, stride_kv_token,
-    qk_scale,          # softmax scale * log2(e)
-    kv_scale_ptr,      # [2, Hkv] fp32 scales of an fp8 cache (K row, V row); unused otherwise
+    num_seqs, max_pages, num_handles, num_tokens, stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt_b,
+    layer_off, stride_kv, stride_kv_head, stride_kv_token,   # layer_off: layer * stride_layer, in elements
+    qk_scale, kv_scale_ptr,  # softmax scale * log2(e); [2, Hkv] fp32 scales of an fp8 cache (K, V rows)
     GQA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr,
-    ELEM_BYTES: tl.constexpr,
+    ELEM_BYTES: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PIPELINE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
 ):
     # heaviest tiles (the last ones, furthest along the context) start first
     i_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     i_kvh = tl.program_id(1).to(tl.int64)
     qk_scale, v_scale = fp8_scales(qk_scale, kv_scale_ptr, i_kvh, NUM_KV_HEADS, KV_FP8)
-
     i_b = _tile_request(i_tile, cu_seqlens_q_ptr, num_seqs, BLOCK_Q)
     q_start = tl.load(cu_seqlens_q_ptr + i_b)
     q_len = tl.load(cu_seqlens_q_ptr + i_b + 1) - q_start
