@@ -33,6 +33,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="most tokens of a request (default: the model "
                    "config's max_position_embeddings); bench-serve cuts its trace's lengths to it")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"),
+                   help="K/V pages in the model's dtype, or float8_e4m3fn (scales 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the trace")
 
 
@@ -69,7 +71,7 @@ def _llm(args):
     return LLM(args.model, allocator=args.allocator, memory_gib=args.memory_gib, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, ssm_fraction=args.ssm_fraction,
-               seed=args.seed)
+               seed=args.seed, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _read_prompts(path: str, sub) -> list[list[int]]:
@@ -150,7 +152,8 @@ def _results(args, llm, outs) -> dict:
     return dict(model=args.model, allocator=args.allocator, workload=args.workload, num_requests=len(outs),
                 request_rate=None if math.isinf(args.request_rate) else args.request_rate,
                 device=str(dev), arena_bytes=llm.allocator.capacity_bytes, peak_gpu_memory_bytes=peak,
-                max_model_len=llm.max_model_len, cuda_graphs=llm.cuda_graphs, steps=llm.last_steps,
+                max_model_len=llm.max_model_len, kv_cache_dtype=str(llm.allocator.spec.kv_dtype),
+                cuda_graphs=llm.cuda_graphs, steps=llm.last_steps,
                 graph_steps=llm.last_graph_steps,
                 metrics={k: m[k] for k in keep},
                 requests=[dict(prompt=len(o.prompt_token_ids), output=len(o.outputs[0].token_ids),

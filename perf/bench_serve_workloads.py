@@ -90,7 +90,8 @@ def env() -> dict:
 def build_llm(model, allocator: str, capacity: int, split, args) -> LLM:
     kw = dict(ssm_fraction=split.ssm_fraction) if allocator == "static_tuned" else {}
     return LLM(model, allocator=allocator, memory_gib=capacity / 2**30, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=sweep.MAX_NUM_BATCHED_TOKENS, max_model_len=args.max_model_len, **kw)
+               max_num_batched_tokens=sweep.MAX_NUM_BATCHED_TOKENS, max_model_len=args.max_model_len,
+               kv_cache_dtype=args.kv_cache_dtype, **kw)
 
 
 def run_group(model, spec, workload: str, budget_label: str, args, out: dict, deadline: float) -> None:
@@ -151,6 +152,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     ap.add_argument("--time-limit", type=float, default=1500.0, help="seconds; no new run starts after it")
     args = ap.parse_args()
     deadline = time.monotonic() + args.time_limit

@@ -187,6 +187,10 @@ class PagedAttention:
         self.key_mult = key_multiplier   # Falcon-H1 scales K before the rotation
         self.cache, self.layer, self.rope = cache, layer, rope
         self.adapters = adapters         # added to q, k, v projections (Zamba2's shared blocks)
+        # fp8 pages: the layer's K and V scales per kv head, 1.0 as vLLM takes them when a
+        # checkpoint has none
+        self.kv_scale = (torch.ones(2, num_kv_heads, device=cache.device)
+                         if cache.kv_dtype == torch.float8_e4m3fn else None)
 
     @classmethod
     def of(cls, a: torch.nn.Module, config, *, cache: PagedCache, layer: int, rope: Rotary | None = None,
@@ -209,16 +213,17 @@ class PagedAttention:
             cos, sin = self.rope.cos_sin(batch.token_pos, q.dtype)
             q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         # the step's own tokens go into the pages first: both attention ops read them from there
-        kv_append(k, v, batch.block_table, batch.token_req, batch.token_pos, self.cache, layer=self.layer)
+        kw = dict(layer=self.layer, kv_scale=self.kv_scale)
+        kv_append(k, v, batch.block_table, batch.token_req, batch.token_pos, self.cache, **kw)
         o = torch.empty_like(q)
         if batch.prefill is not None:
             g = batch.prefill
             o[g.tokens] = paged_prefill_attention(q[g.tokens], g.block_table, g.seq_lens, g.cu_seqlens, self.cache,
-                                                  layer=self.layer, scale=self.scale)
+                                                  scale=self.scale, **kw)
         if batch.decode is not None:
             g = batch.decode
             o[g.tokens] = paged_decode_attention(q[g.tokens], g.block_table, g.seq_lens, self.cache,
-                                                 layer=self.layer, scale=self.scale)
+                                                 scale=self.scale, **kw)
         return F.linear(o.view(T, self.hq * self.d), self.wo, self.bo)
 
     @staticmethod

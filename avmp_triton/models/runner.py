@@ -76,12 +76,13 @@ class HybridRunner(abc.ABC):
 
     @classmethod
     def spec_of(cls, hf_model: torch.nn.Module, *, ssm_dtype: torch.dtype = torch.float32,
-                page_tokens: int = 16) -> HybridModelSpec:
-        """The cache geometry of ``hf_model``: KV and conv state in the model's dtype, the SSM state
-        in ``ssm_dtype``; checked against what the family's layers and the kernels run."""
+                page_tokens: int = 16, kv_dtype: torch.dtype | None = None) -> HybridModelSpec:
+        """The cache geometry of ``hf_model``: conv state in the model's dtype, K/V in ``kv_dtype``
+        (default: the model's; float8_e4m3fn: fp8 pages, each attention layer with its scales), the
+        SSM state in ``ssm_dtype``; checked against what the family's layers and the kernels run."""
         cls.check_config(hf_model.config)  # a clear error before the spec reader sees an unsupported model
         dtype = cls.embedding_weight(hf_model).dtype
-        spec = HybridModelSpec.from_hf_config(hf_model.config, kv_dtype=dtype, conv_dtype=dtype,
+        spec = HybridModelSpec.from_hf_config(hf_model.config, kv_dtype=kv_dtype or dtype, conv_dtype=dtype,
                                               ssm_dtype=ssm_dtype, page_tokens=page_tokens)
         if spec.num_attn_layers:
             check_attn_head_dim(spec.head_dim, f"the {hf_model.config.model_type} model's attention")
@@ -100,7 +101,8 @@ class HybridRunner(abc.ABC):
             spec = cls.spec_of(hf_model, ssm_dtype=ssm_dtype, page_tokens=alloc_kwargs.get("page_tokens", 16))
         else:
             spec = allocator.spec
-            want = cls.spec_of(hf_model, ssm_dtype=spec.ssm_dtype, page_tokens=allocator.page_tokens)
+            want = cls.spec_of(hf_model, ssm_dtype=spec.ssm_dtype, page_tokens=allocator.page_tokens,
+                               kv_dtype=spec.kv_dtype if spec.num_attn_layers else None)
             if dataclasses.replace(want, name=spec.name) != spec:
                 raise ValueError(f"the allocator's spec {spec} is not this model's cache geometry {want}")
         return cls(hf_model, spec, capacity_bytes=capacity_bytes, allocator=allocator, max_requests=max_requests,

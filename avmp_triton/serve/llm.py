@@ -37,6 +37,7 @@ from avmp_triton.sim.sweep import VARIANTS, make_allocator
 # follow the model's dtype ("auto")
 FP32_SSM_MODELS = ("nemotron_h",)
 SERVABLE = tuple(v for v in VARIANTS if v != "vllm_hybrid")
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,18 +75,24 @@ class LLM:
     ``enforce_eager``: False (vLLM's default) captures the decode step as CUDA graphs, one per
     batch bucket 1, 2, 4, ... ``max_num_seqs``; off the GPU the same fixed-shape step runs
     uncaptured. A family whose decode reads the device on the host (MoE routing: Jamba,
-    Granite-4.0-H with experts) runs eagerly, with a warning (``cuda_graphs`` says which)."""
+    Granite-4.0-H with experts) runs eagerly, with a warning (``cuda_graphs`` says which).
+    ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (vLLM's names): K/V pages
+    in float8_e4m3fn, half the bytes of bf16, with scales of 1.0 per layer and kv head (vLLM's
+    default for a checkpoint without scales); the SSM and conv states keep their dtypes."""
 
     def __init__(self, model, *, allocator: str = "avmp", memory_gib: float | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = 8192, max_model_len: int | None = None, dtype="bfloat16",
                  device=None, tokenizer=None, enforce_eager: bool = False, ssm_fraction: float | None = None,
-                 seed: int = 0, allocator_kwargs: dict | None = None, preemption_mode: str = "recompute"):
+                 seed: int = 0, allocator_kwargs: dict | None = None, preemption_mode: str = "recompute",
+                 kv_cache_dtype: str = "auto"):
         if preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {preemption_mode!r}")
         if not isinstance(enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
         if not is_int(max_num_seqs) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive int, got {max_num_seqs!r}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
         if allocator not in SERVABLE:
             reason = (" (its SSM state spans several units, and the Mamba ops read a request's state from one)"
                       if allocator == "vllm_hybrid" else "")
@@ -100,7 +107,7 @@ class LLM:
             raise ValueError(f"no runner for model_type {self.model.config.model_type!r}; supported: {sorted(RUNNERS)}")
         weights = cls.embedding_weight(self.model)
         ssm_dtype = torch.float32 if self.model.config.model_type in FP32_SSM_MODELS else weights.dtype
-        spec = cls.spec_of(self.model, ssm_dtype=ssm_dtype)
+        spec = cls.spec_of(self.model, ssm_dtype=ssm_dtype, kv_dtype=KV_CACHE_DTYPES[kv_cache_dtype])
         capacity = _capacity_bytes(memory_gib, device)
         self.allocator = make_allocator(allocator, spec, capacity, device, ssm_fraction=ssm_fraction,
                                         **(allocator_kwargs or {}))

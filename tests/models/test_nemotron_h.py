@@ -65,3 +65,23 @@ def test_unknown_layer_type_is_named():
     model = transformers.NemotronHForCausalLM(config).eval().to(DEV)
     with pytest.raises(ValueError, match=r"layer 2 has type 'moe' \(pattern 'E'\)"):
         NemotronHRunner.from_transformers(model, capacity_bytes=8 * SLAB, slab_bytes=SLAB)
+
+
+def test_fp8_kv_pages_stay_close_to_transformers(hf_model):
+    """K/V in float8_e4m3fn pages (scales 1.0), everything else as before: a quarter of the fp32
+    page, the SSM block unchanged, and logits of a chunked prefill then decode within fp8's error of
+    transformers' fp32 forward (one fp8 step is 1/8 of a value's power of two)."""
+    from avmp_triton import AVMPAllocator
+    spec = NemotronHRunner.spec_of(hf_model, kv_dtype=torch.float8_e4m3fn)
+    full = NemotronHRunner.spec_of(hf_model)
+    assert spec.kv_page_bytes * 4 == full.kv_page_bytes and spec.ssm_block_bytes == full.ssm_block_bytes
+    runner = NemotronHRunner.from_transformers(hf_model, allocator=AVMPAllocator(spec, 8 * SLAB, slab_bytes=SLAB,
+                                                                                 device=DEV),
+                                               max_requests=2, max_context=64)
+    ids = P.tokens(26, 4, VOCAB)
+    want = P.reference(hf_model, ids)
+    got = [runner.step([0], [ids[:13]], all_logits=True)[0], runner.step([0], [ids[13:22]], all_logits=True)[0]]
+    got += [runner.step([0], [ids[i:i + 1]])[0][None] for i in range(22, 26)]
+    err = (torch.cat(got) - want).abs()
+    print(f"fp8 KV pages: max abs logit error {err.max():.2e}, mean {err.mean():.2e} (logits std {want.std():.2e})")
+    assert err.max() < 0.5 * want.std() and err.mean() < 0.05 * want.std()

@@ -84,6 +84,20 @@ def test_preempted_requests_generate_the_same_tokens(model, unpressured, allocat
     assert [o.outputs[0].token_ids for o in outs] == want
 
 
+def test_fp8_kv_cache(model, reference):
+    """kv_cache_dtype="fp8": pages a quarter of the fp32 model's, the SSM state still fp32, and the
+    greedy tokens those of transformers' fp32 generate() until fp8's error first flips a near-tie."""
+    llm = _llm(model, kv_cache_dtype="fp8")
+    spec = llm.allocator.spec
+    assert spec.kv_dtype == torch.float8_e4m3fn and spec.ssm_dtype == torch.float32
+    outs = llm.generate(PROMPTS, GREEDY, arrivals=ARRIVALS)
+    same = [next((i for i, (a, b) in enumerate(zip(o.outputs[0].token_ids, r)) if a != b), len(r))
+            for o, r in zip(outs, reference)]
+    print(f"fp8 KV: leading greedy tokens equal to transformers' fp32: {same} of {len(reference[0])}")
+    assert all(len(o.outputs[0].token_ids) == 6 for o in outs) and sum(same) >= len(same) * 2
+    assert llm.last_metrics.units_returned_at_drain
+
+
 def test_stop_token_ends_a_request_early(model, reference):
     stop = reference[0][3]
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, stop_token_ids=[stop])
@@ -105,6 +119,7 @@ def test_seeded_sampling_is_reproducible(model):
     (dict(enforce_eager="no"), ValueError, "enforce_eager must be a bool, got 'no'"),
     (dict(max_model_len=1), ValueError, "max_model_len must be an int >= 2 .* got 1"),
     (dict(max_num_seqs=0), ValueError, "max_num_seqs must be a positive int, got 0"),
+    (dict(kv_cache_dtype="int8"), ValueError, r"kv_cache_dtype must be one of \['auto', 'fp8', 'fp8_e4m3'\], got 'int8'"),
     (dict(memory_gib=-1), ValueError, "memory_gib must be a positive number, got -1"),
     (dict(preemption_mode="evict"), ValueError, "preemption_mode must be 'recompute' or 'swap', got 'evict'"),
 ])
