@@ -12,8 +12,10 @@ All allocator state lives in device tensors (see ``avmp_triton/memory/allocator.
 
 The mutating kernels run as ONE program: a single CTA walks its input in blocks, so the order in
 which stack entries are taken and given back is fixed by the input order, and the same call
-sequence always yields the same table (the only atomics are commutative counter updates).
-They must never be autotuned (autotuning re-runs a kernel).
+sequence always yields the same table (the only atomics are commutative counter updates). The
+exceptions keep that order by construction: ``alloc_kernel`` pops fixed positions below one top,
+and a large free validates in one launch and pushes in a second, each program at the offset the
+counts of the programs before it give. They must never be autotuned (autotuning re-runs a kernel).
 
 Pops take ``stack[top - 1 - i]`` for the i-th unit; pushes write ``stack[top + i]``.
 """
@@ -193,6 +195,82 @@ def free_kernel(
     tl.store(status_ptr, err_code)
     tl.store(status_ptr + 1, tl.where(err_code == ERR_NONE, -1, err_pos))
     tl.store(status_ptr + 2, err_val)
+
+
+@triton.jit
+def free_check_kernel(
+    handles_ptr,      # [n] int32
+    n,
+    ws_ptr,           # [P, 6] int64 per program: first error (position, code, value), pool counts (0, 1, handles)
+    mark_ptr, epoch_ptr, kinds_ptr, table_ptr, num_handles,
+    REQ_KIND: tl.constexpr, POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """First launch of a large free: program p validates positions [p*BLOCK, (p+1)*BLOCK) (marks
+    stamped with the coming epoch, as ``free_kernel`` does) and counts its handles per pool, for
+    ``free_commit_kernel`` to place them. Changes nothing but the marks."""
+    pid = tl.program_id(0).to(tl.int64)
+    pos = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    m = pos < n
+    h = tl.load(handles_ptr + pos, mask=m, other=0)
+    code = _check_handles(h, m, REQ_KIND, tl.load(epoch_ptr) + 1, mark_ptr, kinds_ptr, num_handles)
+    none = tl.full((), 0, tl.int64)
+    e_pos, e_code, e_val = _first_error(code, pos, h, none + _BIG, none, none)
+    ok = m & (code == ERR_NONE)
+    kind = tl.load(kinds_ptr + tl.where(ok, h, 0), mask=ok, other=0)
+    in0 = ok & (tl.where(kind == KIND_KV, POOL_KV, POOL_SSM) == 0)
+    row = ws_ptr + pid * 6
+    tl.store(row, e_pos)
+    tl.store(row + 1, e_code)
+    tl.store(row + 2, e_val)
+    tl.store(row + 3, tl.sum(in0.to(tl.int64), 0))
+    tl.store(row + 4, tl.sum((ok & ~in0).to(tl.int64), 0))
+    tl.store(row + 5, tl.sum(ok.to(tl.int64), 0))
+
+
+@triton.jit
+def free_commit_kernel(
+    handles_ptr, n, status_ptr, ws_ptr, num_progs, ticket_ptr, epoch_ptr,
+    table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
+    base1, slab_bytes, unit0, unit1, max_ups,
+    POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr, BLOCK: tl.constexpr, PROGS_PAD: tl.constexpr,
+):
+    """Second launch: unless a program of the first found an error (then nothing is freed),
+    program p pushes its handles at the stack tops plus the counts of programs before it, which
+    is the order one program walking the input would push them in; the last program to finish
+    (by an acq_rel ticket) moves the tops and writes the status, as ``alloc_kernel`` does."""
+    pid = tl.program_id(0).to(tl.int64)
+    o_p = tl.arange(0, PROGS_PAD).to(tl.int64)
+    m_p = o_p < num_progs
+    e_pos = tl.load(ws_ptr + o_p * 6, mask=m_p, other=_BIG)
+    first = tl.min(e_pos, 0)
+    ok = first == _BIG
+    before = m_p & (o_p < pid)
+    c0 = tl.load(ws_ptr + o_p * 6 + 3, mask=m_p, other=0)
+    c1 = tl.load(ws_ptr + o_p * 6 + 4, mask=m_p, other=0)
+    ch = tl.load(ws_ptr + o_p * 6 + 5, mask=m_p, other=0)
+    top0 = tl.load(tops_ptr)
+    top1 = tl.load(tops_ptr + 1)
+    htop = tl.load(tops_ptr + 2)
+    if ok:
+        pos = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        m = pos < n
+        h = tl.load(handles_ptr + pos, mask=m, other=0)
+        _push_units(h, m, top0 + tl.sum(tl.where(before, c0, 0), 0), top1 + tl.sum(tl.where(before, c1, 0), 0),
+                    htop + tl.sum(tl.where(before, ch, 0), 0), stacks_ptr, base1, hstack_ptr, table_ptr, kinds_ptr,
+                    slot_handle_ptr, slab_bytes, unit0, unit1, max_ups, POOL_KV, POOL_SSM)
+    ticket = tl.atomic_add(ticket_ptr, 1)
+    if ticket == num_progs - 1:
+        if ok:
+            tl.store(tops_ptr, top0 + tl.sum(c0, 0))
+            tl.store(tops_ptr + 1, top1 + tl.sum(c1, 0))
+            tl.store(tops_ptr + 2, htop + tl.sum(ch, 0))
+        sel = m_p & (e_pos == first)
+        code = tl.sum(tl.where(sel, tl.load(ws_ptr + o_p * 6 + 1, mask=m_p, other=0), 0), 0)
+        tl.store(status_ptr, code)
+        tl.store(status_ptr + 1, tl.where(ok, -1, first))
+        tl.store(status_ptr + 2, tl.sum(tl.where(sel, tl.load(ws_ptr + o_p * 6 + 2, mask=m_p, other=0), 0), 0))
+        tl.store(epoch_ptr, tl.load(epoch_ptr) + 1)
+        tl.store(ticket_ptr, 0)
 
 
 @triton.jit

@@ -56,6 +56,9 @@ def _launch_shape(n: int) -> tuple[int, int]:
     return 4096, 16
 # alloc runs one program per _ALLOC_BLOCK handles
 _ALLOC_BLOCK = 256
+# a free of more handles than this runs as two launches of one program per _FREE_BLOCK handles
+_FREE_ONE_PROGRAM = 1024
+_FREE_BLOCK = 256
 # unit copy: one program copies CHUNK int32 words in BLOCK-word steps
 _COPY_CHUNK = 8192
 _COPY_BLOCK = 2048
@@ -513,14 +516,29 @@ class ArenaAllocator:
             POOL=pool, KIND=kind, BLOCK=_ALLOC_BLOCK, num_warps=4)
 
     def _launch_free(self, handles: torch.Tensor, req: int) -> None:
-        """One launch, no sync: status lands in ``self._status`` (code, position, value)."""
+        """No sync: status lands in ``self._status`` (code, position, value). Up to
+        ``_FREE_ONE_PROGRAM`` handles in one single-program launch; more in two launches of one
+        program per ``_FREE_BLOCK`` handles (validate, then push), which free the same units in
+        the same order."""
+        n = handles.numel()
         p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
-        block, warps = _launch_shape(handles.numel())
-        K.free_kernel[(1,)](
-            handles, handles.numel(), self._status, self._mark, self._epoch, *self._state_args(),
-            self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1],
-            self.max_units_per_slab, self.num_handles,
-            REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=block, num_warps=warps)
+        if n <= _FREE_ONE_PROGRAM:
+            block, warps = _launch_shape(n)
+            K.free_kernel[(1,)](
+                handles, n, self._status, self._mark, self._epoch, *self._state_args(),
+                self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1],
+                self.max_units_per_slab, self.num_handles,
+                REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=block, num_warps=warps)
+            return
+        progs = triton.cdiv(n, _FREE_BLOCK)
+        ws = self._workspace(3 * progs)   # [progs, 6]
+        K.free_check_kernel[(progs,)](handles, n, ws, self._mark, self._epoch, self.handle_kind, self.handle_table,
+                                      self.num_handles, REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=_FREE_BLOCK,
+                                      num_warps=4)
+        K.free_commit_kernel[(progs,)](
+            handles, n, self._status, ws, progs, self._ticket, self._epoch, *self._state_args(),
+            self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1], self.max_units_per_slab,
+            POOL_KV=p0, POOL_SSM=p1, BLOCK=_FREE_BLOCK, PROGS_PAD=triton.next_power_of_2(progs), num_warps=4)
 
     def _exhausted(self, kind: int, n: int, free: int) -> PoolExhaustedError:
         return PoolExhaustedError(

@@ -400,7 +400,9 @@ def small_blocks(monkeypatch):
 
     monkeypatch.setattr(A, "_launch_shape", lambda n: (16, 1))
     # raising=True: if a knob is renamed this fixture fails loudly instead of silently testing less
-    for name, value in (("_BLOCK", 16), ("_ALLOC_BLOCK", 16), ("_COPY_CHUNK", 32), ("_COPY_BLOCK", 16)):
+    # frees of 17-32 handles walk two blocks in one program, longer ones take the two launches
+    for name, value in (("_BLOCK", 16), ("_ALLOC_BLOCK", 16), ("_COPY_CHUNK", 32), ("_COPY_BLOCK", 16),
+                        ("_FREE_ONE_PROGRAM", 32), ("_FREE_BLOCK", 16)):
         monkeypatch.setattr(A, name, value)
 
 
@@ -455,6 +457,36 @@ def test_kernels_walk_several_blocks(geom, small_blocks):
     m.free(live)
     assert_matches(m, a)
     assert a.stats().handles_live == 0
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_large_free_in_two_launches(cls, small_blocks):
+    """A free of more than _FREE_ONE_PROGRAM handles (validate in one launch, push in a second, 16
+    handles a program): the same units and handles in the same order as the model, and on a bad
+    or repeated handle in any program, nothing freed and the lowest bad position named."""
+    gen = torch.Generator().manual_seed(43)
+    a = make(cls, "block>page", slabs=24)   # the unified pool: 4 units a slab
+    m = AllocatorModel.like(a)
+    units = Units(a, gen)
+    kv = alloc_both(a, m, "kv", 60)
+    ssm = alloc_both(a, m, "ssm", 12)
+    units.stamp(kv, KIND_KV)
+    units.stamp(ssm, KIND_SSM)
+    live = shuffled(kv + ssm, gen)
+    for bad, names in ((live[:50] + [a.num_handles] + live[50:55], ("handles[50]",)),
+                       (live[:3] + [-1] + live[3:40], ("handles[3]",)),
+                       (live[:40] + live[7:8], (f"handle {live[7]}",))):
+        expect_error(a, m, InvalidHandleError, lambda: a.free(i32(bad)), lambda: m.free(bad), names=names)
+    wrong = ssm + kv[:30]
+    expect_error(a, m, InvalidHandleError, lambda: a.free(i32(wrong), kind="ssm"), lambda: m.free(wrong, kind="ssm"),
+                 names=("handles[12]", "is not a 'ssm' handle"))
+    m.free(live[:45])
+    a.free(i32(live[:45]))
+    units.forget(live[:45])
+    assert_matches(m, a)
+    units.verify()
+    assert alloc_both(a, m, "kv", 40) and alloc_both(a, m, "ssm", 5)   # the same units come back
+    assert_matches(m, a)
 
 
 def test_grow_order_is_strict_across_blocks(small_blocks):
