@@ -57,10 +57,15 @@ def _kernel_means_us(fn, iters=50):
             if e.key.endswith("_kernel") and e.count}
 
 
-def bench_alloc_free(spec, capacity, make, ns):
+def bench_alloc_free(spec, capacity, make, ns, *, one_program: bool = False):
+    """``one_program``: every free in one single-program launch (the path below
+    ``free_one_program_max``), to time it beside the two-launch path of large frees."""
     rows = []
     for name, ctor in make.items():
         alloc = ctor(spec, capacity)
+        if one_program:
+            alloc.free_one_program_max = 1 << 30
+            name += " (free: one program)"
         # half-full pools, scattered: the realistic state for a serving allocator
         pre = alloc.alloc_kv(alloc.stats().pools[alloc.pool_names[0]].free_units // 2)
         alloc.free(pre[torch.randperm(pre.numel(), device="cuda")[: pre.numel() // 2]].contiguous())
@@ -197,6 +202,8 @@ def main():
         alloc_free=bench_alloc_free(spec, capacity, {k: v for k, v in make.items() if k != "padded_unified"}, ns)
         # the padded pool's unit is a whole SSM block: it needs a bigger arena to hold n=4096 units
         + bench_alloc_free(spec, 48 << 30, {"padded_unified": make["padded_unified"]}, ns),
+        free_one_program=bench_alloc_free(spec, capacity, {"avmp": make["avmp"]}, [n for n in ns if n > 1024],
+                                          one_program=True),
         grow_release=bench_grow_release(spec, capacity),
         compaction=bench_compaction(spec, [64, 256, 1024]),
     )
@@ -207,10 +214,11 @@ def main():
     print(f"GPU {res['gpu']}  torch {res['torch']}  triton {res['triton']}  commit {res['commit'][:10]}")
     print(f"{'allocator':18s} {'n':>5s} {'pair us':>8s} {'alloc us':>9s} {'free us':>8s} {'host us':>8s}"
           "   (device: graph median of the pair; per kernel: profiler mean)")
-    for r in res["alloc_free"]:
+    for r in res["alloc_free"] + res["free_one_program"]:
         k = r["profiler_mean_us_per_kernel"]
+        free_us = sum(v for name, v in k.items() if name.startswith("free")) if k else float("nan")
         print(f"{r['allocator']:18s} {r['n']:5d} {r['device_us_alloc_plus_free']:8.2f} "
-              f"{k.get('alloc_kernel', float('nan')):9.2f} {k.get('free_kernel', float('nan')):8.2f} "
+              f"{k.get('alloc_kernel', float('nan')):9.2f} {free_us:8.2f} "
               f"{r['host_us_python_alloc_plus_free']:8.1f}")
     gr = res["grow_release"]
     print(f"grow_kv + release_rows, {gr['requests']} requests: {gr['device_us_grow_plus_release']:.2f} us device")

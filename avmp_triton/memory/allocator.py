@@ -56,8 +56,7 @@ def _launch_shape(n: int) -> tuple[int, int]:
     return 4096, 16
 # alloc runs one program per _ALLOC_BLOCK handles
 _ALLOC_BLOCK = 256
-# a free of more handles than this runs as two launches of one program per _FREE_BLOCK handles
-_FREE_ONE_PROGRAM = 1024
+# a free of more than ArenaAllocator.free_one_program_max handles: one program per _FREE_BLOCK
 _FREE_BLOCK = 256
 # unit copy: one program copies CHUNK int32 words in BLOCK-word steps
 _COPY_CHUNK = 8192
@@ -144,6 +143,10 @@ class AllocatorStats:
 
 class ArenaAllocator:
     """Shared machinery; use one of the policies below."""
+
+    # frees of up to this many handles run as one program (one launch, latency-bound); larger ones
+    # spread over the GPU in two launches. Public so a benchmark can time both ways side by side.
+    free_one_program_max = 1024
 
     _unified: bool = False
     _migrates: bool = False
@@ -517,12 +520,12 @@ class ArenaAllocator:
 
     def _launch_free(self, handles: torch.Tensor, req: int) -> None:
         """No sync: status lands in ``self._status`` (code, position, value). Up to
-        ``_FREE_ONE_PROGRAM`` handles in one single-program launch; more in two launches of one
+        ``free_one_program_max`` handles in one single-program launch; more in two launches of one
         program per ``_FREE_BLOCK`` handles (validate, then push), which free the same units in
         the same order."""
         n = handles.numel()
         p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
-        if n <= _FREE_ONE_PROGRAM:
+        if n <= self.free_one_program_max:
             block, warps = _launch_shape(n)
             K.free_kernel[(1,)](
                 handles, n, self._status, self._mark, self._epoch, *self._state_args(),

@@ -402,8 +402,9 @@ def small_blocks(monkeypatch):
     # raising=True: if a knob is renamed this fixture fails loudly instead of silently testing less
     # frees of 17-32 handles walk two blocks in one program, longer ones take the two launches
     for name, value in (("_BLOCK", 16), ("_ALLOC_BLOCK", 16), ("_COPY_CHUNK", 32), ("_COPY_BLOCK", 16),
-                        ("_FREE_ONE_PROGRAM", 32), ("_FREE_BLOCK", 16)):
+                        ("_FREE_BLOCK", 16)):
         monkeypatch.setattr(A, name, value)
+    monkeypatch.setattr(A.ArenaAllocator, "free_one_program_max", 32)
 
 
 @pytest.mark.parametrize("geom", list(GEOMS))
@@ -461,7 +462,7 @@ def test_kernels_walk_several_blocks(geom, small_blocks):
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_large_free_in_two_launches(cls, small_blocks):
-    """A free of more than _FREE_ONE_PROGRAM handles (validate in one launch, push in a second, 16
+    """A free of more than free_one_program_max handles (validate in one launch, push in a second, 16
     handles a program): the same units and handles in the same order as the model, and on a bad
     or repeated handle in any program, nothing freed and the lowest bad position named."""
     gen = torch.Generator().manual_seed(43)
