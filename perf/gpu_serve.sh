@@ -5,6 +5,8 @@
 #   STAGE=profile    perf/profile_serve_step.py: decode step eager vs graphs, B = 1 16 64 256, vs roofline
 #   STAGE=e2e        perf/bench_serve.py: ours (graphs, eager) against transformers' generate()
 #   STAGE=workloads  perf/bench_serve_workloads.py under a time limit (WORKLOADS, BUDGETS, LOADS, SEEDS, N)
+#   STAGE=kernels    perf/bench_fp8_decode.py (fp8 pages vs bf16 vs SDPA) and perf/bench_alloc.py (the
+#                    two-launch free beside the one-program free), with the fp8 and allocator tests
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,5 +27,10 @@ case "${STAGE:-tests}" in
     python3 perf/bench_serve_workloads.py --out "$OUT/bench_serve_workloads.json" --time-limit "${LIMIT:-480}" \
       --workloads ${WORKLOADS:-sharegpt} --budgets ${BUDGETS:-k32 h200} --loads ${LOADS:-x0.5 x1 x2} \
       --seeds ${SEEDS:-0 1 2} --num-requests "${N:-64}" 2>&1 | tee "$OUT/workloads.log" | tail -40 ;;
+  kernels)
+    python3 -m pytest -q -p no:cacheprovider tests/ops/test_paged_attention_fp8.py tests/memory 2>&1 \
+      | tee "$OUT/pytest_gpu_kernels.log" | tail -5
+    python3 perf/bench_fp8_decode.py --out "$OUT/bench_fp8_decode.json" 2>&1 | tee "$OUT/fp8.log" | tail -15
+    python3 perf/bench_alloc.py --out "$OUT/bench_alloc.json" 2>&1 | tee "$OUT/alloc.log" | tail -15 ;;
   *) echo "unknown STAGE=${STAGE}"; exit 2 ;;
 esac
