@@ -113,9 +113,9 @@ def test_power_of_two_page_tokens_are_accepted(page_tokens):
 
 
 @pytest.mark.parametrize("field, dtype", [
-    ("kv_dtype", torch.float64), ("kv_dtype", torch.int8), ("kv_dtype", torch.float8_e4m3fn),
-    ("conv_dtype", torch.float64), ("conv_dtype", torch.int32), ("ssm_dtype", torch.float64),
-    ("ssm_dtype", torch.uint8),
+    ("kv_dtype", torch.float64), ("kv_dtype", torch.int8), ("kv_dtype", torch.float8_e5m2),
+    ("conv_dtype", torch.float64), ("conv_dtype", torch.int32), ("conv_dtype", torch.float8_e4m3fn),
+    ("ssm_dtype", torch.float64), ("ssm_dtype", torch.uint8), ("ssm_dtype", torch.float8_e4m3fn),
 ])
 def test_dtypes_no_kernel_reads_are_rejected(field, dtype):
     with pytest.raises(TypeError, match=rf"{field} {dtype} is not supported") as info:
@@ -127,6 +127,11 @@ def test_dtypes_no_kernel_reads_are_rejected(field, dtype):
 def test_every_kernel_dtype_is_accepted(dtype):
     s = HybridModelSpec(**_OK, kv_dtype=dtype, conv_dtype=dtype, ssm_dtype=dtype)
     assert s.kv_bytes_per_token == 2 * 8 * dtype.itemsize
+
+
+def test_fp8_kv_pages_are_accepted_beside_wider_states():
+    s = HybridModelSpec(**_OK, kv_dtype=torch.float8_e4m3fn)
+    assert s.kv_bytes_per_token == 2 * 8
 
 
 # --- presets -------------------------------------------------------------------------------------
