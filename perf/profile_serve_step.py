@@ -13,9 +13,11 @@ model (the eager forward, or the graph replay with its input staging), of sampli
 rest of the tick (the scheduler's planning and the allocator calls). The roofline of a decode
 step: weight bytes + the KV bytes read + the SSM and conv state read and written, over the copy
 bandwidth measured in the same run (read + write). Writes JSON (--out) and prints a table last.
-"""from __future__ import annotations
+"""
+from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -114,6 +116,7 @@ def main() -> None:
     for mode in args.modes:
         for B in args.batch:
             rows.append(_profile(model, mode, B, args, weight_bytes, bw, smp))
+            gc.collect()   # the timers' wrappers make cycles through the LLM: free its arena now
             torch.cuda.empty_cache()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                copy_bytes_per_s=bw, weight_bytes=weight_bytes,

@@ -42,3 +42,12 @@ def test_house_rules(path):
     assert not long, f"functions over {MAX_LINES} lines: {long}"
     assert not private_imports, f"private names imported from other modules: {private_imports}"
     assert not private_reads, f"private attributes of other objects read: {private_reads}"
+
+
+PERF_SCRIPTS = sorted((PACKAGE.parent / "perf").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", PERF_SCRIPTS, ids=lambda p: p.name)
+def test_perf_scripts_parse(path):
+    """The GPU benchmarks run only on a lent device: a syntax error must show here, not there."""
+    compile(path.read_text(), str(path), "exec")
