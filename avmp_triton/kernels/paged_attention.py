@@ -301,11 +301,21 @@ def kv_append_kernel(
 @triton.jit
 def _quantize(x, scale, dtype: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
     """``x / scale`` per row (kv head), saturated to e4m3's finite range (+-448), in ``dtype``.
-    ROUND_IN_FP32 (the interpreter, whose fp8 conversion in triton 3.6 keeps the exponent when the
-    mantissa rounds up: 1.97 becomes 1.0): round to the e4m3 grid first (nearest, ties to even, by
-    adding and subtracting 1.5 * 2^23 in fp32), so the conversion only has exact values to store."""
-    y = tl.minimum(tl.maximum(x.to(tl.float32) / scale[:, None], -FP8_MAX), FP8_MAX)
+    NaN stays NaN. ROUND_IN_FP32 (the interpreter, whose fp8 conversion in triton 3.6 keeps the
+    exponent when the mantissa rounds up: 1.97 becomes 1.0): round to the e4m3 grid first
+    (nearest, ties to even, by adding and subtracting 1.5 * 2^23 in fp32), so the conversion only
+    has exact values to store."""
+    y = _saturate(x.to(tl.float32) / scale[:, None])
     if ROUND_IN_FP32:
         step = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(y), 0.015625))) - 3.0)   # 2^-9 below 2^-6
-        y = tl.minimum(tl.maximum(((y / step + 12582912.0) - 12582912.0) * step, -FP8_MAX), FP8_MAX)
+        y = _saturate(((y / step + 12582912.0) - 12582912.0) * step)
+        # nor does that conversion keep NaN: store e4m3's NaN bits (0x7f) for it
+        nan = tl.full(y.shape, 0x7F, tl.uint8).to(dtype, bitcast=True)
+        return tl.where(y != y, nan, y.to(dtype))
     return y.to(dtype)
+
+
+@triton.jit
+def _saturate(y):
+    """``y`` clamped to +-448 with NaN kept (GPU min/max would turn it into a bound)."""
+    return tl.clamp(y, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)

@@ -86,6 +86,9 @@ class HybridRunner(abc.ABC):
                                               ssm_dtype=ssm_dtype, page_tokens=page_tokens)
         if spec.num_attn_layers:
             check_attn_head_dim(spec.head_dim, f"the {hf_model.config.model_type} model's attention")
+            if spec.kv_dtype == torch.float8_e4m3fn and spec.head_dim % 16:
+                raise ValueError(f"fp8 KV pages need a head_dim that is a multiple of 16 (rows of whole 16-byte "
+                                 f"words); the {hf_model.config.model_type} model's attention has {spec.head_dim}")
         return spec
 
     @classmethod
@@ -102,7 +105,7 @@ class HybridRunner(abc.ABC):
         else:
             spec = allocator.spec
             want = cls.spec_of(hf_model, ssm_dtype=spec.ssm_dtype, page_tokens=allocator.page_tokens,
-                               kv_dtype=spec.kv_dtype if spec.num_attn_layers else None)
+                               kv_dtype=spec.kv_dtype)
             if dataclasses.replace(want, name=spec.name) != spec:
                 raise ValueError(f"the allocator's spec {spec} is not this model's cache geometry {want}")
         return cls(hf_model, spec, capacity_bytes=capacity_bytes, allocator=allocator, max_requests=max_requests,

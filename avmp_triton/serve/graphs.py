@@ -2,10 +2,11 @@
 bucket, so a decode tick costs one graph launch instead of a thousand kernel launches from Python.
 
 A bucket's graph reads fixed input buffers (tokens, positions, block-table rows, SSM handles) and
-writes fixed logits. Before a replay the host fills the first ``n`` rows (one pinned host-to-device
-copy for tokens and lengths, two gathers from the scheduler's device tables) and pads the rest of
-the bucket with rows of length 0 and SSM handle -1, which the kernels skip (the -1 convention: no
-byte of any unit is read or written for them). Nothing in a replay reads the device on the host.
+writes fixed logits. Before a replay the host fills the first ``n`` rows (one host-to-device copy
+from pinned memory for tokens and lengths, two gathers from the scheduler's device tables) and
+pads the rest of the bucket with rows of length 0 and SSM handle -1, which the kernels skip (the
+-1 convention: no byte of any unit is read or written for them). Nothing in a replay reads the
+device on the host.
 
 Buckets are 1, 2, 4, ... up to ``max_batch`` (which is a bucket itself), as vLLM captures its
 decode batch sizes. All graphs share one memory pool, captured from the largest down.
@@ -45,10 +46,11 @@ class DecodeGraphs:
         self.block_table = torch.full((max_batch, width), -1, **i32)
         self.logits = torch.zeros(max_batch, runner.vocab_size, dtype=torch.float32, device=dev)
         cuda = dev.type == "cuda"
-        # staged on the host, copied in one transfer that the graphs read: row 0 the tokens, row 1
-        # the lengths (0: a padding row)
-        self._host = torch.zeros((2, max_batch), dtype=torch.int64, pin_memory=cuda)
-        self._staged = torch.zeros((2, max_batch), dtype=torch.int64, device=dev)
+        # staged on the host, copied in one transfer that the graphs read: per row its token and
+        # its length (0: a padding row); row-major, so the first rows of any bucket are contiguous
+        # and the copy goes straight from pinned memory
+        self._host = torch.zeros((max_batch, 2), dtype=torch.int64, pin_memory=cuda)
+        self._staged = torch.zeros((max_batch, 2), dtype=torch.int64, device=dev)
         self._copied = torch.cuda.Event() if cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replays = 0
@@ -73,10 +75,10 @@ class DecodeGraphs:
             raise ValueError(f"block tables {W} pages wide exceed the captured width {self.width}")
         if self._copied is not None:
             self._copied.synchronize()   # the last step's transfer has left the staging buffer
-        self._host[:, n:bs] = 0
-        self._host[0, :n] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-        self._host[1, :n] = torch.from_numpy(np.asarray(seq_lens, dtype=np.int64))
-        self._staged[:, :bs].copy_(self._host[:, :bs], non_blocking=True)
+        self._host[n:bs] = 0
+        self._host[:n, 0] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        self._host[:n, 1] = torch.from_numpy(np.asarray(seq_lens, dtype=np.int64))
+        self._staged[:bs].copy_(self._host[:bs], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         # columns past W keep older values: a row reads only the pages its length covers
@@ -91,7 +93,7 @@ class DecodeGraphs:
         return self.logits[:n]
 
     def _step(self, bs: int) -> None:
-        tokens, seq_lens = self._staged[0, :bs], self._staged[1, :bs].to(torch.int32)
+        tokens, seq_lens = self._staged[:bs, 0], self._staged[:bs, 1].to(torch.int32)
         self.logits[:bs] = self.runner.decode(tokens, self.block_table[:bs], self.ssm_handles[:bs], seq_lens)
 
     def _capture(self) -> None:

@@ -91,13 +91,17 @@ class LLM:
             raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
         if not is_int(max_num_seqs) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be a positive int, got {max_num_seqs!r}")
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
+        if max_model_len is not None and (not is_int(max_model_len) or max_model_len < 2):
+            raise ValueError(f"max_model_len must be an int >= 2 (a prompt token and an output token), "
+                             f"got {max_model_len!r}")
+        if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
         if allocator not in SERVABLE:
             reason = (" (its SSM state spans several units, and the Mamba ops read a request's state from one)"
                       if allocator == "vllm_hybrid" else "")
             raise ValueError(f"allocator {allocator!r} cannot serve{reason}; choose one of {SERVABLE}")
         self.model = _load(model, as_dtype(dtype), device, seed)
+        self.max_model_len = _max_model_len(max_model_len, self.model.config)
         device = next(self.model.parameters()).device
         self.tokenizer = tokenizer
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
@@ -113,7 +117,6 @@ class LLM:
                                         **(allocator_kwargs or {}))
         self.runner = cls.from_transformers(self.model, allocator=self.allocator, max_requests=1, max_context=16)
         self.eos = _eos_ids(self.model.config)
-        self.max_model_len = _max_model_len(max_model_len, self.model.config)
         self.graphs = None if enforce_eager else self._decode_graphs()
         self.last_metrics = None
         self.last_graph_steps = self.last_steps = 0
@@ -200,10 +203,13 @@ def _load(model, dtype: torch.dtype, device, seed: int):
 
 
 def _max_model_len(given, config) -> int:
+    """The given length (checked by the caller), or the config's; as vLLM does, no longer than the
+    config's ``max_position_embeddings`` where it has one (models without one take 8192)."""
+    limit = getattr(config, "max_position_embeddings", None)
     if given is None:
-        return int(getattr(config, "max_position_embeddings", None) or 8192)
-    if not is_int(given) or given < 2:
-        raise ValueError(f"max_model_len must be an int >= 2 (a prompt token and an output token), got {given!r}")
+        return int(limit or 8192)
+    if limit and given > limit:
+        raise ValueError(f"max_model_len={given} exceeds the model's max_position_embeddings={limit}")
     return int(given)
 
 

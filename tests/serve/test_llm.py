@@ -98,6 +98,22 @@ def test_fp8_kv_cache(model, reference):
     assert llm.last_metrics.units_returned_at_drain
 
 
+def test_fp8_kv_cache_refusals_and_attention_free_models():
+    """fp8 pages need rows of whole 16-byte words (a head_dim that is a multiple of 16); an
+    attention-free model has no pages, so the option changes nothing there."""
+    odd = random_model(dict(model_type="nemotron_h", hybrid_override_pattern="M*", vocab_size=97, hidden_size=64,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=40, intermediate_size=96,
+                            ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2, conv_kernel=4,
+                            chunk_size=8), dtype=torch.float32, device=DEV)
+    with pytest.raises(ValueError, match="fp8 KV pages need a head_dim that is a multiple of 16.* has 40"):
+        _llm(odd, kv_cache_dtype="fp8")
+    mamba = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, num_heads=4, head_dim=16, n_groups=2,
+        chunk_size=8)).eval().to(DEV)
+    outs = _llm(mamba, kv_cache_dtype="fp8").generate([[1, 2, 3]], GREEDY)
+    assert len(outs[0].outputs[0].token_ids) == 6
+
+
 def test_stop_token_ends_a_request_early(model, reference):
     stop = reference[0][3]
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, stop_token_ids=[stop])
@@ -118,6 +134,7 @@ def test_seeded_sampling_is_reproducible(model):
     (dict(allocator="lru"), ValueError, "allocator 'lru' cannot serve; choose one of"),
     (dict(enforce_eager="no"), ValueError, "enforce_eager must be a bool, got 'no'"),
     (dict(max_model_len=1), ValueError, "max_model_len must be an int >= 2 .* got 1"),
+    (dict(max_model_len=1 << 20), ValueError, "max_model_len=1048576 exceeds the model's max_position_embeddings"),
     (dict(max_num_seqs=0), ValueError, "max_num_seqs must be a positive int, got 0"),
     (dict(kv_cache_dtype="int8"), ValueError, r"kv_cache_dtype must be one of \['auto', 'fp8', 'fp8_e4m3'\], got 'int8'"),
     (dict(memory_gib=-1), ValueError, "memory_gib must be a positive number, got -1"),
