@@ -33,7 +33,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="most tokens of a request (default: the model "
                    "config's max_position_embeddings); bench-serve cuts its trace's lengths to it")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3"),
+    from avmp_triton.serve.llm import KV_CACHE_DTYPES
+    p.add_argument("--kv-cache-dtype", default="auto", choices=tuple(KV_CACHE_DTYPES),
                    help="K/V pages in the model's dtype, or float8_e4m3fn (scales 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the trace")
 
@@ -106,13 +107,14 @@ def cmd_generate(args, sub) -> int:
     return 0
 
 
-def _trace(args, vocab: int, max_len: int):
+def trace_requests(workload: str, seed: int, n: int, rate: float | None, vocab: int, max_len: int):
+    """Prompts (random token ids), greedy ``SamplingParams`` (EOS ignored) and arrival times in
+    seconds of ``n`` requests of a workload at ``rate`` per second (None: all at once), prompt and
+    output cut to ``max_len`` tokens together."""
     from avmp_triton.sim.workloads import make_workload
-    rate = None if math.isinf(args.request_rate) else args.request_rate
-    reqs = make_workload(args.workload, args.seed, num_requests=args.num_requests, rate=rate)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     prompts, params, arrivals = [], [], []
-    for r in reqs:
+    for r in make_workload(workload, seed, num_requests=n, rate=rate):
         p = max(1, min(r.prompt_tokens, max_len - 1))
         out = max(1, min(r.output_tokens, max_len - p))
         prompts.append(rng.integers(0, vocab, p).tolist())
@@ -125,7 +127,9 @@ def cmd_bench_serve(args, sub) -> int:
     from tqdm import tqdm
     try:
         llm = _llm(args)
-        prompts, params, arrivals = _trace(args, llm.model.config.vocab_size, llm.max_model_len)
+        rate = None if math.isinf(args.request_rate) else args.request_rate
+        prompts, params, arrivals = trace_requests(args.workload, args.seed, args.num_requests, rate,
+                                                   llm.model.config.vocab_size, llm.max_model_len)
     except ValueError as e:
         sub.error(str(e))
     bar = tqdm(total=len(prompts), desc="bench-serve", unit="req", disable=args.no_progress, file=sys.stderr)

@@ -39,27 +39,18 @@ import triton
 import transformers
 
 from avmp_triton import LLM, SamplingParams
+from avmp_triton.cli_serve import trace_requests
 from avmp_triton.models.loading import random_model
+from avmp_triton.serve.llm import KV_CACHE_DTYPES
 from avmp_triton.sim import sweep
-from avmp_triton.sim.workloads import make_workload
 
 METRICS = ("output_tokens_per_s", "requests_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
            "goodput_requests_per_s", "preemptions", "recomputed_tokens", "migrations", "bytes_moved", "completed")
-# two-sided 95% t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def trace(workload: str, seed: int, n: int, rate: float, vocab: int, max_len: int):
-    """Prompts, sampling params and arrival times (s) of one seed of a workload at ``rate`` req/s."""
-    rng = np.random.default_rng(seed)
-    prompts, params, arrivals = [], [], []
-    for r in make_workload(workload, seed, num_requests=n, rate=rate):
-        p = max(1, min(r.prompt_tokens, max_len - 1))
-        prompts.append(rng.integers(0, vocab, p).tolist())
-        params.append(SamplingParams(temperature=0.0, max_tokens=max(1, min(r.output_tokens, max_len - p)),
-                                     ignore_eos=True))
-        arrivals.append(float(r.arrival))
-    return prompts, params, arrivals
+# two-sided 95% t quantiles by degrees of freedom (standard tables); the normal 1.96 past 30
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+       20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+       29: 2.045, 30: 2.042}
 
 
 def interval(xs: list[float]) -> dict:
@@ -113,8 +104,8 @@ def run_group(model, spec, workload: str, budget_label: str, args, out: dict, de
             for seed in args.seeds:
                 if time.monotonic() > deadline:
                     break
-                prompts, params, arrivals = trace(workload, seed, args.num_requests, rate,
-                                                  model.config.vocab_size, args.max_model_len)
+                prompts, params, arrivals = trace_requests(workload, seed, args.num_requests, rate,
+                                                           model.config.vocab_size, args.max_model_len)
                 t0 = time.perf_counter()
                 llm.generate(prompts, params, arrival_s=arrivals)
                 m = llm.last_metrics.__dict__
@@ -152,7 +143,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=8192)
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=tuple(KV_CACHE_DTYPES))
     ap.add_argument("--time-limit", type=float, default=1500.0, help="seconds; no new run starts after it")
     args = ap.parse_args()
     deadline = time.monotonic() + args.time_limit

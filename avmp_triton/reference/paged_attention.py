@@ -75,16 +75,14 @@ def paged_decode_attention_ref(q: torch.Tensor, arena: torch.Tensor, handle_tabl
     ``[0, W * page_tokens]`` as the kernel does. ``kv_scale`` ``[2, Hkv]``: the stored K and V of
     kv head h are multiplied by ``kv_scale[0, h]`` and ``kv_scale[1, h]`` (an fp8 cache)."""
     B, Hq, D = q.shape
-    dtype = q.dtype if kv_dtype is None else kv_dtype
+    dtype = kv_dtype or (q.dtype if kv_scale is None else torch.float8_e4m3fn)
     scale = D ** -0.5 if scale is None else scale
     W = block_table.shape[1]
     out = torch.zeros(B, Hq, D, dtype=compute_dtype, device=q.device)
     for b, n in enumerate(seq_lens.tolist()):
         n = min(max(n, 0), W * layout.page_tokens)
         k, v, ok = gather_kv(arena, handle_table, layout, block_table[b], n, layer, dtype)
-        if kv_scale is not None:
-            s = kv_scale.to(device=k.device, dtype=compute_dtype)
-            k, v = k.to(compute_dtype) * s[0, None, :, None], v.to(compute_dtype) * s[1, None, :, None]
+        k, v = dequantize(k, v, kv_scale, compute_dtype)
         out[b] = decode_attention_dense(q[b], k, v, ok, scale, compute_dtype)
     return out
 
@@ -115,6 +113,16 @@ def kv_append_ref(k: torch.Tensor, v: torch.Tensor, arena: torch.Tensor, handle_
         elems[idx] = k[t]
         elems[idx + layout.stride_kv] = v[t]
     return out
+
+
+def dequantize(k: torch.Tensor, v: torch.Tensor, kv_scale: torch.Tensor | None,
+               compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored K, V ``[L, Hkv, D]`` times their scales ``kv_scale[0 or 1, h]`` (an fp8 cache), in
+    ``compute_dtype``; unchanged without scales."""
+    if kv_scale is None:
+        return k, v
+    s = kv_scale.to(device=k.device, dtype=compute_dtype)
+    return k.to(compute_dtype) * s[0, None, :, None], v.to(compute_dtype) * s[1, None, :, None]
 
 
 def _fp8(x: torch.Tensor) -> torch.Tensor:

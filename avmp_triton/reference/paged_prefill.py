@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from avmp_triton.layout import KVPageLayout
-from avmp_triton.reference.paged_attention import gather_kv
+from avmp_triton.reference.paged_attention import dequantize, gather_kv
 
 
 def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -58,9 +58,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq
         assert ctx >= hi - lo, f"request {b}: seq_len {ctx} < q_len {hi - lo}"
         k, v, ok = gather_kv(arena, handle_table, layout, block_table[b], ctx, layer,
                              q.dtype if kv_scale is None else torch.float8_e4m3fn)
-        if kv_scale is not None:
-            s = kv_scale.to(device=k.device, dtype=compute_dtype)
-            k, v = k.to(compute_dtype) * s[0, None, :, None], v.to(compute_dtype) * s[1, None, :, None]
+        k, v = dequantize(k, v, kv_scale, compute_dtype)
         assert bool(ok.all()), f"request {b}: the pages of tokens {(~ok).nonzero().flatten().tolist()[:8]} are not readable"
         out[lo:hi] = causal_attention_ref(q[lo:hi], k, v, scale, compute_dtype).float()
     return out
