@@ -110,23 +110,23 @@ def main() -> None:
     model = random_model("nemotron-h-8b", dtype=torch.bfloat16, device="cuda", seed=0).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bw = copy_bandwidth()
-    rows = []
-    smp: list = []
-    timed(ex, "sample", smp, sync_before=False)    # the executor's sampler, for every run below
-    for mode in args.modes:
-        for B in args.batch:
-            rows.append(_profile(model, mode, B, args, weight_bytes, bw, smp))
-            gc.collect()   # the timers' wrappers make cycles through the LLM: free its arena now
-            torch.cuda.empty_cache()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                copy_bytes_per_s=bw, weight_bytes=weight_bytes,
                commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+    rows = []
     res = dict(bench="profile_serve_step", env=env, model="nemotron-h-8b (random bf16, fp32 SSM state)",
                prompt=args.prompt, output=args.output, rows=rows)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+    smp: list = []
+    timed(ex, "sample", smp, sync_before=False)    # the executor's sampler, for every run below
+    for B in args.batch:           # eager and graphs side by side at each batch
+        for mode in args.modes:
+            rows.append(_profile(model, mode, B, args, weight_bytes, bw, smp))
+            gc.collect()   # the timers' wrappers make cycles through the LLM: free its arena now
+            torch.cuda.empty_cache()
+            if args.out:   # rewritten after every row: a time limit keeps what ran
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as fh:
+                    json.dump(res, fh, indent=1)
     print(f"{env['gpu']}  copy {bw / 1e12:.2f} TB/s  weights {weight_bytes / 1e9:.1f} GB")
     print(f"{'mode':>6s} {'B':>4s} {'forward':>9s} {'sample':>8s} {'sched+alloc':>12s} {'step':>8s} {'roofline':>9s} {'of roof':>8s}")
     for r in rows:
