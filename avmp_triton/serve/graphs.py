@@ -8,8 +8,8 @@ pads the rest of the bucket with rows of length 0 and SSM handle -1, which the k
 -1 convention: no byte of any unit is read or written for them). Nothing in a replay reads the
 device on the host.
 
-Buckets are 1, 2, 4, ... up to ``max_batch`` (which is a bucket itself), as vLLM captures its
-decode batch sizes. All graphs share one memory pool, captured from the largest down.
+Buckets are 1, 2, 4 and the multiples of 8 up to ``max_batch`` (a bucket itself), the batch
+sizes vLLM captures. All graphs share one memory pool, captured from the largest down.
 
 Off the GPU nothing is captured: ``run`` calls the same fixed-shape step on the same buffers, so
 the CPU tests exercise the code a graph replays.
@@ -21,12 +21,10 @@ import torch
 
 
 def buckets(max_batch: int) -> list[int]:
-    """Powers of two below ``max_batch``, then ``max_batch``."""
-    out, b = [], 1
-    while b < max_batch:
-        out.append(b)
-        b *= 2
-    return out + [max_batch]
+    """1, 2, 4, then every multiple of 8 below ``max_batch``, then ``max_batch`` (vLLM's capture
+    sizes): a step pads at most 7 rows, where powers of two would pad 129 rows to 256."""
+    small = [b for b in (1, 2, 4) if b < max_batch]
+    return small + list(range(8, max_batch, 8)) + [max_batch]
 
 
 class DecodeGraphs:

@@ -73,7 +73,7 @@ class LLM:
     ``max_model_len``: the most tokens (prompt + max_tokens) of one request (default: the config's
     ``max_position_embeddings``, else 8192); it sets the width of the captured block tables.
     ``enforce_eager``: False (vLLM's default) captures the decode step as CUDA graphs, one per
-    batch bucket 1, 2, 4, ... ``max_num_seqs``; off the GPU the same fixed-shape step runs
+    batch bucket (1, 2, 4, the multiples of 8, ``max_num_seqs``); off the GPU the same fixed-shape step runs
     uncaptured. A family whose decode reads the device on the host (MoE routing: Jamba,
     Granite-4.0-H with experts) runs eagerly, with a warning (``cuda_graphs`` says which).
     ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (vLLM's names): K/V pages

@@ -24,10 +24,12 @@ def model():
     return random_model("nemotron-h-tiny", dtype=torch.float32, seed=0, device=DEV).eval()
 
 
-def test_buckets_are_powers_of_two_then_the_largest_batch():
+def test_buckets_are_vllms_capture_sizes():
     assert buckets(1) == [1]
     assert buckets(6) == [1, 2, 4, 6]
     assert buckets(8) == [1, 2, 4, 8]
+    assert buckets(30) == [1, 2, 4, 8, 16, 24, 30]
+    assert buckets(256)[-3:] == [240, 248, 256] and len(buckets(256)) == 35
 
 
 def test_shapes_past_the_captured_ones_are_refused(model):
