@@ -3,6 +3,7 @@
     python perf/inspect_sm90.py [--out FILE]
     python perf/inspect_sm90.py --batch-one     # compile only; exit 1 if any kernel fails
     python perf/inspect_sm90.py --padded-head-dim   # likewise, the attention kernels at head dim 160
+    python perf/inspect_sm90.py --fp8               # likewise, the attention kernels over fp8 pages
     python perf/inspect_sm90.py --ptx-dir DIR   # also write each kernel's PTX, normalised
 
 For each kernel (with the argument specialisations the JIT would apply on an H100 call: pointers
@@ -173,14 +174,14 @@ _DECODE_SIG = dict(q_ptr=BF, arena_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", b
                    seq_lens_ptr="*i32", out_ptr=BF, ws_acc_ptr=F32, ws_ml_ptr=F32, num_handles="i32", W="i32",
                    num_q_heads="i32", stride_q_b="i32", stride_q_h="i32", stride_o_b="i32", stride_o_h="i32",
                    stride_bt_b="i32", layer_off="i32", stride_kv="i32", stride_head="i32", stride_token="i32",
-                   qk_scale="fp32")
+                   qk_scale="fp32", kv_scale_ptr=F32)
 _DECODE_DIV = _div(_DECODE_SIG, ["stride_q_b", "stride_q_h", "stride_o_b", "stride_o_h", "layer_off", "stride_kv",
                                  "stride_head", "stride_token"])
 _PREFILL_SIG = dict(q_ptr=BF, out_ptr=BF, cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", block_table_ptr="*i32",
                     handle_table_ptr="*i64", kinds_ptr="*i32", kv_ptr=BF, num_seqs="i32", max_pages="i32",
                     num_handles="i32", num_tokens="i32", stride_q_t="i32", stride_q_h="i32", stride_o_t="i32",
                     stride_o_h="i32", stride_bt_b="i32", layer_off="i32", stride_kv="i32", stride_kv_head="i32",
-                    stride_kv_token="i32", qk_scale="fp32")
+                    stride_kv_token="i32", qk_scale="fp32", kv_scale_ptr=F32)
 _PREFILL_DIV = _div(_PREFILL_SIG, ["stride_q_t", "stride_q_h", "stride_o_t", "stride_o_h", "layer_off", "stride_kv",
                                    "stride_kv_head", "stride_kv_token"])
 
@@ -190,10 +191,12 @@ def attention_cases():
     B=16 default launch: 3 splits, 4 pages a step, 4 warps) and prefill attention (D 128, GQA 4)."""
     yield ("paged_decode_attention (Jamba, 3 splits, 64 tokens a step, 4 warps)", KA.paged_decode_kernel,
            _DECODE_SIG, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, BLOCK_N=64,
-                             NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=True, DOT_FP32=False, PIPELINE=True), 4, _DECODE_DIV)
+                             NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=True, DOT_FP32=False, PIPELINE=True, KV_FP8=False,
+                             NUM_KV_HEADS=8), 4, _DECODE_DIV)
     yield ("paged_prefill_attention (D 128, GQA 4, 128 x 64 tiles, 8 warps)", KPA.paged_prefill_kernel,
            _PREFILL_SIG, dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=128, BLOCK_Q=32,
-                              BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False), 8, _PREFILL_DIV)
+                              BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False,
+                              NUM_KV_HEADS=8), 8, _PREFILL_DIV)
 
 
 def padded_head_dim_cases():
@@ -202,7 +205,8 @@ def padded_head_dim_cases():
     a step, 8 warps, and its combine kernel; KV append; prefill in 64 x 32 tiles (the 256 row)."""
     yield ("paged_decode_attention (Zamba2, D 160, 3 splits, 32 tokens a step, 8 warps)", KA.paged_decode_kernel,
            _DECODE_SIG, dict(GROUP=1, GROUP_PAD=1, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, BLOCK_N=32,
-                             NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=False, DOT_FP32=False, PIPELINE=True), 8, _DECODE_DIV)
+                             NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=False, DOT_FP32=False, PIPELINE=True, KV_FP8=False,
+                             NUM_KV_HEADS=32), 8, _DECODE_DIV)
     comb = dict(ws_acc_ptr=F32, ws_ml_ptr=F32, out_ptr=BF, num_q_heads="i32", stride_o_b="i32", stride_o_h="i32")
     yield ("paged_decode_combine (D 160, 3 splits, 8 warps)", KA.paged_decode_combine_kernel, comb,
            dict(NUM_SPLITS=3, SPLITS_PAD=4, CHUNK=4, HEAD_DIM=160, BLOCK_D=256), 8,
@@ -210,14 +214,39 @@ def padded_head_dim_cases():
     app = dict(k_ptr=BF, v_ptr=BF, arena_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", block_table_ptr="*i32",
                token_req_ptr="*i32", token_pos_ptr="*i32", num_handles="i32", B="i32", W="i32", stride_k_t="i32",
                stride_k_h="i32", stride_v_t="i32", stride_v_h="i32", stride_bt_b="i32", layer_off="i32",
-               stride_kv="i32", stride_head="i32", stride_token="i32")
+               stride_kv="i32", stride_head="i32", stride_token="i32", kv_scale_ptr=F32)
     yield ("kv_append (Zamba2, D 160, 4 warps)", KA.kv_append_kernel, app,
-           dict(NUM_KV_HEADS=32, HEADS_PAD=32, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, ELEM_BYTES=2), 4,
+           dict(NUM_KV_HEADS=32, HEADS_PAD=32, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, ELEM_BYTES=2, KV_FP8=False,
+                ROUND_IN_FP32=False), 4,
            _div(app, ["stride_k_t", "stride_k_h", "stride_v_t", "stride_v_h", "layer_off", "stride_kv",
                       "stride_head", "stride_token"]))
     yield ("paged_prefill_attention (Zamba2, D 160, GQA 1, 64 x 32 tiles, 8 warps)", KPA.paged_prefill_kernel,
            _PREFILL_SIG, dict(GQA=1, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=64, BLOCK_Q=64,
-                              BLOCK_N=32, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False), 8, _PREFILL_DIV)
+                              BLOCK_N=32, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False,
+                              NUM_KV_HEADS=32), 8, _PREFILL_DIV)
+
+
+def fp8_cases():
+    """The attention kernels over float8_e4m3fn pages at the Jamba shape of ``attention_cases``: K/V
+    tiles converted to bf16 for the dots, the scales folded per program, and the quantising append."""
+    fp8 = "*fp8e4nv"
+    yield ("paged_decode_attention fp8 (Jamba, 3 splits, 64 tokens a step, 4 warps)", KA.paged_decode_kernel,
+           dict(_DECODE_SIG, arena_ptr=fp8), dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16,
+                                                  BLOCK_N=64, NUM_SPLITS=3, ELEM_BYTES=1, USE_DOT=True, DOT_FP32=False,
+                                                  PIPELINE=True, KV_FP8=True, NUM_KV_HEADS=8), 4, _DECODE_DIV)
+    yield ("paged_prefill_attention fp8 (D 128, GQA 4, 128 x 64 tiles, 8 warps)", KPA.paged_prefill_kernel,
+           dict(_PREFILL_SIG, kv_ptr=fp8), dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1,
+                                                BLOCK_M=128, BLOCK_Q=32, BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32",
+                                                UPCAST_DOT=False, KV_FP8=True, NUM_KV_HEADS=8), 8, _PREFILL_DIV)
+    app = dict(k_ptr=BF, v_ptr=BF, arena_ptr=fp8, table_ptr="*i64", kinds_ptr="*i32", block_table_ptr="*i32",
+               token_req_ptr="*i32", token_pos_ptr="*i32", num_handles="i32", B="i32", W="i32", stride_k_t="i32",
+               stride_k_h="i32", stride_v_t="i32", stride_v_h="i32", stride_bt_b="i32", layer_off="i32",
+               stride_kv="i32", stride_head="i32", stride_token="i32", kv_scale_ptr=F32)
+    yield ("kv_append fp8 (Jamba, 4 warps)", KA.kv_append_kernel, app,
+           dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1, KV_FP8=True,
+                ROUND_IN_FP32=False), 4,
+           _div(app, ["stride_k_t", "stride_k_h", "stride_v_t", "stride_v_h", "layer_off", "stride_kv",
+                      "stride_head", "stride_token"]))
 
 
 def batch_one_cases():
@@ -249,8 +278,12 @@ def main():
     ap.add_argument("--batch-one", action="store_true", help="compile with batch 1; report failures only")
     ap.add_argument("--padded-head-dim", action="store_true",
                     help="compile the attention kernels at head dim 160; report failures only")
+    ap.add_argument("--fp8", action="store_true", help="compile the attention kernels over fp8 pages; report "
+                    "failures only")
     ap.add_argument("--ptx-dir", default=None, help="also write each case's normalised PTX here")
     args = ap.parse_args()
+    if args.fp8:
+        raise SystemExit(check_compiles(fp8_cases()))
     if args.batch_one:
         raise SystemExit(check_compiles(batch_one_cases()))
     if args.padded_head_dim:

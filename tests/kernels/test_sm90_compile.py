@@ -35,3 +35,9 @@ def test_attention_kernels_compile_for_sm90_at_padded_head_dim():
     """Head dim 160 (Zamba2) takes the masked-lane path, which no power-of-two head dim compiles."""
     out = _inspect("--padded-head-dim")
     assert out.count("ok      ") == 4, out
+
+
+def test_attention_kernels_compile_for_sm90_over_fp8_pages():
+    """fp8 tiles converted for the dots, the scales folded, the quantising append."""
+    out = _inspect("--fp8")
+    assert out.count("ok      ") == 3, out
