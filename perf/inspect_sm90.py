@@ -185,6 +185,13 @@ _PREFILL_SIG = dict(q_ptr=BF, out_ptr=BF, cu_seqlens_q_ptr="*i32", seq_lens_ptr=
 _PREFILL_DIV = _div(_PREFILL_SIG, ["stride_q_t", "stride_q_h", "stride_o_t", "stride_o_h", "layer_off", "stride_kv",
                                    "stride_kv_head", "stride_kv_token"])
 
+_APPEND_SIG = dict(k_ptr=BF, v_ptr=BF, arena_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", block_table_ptr="*i32",
+                   token_req_ptr="*i32", token_pos_ptr="*i32", num_handles="i32", B="i32", W="i32", stride_k_t="i32",
+                   stride_k_h="i32", stride_v_t="i32", stride_v_h="i32", stride_bt_b="i32", layer_off="i32",
+                   stride_kv="i32", stride_head="i32", stride_token="i32", kv_scale_ptr=F32)
+_APPEND_DIV = _div(_APPEND_SIG, ["stride_k_t", "stride_k_h", "stride_v_t", "stride_v_h", "layer_off", "stride_kv",
+                                 "stride_head", "stride_token"])
+
 
 def attention_cases():
     """Decode attention at the Jamba shape of the benchmark (32/8 heads, D 128, pages of 16, the
@@ -211,15 +218,11 @@ def padded_head_dim_cases():
     yield ("paged_decode_combine (D 160, 3 splits, 8 warps)", KA.paged_decode_combine_kernel, comb,
            dict(NUM_SPLITS=3, SPLITS_PAD=4, CHUNK=4, HEAD_DIM=160, BLOCK_D=256), 8,
            _div(comb, ["stride_o_b", "stride_o_h"]))
-    app = dict(k_ptr=BF, v_ptr=BF, arena_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", block_table_ptr="*i32",
-               token_req_ptr="*i32", token_pos_ptr="*i32", num_handles="i32", B="i32", W="i32", stride_k_t="i32",
-               stride_k_h="i32", stride_v_t="i32", stride_v_h="i32", stride_bt_b="i32", layer_off="i32",
-               stride_kv="i32", stride_head="i32", stride_token="i32", kv_scale_ptr=F32)
+    app = _APPEND_SIG
     yield ("kv_append (Zamba2, D 160, 4 warps)", KA.kv_append_kernel, app,
            dict(NUM_KV_HEADS=32, HEADS_PAD=32, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, ELEM_BYTES=2, KV_FP8=False,
                 ROUND_IN_FP32=False), 4,
-           _div(app, ["stride_k_t", "stride_k_h", "stride_v_t", "stride_v_h", "layer_off", "stride_kv",
-                      "stride_head", "stride_token"]))
+           _APPEND_DIV)
     yield ("paged_prefill_attention (Zamba2, D 160, GQA 1, 64 x 32 tiles, 8 warps)", KPA.paged_prefill_kernel,
            _PREFILL_SIG, dict(GQA=1, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=64, BLOCK_Q=64,
                               BLOCK_N=32, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False,
@@ -238,15 +241,11 @@ def fp8_cases():
            dict(_PREFILL_SIG, kv_ptr=fp8), dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1,
                                                 BLOCK_M=128, BLOCK_Q=32, BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32",
                                                 UPCAST_DOT=False, KV_FP8=True, NUM_KV_HEADS=8), 8, _PREFILL_DIV)
-    app = dict(k_ptr=BF, v_ptr=BF, arena_ptr=fp8, table_ptr="*i64", kinds_ptr="*i32", block_table_ptr="*i32",
-               token_req_ptr="*i32", token_pos_ptr="*i32", num_handles="i32", B="i32", W="i32", stride_k_t="i32",
-               stride_k_h="i32", stride_v_t="i32", stride_v_h="i32", stride_bt_b="i32", layer_off="i32",
-               stride_kv="i32", stride_head="i32", stride_token="i32", kv_scale_ptr=F32)
+    app = dict(_APPEND_SIG, arena_ptr=fp8)
     yield ("kv_append fp8 (Jamba, 4 warps)", KA.kv_append_kernel, app,
            dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1, KV_FP8=True,
                 ROUND_IN_FP32=False), 4,
-           _div(app, ["stride_k_t", "stride_k_h", "stride_v_t", "stride_v_h", "layer_off", "stride_kv",
-                      "stride_head", "stride_token"]))
+           _APPEND_DIV)
 
 
 def batch_one_cases():
