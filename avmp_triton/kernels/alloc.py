@@ -16,6 +16,8 @@ sequence always yields the same table (the only atomics are commutative counter 
 exceptions keep that order by construction: ``alloc_kernel`` pops fixed positions below one top,
 and a large free validates in one launch and pushes in a second, each program at the offset the
 counts of the programs before it give. They must never be autotuned (autotuning re-runs a kernel).
+Counts that change from call to call (n, k, n_moves) are not specialised on, so a new size
+never compiles another variant in the middle of serving.
 
 Pops take ``stack[top - 1 - i]`` for the i-th unit; pushes write ``stack[top + i]``.
 """
@@ -116,7 +118,7 @@ def _first_error(code, pos, val, err_pos, err_code, err_val):
             tl.where(better, b_val, err_val))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def alloc_kernel(
     out_ptr,          # [n] int32 handles (output)
     n,
@@ -151,7 +153,7 @@ def alloc_kernel(
         tl.store(ticket_ptr, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def free_kernel(
     handles_ptr,      # [n] int32
     n,
@@ -197,7 +199,7 @@ def free_kernel(
     tl.store(status_ptr + 2, err_val)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def free_check_kernel(
     handles_ptr,      # [n] int32
     n,
@@ -227,7 +229,7 @@ def free_check_kernel(
     tl.store(row + 5, tl.sum(ok.to(tl.int64), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "num_progs"])
 def free_commit_kernel(
     handles_ptr, n, status_ptr, ws_ptr, num_progs, ticket_ptr, epoch_ptr,
     table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
@@ -273,7 +275,7 @@ def free_commit_kernel(
         tl.store(ticket_ptr, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def resolve_kernel(
     handles_ptr,      # [n] int32
     n,
@@ -540,7 +542,7 @@ def drop_slabs_kernel(
     tl.store(tops_ptr + POOL, _drop_flagged_units(stack_ptr, 0, top, victim_ptr, slab_bytes, BLOCK))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k", "n_moves"])
 def collect_moves_kernel(
     victims_ptr,      # [k] int32 slabs to empty
     k,
@@ -572,7 +574,7 @@ def collect_moves_kernel(
     tl.store(tops_ptr + POOL, top - j)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_moves"])
 def move_units_kernel(
     arena_ptr,        # [capacity / 4] int32 view of the arena
     moves_ptr,        # [3, n_moves] int64: handle, src offset, dst offset
@@ -603,7 +605,7 @@ def move_units_kernel(
         tl.store(slot_handle_ptr + d_slab * max_ups + d_idx, h.to(tl.int32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k"])
 def adopt_slabs_kernel(
     victims_ptr,      # [k] int32 slabs joining the pool (empty)
     k,
