@@ -18,6 +18,7 @@ the two may diverge after a near-tie). Writes JSON (--out) and prints a table la
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -109,13 +110,18 @@ def _ours(model, name: str, mode: str, engine: str, prompts, sp, args) -> dict:
     llm = LLM(model, allocator=name, memory_gib=args.memory_gib, max_num_seqs=args.requests, preemption_mode=mode,
               max_model_len=args.prompt + args.output, enforce_eager=engine == "eager")
     llm.generate(prompts[:2, :32].tolist(), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
-    walls = []
+    walls, splits = [], []
     for _ in range(args.repeats):
         outs, wall = _sync_time(lambda: llm.generate(prompts.tolist(), sp))
         walls.append(wall)
+        splits.append(dict(llm.last_step_seconds, scheduler=wall - sum(llm.last_step_seconds.values())))
     wall = sorted(walls)[len(walls) // 2]
-    m = llm.last_metrics
-    return dict(engine=f"ours/{name}/{mode}/{engine}", graph_steps=llm.last_graph_steps, wall_s=wall, walls_s=walls, out_tok_s=args.requests * args.output / wall,
+    m, llm_graph_steps = llm.last_metrics, llm.last_graph_steps
+    llm = None
+    gc.collect()
+    torch.cuda.empty_cache()   # the next engine's arena must not wait on this one's
+    return dict(engine=f"ours/{name}/{mode}/{engine}", graph_steps=llm_graph_steps, wall_s=wall, walls_s=walls,
+                step_seconds_per_run=splits, out_tok_s=args.requests * args.output / wall,
                 ttft_p50_s=sorted(o.ttft_s for o in outs)[len(outs) // 2],
                 tpot_p50_s=sorted(o.tpot_s for o in outs)[len(outs) // 2], steps=m.makespan_ticks,
                 preemptions=m.preemptions, recomputed_tokens=m.recomputed_tokens, swapped_out=m.swapped_out,
@@ -143,7 +149,11 @@ def _report(args, rows, ours_tokens, hf_tokens, hf_note) -> None:
     for r in rows:
         extra = (f"  preempted {r['preemptions']}, recomputed {r['recomputed_tokens']} tokens, swapped "
                  f"{r['swapped_out']} ({r['swap_bytes'] / 2**30:.2f} GiB)" if "preemptions" in r else "")
-        print(f"{r['engine']:34s} {r['wall_s']:8.2f} s {r['out_tok_s']:9.1f} out tok/s{extra}")
+        split = ""
+        if "step_seconds_per_run" in r:
+            sp = sorted(r["step_seconds_per_run"], key=lambda d: sum(d.values()))[len(r["walls_s"]) // 2]
+            split = f"  (graph {sp['graph']:.2f} s, eager {sp['eager']:.2f} s, scheduler {sp['scheduler']:.2f} s)"
+        print(f"{r['engine']:34s} {r['wall_s']:8.2f} s {r['out_tok_s']:9.1f} out tok/s{split}{extra}")
     if same is not None:
         print(f"greedy tokens equal to transformers': {same}/{args.requests * args.output}; "
               f"first divergence per request: {first_div}")

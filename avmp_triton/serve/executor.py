@@ -69,6 +69,10 @@ class ModelExecutor:
     def __init__(self, runner, requests: list[EngineRequest], graphs=None):
         self.runner, self.requests, self.graphs = runner, requests, graphs
         self.steps = self.graph_steps = 0
+        # host wall time of the graph and eager steps, sampling's sync included (so a step's device
+        # work is inside; a prefill chunk that samples nothing is not waited for, and its device
+        # time lands in the next step's); the scheduler's share is the run's wall time minus these
+        self.graph_s = self.eager_s = 0.0
 
     def step(self, block_table, num_pages, ssm_handles, running_mask, batch) -> list[int]:
         rows = np.flatnonzero(batch.query_lens_host > 0)
@@ -78,20 +82,29 @@ class ModelExecutor:
         q, ctx = batch.query_lens_host[rows], batch.context_lens_host[rows]
         reqs = [self.requests[i] for i in ids]
         idx = torch.as_tensor(rows, device=block_table.device)
+        t0 = time.perf_counter()
+        graphed = False
         if self.graphs is not None and bool(np.all((q == 1) & (ctx > 1))):
             # a decode-only step: every row adds one token to a non-empty cache
             last = [r.tokens(int(c) - 1, int(c))[0] for r, c in zip(reqs, ctx)]
             logits = self.graphs.run(idx, last, ctx, block_table, ssm_handles)
             self.graph_steps += 1
+            graphed = True
         else:
             toks = [torch.tensor(r.tokens(int(c - n), int(c)), dtype=torch.long) for r, c, n in zip(reqs, ctx, q)]
             logits = self.runner.forward(toks, block_table[idx], ssm_handles[idx], (ctx - q).tolist())
         self.steps += 1
         pick = np.flatnonzero(batch.sample_mask[rows])
+        new = []
+        if pick.size:
+            chosen = [reqs[i] for i in pick]
+            new = sample(logits[torch.as_tensor(pick, device=logits.device)], [r.params for r in chosen],
+                         [r.generator for r in chosen]).tolist()   # the step's one host sync
+        now = time.perf_counter()
+        if graphed:
+            self.graph_s += now - t0
+        else:
+            self.eager_s += now - t0
         if not pick.size:
             return []
-        chosen = [reqs[i] for i in pick]
-        new = sample(logits[torch.as_tensor(pick, device=logits.device)], [r.params for r in chosen],
-                     [r.generator for r in chosen]).tolist()   # the step's one host sync
-        now = time.perf_counter()
         return [int(ids[i]) for i, r, t in zip(pick, chosen, new) if r.append(t, now)]

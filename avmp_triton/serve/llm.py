@@ -120,6 +120,7 @@ class LLM:
         self.graphs = None if enforce_eager else self._decode_graphs()
         self.last_metrics = None
         self.last_graph_steps = self.last_steps = 0
+        self.last_step_seconds = dict(graph=0.0, eager=0.0)   # host wall time of the last run's steps, by kind
 
     @property
     def cuda_graphs(self) -> bool:
@@ -171,6 +172,7 @@ class LLM:
                           model_runner=ex)
         self.last_metrics = sched.run(reqs, progress=progress)
         self.last_steps, self.last_graph_steps = ex.steps, ex.graph_steps
+        self.last_step_seconds = dict(graph=ex.graph_s, eager=ex.eager_s)
         return [_output(r, self.tokenizer) for r in reqs]
 
     def _token_ids(self, prompt, i: int) -> list[int]:
