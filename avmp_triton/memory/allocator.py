@@ -161,7 +161,7 @@ class ArenaAllocator:
                  materialize: bool = True):
         """``materialize=False``: a meta arena without bytes, for planners that never touch them."""
         self._check_args(spec, capacity_bytes, kv_fraction, page_tokens, migration_batch)
-        self.device = _resolve_device(device)
+        self.device = _resolve_device(device, runs_kernels=materialize)
         self.spec = spec
         self._kv_pool = spec.num_attn_layers > 0
         self.page_tokens = page_tokens
@@ -809,7 +809,7 @@ def _pow2(n: int) -> tuple[int, int]:
     return 1 << log, log
 
 
-def _resolve_device(device) -> torch.device:
+def _resolve_device(device, runs_kernels: bool = True) -> torch.device:
     if device is None:
         device = _triton_env.default_device()
     try:
@@ -822,7 +822,8 @@ def _resolve_device(device) -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type == "cpu":
-        _triton_env.require_interpreter()
+        if runs_kernels:  # a planner's meta arena on CPU runs no Triton, so a GPU host can plan on it
+            _triton_env.require_interpreter()
     else:
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
     return dev

@@ -2,6 +2,9 @@
 evaluates, scored in the sweep's engine (makespan in seconds of the step-time model), and the
 fraction builds exactly that many SSM slabs."""
 import math
+import os
+import subprocess
+import sys
 
 from avmp_triton.memory.allocator import StaticDualAllocator
 from avmp_triton.sim import sweep as sw
@@ -44,3 +47,31 @@ def test_static_tuned_needs_its_split():
         assert "needs its tuned split" in str(e)
     else:
         raise AssertionError("static_tuned built without a split")
+
+
+_PLAN_WITHOUT_INTERPRETER = """
+import torch
+from avmp_triton.memory.allocator import StaticDualAllocator
+from avmp_triton.sim import sweep as sw
+from avmp_triton.spec import get_preset
+spec = get_preset("jamba-1.5-mini")
+setup = sw.setup_group("jamba-1.5-mini", "sharegpt", "k16", 8, tune=False)
+print("capacity_rps", setup.capacity_rps)
+cap = sw.make_budget(spec, "sharegpt", "k16").capacity_bytes
+try:
+    StaticDualAllocator(spec, cap, device="cpu")
+except ValueError as e:
+    print("materialized:", e)
+"""
+
+
+def test_planning_needs_no_interpreter():
+    """A GPU host runs without TRITON_INTERPRET; the sweep's planners (meta arenas on CPU, model
+    backend) must still run there, and only an arena with bytes on CPU asks for the interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", _PLAN_WITHOUT_INTERPRETER], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rps = float(run.stdout.split("capacity_rps ")[1].split()[0])
+    assert math.isfinite(rps) and rps > 0
+    assert "materialized: device 'cpu' needs Triton's interpreter" in run.stdout
