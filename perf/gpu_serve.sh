@@ -4,6 +4,7 @@
 # perf/results/ with a README entry.
 #   STAGE=tests      the serving, graph and model tests on the GPU (graphs vs eager, long-run drain)
 #   STAGE=profile    perf/profile_serve_step.py: decode step eager vs graphs, B = 1 16 64 256, vs roofline
+#   STAGE=kernprof   perf/profile_decode_kernels.py: a graph decode step kernel by kernel (KBATCH, default 64)
 #   STAGE=e2e        perf/bench_serve.py: ours (graphs, eager) against transformers' generate();
 #                    E2E_ARGS replaces its default arguments
 #   STAGE=workloads  perf/bench_serve_workloads.py under a time limit (WORKLOADS, BUDGETS, LOADS, SEEDS, N)
@@ -23,6 +24,9 @@ case "$1" in
     python3 -m pytest -q -p no:cacheprovider tests/serve tests/models -s 2>&1 | tee "$OUT/pytest_gpu_serve.log" | tail -30 ;;
   profile)
     python3 perf/profile_serve_step.py --out "$OUT/profile_serve_step.json" 2>&1 | tee "$OUT/profile.log" | tail -20 ;;
+  kernprof)
+    python3 perf/profile_decode_kernels.py --batch "${KBATCH:-64}" --out "$OUT/profile_decode_kernels.json" 2>&1 \
+      | tee "$OUT/kernprof.log" | tail -25 ;;
   e2e)
     python3 perf/bench_serve.py --out "$OUT/bench_serve.json" ${E2E_ARGS:---allocators avmp --repeats 3} 2>&1 \
       | tee "$OUT/bench_serve.log" | tail -20 ;;
