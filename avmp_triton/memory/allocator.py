@@ -488,6 +488,29 @@ class ArenaAllocator:
         (0, 0) without a policy."""
         return (0, 0)
 
+    def decision_state(self) -> list[torch.Tensor]:
+        """Every device tensor that decides later calls (handles, kinds, free stacks, slab owners),
+        int64, with unit byte offsets as (slab, slot) numbers so that allocators whose units differ
+        only in bytes (tensor-parallel shards of one model) give equal state for equal histories.
+        No host read; free-stack entries above their tops read -1."""
+        dev = self.device
+        unit_of_kind = torch.tensor([1, self.unit_bytes[self._pool_of[KIND_KV]] or 1,
+                                     self.unit_bytes[self._pool_of[KIND_SSM]]], dtype=torch.int64, device=dev)
+        state = [self._slot_number(self.handle_table, unit_of_kind[self.handle_kind.long()]),
+                 self.handle_kind.long(), self._handle_stack.long(), self._tops, self.slab_owner.long(),
+                 self._slot_handle.long().flatten()]
+        for p in range(len(self.pool_names)):
+            base, end = self._stack_base[p], self._stack_base[p] + self.num_slabs * self.units_per_slab[p]
+            live = torch.arange(end - base, device=dev) < self._tops[p]
+            slots = self._slot_number(self._free_units[base:end], max(self.unit_bytes[p], 1))
+            state.append(torch.where(live, slots, -1))
+        return state
+
+    def _slot_number(self, offsets: torch.Tensor, unit) -> torch.Tensor:
+        """(slab, slot) of byte offsets as slab * max_units_per_slab + slot; -1 stays -1."""
+        slot = (offsets // self.slab_bytes) * self.max_units_per_slab + (offsets % self.slab_bytes) // unit
+        return torch.where(offsets < 0, -1, slot)
+
     def _state_args(self):
         return (self.handle_table, self.handle_kind, self._handle_stack, self._free_units, self._tops,
                 self._slot_handle)
