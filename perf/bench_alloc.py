@@ -3,7 +3,8 @@
 Measures, all on one GPU in one run:
 - device time (CUDA graph replay, do_bench median) of one batched alloc + one batched free,
   n in 1, 16, 256, 4096, for AVMP and both baselines (same kernels, different policy);
-- host time per Python-API call (alloc_kv + free, each launching once and syncing once);
+- host time per Python-API call (alloc_kv + free, each launching once and syncing once), beside
+  the same launches without a status read and one status read alone;
 - device time of grow_kv (one page per row) + release_rows for 256 requests;
 - compaction throughput: the unit-copy kernel's device time (profiler) inside a rebalance that
   moves M MiB of scattered live pages, against a plain torch device copy of the same number of
@@ -89,11 +90,26 @@ def bench_alloc_free(spec, capacity, make, ns, *, one_program: bool = False):
                 alloc.free(alloc.alloc_kv(n))
             host_us = (time.perf_counter() - t0) / reps * 1e6
             rows.append(dict(allocator=name, n=n, device_us_alloc_plus_free=dev_us,
-                             host_us_python_alloc_plus_free=host_us,
+                             host_us_python_alloc_plus_free=host_us, **_host_parts_us(pair, reps),
                              profiler_mean_us_per_kernel=per_kernel))
         alloc = None
         torch.cuda.empty_cache()
     return rows
+
+
+def _host_parts_us(pair, reps: int) -> dict:
+    """What the Python pair's host time is made of: the two launches alone (no status read, the
+    queue absorbs them) and one read of the status buffer on an idle GPU (the sync each call makes)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        status = pair()
+    launch_us = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        status.tolist()
+    return dict(host_us_launches_only=launch_us, host_us_status_read=(time.perf_counter() - t0) / reps * 1e6)
 
 
 def bench_grow_release(spec, capacity, R=256, W=512):
@@ -235,14 +251,16 @@ def main():
     with open(out, "w") as f:
         json.dump(res, f, indent=2)
     print(f"GPU {res['gpu']}  torch {res['torch']}  triton {res['triton']}  commit {res['commit'][:10]}")
-    print(f"{'allocator':18s} {'n':>5s} {'pair us':>8s} {'alloc us':>9s} {'free us':>8s} {'host us':>8s}"
-          "   (device: graph median of the pair; per kernel: profiler mean)")
+    print(f"{'allocator':18s} {'n':>5s} {'pair us':>8s} {'alloc us':>9s} {'free us':>8s} {'host us':>8s} "
+          f"{'launch us':>9s} {'read us':>8s}   (device: graph median of the pair; per kernel: profiler mean; "
+          "host: the Python pair, its launches alone, one status read)")
     for r in res["alloc_free"] + res["free_one_program"]:
         k = r["profiler_mean_us_per_kernel"]
         free_us = sum(v for name, v in k.items() if name.startswith("free")) if k else float("nan")
         print(f"{r['allocator']:18s} {r['n']:5d} {r['device_us_alloc_plus_free']:8.2f} "
               f"{k.get('alloc_kernel', float('nan')):9.2f} {free_us:8.2f} "
-              f"{r['host_us_python_alloc_plus_free']:8.1f}")
+              f"{r['host_us_python_alloc_plus_free']:8.1f} {r['host_us_launches_only']:9.1f} "
+              f"{r['host_us_status_read']:8.1f}")
     gr = res["grow_release"]
     print(f"grow_kv + release_rows, {gr['requests']} requests: {gr['device_us_grow_plus_release']:.2f} us device")
     print(f"{'MiB moved':>10s} {'kernel ms':>10s} {'copy ms':>9s} {'kernel GB/s':>12s} {'copy GB/s':>10s} {'ratio':>6s} {'call ms':>8s} {'host ms':>8s}")
