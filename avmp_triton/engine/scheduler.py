@@ -127,8 +127,7 @@ class _DeviceBackend:
         """The one host read of a tick: tops, slabs per pool, and the last calls' error flags."""
         a = self.a
         slabs = torch.bincount(a.slab_owner.long(), minlength=2)[:2]
-        grow_err = (self._failed != 0).sum().view(1).long()
-        v = torch.cat([a.free_counts, slabs, grow_err, self._release_err]).tolist()
+        v = torch.cat([a.free_counts, slabs, torch.count_nonzero(self._failed).view(1), self._release_err]).tolist()
         self.syncs += 1
         if v[5] or v[6]:
             raise AssertionError(f"allocator refused a planned call (grow failures {v[5]}, release code {v[6]})")
@@ -900,7 +899,8 @@ class _Run:
 
 
 class _RunnerFeed:
-    """The model runner's per-tick metadata, in fixed device buffers."""
+    """The model runner's per-tick metadata, in fixed device buffers. A buffer is copied to only
+    when its values change: in steady decode only the context lengths do."""
 
     def __init__(self, runner: ModelRunner, R: int, dev):
         self.runner = runner
@@ -908,6 +908,15 @@ class _RunnerFeed:
         self.prefill = torch.zeros(R, dtype=torch.bool, device=dev)
         self.qlen = torch.zeros(R, dtype=torch.int32, device=dev)
         self.ctx = torch.zeros(R, dtype=torch.int32, device=dev)
+        # what each buffer holds, on the host (the runner must not change the buffers)
+        self._held = {name: np.zeros(R, dtype=np.int32 if getattr(self, name).dtype == torch.int32 else bool)
+                      for name in ("running", "prefill", "qlen", "ctx")}
+
+    def _put(self, name: str, values: np.ndarray) -> None:
+        held = self._held[name]
+        if not np.array_equal(held, values):
+            held[:] = values
+            getattr(self, name).copy_(torch.from_numpy(held))
 
     def step(self, be, t: int, rows: _Rows, admitted: list[int], sampled: np.ndarray):
         running = rows.req >= 0
@@ -917,10 +926,10 @@ class _RunnerFeed:
         ctx = np.where(running, rows.ctx, 0)
         sample = np.zeros(len(running), dtype=bool)
         sample[sampled] = True
-        self.running.copy_(torch.from_numpy(running))
-        self.prefill.copy_(torch.from_numpy(prefill))
-        self.qlen.copy_(torch.from_numpy(qlen.astype(np.int32)))
-        self.ctx.copy_(torch.from_numpy(ctx.astype(np.int32)))
+        self._put("running", running)
+        self._put("prefill", prefill)
+        self._put("qlen", qlen)
+        self._put("ctx", ctx)
         return self.runner.step(be.block_table, be.num_pages, be.ssm_handles, self.running,
                                 StepBatch(tick=t, query_lens=self.qlen, context_lens=self.ctx, prefill_mask=self.prefill,
                                           request_ids=np.where(running, rows.req, -1), query_lens_host=qlen,

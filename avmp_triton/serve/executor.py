@@ -47,18 +47,6 @@ class EngineRequest:
         p = len(self.prompt)
         return self.prompt[start:min(end, p)] + self.output[max(start - p, 0):max(end - p, 0)]
 
-    def append(self, token: int, now: float) -> bool:
-        """Records a sampled token; True when it ends the request."""
-        self.output.append(token)
-        self.token_times.append(now)
-        if self.on_token is not None:
-            self.on_token(token)
-        if token in self.stop_ids:
-            self.finish_reason = "stop"
-        elif len(self.output) >= self.params.max_tokens:
-            self.finish_reason = "length"
-        return self.finish_reason is not None
-
 
 class ModelExecutor:
     """The scheduler's ``ModelRunner`` over a ``HybridRunner`` and the run's requests (the list
@@ -73,6 +61,18 @@ class ModelExecutor:
         # work is inside; a prefill chunk that samples nothing is not waited for, and its device
         # time lands in the next step's); the scheduler's share is the run's wall time minus these
         self.graph_s = self.eager_s = 0.0
+        # per request: its tokens so far (prompt + output) and the last one, so that a decode step
+        # gathers its rows' input tokens at once instead of slicing every request's lists
+        self._length = np.array([len(r.prompt) + len(r.output) for r in requests], dtype=np.int64)
+        self._last = np.array([r.tokens(n - 1, n)[0] for r, n in zip(requests, self._length.tolist())],
+                              dtype=np.int64)
+        # and what ends it: its length at max_tokens, its stop ids (-1 padded: no token is -1)
+        self._end = np.array([len(r.prompt) + r.params.max_tokens for r in requests], dtype=np.int64)
+        self._stops = np.full((len(requests), max((len(r.stop_ids) for r in requests), default=0) or 1), -1,
+                              dtype=np.int64)
+        for i, r in enumerate(requests):
+            self._stops[i, :len(r.stop_ids)] = sorted(r.stop_ids)
+        self._rows = _RowsCache()
 
     def step(self, block_table, num_pages, ssm_handles, running_mask, batch) -> list[int]:
         rows = np.flatnonzero(batch.query_lens_host > 0)
@@ -80,26 +80,27 @@ class ModelExecutor:
             return []
         ids = batch.request_ids[rows]
         q, ctx = batch.query_lens_host[rows], batch.context_lens_host[rows]
-        reqs = [self.requests[i] for i in ids]
-        idx = torch.as_tensor(rows, device=block_table.device)
+        rc = self._rows.get(rows, ids, self.requests, block_table.device)
         t0 = time.perf_counter()
         graphed = False
         if self.graphs is not None and bool(np.all((q == 1) & (ctx > 1))):
             # a decode-only step: every row adds one token to a non-empty cache
-            last = [r.tokens(int(c) - 1, int(c))[0] for r, c in zip(reqs, ctx)]
-            logits = self.graphs.run(idx, last, ctx, block_table, ssm_handles)
+            logits = self.graphs.run(rc.idx, self._input_tokens(ids, ctx, rc.reqs), ctx, block_table, ssm_handles)
             self.graph_steps += 1
             graphed = True
         else:
-            toks = [torch.tensor(r.tokens(int(c - n), int(c)), dtype=torch.long) for r, c, n in zip(reqs, ctx, q)]
-            logits = self.runner.forward(toks, block_table[idx], ssm_handles[idx], (ctx - q).tolist())
+            toks = [torch.tensor(r.tokens(int(c - n), int(c)), dtype=torch.long) for r, c, n in zip(rc.reqs, ctx, q)]
+            logits = self.runner.forward(toks, block_table[rc.idx], ssm_handles[rc.idx], (ctx - q).tolist())
         self.steps += 1
         pick = np.flatnonzero(batch.sample_mask[rows])
         new = []
-        if pick.size:
-            chosen = [reqs[i] for i in pick]
+        if pick.size == rows.size:   # every row samples (a decode step): no gather of the logits
+            chosen = rc.reqs
+            new = sample(logits, rc.params, rc.generators).tolist()   # the step's one host sync
+        elif pick.size:
+            chosen = [rc.reqs[i] for i in pick]
             new = sample(logits[torch.as_tensor(pick, device=logits.device)], [r.params for r in chosen],
-                         [r.generator for r in chosen]).tolist()   # the step's one host sync
+                         [r.generator for r in chosen]).tolist()
         now = time.perf_counter()
         if graphed:
             self.graph_s += now - t0
@@ -107,4 +108,46 @@ class ModelExecutor:
             self.eager_s += now - t0
         if not pick.size:
             return []
-        return [int(ids[i]) for i, r, t in zip(pick, chosen, new) if r.append(t, now)]
+        return self._record(ids[pick], chosen, new, now)
+
+    def _record(self, ids: np.ndarray, reqs: list[EngineRequest], tokens: list[int], now: float) -> list[int]:
+        """Appends each request's sampled token (in row order, with its ``on_token`` call); returns
+        the requests that end with it: a stop token ("stop"), else max_tokens reached ("length")."""
+        for r, t in zip(reqs, tokens):
+            r.output.append(t)
+            r.token_times.append(now)
+            if r.on_token is not None:
+                r.on_token(t)
+        self._length[ids] += 1
+        self._last[ids] = tokens
+        stop = (self._stops[ids] == self._last[ids][:, None]).any(1)
+        ended = stop | (self._length[ids] >= self._end[ids])
+        for j in np.flatnonzero(ended).tolist():
+            reqs[j].finish_reason = "stop" if stop[j] else "length"
+        return ids[ended].tolist()
+
+    def _input_tokens(self, ids: np.ndarray, ctx: np.ndarray, reqs: list[EngineRequest]) -> np.ndarray:
+        """The token at position ``ctx - 1`` of each row's request: its last token, except in a
+        one-token prefill chunk that is not the prompt's last."""
+        tokens = self._last[ids]
+        for j in np.flatnonzero(self._length[ids] != ctx).tolist():
+            tokens[j] = reqs[j].tokens(int(ctx[j]) - 1, int(ctx[j]))[0]
+        return tokens
+
+
+class _RowsCache:
+    """What a step derives from its rows and their requests (the rows' index on the device, the
+    requests and their sampling arguments), kept while the rows hold the same requests: steady
+    decode steps then make no host-to-device copy and no per-request list for it."""
+
+    def __init__(self):
+        self.rows = self.ids = self.idx = self.reqs = self.params = self.generators = None
+
+    def get(self, rows: np.ndarray, ids: np.ndarray, requests: list[EngineRequest], device) -> "_RowsCache":
+        if not (np.array_equal(rows, self.rows) and np.array_equal(ids, self.ids)):
+            self.rows, self.ids = rows, ids
+            self.idx = torch.as_tensor(rows, device=device)
+            self.reqs = [requests[i] for i in ids.tolist()]
+            self.params = [r.params for r in self.reqs]
+            self.generators = [r.generator for r in self.reqs]
+        return self

@@ -48,6 +48,7 @@ class DecodeGraphs:
         # its length (0: a padding row); row-major, so the first rows of any bucket are contiguous
         # and the copy goes straight from pinned memory
         self._host = torch.zeros((max_batch, 2), dtype=torch.int64, pin_memory=cuda)
+        self._host_np = self._host.numpy()   # the same memory: numpy writes cost less than torch's indexing
         self._staged = torch.zeros((max_batch, 2), dtype=torch.int64, device=dev)
         self._copied = torch.cuda.Event() if cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -73,15 +74,15 @@ class DecodeGraphs:
             raise ValueError(f"block tables {W} pages wide exceed the captured width {self.width}")
         if self._copied is not None:
             self._copied.synchronize()   # the last step's transfer has left the staging buffer
-        self._host[n:bs] = 0
-        self._host[:n, 0] = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-        self._host[:n, 1] = torch.from_numpy(np.asarray(seq_lens, dtype=np.int64))
+        self._host_np[n:bs] = 0
+        self._host_np[:n, 0] = tokens
+        self._host_np[:n, 1] = seq_lens
         self._staged[:bs].copy_(self._host[:bs], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         # columns past W keep older values: a row reads only the pages its length covers
         self.block_table[:n, :W] = block_table.index_select(0, rows)
-        self.ssm_handles[:n] = ssm_handles.index_select(0, rows)
+        torch.index_select(ssm_handles, 0, rows, out=self.ssm_handles[:n])
         self.ssm_handles[n:bs] = -1
         if self.graphs:
             self.graphs[bs].replay()
