@@ -22,8 +22,10 @@ import torch.nn.functional as F
 
 from avmp_triton.memory.allocator import AVMPAllocator, PoolExhaustedError
 from avmp_triton.memory.cache import PagedCache
+from avmp_triton.memory.replica import assert_replicas_agree
 from avmp_triton.models.batch import StepBatch, build_step_batch, decode_step_batch
 from avmp_triton.models.layers import RMSNorm, cast_rms_norm
+from avmp_triton.models.tensor_parallel import AllReduced
 from avmp_triton.ops import check_attn_head_dim
 from avmp_triton.spec import HybridModelSpec
 
@@ -72,6 +74,11 @@ class HybridRunner(abc.ABC):
         self.lm_head = self.lm_head_weight(hf_model).detach()
         self.norm_f = self.final_norm(hf_model)
         self.blocks = self.build_blocks(hf_model)
+        # a tensor-parallel shard (models/tensor_parallel.py): one all-reduce per mixer output
+        self.tp = getattr(hf_model, "tp_shard", None)
+        if self.tp is not None:
+            for block in self.blocks:
+                block.mixer = AllReduced(block.mixer, self.tp)
         self._init_tables(max_requests, max_context)
 
     @classmethod
@@ -138,10 +145,14 @@ class HybridRunner(abc.ABC):
         """The model's layers as ``Residual`` blocks (or any ``block(h, batch) -> h``), in order."""
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:
+            return self.tp.embed(ids, self.embed)
         return F.embedding(ids, self.embed)
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits of final hidden states (before the final norm)."""
+        if self.tp is not None:
+            return self.tp.logits(self.norm_f(h), self.lm_head)
         return F.linear(self.norm_f(h), self.lm_head).float()
 
     # --- request rows --------------------------------------------------------------------------
@@ -187,6 +198,9 @@ class HybridRunner(abc.ABC):
         Returns fp32 logits of each request's last token ``[B, vocab]``, or with ``all_logits`` a
         list of ``[n_b, vocab]``."""
         new = [t.numel() for t in tokens]
+        if self.tp is not None and self.tp.check_replicas:
+            assert_replicas_agree(self.allocator, block_table, ssm_handles, group=self.tp.group,
+                                  what="before a step")
         batch = build_step_batch(block_table, ssm_handles, cached, new)
         h = self.embed_tokens(torch.cat(tokens).to(self.device))
         for block in self.blocks:
@@ -214,8 +228,9 @@ class HybridRunner(abc.ABC):
     @property
     def graph_safe(self) -> bool:
         """Whether ``decode`` reads nothing on the host (a CUDA graph can capture it): not when a
-        layer is a MoE, whose routing reads the chosen experts on the host."""
-        return not self.has_moe
+        layer is a MoE, whose routing reads the chosen experts on the host; nor when a tensor-parallel
+        shard checks its replicas every step (a host read)."""
+        return not self.has_moe and not (self.tp is not None and self.tp.check_replicas)
 
     def _check_step(self, request_ids, tokens, positions) -> list[torch.Tensor]:
         """Every input checked before anything is allocated; errors name the bad value."""
