@@ -126,7 +126,7 @@ class _DeviceBackend:
     def probe(self) -> _Counts:
         """The one host read of a tick: tops, slabs per pool, and the last calls' error flags."""
         a = self.a
-        slabs = torch.bincount(a.slab_owner.long(), minlength=2)[:2]
+        slabs = torch.bincount(a.slab_owner, minlength=2)[:2]
         v = torch.cat([a.free_counts, slabs, torch.count_nonzero(self._failed).view(1), self._release_err]).tolist()
         self.syncs += 1
         if v[5] or v[6]:
@@ -899,37 +899,30 @@ class _Run:
 
 
 class _RunnerFeed:
-    """The model runner's per-tick metadata, in fixed device buffers. A buffer is copied to only
-    when its values change: in steady decode only the context lengths do."""
+    """The model runner's per-tick metadata, in fixed device buffers: views of one byte buffer
+    (int32 first, aligned), filled on the host and copied in one transfer a tick."""
 
     def __init__(self, runner: ModelRunner, R: int, dev):
         self.runner = runner
-        self.running = torch.zeros(R, dtype=torch.bool, device=dev)
-        self.prefill = torch.zeros(R, dtype=torch.bool, device=dev)
-        self.qlen = torch.zeros(R, dtype=torch.int32, device=dev)
-        self.ctx = torch.zeros(R, dtype=torch.int32, device=dev)
-        # what each buffer holds, on the host (the runner must not change the buffers)
-        self._held = {name: np.zeros(R, dtype=np.int32 if getattr(self, name).dtype == torch.int32 else bool)
-                      for name in ("running", "prefill", "qlen", "ctx")}
-
-    def _put(self, name: str, values: np.ndarray) -> None:
-        held = self._held[name]
-        if not np.array_equal(held, values):
-            held[:] = values
-            getattr(self, name).copy_(torch.from_numpy(held))
+        self._dev = torch.zeros(10 * R, dtype=torch.uint8, device=dev)
+        self._host = np.zeros(10 * R, dtype=np.uint8)
+        self.qlen, self.ctx = self._dev[:4 * R].view(torch.int32), self._dev[4 * R:8 * R].view(torch.int32)
+        self.running, self.prefill = self._dev[8 * R:9 * R].view(torch.bool), self._dev[9 * R:].view(torch.bool)
+        self._qlen, self._ctx = self._host[:4 * R].view(np.int32), self._host[4 * R:8 * R].view(np.int32)
+        self._running, self._prefill = self._host[8 * R:9 * R].view(bool), self._host[9 * R:].view(bool)
 
     def step(self, be, t: int, rows: _Rows, admitted: list[int], sampled: np.ndarray):
         running = rows.req >= 0
-        prefill = np.zeros(len(running), dtype=bool)
-        prefill[admitted] = True
         qlen = np.where(running, rows.q, 0)
         ctx = np.where(running, rows.ctx, 0)
         sample = np.zeros(len(running), dtype=bool)
         sample[sampled] = True
-        self._put("running", running)
-        self._put("prefill", prefill)
-        self._put("qlen", qlen)
-        self._put("ctx", ctx)
+        self._running[:] = running
+        self._prefill[:] = False
+        self._prefill[admitted] = True
+        self._qlen[:] = qlen
+        self._ctx[:] = ctx
+        self._dev.copy_(torch.from_numpy(self._host))
         return self.runner.step(be.block_table, be.num_pages, be.ssm_handles, self.running,
                                 StepBatch(tick=t, query_lens=self.qlen, context_lens=self.ctx, prefill_mask=self.prefill,
                                           request_ids=np.where(running, rows.req, -1), query_lens_host=qlen,
