@@ -121,12 +121,14 @@ class _DeviceBackend:
         self._status = torch.zeros(3, dtype=torch.int64, device=dev)
         self._release_err = torch.zeros(1, dtype=torch.int64, device=dev)
         self._host_rows = np.full(R, -1, dtype=np.int32)
+        self._pools = torch.arange(2, device=dev).unsqueeze(1)
         self.syncs = 0
 
     def probe(self) -> _Counts:
         """The one host read of a tick: tops, slabs per pool, and the last calls' error flags."""
         a = self.a
-        slabs = torch.bincount(a.slab_owner, minlength=2)[:2]
+        # not torch.bincount: on CUDA it reads its input's min and max on the host, two more syncs
+        slabs = (a.slab_owner.unsqueeze(0) == self._pools).sum(1)
         v = torch.cat([a.free_counts, slabs, torch.count_nonzero(self._failed).view(1), self._release_err]).tolist()
         self.syncs += 1
         if v[5] or v[6]:
