@@ -16,7 +16,7 @@ any broadcast; ``check_replicas=True`` verifies that every step (a debug mode,
 ``avmp_triton.memory.replica``). The arena of a rank holds its shard of every unit: the SSM block
 shrinks with the Mamba heads, a KV page with the KV heads.
 
-Nemotron-H only for now (``SHARDABLE``), without biases (its checkpoints have none).
+Nemotron-H and Bamba (``SHARDABLE``). A row-parallel bias is kept on rank 0 only, so the sum adds it once.
 """
 from __future__ import annotations
 
@@ -25,9 +25,6 @@ import dataclasses
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-SHARDABLE = ("nemotron_h",)
-
 
 @dataclasses.dataclass
 class TensorParallel:
@@ -73,7 +70,7 @@ def shard_model(hf_model: torch.nn.Module, group=None, *, check_replicas: bool =
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("shard_model needs an initialised torch.distributed process group")
     config = hf_model.config
-    if config.model_type not in SHARDABLE:
+    if config.model_type not in FAMILIES:
         raise ValueError(f"tensor parallelism supports {SHARDABLE}, got model_type {config.model_type!r}")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     cut = _Cut(config, rank, world)
@@ -82,6 +79,7 @@ def shard_model(hf_model: torch.nn.Module, group=None, *, check_replicas: bool =
         shard = type(hf_model)(shard_cfg)
     state = {name: cut.param(name, t) for name, t in hf_model.state_dict().items()}
     shard.load_state_dict(state, assign=True)
+    _copy_unsaved_buffers(hf_model, shard)
     shard.eval()
     # the logical model's vocabulary: prompts, EOS and logits are the full model's
     shard.config.vocab_size = config.vocab_size
@@ -89,35 +87,71 @@ def shard_model(hf_model: torch.nn.Module, group=None, *, check_replicas: bool =
     return shard
 
 
+def _copy_unsaved_buffers(full: torch.nn.Module, shard: torch.nn.Module) -> None:
+    """Buffers outside the state dict (RoPE's inv_freq) are still on the meta device: the full
+    model's, which do not depend on the head counts, take their place."""
+    full_buffers = dict(full.named_buffers())
+    for name, buf in list(shard.named_buffers()):
+        if buf.is_meta:
+            src = full_buffers.get(name)
+            if src is None or src.shape != buf.shape:
+                raise ValueError(f"buffer {name!r} of the shard has no full-model counterpart of shape {tuple(buf.shape)}")
+            module, _, leaf = name.rpartition(".")
+            shard.get_submodule(module).register_buffer(leaf, src.clone(), persistent=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """A family's config names for what the cut splits, and its Mamba2 module's name in a layer."""
+    mamba_heads: str
+    groups: str
+    mamba_head_dim: str
+    d_state: str
+    mixer: str
+    expand: str | None = None   # a config that derives d_inner as expand * hidden_size
+
+
+FAMILIES = {
+    "nemotron_h": _Family("mamba_num_heads", "n_groups", "mamba_head_dim", "ssm_state_size", "mixer"),
+    "bamba": _Family("mamba_n_heads", "mamba_n_groups", "mamba_d_head", "mamba_d_state", "mamba", "mamba_expand"),
+}
+SHARDABLE = tuple(FAMILIES)
+_COLUMN = {"q_proj", "up_proj", "gate_proj"}            # output rows split: weight rows, bias
+_ROW = {"o_proj", "down_proj", "out_proj"}               # input columns split: the bias is added once
+_PER_HEAD = {"A_log", "D", "dt_bias"}
+
+
 class _Cut:
     """Which slice of each full parameter a rank holds."""
 
     def __init__(self, config, rank: int, world: int):
         self.c, self.rank, self.world = config, rank, world
+        self.f = f = FAMILIES[config.model_type]
         c = config
-        if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False) or getattr(c, "use_bias", False):
-            raise ValueError("tensor parallelism here shards bias-free projections (Nemotron-H checkpoints have none)")
-        for name, n in (("num_attention_heads", c.num_attention_heads), ("mamba_num_heads", c.mamba_num_heads),
-                        ("n_groups", c.n_groups), ("intermediate_size", c.intermediate_size)):
+        self.heads, self.groups = getattr(c, f.mamba_heads), getattr(c, f.groups)
+        for name, n in (("num_attention_heads", c.num_attention_heads), (f.mamba_heads, self.heads),
+                        (f.groups, self.groups), ("intermediate_size", c.intermediate_size)):
             if n % world:
                 raise ValueError(f"{name}={n} does not split over {world} ranks")
         kv = c.num_key_value_heads
         if kv % world and world % kv:
             raise ValueError(f"num_key_value_heads={kv} neither splits over nor divides {world} ranks")
         self.kv_local = max(1, kv // world)
-        self.head_dim = c.head_dim
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.vocab_part = -(-c.vocab_size // world)
-        self.d_inner = c.mamba_num_heads * c.mamba_head_dim
-        self.gn = c.n_groups * c.ssm_state_size
+        self.d_inner = self.heads * getattr(c, f.mamba_head_dim)
+        self.gn = self.groups * getattr(c, f.d_state)
 
     def config(self):
-        c, w = self.c, self.world
+        c, w, f = self.c, self.world, self.f
         shard = type(c).from_dict(c.to_dict())
         shard.num_attention_heads = c.num_attention_heads // w
         shard.num_key_value_heads = self.kv_local
-        shard.head_dim = c.head_dim   # explicit: it must not follow hidden_size / heads
-        shard.mamba_num_heads = c.mamba_num_heads // w
-        shard.n_groups = c.n_groups // w
+        shard.head_dim = self.head_dim   # explicit: it must not follow hidden_size / heads
+        setattr(shard, f.mamba_heads, self.heads // w)
+        setattr(shard, f.groups, self.groups // w)
+        if f.expand:   # a fraction when expand < world; the config's int-only validator would refuse it
+            object.__setattr__(shard, f.expand, getattr(c, f.expand) / w)
         shard.intermediate_size = c.intermediate_size // w
         shard.vocab_size = self.vocab_part
         return shard
@@ -127,24 +161,25 @@ class _Cut:
         return slice(self.rank * k, (self.rank + 1) * k)
 
     def param(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        leaf = name.rsplit(".", 2)
-        key = ".".join(leaf[-2:]) if len(leaf) > 1 else name
-        if name.endswith("embeddings.weight") or name == "lm_head.weight":
+        """Copies, not views: a view of the full weight would keep all of it alive on every rank."""
+        parts = name.split(".")
+        leaf, module = parts[-1], parts[-2] if len(parts) > 1 else ""
+        if name.endswith("embeddings.weight") or name.endswith("embed_tokens.weight") or name == "lm_head.weight":
             return self._vocab_rows(t)
-        rows = {"q_proj.weight": lambda: t[self._part(t.shape[0])],
-                "k_proj.weight": lambda: self._kv_rows(t), "v_proj.weight": lambda: self._kv_rows(t),
-                "up_proj.weight": lambda: t[self._part(t.shape[0])],
-                "in_proj.weight": lambda: self._in_proj(t),
-                "conv1d.weight": lambda: self._conv(t), "conv1d.bias": lambda: self._conv(t),
-                "mixer.A_log": lambda: t[self._part(t.shape[0])], "mixer.D": lambda: t[self._part(t.shape[0])],
-                "mixer.dt_bias": lambda: t[self._part(t.shape[0])]}
-        cols = ("o_proj.weight", "down_proj.weight", "out_proj.weight")
-        if key in rows:
-            return rows[key]().contiguous()
-        if key in cols:
-            return t[:, self._part(t.shape[1])].contiguous()
-        if key == "norm.weight" and ".mixer." in name:   # the gated norm over this rank's channels
-            return t[self._part(t.shape[0])].contiguous()
+        if module in _COLUMN or (leaf in _PER_HEAD and module == self.f.mixer):
+            return t[self._part(t.shape[0])].clone()
+        if module in ("k_proj", "v_proj"):
+            return self._kv_rows(t).clone()
+        if module == "in_proj":
+            return self._in_proj(t).clone()
+        if module == "conv1d":
+            return torch.cat(self._xbc(t))
+        if module in _ROW:
+            if leaf == "bias":   # added once, after the all-reduce sums the ranks' parts
+                return t.clone() if self.rank == 0 else torch.zeros_like(t)
+            return t[:, self._part(t.shape[1])].clone()
+        if module == "norm" and len(parts) > 2 and parts[-3] == self.f.mixer:   # the gated norm, whole groups
+            return t[self._part(t.shape[0])].clone()
         return t   # the pre-norms and the final norm are replicated
 
     def _kv_rows(self, t: torch.Tensor) -> torch.Tensor:
@@ -156,7 +191,7 @@ class _Cut:
         part = t[lo:lo + self.vocab_part]
         if part.shape[0] < self.vocab_part:   # the last rank's padding rows: never looked up, logits cut off
             part = torch.cat([part, part.new_zeros(self.vocab_part - part.shape[0], t.shape[1])])
-        return part.contiguous()
+        return part.clone()
 
     def _xbc(self, t: torch.Tensor) -> list[torch.Tensor]:
         """This rank's x channels, then its groups of B and of C, from rows laid out x | B | C."""
@@ -164,9 +199,5 @@ class _Cut:
         return [x[self._part(self.d_inner)], B[self._part(self.gn)], C[self._part(self.gn)]]
 
     def _in_proj(self, t: torch.Tensor) -> torch.Tensor:
-        H = self.c.mamba_num_heads
-        z, xbc, dt = t.split([self.d_inner, self.d_inner + 2 * self.gn, H])
-        return torch.cat([z[self._part(self.d_inner)], *self._xbc(xbc), dt[self._part(H)]])
-
-    def _conv(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self._xbc(t))
+        z, xbc, dt = t.split([self.d_inner, self.d_inner + 2 * self.gn, self.heads])
+        return torch.cat([z[self._part(self.d_inner)], *self._xbc(xbc), dt[self._part(self.heads)]])

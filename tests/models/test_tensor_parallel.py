@@ -1,5 +1,5 @@
 """Tensor parallelism (avmp_triton/models/tensor_parallel.py) on the CPU: two processes over gloo,
-each serving its shard of a tiny random Nemotron-H (fp32, ops in Triton's interpreter) through the
+each serving its shard of a tiny random Nemotron-H or Bamba (fp32, ops in Triton's interpreter) through the
 LLM engine, generate the tokens of the single-process engine; under memory pressure too (preemption
 and AVMP's moves), with the replicated allocators checked equal before every step; each rank's
 units are its shard's (the SSM block halves). Also: one rank's shard is a true slice (the two
@@ -21,12 +21,12 @@ import json, sys
 import torch
 import torch.distributed as dist
 from avmp_triton import LLM, SamplingParams
-from avmp_triton.models.loading import random_model
 from avmp_triton.models.tensor_parallel import shard_model
+from tests.models.test_tensor_parallel import build_model
 
 rank, world = int(sys.argv[1]), int(sys.argv[2])
 dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=rank, world_size=world)
-full = random_model("nemotron-h-tiny", dtype=torch.float32, seed=0, device="cpu").eval()
+full = build_model({family!r})
 prompts = [list(range(5, 24)), [30, 31, 32], list(range(40, 47)), [50 + i for i in range(12)]]
 greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
 kw = dict(memory_gib={memory!r}, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, dtype="float32",
@@ -46,8 +46,23 @@ dist.destroy_process_group()
 """
 
 
-def _ranks(tmp_path, memory: float, world: int = 2) -> list[dict]:
-    script = _RANK_SCRIPT.format(store=str(tmp_path / "store"), memory=memory)
+def build_model(family: str) -> torch.nn.Module:
+    """The same tiny random fp32 model on every rank: Nemotron-H's preset, or a Bamba with biases
+    on every projection (tests/models/test_bamba.py's geometry)."""
+    from avmp_triton.models.loading import random_model
+    if family == "nemotron_h":
+        return random_model("nemotron-h-tiny", dtype=torch.float32, seed=0, device="cpu").eval()
+    import transformers
+    from tests.models import parity as P
+    from tests.models.test_bamba import GEOMETRY
+    torch.manual_seed(0)
+    model = transformers.BambaForCausalLM(transformers.BambaConfig(**GEOMETRY)).eval()
+    P.randomize(model, torch.Generator().manual_seed(0))
+    return model
+
+
+def _ranks(tmp_path, memory: float, family: str, world: int = 2) -> list[dict]:
+    script = _RANK_SCRIPT.format(store=str(tmp_path / "store"), memory=memory, family=family)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
@@ -62,9 +77,11 @@ def _ranks(tmp_path, memory: float, world: int = 2) -> list[dict]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo ranks on the CPU; the GPU run is NCCL's")
-def test_two_ranks_generate_the_single_process_tokens_under_pressure(tmp_path):
-    """3 slabs of 64 KiB: 4 requests of up to 49 tokens do not fit at once, so growth preempts."""
-    r0, r1 = _ranks(tmp_path, 3 * 65536 / (1 << 30))
+@pytest.mark.parametrize("family, slabs", [("nemotron_h", 3), ("bamba", 2)])
+def test_two_ranks_generate_the_single_process_tokens_under_pressure(tmp_path, family, slabs):
+    """Slabs of 64 KiB, one of them for SSM blocks: 4 requests of up to 49 tokens need 13 pages, more
+    than the rest holds (Nemotron-H's 16 KiB pages, Bamba's 8 KiB), so growth preempts."""
+    r0, r1 = _ranks(tmp_path, slabs * 65536 / (1 << 30), family)
     print("preemptions, migrations, completed, drained:", r0["metrics"])
     assert r0["tp"] == r1["tp"] == r0["single"]
     assert r0["metrics"] == r1["metrics"] and r0["metrics"][2] == 4 and r0["metrics"][3]
