@@ -5,6 +5,7 @@
     python perf/inspect_sm90.py --padded-head-dim   # likewise, the attention kernels at head dim 160
     python perf/inspect_sm90.py --fp8               # likewise, the attention kernels over fp8 pages
     python perf/inspect_sm90.py --ptx-dir DIR   # also write each kernel's PTX, normalised
+    python perf/inspect_sm90.py --fp8-decode-report   # decode over bf16 vs fp8 pages, registers and conversions
 
 For each kernel (with the argument specialisations the JIT would apply on an H100 call: pointers
 16-byte aligned, sizes and strides multiples of 16) it prints the blocked layouts of the TTGIR,
@@ -24,6 +25,7 @@ pass on every batch-1 call on the GPU while the interpreter ran it fine (tests/k
 are padded to 256 lanes and masked: a path that the power-of-two cases never compile.
 """
 import argparse
+import collections
 import json
 import os
 import re
@@ -64,7 +66,9 @@ def compile_sm90(fn, sig: dict, constexprs: dict, num_warps: int, div16: list) -
     regs = re.search(r"Used (\d+) registers", v)
     spill = re.search(r"(\d+) bytes spill stores", v)
     mem = "".join("L" if o.startswith("ld") else "S" for o in re.findall(r"(ld\.global|st\.global)", ptx))
+    cvt = [c for c in re.findall(r"\bcvt(?:\.\w+)+", ptx) if re.search(r"f16|f32|e4m3|e5m2", c)]
     return dict(layouts=re.findall(r"#blocked\d* = #ttg\.blocked<(.*)>", ttgir),
+                float_conversions=dict(sorted(collections.Counter(cvt).items())),
                 convert_layout=ttgir.count("ttg.convert_layout"),
                 barriers=ptx.count("bar.sync") + ptx.count("barrier.sync"), ex2=ptx.count("ex2.approx"),
                 registers=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else 0,
@@ -271,16 +275,39 @@ def check_compiles(cases) -> int:
     return 1 if failed else 0
 
 
+def fp8_decode_report(out: str) -> None:
+    """The decode kernel over bf16 and over fp8 pages at the same shape: registers (programs per
+    SM) and the float conversions in the compiled code, to see what fp8's halved bytes cost."""
+    bf16 = next(c for c in cases() if c[0].startswith("paged_decode_attention (Jamba"))
+    fp8 = next(c for c in fp8_cases() if c[0].startswith("paged_decode_attention fp8"))
+    res = dict(triton=triton.__version__, target="sm_90a", kernels={})
+    for name, fn, sig, const, warps, div in (bf16, fp8):
+        r = compile_sm90(fn, sig, const, warps, div)
+        r.pop("ptx")
+        res["kernels"][name] = r
+        print(f"{name}\n   registers {r['registers']}, spills {r['spill_bytes']} B, float conversions "
+              f"{r['float_conversions']}")
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {out}")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="perf/results/inspect_sm90.json")
+    ap.add_argument("--out", default=None, help="default: perf/results/inspect_sm90.json, or "
+                    "perf/results/inspect_sm90_fp8_decode.json with --fp8-decode-report")
     ap.add_argument("--batch-one", action="store_true", help="compile with batch 1; report failures only")
     ap.add_argument("--padded-head-dim", action="store_true",
                     help="compile the attention kernels at head dim 160; report failures only")
     ap.add_argument("--fp8", action="store_true", help="compile the attention kernels over fp8 pages; report "
                     "failures only")
     ap.add_argument("--ptx-dir", default=None, help="also write each case's normalised PTX here")
+    ap.add_argument("--fp8-decode-report", action="store_true", help="decode over bf16 and fp8 pages side by "
+                    "side (registers, float conversions) to --out")
     args = ap.parse_args()
+    if args.fp8_decode_report:
+        return fp8_decode_report(args.out or "perf/results/inspect_sm90_fp8_decode.json")
+    args.out = args.out or "perf/results/inspect_sm90.json"
     if args.fp8:
         raise SystemExit(check_compiles(fp8_cases()))
     if args.batch_one:
