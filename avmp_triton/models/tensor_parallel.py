@@ -5,7 +5,7 @@ ranks and KV heads split too (replicated when there are fewer KV heads than rank
 ``QKVParallelLinear``), o_proj split by its input columns; the Mamba2 mixer's in_proj split per
 part (z, x, B, C, dt: heads, and the groups of B and C, so the gated norm's groups stay whole on a
 rank), its conv channels, A, D and dt_bias with them, out_proj split by input columns; the MLP's
-up_proj by rows, down_proj by columns; embeddings and lm_head split over the vocabulary, padded to
+up_proj (and gate_proj) by rows, down_proj by columns; embeddings and lm_head split over the vocabulary, padded to
 a multiple of the ranks (vLLM's ``VocabParallelEmbedding`` / ``ParallelLMHead``). Norms are
 replicated. The shard carries a ``TensorParallel`` as ``tp_shard``; a ``HybridRunner`` built on it
 all-reduces each mixer's output (the one collective per mixer), sums the embedding over ranks and
@@ -25,6 +25,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 
 @dataclasses.dataclass
 class TensorParallel:
