@@ -269,11 +269,17 @@ class Mamba1Mixer:
                                                   ("dt_layernorm", "b_layernorm", "c_layernorm"))
         self.d_inner, self.N, self.rank = m.intermediate_size, m.ssm_state_size, m.time_step_rank
         self.cache, self.layer = cache, layer
+        # a tensor-parallel shard's x_proj reads only its channels: the runner sets this to the
+        # all-reduce that sums the ranks' partial dt | B | C
+        self.tp_reduce = None
 
     def __call__(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         xs, z = F.linear(h, self.in_w, self.in_b).chunk(2, dim=-1)
         xs = self._conv(xs.contiguous(), batch)
-        dt, B, C = F.linear(xs, self.x_w).split([self.rank, self.N, self.N], dim=-1)
+        dbc = F.linear(xs, self.x_w)
+        if self.tp_reduce is not None:
+            dbc = self.tp_reduce(dbc.contiguous())
+        dt, B, C = dbc.split([self.rank, self.N, self.N], dim=-1)
         dt = F.linear(self.dt_norm(dt), self.dt_w)                   # dt_proj without its bias
         B, C = self.b_norm(B).contiguous(), self.c_norm(C).contiguous()
         y = self._scan(xs, dt.contiguous(), B, C, z.contiguous(), batch)

@@ -78,6 +78,8 @@ class HybridRunner(abc.ABC):
         self.tp = getattr(hf_model, "tp_shard", None)
         if self.tp is not None:
             for block in self.blocks:
+                if hasattr(block.mixer, "tp_reduce"):
+                    block.mixer.tp_reduce = self.tp.reduce
                 block.mixer = AllReduced(block.mixer, self.tp)
         self._init_tables(max_requests, max_context)
 

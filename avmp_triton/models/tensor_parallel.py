@@ -16,7 +16,10 @@ any broadcast; ``check_replicas=True`` verifies that every step (a debug mode,
 ``avmp_triton.memory.replica``). The arena of a rank holds its shard of every unit: the SSM block
 shrinks with the Mamba heads, a KV page with the KV heads.
 
-Nemotron-H and Bamba (``SHARDABLE``). A row-parallel bias is kept on rank 0 only, so the sum adds it once.
+Nemotron-H, Bamba and Jamba (``SHARDABLE``). A row-parallel bias is kept on rank 0 only, so the sum
+adds it once. Jamba's Mamba1 mixer splits its d_inner channels; its x_proj reads them, so its
+output (dt, B, C) is all-reduced inside the mixer, as vLLM's ``RowParallelLinear`` does there; a
+MoE's experts are each cut as an MLP, the router replicated.
 """
 from __future__ import annotations
 
@@ -103,22 +106,25 @@ def _copy_unsaved_buffers(full: torch.nn.Module, shard: torch.nn.Module) -> None
 
 @dataclasses.dataclass(frozen=True)
 class _Family:
-    """A family's config names for what the cut splits, and its Mamba2 module's name in a layer."""
-    mamba_heads: str
-    groups: str
-    mamba_head_dim: str
+    """A family's config names for what the cut splits, and its Mamba module's name in a layer.
+    Mamba2 families split heads and groups; Mamba1 (no heads) splits the d_inner channels."""
     d_state: str
     mixer: str
+    mamba_heads: str | None = None
+    groups: str | None = None
+    mamba_head_dim: str | None = None
     expand: str | None = None   # a config that derives d_inner as expand * hidden_size
+    expand_int: bool = False    # transformers' module keeps expand * hidden_size unrounded: it must stay an int
 
 
 FAMILIES = {
-    "nemotron_h": _Family("mamba_num_heads", "n_groups", "mamba_head_dim", "ssm_state_size", "mixer"),
-    "bamba": _Family("mamba_n_heads", "mamba_n_groups", "mamba_d_head", "mamba_d_state", "mamba", "mamba_expand"),
+    "nemotron_h": _Family("ssm_state_size", "mixer", "mamba_num_heads", "n_groups", "mamba_head_dim"),
+    "bamba": _Family("mamba_d_state", "mamba", "mamba_n_heads", "mamba_n_groups", "mamba_d_head", "mamba_expand"),
+    "jamba": _Family("mamba_d_state", "mamba", expand="mamba_expand", expand_int=True),
 }
 SHARDABLE = tuple(FAMILIES)
-_COLUMN = {"q_proj", "up_proj", "gate_proj"}            # output rows split: weight rows, bias
-_ROW = {"o_proj", "down_proj", "out_proj"}               # input columns split: the bias is added once
+_COLUMN = {"q_proj", "up_proj", "gate_proj", "dt_proj"}     # output rows split: weight rows, bias
+_ROW = {"o_proj", "down_proj", "out_proj", "x_proj"}         # input columns split: the bias is added once
 _PER_HEAD = {"A_log", "D", "dt_bias"}
 
 
@@ -129,9 +135,17 @@ class _Cut:
         self.c, self.rank, self.world = config, rank, world
         self.f = f = FAMILIES[config.model_type]
         c = config
-        self.heads, self.groups = getattr(c, f.mamba_heads), getattr(c, f.groups)
-        for name, n in (("num_attention_heads", c.num_attention_heads), (f.mamba_heads, self.heads),
-                        (f.groups, self.groups), ("intermediate_size", c.intermediate_size)):
+        split = [("num_attention_heads", c.num_attention_heads), ("intermediate_size", c.intermediate_size)]
+        if f.mamba_heads:
+            self.heads, self.groups = getattr(c, f.mamba_heads), getattr(c, f.groups)
+            split += [(f.mamba_heads, self.heads), (f.groups, self.groups)]
+            self.d_inner = self.heads * getattr(c, f.mamba_head_dim)
+            self.gn = self.groups * getattr(c, f.d_state)
+        else:
+            self.heads = self.groups = None
+            self.d_inner, self.gn = getattr(c, f.expand) * c.hidden_size, 0
+            split += [(f.expand, getattr(c, f.expand)) if f.expand_int else ("d_inner", self.d_inner)]
+        for name, n in split:
             if n % world:
                 raise ValueError(f"{name}={n} does not split over {world} ranks")
         kv = c.num_key_value_heads
@@ -140,8 +154,6 @@ class _Cut:
         self.kv_local = max(1, kv // world)
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.vocab_part = -(-c.vocab_size // world)
-        self.d_inner = self.heads * getattr(c, f.mamba_head_dim)
-        self.gn = self.groups * getattr(c, f.d_state)
 
     def config(self):
         c, w, f = self.c, self.world, self.f
@@ -149,10 +161,14 @@ class _Cut:
         shard.num_attention_heads = c.num_attention_heads // w
         shard.num_key_value_heads = self.kv_local
         shard.head_dim = self.head_dim   # explicit: it must not follow hidden_size / heads
-        setattr(shard, f.mamba_heads, self.heads // w)
-        setattr(shard, f.groups, self.groups // w)
-        if f.expand:   # a fraction when expand < world; the config's int-only validator would refuse it
-            object.__setattr__(shard, f.expand, getattr(c, f.expand) / w)
+        if f.mamba_heads:
+            setattr(shard, f.mamba_heads, self.heads // w)
+            setattr(shard, f.groups, self.groups // w)
+        expand = getattr(c, f.expand) if f.expand else None
+        if expand is not None and expand % w == 0:
+            setattr(shard, f.expand, expand // w)
+        elif expand is not None:   # a fraction (Bamba's module rounds it); the config's int-only validator would refuse it
+            object.__setattr__(shard, f.expand, expand / w)
         shard.intermediate_size = c.intermediate_size // w
         shard.vocab_size = self.vocab_part
         return shard
@@ -167,6 +183,8 @@ class _Cut:
         leaf, module = parts[-1], parts[-2] if len(parts) > 1 else ""
         if name.endswith("embeddings.weight") or name.endswith("embed_tokens.weight") or name == "lm_head.weight":
             return self._vocab_rows(t)
+        if module == "experts":   # a MoE's experts stacked [E, ...]: each expert cut as an MLP
+            return self._experts(leaf, t)
         if module in _COLUMN or (leaf in _PER_HEAD and module == self.f.mixer):
             return t[self._part(t.shape[0])].clone()
         if module in ("k_proj", "v_proj"):
@@ -174,7 +192,7 @@ class _Cut:
         if module == "in_proj":
             return self._in_proj(t).clone()
         if module == "conv1d":
-            return torch.cat(self._xbc(t))
+            return torch.cat(self._xbc(t)) if self.heads else t[self._part(self.d_inner)].clone()
         if module in _ROW:
             if leaf == "bias":   # added once, after the all-reduce sums the ranks' parts
                 return t.clone() if self.rank == 0 else torch.zeros_like(t)
@@ -200,5 +218,17 @@ class _Cut:
         return [x[self._part(self.d_inner)], B[self._part(self.gn)], C[self._part(self.gn)]]
 
     def _in_proj(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.heads:   # Mamba1: x | z
+            x, z = t.split([self.d_inner, self.d_inner])
+            return torch.cat([x[self._part(self.d_inner)], z[self._part(self.d_inner)]])
         z, xbc, dt = t.split([self.d_inner, self.d_inner + 2 * self.gn, self.heads])
         return torch.cat([z[self._part(self.d_inner)], *self._xbc(xbc), dt[self._part(self.heads)]])
+
+    def _experts(self, leaf: str, t: torch.Tensor) -> torch.Tensor:
+        if leaf == "gate_up_proj":   # [E, gate | up, hidden]
+            gate, up = t.chunk(2, dim=1)
+            part = self._part(gate.shape[1])
+            return torch.cat([gate[:, part], up[:, part]], dim=1)
+        if leaf == "down_proj":      # [E, hidden, intermediate]
+            return t[:, :, self._part(t.shape[2])].clone()
+        raise ValueError(f"no rule to cut the experts' {leaf!r}")

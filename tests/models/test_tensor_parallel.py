@@ -1,5 +1,5 @@
 """Tensor parallelism (avmp_triton/models/tensor_parallel.py) on the CPU: two processes over gloo,
-each serving its shard of a tiny random Nemotron-H or Bamba (fp32, ops in Triton's interpreter) through the
+each serving its shard of a tiny random Nemotron-H, Bamba or Jamba (fp32, ops in Triton's interpreter) through the
 LLM engine, generate the tokens of the single-process engine; under memory pressure too (preemption
 and AVMP's moves), with the replicated allocators checked equal before every step; each rank's
 units are its shard's (the SSM block halves). Also: one rank's shard is a true slice (the two
@@ -47,17 +47,21 @@ dist.destroy_process_group()
 
 
 def build_model(family: str) -> torch.nn.Module:
-    """The same tiny random fp32 model on every rank: Nemotron-H's preset, or a Bamba with biases
-    on every projection (tests/models/test_bamba.py's geometry)."""
+    """The same tiny random fp32 model on every rank: Nemotron-H's preset, a Bamba with biases on
+    every projection, or a Jamba (Mamba1, a MoE layer) from tests/models' geometries."""
     from avmp_triton.models.loading import random_model
     if family == "nemotron_h":
         return random_model("nemotron-h-tiny", dtype=torch.float32, seed=0, device="cpu").eval()
     import transformers
     from tests.models import parity as P
-    from tests.models.test_bamba import GEOMETRY
     torch.manual_seed(0)
-    model = transformers.BambaForCausalLM(transformers.BambaConfig(**GEOMETRY)).eval()
-    P.randomize(model, torch.Generator().manual_seed(0))
+    if family == "bamba":
+        from tests.models.test_bamba import GEOMETRY
+        model = transformers.BambaForCausalLM(transformers.BambaConfig(**GEOMETRY))
+    else:   # Jamba with a MoE layer; expand 2, so that d_inner splits with transformers' int expand
+        from tests.models.test_jamba import GEOMETRY
+        model = transformers.JambaForCausalLM(transformers.JambaConfig(**{**GEOMETRY, "mamba_expand": 2}))
+    P.randomize(model.eval(), torch.Generator().manual_seed(0))
     return model
 
 
@@ -77,10 +81,10 @@ def _ranks(tmp_path, memory: float, family: str, world: int = 2) -> list[dict]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo ranks on the CPU; the GPU run is NCCL's")
-@pytest.mark.parametrize("family, slabs", [("nemotron_h", 3), ("bamba", 2)])
+@pytest.mark.parametrize("family, slabs", [("nemotron_h", 3), ("bamba", 2), ("jamba", 2)])
 def test_two_ranks_generate_the_single_process_tokens_under_pressure(tmp_path, family, slabs):
     """Slabs of 64 KiB, one of them for SSM blocks: 4 requests of up to 49 tokens need 13 pages, more
-    than the rest holds (Nemotron-H's 16 KiB pages, Bamba's 8 KiB), so growth preempts."""
+    than the rest holds (Nemotron-H's 16 KiB pages, Bamba's and Jamba's 8 KiB), so growth preempts."""
     r0, r1 = _ranks(tmp_path, slabs * 65536 / (1 << 30), family)
     print("preemptions, migrations, completed, drained:", r0["metrics"])
     assert r0["tp"] == r1["tp"] == r0["single"]
