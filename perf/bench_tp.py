@@ -30,13 +30,9 @@ import triton
 
 import harness as H  # perf/harness.py
 from avmp_triton import LLM, SamplingParams
+from avmp_triton.engine.metrics import percentile
 from avmp_triton.models.loading import random_model
 from avmp_triton.models.tensor_parallel import shard_model
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def _nccl_share(llm: LLM, prompts: list, sp: SamplingParams) -> float | None:
@@ -85,8 +81,8 @@ def _rank(rank: int, world: int, args, store: str, result_file: str) -> None:
         run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
         row = dict(tp=world, wall_s=run["wall_s"], walls_s=[r["wall_s"] for r in runs],
                    out_tok_s=args.requests * args.output / run["wall_s"],
-                   ttft_p50_s=_pct(run["ttft"], 0.5), ttft_p99_s=_pct(run["ttft"], 0.99),
-                   tpot_p50_s=_pct(run["tpot"], 0.5), tpot_p99_s=_pct(run["tpot"], 0.99),
+                   ttft_p50_s=percentile(run["ttft"], 50), ttft_p99_s=percentile(run["ttft"], 99),
+                   tpot_p50_s=percentile(run["tpot"], 50), tpot_p99_s=percentile(run["tpot"], 99),
                    host_outside_steps_s=run["host_outside_steps_s"], nccl_kernel_share=share,
                    preemptions=llm.last_metrics.preemptions, graph_steps=llm.last_graph_steps,
                    ssm_block_bytes=llm.allocator.spec.ssm_block_bytes,

@@ -21,13 +21,10 @@ import statistics
 import time
 
 import torch
-import triton
 from torch.profiler import ProfilerActivity, profile
 
 from avmp_triton import LLM, SamplingParams
-from avmp_triton.models.loading import random_model
-import harness as H  # perf/harness.py
-from profile_serve_step import copy_bandwidth, step_bytes
+from profile_serve_step import load_8b, step_bytes
 
 # substrings of kernel names, first match wins; cuBLAS/CUTLASS names vary by version
 FAMILIES = (
@@ -96,9 +93,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args()
-    model = random_model("nemotron-h-8b", dtype=torch.bfloat16, device="cuda", seed=0).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bw = copy_bandwidth()
+    model, weight_bytes, bw, env = load_8b()
     B = args.batch
     llm = LLM(model, allocator="avmp", memory_gib=40, max_num_seqs=B, max_model_len=args.prompt + 32)
     prompts = torch.randint(0, model.config.vocab_size, (B, args.prompt),
@@ -112,8 +107,6 @@ def main() -> None:
     busy = sum(fams.values())
     wall = statistics.median(found["walls"]) * 1e6
     roof = step_bytes(llm.allocator.spec, B, args.prompt + 10, weight_bytes) / bw * 1e6
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               copy_bytes_per_s=bw, weight_bytes=weight_bytes, commit=H.commit())
     res = dict(bench="profile_decode_kernels", env=env, batch=B, bucket=found["bucket"], prompt=args.prompt,
                replays=args.replays, replay_wall_us=wall, kernel_busy_us=busy, roofline_us=roof,
                weights_over_copy_us=weight_bytes / bw * 1e6, families_us=dict(fams), kernels=kernels)

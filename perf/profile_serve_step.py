@@ -21,12 +21,12 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import time
 
 import torch
 import triton
 
+import harness as H  # perf/harness.py
 from avmp_triton import LLM, SamplingParams
 from avmp_triton.models.loading import random_model
 from avmp_triton.serve import executor as ex
@@ -45,6 +45,17 @@ def copy_bandwidth(gib: float = 2.0) -> float:
         torch.cuda.synchronize()
         ts.append(s.elapsed_time(e) / 1e3)
     return 2 * a.numel() / statistics.median(ts)
+
+
+def load_8b():
+    """Nemotron-H-8B with random bf16 weights on the GPU, its weight bytes, the copy bandwidth
+    measured now, and the run's environment record."""
+    model = random_model("nemotron-h-8b", dtype=torch.bfloat16, device="cuda", seed=0).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth()
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               copy_bytes_per_s=bw, weight_bytes=weight_bytes, commit=H.commit())
+    return model, weight_bytes, bw, env
 
 
 def timed(obj, name: str, sink: list, *, sync_before: bool = True) -> None:
@@ -107,12 +118,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--output", type=int, default=24)
     args = ap.parse_args()
-    model = random_model("nemotron-h-8b", dtype=torch.bfloat16, device="cuda", seed=0).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bw = copy_bandwidth()
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               copy_bytes_per_s=bw, weight_bytes=weight_bytes,
-               commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+    model, weight_bytes, bw, env = load_8b()
     rows = []
     res = dict(bench="profile_serve_step", env=env, model="nemotron-h-8b (random bf16, fp32 SSM state)",
                prompt=args.prompt, output=args.output, rows=rows)

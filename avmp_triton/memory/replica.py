@@ -34,7 +34,7 @@ def assert_replicas_agree(allocator, *extra: torch.Tensor, group=None, what: str
     tables, SSM handles). Two all-reduces of two int64 each and one host read: a debug check."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("assert_replicas_agree needs an initialised torch.distributed process group")
-    mine = state_digest(allocator.decision_state() + [t for t in extra])
+    mine = state_digest(allocator.decision_state() + list(extra))
     if dist.get_backend(group) == "nccl" and mine.device.type != "cuda":
         mine = mine.cuda()
     lo, hi = mine.clone(), mine.clone()
