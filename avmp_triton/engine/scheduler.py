@@ -122,15 +122,43 @@ class _DeviceBackend:
         self._release_err = torch.zeros(1, dtype=torch.int64, device=dev)
         self._host_rows = np.full(R, -1, dtype=np.int32)
         self._pools = torch.arange(2, device=dev).unsqueeze(1)
+        self._snap = None          # host buffer of the pending snapshot (pinned on a GPU)
+        self._snap_done = torch.cuda.Event() if dev.type == "cuda" else None
+        self._snap_pending = False
         self.syncs = 0
 
-    def probe(self) -> _Counts:
-        """The one host read of a tick: tops, slabs per pool, and the last calls' error flags."""
+    def _counts_vector(self) -> torch.Tensor:
+        """Tops, slabs per pool, and the last calls' error flags, in one device vector."""
         a = self.a
         # not torch.bincount: on CUDA it reads its input's min and max on the host, two more syncs
         slabs = (a.slab_owner.unsqueeze(0) == self._pools).sum(1)
-        v = torch.cat([a.free_counts, slabs, torch.count_nonzero(self._failed).view(1), self._release_err]).tolist()
-        self.syncs += 1
+        return torch.cat([a.free_counts, slabs, torch.count_nonzero(self._failed).view(1), self._release_err])
+
+    def snapshot(self) -> None:
+        """Queues a copy of the counts to the host without waiting: the step's own sync (its
+        sampled tokens) completes it, so the next ``probe`` costs no round trip of its own."""
+        v = self._counts_vector()
+        if self._snap is None:
+            self._snap = torch.empty(v.shape, dtype=v.dtype, pin_memory=self._snap_done is not None)
+        self._snap.copy_(v, non_blocking=True)
+        if self._snap_done is not None:
+            self._snap_done.record()
+        self._snap_pending = True
+
+    def probe(self, fresh: bool = False) -> _Counts:
+        """The counts: the pending snapshot's unless ``fresh`` or none is pending, else a read now.
+        A read the host has to wait for counts as a sync (on the CPU every read does)."""
+        if self._snap_pending and not fresh:
+            self._snap_pending = False
+            if self._snap_done is None or not self._snap_done.query():
+                self.syncs += 1
+                if self._snap_done is not None:
+                    self._snap_done.synchronize()
+            v = self._snap.tolist()
+        else:
+            self._snap_pending = False
+            v = self._counts_vector().tolist()
+            self.syncs += 1
         if v[5] or v[6]:
             raise AssertionError(f"allocator refused a planned call (grow failures {v[5]}, release code {v[6]})")
         return _Counts([v[0], v[1]], v[2], [v[3], v[4]])
@@ -206,9 +234,17 @@ class _ModelBackend:
         self.block_table = [[-1] * W for _ in range(R)]
         self.num_pages = [0] * R
         self.ssm_handles = [-1] * R
+        self._snap: _Counts | None = None
         self.syncs = 0
 
-    def probe(self) -> _Counts:
+    def snapshot(self) -> None:
+        self._snap = self.probe(fresh=True)
+
+    def probe(self, fresh: bool = False) -> _Counts:
+        """As the device backend's: the snapshot's counts once, if one is pending and not ``fresh``."""
+        snap, self._snap = self._snap, None
+        if snap is not None and not fresh:
+            return snap
         m = self.m
         npools = len(m.pool_names)
         free = [len(m.unit_stacks[p]) for p in range(npools)] + [0] * (2 - npools)
@@ -544,6 +580,7 @@ class _Run:
         self.c: _Counts | None = None
         self.free: list[int] = []  # free units per pool, kept exact on the host through the tick
         self.fh = 0                # free handles, likewise
+        self.credit = [0, 0]       # KV and SSM units released since the last snapshot
         self.budget = sched.max_num_batched_tokens
         self.clock = None
         if sched.step_time == "wall":
@@ -565,8 +602,25 @@ class _Run:
             self.events.append((self.t, kind, self.reqs.rid[i]))
 
     def _read_counts(self) -> None:
+        """The counts: the first read of a tick takes the last tick's snapshot (queued after its
+        allocator calls) plus what its release gave back since, which the host knows exactly."""
         self.c = self.be.probe()
         self.free, self.fh = self.c.free, self.c.free_handles
+        kv, ssm = self.credit
+        self.free[self.g.pk] += kv
+        self.free[self.g.ps] += ssm
+        self.fh += kv + ssm
+        self.credit = [0, 0]
+
+    def _give_back(self, rows) -> None:
+        """Host accounting of a release of ``rows`` (before they are cleared): their pages and
+        their SSM block are free again."""
+        kv = int(self.rows.pages[rows].sum())
+        ssm = int(np.size(rows))
+        g = self.g
+        self.free[g.pk] += kv
+        self.free[g.ps] += ssm
+        self.fh += kv + ssm
 
     def fits(self, kv: int, ssm: int) -> bool:
         g, free = self.g, self.free
@@ -579,9 +633,6 @@ class _Run:
         self._arrivals()
         self.timer.new_tick()
         with self.timer:
-            if self.proactive:
-                self.be.proactive_step()
-                self.moved = True
             self._read_counts()
         rows = self.rows
         active = rows.req >= 0
@@ -598,6 +649,10 @@ class _Run:
             if admitted:
                 self.be.alloc_ssm(admitted)
                 self._swap_in(admitted)
+            if self.proactive:
+                self.be.proactive_step()
+                self.moved = True
+            self.be.snapshot()
         rows.pages += rows.need
         sampled, shape = self._run_tokens()
         running = np.flatnonzero(rows.req >= 0)
@@ -707,9 +762,7 @@ class _Run:
             v = int(np.argmax(np.where(rows.req >= 0, rows.seq, -1)))
             i = int(rows.req[v])
             self.preemptions += 1
-            self.free[g.pk] += int(rows.pages[v])
-            self.free[g.ps] += 1
-            self.fh += int(rows.pages[v]) + 1
+            self._give_back([v])
             growth -= int(rows.need[v])
             rows.need[v] = 0
             if self.swap:
@@ -843,6 +896,9 @@ class _Run:
             return
         with self.timer:
             self.be.release(fin.tolist())
+        # after this tick's snapshot: the next tick's counts add it
+        pages = int(rows.pages[fin].sum())
+        self.credit = [self.credit[0] + pages, self.credit[1] + fin.size]
         self.alloc_rows += fin.size   # the release call is charged to the next step
         if self.clock is not None:
             self.clock.finished(rows.req[fin])
@@ -859,7 +915,7 @@ class _Run:
             self.be.release(left.tolist())
             self.rows.req[left] = -1
         if self.be.name == "device":
-            self.be.probe()  # checks the last calls' error flags
+            self.be.probe(fresh=True)  # checks the last calls' error flags
 
     def metrics(self) -> RunMetrics:
         end, start, reqs, s = self.be.stats(), self.start_stats, self.reqs, self.series
