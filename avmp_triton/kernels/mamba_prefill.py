@@ -26,7 +26,7 @@ Conventions shared by every kernel here:
 import triton
 import triton.language as tl
 
-from avmp_triton.kernels.handles import KIND_SSM, both, first_rows, repeated, unit_offset
+from avmp_triton.kernels.handles import KIND_SSM, REPEAT_BLOCK_MAX, both, first_rows, repeated, unit_offset
 
 
 @triton.jit
@@ -440,6 +440,57 @@ def _chunk_decay(dt_ptr, o_t, m_t, stride_dt_t, i_h, b_bias, b_A, HAS_DT_BIAS: t
 
 
 @triton.jit
+def _ssd_chunk_in(x_ptr, dt_ptr, B_ptr, c0, end, i_h, i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias,
+                  stride_x_t, stride_x_h, stride_dt_t, stride_B_t, stride_B_g,
+                  HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr):
+    """A chunk's token offsets and mask, its decay (``_chunk_decay``) and its x ``[L, BLOCK_P]`` and
+    B ``[L, BLOCK_N]`` tiles (zeros past ``end``)."""
+    o_t = (c0 + o_l).to(tl.int64)
+    m_t = o_t < end
+    b_dt, b_cum, b_last = _chunk_decay(dt_ptr, o_t, m_t, stride_dt_t, i_h, b_bias, b_A, HAS_DT_BIAS, DT_SOFTPLUS)
+    b_x = tl.load(x_ptr + o_t[:, None] * stride_x_t + i_h * stride_x_h + o_p[None, :],
+                  mask=m_t[:, None] & m_p[None, :], other=0.0)
+    b_B = tl.load(B_ptr + o_t[:, None] * stride_B_t + i_g * stride_B_g + o_n[None, :],
+                  mask=m_t[:, None] & m_n[None, :], other=0.0)
+    return o_t, m_t, b_dt, b_cum, b_last, b_x, b_B
+
+
+@triton.jit
+def _ssd_state_step(b_h, b_x, b_B, b_dt, b_cum, b_last, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The state after a chunk: h exp(c_L) + sum_s exp(c_L - c_s) dt_s x_s B_s^T ([P,L] @ [L,N])."""
+    b_w = tl.exp(b_last - b_cum) * b_dt                                          # [L]
+    b_xw = (b_x.to(tl.float32) * b_w[:, None]).to(DOT_DTYPE)
+    return b_h * tl.exp(b_last) + tl.dot(tl.trans(b_xw), b_B.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _ssd_chunk_out(C_ptr, z_ptr, out_ptr, b_h, o_t, m_t, b_dt, b_cum, b_x, b_B, i_h, i_g, causal, o_p, m_p, o_n,
+                   m_n, m_act, b_D, stride_z_t, stride_z_h, stride_C_t, stride_C_g, stride_out_t, stride_out_h,
+                   HAS_Z: tl.constexpr, HAS_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A chunk's outputs, stored (zeros outside ``m_act``), from the state ``b_h`` entering it:
+        y_t = sum_{s<=t} (C_t . B_s) exp(c_t - c_s) dt_s x_s     (intra: [L,L] @ [L,P])
+            + exp(c_t) C_t . h                                   (inter: [L,N] @ [N,P])
+    The masked decay goes through exp, so nothing above the diagonal can overflow."""
+    m_tp = m_t[:, None] & m_p[None, :]
+    b_C = tl.load(C_ptr + o_t[:, None] * stride_C_t + i_g * stride_C_g + o_n[None, :],
+                  mask=m_t[:, None] & m_n[None, :], other=0.0).to(DOT_DTYPE)
+    b_cb = tl.dot(b_C, tl.trans(b_B.to(DOT_DTYPE)), input_precision=DOT_PRECISION)          # [L, L]
+    b_seg = tl.where(causal, b_cum[:, None] - b_cum[None, :], float("-inf"))
+    b_cb = b_cb * tl.exp(b_seg) * b_dt[None, :]
+    b_y = tl.dot(b_cb.to(DOT_DTYPE), b_x.to(DOT_DTYPE), input_precision=DOT_PRECISION)      # [L, P]
+    b_y += tl.dot(b_C, tl.trans(b_h).to(DOT_DTYPE), input_precision=DOT_PRECISION) * tl.exp(b_cum)[:, None]
+    if HAS_D:
+        b_y += b_D * b_x.to(tl.float32)
+    if HAS_Z:
+        b_z = tl.load(z_ptr + o_t[:, None] * stride_z_t + i_h * stride_z_h + o_p[None, :],
+                      mask=m_tp, other=0.0).to(tl.float32)
+        b_y *= _silu(b_z)
+    b_y = tl.where(m_act[None, :], b_y, 0.0)
+    tl.store(out_ptr + o_t[:, None] * stride_out_t + i_h * stride_out_h + o_p[None, :],
+             b_y.to(out_ptr.dtype.element_ty), mask=m_tp)
+
+
+@triton.jit
 def mamba2_chunk_scan_prefill_kernel(
     x_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, out_ptr,  # as the serial kernel
     state_ptr, table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
@@ -453,13 +504,9 @@ def mamba2_chunk_scan_prefill_kernel(
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Chunked Mamba2 (SSD) scan, fused: grid (B + 1, NH, cdiv(P, BLOCK_P)); one program walks its
-    request CHUNK tokens at a time, the [BLOCK_P, N] state passed from chunk to chunk in registers.
-
-    Within a chunk, with a_t = dt_t A_h and c_t = sum_{s<=t} a_s (inclusive cumsum):
-        y_t   = sum_{s<=t} (C_t . B_s) exp(c_t - c_s) dt_s x_s     (intra: [L,L] @ [L,P])
-              + exp(c_t) C_t . h_prev                             (inter: [L,N] @ [N,P])
-        h_new = exp(c_L) h_prev + sum_s exp(c_L - c_s) dt_s x_s B_s^T  ([P,L] @ [L,N])
-    Padded tokens past the end get dt = 0: they neither decay the state nor feed it.
+    request CHUNK tokens at a time, the [BLOCK_P, N] state passed from chunk to chunk in registers
+    (``_ssd_chunk_out``, ``_ssd_state_step``; a_t = dt_t A_h, c_t = sum_{s<=t} a_s). Padded tokens
+    past the end get dt = 0: they neither decay the state nor feed it.
     The dot operands are cast to DOT_DTYPE (the inputs' dtype on GPU: tensor cores for bf16/fp16;
     fp32 in Triton's interpreter, whose tl.dot multiplies bf16 bit patterns as integers), fp32
     accumulation.
@@ -476,43 +523,209 @@ def mamba2_chunk_scan_prefill_kernel(
     m_act = both(m_p, active)   # output lanes of an active request (others are written as zeros)
     o_l = tl.arange(0, CHUNK)
     causal = o_l[:, None] >= o_l[None, :]
-    dot_ty = DOT_DTYPE
 
     c0 = start
     while c0 < end:
-        o_t = (c0 + o_l).to(tl.int64)
-        m_t = o_t < end
-        b_dt, b_cum, b_last = _chunk_decay(dt_ptr, o_t, m_t, stride_dt_t, i_h, b_bias, b_A, HAS_DT_BIAS,
-                                           DT_SOFTPLUS)
-        m_tp = m_t[:, None] & m_p[None, :]
-        m_tn = m_t[:, None] & m_n[None, :]
-        b_x = tl.load(x_ptr + o_t[:, None] * stride_x_t + i_h * stride_x_h + o_p[None, :], mask=m_tp, other=0.0)
-        b_B = tl.load(B_ptr + o_t[:, None] * stride_B_t + i_g * stride_B_g + o_n[None, :], mask=m_tn, other=0.0)
-        b_C = tl.load(C_ptr + o_t[:, None] * stride_C_t + i_g * stride_C_g + o_n[None, :], mask=m_tn, other=0.0)
-        b_B = b_B.to(dot_ty)
-        b_C = b_C.to(dot_ty)
-
-        # intra-chunk: masked decay before exp, so nothing above the diagonal can overflow
-        b_cb = tl.dot(b_C, tl.trans(b_B), input_precision=DOT_PRECISION)           # [L, L]
-        b_seg = tl.where(causal, b_cum[:, None] - b_cum[None, :], float("-inf"))
-        b_cb = b_cb * tl.exp(b_seg) * b_dt[None, :]
-        b_y = tl.dot(b_cb.to(dot_ty), b_x.to(dot_ty), input_precision=DOT_PRECISION)  # [L, P]
-        # inter-chunk: the state entering this chunk
-        b_y += tl.dot(b_C, tl.trans(b_h).to(dot_ty), input_precision=DOT_PRECISION) * tl.exp(b_cum)[:, None]
-        b_xf = b_x.to(tl.float32)
-        if HAS_D:
-            b_y += b_D * b_xf
-        if HAS_Z:
-            b_z = tl.load(z_ptr + o_t[:, None] * stride_z_t + i_h * stride_z_h + o_p[None, :],
-                          mask=m_tp, other=0.0).to(tl.float32)
-            b_y *= _silu(b_z)
-        b_y = tl.where(m_act[None, :], b_y, 0.0)
-        tl.store(out_ptr + o_t[:, None] * stride_out_t + i_h * stride_out_h + o_p[None, :],
-                 b_y.to(out_ptr.dtype.element_ty), mask=m_tp)
-
-        # state passing to the next chunk
-        b_w = tl.exp(b_last - b_cum) * b_dt                                          # [L]
-        b_xw = (b_xf * b_w[:, None]).to(dot_ty)
-        b_h = b_h * tl.exp(b_last) + tl.dot(tl.trans(b_xw), b_B, input_precision=DOT_PRECISION)
+        o_t, m_t, b_dt, b_cum, b_last, b_x, b_B = _ssd_chunk_in(
+            x_ptr, dt_ptr, B_ptr, c0, end, i_h, i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias, stride_x_t, stride_x_h,
+            stride_dt_t, stride_B_t, stride_B_g, HAS_DT_BIAS, DT_SOFTPLUS)
+        _ssd_chunk_out(C_ptr, z_ptr, out_ptr, b_h, o_t, m_t, b_dt, b_cum, b_x, b_B, i_h, i_g, causal, o_p, m_p, o_n,
+                       m_n, m_act, b_D, stride_z_t, stride_z_h, stride_C_t, stride_C_g, stride_out_t, stride_out_h,
+                       HAS_Z, HAS_D, DOT_DTYPE, DOT_PRECISION)
+        b_h = _ssd_state_step(b_h, b_x, b_B, b_dt, b_cum, b_last, DOT_DTYPE, DOT_PRECISION)
         c0 += CHUNK
     tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=both(m_pn, active))
+
+
+@triton.jit
+def _segments_in(cu_ptr, o_j, B, T, SEG: tl.constexpr):
+    """Segments (of SEG tokens, the last one partial) of requests ``o_j`` (0 past B), their ranges
+    clamped as ``_request`` clamps them."""
+    m_j = o_j < B
+    st = tl.load(cu_ptr + o_j, mask=m_j, other=0)
+    en = tl.load(cu_ptr + o_j + 1, mask=m_j, other=0)
+    st = tl.minimum(tl.maximum(st, 0), T)
+    en = tl.minimum(tl.maximum(en, st), T)
+    return tl.where(m_j, (en - st + SEG - 1) // SEG, 0)
+
+
+@triton.jit
+def _segment_hits(i_s, o_j, n, before):
+    """(lowest request of ``o_j`` whose segments hold slot ``i_s``, or a large value; its segment
+    index there, or 0): ``before`` segments precede the block, ``n`` are its requests' counts."""
+    inc = tl.cumsum(n, 0) + before
+    hit = (inc > i_s) & (inc - n <= i_s)
+    return tl.min(tl.where(hit, o_j, 2147483647), 0), tl.sum(tl.where(hit, i_s - (inc - n), 0), 0)
+
+
+@triton.jit
+def _segment_of(i_s, cu_ptr, B, T, SEG: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(request b, segment k of it) that slot ``i_s`` serves, or b = B when no segment falls on it:
+    the requests' segments take consecutive slots in request order (slot = segments of the earlier
+    requests + k). Walks the batch in blocks of BLOCK_B as ``repeated`` does."""
+    o_j = tl.arange(0, BLOCK_B)
+    n = _segments_in(cu_ptr, o_j, B, T, SEG)
+    b, k = _segment_hits(i_s, o_j, n, 0)
+    if BLOCK_B >= REPEAT_BLOCK_MAX:
+        before = tl.sum(n, 0)
+        j0 = B * 0 + BLOCK_B
+        while j0 < B:   # not range(): Triton 3.6's interpreter cannot loop to a runtime bound
+            n = _segments_in(cu_ptr, j0 + o_j, B, T, SEG)
+            b2, k2 = _segment_hits(i_s, j0 + o_j, n, before)
+            b = tl.minimum(b, b2)
+            k += k2
+            before += tl.sum(n, 0)
+            j0 += BLOCK_B
+    return tl.minimum(b, B), k
+
+
+@triton.jit
+def _first_segment(i_b, cu_ptr, B, T, SEG: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(slot of request ``i_b``'s first segment, its segment count): segments of the requests before it."""
+    o_j = tl.arange(0, BLOCK_B)
+    n = _segments_in(cu_ptr, o_j, B, T, SEG)
+    first = tl.sum(tl.where(o_j < i_b, n, 0), 0)
+    count = tl.sum(tl.where(o_j == i_b, n, 0), 0)
+    if BLOCK_B >= REPEAT_BLOCK_MAX:
+        j0 = B * 0 + BLOCK_B
+        while j0 < B:
+            n = _segments_in(cu_ptr, j0 + o_j, B, T, SEG)
+            first += tl.sum(tl.where(j0 + o_j < i_b, n, 0), 0)
+            count += tl.sum(tl.where(j0 + o_j == i_b, n, 0), 0)
+            j0 += BLOCK_B
+    return first, count
+
+
+@triton.jit
+def _segment_range(i_s, S, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr, B, T, num_handles, state_off_bytes,
+                   SEG: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(first token, end, active) of slot ``i_s``'s segment; slot S is the packed tail (inactive),
+    a slot no segment falls on gets an empty range."""
+    i_b, k = _segment_of(i_s, cu_ptr, B, T, SEG, BLOCK_B)
+    i_b = tl.where(i_s == S, B, i_b)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN, BLOCK_B)
+    seg_start = tl.where(i_s == S, start, tl.minimum(start + k * SEG, end))
+    seg_end = tl.where(i_s == S, end, tl.minimum(seg_start + SEG, end))
+    seg_end = tl.where((i_b < B) | (i_s == S), seg_end, seg_start)
+    return seg_start, seg_end, active
+
+
+@triton.jit
+def mamba2_segment_state_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr,
+    seg_state_ptr,    # [S, NH, P, N] fp32 out: the state each segment leaves when it starts from zeros
+    seg_decay_ptr,    # [S, NH] fp32 out: sum of dt A over the segment
+    table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
+    T, P, N, B, S, NH, num_handles, heads_per_group,
+    state_off_bytes,
+    stride_x_t, stride_x_h, stride_dt_t, stride_B_t, stride_B_g,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_B: tl.constexpr, SEG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Pass 1 of the segmented Mamba2 scan. Grid (S, NH, cdiv(P, BLOCK_P)): each slot's segment of
+    one request, chunk by chunk from a zero state, in parallel over the segments of a request."""
+    i_s = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_p = tl.program_id(2)
+    seg_start, seg_end, active = _segment_range(i_s, S, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr, B, T,
+                                                num_handles, state_off_bytes, SEG, ELEM_BYTES, ALIGN, BLOCK_B)
+    seg_end = tl.where(active, seg_end, seg_start)   # a skipped request's states are never read
+    i_g = i_h // heads_per_group
+    o_p, m_p, o_n, m_n, m_pn, b_A, b_D, b_bias, p_state, b_h = _mamba2_tile(
+        A_ptr, A_ptr, dt_bias_ptr, seg_state_ptr, 0, False, i_h, i_p, P, N, False, HAS_DT_BIAS, BLOCK_P, BLOCK_N)
+    o_l = tl.arange(0, CHUNK)
+    b_decay = tl.sum(tl.zeros((CHUNK,), tl.float32), 0)
+    c0 = seg_start
+    while c0 < seg_end:
+        o_t, m_t, b_dt, b_cum, b_last, b_x, b_B = _ssd_chunk_in(
+            x_ptr, dt_ptr, B_ptr, c0, seg_end, i_h, i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias, stride_x_t,
+            stride_x_h, stride_dt_t, stride_B_t, stride_B_g, HAS_DT_BIAS, DT_SOFTPLUS)
+        b_h = _ssd_state_step(b_h, b_x, b_B, b_dt, b_cum, b_last, DOT_DTYPE, DOT_PRECISION)
+        b_decay += b_last
+        c0 += CHUNK
+    row = i_s.to(tl.int64) * NH + i_h
+    tl.store(seg_state_ptr + row * P * N + o_p[:, None] * N + o_n[None, :], b_h, mask=m_pn)
+    tl.store(seg_decay_ptr + row, b_decay, mask=i_p == 0)
+
+
+@triton.jit
+def mamba2_state_pass_kernel(
+    seg_state_ptr,    # [S, NH, P, N] fp32: in, pass 1's local states; out, the state entering each segment
+    seg_decay_ptr,    # [S, NH] fp32
+    state_ptr, table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
+    T, PN, B, S, NH, num_handles,
+    state_off_bytes,
+    ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr, SEG: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Pass 2: grid (B + 1, NH, cdiv(P N, BLOCK_E)); program (b, h, e) walks request b's segments
+    in order over BLOCK_E elements of head h's state (the recurrence is elementwise):
+        h_in[0] = block state (or zeros);  h_in[k + 1] = exp(decay_k) h_in[k] + local_k,
+    writes each h_in[k] over local_k and the final state into the block. Slots past S (only with a
+    cu_seqlens whose ranges overlap) are not read or written."""
+    i_b = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_e = tl.program_id(2)
+    start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr,
+                                                  num_handles, state_off_bytes, ELEM_BYTES, ALIGN, BLOCK_B)
+    first, count = _first_segment(i_b, cu_ptr, B, T, SEG, BLOCK_B)
+    o_e = i_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    m_e = o_e < PN
+    p_state = state_ptr + base + i_h.to(tl.int64) * PN + o_e
+    b_h = tl.load(p_state, mask=both(m_e, has_init), other=0.0).to(tl.float32)
+    last = tl.where(active, tl.minimum(first + count, S), first)
+    slot = first
+    while slot < last:
+        row = slot.to(tl.int64) * NH + i_h
+        p_seg = seg_state_ptr + row * PN + o_e
+        b_local = tl.load(p_seg, mask=m_e, other=0.0)
+        b_decay = tl.load(seg_decay_ptr + row)
+        tl.store(p_seg, b_h, mask=m_e)
+        b_h = b_h * tl.exp(b_decay) + b_local
+        slot += 1
+    tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=both(m_e, active))
+
+
+@triton.jit
+def mamba2_segment_scan_kernel(
+    x_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, out_ptr,  # as the fused kernel
+    seg_state_ptr,    # [S, NH, P, N] fp32: the state entering each segment (pass 2)
+    table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
+    T, P, N, B, S, NH, num_handles, heads_per_group,
+    state_off_bytes,
+    stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t, stride_B_g,
+    stride_C_t, stride_C_g, stride_out_t, stride_out_h,
+    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
+    SEG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Pass 3: grid (S + 1, NH, cdiv(P, BLOCK_P)); each slot's segment walked as the fused kernel
+    walks a request, from the state pass 2 left for it; slot S writes the packed tail's zeros. The
+    state after the segment's last chunk is pass 2's, so it is not computed here."""
+    i_s = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_p = tl.program_id(2)
+    seg_start, seg_end, active = _segment_range(i_s, S, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr, B, T,
+                                                num_handles, state_off_bytes, SEG, ELEM_BYTES, ALIGN, BLOCK_B)
+    i_g = i_h // heads_per_group
+    row = tl.minimum(i_s, S - 1).to(tl.int64) * NH + i_h
+    o_p, m_p, o_n, m_n, m_pn, b_A, b_D, b_bias, p_state, b_h = _mamba2_tile(   # the tile adds (h P + p) N
+        A_ptr, D_ptr, dt_bias_ptr, seg_state_ptr, (row - i_h) * P * N, active, i_h, i_p, P, N, HAS_D, HAS_DT_BIAS,
+        BLOCK_P, BLOCK_N)
+    m_act = both(m_p, active)
+    o_l = tl.arange(0, CHUNK)
+    causal = o_l[:, None] >= o_l[None, :]
+    c0 = seg_start
+    while c0 < seg_end:
+        o_t, m_t, b_dt, b_cum, b_last, b_x, b_B = _ssd_chunk_in(
+            x_ptr, dt_ptr, B_ptr, c0, seg_end, i_h, i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias, stride_x_t,
+            stride_x_h, stride_dt_t, stride_B_t, stride_B_g, HAS_DT_BIAS, DT_SOFTPLUS)
+        _ssd_chunk_out(C_ptr, z_ptr, out_ptr, b_h, o_t, m_t, b_dt, b_cum, b_x, b_B, i_h, i_g, causal, o_p, m_p, o_n,
+                       m_n, m_act, b_D, stride_z_t, stride_z_h, stride_C_t, stride_C_g, stride_out_t, stride_out_h,
+                       HAS_Z, HAS_D, DOT_DTYPE, DOT_PRECISION)
+        if c0 + CHUNK < seg_end:
+            b_h = _ssd_state_step(b_h, b_x, b_B, b_dt, b_cum, b_last, DOT_DTYPE, DOT_PRECISION)
+        c0 += CHUNK

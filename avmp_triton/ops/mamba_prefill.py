@@ -45,6 +45,7 @@ class MambaPrefillConfig:
     block: int | None = None       # channels (Mamba1 scan, conv) or head rows (Mamba2) per program
     block_t: int | None = None     # conv: tokens per program step, >= d_conv - 1
     num_warps: int | None = None
+    segment: int | None = None     # Mamba2 chunked: tokens per program (0: a whole request), from the shape
 
 
 def _check_batch_meta(cu_seqlens, has_initial_state, batch: int, dev) -> None:
@@ -134,6 +135,22 @@ def _conv_workers(device: torch.device, T: int, block_t: int, programs: int) -> 
     return max(1, min(triton.cdiv(max(T, 1), block_t), triton.cdiv(target, programs)))
 
 
+def mamba2_segment(tokens: int, batch: int, nheads: int, p_blocks: int, chunk: int, sms: int) -> int:
+    """Tokens per program of the chunked Mamba2 scan, from the shapes alone: 0 (one program walks a
+    whole request) when the requests' programs fill the ``sms`` SMs about 8 deep, else segments of
+    a power of two of tokens (at least 2 chunks, at least 256) so that the packed chunk splits into
+    about that many programs; 0 again when one segment would hold the whole chunk. ``sms`` 0 (the
+    interpreter) keeps 0: the tests ask for segments explicitly."""
+    if sms <= 0:
+        return 0
+    target = 8 * sms
+    per_segment = nheads * p_blocks
+    if batch * per_segment >= target:
+        return 0
+    seg = max(_pow2(triton.cdiv(max(tokens, 1), triton.cdiv(target, per_segment))), 2 * chunk, 256)
+    return 0 if seg >= tokens else seg
+
+
 def mamba2_prefill_launch_config(head_dim: int, d_state: int, chunked: bool = True) -> MambaPrefillConfig:
     """The Mamba2 scans' launch table. Chunked (every tl.dot dimension >= 16): up to 64
     head_dim rows, 4 warps: the fastest swept shape with chunk 64 on Nemotron-H at all three
@@ -205,8 +222,9 @@ def causal_conv1d_prefill(
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     cfg = resolve_launch(config, conv1d_prefill_launch_config(ch, d_conv))
-    if cfg.algorithm is not None or cfg.chunk_size is not None:
-        raise ValueError(f"the conv takes no algorithm or chunk_size, got {cfg.algorithm!r}, {cfg.chunk_size!r}")
+    if cfg.algorithm is not None or cfg.chunk_size is not None or cfg.segment is not None:
+        raise ValueError(f"the conv takes no algorithm, chunk_size or segment, got {cfg.algorithm!r}, "
+                         f"{cfg.chunk_size!r}, {cfg.segment!r}")
     if cfg.block_t < d_conv - 1:
         raise ValueError(f"block_t must be >= d_conv - 1 = {d_conv - 1}, got {cfg.block_t}")
     out = check_out(out, x, {"x": x, "weight": weight, "bias": bias, "arena": cache.arena})
@@ -286,6 +304,8 @@ def mamba1_scan_prefill(
     check_mamba1_inputs(dev, T, Di, N, x, dt, A, B, C, D, z, dt_bias)
     _check_dt_softplus(dt_softplus)
     chunked, cfg = _scan_config(config, dev, lambda c: mamba1_prefill_launch_config(Di, N, c), 1)
+    if cfg.segment is not None:
+        raise ValueError(f"segment is the Mamba2 scan's; the Mamba1 scan takes none, got {cfg.segment!r}")
     out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": cache.arena})
     check_on_host(cache.handle_table, cache.handle_kinds, ssm_handles, cu_seqlens, T)
     torch.ops.avmp.mamba1_scan_prefill(
@@ -301,8 +321,13 @@ def _mamba2_scan_prefill_op(
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
     ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, arena: torch.Tensor,
     handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
-    chunked: bool, chunk_size: int, block_p: int, num_warps: int,
+    chunked: bool, chunk_size: int, block_p: int, num_warps: int, segment: int = 0,
 ) -> None:
+    if chunked and segment:
+        _mamba2_segmented(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, arena,
+                          handle_table, handle_kinds, out, state_offset, state_dtype, dt_softplus, chunk_size, block_p,
+                          num_warps, segment)
+        return
     T, nheads, head_dim = x.shape
     n_groups, d_state = B.shape[1], B.shape[2]
     nreq = ssm_handles.numel()
@@ -330,8 +355,48 @@ def _mamba2_scan_prefill_op(
 
 @_mamba2_scan_prefill_op.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, arena, handle_table,
-      handle_kinds, out, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_p, num_warps) -> None:
+      handle_kinds, out, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_p, num_warps,
+      segment=0) -> None:
     return None
+
+
+def _mamba2_segmented(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, arena, handle_table,
+                      handle_kinds, out, state_offset, state_dtype, dt_softplus, chunk_size, block_p, num_warps,
+                      segment) -> None:
+    """The chunked scan with each request cut into segments of ``segment`` tokens, three launches:
+    every segment's local state from zeros (parallel over segments), the states passed from segment
+    to segment per request (elementwise, short), every segment's outputs from the state entering it.
+    Slots: at most T // segment + B segments (each request's last one partial), sized from shapes."""
+    T, nheads, head_dim = x.shape
+    n_groups, d_state = B.shape[1], B.shape[2]
+    nreq = ssm_handles.numel()
+    S = max(1, T // segment + nreq)
+    seg_state = torch.empty((S, nheads, head_dim, d_state), dtype=torch.float32, device=x.device)
+    seg_decay = torch.empty((S, nheads), dtype=torch.float32, device=x.device)
+    meta = (handle_table, handle_kinds, ssm_handles, cu_seqlens, has_initial_state)
+    common = dict(ELEM_BYTES=state_dtype.itemsize, ALIGN=_align(state_offset, state_dtype), BLOCK_B=repeat_block(nreq),
+                  SEG=segment)
+    dots = dict(CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=max(16, _pow2(d_state)), DOT_DTYPE=_dot_dtype(x.dtype),
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps)
+    p_blocks = triton.cdiv(head_dim, block_p)
+    K.mamba2_segment_state_kernel[(S, nheads, p_blocks)](
+        x, dt, A, B, dt_bias if dt_bias is not None else A, seg_state, seg_decay, *meta,
+        T, head_dim, d_state, nreq, S, nheads, handle_table.numel(), nheads // n_groups, state_offset,
+        x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1),
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, **common, **dots)
+    pn = head_dim * d_state
+    block_e = min(1024, _pow2(pn))
+    K.mamba2_state_pass_kernel[(nreq + 1, nheads, triton.cdiv(pn, block_e))](
+        seg_state, seg_decay, arena.view(state_dtype), *meta, T, pn, nreq, S, nheads, handle_table.numel(),
+        state_offset, **common, BLOCK_E=block_e, num_warps=4)
+    K.mamba2_segment_scan_kernel[(S + 1, nheads, p_blocks)](
+        x, dt, z if z is not None else x, A, B, C, D if D is not None else A, dt_bias if dt_bias is not None else A,
+        out, seg_state, *meta, T, head_dim, d_state, nreq, S, nheads, handle_table.numel(), nheads // n_groups,
+        state_offset, x.stride(0), x.stride(1), dt.stride(0),
+        z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1), out.stride(0), out.stride(1),
+        HAS_Z=z is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+        **common, **dots)
 
 
 def mamba2_scan_prefill(
@@ -370,10 +435,26 @@ def mamba2_scan_prefill(
     chunked, cfg = _scan_config(config, dev, lambda c: mamba2_prefill_launch_config(P, N, c), 16)
     if chunked and cfg.block < 16:
         raise ValueError(f"block must be >= 16 for the chunked scan (tl.dot), got {cfg.block}")
+    segment = _segment_of(cfg, chunked, x.shape[0], nreq, x.shape[1], triton.cdiv(P, cfg.block), dev)
     out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": cache.arena})
     check_on_host(cache.handle_table, cache.handle_kinds, ssm_handles, cu_seqlens, x.shape[0])
     torch.ops.avmp.mamba2_scan_prefill(
         x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, cache.arena, cache.handle_table,
         cache.handle_kinds, out, layout.ssm_offset(layer), dtype, dt_softplus, chunked, cfg.chunk_size, cfg.block,
-        cfg.num_warps)
+        cfg.num_warps, segment)
     return out
+
+
+def _segment_of(cfg: MambaPrefillConfig, chunked: bool, tokens: int, batch: int, nheads: int, p_blocks: int,
+                dev: torch.device) -> int:
+    """The config's ``segment``, checked (0, or a power of two multiple of chunk_size; the chunked
+    scan only), or ``mamba2_segment``'s pick from the shapes."""
+    seg = cfg.segment
+    if seg is None:
+        sms = sm_count(dev.index or 0) if dev.type == "cuda" and chunked else 0
+        return mamba2_segment(tokens, batch, nheads, p_blocks, cfg.chunk_size, sms)
+    if not chunked and seg:
+        raise ValueError(f"segment is the chunked scan's; the serial scan takes 0 or None, got {seg!r}")
+    if not isinstance(seg, int) or isinstance(seg, bool) or seg < 0 or (seg and (seg & (seg - 1) or seg < cfg.chunk_size)):
+        raise ValueError(f"segment must be 0 or a power of two >= chunk_size ({cfg.chunk_size}), got {seg!r}")
+    return seg

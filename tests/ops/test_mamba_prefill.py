@@ -475,6 +475,97 @@ def test_mamba1_chunk_sizes(chunk_size):
     check_arena(env, before, a.arena, ref_arena, handles, "ssm", F32, tol)
 
 
+SEG_LENS = [40, 1, 3, 70, 2]   # with chunk 16: several chunks per segment, several segments per request
+
+
+def _m2_segmented(inputs, cache, handles, cu, init, segment, out=None):
+    return mamba2_scan_prefill(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], handles, cu, init,
+                               cache, layer=LAYER, D=inputs["D"], z=inputs["z"], dt_bias=inputs["dt_bias"],
+                               dt_softplus=True, out=out,
+                               config=MambaPrefillConfig(algorithm="chunked", chunk_size=16, segment=segment))
+
+
+@pytest.mark.parametrize("segment", [16, 32])
+@pytest.mark.parametrize("in_dtype,state_dtype", [DTYPES[0], DTYPES[2]], ids=[DT_IDS[0], DT_IDS[2]])
+def test_mamba2_segments_match_reference(segment, in_dtype, state_dtype):
+    """The segmented chunked scan (segments in parallel, states passed between them): a skipped
+    row (-1), a handle repeated in two rows (both skipped), a padded tail, mixed initial states."""
+    env = Env(M2_SPEC, state_dtype)
+    handles, cu, init, T = env.batch(lens=SEG_LENS, init=[1, 0, 1, 1, 0])
+    handles[4] = handles[0]
+    inputs = m2_inputs(env.spec, T, in_dtype)
+    a = env.alloc
+    before, ref_arena = a.arena.clone(), a.arena.clone()
+    valid = handles.clone()
+    valid[[0, 4]] = -1
+    want = run_ref("m2", inputs, ref_arena, a.handle_table, valid, cu, init, env.spec)
+    got = torch.full_like(want, float("nan"))
+    i = inputs   # the custom op itself: the launcher refuses repeated handles on CPU-resident metadata
+    torch.ops.avmp.mamba2_scan_prefill(i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"],
+                                       handles, cu, init, a.arena, a.handle_table, a.handle_kind, got,
+                                       env.layout.ssm_offset(LAYER), state_dtype, True, True, 16, 16, 2, segment)
+    tol = _tol(in_dtype, state_dtype, chunked=True)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    for b in (0, 2, 4):
+        assert torch.all(got[int(cu[b]):int(cu[b + 1])] == 0), f"skipped row {b}: output not zero"
+    assert torch.all(got[T - PAD:] == 0), "padding tokens not zero"
+    check_arena(env, before, a.arena, ref_arena, valid, "ssm", state_dtype, tol)
+
+
+def test_mamba2_segments_bad_cu_seqlens_stay_inside():
+    """Overlapping and decreasing ranges (more segments than slots): outputs and states may be
+    anything, but nothing outside x, out and the requests' own states is touched."""
+    env = Env(M2_SPEC, F32)
+    handles, cu, init, T = env.batch(lens=SEG_LENS, skip=None)
+    cu = torch.tensor([0, T, 5, T, 0, T], dtype=torch.int32, device=DEVICE)
+    inputs = m2_inputs(env.spec, T, F32)
+    a = env.alloc
+    before = a.arena.clone()
+    out = torch.zeros_like(inputs["x"])
+    i = inputs
+    torch.ops.avmp.mamba2_scan_prefill(i["x"], i["dt"], i["A"], i["B"], i["C"], i["D"], i["z"], i["dt_bias"],
+                                       handles, cu, init, a.arena, a.handle_table, a.handle_kind, out,
+                                       env.layout.ssm_offset(LAYER), F32, True, True, 16, 16, 2, 16)
+    mask = env.state_bytes(handles, "ssm")
+    assert torch.equal(a.arena[~mask], before[~mask])
+
+
+def test_mamba2_segments_two_chunks_equal_one():
+    """Segmented, each request split in two packed chunks; the second continues from the blocks."""
+    env = Env(M2_SPEC, F32)
+    first = [20, 1, 0, 33, 0]
+    second = [n - f for n, f in zip(SEG_LENS, first)]
+    handles, cu, init, T = env.batch(lens=SEG_LENS, pad=0)
+    inputs = m2_inputs(env.spec, T, F32)
+    a = env.alloc
+    one_arena = a.arena.clone()
+    want = _m2_segmented(inputs, env.view(one_arena), handles, cu, init, 32)
+    starts = cu.tolist()
+    idx1 = torch.cat([torch.arange(starts[b], starts[b] + first[b]) for b in range(len(SEG_LENS))]).to(DEVICE)
+    idx2 = torch.cat([torch.arange(starts[b] + first[b], starts[b + 1]) for b in range(len(SEG_LENS))]).to(DEVICE)
+    _, cu1, _, _ = env.batch(lens=first, handles=handles, pad=0)
+    _, cu2, init2, _ = env.batch(lens=second, init=[1] * len(SEG_LENS), handles=handles, pad=0)
+    got = torch.empty_like(want)
+    got[idx1] = _m2_segmented(_take(inputs, idx1), env.cache, handles, cu1, init, 16)
+    got[idx2] = _m2_segmented(_take(inputs, idx2), env.cache, handles, cu2, init2, 32)
+    tol = dict(atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(got, want, **tol)
+    mask = env.state_bytes(handles, "ssm")
+    assert torch.equal(a.arena[~mask], one_arena[~mask])
+    torch.testing.assert_close(a.arena[mask].view(F32), one_arena[mask].view(F32), **tol)
+
+
+def test_mamba2_segment_rule():
+    """The shape rule: one program per request once the requests fill the GPU, else segments."""
+    from avmp_triton.ops.mamba_prefill import mamba2_segment
+
+    assert mamba2_segment(4096, 1, 128, 1, 64, 132) == 512
+    assert mamba2_segment(4096, 4, 128, 1, 64, 132) == 512
+    assert mamba2_segment(8192, 16, 128, 1, 64, 132) == 0
+    assert mamba2_segment(100, 1, 128, 1, 64, 132) == 0          # one segment would hold it all
+    assert mamba2_segment(4096, 1, 128, 1, 64, 0) == 0            # the interpreter
+
+
 def test_custom_ops_registered_and_fake():
     """The ops are torch.ops.avmp.*, mutate out and arena, and trace under FakeTensorMode."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -573,6 +664,12 @@ def _bad_calls():
     add("mamba2 block_p", "m2", env2, lambda c: c.update(algorithm="chunked", launch=dict(block=8)), ValueError,
         r"block must be >= 16 for the chunked scan \(tl.dot\), got 8")
     add("mamba1 num_warps", "m1", env1, lambda c: c.update(launch=dict(num_warps=3)), ValueError, r"num_warps .*got 3")
+    add("mamba2 segment", "m2", env2, lambda c: c.update(algorithm="chunked", launch=dict(segment=24)), ValueError,
+        r"segment must be 0 or a power of two >= chunk_size \(16\), got 24")
+    add("mamba2 serial segment", "m2", env2, lambda c: c.update(launch=dict(segment=32)), ValueError,
+        "segment is the chunked scan's")
+    add("mamba1 segment", "m1", env1, lambda c: c.update(launch=dict(segment=32)), ValueError,
+        "segment is the Mamba2 scan's")
     return cases
 
 
