@@ -107,7 +107,8 @@ def _profile(model, mode: str, B: int, args, weight_bytes: int, bw: float, smp: 
     roof = step_bytes(llm.allocator.spec, B, args.prompt + args.output // 2, weight_bytes) / bw
     return dict(mode=mode, batch=B, steps=steps, decode_steps=len(dec_f), graph_steps=llm.last_graph_steps,
                 forward_ms=f * 1e3, sample_ms=s * 1e3, sched_alloc_ms=tick * 1e3, step_ms=step * 1e3,
-                roofline_ms=roof * 1e3, roofline_fraction=roof / step, sched_alloc_share=tick / step)
+                roofline_ms=roof * 1e3, roofline_fraction=roof / step, sched_alloc_share=tick / step,
+                host_syncs_per_step=llm.last_metrics.host_syncs_per_step)
 
 
 def main() -> None:
