@@ -30,7 +30,7 @@ read as in decode (``kernels/paged_attention.py``).
 import triton
 import triton.language as tl
 
-from avmp_triton.kernels.handles import KIND_KV, unit_offset
+from avmp_triton.kernels.handles import KIND_KV, both, unit_offset
 from avmp_triton.kernels.paged_attention import fp8_scales, row_mask
 
 
@@ -43,51 +43,128 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _kv_block(start, kv_end, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, stride_kv_token,
+              PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr, PAGE_BITS: tl.constexpr):
+    """The K rows of positions ``[start, start + BLOCK_N)``: (element offsets ``[BLOCK_N]`` int64 from
+    the head's base, 0 where unreadable; the readable rows ``[BLOCK_N]``; the usable pages).
+
+    Handles resolve once per page, not per row: per row, the three dependent gathers were loaded in
+    the K tile's layout and again in the scores' one, and the pipeliner carried both copies across
+    its stages (255 registers at 128 x 64 on sm_90). The usable pages come back as bits (bit j: the
+    block's j-th page, PAGE_BITS, at most 32 pages a block), so the scores' column mask is computed
+    from the column index with no per-column data carried; else as the readable rows themselves."""
+    if BLOCK_N >= PAGE_TOKENS:
+        NUM_PAGES: tl.constexpr = BLOCK_N // PAGE_TOKENS
+        o_pg = tl.arange(0, NUM_PAGES)
+        i_pg = start // PAGE_TOKENS + o_pg
+        m_pg = (i_pg * PAGE_TOKENS < kv_end) & (i_pg < max_pages)
+        h = tl.load(bt_row_ptr + i_pg, mask=m_pg, other=-1).to(tl.int64)
+        ok, off = unit_offset(h, m_pg, handle_table_ptr, kinds_ptr, num_handles, KIND_KV)
+        o_tok = tl.arange(0, PAGE_TOKENS)
+        m = ok[:, None] & (i_pg[:, None] * PAGE_TOKENS + o_tok[None, :] < kv_end)
+        row = off[:, None] // ELEM_BYTES + o_tok[None, :].to(tl.int64) * stride_kv_token
+        row = tl.reshape(tl.where(m, row, 0), [BLOCK_N])
+        m = tl.reshape(m, [BLOCK_N])
+        if PAGE_BITS:
+            # distinct powers of two: the sum is their OR (bit 31 wraps to the sign, harmlessly)
+            pages = tl.sum(tl.where(ok, 1 << o_pg, 0), 0)
+        else:
+            pages = m
+    else:
+        # part of one page (both are powers of two, so a block never straddles two)
+        i_pg = start // PAGE_TOKENS
+        h = tl.load(bt_row_ptr + i_pg, mask=i_pg < max_pages, other=-1).to(tl.int64)
+        ok, off = unit_offset(h, (start < kv_end) & (i_pg < max_pages), handle_table_ptr, kinds_ptr, num_handles,
+                              KIND_KV)
+        o_tok = start % PAGE_TOKENS + tl.arange(0, BLOCK_N)
+        m = both(start + tl.arange(0, BLOCK_N) < kv_end, ok)
+        row = tl.where(m, off // ELEM_BYTES + o_tok.to(tl.int64) * stride_kv_token, 0)
+        if PAGE_BITS:
+            pages = ok.to(tl.int32)
+        else:
+            pages = m
+    # units start on 16-byte boundaries (the allocator's UNIT_ALIGN) and rows are whole 16-byte
+    # words (the launcher's head-dim rule): say so, or every K/V load is split into element-sized
+    # accesses
+    return tl.multiple_of(row, 16 // ELEM_BYTES), m, pages
+
+
+@triton.jit
+def _columns_usable(pages, o_n, start, PAGE_TOKENS: tl.constexpr, PAGE_BITS: tl.constexpr):
+    """``[BLOCK_N]`` mask of the block's positions ``o_n`` whose page is usable (``_kv_block``)."""
+    if PAGE_BITS:
+        return ((pages >> ((o_n - start) // PAGE_TOKENS)) & 1) != 0
+    else:
+        return pages
+
+
+@triton.jit
 def _attn_block(
     acc, m_i, l_i, b_q,
     start, kv_end, q_pos, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles,
     p_kv_head, stride_kv, stride_kv_token, qk_scale,
     PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, PAGE_BITS: tl.constexpr,
 ):
     """One ``BLOCK_N`` step of KV positions ``[start, start + BLOCK_N)``; CAUSAL on diagonal blocks.
-    KV_FP8: the tiles convert to q's dtype (the scales are folded in by the caller)."""
-    o_n = start + tl.arange(0, BLOCK_N)
-    i_page = o_n // PAGE_TOKENS
-    i_tok = o_n - i_page * PAGE_TOKENS
-    m_n = (o_n < kv_end) & (i_page < max_pages)
-    # each row resolves its page: handle -> byte offset (duplicate loads hit the cache)
-    h = tl.load(bt_row_ptr + i_page, mask=m_n, other=-1).to(tl.int64)
-    m_n, off = unit_offset(h, m_n, handle_table_ptr, kinds_ptr, num_handles, KIND_KV)
-    # units start on 16-byte boundaries (the allocator's UNIT_ALIGN) and rows are whole 16-byte
-    # words (the launcher's head-dim rule): say so, or every K/V load is split into element-sized
-    # accesses
-    o_page = tl.multiple_of(off // ELEM_BYTES, 16 // ELEM_BYTES)
-    o_kv = o_page + i_tok.to(tl.int64) * stride_kv_token
+    KV_FP8: the tiles convert to q's dtype (the scales are folded in by the caller). ``m_i`` is in
+    scaled (base-2) units; the scores stay raw until the exponent, where the scale rides on the
+    subtraction as one FMA (``qk_scale > 0``: the launcher's contract, so max and scale commute)."""
+    row, m_row, pages = _kv_block(start, kv_end, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles,
+                                  stride_kv_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, PAGE_BITS)
     o_d = tl.arange(0, BLOCK_D)
-    p_k = p_kv_head + o_kv[:, None] + o_d[None, :]
-    m_kv = row_mask(m_n, o_d, HEAD_DIM, BLOCK_D)
+    p_k = p_kv_head + row[:, None] + o_d[None, :]
+    m_kv = row_mask(m_row, o_d, HEAD_DIM, BLOCK_D)
     b_k = tl.load(p_k, mask=m_kv, other=0.0)
     if KV_FP8:
         b_k = b_k.to(b_q.dtype)
-    b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST) * qk_scale
+    b_s = _dot(b_q, tl.trans(b_k), DOT_PRECISION, UPCAST)
+    o_n = start + tl.arange(0, BLOCK_N)
+    m_s = _columns_usable(pages, o_n, start, PAGE_TOKENS, PAGE_BITS)[None, :]
     if CAUSAL:
-        m_s = m_n[None, :] & (o_n[None, :] <= q_pos[:, None])
-    else:
-        m_s = m_n[None, :]
+        m_s = m_s & (o_n[None, :] <= q_pos[:, None])
     b_s = tl.where(m_s, b_s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
     # a row with nothing visible yet keeps m = -inf; subtract 0 then so exp2 never sees -inf - -inf
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
-    b_p = tl.exp2(b_s - m_use[:, None])
+    b_p = tl.exp2(b_s * qk_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(b_p, 1)
     b_v = tl.load(p_k + stride_kv, mask=m_kv, other=0.0)
     if KV_FP8:
         b_v = b_v.to(b_q.dtype)
     acc = acc * alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend(
+    acc, m_i, l_i, b_q, lo, hi, kv_end,
+    q_pos, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv, stride_kv_token,
+    qk_scale,
+    PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    KV_FP8: tl.constexpr, PAGE_BITS: tl.constexpr, PIPELINE: tl.constexpr,
+):
+    """The blocks starting at ``lo, lo + BLOCK_N, ...`` below ``hi``."""
+    if PIPELINE:
+        # scf.for loops get software-pipelined (num_stages); the interpreter cannot run a
+        # runtime-bounded range, so it takes the while loop below
+        for start in tl.range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
+                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
+                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
+                                        BLOCK_N, CAUSAL, DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS)
+    else:
+        start = lo
+        while start < hi:
+            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
+                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
+                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
+                                        BLOCK_N, CAUSAL, DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS)
+            start += BLOCK_N
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -135,6 +212,7 @@ def paged_prefill_kernel(
     ELEM_BYTES: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PIPELINE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr,
+    PAGE_BITS: tl.constexpr, SPLIT_CAUSAL: tl.constexpr,
 ):
     # heaviest tiles (the last ones, furthest along the context) start first
     i_tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -161,36 +239,19 @@ def paged_prefill_kernel(
 
     bt_row_ptr = block_table_ptr + i_b.to(tl.int64) * stride_bt_b
     p_kv_head = kv_ptr + layer_off + i_kvh * stride_kv_head
-    # every row of the tile sees positions <= prefix + q_lo: those blocks need no causal mask
-    full_end = tl.maximum((prefix + q_lo + 1) // BLOCK_N * BLOCK_N, 0)
     kv_end = prefix + tl.minimum(q_lo + BLOCK_Q, q_len)
-    if PIPELINE:
-        # scf.for loops get software-pipelined (num_stages); the interpreter cannot run a
-        # runtime-bounded range, so it takes the while loops below
-        for start in tl.range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
-                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
-                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8)
-        for start in tl.range(full_end, kv_end, BLOCK_N):
-            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
-                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
-                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8)
+    if SPLIT_CAUSAL:
+        # every row of the tile sees positions <= prefix + q_lo: those blocks need no causal mask
+        full_end = tl.maximum((prefix + q_lo + 1) // BLOCK_N * BLOCK_N, 0)
     else:
-        start = full_end * 0
-        while start < full_end:
-            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
-                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
-                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8)
-            start += BLOCK_N
-        while start < kv_end:
-            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
-                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
-                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8)
-            start += BLOCK_N
+        # one loop, causal mask on every block: no second pipeline to fill (short contexts)
+        full_end = kv_end * 0
+    args = (q_pos, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
+            stride_kv_token, qk_scale)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, full_end * 0, full_end, kv_end, *args, PAGE_TOKENS, ELEM_BYTES,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8, PAGE_BITS, PIPELINE)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, full_end, kv_end, kv_end, *args, PAGE_TOKENS, ELEM_BYTES,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8, PAGE_BITS, PIPELINE)
 
     # a row that saw nothing has acc = 0 and l = 0: divide by 1. A NaN l (NaN in q or K/V) must
     # reach the output, as in decode, so no `l > 0` test here

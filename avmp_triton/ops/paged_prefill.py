@@ -52,6 +52,8 @@ _GPU_TABLE = {
 _GPU_FP32 = (32, 16, 8, 1)
 # the interpreter pays per operation, not per element: middling tiles, few programs
 _CPU_CONFIG = (32, 32, 4, 1)
+# pages a KV block may span with their usable-page mask kept as the bits of one int32
+_MAX_BITS = 32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,6 +63,7 @@ class PrefillConfig:
     block_n: int | None = None     # KV positions per step
     num_warps: int | None = None
     num_stages: int | None = None
+    split_diagonal: bool | None = None  # a separate loop for the blocks that need the causal mask
 
 
 def _pow2_at_least(n: int) -> int:
@@ -87,7 +90,7 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu
             bm = short
             if on_gpu and bm <= 32:
                 warps = 4  # a 16- or 32-row tile keeps no more than one warpgroup busy
-    return PrefillConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+    return PrefillConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, split_diagonal=True)
 
 
 @torch.library.custom_op("avmp::paged_prefill_attention", mutates_args=("out",))
@@ -96,7 +99,7 @@ def _paged_prefill_op(
     kv: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor,
     page_tokens: int, num_kv_heads: int, layer_off: int, stride_kv: int, stride_kv_head: int,
     stride_kv_token: int, scale: float, block_m: int, block_n: int, num_warps: int, num_stages: int,
-    kv_scale: Optional[torch.Tensor] = None,
+    kv_scale: Optional[torch.Tensor] = None, split_diagonal: bool = True,
 ) -> None:
     """Validated launch; use ``paged_prefill_attention``. ``kv`` is the arena viewed as the KV dtype
     (q's, or float8_e4m3fn with ``kv_scale``)."""
@@ -120,7 +123,7 @@ def _paged_prefill_op(
             GQA=gqa, HEAD_DIM=D, BLOCK_D=attn_block_d(D), PAGE_TOKENS=page_tokens,
             ELEM_BYTES=kv.element_size(), KV_FP8=kv_scale is not None, NUM_KV_HEADS=num_kv_heads,
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-            PIPELINE=not interp,
+            PIPELINE=not interp, PAGE_BITS=block_n // page_tokens <= _MAX_BITS, SPLIT_CAUSAL=split_diagonal,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST_DOT=interp and q.dtype == torch.bfloat16,
             num_warps=num_warps, num_stages=num_stages)
@@ -129,7 +132,7 @@ def _paged_prefill_op(
 @_paged_prefill_op.register_fake
 def _(q, block_table, seq_lens, cu_seqlens_q, kv, handle_table, handle_kinds, out, page_tokens, num_kv_heads,
       layer_off, stride_kv, stride_kv_head, stride_kv_token, scale, block_m, block_n, num_warps,
-      num_stages, kv_scale=None) -> None:
+      num_stages, kv_scale=None, split_diagonal=True) -> None:
     return None
 
 
@@ -202,7 +205,7 @@ def paged_prefill_attention(
         q, block_table, seq_lens, cu_seqlens_q, cache.arena.view(cache.kv_dtype), cache.handle_table,
         cache.handle_kinds, out, layout.page_tokens, layout.num_kv_heads, layer * layout.stride_layer,
         layout.stride_kv, layout.stride_head, layout.stride_token, float(scale), cfg.block_m, cfg.block_n,
-        cfg.num_warps, cfg.num_stages, kv_scale)
+        cfg.num_warps, cfg.num_stages, kv_scale, cfg.split_diagonal)
     return out
 
 
@@ -285,6 +288,8 @@ def _launch_shape(D, dtype, gqa, dev, max_seqlen_q, config) -> PrefillConfig:
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {cfg.num_warps!r}")
     if not is_int(cfg.num_stages) or cfg.num_stages < 1:
         raise ValueError(f"num_stages must be a positive int, got {cfg.num_stages!r}")
+    if not isinstance(cfg.split_diagonal, bool):
+        raise ValueError(f"split_diagonal must be a bool, got {cfg.split_diagonal!r}")
     return cfg
 
 

@@ -258,6 +258,33 @@ def test_missing_pages_are_skipped(gen, device_checks_only):
     assert torch.equal(out[cu[2]:], torch.zeros_like(out[cu[2]:]))
 
 
+@pytest.mark.parametrize("page_tokens,block_n,split", [
+    pytest.param(1, 64, True, id="p1-n64-64-pages-a-block"),      # too many pages for the mask's bits
+    pytest.param(2, 64, False, id="p2-n64-32-pages-one-loop"),    # the mask's sign bit
+    pytest.param(32, 16, True, id="p32-n16-part-of-a-page"),
+    pytest.param(8, 32, False, id="p8-n32-one-loop"),
+])
+def test_page_masks(page_tokens, block_n, split, gen, device_checks_only):
+    """Missing pages in every form the kernel masks them (bits of one int32, the row mask itself,
+    a block inside one page), the first and the last page of a block among them, with one loop
+    or a separate diagonal loop."""
+    P = page_tokens
+    case = Case([17, 5], [60, 3], 4, 2, 32, P, 1, gen=gen)
+    last = block_n // P - 1 if block_n >= P else 0
+    hidden = {0: sorted({1, last, 40 // P}), 1: [0]}
+    for b, pages in hidden.items():
+        for j in pages:
+            case.block_table[b, j] = -1
+    out = case.run(config=PrefillConfig(block_n=block_n, split_diagonal=split))
+    cu = case.cu.tolist()
+    for b in range(2):
+        valid = torch.ones(case.ctx[b], dtype=torch.bool)
+        for j in hidden.get(b, []):
+            valid[j * P:(j + 1) * P] = False
+        want = causal_attention_ref(case.q[cu[b]:cu[b + 1]], case.k[b], case.v[b], 32 ** -0.5, key_valid=valid)
+        torch.testing.assert_close(out[cu[b]:cu[b + 1]], want.float(), **TOL[case.dtype])
+
+
 @pytest.mark.parametrize("draw", range(4))
 def test_random_batches(draw, gen):
     """Random mixes of the odd sizes: B 1-3, q lens {1, 5, 17}, prefixes {0, 15, 33}, pages 8 / 16."""
@@ -387,6 +414,8 @@ BAD = {
     "block-n": (lambda c: dict(config=PrefillConfig(block_n=8)), ValueError, "block_n must be a power of two >= 16, got 8"),
     "num-warps": (lambda c: dict(config=PrefillConfig(num_warps=3)), ValueError, "num_warps .*got 3"),
     "num-stages": (lambda c: dict(config=PrefillConfig(num_stages=0)), ValueError, "num_stages .*got 0"),
+    "split-diagonal": (lambda c: dict(config=PrefillConfig(split_diagonal=1)), ValueError,
+                       "split_diagonal must be a bool, got 1"),
     "max-seqlen-q": (lambda c: dict(max_seqlen_q=0), ValueError, "max_seqlen_q must be a positive int, got 0"),
     "no-requests": (lambda c: dict(cu_seqlens_q=_i32(1), seq_lens=_i32(0), block_table=c.block_table[:0]),
                     ValueError, "q has T=8 tokens but there are no requests"),
