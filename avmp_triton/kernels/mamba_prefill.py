@@ -193,6 +193,34 @@ def _mamba1_tile(A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N
 
 
 @triton.jit
+def _mamba1_token(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, t, end, o_d, m_d, o_n, m_n, m_act, b_A, b_D,
+                  b_bias, stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t,
+                  HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr):
+    """One token of the Mamba1 recurrence (none past ``end``: dt = 0 keeps the state); returns h."""
+    m_t = t < end
+    t64 = t.to(tl.int64)
+    b_x = tl.load(x_ptr + t64 * stride_x_t + o_d, mask=both(m_d, m_t), other=0.0).to(tl.float32)
+    b_dt = tl.load(dt_ptr + t64 * stride_dt_t + o_d, mask=both(m_d, m_t), other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        b_dt += b_bias
+    if DT_SOFTPLUS:
+        b_dt = _softplus(b_dt)
+    b_dt = tl.where(m_t, b_dt, 0.0)
+    b_B = tl.load(B_ptr + t64 * stride_B_t + o_n, mask=both(m_n, m_t), other=0.0).to(tl.float32)
+    b_C = tl.load(C_ptr + t64 * stride_C_t + o_n, mask=both(m_n, m_t), other=0.0).to(tl.float32)
+    b_h = b_h * tl.exp(b_dt[:, None] * b_A) + (b_dt * b_x)[:, None] * b_B[None, :]
+    b_y = tl.sum(b_h * b_C[None, :], axis=1)
+    if HAS_D:
+        b_y += b_D * b_x
+    if HAS_Z:
+        b_z = tl.load(z_ptr + t64 * stride_z_t + o_d, mask=both(m_d, m_t), other=0.0).to(tl.float32)
+        b_y *= _silu(b_z)
+    b_y = tl.where(m_act, b_y, 0.0)
+    tl.store(out_ptr + t64 * stride_out_t + o_d, b_y.to(out_ptr.dtype.element_ty), mask=both(m_d, m_t))
+    return b_h
+
+
+@triton.jit
 def mamba1_scan_prefill_kernel(
     x_ptr,            # [T, D]
     dt_ptr,           # [T, D]
@@ -210,10 +238,14 @@ def mamba1_scan_prefill_kernel(
     stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t, stride_A_d,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (B + 1, cdiv(D, BLOCK_D)): one program carries a [BLOCK_D, N] state through the
-    request's tokens in registers. h = exp(dt A) h + dt x B;  y = h C + D x;  y *= silu(z)."""
+    request's tokens in registers. h = exp(dt A) h + dt x B;  y = h C + D x;  y *= silu(z).
+
+    UNROLL tokens per loop step in straight-line code: their loads depend on no state, so they
+    issue together and one memory round trip serves UNROLL tokens (a loop of one token per step
+    waits for its loads every token: latency bound, 6.9 ms for Jamba at 1 x 4096 on an H200)."""
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr,
@@ -225,25 +257,11 @@ def mamba1_scan_prefill_kernel(
 
     t = start
     while t < end:
-        t64 = t.to(tl.int64)
-        b_x = tl.load(x_ptr + t64 * stride_x_t + o_d, mask=m_d, other=0.0).to(tl.float32)
-        b_dt = tl.load(dt_ptr + t64 * stride_dt_t + o_d, mask=m_d, other=0.0).to(tl.float32)
-        if HAS_DT_BIAS:
-            b_dt += b_bias
-        if DT_SOFTPLUS:
-            b_dt = _softplus(b_dt)
-        b_B = tl.load(B_ptr + t64 * stride_B_t + o_n, mask=m_n, other=0.0).to(tl.float32)
-        b_C = tl.load(C_ptr + t64 * stride_C_t + o_n, mask=m_n, other=0.0).to(tl.float32)
-        b_h = b_h * tl.exp(b_dt[:, None] * b_A) + (b_dt * b_x)[:, None] * b_B[None, :]
-        b_y = tl.sum(b_h * b_C[None, :], axis=1)
-        if HAS_D:
-            b_y += b_D * b_x
-        if HAS_Z:
-            b_z = tl.load(z_ptr + t64 * stride_z_t + o_d, mask=m_d, other=0.0).to(tl.float32)
-            b_y *= _silu(b_z)
-        b_y = tl.where(m_act, b_y, 0.0)
-        tl.store(out_ptr + t64 * stride_out_t + o_d, b_y.to(out_ptr.dtype.element_ty), mask=m_d)
-        t += 1
+        for i in tl.static_range(UNROLL):
+            b_h = _mamba1_token(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, t + i, end, o_d, m_d, o_n, m_n,
+                                m_act, b_A, b_D, b_bias, stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t,
+                                stride_out_t, HAS_Z, HAS_D, HAS_DT_BIAS, DT_SOFTPLUS)
+        t += UNROLL
     tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=both(m_dn, active))
 
 

@@ -70,13 +70,13 @@ def _check_dt_softplus(v) -> bool:
     return v
 
 
-def _scan_config(config, dev, table, min_chunk: int) -> tuple[bool, MambaPrefillConfig]:
+def _scan_config(config, dev, table, min_chunk: int, auto_chunked: bool = True) -> tuple[bool, MambaPrefillConfig]:
     """(chunked, launch config) of a scan: the algorithm first, then ``table(chunked)`` under the
-    caller's overrides."""
+    caller's overrides. "auto" on CUDA: chunked if ``auto_chunked``, else serial."""
     algorithm = config_overrides(config, MambaPrefillConfig).get("algorithm", "auto")
     if algorithm not in _ALGORITHMS:
         raise ValueError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
-    chunked = _chunked(algorithm, dev)
+    chunked = _chunked(algorithm, dev) and (auto_chunked or algorithm == "chunked")
     cfg = resolve_launch(config, table(chunked))
     if cfg.block_t is not None:
         raise ValueError(f"block_t is the conv's launch field; a scan takes none, got {cfg.block_t!r}")
@@ -109,13 +109,16 @@ def _pow2(n: int) -> int:
 
 
 def mamba1_prefill_launch_config(d_inner: int, d_state: int, chunked: bool = True) -> MambaPrefillConfig:
-    """The Mamba1 scan's launch table. Chunked: [CHUNK, BLOCK_D, d_state] fp32 pairs
-    in registers. Jamba (d_state 16): 16 tokens x 16 channels, 4 warps, within 2 % of the fastest
-    of the swept shapes at B=1 x 4096, 4 x 1024 and 16 x 512 on an H100
-    (perf/results/tune_prefill_H100.json)."""
-    if not chunked:  # one [block, d_state] state tile per program, token by token
-        return MambaPrefillConfig(algorithm="serial", chunk_size=16,
-                                  block=min(_pow2(d_inner), max(16, 1024 // _pow2(d_state))), num_warps=2)
+    """The Mamba1 scan's launch table. Serial (what "auto" runs on CUDA): one [block, d_state]
+    state tile per program, ``chunk_size`` tokens unrolled per loop step so their loads share one
+    round trip; Jamba: 32 channels, 1 warp (256 programs at one request), 8 tokens (a first pick,
+    perf/sweep_mamba_prefill.py sweeps them). Chunked: [CHUNK, BLOCK_D, d_state] fp32 pairs in
+    registers through a parallel prefix scan; Jamba (d_state 16): 16 tokens x 16 channels, 4 warps,
+    within 2 % of the fastest swept shape at B=1 x 4096, 4 x 1024 and 16 x 512 on an H100
+    (perf/results/tune_prefill_H100.json), 1.35 ms at 1 x 4096 on an H200."""
+    if not chunked:
+        return MambaPrefillConfig(algorithm="serial", chunk_size=8,
+                                  block=min(_pow2(d_inner), max(16, 512 // _pow2(d_state))), num_warps=1)
     return MambaPrefillConfig(algorithm="chunked", chunk_size=16,
                               block=min(_pow2(d_inner), max(1, 256 // _pow2(d_state))), num_warps=4)
 
@@ -261,7 +264,7 @@ def _mamba1_scan_prefill_op(
         K.mamba1_chunk_scan_prefill_kernel[grid](*args, **flags, CHUNK=chunk_size, BLOCK_D=block_d,
                                                  num_warps=num_warps)
     else:
-        K.mamba1_scan_prefill_kernel[grid](*args, **flags, BLOCK_D=block_d, num_warps=num_warps)
+        K.mamba1_scan_prefill_kernel[grid](*args, **flags, UNROLL=chunk_size, BLOCK_D=block_d, num_warps=num_warps)
 
 
 @_mamba1_scan_prefill_op.register_fake
@@ -288,9 +291,9 @@ def mamba1_scan_prefill(
         B, C: ``[T, d_state]``.
         D, dt_bias: ``[d_inner]`` or None.
         config: ``MambaPrefillConfig`` overrides of ``mamba1_prefill_launch_config``: algorithm
-            "serial" (token by token), "chunked" (``chunk_size`` tokens at a time through a
-            parallel prefix scan; the fast one) or "auto" (chunked on CUDA, serial in the
-            interpreter); chunk_size a power of two in [1, 256]; block = channels per program.
+            "serial" (token by token, ``chunk_size`` tokens unrolled per loop step), "chunked"
+            (``chunk_size`` tokens at a time through a parallel prefix scan) or "auto" (serial);
+            chunk_size a power of two in [1, 256]; block = channels per program.
         (the rest: see the module docstring)
     Returns:
         y ``[T, d_inner]`` in x's dtype; layer ``layer``'s ssm state ``[d_inner, d_state]`` of every
@@ -303,7 +306,7 @@ def mamba1_scan_prefill(
     T = x.shape[0]
     check_mamba1_inputs(dev, T, Di, N, x, dt, A, B, C, D, z, dt_bias)
     _check_dt_softplus(dt_softplus)
-    chunked, cfg = _scan_config(config, dev, lambda c: mamba1_prefill_launch_config(Di, N, c), 1)
+    chunked, cfg = _scan_config(config, dev, lambda c: mamba1_prefill_launch_config(Di, N, c), 1, auto_chunked=False)
     if cfg.segment is not None:
         raise ValueError(f"segment is the Mamba2 scan's; the Mamba1 scan takes none, got {cfg.segment!r}")
     out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": cache.arena})
