@@ -207,7 +207,7 @@ def attention_cases():
     yield ("paged_prefill_attention (D 128, GQA 4, 128 x 64 tiles, 8 warps)", KPA.paged_prefill_kernel,
            _PREFILL_SIG, dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=128, BLOCK_Q=32,
                               BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False,
-                              NUM_KV_HEADS=8, PAGE_BITS=True, SPLIT_CAUSAL=True), 8, _PREFILL_DIV)
+                              NUM_KV_HEADS=8, PAGE_BITS=True, SPLIT_CAUSAL=True, CARRY=False), 8, _PREFILL_DIV)
 
 
 def padded_head_dim_cases():
@@ -230,7 +230,7 @@ def padded_head_dim_cases():
     yield ("paged_prefill_attention (Zamba2, D 160, GQA 1, 64 x 32 tiles, 8 warps)", KPA.paged_prefill_kernel,
            _PREFILL_SIG, dict(GQA=1, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=64, BLOCK_Q=64,
                               BLOCK_N=32, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False,
-                              NUM_KV_HEADS=32, PAGE_BITS=True, SPLIT_CAUSAL=True), 8, _PREFILL_DIV)
+                              NUM_KV_HEADS=32, PAGE_BITS=True, SPLIT_CAUSAL=True, CARRY=False), 8, _PREFILL_DIV)
 
 
 def fp8_cases():
@@ -245,7 +245,7 @@ def fp8_cases():
            dict(_PREFILL_SIG, kv_ptr=fp8), dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1,
                                                 BLOCK_M=128, BLOCK_Q=32, BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32",
                                                 UPCAST_DOT=False, KV_FP8=True, NUM_KV_HEADS=8, PAGE_BITS=True,
-                                                SPLIT_CAUSAL=True), 8, _PREFILL_DIV)
+                                                SPLIT_CAUSAL=True, CARRY=False), 8, _PREFILL_DIV)
     app = dict(_APPEND_SIG, arena_ptr=fp8)
     yield ("kv_append fp8 (Jamba, 4 warps)", KA.kv_append_kernel, app,
            dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1, KV_FP8=True,

@@ -63,12 +63,15 @@ def _kv_block(start, kv_end, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr,
         o_tok = tl.arange(0, PAGE_TOKENS)
         m = ok[:, None] & (i_pg[:, None] * PAGE_TOKENS + o_tok[None, :] < kv_end)
         row = off[:, None] // ELEM_BYTES + o_tok[None, :].to(tl.int64) * stride_kv_token
+        if PAGE_BITS:
+            # reduced from the [pages, tokens] tile that the rows come from: a reduction of ``ok``
+            # alone (another layout) made the compiler load the page vectors twice. A page's first
+            # row is readable iff the page is usable (pages past kv_end are not). Distinct powers
+            # of two: the sum is their OR (bit 31 wraps to the sign, harmlessly)
+            pages = tl.sum(tl.sum(tl.where(m & (o_tok[None, :] == 0), (1 << o_pg)[:, None], 0), 1), 0)
         row = tl.reshape(tl.where(m, row, 0), [BLOCK_N])
         m = tl.reshape(m, [BLOCK_N])
-        if PAGE_BITS:
-            # distinct powers of two: the sum is their OR (bit 31 wraps to the sign, harmlessly)
-            pages = tl.sum(tl.where(ok, 1 << o_pg, 0), 0)
-        else:
+        if not PAGE_BITS:
             pages = m
     else:
         # part of one page (both are powers of two, so a block never straddles two)
@@ -100,19 +103,17 @@ def _columns_usable(pages, o_n, start, PAGE_TOKENS: tl.constexpr, PAGE_BITS: tl.
 
 @triton.jit
 def _attn_block(
-    acc, m_i, l_i, b_q,
-    start, kv_end, q_pos, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles,
-    p_kv_head, stride_kv, stride_kv_token, qk_scale,
-    PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    KV_FP8: tl.constexpr, PAGE_BITS: tl.constexpr,
+    acc, m_i, l_i, b_q, start, kv, q_pos, p_kv_head, stride_kv, qk_scale,
+    PAGE_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, KV_FP8: tl.constexpr,
+    PAGE_BITS: tl.constexpr,
 ):
-    """One ``BLOCK_N`` step of KV positions ``[start, start + BLOCK_N)``; CAUSAL on diagonal blocks.
-    KV_FP8: the tiles convert to q's dtype (the scales are folded in by the caller). ``m_i`` is in
-    scaled (base-2) units; the scores stay raw until the exponent, where the scale rides on the
-    subtraction as one FMA (``qk_scale > 0``: the launcher's contract, so max and scale commute)."""
-    row, m_row, pages = _kv_block(start, kv_end, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles,
-                                  stride_kv_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, PAGE_BITS)
+    """One ``BLOCK_N`` step of KV positions ``[start, start + BLOCK_N)`` (``kv``: its ``_kv_block``);
+    CAUSAL on diagonal blocks. KV_FP8: the tiles convert to q's dtype (the scales are folded in by
+    the caller). ``m_i`` is in scaled (base-2) units; the scores stay raw until the exponent, where
+    the scale rides on the subtraction as one FMA (``qk_scale > 0``: the launcher's contract, so max
+    and scale commute)."""
+    row, m_row, pages = kv
     o_d = tl.arange(0, BLOCK_D)
     p_k = p_kv_head + row[:, None] + o_d[None, :]
     m_kv = row_mask(m_row, o_d, HEAD_DIM, BLOCK_D)
@@ -139,30 +140,53 @@ def _attn_block(
 
 
 @triton.jit
+def _step(acc, m_i, l_i, nxt, b_q, start, kv_end, q_pos, pages, p_kv_head, stride_kv, qk_scale,
+          PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+          KV_FP8: tl.constexpr, PAGE_BITS: tl.constexpr, CARRY: tl.constexpr):
+    """Block ``start`` of ``_attend``'s loop; CARRY resolves the next one's pages into ``nxt``."""
+    if CARRY:
+        kv = nxt
+        nxt = _kv_block(start + BLOCK_N, kv_end, *pages, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, PAGE_BITS)
+    else:
+        kv = _kv_block(start, kv_end, *pages, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, PAGE_BITS)
+    acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv, q_pos, p_kv_head, stride_kv, qk_scale, PAGE_TOKENS,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS)
+    return acc, m_i, l_i, nxt
+
+
+@triton.jit
 def _attend(
     acc, m_i, l_i, b_q, lo, hi, kv_end,
     q_pos, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv, stride_kv_token,
     qk_scale,
     PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    KV_FP8: tl.constexpr, PAGE_BITS: tl.constexpr, PIPELINE: tl.constexpr,
+    KV_FP8: tl.constexpr, PAGE_BITS: tl.constexpr, PIPELINE: tl.constexpr, CARRY: tl.constexpr,
 ):
-    """The blocks starting at ``lo, lo + BLOCK_N, ...`` below ``hi``."""
+    """The blocks starting at ``lo, lo + BLOCK_N, ...`` below ``hi``.
+
+    CARRY: each step resolves the next block's pages, so a block's K/V addresses come in from the
+    previous iteration and the pipeliner sees plain loads (prefetched num_stages - 1 blocks ahead,
+    the page loads themselves synchronous); else the addresses hang on three dependent loads in
+    the step, which the pipeliner spreads over its stages (K/V then prefetched one block ahead)."""
+    pages = (bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, stride_kv_token)
+    nxt = 0  # CARRY: the next block's ``_kv_block``
+    if CARRY:
+        nxt = _kv_block(lo, kv_end, *pages, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, PAGE_BITS)
     if PIPELINE:
         # scf.for loops get software-pipelined (num_stages); the interpreter cannot run a
         # runtime-bounded range, so it takes the while loop below
         for start in tl.range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
-                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
-                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, CAUSAL, DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS)
+            acc, m_i, l_i, nxt = _step(acc, m_i, l_i, nxt, b_q, start, kv_end, q_pos, pages, p_kv_head, stride_kv,
+                                       qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
+                                       DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS, CARRY)
     else:
         start = lo
         while start < hi:
-            acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv_end, q_pos, bt_row_ptr, max_pages,
-                                        handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
-                                        stride_kv_token, qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D,
-                                        BLOCK_N, CAUSAL, DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS)
+            acc, m_i, l_i, nxt = _step(acc, m_i, l_i, nxt, b_q, start, kv_end, q_pos, pages, p_kv_head, stride_kv,
+                                       qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
+                                       DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS, CARRY)
             start += BLOCK_N
     return acc, m_i, l_i
 
@@ -212,7 +236,7 @@ def paged_prefill_kernel(
     ELEM_BYTES: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PIPELINE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr,
-    PAGE_BITS: tl.constexpr, SPLIT_CAUSAL: tl.constexpr,
+    PAGE_BITS: tl.constexpr, SPLIT_CAUSAL: tl.constexpr, CARRY: tl.constexpr,
 ):
     # heaviest tiles (the last ones, furthest along the context) start first
     i_tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -249,9 +273,9 @@ def paged_prefill_kernel(
     args = (q_pos, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, p_kv_head, stride_kv,
             stride_kv_token, qk_scale)
     acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, full_end * 0, full_end, kv_end, *args, PAGE_TOKENS, ELEM_BYTES,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8, PAGE_BITS, PIPELINE)
+                            HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8, PAGE_BITS, PIPELINE, CARRY)
     acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, full_end, kv_end, kv_end, *args, PAGE_TOKENS, ELEM_BYTES,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8, PAGE_BITS, PIPELINE)
+                            HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8, PAGE_BITS, PIPELINE, CARRY)
 
     # a row that saw nothing has acc = 0 and l = 0: divide by 1. A NaN l (NaN in q or K/V) must
     # reach the output, as in decode, so no `l > 0` test here

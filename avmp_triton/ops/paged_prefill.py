@@ -64,6 +64,7 @@ class PrefillConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     split_diagonal: bool | None = None  # a separate loop for the blocks that need the causal mask
+    carry_pages: bool | None = None     # resolve the next block's pages a step ahead (kernel: CARRY)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -90,7 +91,8 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu
             bm = short
             if on_gpu and bm <= 32:
                 warps = 4  # a 16- or 32-row tile keeps no more than one warpgroup busy
-    return PrefillConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, split_diagonal=True)
+    return PrefillConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, split_diagonal=True,
+                         carry_pages=False)
 
 
 @torch.library.custom_op("avmp::paged_prefill_attention", mutates_args=("out",))
@@ -99,7 +101,7 @@ def _paged_prefill_op(
     kv: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor,
     page_tokens: int, num_kv_heads: int, layer_off: int, stride_kv: int, stride_kv_head: int,
     stride_kv_token: int, scale: float, block_m: int, block_n: int, num_warps: int, num_stages: int,
-    kv_scale: Optional[torch.Tensor] = None, split_diagonal: bool = True,
+    kv_scale: Optional[torch.Tensor] = None, split_diagonal: bool = True, carry_pages: bool = False,
 ) -> None:
     """Validated launch; use ``paged_prefill_attention``. ``kv`` is the arena viewed as the KV dtype
     (q's, or float8_e4m3fn with ``kv_scale``)."""
@@ -124,6 +126,7 @@ def _paged_prefill_op(
             ELEM_BYTES=kv.element_size(), KV_FP8=kv_scale is not None, NUM_KV_HEADS=num_kv_heads,
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
             PIPELINE=not interp, PAGE_BITS=block_n // page_tokens <= _MAX_BITS, SPLIT_CAUSAL=split_diagonal,
+            CARRY=carry_pages,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST_DOT=interp and q.dtype == torch.bfloat16,
             num_warps=num_warps, num_stages=num_stages)
@@ -132,7 +135,7 @@ def _paged_prefill_op(
 @_paged_prefill_op.register_fake
 def _(q, block_table, seq_lens, cu_seqlens_q, kv, handle_table, handle_kinds, out, page_tokens, num_kv_heads,
       layer_off, stride_kv, stride_kv_head, stride_kv_token, scale, block_m, block_n, num_warps,
-      num_stages, kv_scale=None, split_diagonal=True) -> None:
+      num_stages, kv_scale=None, split_diagonal=True, carry_pages=False) -> None:
     return None
 
 
@@ -205,7 +208,7 @@ def paged_prefill_attention(
         q, block_table, seq_lens, cu_seqlens_q, cache.arena.view(cache.kv_dtype), cache.handle_table,
         cache.handle_kinds, out, layout.page_tokens, layout.num_kv_heads, layer * layout.stride_layer,
         layout.stride_kv, layout.stride_head, layout.stride_token, float(scale), cfg.block_m, cfg.block_n,
-        cfg.num_warps, cfg.num_stages, kv_scale, cfg.split_diagonal)
+        cfg.num_warps, cfg.num_stages, kv_scale, cfg.split_diagonal, cfg.carry_pages)
     return out
 
 
@@ -288,8 +291,9 @@ def _launch_shape(D, dtype, gqa, dev, max_seqlen_q, config) -> PrefillConfig:
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {cfg.num_warps!r}")
     if not is_int(cfg.num_stages) or cfg.num_stages < 1:
         raise ValueError(f"num_stages must be a positive int, got {cfg.num_stages!r}")
-    if not isinstance(cfg.split_diagonal, bool):
-        raise ValueError(f"split_diagonal must be a bool, got {cfg.split_diagonal!r}")
+    for name in ("split_diagonal", "carry_pages"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
     return cfg
 
 

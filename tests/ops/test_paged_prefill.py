@@ -211,6 +211,7 @@ def test_head_dims_not_powers_of_two(d, dtype, hq, hkv, gen):
 
 @pytest.mark.parametrize("blocks", [dict(config=PrefillConfig(block_m=16, block_n=16)),
                                     dict(config=PrefillConfig(block_n=64, num_warps=8)),
+                                    dict(config=PrefillConfig(block_m=16, block_n=16, carry_pages=True)),
                                     dict(max_seqlen_q=17)])
 def test_block_overrides(blocks, gen):
     # block_m=16 with 2 heads per group: 8-token tiles, several diagonal tiles per request;
@@ -258,16 +259,17 @@ def test_missing_pages_are_skipped(gen, device_checks_only):
     assert torch.equal(out[cu[2]:], torch.zeros_like(out[cu[2]:]))
 
 
-@pytest.mark.parametrize("page_tokens,block_n,split", [
-    pytest.param(1, 64, True, id="p1-n64-64-pages-a-block"),      # too many pages for the mask's bits
-    pytest.param(2, 64, False, id="p2-n64-32-pages-one-loop"),    # the mask's sign bit
-    pytest.param(32, 16, True, id="p32-n16-part-of-a-page"),
-    pytest.param(8, 32, False, id="p8-n32-one-loop"),
+@pytest.mark.parametrize("page_tokens,block_n,split,carry", [
+    pytest.param(1, 64, True, False, id="p1-n64-64-pages-a-block"),   # too many pages for the mask's bits
+    pytest.param(2, 64, False, True, id="p2-n64-32-pages-one-loop-carry"),  # the mask's sign bit
+    pytest.param(32, 16, True, True, id="p32-n16-part-of-a-page-carry"),
+    pytest.param(8, 32, False, False, id="p8-n32-one-loop"),
+    pytest.param(1, 64, True, True, id="p1-n64-carry"),
 ])
-def test_page_masks(page_tokens, block_n, split, gen, device_checks_only):
+def test_page_masks(page_tokens, block_n, split, carry, gen, device_checks_only):
     """Missing pages in every form the kernel masks them (bits of one int32, the row mask itself,
     a block inside one page), the first and the last page of a block among them, with one loop
-    or a separate diagonal loop."""
+    or a separate diagonal loop, pages resolved in the step or carried from the one before."""
     P = page_tokens
     case = Case([17, 5], [60, 3], 4, 2, 32, P, 1, gen=gen)
     last = block_n // P - 1 if block_n >= P else 0
@@ -275,7 +277,7 @@ def test_page_masks(page_tokens, block_n, split, gen, device_checks_only):
     for b, pages in hidden.items():
         for j in pages:
             case.block_table[b, j] = -1
-    out = case.run(config=PrefillConfig(block_n=block_n, split_diagonal=split))
+    out = case.run(config=PrefillConfig(block_n=block_n, split_diagonal=split, carry_pages=carry))
     cu = case.cu.tolist()
     for b in range(2):
         valid = torch.ones(case.ctx[b], dtype=torch.bool)
