@@ -556,7 +556,7 @@ def mamba2_chunk_scan_prefill_kernel(
 
 
 @triton.jit
-def _segments_in(cu_ptr, o_j, B, T, SEG: tl.constexpr):
+def _segments_in(cu_ptr, o_j, B, T, SEG):
     """Segments (of SEG tokens, the last one partial) of requests ``o_j`` (0 past B), their ranges
     clamped as ``_request`` clamps them."""
     m_j = o_j < B
@@ -577,7 +577,7 @@ def _segment_hits(i_s, o_j, n, before):
 
 
 @triton.jit
-def _segment_of(i_s, cu_ptr, B, T, SEG: tl.constexpr, BLOCK_B: tl.constexpr):
+def _segment_of(i_s, cu_ptr, B, T, SEG, BLOCK_B: tl.constexpr):
     """(request b, segment k of it) that slot ``i_s`` serves, or b = B when no segment falls on it:
     the requests' segments take consecutive slots in request order (slot = segments of the earlier
     requests + k). Walks the batch in blocks of BLOCK_B as ``repeated`` does."""
@@ -598,7 +598,7 @@ def _segment_of(i_s, cu_ptr, B, T, SEG: tl.constexpr, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
-def _first_segment(i_b, cu_ptr, B, T, SEG: tl.constexpr, BLOCK_B: tl.constexpr):
+def _first_segment(i_b, cu_ptr, B, T, SEG, BLOCK_B: tl.constexpr):
     """(slot of request ``i_b``'s first segment, its segment count): segments of the requests before it."""
     o_j = tl.arange(0, BLOCK_B)
     n = _segments_in(cu_ptr, o_j, B, T, SEG)
@@ -616,7 +616,7 @@ def _first_segment(i_b, cu_ptr, B, T, SEG: tl.constexpr, BLOCK_B: tl.constexpr):
 
 @triton.jit
 def _segment_range(i_s, S, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr, B, T, num_handles, state_off_bytes,
-                   SEG: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr):
+                   SEG, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr):
     """(first token, end, active) of slot ``i_s``'s segment; slot S is the packed tail (inactive),
     a slot no segment falls on gets an empty range."""
     i_b, k = _segment_of(i_s, cu_ptr, B, T, SEG, BLOCK_B)
@@ -636,10 +636,10 @@ def mamba2_segment_state_kernel(
     seg_decay_ptr,    # [S, NH] fp32 out: sum of dt A over the segment
     table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
     T, P, N, B, S, NH, num_handles, heads_per_group,
-    state_off_bytes,
+    state_off_bytes, SEG,   # SEG: tokens per segment, a multiple of CHUNK
     stride_x_t, stride_x_h, stride_dt_t, stride_B_t, stride_B_g,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
-    BLOCK_B: tl.constexpr, SEG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Pass 1 of the segmented Mamba2 scan. Grid (S, NH, cdiv(P, BLOCK_P)): each slot's segment of
@@ -674,9 +674,8 @@ def mamba2_state_pass_kernel(
     seg_decay_ptr,    # [S, NH] fp32
     state_ptr, table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
     T, PN, B, S, NH, num_handles,
-    state_off_bytes,
-    ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr, SEG: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    state_off_bytes, SEG,
+    ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Pass 2: grid (B + 1, NH, cdiv(P N, BLOCK_E)); program (b, h, e) walks request b's segments
     in order over BLOCK_E elements of head h's state (the recurrence is elementwise):
@@ -712,12 +711,12 @@ def mamba2_segment_scan_kernel(
     seg_state_ptr,    # [S, NH, P, N] fp32: the state entering each segment (pass 2)
     table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
     T, P, N, B, S, NH, num_handles, heads_per_group,
-    state_off_bytes,
+    state_off_bytes, SEG,
     stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t, stride_B_g,
     stride_C_t, stride_C_g, stride_out_t, stride_out_h,
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
-    SEG: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Pass 3: grid (S + 1, NH, cdiv(P, BLOCK_P)); each slot's segment walked as the fused kernel

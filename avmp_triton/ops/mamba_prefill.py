@@ -377,25 +377,24 @@ def _mamba2_segmented(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, ha
     seg_state = torch.empty((S, nheads, head_dim, d_state), dtype=torch.float32, device=x.device)
     seg_decay = torch.empty((S, nheads), dtype=torch.float32, device=x.device)
     meta = (handle_table, handle_kinds, ssm_handles, cu_seqlens, has_initial_state)
-    common = dict(ELEM_BYTES=state_dtype.itemsize, ALIGN=_align(state_offset, state_dtype), BLOCK_B=repeat_block(nreq),
-                  SEG=segment)
+    common = dict(ELEM_BYTES=state_dtype.itemsize, ALIGN=_align(state_offset, state_dtype), BLOCK_B=repeat_block(nreq))
     dots = dict(CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=max(16, _pow2(d_state)), DOT_DTYPE=_dot_dtype(x.dtype),
                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps)
     p_blocks = triton.cdiv(head_dim, block_p)
     K.mamba2_segment_state_kernel[(S, nheads, p_blocks)](
         x, dt, A, B, dt_bias if dt_bias is not None else A, seg_state, seg_decay, *meta,
-        T, head_dim, d_state, nreq, S, nheads, handle_table.numel(), nheads // n_groups, state_offset,
+        T, head_dim, d_state, nreq, S, nheads, handle_table.numel(), nheads // n_groups, state_offset, segment,
         x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, **common, **dots)
     pn = head_dim * d_state
     block_e = min(1024, _pow2(pn))
     K.mamba2_state_pass_kernel[(nreq + 1, nheads, triton.cdiv(pn, block_e))](
         seg_state, seg_decay, arena.view(state_dtype), *meta, T, pn, nreq, S, nheads, handle_table.numel(),
-        state_offset, **common, BLOCK_E=block_e, num_warps=4)
+        state_offset, segment, **common, BLOCK_E=block_e, num_warps=4)
     K.mamba2_segment_scan_kernel[(S + 1, nheads, p_blocks)](
         x, dt, z if z is not None else x, A, B, C, D if D is not None else A, dt_bias if dt_bias is not None else A,
         out, seg_state, *meta, T, head_dim, d_state, nreq, S, nheads, handle_table.numel(), nheads // n_groups,
-        state_offset, x.stride(0), x.stride(1), dt.stride(0),
+        state_offset, segment, x.stride(0), x.stride(1), dt.stride(0),
         z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
         B.stride(0), B.stride(1), C.stride(0), C.stride(1), out.stride(0), out.stride(1),
         HAS_Z=z is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
