@@ -91,9 +91,9 @@ def cases():
                      A_ptr=F32, B_ptr=BF, C_ptr=BF, D_ptr=F32, z_ptr=BF, dt_bias_ptr=F32, out_ptr=BF, num_handles="i32",
                      batch="i32", state_off="i32", d_inner="i32", stride_x_b="i32", stride_dt_b="i32", stride_A_d="i32",
                      stride_B_b="i32", stride_C_b="i32", stride_z_b="i32", stride_out_b="i32")
-    yield ("mamba1_state_update (Jamba, B-independent, 256 x 16 tile, 8 warps)", KS.mamba1_state_update_kernel,
-           m1_decode, dict(D_STATE=16, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_D=256, BLOCK_N=16, HAS_D=True,
-                           HAS_Z=True, HAS_DT_BIAS=True, BLOCK_B=256), 8,
+    yield ("mamba1_state_update (Jamba, 4 requests x 128 x 16 tile, 8 warps)", KS.mamba1_state_update_kernel,
+           m1_decode, dict(D_STATE=16, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_D=128, BLOCK_N=16, ROWS=4,
+                           HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, BLOCK_B=256), 8,
            _div(m1_decode, ["state_off", "d_inner", "stride_x_b", "stride_dt_b", "stride_A_d", "stride_B_b",
                             "stride_C_b", "stride_z_b", "stride_out_b"]))
     m2_decode = dict(state_ptr=F32, table_ptr="*i64", kinds_ptr="*i32", handles_ptr="*i32", x_ptr=BF, dt_ptr=BF,
@@ -121,8 +121,8 @@ def cases():
                        "stride_C_t", "stride_out_t", "stride_A_d"])
     flags = dict(HAS_Z=True, HAS_D=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_N=16,
                  BLOCK_B=16)
-    yield ("mamba1_scan_prefill serial (64 channels, 2 warps)", KP.mamba1_scan_prefill_kernel, m1,
-           dict(flags, BLOCK_D=64), 2, m1_div)
+    yield ("mamba1_scan_prefill serial (32 channels, 8 tokens unrolled, 1 warp)", KP.mamba1_scan_prefill_kernel, m1,
+           dict(flags, UNROLL=8, BLOCK_D=32), 1, m1_div)
     yield ("mamba1_scan_prefill chunked (16 tokens x 16 channels, 4 warps)", KP.mamba1_chunk_scan_prefill_kernel, m1,
            dict(flags, CHUNK=16, BLOCK_D=16), 4, m1_div)
     conv = dict(x_ptr=BF, w_ptr=BF, bias_ptr=BF, out_ptr=BF, state_ptr=BF, table_ptr="*i64", kinds_ptr="*i32",
@@ -202,8 +202,9 @@ def attention_cases():
     B=16 default launch: 3 splits, 4 pages a step, 4 warps) and prefill attention (D 128, GQA 4)."""
     yield ("paged_decode_attention (Jamba, 3 splits, 64 tokens a step, 4 warps)", KA.paged_decode_kernel,
            _DECODE_SIG, dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, BLOCK_N=64,
-                             NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=True, DOT_FP32=False, PIPELINE=True, KV_FP8=False,
-                             NUM_KV_HEADS=8), 4, _DECODE_DIV)
+                             NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=True, DOT_FP32=False, DOT_DTYPE=tl.bfloat16,
+                             Q_RESCALE=False, PIPELINE=True, PREFETCH=True, KV_FP8=False, NUM_KV_HEADS=8), 4,
+           _DECODE_DIV)
     yield ("paged_prefill_attention (D 128, GQA 4, 128 x 64 tiles, 8 warps)", KPA.paged_prefill_kernel,
            _PREFILL_SIG, dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=128, BLOCK_Q=32,
                               BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False,
@@ -216,8 +217,9 @@ def padded_head_dim_cases():
     a step, 8 warps, and its combine kernel; KV append; prefill in 64 x 32 tiles (the 256 row)."""
     yield ("paged_decode_attention (Zamba2, D 160, 3 splits, 32 tokens a step, 8 warps)", KA.paged_decode_kernel,
            _DECODE_SIG, dict(GROUP=1, GROUP_PAD=1, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, BLOCK_N=32,
-                             NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=False, DOT_FP32=False, PIPELINE=True, KV_FP8=False,
-                             NUM_KV_HEADS=32), 8, _DECODE_DIV)
+                             NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=False, DOT_FP32=False, DOT_DTYPE=tl.bfloat16,
+                             Q_RESCALE=False, PIPELINE=True, PREFETCH=True, KV_FP8=False, NUM_KV_HEADS=32), 8,
+           _DECODE_DIV)
     comb = dict(ws_acc_ptr=F32, ws_ml_ptr=F32, out_ptr=BF, num_q_heads="i32", stride_o_b="i32", stride_o_h="i32")
     yield ("paged_decode_combine (D 160, 3 splits, 8 warps)", KA.paged_decode_combine_kernel, comb,
            dict(NUM_SPLITS=3, SPLITS_PAD=4, CHUNK=4, HEAD_DIM=160, BLOCK_D=256), 8,
@@ -240,7 +242,8 @@ def fp8_cases():
     yield ("paged_decode_attention fp8 (Jamba, 3 splits, 64 tokens a step, 4 warps)", KA.paged_decode_kernel,
            dict(_DECODE_SIG, arena_ptr=fp8), dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16,
                                                   BLOCK_N=64, NUM_SPLITS=3, ELEM_BYTES=1, USE_DOT=True, DOT_FP32=False,
-                                                  PIPELINE=True, KV_FP8=True, NUM_KV_HEADS=8), 4, _DECODE_DIV)
+                                                  DOT_DTYPE=tl.float16, Q_RESCALE=True, PIPELINE=True, PREFETCH=True,
+                                                  KV_FP8=True, NUM_KV_HEADS=8), 4, _DECODE_DIV)
     yield ("paged_prefill_attention fp8 (D 128, GQA 4, 128 x 64 tiles, 8 warps)", KPA.paged_prefill_kernel,
            dict(_PREFILL_SIG, kv_ptr=fp8), dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1,
                                                 BLOCK_M=128, BLOCK_Q=32, BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32",
