@@ -104,6 +104,30 @@ class _Counts:
         self.free, self.free_handles, self.slabs = free, free_handles, slabs
 
 
+class _Staged:
+    """A device buffer filled from the host without a sync: the host writes a pinned buffer (once
+    its last copy has left it) and the copy is queued on the stream. A plain ``copy_`` from
+    pageable memory would wait for the stream to drain."""
+
+    def __init__(self, n: int, dtype: torch.dtype, dev):
+        cuda = dev.type == "cuda"
+        self.dev = torch.zeros(n, dtype=dtype, device=dev)
+        self._host = torch.zeros(n, dtype=dtype, pin_memory=cuda)
+        self._done = torch.cuda.Event() if cuda else None
+
+    def host(self) -> np.ndarray:
+        """The host side to fill (a numpy view), free to write."""
+        if self._done is not None:
+            self._done.synchronize()   # already complete unless no sync has happened since the last copy
+        return self._host.numpy()
+
+    def send(self) -> torch.Tensor:
+        self.dev.copy_(self._host, non_blocking=True)
+        if self._done is not None:
+            self._done.record()
+        return self.dev
+
+
 class _DeviceBackend:
     """The allocator's own kernels on fixed-size device buffers."""
 
@@ -115,12 +139,11 @@ class _DeviceBackend:
         self.block_table = torch.full((R, W), -1, dtype=torch.int32, device=dev)
         self.num_pages = torch.zeros(R, dtype=torch.int32, device=dev)
         self.ssm_handles = torch.full((R,), -1, dtype=torch.int32, device=dev)
-        self._need = torch.zeros(R, dtype=torch.int32, device=dev)
+        self._need = _Staged(R, torch.int32, dev)
         self._failed = torch.zeros(R, dtype=torch.int32, device=dev)
-        self._rows = torch.full((R,), -1, dtype=torch.int32, device=dev)
+        self._rows = _Staged(R, torch.int32, dev)
         self._status = torch.zeros(3, dtype=torch.int64, device=dev)
         self._release_err = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._host_rows = np.full(R, -1, dtype=np.int32)
         self._pools = torch.arange(2, device=dev).unsqueeze(1)
         self._snap = None          # host buffer of the pending snapshot (pinned on a GPU)
         self._snap_done = torch.cuda.Event() if dev.type == "cuda" else None
@@ -164,8 +187,8 @@ class _DeviceBackend:
         return _Counts([v[0], v[1]], v[2], [v[3], v[4]])
 
     def grow(self, need: np.ndarray) -> None:
-        self._need.copy_(torch.from_numpy(need))
-        self.a.grow_kv(self.block_table, self.num_pages, self._need, self._failed)
+        self._need.host()[:] = need
+        self.a.grow_kv(self.block_table, self.num_pages, self._need.send(), self._failed)
 
     def alloc_ssm(self, rows: list[int]) -> None:
         h = self.a.alloc_ssm(len(rows))  # syncs once (its status)
@@ -173,10 +196,10 @@ class _DeviceBackend:
         self.ssm_handles[torch.tensor(rows, dtype=torch.long, device=self.a.device)] = h
 
     def release(self, rows: list[int]) -> None:
-        self._host_rows.fill(-1)
-        self._host_rows[:len(rows)] = rows
-        self._rows.copy_(torch.from_numpy(self._host_rows))
-        self.a.release_rows(self._rows, self.block_table, self.num_pages, self.ssm_handles, self._status)
+        host = self._rows.host()
+        host.fill(-1)
+        host[:len(rows)] = rows
+        self.a.release_rows(self._rows.send(), self.block_table, self.num_pages, self.ssm_handles, self._status)
         torch.maximum(self._release_err, self._status[:1], out=self._release_err)
 
     def make_room(self, kind: str, n: int, free_now: int) -> None:
@@ -961,13 +984,11 @@ class _RunnerFeed:
     (int32 first, aligned), filled on the host and copied in one transfer a tick."""
 
     def __init__(self, runner: ModelRunner, R: int, dev):
-        self.runner = runner
-        self._dev = torch.zeros(10 * R, dtype=torch.uint8, device=dev)
-        self._host = np.zeros(10 * R, dtype=np.uint8)
-        self.qlen, self.ctx = self._dev[:4 * R].view(torch.int32), self._dev[4 * R:8 * R].view(torch.int32)
-        self.running, self.prefill = self._dev[8 * R:9 * R].view(torch.bool), self._dev[9 * R:].view(torch.bool)
-        self._qlen, self._ctx = self._host[:4 * R].view(np.int32), self._host[4 * R:8 * R].view(np.int32)
-        self._running, self._prefill = self._host[8 * R:9 * R].view(bool), self._host[9 * R:].view(bool)
+        self.runner, self.R = runner, R
+        self._buf = _Staged(10 * R, torch.uint8, dev)
+        d = self._buf.dev
+        self.qlen, self.ctx = d[:4 * R].view(torch.int32), d[4 * R:8 * R].view(torch.int32)
+        self.running, self.prefill = d[8 * R:9 * R].view(torch.bool), d[9 * R:].view(torch.bool)
 
     def step(self, be, t: int, rows: _Rows, admitted: list[int], sampled: np.ndarray):
         running = rows.req >= 0
@@ -975,12 +996,13 @@ class _RunnerFeed:
         ctx = np.where(running, rows.ctx, 0)
         sample = np.zeros(len(running), dtype=bool)
         sample[sampled] = True
-        self._running[:] = running
-        self._prefill[:] = False
-        self._prefill[admitted] = True
-        self._qlen[:] = qlen
-        self._ctx[:] = ctx
-        self._dev.copy_(torch.from_numpy(self._host))
+        R, host = self.R, self._buf.host()
+        host[8 * R:9 * R] = running
+        host[9 * R:] = False
+        host[9 * R:][admitted] = True
+        host[:4 * R].view(np.int32)[:] = qlen
+        host[4 * R:8 * R].view(np.int32)[:] = ctx
+        self._buf.send()
         return self.runner.step(be.block_table, be.num_pages, be.ssm_handles, self.running,
                                 StepBatch(tick=t, query_lens=self.qlen, context_lens=self.ctx, prefill_mask=self.prefill,
                                           request_ids=np.where(running, rows.req, -1), query_lens_host=qlen,

@@ -3,6 +3,8 @@ captured engine against the eager one (identical tokens, no host sync in a repla
 of thousands of requests through a small arena that drains with every unit back. Off the GPU the
 same fixed-shape step runs uncaptured; tests/serve/test_llm.py checks its tokens against
 transformers' and tests/models/ its logits and arena writes, family by family."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,28 @@ def test_a_decode_tick_waits_on_the_device_once():
     m = llm.last_metrics
     assert m.makespan_ticks == 40 and llm.last_graph_steps == 39
     assert round(m.host_syncs_per_step * m.makespan_ticks) == 4
+
+
+@gpu
+def test_a_decode_tick_syncs_only_for_its_sampled_tokens():
+    """torch's sync debug mode warns at every call that waits for the stream (a copy from pageable
+    memory does): 40 more decode ticks may add at most one such wait each, the sampled tokens'."""
+    model = random_model("nemotron-h-tiny", dtype=torch.bfloat16, seed=0, device="cuda").eval()
+    llm = LLM(model, memory_gib=0.05, max_num_seqs=4, max_model_len=128)
+
+    def waits(n: int) -> int:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                llm.generate([[1, 2, 3]] * 4, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(w.message) for w in caught)
+
+    short, long = waits(20), waits(60)
+    assert long - short == 40, (short, long)
 
 
 @gpu
