@@ -73,7 +73,7 @@ def _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
         row = tl.reshape(tl.where(m, row, 0), [BLOCK_N])
         m = tl.reshape(m, [BLOCK_N])
     else:
-        h = tl.load(block_table_ptr + i_b * stride_bt_b + tok0 // PAGE_TOKENS).to(tl.int64)
+        h = tl.load(block_table_ptr + i_b * stride_bt_b + tok0 // PAGE_TOKENS, mask=tok0 < end, other=-1).to(tl.int64)
         ok, off = unit_offset(h, tok0 < end, table_ptr, kinds_ptr, num_handles, KIND_KV)
         o_tok = tok0 % PAGE_TOKENS + tl.arange(0, BLOCK_N).to(tl.int64)
         m = both(tok0 - tok0 % PAGE_TOKENS + o_tok < end, ok)
@@ -85,23 +85,22 @@ def _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
 
 
 @triton.jit
-def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr,
-                  kinds_ptr, num_handles, head_off, stride_kv, stride_token, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-                  KV_FP8: tl.constexpr):
-    """One online-softmax step over tokens [tok0, tok0 + BLOCK_N) (those < end)."""
-    row, m = _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
-                      head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
+def _load_kv(arena_ptr, row, m, stride_kv, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """K and V tiles ``[BLOCK_N, BLOCK_D]`` of the rows ``row`` (masked by ``m``) in DOT_DTYPE."""
     o_d = tl.arange(0, BLOCK_D)
     p_k = arena_ptr + (row[:, None] + o_d[None, :])
     m_kv = row_mask(m, o_d, HEAD_DIM, BLOCK_D)
-    b_k = tl.load(p_k, mask=m_kv, other=0.0)                              # [BLOCK_N, BLOCK_D]
-    if KV_FP8:  # the scale is folded into qk_scale (K) and the output (V) by the caller
-        b_k = b_k.to(q.dtype)
+    b_k = tl.load(p_k, mask=m_kv, other=0.0).to(DOT_DTYPE)
+    b_v = tl.load(p_k + stride_kv, mask=m_kv, other=0.0).to(DOT_DTYPE)
+    return b_k, b_v
+
+
+@triton.jit
+def _softmax_step(q, b_k, b_v, m, m_i, l_i, acc, qk_scale, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One online-softmax step of ``q`` over the tile's tokens (``m``: readable ones)."""
     if USE_DOT:
         if DOT_FP32:
-            s = tl.dot(q.to(tl.float32), tl.trans(b_k.to(tl.float32)), input_precision="ieee")
+            s = tl.dot(q, tl.trans(b_k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(b_k))                                  # [GROUP_PAD, BLOCK_N] fp32
     else:
@@ -113,12 +112,9 @@ def _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr, block_table_ptr, 
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    b_v = tl.load(p_k + stride_kv, mask=m_kv, other=0.0)                 # [BLOCK_N, BLOCK_D]
-    if KV_FP8:
-        b_v = b_v.to(q.dtype)
     if USE_DOT:
         if DOT_FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, b_v.to(tl.float32), input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p, b_v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v)
     else:
@@ -134,6 +130,61 @@ def fp8_scales(qk_scale, kv_scale_ptr, i_kvh, NUM_KV_HEADS: tl.constexpr, KV_FP8
         return qk_scale * tl.load(kv_scale_ptr + i_kvh), tl.load(kv_scale_ptr + NUM_KV_HEADS + i_kvh)
     else:
         return qk_scale, 1.0
+
+
+@triton.jit
+def _q_to_f16(q):
+    """``q`` (bf16) times a power of two that brings its largest magnitude to [2^14, 2^15), in fp16,
+    and the inverse power to fold into the score scale. Exact for every element within 2^-31 of
+    the largest (fp16 keeps bf16's 8 significant bits over that range); inf and NaN stay."""
+    amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127     # amax's binary exponent
+    k = tl.minimum(tl.maximum(14 - e, -64), 64)
+    up = ((127 + k) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    return (q.to(tl.float32) * up).to(tl.float16), down
+
+
+@triton.jit
+def _walk(q, start, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
+          head_off, stride_kv, stride_token, qk_scale, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+          BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr,
+          USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_DTYPE: tl.constexpr, PIPELINE: tl.constexpr,
+          PREFETCH: tl.constexpr):
+    """The online softmax over tokens ``[start, end)``: (max, sum, unnormalised acc) per q row.
+
+    PREFETCH resolves the next step's rows while this step's K/V are read, so the rows reach the
+    K/V loads through the loop's carried values: Triton's pipeliner then sees K/V loads with no
+    load before them (it spends stages on each level of load-to-load chain, and with the block
+    table -> handle table -> K/V chain in the same step it gave K/V one shared-memory buffer)."""
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    row, m = _kv_rows(i_b, start, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
+                      stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
+    if PIPELINE:
+        # compiled: a counted loop, which Triton software-pipelines (num_stages)
+        n_iters = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
+        for it in tl.range(0, n_iters):
+            tok0 = start + it * BLOCK_N
+            if not PREFETCH:
+                row, m = _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
+                                  head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
+            b_k, b_v = _load_kv(arena_ptr, row, m, stride_kv, HEAD_DIM, BLOCK_D, DOT_DTYPE)
+            m_i, l_i, acc = _softmax_step(q, b_k, b_v, m, m_i, l_i, acc, qk_scale, USE_DOT, DOT_FP32)
+            if PREFETCH:
+                row, m = _kv_rows(i_b, tok0 + BLOCK_N, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
+                                  num_handles, head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
+    else:
+        # the interpreter cannot run range() over loaded bounds
+        tok0 = start
+        while tok0 < end:
+            b_k, b_v = _load_kv(arena_ptr, row, m, stride_kv, HEAD_DIM, BLOCK_D, DOT_DTYPE)
+            m_i, l_i, acc = _softmax_step(q, b_k, b_v, m, m_i, l_i, acc, qk_scale, USE_DOT, DOT_FP32)
+            tok0 += BLOCK_N
+            row, m = _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
+                              head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -155,8 +206,8 @@ def paged_decode_kernel(
     kv_scale_ptr,     # [2, Hkv] fp32 dequantisation scales of an fp8 cache (K row, V row); unused otherwise
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, ELEM_BYTES: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, PIPELINE: tl.constexpr, KV_FP8: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_DTYPE: tl.constexpr, Q_RESCALE: tl.constexpr,
+    PIPELINE: tl.constexpr, PREFETCH: tl.constexpr, KV_FP8: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
     i_kvh = tl.program_id(1).to(tl.int64)
@@ -172,6 +223,10 @@ def paged_decode_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_gd = row_mask(m_g, o_d, HEAD_DIM, BLOCK_D)
     q = tl.load(q_ptr + i_b * stride_q_b + i_hq[:, None] * stride_q_h + o_d[None, :], mask=m_gd, other=0.0)
+    if Q_RESCALE:
+        q, q_unscale = _q_to_f16(q)
+        qk_scale = qk_scale * q_unscale
+    q = q.to(DOT_DTYPE)
 
     if NUM_SPLITS == 1:
         start = seq_len * 0
@@ -183,27 +238,9 @@ def paged_decode_kernel(
         end = tl.minimum(start + per, seq_len)
     head_off = layer_off + i_kvh * stride_head
 
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    if PIPELINE:
-        # compiled: a counted loop, which Triton software-pipelines (num_stages)
-        n_iters = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
-        for it in tl.range(0, n_iters):
-            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start + it * BLOCK_N, end, i_b, arena_ptr,
-                                          block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
-                                          stride_kv, stride_token, qk_scale, HEAD_DIM, BLOCK_D, PAGE_TOKENS,
-                                          BLOCK_N, ELEM_BYTES, USE_DOT, DOT_FP32, KV_FP8)
-    else:
-        # the interpreter cannot run range() over loaded bounds
-        tok0 = start
-        while tok0 < end:
-            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, tok0, end, i_b, arena_ptr,
-                                          block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
-                                          stride_kv, stride_token, qk_scale, HEAD_DIM, BLOCK_D, PAGE_TOKENS,
-                                          BLOCK_N, ELEM_BYTES, USE_DOT, DOT_FP32, KV_FP8)
-            tok0 += BLOCK_N
-
+    m_i, l_i, acc = _walk(q, start, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
+                          num_handles, head_off, stride_kv, stride_token, qk_scale, GROUP_PAD, HEAD_DIM, BLOCK_D,
+                          PAGE_TOKENS, BLOCK_N, ELEM_BYTES, USE_DOT, DOT_FP32, DOT_DTYPE, PIPELINE, PREFETCH)
     if KV_FP8:
         acc = acc * v_scale
     if NUM_SPLITS == 1:

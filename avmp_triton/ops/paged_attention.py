@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import triton
+import triton.language as tl
 
 from avmp_triton import _triton_env
 from avmp_triton._checks import check_tensor, is_int
@@ -48,13 +49,15 @@ class DecodeConfig:
     num_stages: int | None = None
     use_dot: bool | None = None        # scores and P@V with tl.dot (group padded to >= 16 rows)
     max_registers: int | None = None   # ptxas cap per thread (Triton's maxnreg)
+    prefetch_rows: bool | None = None  # resolve the next step's pages during this step (see kernels._walk)
 
 
 def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_tokens: int,
                   max_seq_len: int, sm_count: int = DEFAULT_SM_COUNT, num_splits: int | None = None,
                   pages_per_iter: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, use_dot: bool | None = None,
-                  max_registers: int | None = None, block_tokens: int | None = None) -> DecodeConfig:
+                  max_registers: int | None = None, block_tokens: int | None = None,
+                  prefetch_rows: bool | None = None) -> DecodeConfig:
     """The launch table: a few shape rules, no autotuning; every field can be overridden.
 
     - ``use_dot``: tensor cores for GQA groups of >= 4 q heads (padded to 16 rows; decode is bound by
@@ -103,9 +106,11 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
         num_stages = 3 if num_splits > 1 else 2
     if max_registers is None and num_splits == 1 and num_warps == 4:
         max_registers = 128
+    if prefetch_rows is None:
+        prefetch_rows = True
     return DecodeConfig(num_splits=num_splits, pages_per_iter=pages_per_iter, block_tokens=block_tokens,
                         num_warps=num_warps, num_stages=num_stages, use_dot=use_dot,
-                        max_registers=max_registers)
+                        max_registers=max_registers, prefetch_rows=prefetch_rows)
 
 
 def decode_workspace_numel(batch: int, num_q_heads: int, head_dim: int, num_splits: int) -> int:
@@ -143,7 +148,8 @@ def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
                      handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor,
                      workspace: Optional[torch.Tensor], layout: list[int], layer: int, scale: float, num_splits: int,
                      block_tokens: int, num_warps: int, num_stages: int, use_dot: bool,
-                     max_registers: Optional[int] = None, kv_scale: Optional[torch.Tensor] = None) -> None:
+                     max_registers: Optional[int] = None, kv_scale: Optional[torch.Tensor] = None,
+                     prefetch_rows: bool = True) -> None:
     """Validated inputs only (see ``paged_decode_attention``); writes ``out``. ``kv_scale`` given:
     the pages are float8_e4m3fn."""
     page_tokens, num_kv_heads, head_dim, elem_bytes, s_layer, s_kv, s_head, s_token = layout
@@ -161,6 +167,7 @@ def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
     else:
         ws_acc = ws_ml = out  # unused
     fp8 = kv_scale is not None
+    dot_dtype, dot_fp32 = _dot_dtype(q.dtype, fp8, use_dot, interp)
     K.paged_decode_kernel[(B, num_kv_heads, num_splits)](
         q, arena.view(FP8 if fp8 else q.dtype), handle_table, handle_kinds, block_table, seq_lens, out, ws_acc,
         ws_ml, handle_table.numel(), block_table.shape[1], Hq,
@@ -168,9 +175,9 @@ def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
         layer * s_layer, s_kv, s_head, s_token, scale * K.LOG2E, kv_scale if fp8 else seq_lens,
         GROUP=group, GROUP_PAD=max(16 if use_dot else 1, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, PAGE_TOKENS=page_tokens, BLOCK_N=block_tokens, NUM_SPLITS=num_splits,
-        ELEM_BYTES=elem_bytes, USE_DOT=use_dot,
-        DOT_FP32=q.dtype == torch.float32 or (interp and q.dtype == torch.bfloat16),
-        PIPELINE=not interp, KV_FP8=fp8, NUM_KV_HEADS=num_kv_heads,
+        ELEM_BYTES=elem_bytes, USE_DOT=use_dot, DOT_FP32=dot_fp32, DOT_DTYPE=dot_dtype,
+        Q_RESCALE=dot_dtype == tl.float16 and q.dtype == torch.bfloat16, PIPELINE=not interp,
+        PREFETCH=prefetch_rows, KV_FP8=fp8, NUM_KV_HEADS=num_kv_heads,
         num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers)
     if num_splits > 1:
         splits_pad = triton.next_power_of_2(num_splits)
@@ -180,9 +187,24 @@ def _paged_decode_op(q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
             BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8)
 
 
+def _dot_dtype(q_dtype: torch.dtype, fp8: bool, use_dot: bool, interp: bool):
+    """(dtype the K/V tiles and q are converted to, whether the dots run in IEEE fp32).
+
+    fp8 pages under bf16/fp16 q take fp16 dots: e4m3 converts to fp16 in one instruction per pair
+    (to bf16 it went through fp16, two), and q is brought into fp16's range by a power of two
+    (``_q_to_f16``). fp32 q, and bf16 under the interpreter (whose tl.dot multiplies bf16 bit
+    patterns as integers in triton 3.6), take IEEE fp32 dots; the broadcast path (no tl.dot)
+    widens fp8 tiles to fp32 directly."""
+    if q_dtype == torch.float32 or (interp and q_dtype == torch.bfloat16 and not (fp8 and use_dot)):
+        return tl.float32, True
+    if fp8:
+        return (tl.float16 if use_dot else tl.float32), False
+    return (tl.bfloat16 if q_dtype == torch.bfloat16 else tl.float16), False
+
+
 @_paged_decode_op.register_fake
 def _(q, block_table, seq_lens, arena, handle_table, handle_kinds, out, workspace, layout, layer, scale, num_splits,
-      block_tokens, num_warps, num_stages, use_dot, max_registers=None, kv_scale=None):
+      block_tokens, num_warps, num_stages, use_dot, max_registers=None, kv_scale=None, prefetch_rows=True):
     return None
 
 
@@ -271,7 +293,7 @@ def paged_decode_attention(q: torch.Tensor, block_table: torch.Tensor, seq_lens:
     torch.ops.avmp.paged_decode_attention(
         q, block_table, seq_lens, cache.arena, cache.handle_table, cache.handle_kinds, out, workspace,
         _layout_args(layout), layer, scale, cfg.num_splits, cfg.block_tokens, cfg.num_warps, cfg.num_stages,
-        cfg.use_dot, cfg.max_registers, kv_scale)
+        cfg.use_dot, cfg.max_registers, kv_scale, cfg.prefetch_rows)
     return out
 
 
@@ -409,3 +431,5 @@ def _check_config(cfg: DecodeConfig, page_tokens: int) -> None:
     r = cfg.max_registers
     if r is not None and (not is_int(r) or not 24 <= r <= 255):
         raise ValueError(f"max_registers must be None or an int in [24, 255], got {r!r}")
+    if not isinstance(cfg.prefetch_rows, bool):
+        raise TypeError(f"prefetch_rows must be a bool, got {cfg.prefetch_rows!r}")

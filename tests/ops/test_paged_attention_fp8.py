@@ -60,6 +60,30 @@ def test_decode_reads_fp8_pages(hq, hkv, d, qdtype, num_splits):
     torch.testing.assert_close(out.double(), want, **{k: v * 4 for k, v in TOL[qdtype].items()})
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("qdtype,d,q_scale", [(torch.bfloat16, 64, 1.0), (torch.bfloat16, 160, 1.0),
+                                               (torch.bfloat16, 64, 3e5), (torch.bfloat16, 64, 1e-6),
+                                               (torch.float16, 64, 1.0)])
+def test_decode_fp8_pages_fp16_dots(qdtype, d, q_scale, num_splits):
+    """GQA groups of 4 over fp8 pages take the tl.dot path in fp16, with bf16 q moved into fp16's
+    range by a power of two: q far beyond fp16's largest value (3e5 x randn) and far below its
+    smallest normal (1e-6 x randn) must still match the reference, as must fp16 q."""
+    gen = torch.Generator().manual_seed(int(d + num_splits + (q_scale > 1) * 2 + (q_scale < 1) * 3))
+    hq, hkv = 8, 2
+    seq_lens = [70, 1, 33, 129]
+    alloc = make_alloc(fp8_spec(hkv, d), 16, 30)
+    bt = scattered_table(alloc, seq_lens, width=9)
+    fp8_arena(alloc, bt, seq_lens, gen)
+    s = scales(hkv, gen)
+    q = (torch.randn(len(seq_lens), hq, d, generator=gen) * q_scale).to(DEVICE, qdtype)
+    out = paged_decode_attention(q, bt, i32(seq_lens), PagedCache.of(alloc), layer=1, kv_scale=s,
+                                 scale=1.0 / q_scale, config=DecodeConfig(num_splits=num_splits, use_dot=True))
+    want = paged_decode_attention_ref(q, alloc.arena, alloc.handle_table, layout_of(alloc), bt, i32(seq_lens),
+                                      layer=1, kv_dtype=FP8, kv_scale=s, scale=1.0 / q_scale)
+    assert out.dtype == qdtype and not out.isnan().any()
+    torch.testing.assert_close(out.double(), want, **{k: v * 4 for k, v in TOL[qdtype].items()})
+
+
 @pytest.mark.parametrize("block_n", [16, 32])
 @pytest.mark.parametrize("hq,hkv,d,qdtype", [(4, 2, 64, torch.float32), (2, 2, 160, torch.float32),
                                              (4, 1, 64, torch.bfloat16)])
