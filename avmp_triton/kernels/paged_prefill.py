@@ -219,7 +219,9 @@ def _tile_rows(q_start, q_lo, q_len, prefix, i_kvh, num_tokens, GQA: tl.constexp
     return o_row, i_qh, m_m, q_pos
 
 
-@triton.jit
+# sizes only compared against (never strides or offsets): specialising them on 1 or on multiples of
+# 16 bought nothing and compiled the kernel again for every batch that changed their class
+@triton.jit(do_not_specialize=["num_seqs", "max_pages", "num_handles", "num_tokens"])
 def paged_prefill_kernel(
     q_ptr,             # [T, Hq, D] fp16 / bf16 / fp32
     out_ptr,           # [T, Hq, D] same dtype as q (output)
