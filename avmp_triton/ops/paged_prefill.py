@@ -39,8 +39,8 @@ _LOG2E = 1.4426950408889634
 # tile (``attn_block_d``: 160 takes the 256 row) for 16-bit inputs on a GPU. Not autotuned (the op
 # writes ``out``; no launcher of this package autotunes): picked from sm_90 compiles (triton 3.6,
 # bf16, GQA 4) as the largest tiles that keep within 227 KiB of shared memory and spill no
-# registers (D=128: 251 regs, 98 KiB; 4 warps spill at D >= 128). Timed only at these defaults
-# (perf/results/bench_prefill_H100.json); no launch sweep of this kernel yet.
+# registers (D=128: 208 regs since handles resolve per page, 98 KiB). Timed only at these defaults
+# (perf/results/bench_prefill_H100.json); perf/sweep_prefill_variants.py sweeps D=128.
 _GPU_TABLE = {
     16: (128, 64, 8, 3),
     32: (128, 64, 8, 3),
