@@ -24,16 +24,18 @@ output row. ``kv_append`` skips such tokens likewise (nothing is written for the
 
 fp8 pages (float8_e4m3fn, ``KV_FP8``): K and V of kv head h of a layer are stored divided by that
 layer's scales ``kv_scale[0, h]`` and ``kv_scale[1, h]`` and saturated to +-448; decode converts
-a loaded tile to q's dtype and folds the scales into the scores (K) and the output (V), one
-multiply each per program, since a program reads one kv head.
+a loaded tile to DOT_DTYPE (fp16 for the dots under bf16/fp16 q: one conversion per pair of
+elements, q brought into fp16's range by ``_q_to_f16``) and folds the scales into the scores (K)
+and the output (V), one multiply each per program, since a program reads one kv head.
 
 Decode grid: (B, Hkv, NUM_SPLITS). One program handles every q head of one kv head (the GQA
 group, padded to GROUP_PAD rows), so each K/V page is read once per kv head, and walks its split's
 tokens BLOCK_N at a time (whole pages, or part of one page when pages are larger than a step's
-tile) with an fp32 online softmax (base 2, the
-scale folded into one multiply). DOT_FP32 runs the tl.dot path in fp32 (IEEE): for fp32 KV, and for
-bf16 under the interpreter, whose tl.dot multiplies bf16 bit patterns as integers (triton 3.6). With NUM_SPLITS > 1 each split writes its unnormalised partial
-(acc, max, sum) to an fp32 workspace and ``paged_decode_combine_kernel`` reduces them.
+tile) with an fp32 online softmax (base 2, the scale folded into one multiply); with PREFETCH a
+step's pages are resolved one step ahead (``_walk``). DOT_FP32 runs the tl.dot path in fp32
+(IEEE): for fp32 q, and for bf16 under the interpreter, whose tl.dot multiplies bf16 bit patterns
+as integers (triton 3.6). With NUM_SPLITS > 1 each split writes its unnormalised partial (acc,
+max, sum) to an fp32 workspace and ``paged_decode_combine_kernel`` reduces them.
 """
 import triton
 import triton.language as tl

@@ -73,7 +73,13 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
       launches run 3 stages (B=16 ctx 32768: 494 us against 597 with 2). Unsplit launches with 4
       warps keep 2 stages and a cap of 128 registers, so 4 programs fit an SM: the compiler's 160
       left room for 3, and B=64 x 8 KV heads then took two waves of 132 SMs instead of one
-      (387 -> 267 us at B=64 ctx 4096; 20 bytes of spill).
+      (387 -> 267 us at B=64 ctx 4096; 20 bytes of spill). Both measured before ``prefetch_rows``;
+      with it (sm_90 compile, no GPU yet) 3 stages double-buffer K/V at 124 registers and 70 KiB of
+      shared memory a program (3 programs an SM, as the 162 registers allowed before), and the
+      unsplit launch needs 158 registers uncapped, so the cap stays
+      (perf/sweep_decode_variants.py times the alternatives).
+    - ``prefetch_rows``: on (resolving a step's pages inside the step left K/V one shared-memory
+      buffer whatever the stages, see ``kernels.paged_attention._walk``).
 
     D above is the head dim padded to the kernel's tile (``attn_block_d``: 160 -> 256), which is
     what registers and shared memory go by.
