@@ -24,11 +24,12 @@ import dataclasses
 import math
 
 import torch
-import triton
 
 from avmp_triton._checks import check_tensor, is_int
 from avmp_triton import _triton_env  # first: on CPU-only hosts it chooses the interpreter before triton loads
 from avmp_triton.kernels import alloc as K
+from avmp_triton.memory.free_bound import FreeBound
+from avmp_triton.memory.launch import launcher
 from avmp_triton.memory.planner import donor_holdings, plan_victims
 from avmp_triton.spec import HybridModelSpec, check_cache_dtypes, check_page_tokens
 
@@ -215,7 +216,7 @@ class ArenaAllocator:
         self._mark = torch.zeros(H, dtype=torch.int64, device=dev)
         self._epoch = torch.zeros(1, dtype=torch.int64, device=dev)
         self._ticket = torch.zeros(1, dtype=torch.int32, device=dev)
-        self._status = torch.zeros(3, dtype=torch.int64, device=dev)
+        self._init_io(dev)
         tops = [0, 0, H]
         for p in range(len(self.pool_names)):
             slots = _slab_slots(torch.nonzero(owner == p).flatten(), slab_bytes, self.unit_bytes[p],
@@ -223,13 +224,32 @@ class ArenaAllocator:
             base = self._stack_base[p]
             self._free_units[base:base + slots.numel()] = slots.flip(0).to(dev)  # lowest slot pops first
             tops[p] = slots.numel()
-        self._tops = torch.tensor(tops, dtype=torch.int64, device=dev)
+        self._tops.copy_(torch.tensor(tops, dtype=torch.int64))
+        self._state = (self.handle_table, self.handle_kind, self._handle_stack, self._free_units, self._tops,
+                       self._slot_handle)
         self._workspaces: dict[int, torch.Tensor] = {}
+        self._launches: dict = {}  # the hot launches, their fixed arguments bound once (launch.BoundLaunch)
+        self._bound = FreeBound(len(self.pool_names), tops, capture_possible=dev.type == "cuda")
 
         self.migrations = 0
         self.slabs_moved = 0
         self.units_moved = 0
         self.bytes_copied = 0
+
+    def _init_io(self, dev: torch.device) -> None:
+        """The buffers through which calls report to the host."""
+        # status [0:3] and stack tops [4:7] in one buffer, so that the one read a call that reports
+        # on the host makes brings both (tops at a 32-byte offset keep their 16-byte alignment)
+        self._io = torch.zeros(8, dtype=torch.int64, device=dev)
+        self._status = self._io[0:3]
+        self._tops = self._io[4:7]
+        # its host copy: pinned, so a read is one DMA and one event wait (no pageable staging copy)
+        self._io_host = torch.empty(8, dtype=torch.int64, pin_memory=True) if dev.type == "cuda" else None
+        self._io_ready = torch.cuda.Event() if dev.type == "cuda" else None
+        # reads of the status, the tops or the slab counters back to the host by alloc, free, resolve,
+        # make_room and rebalance (each one a sync on a GPU; stats() is not counted); an alloc that
+        # the pool can certainly serve makes none
+        self.host_reads = 0
 
     def _initial_owner(self, kv_fraction: float) -> torch.Tensor:
         """``[S]`` int32 pool of each slab at the start: the KV pool's first, then the SSM pool's."""
@@ -282,7 +302,7 @@ class ArenaAllocator:
         if n == 0:
             return
         self._launch_free(handles, req)
-        self._raise_on_handle_error(self._status.tolist(), kind, "handles")
+        self._raise_on_handle_error(self._read_status(), kind, "handles")
 
     def alloc_into(self, kind: str, out: torch.Tensor) -> torch.Tensor:
         """Allocate ``out.numel()`` units of ``kind`` ("kv" or "ssm") into ``out``: one launch, no
@@ -297,6 +317,7 @@ class ArenaAllocator:
         self._check_kv_demand(req, n, f"cannot allocate n={n} KV pages")
         if n:
             self._launch_alloc(req, n, out)
+            self._bound.taken(self._pool_of[req], n)
         else:
             self._status.zero_()
         return self._status
@@ -319,10 +340,10 @@ class ArenaAllocator:
         out = torch.empty(handles.numel(), dtype=torch.int64, device=self.device)
         if handles.numel():
             block, warps = _launch_shape(handles.numel())
-            K.resolve_kernel[(1,)](handles, handles.numel(), out, self._status, self.handle_table,
-                                   self.handle_kind, self.num_handles, REQ_KIND=req, BLOCK=block,
-                                   num_warps=warps)
-            self._raise_on_handle_error(self._status.tolist(), kind, "handles")
+            launcher(K.resolve_kernel)((1,), handles, handles.numel(), out, self._status, self.handle_table,
+                                       self.handle_kind, self.num_handles, REQ_KIND=req, BLOCK=block,
+                                       num_warps=warps)
+            self._raise_on_handle_error(self._read_status(), kind, "handles")
         return out
 
     def rebalance(self, to_kind: str, num_slabs: int) -> None:
@@ -366,10 +387,11 @@ class ArenaAllocator:
         rp, log_r = _pow2(R)
         pool = self._pool_of[KIND_KV]
         block, warps = _launch_shape(R)
-        K.grow_kernel[(1,)](block_table, num_pages, need, failed, self._workspace(rp), R, W,
-                            block_table.stride(0), rp, *self._state_args(), self._stack_base[pool],
-                            self.slab_bytes, self.unit_bytes[pool], self.max_units_per_slab,
-                            POOL=pool, LOG_R=log_r, BLOCK=block, num_warps=warps)
+        launcher(K.grow_kernel)((1,), block_table, num_pages, need, failed, self._workspace(rp), R, W,
+                                block_table.stride(0), rp, *self._state, self._stack_base[pool],
+                                self.slab_bytes, self.unit_bytes[pool], self.max_units_per_slab,
+                                POOL=pool, LOG_R=log_r, BLOCK=block, num_warps=warps)
+        self._bound.forget(pool)
         return failed
 
     def release_rows(self, rows: torch.Tensor, block_table: torch.Tensor, num_pages: torch.Tensor,
@@ -398,10 +420,10 @@ class ArenaAllocator:
         rp, log_r = _pow2(M)
         p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
         block, warps = _launch_shape(M)
-        K.release_kernel[(1,)](
-            rows, M, block_table, num_pages, ssm_handles if ssm_handles is not None else num_pages,
+        launcher(K.release_kernel)(
+            (1,), rows, M, block_table, num_pages, ssm_handles if ssm_handles is not None else num_pages,
             status, self._workspace(rp), self._mark, self._epoch, R, W, block_table.stride(0), rp,
-            *self._state_args(), self._stack_base[1], self.slab_bytes, self.unit_bytes[0],
+            *self._state, self._stack_base[1], self.slab_bytes, self.unit_bytes[0],
             self.unit_bytes[1], self.max_units_per_slab, self.num_handles,
             POOL_KV=p0, POOL_SSM=p1, HAS_SSM=ssm_handles is not None, LOG_R=log_r, BLOCK=block,
             num_warps=warps)
@@ -423,7 +445,7 @@ class ArenaAllocator:
         n = self._check_count(n)
         self._check_kv_demand(k, n, f"cannot make room for n={n} KV pages")
         pool = self._pool_of[k]
-        free = int(self._tops[pool])
+        free = self._read_tops()[pool]
         if free >= n:
             return
         if not self._migrates:
@@ -456,7 +478,7 @@ class ArenaAllocator:
 
     def stats(self) -> AllocatorStats:
         """A snapshot of the accounting (syncs)."""
-        tops = self._tops.tolist()
+        tops = self._tops.tolist()  # not _read_tops: a snapshot leaves the alloc path as it was
         owner = self.slab_owner.cpu()
         live = self.slab_live.cpu()
         kinds = torch.bincount(self.handle_kind.cpu().long(), minlength=3).tolist()
@@ -482,6 +504,10 @@ class ArenaAllocator:
             migrations=self.migrations + pro_events, slabs_moved=self.slabs_moved + pro_slabs,
             units_moved=self.units_moved, bytes_copied=self.bytes_copied,
             proactive_migrations=pro_events, proactive_slabs_moved=pro_slabs)
+
+    def proactive_step(self) -> None:
+        """The proactive watermark policy: only ``AVMPAllocator(proactive=...)`` has one; a no-op
+        here, so that a scheduler can call it on any allocator."""
 
     def proactive_counters(self) -> tuple[int, int]:
         """(events, slabs moved) of the proactive policy so far, read from the device (syncs);
@@ -511,9 +537,25 @@ class ArenaAllocator:
         slot = (offsets // self.slab_bytes) * self.max_units_per_slab + (offsets % self.slab_bytes) // unit
         return torch.where(offsets < 0, -1, slot)
 
-    def _state_args(self):
-        return (self.handle_table, self.handle_kind, self._handle_stack, self._free_units, self._tops,
-                self._slot_handle)
+    def _read_status(self) -> list[int]:
+        """The status of the last call (syncs); the tops come with it and tighten the bound."""
+        self.host_reads += 1
+        if self._io_host is None:
+            io = self._io.tolist()
+        else:
+            self._io_host.copy_(self._io, non_blocking=True)
+            self._io_ready.record()
+            self._io_ready.synchronize()
+            io = self._io_host.tolist()
+        self._bound.learn(io[4:7])
+        return io[0:3]
+
+    def _read_tops(self) -> list[int]:
+        """Free units of pool 0 and pool 1, free handles (syncs)."""
+        self.host_reads += 1
+        tops = self._tops.tolist()
+        self._bound.learn(tops)
+        return tops
 
     def _alloc(self, kind: int, n) -> torch.Tensor:
         n = self._check_count(n)
@@ -521,25 +563,31 @@ class ArenaAllocator:
         out = torch.empty(n, dtype=torch.int32, device=self.device)
         if n == 0:
             return out
+        pool = self._pool_of[kind]
+        certain = self._bound.covers(pool, n)
         self._launch_alloc(kind, n, out)
-        code, _, avail = self._status.tolist()
+        if certain:  # the pool has the units: nothing to read back, nothing to report
+            self._bound.taken(pool, n)
+            return out
+        code, _, avail = self._read_status()
         if code == int(K.ERR_NO_SPACE):
             if not self._migrates:
                 raise self._exhausted(kind, n, avail)
-            self._move_capacity(kind, math.ceil((n - avail) / self.units_per_slab[self._pool_of[kind]]),
-                                eager=True, n=n, free=avail)
+            self._move_capacity(kind, math.ceil((n - avail) / self.units_per_slab[pool]), eager=True, n=n, free=avail)
             self._launch_alloc(kind, n, out)
-            code, _, avail = self._status.tolist()
+            code, _, avail = self._read_status()
             assert code == 0, "rebalance planned room that the pool does not have"
         return out
 
     def _launch_alloc(self, kind: int, n: int, out: torch.Tensor) -> None:
         """One launch, no sync: status lands in ``self._status`` (code, n, available)."""
-        pool = self._pool_of[kind]
-        K.alloc_kernel[(triton.cdiv(n, _ALLOC_BLOCK),)](
-            out, n, self._status, self._ticket, *self._state_args(), self._stack_base[pool],
-            self.slab_bytes, self.unit_bytes[pool], self.max_units_per_slab,
-            POOL=pool, KIND=kind, BLOCK=_ALLOC_BLOCK, num_warps=4)
+        bound = self._launches.get(("alloc", kind))
+        if bound is None:
+            pool = self._pool_of[kind]
+            bound = self._launches["alloc", kind] = launcher(K.alloc_kernel).bind(
+                self._status, self._ticket, *self._state, self._stack_base[pool], self.slab_bytes,
+                self.unit_bytes[pool], self.max_units_per_slab, POOL=pool, KIND=kind, BLOCK=_ALLOC_BLOCK, num_warps=4)
+        bound(((n + _ALLOC_BLOCK - 1) // _ALLOC_BLOCK,), out, n)
 
     def _launch_free(self, handles: torch.Tensor, req: int) -> None:
         """No sync: status lands in ``self._status`` (code, position, value). Up to
@@ -547,24 +595,41 @@ class ArenaAllocator:
         program per ``_FREE_BLOCK`` handles (validate, then push), which free the same units in
         the same order."""
         n = handles.numel()
-        p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
         if n <= self.free_one_program_max:
-            block, warps = _launch_shape(n)
-            K.free_kernel[(1,)](
-                handles, n, self._status, self._mark, self._epoch, *self._state_args(),
-                self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1],
-                self.max_units_per_slab, self.num_handles,
-                REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=block, num_warps=warps)
+            self._free_launch("free", req, n)((1,), handles, n)
             return
-        progs = triton.cdiv(n, _FREE_BLOCK)
+        progs = (n + _FREE_BLOCK - 1) // _FREE_BLOCK
         ws = self._workspace(3 * progs)   # [progs, 6]
-        K.free_check_kernel[(progs,)](handles, n, ws, self._mark, self._epoch, self.handle_kind, self.handle_table,
-                                      self.num_handles, REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=_FREE_BLOCK,
-                                      num_warps=4)
-        K.free_commit_kernel[(progs,)](
-            handles, n, self._status, ws, progs, self._ticket, self._epoch, *self._state_args(),
-            self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1], self.max_units_per_slab,
-            POOL_KV=p0, POOL_SSM=p1, BLOCK=_FREE_BLOCK, PROGS_PAD=triton.next_power_of_2(progs), num_warps=4)
+        self._free_launch("check", req, n)((progs,), handles, n, ws)
+        self._free_launch("commit", req, n)((progs,), handles, n, self._status, ws, progs)
+
+    def _free_launch(self, which: str, req: int, n: int):
+        """The bound launch of one free kernel; what varies with ``n`` (block, warps, padding) keys it."""
+        if which == "free":
+            shape = _launch_shape(n)
+        else:  # the commit kernel reduces over the programs' counts padded to a power of two
+            shape = (_FREE_BLOCK, 4, _pow2((n + _FREE_BLOCK - 1) // _FREE_BLOCK)[0] if which == "commit" else 0)
+        key = (which, req) + shape
+        bound = self._launches.get(key)
+        if bound is not None:
+            return bound
+        p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
+        geometry = (self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1],
+                    self.max_units_per_slab)
+        if which == "free":
+            bound = launcher(K.free_kernel).bind(
+                self._status, self._mark, self._epoch, *self._state, *geometry, self.num_handles,
+                REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=shape[0], num_warps=shape[1])
+        elif which == "check":
+            bound = launcher(K.free_check_kernel).bind(
+                self._mark, self._epoch, self.handle_kind, self.handle_table, self.num_handles,
+                REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=_FREE_BLOCK, num_warps=4)
+        else:
+            bound = launcher(K.free_commit_kernel).bind(
+                self._ticket, self._epoch, *self._state, *geometry,
+                POOL_KV=p0, POOL_SSM=p1, BLOCK=_FREE_BLOCK, PROGS_PAD=shape[2], num_warps=4)
+        self._launches[key] = bound
+        return bound
 
     def _exhausted(self, kind: int, n: int, free: int) -> PoolExhaustedError:
         return PoolExhaustedError(
@@ -575,7 +640,8 @@ class ArenaAllocator:
         """Plan (from a snapshot of the slab counters) and run a migration of ``need`` slabs."""
         p = self._pool_of[kind]
         d = 1 - p
-        owner, live = self.slab_owner.tolist(), self.slab_live.tolist()
+        owner, live = torch.stack([self.slab_owner, self.slab_live]).tolist()  # one read: one sync
+        self.host_reads += 1
         victims = plan_victims(owner, live, d, need, self.units_per_slab[d], eager=eager,
                                migration_batch=self.migration_batch)
         if victims is None:
@@ -588,28 +654,31 @@ class ArenaAllocator:
         self._move_slabs(victims, d, p, sum(live[s] for s in victims))
 
     def _move_slabs(self, victims: list[int], d: int, p: int, n_moves: int) -> None:
-        dev = self.device
-        victims_t = torch.tensor(victims, dtype=torch.int32, device=dev)
-        flag = torch.zeros(self.num_slabs, dtype=torch.int32, device=dev)
-        flag[victims_t.long()] = 1
+        k = len(victims)
+        # the victims and the [S] flags of leaving slabs, built on the host, cross in one copy
+        host = torch.zeros(k + self.num_slabs, dtype=torch.int32)
+        host[:k] = torch.tensor(victims, dtype=torch.int32)
+        host[k:][host[:k].long()] = 1
+        both = host.to(self.device)
+        victims_t, flag = both[:k], both[k:]
         stacks_d = self._free_units[self._stack_base[d]:]
-        K.drop_slabs_kernel[(1,)](stacks_d, self._tops, flag, self.slab_bytes, POOL=d, BLOCK=_BLOCK,
-                                  num_warps=_NUM_WARPS)
+        launcher(K.drop_slabs_kernel)((1,), stacks_d, self._tops, flag, self.slab_bytes, POOL=d, BLOCK=_BLOCK,
+                                      num_warps=_NUM_WARPS)
         if n_moves:
-            moves = torch.empty(3, n_moves, dtype=torch.int64, device=dev)
-            K.collect_moves_kernel[(1,)](victims_t, len(victims), moves, n_moves, stacks_d, self._tops,
-                                         self._slot_handle, self.slab_bytes, self.unit_bytes[d],
-                                         self.units_per_slab[d], self.max_units_per_slab, POOL=d,
-                                         BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+            moves = torch.empty(3, n_moves, dtype=torch.int64, device=self.device)
+            launcher(K.collect_moves_kernel)((1,), victims_t, k, moves, n_moves, stacks_d, self._tops,
+                                             self._slot_handle, self.slab_bytes, self.unit_bytes[d],
+                                             self.units_per_slab[d], self.max_units_per_slab, POOL=d,
+                                             BLOCK=_BLOCK, num_warps=_NUM_WARPS)
             chunks = math.ceil(self.unit_bytes[d] // 4 / _COPY_CHUNK)
-            K.move_units_kernel[(n_moves, chunks)](self._arena_words, moves, n_moves, self.handle_table,
-                                                   self._slot_handle, self.slab_bytes,
-                                                   self.unit_bytes[d], self.max_units_per_slab,
-                                                   CHUNK=_COPY_CHUNK, BLOCK=_COPY_BLOCK, num_warps=8)
-        K.adopt_slabs_kernel[(1,)](victims_t, len(victims), self._free_units[self._stack_base[p]:], self._tops,
-                                   self.slab_owner, self._slot_handle, self.slab_bytes,
-                                   self.unit_bytes[p], self.units_per_slab[p], self.max_units_per_slab,
-                                   POOL=p, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+            launcher(K.move_units_kernel)((n_moves, chunks), self._arena_words, moves, n_moves, self.handle_table,
+                                          self._slot_handle, self.slab_bytes, self.unit_bytes[d],
+                                          self.max_units_per_slab, CHUNK=_COPY_CHUNK, BLOCK=_COPY_BLOCK, num_warps=8)
+        launcher(K.adopt_slabs_kernel)((1,), victims_t, k, self._free_units[self._stack_base[p]:], self._tops,
+                                       self.slab_owner, self._slot_handle, self.slab_bytes,
+                                       self.unit_bytes[p], self.units_per_slab[p], self.max_units_per_slab,
+                                       POOL=p, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+        self._bound.forget(d, p)
         self.migrations += 1
         self.slabs_moved += len(victims)
         self.units_moved += n_moves
@@ -733,12 +802,13 @@ class AVMPAllocator(ArenaAllocator):
         if self.proactive is None:
             return
         low_fp, high_fp = self._proactive_fp
-        K.proactive_kernel[(1,)](
-            self._free_units, self._tops, self.slab_owner, self._slot_handle, self._proactive_flag,
+        launcher(K.proactive_kernel)(
+            (1,), self._free_units, self._tops, self.slab_owner, self._slot_handle, self._proactive_flag,
             self._proactive_victims, self._proactive_counters, self.num_slabs, self._stack_base[1],
             self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1], self.units_per_slab[0],
             self.units_per_slab[1], self.max_units_per_slab, low_fp, high_fp, self.migration_batch,
             SCALE=WATERMARK_SCALE, BLOCK=_PROACTIVE_BLOCK, BLOCK_U=_PROACTIVE_BLOCK_U, num_warps=4)
+        self._bound.forget(0, 1)  # free slabs may have left either pool
 
     def proactive_counters(self) -> tuple[int, int]:
         if self.proactive is None:

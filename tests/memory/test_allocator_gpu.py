@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from avmp_triton import AVMPAllocator, get_preset
+from avmp_triton import AVMPAllocator, PoolExhaustedError, StaticDualAllocator, get_preset
 
 pytestmark = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -81,3 +81,57 @@ def test_grow_release_cuda_graph_replay():
         assert live.unique().numel() == live.numel()
         assert int((alloc.handle_kind[live.long()] == 1).sum()) == live.numel()
         assert alloc.stats().live_kv == int(held.sum())
+
+
+@requires_cuda
+def test_alloc_with_room_makes_no_host_sync_and_takes_the_fast_launch():
+    from avmp_triton.kernels import alloc as K
+    from avmp_triton.memory.launch import launcher
+    from avmp_triton.memory.model import AllocatorModel, assert_matches
+
+    alloc = AVMPAllocator(get_preset("nemotron-h-8b"), 1 << 30, device="cuda")
+    model = AllocatorModel.like(alloc)
+    for kind in ("kv", "ssm"):  # compiles, and keeps the kernels for counts of this class (not 1, not 16k)
+        alloc.free((alloc.alloc_kv if kind == "kv" else alloc.alloc_ssm)(3))
+        model.free(model.alloc(kind, 3))
+    fast0 = launcher(K.alloc_kernel).launches_fast
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [alloc.alloc_kv(5), alloc.alloc_ssm(2), alloc.alloc_kv(4)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [g.tolist() for g in got] == [model.alloc("kv", 5), model.alloc("ssm", 2), model.alloc("kv", 4)]
+    assert launcher(K.alloc_kernel).mode == "compiled" and launcher(K.alloc_kernel).launches_fast == fast0 + 3
+    alloc.free(torch.cat(got))
+    model.free(torch.cat(got).tolist())
+    assert_matches(model, alloc)
+
+
+@requires_cuda
+def test_growth_captured_in_a_graph_retires_the_host_bound():
+    """Replays take KV pages the host never sees: a later alloc must read its status, not trust
+    the count it had before the capture."""
+    spec = get_preset("nemotron-h-8b")
+    alloc = StaticDualAllocator(spec, 1 << 30, ssm_fraction=0.5, device="cuda")
+    free_kv = int(alloc.free_counts[0])
+    R, W = 8, free_kv
+    bt = torch.full((R, W), -1, dtype=torch.int32, device="cuda")
+    npg = torch.zeros(R, dtype=torch.int32, device="cuda")
+    need = torch.ones(R, dtype=torch.int32, device="cuda")
+    failed = torch.empty(R, dtype=torch.int32, device="cuda")
+    alloc.grow_kv(bt, npg, need, failed)  # warm up before capture
+    alloc.alloc_kv(1)  # the bound is exact again after this read
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        alloc.grow_kv(bt, npg, need, failed)
+    for _ in range((free_kv - R - 1) // R):
+        g.replay()
+    left = int(alloc.free_counts[0])
+    assert left < R
+    with pytest.raises(PoolExhaustedError, match=f"{left} free"):
+        alloc.alloc_kv(left + 1)
+    h = alloc.alloc_kv(left)
+    held = torch.cat([bt[bt >= 0], h])
+    assert held.unique().numel() == held.numel() == free_kv - 1
+    assert int((alloc.handle_kind[held.long()] == 1).sum()) == held.numel()

@@ -317,6 +317,15 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert all(o % SLAB + s <= SLAB for o, s in spans), "a unit crosses a slab boundary"
 
     @invariant()
+    def free_bound_is_a_lower_bound(self):
+        """The host bound that lets an alloc skip its status read never promises units the pool lacks."""
+        if self.a is None:
+            return
+        tops = self.a.free_counts.tolist()
+        for p in range(len(self.a.pool_names)):
+            assert not self.a._bound.covers(p, tops[p] + 1), f"pool {p} has {tops[p]} free units"
+
+    @invariant()
     def accounting_adds_up(self):
         if self.a is None:
             return
