@@ -287,15 +287,21 @@ class ArenaAllocator:
 
 
     def alloc_kv(self, n: int) -> torch.Tensor:
-        """Allocate ``n`` KV pages. Returns ``[n]`` int32 handles on the device."""
+        """Allocate ``n`` KV pages. Returns ``[n]`` int32 handles on the device.
+
+        One launch. No host sync while the host knows the pool has room (``memory/free_bound.py``);
+        otherwise one read of the status (a sync), and on a short pool a rebalance or
+        PoolExhaustedError (nothing changed)."""
         return self._alloc(KIND_KV, n)
 
     def alloc_ssm(self, n: int) -> torch.Tensor:
-        """Allocate ``n`` SSM blocks. Returns ``[n]`` int32 handles on the device."""
+        """Allocate ``n`` SSM blocks. Returns ``[n]`` int32 handles on the device (as ``alloc_kv``)."""
         return self._alloc(KIND_SSM, n)
 
     def free(self, handles: torch.Tensor, kind: str | None = None) -> None:
-        """Free ``[n]`` int32 handles of either kind (or only ``kind``: "kv" / "ssm"). All or nothing."""
+        """Free ``[n]`` int32 handles of either kind (or only ``kind``: "kv" / "ssm"). All or nothing:
+        InvalidHandleError names the first bad handle, so the call reads its status back (one sync;
+        ``free_from`` is the call without it)."""
         req = self._kind_arg(kind)
         handles = self._handles_arg(handles, "handles")
         n = handles.numel()
