@@ -91,9 +91,9 @@ def cases():
                      A_ptr=F32, B_ptr=BF, C_ptr=BF, D_ptr=F32, z_ptr=BF, dt_bias_ptr=F32, out_ptr=BF, num_handles="i32",
                      batch="i32", state_off="i32", d_inner="i32", stride_x_b="i32", stride_dt_b="i32", stride_A_d="i32",
                      stride_B_b="i32", stride_C_b="i32", stride_z_b="i32", stride_out_b="i32")
-    yield ("mamba1_state_update (Jamba, 4 requests x 128 x 16 tile, 8 warps)", KS.mamba1_state_update_kernel,
-           m1_decode, dict(D_STATE=16, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_D=128, BLOCK_N=16, ROWS=4,
-                           HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, BLOCK_B=256), 8,
+    yield ("mamba1_state_update (Jamba, B-independent, 256 x 16 tile, 8 warps)", KS.mamba1_state_update_kernel,
+           m1_decode, dict(D_STATE=16, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_D=256, BLOCK_N=16, HAS_D=True,
+                           HAS_Z=True, HAS_DT_BIAS=True, BLOCK_B=256), 8,
            _div(m1_decode, ["state_off", "d_inner", "stride_x_b", "stride_dt_b", "stride_A_d", "stride_B_b",
                             "stride_C_b", "stride_z_b", "stride_out_b"]))
     m2_decode = dict(state_ptr=F32, table_ptr="*i64", kinds_ptr="*i32", handles_ptr="*i32", x_ptr=BF, dt_ptr=BF,
@@ -131,7 +131,7 @@ def cases():
                 stride_x_t="i32", stride_out_t="i32", stride_w_c="i32")
     yield ("causal_conv1d_prefill (8 tokens x 512 channels, 2 warps)", KP.causal_conv1d_prefill_kernel, conv,
            dict(WIDTH=4, BLOCK_W=4, HAS_BIAS=True, SILU=True, ELEM_BYTES=2, ALIGN=8, BLOCK_T=8, BLOCK_C=512,
-                BLOCK_B=16), 2,
+                BLOCK_B=16, STAGES=2), 2,
            _div(conv, ["T", "C", "state_off_bytes", "stride_x_t", "stride_out_t"]))
     m2 = dict(x_ptr=BF, dt_ptr=BF, z_ptr=BF, A_ptr=F32, B_ptr=BF, C_ptr=BF, D_ptr=F32, dt_bias_ptr=F32, out_ptr=BF,
               state_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", handles_ptr="*i32", cu_ptr="*i32", init_ptr="*i32",
@@ -140,7 +140,7 @@ def cases():
               stride_B_g="i32", stride_C_t="i32", stride_C_g="i32", stride_out_t="i32", stride_out_h="i32")
     yield ("mamba2_scan_prefill chunked (chunk 64, 64 x 128 state, 4 warps)", KP.mamba2_chunk_scan_prefill_kernel, m2,
            dict(HAS_Z=False, HAS_D=True, HAS_DT_BIAS=True, DT_SOFTPLUS=True, ELEM_BYTES=2, ALIGN=8, BLOCK_N=128,
-                CHUNK=64, BLOCK_P=64, DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", BLOCK_B=16), 4,
+                CHUNK=64, BLOCK_P=64, DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32", BLOCK_B=16, STAGES=1), 4,
            _div(m2, ["T", "P", "N", "state_off_bytes", "stride_x_t", "stride_x_h", "stride_dt_t", "stride_B_t",
                      "stride_B_g", "stride_C_t", "stride_C_g", "stride_out_t", "stride_out_h"]))
 
@@ -181,10 +181,10 @@ _DECODE_SIG = dict(q_ptr=BF, arena_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", b
                    qk_scale="fp32", kv_scale_ptr=F32)
 _DECODE_DIV = _div(_DECODE_SIG, ["stride_q_b", "stride_q_h", "stride_o_b", "stride_o_h", "layer_off", "stride_kv",
                                  "stride_head", "stride_token"])
-_PREFILL_SIG = dict(q_ptr=BF, out_ptr=BF, cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", block_table_ptr="*i32",
+_PREFILL_SIG = dict(q_ptr=BF, out_ptr=BF, cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", pages_ptr="*i32",
                     handle_table_ptr="*i64", kinds_ptr="*i32", kv_ptr=BF, num_seqs="i32", max_pages="i32",
-                    num_handles="i32", num_tokens="i32", stride_q_t="i32", stride_q_h="i32", stride_o_t="i32",
-                    stride_o_h="i32", stride_bt_b="i32", layer_off="i32", stride_kv="i32", stride_kv_head="i32",
+                    num_handles="i32", max_page_off="i32", num_tokens="i32", stride_q_t="i32", stride_q_h="i32",
+                    stride_o_t="i32", stride_o_h="i32", stride_pages_b="i32", layer_off="i32", stride_kv="i32", stride_kv_head="i32",
                     stride_kv_token="i32", qk_scale="fp32", kv_scale_ptr=F32)
 _PREFILL_DIV = _div(_PREFILL_SIG, ["stride_q_t", "stride_q_h", "stride_o_t", "stride_o_h", "layer_off", "stride_kv",
                                    "stride_kv_head", "stride_kv_token"])
@@ -205,10 +205,14 @@ def attention_cases():
                              NUM_SPLITS=3, ELEM_BYTES=2, USE_DOT=True, DOT_FP32=False, DOT_DTYPE=tl.bfloat16,
                              Q_RESCALE=False, PIPELINE=True, PREFETCH=True, KV_FP8=False, NUM_KV_HEADS=8), 4,
            _DECODE_DIV)
-    yield ("paged_prefill_attention (D 128, GQA 4, 128 x 64 tiles, 8 warps)", KPA.paged_prefill_kernel,
-           _PREFILL_SIG, dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=128, BLOCK_Q=32,
-                              BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False,
-                              NUM_KV_HEADS=8, PAGE_BITS=True, SPLIT_CAUSAL=True, CARRY=False), 8, _PREFILL_DIV)
+    prefill = dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=64, BLOCK_Q=16, BLOCK_N=64,
+                   PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False, NUM_KV_HEADS=8,
+                   PAGE_BITS=True, CARRY=True, RESOLVED=False, UNROLL_PAGES=False)
+    yield ("paged_prefill_attention (D 128, GQA 4, 64 x 64 tiles, 4 warps, pages carried)", KPA.paged_prefill_kernel,
+           _PREFILL_SIG, prefill, 4, _PREFILL_DIV)
+    yield ("paged_prefill_attention resolved pages (D 128, GQA 4, 64 x 64 tiles, 4 warps, carried)",
+           KPA.paged_prefill_kernel, dict(_PREFILL_SIG, pages_ptr="*i64"), dict(prefill, RESOLVED=True), 4,
+           _PREFILL_DIV)
 
 
 def padded_head_dim_cases():
@@ -232,7 +236,8 @@ def padded_head_dim_cases():
     yield ("paged_prefill_attention (Zamba2, D 160, GQA 1, 64 x 32 tiles, 8 warps)", KPA.paged_prefill_kernel,
            _PREFILL_SIG, dict(GQA=1, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=64, BLOCK_Q=64,
                               BLOCK_N=32, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False,
-                              NUM_KV_HEADS=32, PAGE_BITS=True, SPLIT_CAUSAL=True, CARRY=False), 8, _PREFILL_DIV)
+                              NUM_KV_HEADS=32, PAGE_BITS=True, CARRY=False, RESOLVED=False, UNROLL_PAGES=False), 8,
+           _PREFILL_DIV)
 
 
 def fp8_cases():
@@ -244,11 +249,11 @@ def fp8_cases():
                                                   BLOCK_N=64, NUM_SPLITS=3, ELEM_BYTES=1, USE_DOT=True, DOT_FP32=False,
                                                   DOT_DTYPE=tl.float16, Q_RESCALE=True, PIPELINE=True, PREFETCH=True,
                                                   KV_FP8=True, NUM_KV_HEADS=8), 4, _DECODE_DIV)
-    yield ("paged_prefill_attention fp8 (D 128, GQA 4, 128 x 64 tiles, 8 warps)", KPA.paged_prefill_kernel,
+    yield ("paged_prefill_attention fp8 (D 128, GQA 4, 64 x 64 tiles, 4 warps, pages carried)", KPA.paged_prefill_kernel,
            dict(_PREFILL_SIG, kv_ptr=fp8), dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1,
-                                                BLOCK_M=128, BLOCK_Q=32, BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32",
+                                                BLOCK_M=64, BLOCK_Q=16, BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32",
                                                 UPCAST_DOT=False, KV_FP8=True, NUM_KV_HEADS=8, PAGE_BITS=True,
-                                                SPLIT_CAUSAL=True, CARRY=False), 8, _PREFILL_DIV)
+                                                CARRY=True, RESOLVED=False, UNROLL_PAGES=False), 4, _PREFILL_DIV)
     app = dict(_APPEND_SIG, arena_ptr=fp8)
     yield ("kv_append fp8 (Jamba, 4 warps)", KA.kv_append_kernel, app,
            dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1, KV_FP8=True,

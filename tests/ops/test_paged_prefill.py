@@ -13,7 +13,7 @@ import torch
 
 from avmp_triton import AVMPAllocator, HybridModelSpec, PagedCache
 from avmp_triton.layout import kv_page_layout
-from avmp_triton.ops.paged_prefill import PrefillConfig, paged_prefill_attention, prefill_launch_config
+from avmp_triton.ops.paged_prefill import PrefillConfig, paged_prefill_attention, prefill_launch_config, resolve_pages
 from avmp_triton.reference.paged_prefill import causal_attention_ref, paged_prefill_attention_ref
 
 from test_paged_attention import lanes_padded, live_elements
@@ -118,6 +118,13 @@ class Case:
         assert got is out
         return out
 
+    def cache(self):
+        return PagedCache(**split_args(self.args())[0])
+
+    def offsets(self):
+        """``resolve_pages`` of the block table as it is now."""
+        return resolve_pages(self.block_table, self.cache())
+
     def reference(self):
         return paged_prefill_attention_ref(self.q, self.cu, self.seq_lens, self.block_table, self.alloc.arena,
                                            self.alloc.handle_table, self.layout, self.layer)
@@ -212,6 +219,7 @@ def test_head_dims_not_powers_of_two(d, dtype, hq, hkv, gen):
 @pytest.mark.parametrize("blocks", [dict(config=PrefillConfig(block_m=16, block_n=16)),
                                     dict(config=PrefillConfig(block_n=64, num_warps=8)),
                                     dict(config=PrefillConfig(block_m=16, block_n=16, carry_pages=True)),
+                                    dict(config=PrefillConfig(block_n=32, unroll_pages=True, carry_pages=False)),
                                     dict(max_seqlen_q=17)])
 def test_block_overrides(blocks, gen):
     # block_m=16 with 2 heads per group: 8-token tiles, several diagonal tiles per request;
@@ -247,29 +255,76 @@ def test_missing_pages_are_skipped(gen, device_checks_only):
     case.block_table[2, 0] = -1                 # request 2: its only token sees nothing -> zeros
     out = case.run()
     assert torch.isfinite(out).all()
-    hidden = {0: [(8, 16), (24, 32)], 1: [(0, 8)], 2: [(0, 1)]}
+    assert_hidden(case, out, {0: [(8, 16), (24, 32)], 1: [(0, 8)], 2: [(0, 1)]})
+    cu2 = int(case.cu[2])
+    assert torch.equal(out[cu2:], torch.zeros_like(out[cu2:]))
+    assert torch.equal(case.run(page_offsets=case.offsets()), out)
+
+
+def assert_hidden(case, out, hidden):
+    """Each request b's rows of ``out`` attend to its K/V except the position ranges ``hidden[b]``."""
     cu = case.cu.tolist()
     scale = case.q.shape[-1] ** -0.5
-    for b, ranges in hidden.items():
+    for b in range(len(case.ctx)):
         valid = torch.ones(case.ctx[b], dtype=torch.bool)
-        for lo, hi in ranges:
+        for lo, hi in hidden.get(b, []):
             valid[lo:hi] = False
         want = causal_attention_ref(case.q[cu[b]:cu[b + 1]], case.k[b], case.v[b], scale, key_valid=valid)
         torch.testing.assert_close(out[cu[b]:cu[b + 1]], want.float(), **TOL[case.dtype])
-    assert torch.equal(out[cu[2]:], torch.zeros_like(out[cu[2]:]))
 
 
-@pytest.mark.parametrize("page_tokens,block_n,split,carry", [
-    pytest.param(1, 64, True, False, id="p1-n64-64-pages-a-block"),   # too many pages for the mask's bits
-    pytest.param(2, 64, False, True, id="p2-n64-32-pages-one-loop-carry"),  # the mask's sign bit
-    pytest.param(32, 16, True, True, id="p32-n16-part-of-a-page-carry"),
-    pytest.param(8, 32, False, False, id="p8-n32-one-loop"),
-    pytest.param(1, 64, True, True, id="p1-n64-carry"),
+def test_resolve_pages(gen, device_checks_only):
+    """A usable KV page's element offset; -1 for padding, a handle out of range, a freed one and an
+    SSM block's; the op over them reads what it reads through the handles, bit for bit."""
+    case = Case([17, 5], [33, 0], 4, 2, 64, 8, 1, extra_pages=3, gen=gen)
+    a = case.alloc
+    a.free(case.spare[:1])
+    case.block_table[0, 1] = -1
+    case.block_table[0, 3] = case.spare[0]          # freed
+    case.block_table[1, 0] = a.num_handles + 5      # no such handle
+    case.block_table[0, 4] = a.alloc_ssm(1)[0]      # an SSM block
+    buf = torch.full(case.block_table.shape, 123, dtype=torch.int64, device=DEVICE)
+    got = resolve_pages(case.block_table, case.cache(), out=buf)
+    assert got is buf
+    table, kinds = a.handle_table.tolist(), a.handle_kind.tolist()
+    for (b, j), h in zip(torch.cartesian_prod(*map(torch.arange, buf.shape)).tolist(), case.block_table.flatten().tolist()):
+        usable = 0 <= h < len(table) and kinds[h] == 1 and table[h] >= 0
+        assert int(buf[b, j]) == (table[h] // case.layout.elem_bytes if usable else -1), (b, j, h)
+    assert (buf[0, [1, 3, 4]] == -1).all() and int(buf[1, 0]) == -1
+    assert torch.equal(case.run(page_offsets=buf), case.run())
+
+
+def test_bad_page_offsets_are_skipped(gen, device_checks_only):
+    """On a GPU page_offsets are never read on the host: an entry the kernel cannot take (negative,
+    off the 16-byte grid, or leaving no whole page before the arena's end) hides its page."""
+    case = Case([17, 5], [33, 0], 4, 2, 64, 8, 1, gen=gen)
+    po = case.offsets()
+    align = 16 // case.layout.elem_bytes
+    last = case.alloc.arena.numel() // case.layout.elem_bytes - case.num_layers * case.layout.stride_layer
+    po[0, 1] = -7
+    po[0, 3] += 1
+    po[1, 0] = last + align
+    out = case.run(page_offsets=po)
+    assert_hidden(case, out, {0: [(8, 16), (24, 32)], 1: [(0, 8)]})
+    po[1, 0] = case.offsets()[1, 0]
+    assert_hidden(case, case.run(page_offsets=po), {0: [(8, 16), (24, 32)]})
+
+
+@pytest.mark.parametrize("page_tokens,block_n,carry,resolved,unroll", [
+    pytest.param(1, 64, False, False, False, id="p1-n64-64-pages-a-block"),   # too many pages for the mask's bits
+    pytest.param(2, 64, True, True, False, id="p2-n64-32-pages-carry-resolved"),  # the mask's sign bit
+    pytest.param(32, 16, True, False, True, id="p32-n16-part-of-a-page-carry"),  # unroll_pages ignored
+    pytest.param(32, 16, False, True, False, id="p32-n16-part-of-a-page-resolved"),
+    pytest.param(8, 32, False, True, False, id="p8-n32-resolved"),
+    pytest.param(1, 64, True, False, False, id="p1-n64-carry"),
+    pytest.param(8, 64, True, False, True, id="p8-n64-8-pages-unrolled-carry"),
+    pytest.param(4, 16, False, True, True, id="p4-n16-4-pages-unrolled-resolved"),
 ])
-def test_page_masks(page_tokens, block_n, split, carry, gen, device_checks_only):
+def test_page_masks(page_tokens, block_n, carry, resolved, unroll, gen, device_checks_only):
     """Missing pages in every form the kernel masks them (bits of one int32, the row mask itself,
-    a block inside one page), the first and the last page of a block among them, with one loop
-    or a separate diagonal loop, pages resolved in the step or carried from the one before."""
+    a block inside one page, pages unrolled as scalars), the first and the last page of a block
+    among them, pages resolved in the step or carried from the one before, from handles or from
+    ``resolve_pages``."""
     P = page_tokens
     case = Case([17, 5], [60, 3], 4, 2, 32, P, 1, gen=gen)
     last = block_n // P - 1 if block_n >= P else 0
@@ -277,14 +332,9 @@ def test_page_masks(page_tokens, block_n, split, carry, gen, device_checks_only)
     for b, pages in hidden.items():
         for j in pages:
             case.block_table[b, j] = -1
-    out = case.run(config=PrefillConfig(block_n=block_n, split_diagonal=split, carry_pages=carry))
-    cu = case.cu.tolist()
-    for b in range(2):
-        valid = torch.ones(case.ctx[b], dtype=torch.bool)
-        for j in hidden.get(b, []):
-            valid[j * P:(j + 1) * P] = False
-        want = causal_attention_ref(case.q[cu[b]:cu[b + 1]], case.k[b], case.v[b], 32 ** -0.5, key_valid=valid)
-        torch.testing.assert_close(out[cu[b]:cu[b + 1]], want.float(), **TOL[case.dtype])
+    out = case.run(config=PrefillConfig(block_n=block_n, carry_pages=carry, unroll_pages=unroll),
+                   page_offsets=case.offsets() if resolved else None)
+    assert_hidden(case, out, {b: [(j * P, (j + 1) * P) for j in pages] for b, pages in hidden.items()})
 
 
 @pytest.mark.parametrize("draw", range(4))
@@ -416,8 +466,15 @@ BAD = {
     "block-n": (lambda c: dict(config=PrefillConfig(block_n=8)), ValueError, "block_n must be a power of two >= 16, got 8"),
     "num-warps": (lambda c: dict(config=PrefillConfig(num_warps=3)), ValueError, "num_warps .*got 3"),
     "num-stages": (lambda c: dict(config=PrefillConfig(num_stages=0)), ValueError, "num_stages .*got 0"),
-    "split-diagonal": (lambda c: dict(config=PrefillConfig(split_diagonal=1)), ValueError,
-                       "split_diagonal must be a bool, got 1"),
+    "carry-pages": (lambda c: dict(config=PrefillConfig(carry_pages=1)), ValueError, "carry_pages must be a bool, got 1"),
+    "unroll-pages": (lambda c: dict(config=PrefillConfig(unroll_pages=1)), ValueError,
+                     "unroll_pages must be a bool, got 1"),
+    "page-offsets-int32": (lambda c: dict(page_offsets=c.offsets().int()), TypeError,
+                           "page_offsets must be torch.int64, got torch.int32"),
+    "page-offsets-shape": (lambda c: dict(page_offsets=c.offsets()[:, :-1]), ValueError,
+                           r"page_offsets must have block_table's shape \(2, 3\), got \(2, 2\)"),
+    "page-offsets-stale": (lambda c: dict(page_offsets=c.offsets() + 16), ValueError,
+                           r"page_offsets\[0, 0\]=\d+ differs from resolve_pages' \d+ for handle \d+ \(stale"),
     "max-seqlen-q": (lambda c: dict(max_seqlen_q=0), ValueError, "max_seqlen_q must be a positive int, got 0"),
     "no-requests": (lambda c: dict(cu_seqlens_q=_i32(1), seq_lens=_i32(0), block_table=c.block_table[:0]),
                     ValueError, "q has T=8 tokens but there are no requests"),
@@ -442,6 +499,16 @@ def test_validation_names_the_bad_value(bad, small_case):
         with pytest.raises(exc, match=match):
             call(args)
     assert torch.equal(small_case.alloc.arena, before)
+
+
+def test_resolve_pages_validation(small_case):
+    bt, cache = small_case.block_table, small_case.cache()
+    with pytest.raises(TypeError, match="block_table must be torch.int32, got torch.int64"):
+        resolve_pages(bt.long(), cache)
+    with pytest.raises(ValueError, match=r"out must have block_table's shape \(2, 3\), got \(2, 4\)"):
+        resolve_pages(bt, cache, out=torch.empty(2, 4, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(TypeError, match="out must be torch.int64, got torch.int32"):
+        resolve_pages(bt, cache, out=torch.empty(2, 3, dtype=torch.int32, device=DEVICE))
 
 
 def test_block_m_smaller_than_group():
@@ -477,6 +544,8 @@ def test_custom_op_opcheck(gen):
             torch.empty_like(c.q), L.page_tokens, L.num_kv_heads, c.layer * L.stride_layer, L.stride_kv,
             L.stride_head, L.stride_token, 0.25, 16, 16, 4, 1)
     torch.library.opcheck(torch.ops.avmp.paged_prefill_attention.default, args)
+    resolved = dict(page_offsets=c.offsets(), page_elems=c.num_layers * L.stride_layer)
+    torch.library.opcheck(torch.ops.avmp.paged_prefill_attention.default, args, resolved)
     out = torch.full_like(c.q, float("nan"))
     torch.ops.avmp.paged_prefill_attention(*args[:7], out, *args[8:])
     ref = paged_prefill_attention_ref(c.q, c.cu, c.seq_lens, c.block_table, c.alloc.arena,
@@ -488,11 +557,12 @@ def test_custom_op_opcheck(gen):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_real_sizes(dtype):
+@pytest.mark.parametrize("resolved", [False, True])
+def test_gpu_real_sizes(dtype, resolved):
     # 32 query / 8 KV heads, D=128, prefixes up to 4096, 512-token chunks, a decode-like request
     case = Case([512, 512, 300, 1], [0, 1024, 4096, 4095], 32, 8, 128, 16, 1, dtype=dtype,
                 extra_pages=64, device="cuda", gen=_fresh_gen())
-    out = case.run()
+    out = case.run(page_offsets=case.offsets() if resolved else None)
     assert torch.isfinite(out).all()
     ref = case.reference()
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
