@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from avmp_triton._checks import is_int
+from avmp_triton.engine.backends import Counts, DeviceBackend, DeviceTables, ModelBackend, PendingCalls, Staged
 from avmp_triton.memory.allocator import UNIT_ALIGN, ArenaAllocator, PoolExhaustedError
 from avmp_triton.engine.clock import Clock, StepShape, WallClock
 from avmp_triton.engine.metrics import RunMetrics, downsample, mean, percentile
@@ -80,6 +81,9 @@ class StepBatch:
     query_lens_host: np.ndarray    # [R] int64
     context_lens_host: np.ndarray  # [R] int64
     sample_mask: np.ndarray        # [R] bool rows that produce a token this step (decode, or prefill done)
+    # the tick's deferred allocator calls (growth, proactive step, counts' snapshot): the runner
+    # replays them in its decode graph or flushes them before an eager step (None: already run)
+    device_calls: PendingCalls | None = None
 
 
 class ModelRunner(Protocol):
@@ -91,219 +95,14 @@ class ModelRunner(Protocol):
     ``[context_lens[r] - query_lens[r], context_lens[r])`` of its request (its prompt, then what it
     generated: a recomputed request prefills both again). It may return the indices of requests
     that stop early (a stop token): the scheduler finishes them with the tokens they have.
+
+    A runner whose ``takes_device_calls`` is True gets the tick's growth, proactive step and
+    counts' snapshot deferred in ``batch.device_calls`` (the tables are not grown yet): it must
+    run them, in its own captured step or by ``flush()`` before reading the tables.
     """
 
     def step(self, block_table: torch.Tensor, num_pages: torch.Tensor, ssm_handles: torch.Tensor,
              running_mask: torch.Tensor, batch: StepBatch) -> Sequence[int] | None: ...
-
-
-class _Counts:
-    __slots__ = ("free", "free_handles", "slabs")
-
-    def __init__(self, free: list[int], free_handles: int, slabs: list[int]):
-        self.free, self.free_handles, self.slabs = free, free_handles, slabs
-
-
-class _Staged:
-    """A device buffer filled from the host without a sync: the host writes a pinned buffer (once
-    its last copy has left it) and the copy is queued on the stream. A plain ``copy_`` from
-    pageable memory would wait for the stream to drain."""
-
-    def __init__(self, n: int, dtype: torch.dtype, dev):
-        cuda = dev.type == "cuda"
-        self.dev = torch.zeros(n, dtype=dtype, device=dev)
-        self._host = torch.zeros(n, dtype=dtype, pin_memory=cuda)
-        self._done = torch.cuda.Event() if cuda else None
-
-    def host(self) -> np.ndarray:
-        """The host side to fill (a numpy view), free to write."""
-        if self._done is not None:
-            self._done.synchronize()   # already complete unless no sync has happened since the last copy
-        return self._host.numpy()
-
-    def send(self) -> torch.Tensor:
-        self.dev.copy_(self._host, non_blocking=True)
-        if self._done is not None:
-            self._done.record()
-        return self.dev
-
-
-class _DeviceBackend:
-    """The allocator's own kernels on fixed-size device buffers."""
-
-    name = "device"
-
-    def __init__(self, alloc: ArenaAllocator, R: int, W: int):
-        dev = alloc.device
-        self.a = alloc
-        self.block_table = torch.full((R, W), -1, dtype=torch.int32, device=dev)
-        self.num_pages = torch.zeros(R, dtype=torch.int32, device=dev)
-        self.ssm_handles = torch.full((R,), -1, dtype=torch.int32, device=dev)
-        self._need = _Staged(R, torch.int32, dev)
-        self._failed = torch.zeros(R, dtype=torch.int32, device=dev)
-        self._rows = _Staged(R, torch.int32, dev)
-        self._status = torch.zeros(3, dtype=torch.int64, device=dev)
-        self._release_err = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._pools = torch.arange(2, device=dev).unsqueeze(1)
-        self._snap = None          # host buffer of the pending snapshot (pinned on a GPU)
-        self._snap_done = torch.cuda.Event() if dev.type == "cuda" else None
-        self._snap_pending = False
-        self.syncs = 0
-
-    def _counts_vector(self) -> torch.Tensor:
-        """Tops, slabs per pool, and the last calls' error flags, in one device vector."""
-        a = self.a
-        # not torch.bincount: on CUDA it reads its input's min and max on the host, two more syncs
-        slabs = (a.slab_owner.unsqueeze(0) == self._pools).sum(1)
-        return torch.cat([a.free_counts, slabs, torch.count_nonzero(self._failed).view(1), self._release_err])
-
-    def snapshot(self) -> None:
-        """Queues a copy of the counts to the host without waiting: the step's own sync (its
-        sampled tokens) completes it, so the next ``probe`` costs no round trip of its own."""
-        v = self._counts_vector()
-        if self._snap is None:
-            self._snap = torch.empty(v.shape, dtype=v.dtype, pin_memory=self._snap_done is not None)
-        self._snap.copy_(v, non_blocking=True)
-        if self._snap_done is not None:
-            self._snap_done.record()
-        self._snap_pending = True
-
-    def probe(self, fresh: bool = False) -> _Counts:
-        """The counts: the pending snapshot's unless ``fresh`` or none is pending, else a read now.
-        A read the host has to wait for counts as a sync (on the CPU every read does)."""
-        if self._snap_pending and not fresh:
-            self._snap_pending = False
-            if self._snap_done is None or not self._snap_done.query():
-                self.syncs += 1
-                if self._snap_done is not None:
-                    self._snap_done.synchronize()
-            v = self._snap.tolist()
-        else:
-            self._snap_pending = False
-            v = self._counts_vector().tolist()
-            self.syncs += 1
-        if v[5] or v[6]:
-            raise AssertionError(f"allocator refused a planned call (grow failures {v[5]}, release code {v[6]})")
-        return _Counts([v[0], v[1]], v[2], [v[3], v[4]])
-
-    def grow(self, need: np.ndarray) -> None:
-        self._need.host()[:] = need
-        self.a.grow_kv(self.block_table, self.num_pages, self._need.send(), self._failed)
-
-    def alloc_ssm(self, rows: list[int]) -> None:
-        h = self.a.alloc_ssm(len(rows))  # syncs once (its status)
-        self.syncs += 1
-        self.ssm_handles[torch.tensor(rows, dtype=torch.long, device=self.a.device)] = h
-
-    def release(self, rows: list[int]) -> None:
-        host = self._rows.host()
-        host.fill(-1)
-        host[:len(rows)] = rows
-        self.a.release_rows(self._rows.send(), self.block_table, self.num_pages, self.ssm_handles, self._status)
-        torch.maximum(self._release_err, self._status[:1], out=self._release_err)
-
-    def make_room(self, kind: str, n: int, free_now: int) -> None:
-        self.syncs += 1 if n <= free_now else 3  # tops; then slab owners and live counts to plan
-        self.a.make_room(kind, n)
-
-    def swap_out(self, row: int, pages: int) -> list[torch.Tensor]:
-        """Copies of the row's ``pages`` page units and its SSM block in host memory (pinned on a
-        GPU), queued on the stream before anything can free or reuse the units."""
-        return [self._copy_units(h, kind) for h, kind in self._units(row, pages)]
-
-    def swap_in(self, row: int, pages: int, saved: list[torch.Tensor]) -> None:
-        """The copies back into the row's new units (its first ``pages`` pages and its SSM block)."""
-        for (h, kind), host in zip(self._units(row, pages), saved):
-            self._arena16().index_copy_(0, self._unit_rows(h, kind), host.to(self.a.device, non_blocking=True))
-
-    def _units(self, row: int, pages: int):
-        return [(self.block_table[row, :pages], "kv"), (self.ssm_handles[row:row + 1], "ssm")]
-
-    def _arena16(self) -> torch.Tensor:
-        return self.a.arena.view(-1, UNIT_ALIGN)   # units start and end on 16-byte boundaries
-
-    def _unit_rows(self, handles: torch.Tensor, kind: str) -> torch.Tensor:
-        """Rows of ``_arena16`` that the units of ``handles`` cover, unit after unit."""
-        self.syncs += 1  # resolve checks the handles
-        unit = self.a.unit_bytes[self.a.pool_index(kind)] // UNIT_ALIGN
-        first = self.a.resolve(handles, kind) // UNIT_ALIGN
-        return (first[:, None] + torch.arange(unit, device=first.device)[None, :]).flatten()
-
-    def _copy_units(self, handles: torch.Tensor, kind: str) -> torch.Tensor:
-        data = self._arena16()[self._unit_rows(handles, kind)]
-        host = torch.empty(data.shape, dtype=data.dtype, pin_memory=data.is_cuda)
-        host.copy_(data, non_blocking=True)
-        return host
-
-    def rebalance(self, kind: str, num_slabs: int) -> None:
-        self.syncs += 2  # slab owners and live counts to plan
-        self.a.rebalance(kind, num_slabs)
-
-    def proactive_step(self) -> None:
-        self.a.proactive_step()
-
-    def stats(self):
-        return self.a.stats()
-
-
-class _ModelBackend:
-    """``AllocatorModel.like(allocator)``: the same decisions in pure Python, no kernel launch."""
-
-    name = "model"
-
-    def __init__(self, alloc: ArenaAllocator, R: int, W: int):
-        from avmp_triton.memory.model import AllocatorModel
-        self.m = AllocatorModel.like(alloc)
-        self.block_table = [[-1] * W for _ in range(R)]
-        self.num_pages = [0] * R
-        self.ssm_handles = [-1] * R
-        self._snap: _Counts | None = None
-        self.syncs = 0
-
-    def snapshot(self) -> None:
-        self._snap = self.probe(fresh=True)
-
-    def probe(self, fresh: bool = False) -> _Counts:
-        """As the device backend's: the snapshot's counts once, if one is pending and not ``fresh``."""
-        snap, self._snap = self._snap, None
-        if snap is not None and not fresh:
-            return snap
-        m = self.m
-        npools = len(m.pool_names)
-        free = [len(m.unit_stacks[p]) for p in range(npools)] + [0] * (2 - npools)
-        slabs = [m.slab_owner.count(0), m.slab_owner.count(1)]
-        return _Counts(free, len(m.handle_stack), slabs)
-
-    def grow(self, need: np.ndarray) -> None:
-        # rows with need 0 take nothing, so serving only the others (in row order) is the same call
-        rows = np.flatnonzero(need).tolist()
-        sub_np = [self.num_pages[r] for r in rows]
-        failed = self.m.grow([self.block_table[r] for r in rows], sub_np, need[rows].tolist())
-        if any(failed):
-            raise AssertionError(f"allocator refused a planned growth: {failed}")
-        for r, n in zip(rows, sub_np):
-            self.num_pages[r] = n
-
-    def alloc_ssm(self, rows: list[int]) -> None:
-        for r, h in zip(rows, self.m.alloc("ssm", len(rows))):
-            self.ssm_handles[r] = h
-
-    def release(self, rows: list[int]) -> None:
-        code = self.m.release(rows, self.block_table, self.num_pages, self.ssm_handles)
-        if code[0]:
-            raise AssertionError(f"allocator refused a planned release: {code}")
-
-    def make_room(self, kind: str, n: int, free_now: int) -> None:
-        self.m.make_room(kind, n)
-
-    def rebalance(self, kind: str, num_slabs: int) -> None:
-        self.m.rebalance(kind, num_slabs)
-
-    def proactive_step(self) -> None:
-        self.m.proactive_step()
-
-    def stats(self):
-        return self.m.stats()
 
 
 class _Timer:
@@ -387,7 +186,7 @@ class Scheduler:
     def __init__(self, allocator: ArenaAllocator, *, max_running: int = 256, max_pages_per_request: int | None = None,
                  model_runner: ModelRunner | None = None, time_allocator: bool = False, backend: str | None = None,
                  max_num_batched_tokens: int | None = None, step_time=None, slo: tuple[float, float] = DEFAULT_SLO,
-                 preemption: str = "recompute"):
+                 preemption: str = "recompute", tables: DeviceTables | None = None):
         if not isinstance(allocator, ArenaAllocator):
             raise TypeError(f"allocator must be an AVMPAllocator, StaticDualAllocator or PaddedUnifiedAllocator, "
                             f"got {type(allocator).__name__}")
@@ -414,6 +213,9 @@ class Scheduler:
         self.max_pages_per_request = max_pages_per_request
         self.preemption = preemption
         self.model_runner = model_runner
+        if tables is not None and (backend != "device" or tables.a is not allocator or tables.R != max_running):
+            raise ValueError("tables must be DeviceTables of this allocator with max_running rows, for the device backend")
+        self.tables = tables
         self.time_allocator = bool(time_allocator)
         self.backend = backend
         self.state = None  # the last run's backend (block table, and the model for backend="model")
@@ -442,7 +244,13 @@ class Scheduler:
         elif reqs.n and int(reqs.max_pages.max()) > W:
             i = int(np.argmax(reqs.max_pages))
             raise ValueError(f"requests[{i}] needs {int(reqs.max_pages[i])} pages, more than max_pages_per_request={W}")
-        be = (_DeviceBackend if self.backend == "device" else _ModelBackend)(self.allocator, self.max_running, W)
+        if self.tables is not None and W != self.tables.W:
+            raise ValueError(f"max_pages_per_request={W} differs from the tables' width {self.tables.W}")
+        if self.backend == "device":
+            be = DeviceBackend(self.allocator, self.max_running, W, tables=self.tables,
+                               defer=getattr(self.model_runner, "takes_device_calls", False))
+        else:
+            be = ModelBackend(self.allocator, self.max_running, W)
         self.state = be
         run = _Run(self, reqs, be)
         reported = 0
@@ -541,7 +349,7 @@ class _Geometry:
         self.usable = a.num_slabs * a.slab_bytes
         self.tails = [a.slab_bytes - self.ups[p] * self.unit[p] for p in range(self.npools)] + [0]
 
-    def never_fits(self, c: _Counts, max_pages: np.ndarray) -> np.ndarray:
+    def never_fits(self, c: Counts, max_pages: np.ndarray) -> np.ndarray:
         """Requests that no state of the allocator could hold even alone (all of their pages at
         their longest, and one SSM block): fixed pools for the baselines, any split of the slabs
         for AVMP."""
@@ -561,7 +369,7 @@ class _Series:
     def __init__(self):
         self.batch, self.kv, self.ssm, self.mem, self.pad, self.align, self.tail = ([] for _ in range(7))
 
-    def sample(self, g: _Geometry, c: _Counts, rows: _Rows, running: np.ndarray) -> None:
+    def sample(self, g: _Geometry, c: Counts, rows: _Rows, running: np.ndarray) -> None:
         n_run = len(running)
         live_kv = int(rows.pages.sum()) - g.extra * n_run  # KV pages; the extras count as SSM units
         ssm_held = (g.extra + 1) * n_run
@@ -600,7 +408,7 @@ class _Run:
         self.settled = 0          # finished or found unservable
         self.done = self.unservable = self.preemptions = self.recomputed = 0
         self.growth_failures = self.admission_failures = 0
-        self.c: _Counts | None = None
+        self.c: Counts | None = None
         self.free: list[int] = []  # free units per pool, kept exact on the host through the tick
         self.fh = 0                # free handles, likewise
         self.credit = [0, 0]       # KV and SSM units released since the last snapshot
@@ -666,20 +474,24 @@ class _Run:
         growth, preempted = self._grow_or_preempt(growth)
         admitted, kv_adm = ([], 0) if preempted else self._admit(growth, active.any(), left)
         with self.timer:
-            if growth or kv_adm:
-                self.be.grow(rows.need)
-                self.alloc_rows += int(np.count_nonzero(rows.need))
-            if admitted:
+            grow = rows.need if growth or kv_adm else None
+            self.alloc_rows += int(np.count_nonzero(rows.need))
+            if admitted:   # their pages first: a swapped-out request's bytes go into them
+                if grow is not None:
+                    self.be.grow(grow)
+                    grow = None
                 self.be.alloc_ssm(admitted)
                 self._swap_in(admitted)
-            if self.proactive:
-                self.be.proactive_step()
-                self.moved = True
-            self.be.snapshot()
+            # growth, the proactive policy and the counts' snapshot (maybe run in the decode graph)
+            self.be.tick_calls(grow)
+            self.moved |= self.proactive
         rows.pages += rows.need
         sampled, shape = self._run_tokens()
         running = np.flatnonzero(rows.req >= 0)
-        stopped = self.runner.step(self.be, self.t, rows, admitted, sampled) if self.runner is not None else None
+        stopped = None
+        if self.runner is not None:
+            stopped = self.runner.step(self.be, self.t, rows, admitted, sampled)
+            self.be.flush()   # the calls a runner left
         self.reqs.generated[rows.req[sampled]] += 1
         if stopped:
             self._stop_early(stopped, sampled)
@@ -985,7 +797,7 @@ class _RunnerFeed:
 
     def __init__(self, runner: ModelRunner, R: int, dev):
         self.runner, self.R = runner, R
-        self._buf = _Staged(10 * R, torch.uint8, dev)
+        self._buf = Staged(10 * R, torch.uint8, dev)
         d = self._buf.dev
         self.qlen, self.ctx = d[:4 * R].view(torch.int32), d[4 * R:8 * R].view(torch.int32)
         self.running, self.prefill = d[8 * R:9 * R].view(torch.bool), d[9 * R:].view(torch.bool)
@@ -1006,4 +818,5 @@ class _RunnerFeed:
         return self.runner.step(be.block_table, be.num_pages, be.ssm_handles, self.running,
                                 StepBatch(tick=t, query_lens=self.qlen, context_lens=self.ctx, prefill_mask=self.prefill,
                                           request_ids=np.where(running, rows.req, -1), query_lens_host=qlen,
-                                          context_lens_host=ctx, sample_mask=sample))
+                                          context_lens_host=ctx, sample_mask=sample,
+                                          device_calls=be.calls if be.pending is not None else None))

@@ -51,8 +51,11 @@ class EngineRequest:
 class ModelExecutor:
     """The scheduler's ``ModelRunner`` over a ``HybridRunner`` and the run's requests (the list
     the scheduler replays, in the same order: the scheduler names requests by their index).
-    With ``graphs`` (a ``DecodeGraphs``), decode-only steps run through it; steps with a prefill
-    chunk run eagerly."""
+    With ``graphs`` (a ``DecodeGraphs`` over the scheduler's ``DeviceTables``), decode-only steps
+    run through it, the tick's deferred allocator calls inside; steps with a prefill chunk run
+    eagerly, after those calls."""
+
+    takes_device_calls = True   # the scheduler defers its allocator calls to the step (see ModelRunner)
 
     def __init__(self, runner, requests: list[EngineRequest], graphs=None):
         self.runner, self.requests, self.graphs = runner, requests, graphs
@@ -83,12 +86,17 @@ class ModelExecutor:
         rc = self._rows.get(rows, ids, self.requests, block_table.device)
         t0 = time.perf_counter()
         graphed = False
-        if self.graphs is not None and bool(np.all((q == 1) & (ctx > 1))):
-            # a decode-only step: every row adds one token to a non-empty cache
-            logits = self.graphs.run(rc.idx, self._input_tokens(ids, ctx, rc.reqs), ctx, block_table, ssm_handles)
+        calls = batch.device_calls
+        if self.graphs is not None and calls is not None and bool(np.all((q == 1) & (ctx > 1))):
+            # a decode-only step (every row adds one token to a non-empty cache): the graph makes
+            # the tick's allocator calls too
+            logits = self.graphs.run(rows, self._input_tokens(ids, ctx, rc.reqs), ctx, calls.take())
+            calls.replayed()
             self.graph_steps += 1
             graphed = True
         else:
+            if calls is not None:
+                calls.flush()
             toks = [torch.tensor(r.tokens(int(c - n), int(c)), dtype=torch.long) for r, c, n in zip(rc.reqs, ctx, q)]
             logits = self.runner.forward(toks, block_table[rc.idx], ssm_handles[rc.idx], (ctx - q).tolist())
         self.steps += 1

@@ -27,6 +27,7 @@ import torch
 
 from avmp_triton._checks import is_int
 from avmp_triton.engine.sampling import SamplingParams
+from avmp_triton.engine.backends import DeviceTables
 from avmp_triton.engine.scheduler import Scheduler
 from avmp_triton.models.loading import MODEL_PRESETS, RUNNERS, as_dtype, load_checkpoint, random_model
 from avmp_triton.serve.executor import EngineRequest, ModelExecutor
@@ -117,6 +118,10 @@ class LLM:
                                         **(allocator_kwargs or {}))
         self.runner = cls.from_transformers(self.model, allocator=self.allocator, max_requests=1, max_context=16)
         self.eos = _eos_ids(self.model.config)
+        a = self.allocator
+        pages = -(-(self.max_model_len - 1) // a.page_tokens) if a.spec.num_attn_layers else 0
+        # the scheduler's device state for every run: fixed buffers the decode graphs capture
+        self.tables = DeviceTables(a, max_num_seqs, max(1, pages + a.ssm_units - 1))
         self.graphs = None if enforce_eager else self._decode_graphs()
         self.last_metrics = None
         self.last_graph_steps = self.last_steps = 0
@@ -132,9 +137,7 @@ class LLM:
             warnings.warn(f"{self.model.config.model_type}: the MoE routing reads the chosen experts on the host, "
                           f"so its decode step cannot be captured; it runs eagerly", stacklevel=3)
             return None
-        a = self.allocator
-        pages = -(-(self.max_model_len - 1) // a.page_tokens) if a.spec.num_attn_layers else 0
-        return DecodeGraphs(self.runner, max_batch=self.max_num_seqs, width=max(1, pages + a.ssm_units - 1))
+        return DecodeGraphs(self.runner, self.tables)
 
     def generate(self, prompts: Sequence, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  arrivals: Sequence[int] | None = None, arrival_s: Sequence[float] | None = None,
@@ -169,7 +172,7 @@ class LLM:
         sched = Scheduler(self.allocator, max_running=self.max_num_seqs, backend="device",
                           max_num_batched_tokens=self.max_num_batched_tokens,
                           step_time="wall" if arrival_s is not None else None, preemption=self.preemption_mode,
-                          model_runner=ex)
+                          model_runner=ex, max_pages_per_request=self.tables.W, tables=self.tables)
         self.last_metrics = sched.run(reqs, progress=progress)
         self.last_steps, self.last_graph_steps = ex.steps, ex.graph_steps
         self.last_step_seconds = dict(graph=ex.graph_s, eager=ex.eager_s)

@@ -23,7 +23,7 @@ class Scripted:
         logits[torch.arange(n), torch.tensor(self.picks.pop(0)[:n])] = 1.0
         return logits
 
-    def run(self, rows, tokens, seq_lens, block_table, ssm_handles):
+    def run(self, rows, tokens, seq_lens, need):
         self.fed.append(("graph", [int(t) for t in tokens]))
         return self._logits(len(tokens))
 
@@ -38,12 +38,29 @@ def request(rid, prompt, max_tokens, stop=(), seen=None):
                          on_token=None if seen is None else (lambda t, rid=rid: seen.append((rid, t))))
 
 
-def step(ex, ids, q, ctx, sample):
+class Calls:
+    """Stands in for the scheduler's deferred allocator calls: counts how the step ran them."""
+
+    def __init__(self):
+        self.taken = self.replayed_ = self.flushed = 0
+
+    def take(self):
+        self.taken += 1
+        return None
+
+    def replayed(self):
+        self.replayed_ += 1
+
+    def flush(self):
+        self.flushed += 1
+
+
+def step(ex, ids, q, ctx, sample, calls=None):
     R = len(ids)
     i32 = torch.zeros(R, dtype=torch.int32)
     batch = StepBatch(tick=0, query_lens=i32, context_lens=i32, prefill_mask=torch.zeros(R, dtype=torch.bool),
                       request_ids=np.array(ids), query_lens_host=np.array(q), context_lens_host=np.array(ctx),
-                      sample_mask=np.array(sample))
+                      sample_mask=np.array(sample), device_calls=Calls() if calls is None else calls)
     table = torch.full((R, 4), -1, dtype=torch.int32)
     return ex.step(table, i32, torch.full((R,), -1, dtype=torch.int32), torch.ones(R, dtype=torch.bool), batch)
 
@@ -60,6 +77,16 @@ def test_decode_rows_feed_their_last_token_and_one_token_chunks_their_prompt_tok
     step(ex, [0, 1], [1, 1], [5, 4], [True, False])
     assert model.fed == [("eager", [[1, 2, 3], [4, 5]]), ("graph", [7, 6]), ("graph", [8, 10])]
     assert reqs[0].output == [7, 8, 9] and reqs[1].output == []
+
+
+def test_a_graph_step_takes_the_allocator_calls_and_an_eager_step_flushes_them():
+    model = Scripted([[7, 0], [8, 0]])
+    ex = ModelExecutor(model, [request(0, [1, 2, 3], 8), request(1, [4, 5], 8)], graphs=model)
+    eager, graph = Calls(), Calls()
+    step(ex, [0, 1], [3, 2], [3, 2], [True, True], eager)
+    step(ex, [0, 1], [1, 1], [4, 3], [True, True], graph)
+    assert (eager.flushed, eager.taken) == (1, 0)
+    assert (graph.flushed, graph.taken, graph.replayed_) == (0, 1, 1)
 
 
 def test_sampled_tokens_end_requests_by_stop_token_or_length_in_row_order():

@@ -40,10 +40,7 @@ def test_shapes_past_the_captured_ones_are_refused(model):
     assert g.buckets == [1, 2, 4] and g.width == 4
     with pytest.raises(ValueError, match="5 rows exceed the largest captured batch 4"):
         g.bucket(5)
-    table = torch.full((4, 5), -1, dtype=torch.int32, device=llm.allocator.device)
-    with pytest.raises(ValueError, match="block tables 5 pages wide exceed the captured width 4"):
-        g.run(torch.zeros(1, dtype=torch.long, device=table.device), np.array([1]), np.array([2]), table,
-              torch.full((4,), -1, dtype=torch.int32, device=table.device))
+    assert g.tables is llm.tables and llm.tables.W == 4   # ceil(63 / 16) pages: the longest request
 
 
 def test_a_moe_family_runs_eagerly_with_a_warning():
@@ -55,7 +52,7 @@ def test_a_moe_family_runs_eagerly_with_a_warning():
     assert llm.graphs is None and not llm.cuda_graphs
     runner = JambaRunner.from_transformers(hf, allocator=llm.allocator, max_requests=2, max_context=64)
     with pytest.raises(ValueError, match="JambaRunner's decode step reads the device on the host"):
-        DecodeGraphs(runner, max_batch=2, width=4)
+        DecodeGraphs(runner, llm.tables)
 
 
 PROMPTS = [list(range(3, 3 + n)) for n in (5, 17, 9, 30, 2, 12, 21)]
@@ -78,21 +75,23 @@ def test_graphs_and_eager_generate_identical_tokens(dtype):
 
 @gpu
 def test_a_replay_makes_no_host_sync():
+    """A replay grows a row's pages on the device (its allocator call is inside the graph), gathers
+    the rows and runs the model without a host sync."""
     model = random_model("nemotron-h-tiny", dtype=torch.bfloat16, seed=0, device="cuda").eval()
     llm = LLM(model, memory_gib=0.05, max_num_seqs=4, max_model_len=64)
-    g, a = llm.graphs, llm.allocator
-    table = torch.full((4, 4), -1, dtype=torch.int32, device="cuda")
-    handles = torch.full((4,), -1, dtype=torch.int32, device="cuda")
-    rows = torch.arange(3, device="cuda")
-    handles[:3] = a.alloc_ssm(3)
-    table[:3, 0] = a.alloc_kv(3)
+    g, a, t = llm.graphs, llm.allocator, llm.tables
+    t.ssm_handles[:3] = a.alloc_ssm(3)
+    t.block_table[:3, 0] = a.alloc_kv(3)
+    t.num_pages[:3] = 1
     torch.cuda.synchronize()
+    need = np.array([0, 1, 0, 0])
     torch.cuda.set_sync_debug_mode("error")
     try:
-        g.run(rows, np.array([5, 6, 7]), np.array([3, 3, 3]), table, handles)
+        g.run(np.array([0, 1, 2]), np.array([5, 6, 7]), np.array([3, 17, 3]), need)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert g.replays == 1
+    assert t.num_pages.tolist() == [1, 2, 1, 0] and int(t.block_table[1, 1]) >= 0
 
 
 @gpu
