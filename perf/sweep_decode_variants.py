@@ -8,17 +8,19 @@ medians, L2 flushed before each replay, ``perf/harness.py``):
 
 - ceilings: a device copy (bytes read + written) and two read-only passes that write almost
   nothing (a Triton sum over 2 GiB in 16-byte loads, and ``torch.sum``): the larger read figure is
-  the ceiling decode attention is held to;
+  the ceiling decode attention is held to; per cell, the same passes over the cell's own byte
+  count (``same_bytes``, %sz), which pay the fixed costs a short kernel pays (launch, ramp, the
+  dirty lines the L2 flush leaves) and so say how much of a small cell's gap is the kernel's;
 - decode attention, bf16, Jamba's shape (32/8 heads, D 128, pages of 16 holding 4 attention
   layers, scattered, layer 0 read; ``bench_paged_attention``'s cells): the default launch, the
-  previous kernel's order (pages resolved inside the step, its old stages and register cap), and
-  launch variants (splits, tokens a step, warps, stages, register cap); SDPA flash on contiguous
-  K/V beside them;
+  previous table's (commit 32e7231: 64 tokens a step, prefetch on, 2 stages unsplit), the default
+  with prefetch flipped, and launch variants (splits, tokens a step, stages, register cap); SDPA
+  flash on contiguous K/V beside them;
 - decode attention over fp8 (e4m3) pages at the same shapes, per-kv-head scales, checked against
   attention over the dequantised pages: the default and a few variants; the bf16 default's time
   at the same cell gives the speed-up;
-- Mamba1 state update (Jamba layer, bf16 state) at B=256 and 64: requests per program x channels x
-  warps, the old one-request launch first; Mamba2 (Nemotron-H layer) at its default as the control.
+- Mamba1 state update (Jamba layer, bf16 state) at B=256 and 64: channels x warps of one request
+  per program; Mamba2 (Nemotron-H layer) at its default as the control.
 
 Every figure is GB/s of the bytes the kernel must move (decode: live K+V read once + q + out;
 Mamba: states read and written + activations + parameters) against the copy and the read ceilings.
@@ -55,9 +57,9 @@ HQ, HKV, D, PAGE = BA.HQ, BA.HKV, BA.D, BA.PAGE
 BF16_CELLS = [(1, 32768), (16, 4096), (16, 32768), (64, 512), (64, 4096)]
 FP8_CELLS = [(1, 32768), (16, 4096), (16, 32768), (64, 4096)]
 MAMBA_CELLS = [("mamba1", 256), ("mamba1", 64), ("mamba2", 256)]
-# Mamba1 launches: (requests per program, channels, warps); the first is the previous kernel's
-MAMBA1_LAUNCHES = [(1, 256, 8), (2, 256, 8), (4, 128, 8), (4, 256, 8), (2, 128, 4), (4, 64, 4), (8, 64, 4),
-                   (8, 128, 8)]
+# Mamba1 launches besides the default (channels, warps): one request per program
+MAMBA1_LAUNCHES = [(512, 8), (512, 16), (1024, 16), (128, 4), (256, 4)]
+NO_CAP = 255              # ptxas's own limit: a register cap that caps nothing
 SMOKE_DECODE = [(2, 96), (1, 512)]
 
 
@@ -116,12 +118,26 @@ class Sweep:
             return {}
         return H.time_replayed(fn, expect, self.args.rep, restore=restore, replay_atol=atol)
 
-    def rate(self, e: dict, nbytes: int) -> None:
+    def rate(self, e: dict, nbytes: int, row: dict) -> None:
         if "ms" in e:
             e["gbps"] = nbytes / e["ms"] / 1e6
             e["pct_of_copy"] = 100.0 * e["gbps"] / self.copy_gbps
             if self.read_gbps:
                 e["pct_of_read"] = 100.0 * e["gbps"] / self.read_gbps
+            if "same_bytes" in row:
+                e["pct_of_same_bytes"] = 100.0 * e["gbps"] / row["same_bytes"]["gbps"]
+
+    def same_bytes(self, row: dict, nbytes: int, kind: str) -> None:
+        """The ceiling pass (``read``: the two sums; ``copy``: a copy) over the cell's own byte
+        count, timed as the variants are (L2 flushed first): what a kernel moving those bytes and
+        nothing else takes, fixed costs (launch, the flush's dirty lines, ramp) included."""
+        if self.smoke:
+            return
+        if kind == "read":
+            c = read_ceiling(nbytes / 2**30, self.args.rep, torch.cuda.get_device_properties(0).multi_processor_count)
+        else:
+            c = H.copy_bandwidth(nbytes / 2 / 2**30, self.args.rep)
+        row["same_bytes"] = dict(kind=kind, **c)
 
     def attempt(self, row: dict, name: str, body) -> dict | None:
         """``body()`` -> entry, recorded in ``row["variants"][name]``; a failure or a resource
@@ -149,43 +165,46 @@ class Sweep:
 
 
 # ------------------------------------------------------------------------------ decode, bf16
+def prev_default(default: DecodeConfig) -> dict:
+    """The launch table of commit 32e7231 (perf/results/sweep_decode_variants_H100_32e7231.json):
+    64 tokens a step, prefetch on, 3 stages split and 2 unsplit."""
+    split = default.num_splits > 1
+    return dict(pages_per_iter=64 // PAGE, num_stages=3 if split else 2, prefetch_rows=True)
+
+
 def decode_variants(default: DecodeConfig, B: int, ctx: int) -> list[tuple[str, dict]]:
-    """(name, DecodeConfig overrides), the default first and the previous kernel's order second."""
+    """(name, DecodeConfig overrides), the default first and the previous table's launch second.
+    ``max_registers=NO_CAP`` lifts the unsplit launches' cap (None would mean "the table's")."""
     s = default.num_splits
-    old = dict(prefetch_rows=False, num_stages=3 if s > 1 else 2, max_registers=None if s > 1 else 128)
-    out = [("default", {}), ("old_order", old)]
+    out = [("default", {}), ("prev_default", prev_default(default)),
+           (f"prefetch_{'off' if default.prefetch_rows else 'on'}", dict(prefetch_rows=not default.prefetch_rows))]
     if s > 1:
-        for k in sorted({max(2, s // 2), 2 * s, 4 * s} - {s}):
-            if k <= 128 and k * 2 * default.block_tokens <= ctx:
-                out.append((f"splits{k}", dict(num_splits=k)))
-        tiles = [(4, 4, 4), (4, 8, 3), (2, 4, 3), (2, 4, 4), (8, 8, 3)]
+        if 2 * s <= 128 and 2 * s * 2 * default.block_tokens <= ctx:
+            out.append((f"splits{2 * s}", dict(num_splits=2 * s)))
+        out += [("p2", dict(pages_per_iter=2)), ("st2", dict(num_stages=2))]
     else:
-        tiles = [(4, 4, 3), (2, 4, 3), (2, 4, 4), (4, 8, 3), (2, 8, 3)]
-        out.append(("no_reg_cap", dict(max_registers=None)))
-        out.append(("splits2_p2_st3", dict(num_splits=2, pages_per_iter=2, num_stages=3, max_registers=None)))
-    for p, w, st in tiles:
-        over = dict(pages_per_iter=p, num_warps=w, num_stages=st, max_registers=None)
-        if all(getattr(default, k) == v for k, v in over.items()):
-            continue
-        out.append((f"p{p}_w{w}_st{st}", over))
-    return out
+        out += [("p4", dict(pages_per_iter=4)), ("p2_st4", dict(pages_per_iter=2, num_stages=4)),
+                ("p1_st4", dict(pages_per_iter=1, num_stages=4)), ("nocap", dict(max_registers=NO_CAP)),
+                ("splits2", dict(num_splits=2, pages_per_iter=4, prefetch_rows=False))]
+    return [(n, o) for n, o in out if n == "default" or any(getattr(default, k) != v for k, v in o.items())]
 
 
-def _config(default: DecodeConfig, B: int, ctx: int, sms: int, over: dict) -> DecodeConfig:
+def _config(default: DecodeConfig, B: int, ctx: int, sms: int, over: dict, fp8: bool) -> DecodeConfig:
     fields = dict(dataclasses.asdict(default), **over, block_tokens=None)
     return decode_config(batch=B, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_tokens=PAGE,
-                         max_seq_len=ctx, sm_count=sms, **fields)
+                         max_seq_len=ctx, sm_count=sms, kv_fp8=fp8, **fields)
 
 
 def run_decode(sw: Sweep, cell, ref, tol_dtype, nbytes: int, row: dict, variants, *, kv_scale=None):
     """Each variant of ``variants`` on ``cell``: checked against ``ref``, then timed."""
     B, ctx = cell.B, cell.ctx
     sms = 132 if sw.smoke else torch.cuda.get_device_properties(0).multi_processor_count
+    fp8 = kv_scale is not None
     default = decode_config(batch=B, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_tokens=PAGE,
-                            max_seq_len=ctx, sm_count=sms)
+                            max_seq_len=ctx, sm_count=sms, kv_fp8=fp8)
     row["default_config"] = dataclasses.asdict(default)
     for name, over in variants(default, B, ctx):
-        cfg = _config(default, B, ctx, sms, over)
+        cfg = _config(default, B, ctx, sms, over, fp8)
 
         def body(cfg=cfg):
             ws = decode_workspace(B, HQ, D, cfg.num_splits, cell.q.device)
@@ -198,7 +217,7 @@ def run_decode(sw: Sweep, cell, ref, tol_dtype, nbytes: int, row: dict, variants
             fn()
             e = dict(config=dataclasses.asdict(cfg), check=BA.check(name, out, ref, tol_dtype))
             e.update(sw.timed(fn, out.clone(), atol=BA.TOL[tol_dtype][0]))
-            sw.rate(e, nbytes)
+            sw.rate(e, nbytes, row)
             return e
 
         sw.attempt(row, name, body)
@@ -213,6 +232,7 @@ def bf16_cell(sw: Sweep, B: int, ctx: int) -> dict:
     ref = BA.reference(cell, torch.float32)
     nbytes = BA.cell_sizes(spec, B, ctx, torch.bfloat16)["bytes_model"]
     row["bytes"] = nbytes
+    sw.same_bytes(row, nbytes, "read")
     run_decode(sw, cell, ref, torch.bfloat16, nbytes, row, decode_variants)
     if not sw.smoke:
         def sdpa():
@@ -220,7 +240,7 @@ def bf16_cell(sw: Sweep, B: int, ctx: int) -> dict:
             got = run().clone()
             e = dict(gqa=run.gqa, check=BA.check("sdpa", got, ref, torch.bfloat16))
             e.update(sw.timed(run, got, atol=BA.TOL[torch.bfloat16][0]))
-            sw.rate(e, nbytes)
+            sw.rate(e, nbytes, row)
             return e
 
         sw.attempt(row, "sdpa_flash_contiguous", sdpa)
@@ -291,14 +311,13 @@ def fp8_reference(c: Fp8Cell) -> torch.Tensor:
 
 
 def fp8_variants(default: DecodeConfig, B: int, ctx: int) -> list[tuple[str, dict]]:
-    out = [("default", {}), ("prefetch_off", dict(prefetch_rows=False))]
+    out = [("default", {}), ("prev_default", prev_default(default)),
+           (f"prefetch_{'off' if default.prefetch_rows else 'on'}", dict(prefetch_rows=not default.prefetch_rows))]
     if default.num_splits > 1:
-        out += [("p8", dict(pages_per_iter=8)), ("st4", dict(num_stages=4)),
-                ("splits_x2", dict(num_splits=min(128, 2 * default.num_splits)))]
+        out += [("st3", dict(num_stages=3)), ("splits_x2", dict(num_splits=min(128, 2 * default.num_splits)))]
     else:
-        out += [("p8_st2", dict(pages_per_iter=8)), ("st3_nocap", dict(num_stages=3, max_registers=None)),
-                ("p2_st3_nocap", dict(pages_per_iter=2, num_stages=3, max_registers=None))]
-    return out
+        out += [("p2", dict(pages_per_iter=2)), ("nocap", dict(max_registers=NO_CAP))]
+    return [(n, o) for n, o in out if n == "default" or any(getattr(default, k) != v for k, v in o.items())]
 
 
 def fp8_cell(sw: Sweep, B: int, ctx: int, bf16_rows: list) -> dict:
@@ -308,6 +327,7 @@ def fp8_cell(sw: Sweep, B: int, ctx: int, bf16_rows: list) -> dict:
     ref = fp8_reference(c)
     nbytes = 2 * B * ctx * HKV * D + 2 * B * HQ * D * 2
     row["bytes"] = nbytes
+    sw.same_bytes(row, nbytes, "read")
     run_decode(sw, c, ref, torch.bfloat16, nbytes, row, fp8_variants, kv_scale=c.kv_scale)
     bf = next((r for r in bf16_rows if (r["B"], r["ctx"]) == (B, ctx)), None)
     v = row["variants"]
@@ -325,9 +345,10 @@ def mamba_cell(sw: Sweep, case: str, B: int) -> dict:
     ref_out, ref_state = BM.reference(cell, start[cell.phys.long()])
     nbytes = BM.bytes_model(cell)["total"]
     row = dict(label=f"{case} B={B} bf16", case=case, B=B, state_dtype="bfloat16", bytes=nbytes, variants={})
+    sw.same_bytes(row, nbytes, "copy")
     if case == "mamba1":
-        launches = [(f"rows{r}_block{b}_w{w}", MambaStateConfig(rows=r, block=b, num_warps=w))
-                    for r, b, w in MAMBA1_LAUNCHES[:3 if sw.smoke else None]]
+        launches = [(f"block{b}_w{w}", MambaStateConfig(block=b, num_warps=w))
+                    for b, w in MAMBA1_LAUNCHES[:2 if sw.smoke else None]]
         launches.insert(0, ("default", None))
     else:
         launches = [("default", None)]
@@ -352,7 +373,7 @@ def mamba_cell(sw: Sweep, case: str, B: int) -> dict:
                 e.update(sw.timed(fn, y.reshape(ref_out.shape).clone(), restore=restore))
             finally:
                 cell.states.copy_(start)
-            sw.rate(e, nbytes)
+            sw.rate(e, nbytes, row)
             return e
 
         sw.attempt(row, name, body)
@@ -369,29 +390,31 @@ def _pct(v: dict | None, key: str) -> str:
 
 
 def print_table(res: dict) -> None:
-    """One line per cell: the default, the previous kernel's launch, the fastest variant, SDPA."""
+    """One line per cell: the default, the previous table's launch, the fastest variant, SDPA."""
     e = res["env"]
     c = res.get("ceilings", {})
     print(f"\n{e.get('gpu')}  torch {e.get('torch')}  triton {e.get('triton')}  commit {str(e.get('commit'))[:12]}")
     if c:
         print(f"copy {c['copy']['gbps']:.0f} GB/s (read+write); read-only {c['read']['gbps']:.0f} GB/s "
               f"(triton sum {c['read']['triton_sum']['gbps']:.0f}, torch.sum {c['read']['torch_sum']['gbps']:.0f}); "
-              f"us = median; %cp, %rd = bytes / t / copy, read-only; old = previous kernel's launch")
-    print(f"{'cell':20s} {'default':>8s} {'%cp':>5s} {'%rd':>5s} {'old':>8s} {'best':>8s} {'%cp':>5s} {'%rd':>5s} {'sdpa':>8s} "
-          f"{'def/sdpa':>8s} {'bst/sdpa':>8s} {'bf16/fp8':>8s}  best variant")
+              f"us = median; %cp, %rd = bytes / t / copy, read-only; %sz = of the same pass over the cell's own "
+              f"bytes (read for decode, copy for Mamba); prev = commit 32e7231's launch")
+    print(f"{'cell':20s} {'default':>8s} {'%cp':>5s} {'%rd':>5s} {'%sz':>5s} {'prev':>8s} {'best':>8s} {'%rd':>5s} "
+          f"{'%sz':>5s} {'sz_us':>8s} {'sdpa':>8s} {'def/sdpa':>8s} {'bf16/fp8':>8s}  best variant")
     for r in res["rows"]:
         v = r["variants"]
         timed = {n: x for n, x in v.items() if "ms" in x and n != "sdpa_flash_contiguous"}
         best_name = min(timed, key=lambda n: timed[n]["ms"]) if timed else None
         best, d = timed.get(best_name), v.get("default")
-        old = v.get("old_order") or v.get("prefetch_off") or v.get("rows1_block256_w8")
         sdpa = v.get("sdpa_flash_contiguous")
         ratio = lambda a, b: f"{a['ms'] / b['ms']:8.3f}" if a and b and "ms" in a and "ms" in b else f"{'-':>8s}"  # noqa: E731
         sp = r.get("bf16_default_over_fp8_default")
-        print(f"{r['label']:20s} {_us(d)} {_pct(d, 'pct_of_copy')} {_pct(d, 'pct_of_read')} {_us(old)} {_us(best)} "
-              f"{_pct(best, 'pct_of_copy')} {_pct(best, 'pct_of_read')} "
-              f"{_us(sdpa)} {ratio(d, sdpa)} {ratio(best, sdpa)} {f'{sp:8.3f}' if sp else f'{chr(45):>8s}'}  "
-              f"{best_name or ''}")
+        sz = r.get("same_bytes")
+        sz_us = f"{r['bytes'] / sz['gbps'] / 1e3:8.1f}" if sz else f"{'-':>8s}"
+        print(f"{r['label']:20s} {_us(d)} {_pct(d, 'pct_of_copy')} {_pct(d, 'pct_of_read')} "
+              f"{_pct(d, 'pct_of_same_bytes')} {_us(v.get('prev_default'))} {_us(best)} {_pct(best, 'pct_of_read')} "
+              f"{_pct(best, 'pct_of_same_bytes')} {sz_us} {_us(sdpa)} {ratio(d, sdpa)} "
+              f"{f'{sp:8.3f}' if sp else f'{chr(45):>8s}'}  {best_name or ''}")
         for name, why in r.get("skipped", {}).items():
             print(f"{'':20s} skipped {name}: {why[:80]}")
         for name in r.get("failures", {}):

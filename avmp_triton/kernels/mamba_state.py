@@ -47,23 +47,6 @@ def _softplus(x):
     return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
 
 
-@triton.jit
-def _rows_unit(handles_ptr, table_ptr, kinds_ptr, i_r, batch, num_handles,
-               ELEM_BYTES: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr):
-    """``_row_unit`` for the ``ROWS`` batch rows ``i_r`` (rows past the batch are not valid)."""
-    first = first_rows(handles_ptr, batch, BLOCK_B)
-    m_r = i_r < batch
-    h = tl.load(handles_ptr + i_r, mask=m_r, other=-1).to(tl.int64)
-    live, o_unit = unit_offset(h, m_r, table_ptr, kinds_ptr, num_handles, KIND_SSM)
-    o_r = tl.arange(0, ROWS)
-    for r in tl.static_range(ROWS):
-        i_b = tl.sum(tl.where(o_r == r, i_r, 0), 0)
-        h_b = tl.sum(tl.where(o_r == r, h, 0), 0)
-        rep = repeated(handles_ptr, first, i_b, h_b, batch, BLOCK_B)
-        live = tl.where((o_r == r) & rep, False, live)
-    return live, tl.where(live, o_unit, 0).to(tl.int64) // ELEM_BYTES
-
-
 @triton.heuristics({
     "HAS_D": lambda args: args["D_ptr"] is not None,
     "HAS_Z": lambda args: args["z_ptr"] is not None,
@@ -95,61 +78,51 @@ def mamba1_state_update_kernel(
     ALIGN: tl.constexpr,      # the state's element offset is a multiple of ALIGN
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,    # next_power_of_2(D_STATE)
-    ROWS: tl.constexpr,       # requests per program
     BLOCK_B: tl.constexpr,    # handles compared at a time in the scan for repeats
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
 ):
-    """One program: requests ``[pid0 * ROWS, +ROWS)``, channels ``[pid1 * BLOCK_D, +BLOCK_D)``,
-    all D_STATE states.
+    """One program: request ``pid0``, channels ``[pid1 * BLOCK_D, +BLOCK_D)``, all D_STATE states.
 
     state = state * exp(A * dt) + B * dt * x;  out = state @ C + D * x;  out *= silu(z)
     with dt = softplus(dt + dt_bias) if DT_SOFTPLUS. fp32 math; the state is stored in its dtype
-    and ``out`` uses the fp32 state before rounding. Each request's ``[BLOCK_D, D_STATE]`` tile is
-    one contiguous run of its state (full-width coalesced accesses). The ROWS requests' tiles are
-    one ``[ROWS, BLOCK_D, D_STATE]`` block, so every state load is issued before any store, and
-    the A tile (fp32, twice a bf16 state tile) is read once for all of them: one request per
-    program re-read A from L2 once per request, as much traffic as the state itself, and a loop
-    over requests serialised each load behind the previous request's store (4 requests: 92 us vs
-    67, perf/results/history/bench_mamba_H100_reqs4_experiment.json).
+    and ``out`` uses the fp32 state before rounding. The tile ``[BLOCK_D, D_STATE]`` is one
+    contiguous run of the state, so it loads and stores with full-width coalesced accesses.
     """
-    i_r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    i_b = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     i_n = tl.arange(0, BLOCK_N)
-    m_r = i_r < batch
     m_d = i_d < d_inner
     m_n = i_n < D_STATE
 
-    valid, o_unit = _rows_unit(handles_ptr, table_ptr, kinds_ptr, i_r, batch, num_handles, ELEM_BYTES, ROWS, BLOCK_B)
-    o_state = tl.multiple_of(o_unit + state_off, ALIGN)                                     # [ROWS]
+    valid, o_unit = _row_unit(handles_ptr, table_ptr, kinds_ptr, i_b, batch, num_handles, ELEM_BYTES, BLOCK_B)
+    o_state = tl.multiple_of(o_unit + state_off, ALIGN)
     m_dn = m_d[:, None] & m_n[None, :]
-    m_st = valid[:, None, None] & m_dn[None, :, :]
-    p_state = state_ptr + o_state[:, None, None] + (i_d[:, None] * D_STATE + i_n[None, :])[None, :, :]
-    b_state = tl.load(p_state, mask=m_st, other=0.0).to(tl.float32)                     # [ROWS, BLOCK_D, BLOCK_N]
+    m_st = both(m_dn, valid)
+    p_state = state_ptr + o_state + i_d[:, None] * D_STATE + i_n[None, :]
+    b_state = tl.load(p_state, mask=m_st, other=0.0).to(tl.float32)
 
-    m_rd = m_r[:, None] & m_d[None, :]
-    b_x = tl.load(x_ptr + i_r[:, None] * stride_x_b + i_d[None, :], mask=m_rd, other=0.0).to(tl.float32)
-    b_dt = tl.load(dt_ptr + i_r[:, None] * stride_dt_b + i_d[None, :], mask=m_rd, other=0.0).to(tl.float32)
+    b_x = tl.load(x_ptr + i_b * stride_x_b + i_d, mask=m_d, other=0.0).to(tl.float32)
+    b_dt = tl.load(dt_ptr + i_b * stride_dt_b + i_d, mask=m_d, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
-        b_dt += tl.load(dt_bias_ptr + i_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+        b_dt += tl.load(dt_bias_ptr + i_d, mask=m_d, other=0.0).to(tl.float32)
     if DT_SOFTPLUS:
         b_dt = _softplus(b_dt)
     b_A = tl.load(A_ptr + i_d[:, None] * stride_A_d + i_n[None, :], mask=m_dn, other=0.0).to(tl.float32)
-    m_rn = m_r[:, None] & m_n[None, :]
-    b_B = tl.load(B_ptr + i_r[:, None] * stride_B_b + i_n[None, :], mask=m_rn, other=0.0).to(tl.float32)
-    b_C = tl.load(C_ptr + i_r[:, None] * stride_C_b + i_n[None, :], mask=m_rn, other=0.0).to(tl.float32)
+    b_B = tl.load(B_ptr + i_b * stride_B_b + i_n, mask=m_n, other=0.0).to(tl.float32)
+    b_C = tl.load(C_ptr + i_b * stride_C_b + i_n, mask=m_n, other=0.0).to(tl.float32)
 
-    b_dA = tl.exp(b_A[None, :, :] * b_dt[:, :, None])
-    b_state = b_state * b_dA + b_B[:, None, :] * (b_dt * b_x)[:, :, None]
+    b_dA = tl.exp(b_A * b_dt[:, None])
+    b_state = b_state * b_dA + b_B[None, :] * (b_dt * b_x)[:, None]
     tl.store(p_state, b_state.to(state_ptr.dtype.element_ty), mask=m_st)
 
-    b_out = tl.sum(b_state * b_C[:, None, :], axis=2)                                    # [ROWS, BLOCK_D]
+    b_out = tl.sum(b_state * b_C[None, :], axis=1)
     if HAS_D:
-        b_out += b_x * tl.load(D_ptr + i_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+        b_out += b_x * tl.load(D_ptr + i_d, mask=m_d, other=0.0).to(tl.float32)
     if HAS_Z:
-        b_z = tl.load(z_ptr + i_r[:, None] * stride_z_b + i_d[None, :], mask=m_rd, other=0.0).to(tl.float32)
+        b_z = tl.load(z_ptr + i_b * stride_z_b + i_d, mask=m_d, other=0.0).to(tl.float32)
         b_out *= b_z * tl.sigmoid(b_z)
-    b_out = tl.where(valid[:, None] & m_d[None, :], b_out, 0.0)
-    tl.store(out_ptr + i_r[:, None] * stride_out_b + i_d[None, :], b_out.to(out_ptr.dtype.element_ty), mask=m_rd)
+    b_out = tl.where(both(m_d, valid), b_out, 0.0)
+    tl.store(out_ptr + i_b * stride_out_b + i_d, b_out.to(out_ptr.dtype.element_ty), mask=m_d)
 
 
 @triton.heuristics({

@@ -59,14 +59,20 @@ def row_mask(m_rows, o_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
+def _kv_rows(i_b, tok0, end, lim, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
              stride_token, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr):
     """Element offsets (int64) of the K rows of tokens ``[tok0, tok0 + BLOCK_N)`` and the mask of
     readable ones. Handles resolve once per page, not per token (per token, the kind check cost 38
-    registers a thread on sm_90). Both are powers of two, so a step is whole pages or part of one."""
+    registers a thread on sm_90). Both are powers of two, so a step is whole pages or part of one.
+
+    The block-table and handle-table loads are bounded by ``lim`` (>= ``end``): an unsplit program
+    passes the table's width, so its first step waits for no load before them (``end`` is the
+    loaded seq_len), one dependent round trip less at the walk's start; split programs pass ``end``
+    (their start waits on seq_len anyway, and the wider bound cost 13-27 registers on sm_90). Pages
+    at or past ``end`` are masked at the token level, so no byte of their units is read."""
     if BLOCK_N >= PAGE_TOKENS:
         i_pg = tok0 // PAGE_TOKENS + tl.arange(0, BLOCK_N // PAGE_TOKENS).to(tl.int64)
-        m_pg = i_pg * PAGE_TOKENS < end
+        m_pg = i_pg * PAGE_TOKENS < lim
         h = tl.load(block_table_ptr + i_b * stride_bt_b + i_pg, mask=m_pg, other=-1).to(tl.int64)
         ok, off = unit_offset(h, m_pg, table_ptr, kinds_ptr, num_handles, KIND_KV)
         o_tok = tl.arange(0, PAGE_TOKENS).to(tl.int64)
@@ -75,8 +81,9 @@ def _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
         row = tl.reshape(tl.where(m, row, 0), [BLOCK_N])
         m = tl.reshape(m, [BLOCK_N])
     else:
-        h = tl.load(block_table_ptr + i_b * stride_bt_b + tok0 // PAGE_TOKENS, mask=tok0 < end, other=-1).to(tl.int64)
-        ok, off = unit_offset(h, tok0 < end, table_ptr, kinds_ptr, num_handles, KIND_KV)
+        m_pg = tok0 < lim
+        h = tl.load(block_table_ptr + i_b * stride_bt_b + tok0 // PAGE_TOKENS, mask=m_pg, other=-1).to(tl.int64)
+        ok, off = unit_offset(h, m_pg, table_ptr, kinds_ptr, num_handles, KIND_KV)
         o_tok = tok0 % PAGE_TOKENS + tl.arange(0, BLOCK_N).to(tl.int64)
         m = both(tok0 - tok0 % PAGE_TOKENS + o_tok < end, ok)
         row = tl.where(m, off // ELEM_BYTES + head_off + o_tok * stride_token, 0)
@@ -148,7 +155,7 @@ def _q_to_f16(q):
 
 
 @triton.jit
-def _walk(q, start, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
+def _walk(q, start, end, lim, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
           head_off, stride_kv, stride_token, qk_scale, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
           BLOCK_D: tl.constexpr, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr,
           USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_DTYPE: tl.constexpr, PIPELINE: tl.constexpr,
@@ -162,7 +169,7 @@ def _walk(q, start, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    row, m = _kv_rows(i_b, start, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
+    row, m = _kv_rows(i_b, start, end, lim, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles, head_off,
                       stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
     if PIPELINE:
         # compiled: a counted loop, which Triton software-pipelines (num_stages)
@@ -170,12 +177,12 @@ def _walk(q, start, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr
         for it in tl.range(0, n_iters):
             tok0 = start + it * BLOCK_N
             if not PREFETCH:
-                row, m = _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
+                row, m = _kv_rows(i_b, tok0, end, lim, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
                                   head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
             b_k, b_v = _load_kv(arena_ptr, row, m, stride_kv, HEAD_DIM, BLOCK_D, DOT_DTYPE)
             m_i, l_i, acc = _softmax_step(q, b_k, b_v, m, m_i, l_i, acc, qk_scale, USE_DOT, DOT_FP32)
             if PREFETCH:
-                row, m = _kv_rows(i_b, tok0 + BLOCK_N, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
+                row, m = _kv_rows(i_b, tok0 + BLOCK_N, end, lim, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
                                   num_handles, head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
     else:
         # the interpreter cannot run range() over loaded bounds
@@ -184,7 +191,7 @@ def _walk(q, start, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr
             b_k, b_v = _load_kv(arena_ptr, row, m, stride_kv, HEAD_DIM, BLOCK_D, DOT_DTYPE)
             m_i, l_i, acc = _softmax_step(q, b_k, b_v, m, m_i, l_i, acc, qk_scale, USE_DOT, DOT_FP32)
             tok0 += BLOCK_N
-            row, m = _kv_rows(i_b, tok0, end, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
+            row, m = _kv_rows(i_b, tok0, end, lim, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr, num_handles,
                               head_off, stride_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
     return m_i, l_i, acc
 
@@ -231,16 +238,18 @@ def paged_decode_kernel(
     q = q.to(DOT_DTYPE)
 
     if NUM_SPLITS == 1:
-        start = seq_len * 0
+        start = i_b * 0      # not seq_len * 0: the first step's handle loads wait on no load
         end = seq_len
+        lim = W * PAGE_TOKENS
     else:
         # splits of one request get equal whole blocks of its own length (balanced per request)
         per = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
         start = i_s * per
         end = tl.minimum(start + per, seq_len)
+        lim = end
     head_off = layer_off + i_kvh * stride_head
 
-    m_i, l_i, acc = _walk(q, start, end, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
+    m_i, l_i, acc = _walk(q, start, end, lim, i_b, arena_ptr, block_table_ptr, stride_bt_b, table_ptr, kinds_ptr,
                           num_handles, head_off, stride_kv, stride_token, qk_scale, GROUP_PAD, HEAD_DIM, BLOCK_D,
                           PAGE_TOKENS, BLOCK_N, ELEM_BYTES, USE_DOT, DOT_FP32, DOT_DTYPE, PIPELINE, PREFETCH)
     if KV_FP8:

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from avmp_triton import _triton_env  # noqa: F401  (before triton: the interpreter on CPU-only hosts)
-from avmp_triton._checks import check_tensor, is_int
+from avmp_triton._checks import check_tensor
 from avmp_triton.kernels import mamba_state as K
 from avmp_triton.memory.cache import PagedCache
 from avmp_triton.ops._args import (
@@ -38,21 +38,21 @@ class MambaStateConfig:
     """Launch shape of a state-update kernel; a field left None comes from the op's launch table."""
     block: int | None = None      # per program: channels (Mamba1, conv) or head rows (Mamba2)
     num_warps: int | None = None
-    rows: int | None = None       # Mamba1 only: requests per program (a power of two)
 
 
 # The kernels are bound by memory: each program should move tens of KB with full-width loads
 # along d_state. Hand-made, never autotuned (an autotuner re-runs a kernel that updates state).
 
-def mamba1_launch_config(d_inner: int, d_state: int, batch: int = 1) -> MambaStateConfig:
-    """A ``[rows, block, d_state]`` tile of ~8192 states per program once the batch allows it
-    (d_state 16: 4 requests x 128 channels, 16 KiB of bf16 state each way and 8 KiB of fp32 A read
-    once for the 4); ~4096 states of one request below 8 rows."""
+def mamba1_launch_config(d_inner: int, d_state: int) -> MambaStateConfig:
+    """A ``[block, d_state]`` tile of ~4096 states of one request per program (d_state 16: 256
+    channels, 8 KiB of bf16 state read and written plus 16 KiB of fp32 A from L2). Several
+    requests per program sharing one A tile lost every cell on the H100 (Jamba bf16, B=256: 89.6 us
+    at best against 73.3; B=64: 29.0 against 24.2;
+    perf/results/sweep_decode_variants_H100_32e7231.json), so there is no such launch."""
     bn = triton.next_power_of_2(d_state)
-    rows = 4 if batch >= 32 else (2 if batch >= 8 else 1)
-    block_d = max(4, min(256, 4096 // bn) // max(1, rows // 2))
+    block_d = max(4, min(256, 4096 // bn))
     block_d = min(block_d, max(4, triton.next_power_of_2(d_inner)))
-    return MambaStateConfig(block=block_d, num_warps=8 if block_d * bn >= 2048 else 4, rows=rows)
+    return MambaStateConfig(block=block_d, num_warps=8 if block_d * bn >= 4096 else 4)
 
 
 def mamba2_launch_config(head_dim: int, d_state: int) -> MambaStateConfig:
@@ -77,27 +77,27 @@ def _mamba1_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
                D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
                ssm_handles: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
                handle_kinds: torch.Tensor, out: torch.Tensor, state_offset: int, state_dtype: torch.dtype,
-               dt_softplus: bool, block_d: int, num_warps: int, rows: int = 1) -> None:
+               dt_softplus: bool, block_d: int, num_warps: int) -> None:
     batch, d_inner = x.shape
     d_state = A.shape[1]
     if batch == 0:
         return
     itemsize = state_dtype.itemsize
     off = state_offset // itemsize
-    grid = (triton.cdiv(batch, rows), triton.cdiv(d_inner, block_d))
+    grid = (batch, triton.cdiv(d_inner, block_d))
     K.mamba1_state_update_kernel[grid](
         arena.view(state_dtype), handle_table, handle_kinds, ssm_handles, x, dt, A, B, C, D, z, dt_bias, out,
         handle_table.numel(), batch, off, d_inner,
         x.stride(0), dt.stride(0), A.stride(0), B.stride(0), C.stride(0),
         z.stride(0) if z is not None else 0, out.stride(0),
         D_STATE=d_state, DT_SOFTPLUS=dt_softplus, ELEM_BYTES=itemsize, ALIGN=_align(off, itemsize),
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), ROWS=rows, BLOCK_B=repeat_block(batch),
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), BLOCK_B=repeat_block(batch),
         num_warps=num_warps)
 
 
 @_mamba1_op.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, ssm_handles, arena, handle_table, handle_kinds, out, state_offset,
-      state_dtype, dt_softplus, block_d, num_warps, rows=1) -> None:
+      state_dtype, dt_softplus, block_d, num_warps) -> None:
     return None
 
 
@@ -156,20 +156,6 @@ def _(x, weight, bias, ssm_handles, arena, handle_table, handle_kinds, out, stat
     return None
 
 
-MAX_ROWS = 16   # Mamba1 requests per program at most
-
-
-def _check_rows(cfg: MambaStateConfig, op: str | None) -> MambaStateConfig:
-    """``rows`` is Mamba1's alone (``op`` None: an op without it, where it must stay unset)."""
-    r = cfg.rows
-    if op is None:
-        if r is not None:
-            raise ValueError(f"rows is a Mamba1 launch field; this op takes none, got rows={r!r}")
-    elif not is_int(r) or not 1 <= r <= MAX_ROWS or r & (r - 1):
-        raise ValueError(f"rows must be a power of two in [1, {MAX_ROWS}], got {r!r}")
-    return cfg
-
-
 def _check_softplus(dt_softplus) -> None:
     if not isinstance(dt_softplus, bool):
         raise TypeError(f"dt_softplus must be a bool, got {dt_softplus!r}")
@@ -200,12 +186,12 @@ def mamba1_state_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
     d, n = layout.d_inner, layout.d_state
     check_mamba1_inputs(dev, batch, d, n, x, dt, A, B, C, D, z, dt_bias)
     _check_softplus(dt_softplus)
-    cfg = _check_rows(resolve_launch(config, mamba1_launch_config(d, n, batch)), "Mamba1")
+    cfg = resolve_launch(config, mamba1_launch_config(d, n))
     out = check_out(out, x)
     check_on_host(cache.handle_table, cache.handle_kinds, ssm_handles)
     torch.ops.avmp.mamba1_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cache.arena, cache.handle_table,
                                        cache.handle_kinds, out, layout.ssm_offset(layer), dtype, dt_softplus,
-                                       cfg.block, cfg.num_warps, cfg.rows)
+                                       cfg.block, cfg.num_warps)
     return out
 
 
@@ -233,7 +219,7 @@ def mamba2_state_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: t
     check_tensor(x, "x", device=dev, beside="the cache", dim=3)
     check_mamba2_inputs(dev, batch, layout, spec, x, dt, A, B, C, D, z, dt_bias)
     _check_softplus(dt_softplus)
-    cfg = _check_rows(resolve_launch(config, mamba2_launch_config(x.shape[2], layout.d_state)), None)
+    cfg = resolve_launch(config, mamba2_launch_config(x.shape[2], layout.d_state))
     out = check_out(out, x)
     check_on_host(cache.handle_table, cache.handle_kinds, ssm_handles)
     torch.ops.avmp.mamba2_state_update(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cache.arena, cache.handle_table,
@@ -274,7 +260,7 @@ def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, ssm_handles: tor
     check_opt_float(bias, "bias", dev, (ch,))
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    cfg = _check_rows(resolve_launch(config, conv1d_launch_config(ch, d_conv)), None)
+    cfg = resolve_launch(config, conv1d_launch_config(ch, d_conv))
     out = check_out(out, x)
     check_on_host(cache.handle_table, cache.handle_kinds, ssm_handles)
     torch.ops.avmp.causal_conv1d_update(x, weight, bias, ssm_handles, cache.arena, cache.handle_table,

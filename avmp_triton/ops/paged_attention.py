@@ -35,6 +35,7 @@ MAX_SPLITS = 128          # explicit num_splits at most
 MAX_AUTO_SPLITS = 32      # what the launcher picks by itself at most
 MIN_BLOCKS_PER_SPLIT = 2  # a split should walk at least this many BLOCK_N blocks of the longest request
 WAVES = 2                 # split until B * Hkv * num_splits fills this many waves of the SMs
+FP8_PREFETCH_MAX_SPLITS = 16  # fp8 split launches prefetch pages below this many splits
 DEFAULT_SM_COUNT = 132    # H100 SXM; used where no CUDA device says otherwise (CPU runs)
 
 
@@ -57,29 +58,36 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
                   pages_per_iter: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, use_dot: bool | None = None,
                   max_registers: int | None = None, block_tokens: int | None = None,
-                  prefetch_rows: bool | None = None) -> DecodeConfig:
+                  prefetch_rows: bool | None = None, kv_fp8: bool = False) -> DecodeConfig:
     """The launch table: a few shape rules, no autotuning; every field can be overridden.
+    ``kv_fp8``: the pages are float8_e4m3fn (the rules below differ for them where measured).
 
     - ``use_dot``: tensor cores for GQA groups of >= 4 q heads (padded to 16 rows; decode is bound by
       memory, so the padding costs nothing but registers); smaller groups broadcast-multiply and sum.
     - ``BLOCK_N``: 64 tokens per step for D <= 128, 32 for D = 256 (dot path); the broadcast path keeps
       its [group, BLOCK_N, D] fp32 product at <= 8192 elements. At least one page, at least 16 tokens,
       except that a page larger than that is walked in steps of that size (a whole 1024-token page
-      per step ran out of shared memory on the H200).
+      per step ran out of shared memory on the H200). Unsplit dot launches over pages that are not
+      fp8 walk 32 tokens a step.
     - ``num_warps``: 4 for D <= 128, else 8.
     - ``num_splits``: enough splits that B * Hkv * splits fills ``WAVES`` waves of ``sm_count`` SMs, but
-      no more than leave ``MIN_BLOCKS_PER_SPLIT`` blocks of the longest context per split.
-    - ``num_stages`` and ``max_registers`` (H200, perf/results/decode_variants_H200/): split
-      launches run 3 stages (B=16 ctx 32768: 494 us against 597 with 2). Unsplit launches with 4
-      warps keep 2 stages and a cap of 128 registers, so 4 programs fit an SM: the compiler's 160
-      left room for 3, and B=64 x 8 KV heads then took two waves of 132 SMs instead of one
-      (387 -> 267 us at B=64 ctx 4096; 20 bytes of spill). Both measured before ``prefetch_rows``;
-      with it (sm_90 compile, no GPU yet) 3 stages double-buffer K/V at 124 registers and 70 KiB of
-      shared memory a program (3 programs an SM, as the 162 registers allowed before), and the
-      unsplit launch needs 158 registers uncapped, so the cap stays
-      (perf/sweep_decode_variants.py times the alternatives).
-    - ``prefetch_rows``: on (resolving a step's pages inside the step left K/V one shared-memory
-      buffer whatever the stages, see ``kernels.paged_attention._walk``).
+      no more than leave ``MIN_BLOCKS_PER_SPLIT`` blocks of the longest context per split (counted
+      in steps of the D rule above).
+    - ``num_stages``: 3, and 4 for split launches over fp8 pages.
+    - ``max_registers``: 128 for unsplit launches with 4 warps, so 4 programs fit an SM (the
+      compiler's 160 left room for 3, and B=64 x 8 KV heads then took two waves of 132 SMs: 387 ->
+      267 us at B=64 ctx 4096 on the H200, perf/results/decode_variants_H200/).
+    - ``prefetch_rows`` (resolve the next step's pages during this step, ``kernels._walk``): on for
+      unsplit launches and for fp8 splits below ``FP8_PREFETCH_MAX_SPLITS``; off for other splits.
+
+    Measured on the H100 (perf/results/sweep_decode_variants_H100_32e7231.json, Jamba: 32/8 heads,
+    D 128, pages of 16): unsplit bf16, 32 tokens and 3 stages beat 64 and 2 (B=64 ctx 512: 61.0 vs
+    62.4 us; ctx 4096: 356.2 vs 361.6); fp8 keeps 64 (32 tokens: 280.5 vs 266.5 us at B=64 ctx
+    4096, 3 stages). Split bf16 launches lose to prefetching at long context (B=16 ctx 32768: 759.6
+    with it, 698.0 without; same splits and stages; neutral at B=16 ctx 4096 and B=1 ctx 32768),
+    while fp8 ones gain from it (B=16 ctx 4096: 82.9 vs 107.9; ctx 32768: 595.5 vs 670.0) except
+    with many short splits (B=1 ctx 32768, 32 splits: 59.2 vs 52.8); 4 stages: fp8 B=16 ctx 32768
+    541.4 vs 595.5 (neutral at ctx 4096), bf16 splits slower (878.8 vs 759.6).
 
     D above is the head dim padded to the kernel's tile (``attn_block_d``: 160 -> 256), which is
     what registers and shared memory go by.
@@ -92,31 +100,39 @@ def decode_config(*, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: 
         block_n = 64 if block_d <= 128 else 32
     else:
         block_n = min(64, max(16, 8192 // (triton.next_power_of_2(group) * block_d)))
+    if num_warps is None:
+        num_warps = 4 if block_d <= 128 else 8
+    if num_splits is None:
+        step = block_n if pages_per_iter is None else _step_tokens(pages_per_iter, page_tokens, block_n)
+        ctas = max(1, batch * num_kv_heads)
+        want = math.ceil(WAVES * sm_count / ctas)
+        blocks = math.ceil(max_seq_len / step)
+        num_splits = max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT, MAX_AUTO_SPLITS))
     if pages_per_iter is None:
+        if num_splits == 1 and use_dot and not kv_fp8:
+            block_n = min(block_n, 32)
         pages_per_iter = max(1, block_n // page_tokens)
-    derived = pages_per_iter * page_tokens
-    if pages_per_iter == 1 and page_tokens > block_n:
-        derived = block_n
+    derived = _step_tokens(pages_per_iter, page_tokens, block_n)
     if block_tokens is not None and block_tokens != derived:
         raise ValueError(f"block_tokens={block_tokens!r} disagrees with pages_per_iter={pages_per_iter} "
                          f"(which gives {derived}); leave it None")
     block_tokens = derived
-    if num_warps is None:
-        num_warps = 4 if block_d <= 128 else 8
-    if num_splits is None:
-        ctas = max(1, batch * num_kv_heads)
-        want = math.ceil(WAVES * sm_count / ctas)
-        blocks = math.ceil(max_seq_len / block_tokens)
-        num_splits = max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT, MAX_AUTO_SPLITS))
     if num_stages is None:
-        num_stages = 3 if num_splits > 1 else 2
+        num_stages = 4 if num_splits > 1 and kv_fp8 else 3
     if max_registers is None and num_splits == 1 and num_warps == 4:
         max_registers = 128
     if prefetch_rows is None:
-        prefetch_rows = True
+        prefetch_rows = num_splits == 1 or (kv_fp8 and num_splits < FP8_PREFETCH_MAX_SPLITS)
     return DecodeConfig(num_splits=num_splits, pages_per_iter=pages_per_iter, block_tokens=block_tokens,
                         num_warps=num_warps, num_stages=num_stages, use_dot=use_dot,
                         max_registers=max_registers, prefetch_rows=prefetch_rows)
+
+
+def _step_tokens(pages_per_iter: int, page_tokens: int, block_n: int) -> int:
+    """Tokens a loop step walks: whole pages, or ``block_n`` of one page larger than that."""
+    if pages_per_iter == 1 and page_tokens > block_n:
+        return block_n
+    return pages_per_iter * page_tokens
 
 
 def decode_workspace_numel(batch: int, num_q_heads: int, head_dim: int, num_splits: int) -> int:
@@ -287,7 +303,7 @@ def paged_decode_attention(q: torch.Tensor, block_table: torch.Tensor, seq_lens:
         raise ValueError(f"max_seq_len must be a non-negative int, got {max_seq_len!r}")
     cfg = decode_config(batch=B, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, page_tokens=layout.page_tokens,
                         max_seq_len=max_seq_len, sm_count=sm_count(dev.index) if dev.type == "cuda" else DEFAULT_SM_COUNT,
-                        **config_overrides(config, DecodeConfig))
+                        kv_fp8=cache.kv_dtype == FP8, **config_overrides(config, DecodeConfig))
     _check_config(cfg, layout.page_tokens)
     out = _check_out(out, q)
     _check_workspace(workspace, decode_workspace_numel(B, Hq, D, cfg.num_splits), cfg.num_splits, dev)

@@ -19,7 +19,6 @@ from avmp_triton.layout import ssm_block_layout
 from avmp_triton.ops.mamba_state import (
     MambaStateConfig,
     causal_conv1d_update,
-    mamba1_launch_config,
     mamba1_state_update,
     mamba2_state_update,
 )
@@ -257,50 +256,6 @@ def test_mamba1_options(seed, opts):
     handles = batch_handles(live, 4)
     layer = 2
     run_ssm_step(alloc, handles, layer, mamba1_inputs(alloc.spec, 4, torch.float32, **flags), **opts)
-
-
-@pytest.mark.parametrize("rows,ssm_dtype", [(2, torch.float32), (4, torch.bfloat16), (8, torch.float32)])
-def test_mamba1_rows_per_program_skip_bad_rows(seed, rows, ssm_dtype, device_checks_only):
-    """Several requests per program over 11 rows (a partial last group), with rows to skip in
-    different groups: -1 (row 5), a freed handle (2), a KV page handle (7), one handle in rows 1
-    and 9 (both). The kept rows match the reference; the skipped ones give zeros and every byte
-    outside the kept rows' states stays as it was."""
-    alloc, live = make_pool(mamba1_spec(ssm_dtype), live=14)
-    layer, lay = 1, ssm_block_layout(alloc.spec)
-    handles = batch_handles(live, 11)
-    handles[9] = handles[1]
-    alloc.free(handles[2:3].clone())
-    handles[7] = alloc.alloc_kv(1)[0]
-    kept = handles.clone()
-    kept[[1, 2, 7, 9]] = -1
-    valid = R.valid_rows(alloc.handle_table, kept)
-    inp = mamba1_inputs(alloc.spec, 11, ssm_dtype)
-    prev = gather_ssm(alloc, kept, layer)
-    want_out, want_state = R.mamba1_state_update_ref(prev, *[inp[k] for k in INPUT_KEYS], True, valid=valid)
-    before = alloc.arena.clone()
-    got = mamba1_state_update(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], handles, PagedCache.of(alloc),
-                              layer=layer, D=inp["D"], z=inp["z"], dt_bias=inp["dt_bias"], dt_softplus=True,
-                              out=nan_like(inp["x"]), config=MambaStateConfig(rows=rows))
-    assert not got.isnan().any(), "an output element was not written"
-    assert torch.equal(got[~valid], torch.zeros_like(got[~valid])), "skipped rows must be zeros"
-    close(got, want_out, ssm_dtype, "out")
-    close(gather_ssm(alloc, kept, layer)[valid], want_state[valid], ssm_dtype, "state")
-    assert_untouched(before, alloc.arena, touched_ranges(alloc, kept, lay.ssm_offset(layer), lay.ssm_layer_bytes))
-
-
-def test_mamba1_launch_table_rows():
-    """Batches of 32 and more take 4 requests per program (A read once for them), smaller ones
-    fewer; ``rows`` is Mamba1's alone and a power of two."""
-    assert [mamba1_launch_config(8192, 16, b).rows for b in (1, 7, 8, 31, 32, 256)] == [1, 1, 2, 2, 4, 4]
-    assert mamba1_launch_config(8192, 16, 256).block == 128 and mamba1_launch_config(8192, 16, 1).block == 256
-    alloc, args = _m1_args()
-    with pytest.raises(ValueError, match=r"rows must be a power of two in \[1, 16\], got 3"):
-        _call_m1(args, config=MambaStateConfig(rows=3))
-    m2, live = make_pool(mamba2_spec())
-    inp = mamba2_inputs(m2.spec, 2, torch.float32)
-    with pytest.raises(ValueError, match="rows is a Mamba1 launch field; this op takes none, got rows=2"):
-        mamba2_state_update(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], live[:2].clone(), PagedCache.of(m2),
-                            layer=1, config=MambaStateConfig(rows=2))
 
 
 @pytest.mark.parametrize("batch", [1, 5])

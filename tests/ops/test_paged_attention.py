@@ -230,6 +230,25 @@ def test_decode_skips_invalid_handles(num_splits, device_checks_only):
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_ignores_entries_past_the_live_length(num_splits, device_checks_only):
+    """Block-table entries past a request's live length are never read as units, whatever they
+    hold (an unsplit launch looks their table entries up before seq_len arrives, then masks
+    them): live KV pages whose rows are all NaN, a freed handle, a handle outside the table."""
+    seq_lens = [40, 17]
+    alloc = make_alloc(make_spec(2), 16, kv_pages=16)
+    bt = scattered_table(alloc, seq_lens, width=5)
+    spare = alloc.alloc_kv(3)
+    fill_arena(alloc, bt, seq_lens)                # everything but the live rows is NaN
+    alloc.free(spare[2:].clone())
+    bt[0, 3:] = spare[:2]                          # NaN pages after row 0's three live ones
+    bt[1, 2] = spare[2]                            # a freed handle after row 1's two
+    bt[1, 3] = alloc.num_handles + 7               # a handle outside the table
+    bt[1, 4] = bt[0, 0]                            # another request's live page
+    _, out = check_decode(alloc, bt, seq_lens, 4, layer=1, config=DecodeConfig(num_splits=num_splits))
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
 def test_decode_all_empty_rows(num_splits):
     alloc = make_alloc(make_spec(2), 16, kv_pages=4)
     bt = scattered_table(alloc, [0, 0], width=3, extra=3)
@@ -612,18 +631,29 @@ def test_decode_config_table():
     assert (c.num_splits, c.pages_per_iter, c.num_warps, c.num_stages, c.use_dot) == (5, 2, 2, 1, True)
 
 
-def test_decode_config_stages_and_register_cap():
-    """Split launches pipeline 3 stages; an unsplit 4-warp launch caps registers at 128 so 4
-    programs share an SM (the H200 measurements in perf/results/decode_variants_H200/)."""
+def test_decode_config_stages_prefetch_and_register_cap():
+    """The H100 table (perf/results/sweep_decode_variants_H100_32e7231.json): 3 stages, 4 for fp8
+    splits; unsplit launches over bf16 pages walk 32 tokens a step, fp8 ones 64; split launches
+    prefetch pages over fp8 only, and not with 16 splits or more; an unsplit 4-warp launch caps
+    registers at 128 so 4 programs share an SM."""
     kw = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, page_tokens=16)
     split = decode_config(batch=16, max_seq_len=32768, **kw)
-    assert split.num_splits > 1 and split.num_stages == 3 and split.max_registers is None
-    whole = decode_config(batch=64, max_seq_len=4096, **kw)
-    assert whole.num_splits == 1 and whole.num_stages == 2 and whole.max_registers == 128
+    assert (split.num_splits, split.block_tokens, split.num_stages, split.max_registers, split.prefetch_rows) == \
+        (3, 64, 3, None, False)
+    fp8 = decode_config(batch=16, max_seq_len=32768, kv_fp8=True, **kw)
+    assert (fp8.num_splits, fp8.block_tokens, fp8.num_stages, fp8.prefetch_rows) == (3, 64, 4, True)
+    many = decode_config(batch=1, max_seq_len=32768, kv_fp8=True, **kw)
+    assert (many.num_splits, many.num_stages, many.prefetch_rows) == (32, 4, False)
+    whole = decode_config(batch=64, max_seq_len=512, **kw)
+    assert (whole.num_splits, whole.pages_per_iter, whole.block_tokens, whole.num_stages, whole.max_registers,
+            whole.prefetch_rows) == (1, 2, 32, 3, 128, True)
+    whole8 = decode_config(batch=64, max_seq_len=4096, kv_fp8=True, **kw)
+    assert (whole8.num_splits, whole8.block_tokens, whole8.num_stages, whole8.max_registers) == (1, 64, 3, 128)
     wide = decode_config(batch=64, max_seq_len=4096, num_q_heads=32, num_kv_heads=8, head_dim=256, page_tokens=16)
-    assert wide.num_warps == 8 and wide.max_registers is None
-    mine = decode_config(batch=64, max_seq_len=4096, num_stages=4, max_registers=168, **kw)
-    assert (mine.num_stages, mine.max_registers) == (4, 168)
+    assert wide.num_warps == 8 and wide.max_registers is None and wide.block_tokens == 32
+    mine = decode_config(batch=64, max_seq_len=4096, num_stages=4, max_registers=168, pages_per_iter=4,
+                         prefetch_rows=False, **kw)
+    assert (mine.num_stages, mine.max_registers, mine.block_tokens, mine.prefetch_rows) == (4, 168, 64, False)
 
 
 def _compile_case():
