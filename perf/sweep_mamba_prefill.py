@@ -1,7 +1,8 @@
 """Mamba prefill variants (GPU, one call): our Mamba2 scan (the fused walk over whole requests vs
 the segmented three-pass scan at several segment sizes and tiles), our causal conv1d launch
 shapes, and our Mamba1 scan (the unrolled serial walk vs the associative-scan chunks) at
-perf/bench_prefill.py's shapes and setup, beside vLLM's Triton kernels where vendored.
+perf/bench_prefill.py's shapes and setup, beside vLLM's Triton kernels where vendored; Mamba2 and
+the conv also with their loads pipelined (``stages``).
 
     python3 perf/sweep_mamba_prefill.py --out FILE [--no-vllm] [--rep MS] [--budget S] [--op ...]
     python3 perf/sweep_mamba_prefill.py --smoke      # CPU: tiny shapes in Triton's interpreter, checks only
@@ -45,26 +46,32 @@ from avmp_triton.ops.mamba_prefill import (  # noqa: E402
 
 SHAPES = [BP.Shape(1, 4096), BP.Shape(4, 1024), BP.Shape(16, 512), BP.Shape(4, 512, 1024)]
 VLLM_CHUNK = BP.NEMOTRON_CHUNK_SIZE
-# name -> config; "auto" is what the launchers pick by themselves (the shipped default)
+# name -> config; "auto" is what the launchers pick by themselves (the shipped default). Losers of
+# perf/results/sweep_mamba_prefill_H100_32e7231.log dropped (segments of 256, 32-row tiles, 8 warps,
+# chunks of 128; conv t16/t32 and 256 channels; Mamba1 serial 64 channels); "sN": N chunks or token
+# blocks in flight per program (Mamba2: Triton's pipeliner over a counted loop; conv: next block
+# loaded ahead).
 M2 = {"auto": Cfg(algorithm="chunked"),
-      "whole c64": Cfg(algorithm="chunked", segment=0),          # one program per (request, head): before
-      "seg256": Cfg(algorithm="chunked", segment=256),
-      "seg512": Cfg(algorithm="chunked", segment=512),
+      "whole c64": Cfg(algorithm="chunked", segment=0),          # one program per (request, head)
       "seg1024": Cfg(algorithm="chunked", segment=1024),
-      "seg256 p32": Cfg(algorithm="chunked", segment=256, block=32),
-      "seg512 w8": Cfg(algorithm="chunked", segment=512, num_warps=8),
-      "seg512 c128 w8": Cfg(algorithm="chunked", segment=512, chunk_size=128, num_warps=8)}
+      "whole s2": Cfg(algorithm="chunked", segment=0, stages=2),
+      "seg1024 s2": Cfg(algorithm="chunked", segment=1024, stages=2),
+      "seg1024 s3": Cfg(algorithm="chunked", segment=1024, stages=3),
+      "whole c32 s2": Cfg(algorithm="chunked", segment=0, chunk_size=32, stages=2),   # no spills on sm_90
+      "seg1024 c32": Cfg(algorithm="chunked", segment=1024, chunk_size=32),
+      "seg1024 c32 s2": Cfg(algorithm="chunked", segment=1024, chunk_size=32, stages=2)}
 CONV = {"auto": Cfg(),
-        "t16 c512 w2": Cfg(block_t=16, block=512, num_warps=2),
-        "t8 c256 w1": Cfg(block_t=8, block=256, num_warps=1),
-        "t8 c1024 w4": Cfg(block_t=8, block=1024, num_warps=4),
-        "t32 c512 w4": Cfg(block_t=32, block=512, num_warps=4)}
-M1 = {"auto": Cfg(),                                              # serial, unroll 8, 32 channels, 1 warp
+        "t8 c512 w2 s1": Cfg(block_t=8, block=512, num_warps=2, stages=1),
+        "t8 c1024 w4 s1": Cfg(block_t=8, block=1024, num_warps=4, stages=1),
+        "t8 c1024 w4 s2": Cfg(block_t=8, block=1024, num_warps=4, stages=2),
+        "t8 c512 w4 s2": Cfg(block_t=8, block=512, num_warps=4, stages=2)}    # 4 channels a thread: fewer registers
+M1 = {"auto": Cfg(),                         # chunked when requests average over 1024 tokens, else serial
       "chunked (before)": Cfg(algorithm="chunked"),
-      "serial u16 d32 w1": Cfg(algorithm="serial", chunk_size=16, block=32, num_warps=1),
-      "serial u4 d32 w1": Cfg(algorithm="serial", chunk_size=4, block=32, num_warps=1),
       "serial u8 d16 w1": Cfg(algorithm="serial", chunk_size=8, block=16, num_warps=1),
-      "serial u8 d64 w2": Cfg(algorithm="serial", chunk_size=8, block=64, num_warps=2)}
+      "serial u16 d16 w1": Cfg(algorithm="serial", chunk_size=16, block=16, num_warps=1),
+      "serial u32 d16 w1": Cfg(algorithm="serial", chunk_size=32, block=16, num_warps=1),
+      "serial u4 d32 w1": Cfg(algorithm="serial", chunk_size=4, block=32, num_warps=1),
+      "serial u8 d32 w1": Cfg(algorithm="serial", chunk_size=8, block=32, num_warps=1)}
 BASELINE = {"mamba2": "vllm", "conv1d": "vllm", "mamba1": "chunked (before)"}
 
 # --smoke: tiny specs (fp32, the interpreter), segments and chunks small enough to cross
@@ -77,10 +84,13 @@ SMOKE_SPECS = dict(
                            mamba_version=1, d_inner=24, d_state=8, d_conv=4))
 SMOKE_M2 = {"auto": Cfg(algorithm="chunked", chunk_size=16), "whole": Cfg(algorithm="chunked", chunk_size=16, segment=0),
             "seg16": Cfg(algorithm="chunked", chunk_size=16, segment=16),
-            "seg32": Cfg(algorithm="chunked", chunk_size=16, segment=32)}
-SMOKE_CONV = {"auto": Cfg(), "t4 c16 w1": Cfg(block_t=4, block=16, num_warps=1)}
+            "seg32": Cfg(algorithm="chunked", chunk_size=16, segment=32),
+            "seg32 s2": Cfg(algorithm="chunked", chunk_size=16, segment=32, stages=2)}   # the interpreter runs 1
+SMOKE_CONV = {"auto": Cfg(), "t4 c16 w1 s1": Cfg(block_t=4, block=16, num_warps=1, stages=1),
+              "t4 c16 w1 s2": Cfg(block_t=4, block=16, num_warps=1, stages=2)}
 SMOKE_M1 = {"auto": Cfg(chunk_size=4), "chunked (before)": Cfg(algorithm="chunked", chunk_size=4),
-            "serial u8 d8 w1": Cfg(algorithm="serial", chunk_size=8, block=8, num_warps=1)}
+            "serial u8 d8 w1": Cfg(algorithm="serial", chunk_size=8, block=8, num_warps=1),
+            "serial u32 d8 w1": Cfg(algorithm="serial", chunk_size=32, block=8, num_warps=1)}
 
 
 def compiled_kernels() -> dict:

@@ -62,14 +62,36 @@ def _silu(x):
 
 
 @triton.jit
-def _conv_input_row(x_ptr, state_ptr, base, pos, start, has_init, stride_x_t, C, o_c, m_c, WIDTH: tl.constexpr):
+def _conv_input_row(x_ptr, state_ptr, base, pos, start, end, has_init, stride_x_t, C, o_c, m_c, WIDTH: tl.constexpr):
     """Input row ``pos`` of a request's window, fp32 [BLOCK_C]: x inside the chunk, before it the
-    block's conv state row (pos - start + WIDTH - 1) if it has one, else zeros."""
+    block's conv state row (pos - start + WIDTH - 1) if it has one, else zeros (and zeros from
+    ``end`` on: a worker with no tokens asks for rows past the request)."""
     row = pos - start + (WIDTH - 1)
     from_state = (pos < start) & has_init & (row >= 0)
-    b_x = tl.load(x_ptr + pos.to(tl.int64) * stride_x_t + o_c, mask=both(m_c, pos >= start), other=0.0)
+    b_x = tl.load(x_ptr + pos.to(tl.int64) * stride_x_t + o_c, mask=both(m_c, (pos >= start) & (pos < end)), other=0.0)
     b_s = tl.load(state_ptr + base + row.to(tl.int64) * C + o_c, mask=both(m_c, from_state), other=0.0)
     return b_x.to(tl.float32) + b_s.to(tl.float32)
+
+
+@triton.jit
+def _conv_tile(x_ptr, t0, stop, o_l, o_c, m_c, stride_x_t):
+    """x rows ``[t0, t0 + BLOCK_T)`` in x's dtype, zeros from ``stop`` on."""
+    o_t = t0 + o_l
+    return tl.load(x_ptr + o_t.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
+                   mask=(o_t < stop)[:, None] & m_c[None, :], other=0.0)
+
+
+@triton.jit
+def _conv_taps(w_ptr, bias_ptr, o_c, m_c, stride_w_c, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Tap weights from the newest input back (taps past WIDTH are zero) and the bias, fp32."""
+    w0 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 1), mask=m_c, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 2), mask=m_c & (WIDTH >= 2), other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 3), mask=m_c & (WIDTH >= 3), other=0.0).to(tl.float32)
+    w3 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 4), mask=m_c & (WIDTH >= 4), other=0.0).to(tl.float32)
+    b_bias = tl.zeros_like(w0)
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    return w0, w1, w2, w3, b_bias
 
 
 @triton.jit
@@ -90,15 +112,17 @@ def causal_conv1d_prefill_kernel(
     WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_B: tl.constexpr,    # handles scanned at a time for repeats
+    STAGES: tl.constexpr,     # 2: the next token block is loaded before this one is computed and stored
 ):
-    """Grid (B + 1, cdiv(C, BLOCK_C), WORKERS); WIDTH <= 4. Worker w of a request does its token
-    blocks w, w + WORKERS, ... (a grid that does not grow with the longest request, which the host
-    does not know without a sync).
+    """Grid (B + 1, cdiv(C, BLOCK_C), WORKERS); WIDTH <= 4. Worker w of a request does an equal,
+    contiguous span of its token blocks (a grid that does not grow with the longest request).
 
     A block's [BLOCK_T, BLOCK_C] inputs are loaded in one go, then a window of the last three rows
-    slides over them (each input read once, all loads issued before the first store: stores to
-    ``out`` may alias ``x`` as far as the compiler knows). Row i is picked from the tile by a
-    select-sum with a constant index; the token axis is in-thread, so it folds to register moves.
+    slides over them, carried from block to block (only a span's first block reads rows before
+    it). Row i is picked from the tile by a select-sum with a constant index; the token axis is
+    in-thread, so it folds to register moves. Stores to ``out`` may alias ``x`` as far as the
+    compiler knows, so no load moves above an earlier store: STAGES = 2 issues the next block's
+    load before this block's stores.
 
     Only worker 0 touches the state: its first block holds the only tokens whose window reaches
     back before the chunk (BLOCK_T >= WIDTH - 1), and it writes the new state after a barrier, so
@@ -112,24 +136,23 @@ def causal_conv1d_prefill_kernel(
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     o_l = tl.arange(0, BLOCK_T)
-    # tap weights from the newest input back; taps past WIDTH are zero
-    w0 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 1), mask=m_c, other=0.0).to(tl.float32)
-    w1 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 2), mask=m_c & (WIDTH >= 2), other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 3), mask=m_c & (WIDTH >= 3), other=0.0).to(tl.float32)
-    w3 = tl.load(w_ptr + o_c * stride_w_c + (WIDTH - 4), mask=m_c & (WIDTH >= 4), other=0.0).to(tl.float32)
-    b_bias = tl.zeros((BLOCK_C,), tl.float32)
-    if HAS_BIAS:
-        b_bias = tl.load(bias_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    w0, w1, w2, w3, b_bias = _conv_taps(w_ptr, bias_ptr, o_c, m_c, stride_w_c, WIDTH, HAS_BIAS)
     m_act = both(m_c, active)   # output lanes of an active request (others are written as zeros)
 
-    t0 = start + i_w * BLOCK_T
-    while t0 < end:
-        o_t = t0 + o_l
-        b_tile = tl.load(x_ptr + o_t.to(tl.int64)[:, None] * stride_x_t + o_c[None, :],
-                         mask=(o_t < end)[:, None] & m_c[None, :], other=0.0).to(tl.float32)
-        h1 = _conv_input_row(x_ptr, state_ptr, base, t0 - 1, start, has_init, stride_x_t, C, o_c, m_c, WIDTH)
-        h2 = _conv_input_row(x_ptr, state_ptr, base, t0 - 2, start, has_init, stride_x_t, C, o_c, m_c, WIDTH)
-        h3 = _conv_input_row(x_ptr, state_ptr, base, t0 - 3, start, has_init, stride_x_t, C, o_c, m_c, WIDTH)
+    span = tl.cdiv(tl.cdiv(end - start, BLOCK_T), workers) * BLOCK_T
+    t0 = tl.minimum(start + i_w * span, end)
+    stop = tl.minimum(t0 + span, end)
+    h1 = _conv_input_row(x_ptr, state_ptr, base, t0 - 1, start, end, has_init, stride_x_t, C, o_c, m_c, WIDTH)
+    h2 = _conv_input_row(x_ptr, state_ptr, base, t0 - 2, start, end, has_init, stride_x_t, C, o_c, m_c, WIDTH)
+    h3 = _conv_input_row(x_ptr, state_ptr, base, t0 - 3, start, end, has_init, stride_x_t, C, o_c, m_c, WIDTH)
+    if STAGES > 1:
+        b_next = _conv_tile(x_ptr, t0, stop, o_l, o_c, m_c, stride_x_t)
+    while t0 < stop:
+        if STAGES > 1:
+            b_tile = b_next.to(tl.float32)
+            b_next = _conv_tile(x_ptr, t0 + BLOCK_T, stop, o_l, o_c, m_c, stride_x_t)
+        else:
+            b_tile = _conv_tile(x_ptr, t0, stop, o_l, o_c, m_c, stride_x_t).to(tl.float32)
         for i in tl.static_range(BLOCK_T):
             b_x = tl.sum(tl.where((o_l == i)[:, None], b_tile, -0.0), axis=0)   # -0.0: x + -0.0 == x
             acc = b_bias + w0 * b_x + w1 * h1 + w2 * h2 + w3 * h3
@@ -138,11 +161,11 @@ def causal_conv1d_prefill_kernel(
             acc = tl.where(m_act, acc, 0.0)
             t = t0 + i
             tl.store(out_ptr + t.to(tl.int64) * stride_out_t + o_c, acc.to(out_ptr.dtype.element_ty),
-                     mask=both(m_c, t < end))
+                     mask=both(m_c, t < stop))
             h3 = h2
             h2 = h1
             h1 = b_x
-        t0 += workers * BLOCK_T
+        t0 += BLOCK_T
 
     if WIDTH > 1:
         _conv_write_state(x_ptr, state_ptr, base, start, end, active & (i_w == 0), has_init, stride_x_t, C,
@@ -193,10 +216,11 @@ def _mamba1_tile(A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N
 
 
 @triton.jit
-def _mamba1_token(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, t, end, o_d, m_d, o_n, m_n, m_act, b_A, b_D,
-                  b_bias, stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t, stride_out_t,
+def _mamba1_token(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, b_h, t, end, o_d, m_d, o_n, m_n, m_act, b_A, b_D,
+                  b_bias, stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t,
                   HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr):
-    """One token of the Mamba1 recurrence (none past ``end``: dt = 0 keeps the state); returns h."""
+    """One token of the Mamba1 recurrence (none past ``end``: dt = 0 keeps the state); returns h
+    and the token's output (zeros outside ``m_act``), which the caller stores."""
     m_t = t < end
     t64 = t.to(tl.int64)
     b_x = tl.load(x_ptr + t64 * stride_x_t + o_d, mask=both(m_d, m_t), other=0.0).to(tl.float32)
@@ -215,9 +239,7 @@ def _mamba1_token(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, t, end, o_d,
     if HAS_Z:
         b_z = tl.load(z_ptr + t64 * stride_z_t + o_d, mask=both(m_d, m_t), other=0.0).to(tl.float32)
         b_y *= _silu(b_z)
-    b_y = tl.where(m_act, b_y, 0.0)
-    tl.store(out_ptr + t64 * stride_out_t + o_d, b_y.to(out_ptr.dtype.element_ty), mask=both(m_d, m_t))
-    return b_h
+    return b_h, tl.where(m_act, b_y, 0.0)
 
 
 @triton.jit
@@ -243,9 +265,12 @@ def mamba1_scan_prefill_kernel(
     """Grid (B + 1, cdiv(D, BLOCK_D)): one program carries a [BLOCK_D, N] state through the
     request's tokens in registers. h = exp(dt A) h + dt x B;  y = h C + D x;  y *= silu(z).
 
-    UNROLL tokens per loop step in straight-line code: their loads depend on no state, so they
-    issue together and one memory round trip serves UNROLL tokens (a loop of one token per step
-    waits for its loads every token: latency bound, 6.9 ms for Jamba at 1 x 4096 on an H200)."""
+    UNROLL tokens per loop step in straight-line code, their outputs gathered into one
+    [UNROLL, BLOCK_D] tile stored at the end of the step. Stores to ``out`` may alias the inputs as
+    far as the compiler knows, so no load moves above an earlier store: a store per token made
+    every token wait a full memory round trip for its loads (~1.1 us a token, 4.5 ms for Jamba
+    at 1 x 4096 on an H100, perf/results/sweep_mamba_prefill_H100_32e7231.log); with the store at
+    the end, the step's loads depend on no store and one round trip serves UNROLL tokens."""
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
     start, end, active, has_init, base = _request(i_b, B, T, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr,
@@ -254,13 +279,19 @@ def mamba1_scan_prefill_kernel(
         A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_d, D, N, stride_A_d, HAS_D, HAS_DT_BIAS,
         BLOCK_D, BLOCK_N)
     m_act = both(m_d, active)   # output lanes of an active request (others are written as zeros)
+    o_u = tl.arange(0, UNROLL)
 
     t = start
     while t < end:
+        b_ys = tl.zeros((UNROLL, BLOCK_D), tl.float32)
         for i in tl.static_range(UNROLL):
-            b_h = _mamba1_token(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, t + i, end, o_d, m_d, o_n, m_n,
-                                m_act, b_A, b_D, b_bias, stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t,
-                                stride_out_t, HAS_Z, HAS_D, HAS_DT_BIAS, DT_SOFTPLUS)
+            b_h, b_y = _mamba1_token(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, b_h, t + i, end, o_d, m_d, o_n, m_n, m_act,
+                                     b_A, b_D, b_bias, stride_x_t, stride_dt_t, stride_z_t, stride_B_t, stride_C_t,
+                                     HAS_Z, HAS_D, HAS_DT_BIAS, DT_SOFTPLUS)
+            b_ys = tl.where((o_u == i)[:, None], b_y[None, :], b_ys)
+        o_t = t + o_u
+        tl.store(out_ptr + o_t.to(tl.int64)[:, None] * stride_out_t + o_d[None, :], b_ys.to(out_ptr.dtype.element_ty),
+                 mask=(o_t < end)[:, None] & m_d[None, :])
         t += UNROLL
     tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=both(m_dn, active))
 
@@ -509,6 +540,62 @@ def _ssd_chunk_out(C_ptr, z_ptr, out_ptr, b_h, o_t, m_t, b_dt, b_cum, b_x, b_B, 
 
 
 @triton.jit
+def _ssd_chunk(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, c0, end, i_h, i_g, o_l, causal, o_p, m_p, o_n, m_n,
+               m_act, b_A, b_D, b_bias, stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t,
+               stride_B_g, stride_C_t, stride_C_g, stride_out_t, stride_out_h,
+               HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+               LAST_STATE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Chunk ``[c0, c0 + CHUNK)`` of a walk ending at ``end``: its outputs stored from the entering
+    state ``b_h``; returns the state after it (after the walk's last chunk only if LAST_STATE)."""
+    o_t, m_t, b_dt, b_cum, b_last, b_x, b_B = _ssd_chunk_in(
+        x_ptr, dt_ptr, B_ptr, c0, end, i_h, i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias, stride_x_t, stride_x_h,
+        stride_dt_t, stride_B_t, stride_B_g, HAS_DT_BIAS, DT_SOFTPLUS)
+    _ssd_chunk_out(C_ptr, z_ptr, out_ptr, b_h, o_t, m_t, b_dt, b_cum, b_x, b_B, i_h, i_g, causal, o_p, m_p, o_n,
+                   m_n, m_act, b_D, stride_z_t, stride_z_h, stride_C_t, stride_C_g, stride_out_t, stride_out_h,
+                   HAS_Z, HAS_D, DOT_DTYPE, DOT_PRECISION)
+    if LAST_STATE:
+        b_h = _ssd_state_step(b_h, b_x, b_B, b_dt, b_cum, b_last, DOT_DTYPE, DOT_PRECISION)
+    elif c0 + o_l.shape[0] < end:
+        b_h = _ssd_state_step(b_h, b_x, b_B, b_dt, b_cum, b_last, DOT_DTYPE, DOT_PRECISION)
+    return b_h
+
+
+@triton.jit
+def _ssd_walk(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, start, end, i_h, i_g, o_p, m_p, o_n, m_n, m_act,
+              b_A, b_D, b_bias, stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t, stride_B_g,
+              stride_C_t, stride_C_g, stride_out_t, stride_out_h,
+              HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+              LAST_STATE: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """Tokens ``[start, end)`` CHUNK at a time from the state ``b_h`` (``_ssd_chunk``); returns the
+    state after them (LAST_STATE) or before their last chunk.
+
+    STAGES > 1 runs a counted loop that Triton's pipeliner software-pipelines, the next chunks'
+    loads issued under this chunk's math (a while loop is never pipelined, and as stores to ``out``
+    may alias the inputs as far as the compiler knows, there each chunk waits a memory round trip
+    for its loads). The counted loop needs a scalar bound, which Triton 3.6's interpreter cannot
+    loop to (it holds scalars as 1-element arrays): the launcher runs STAGES = 1 there."""
+    o_l = tl.arange(0, CHUNK)
+    causal = o_l[:, None] >= o_l[None, :]
+    if STAGES > 1:
+        for k in tl.range(0, tl.cdiv(end - start, CHUNK), num_stages=STAGES):
+            b_h = _ssd_chunk(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, start + k * CHUNK, end, i_h, i_g, o_l,
+                             causal, o_p, m_p, o_n, m_n, m_act, b_A, b_D, b_bias, stride_x_t, stride_x_h, stride_dt_t,
+                             stride_z_t, stride_z_h, stride_B_t, stride_B_g, stride_C_t, stride_C_g, stride_out_t,
+                             stride_out_h, HAS_Z, HAS_D, HAS_DT_BIAS, DT_SOFTPLUS, LAST_STATE, DOT_DTYPE,
+                             DOT_PRECISION)
+    else:
+        c0 = start
+        while c0 < end:
+            b_h = _ssd_chunk(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, c0, end, i_h, i_g, o_l, causal, o_p,
+                             m_p, o_n, m_n, m_act, b_A, b_D, b_bias, stride_x_t, stride_x_h, stride_dt_t, stride_z_t,
+                             stride_z_h, stride_B_t, stride_B_g, stride_C_t, stride_C_g, stride_out_t, stride_out_h,
+                             HAS_Z, HAS_D, HAS_DT_BIAS, DT_SOFTPLUS, LAST_STATE, DOT_DTYPE, DOT_PRECISION)
+            c0 += CHUNK
+    return b_h
+
+
+@triton.jit
 def mamba2_chunk_scan_prefill_kernel(
     x_ptr, dt_ptr, z_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, out_ptr,  # as the serial kernel
     state_ptr, table_ptr, kinds_ptr, handles_ptr, cu_ptr, init_ptr,
@@ -519,7 +606,7 @@ def mamba2_chunk_scan_prefill_kernel(
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Chunked Mamba2 (SSD) scan, fused: grid (B + 1, NH, cdiv(P, BLOCK_P)); one program walks its
     request CHUNK tokens at a time, the [BLOCK_P, N] state passed from chunk to chunk in registers
@@ -539,19 +626,10 @@ def mamba2_chunk_scan_prefill_kernel(
         A_ptr, D_ptr, dt_bias_ptr, state_ptr, base, has_init, i_h, i_p, P, N, HAS_D, HAS_DT_BIAS,
         BLOCK_P, BLOCK_N)
     m_act = both(m_p, active)   # output lanes of an active request (others are written as zeros)
-    o_l = tl.arange(0, CHUNK)
-    causal = o_l[:, None] >= o_l[None, :]
-
-    c0 = start
-    while c0 < end:
-        o_t, m_t, b_dt, b_cum, b_last, b_x, b_B = _ssd_chunk_in(
-            x_ptr, dt_ptr, B_ptr, c0, end, i_h, i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias, stride_x_t, stride_x_h,
-            stride_dt_t, stride_B_t, stride_B_g, HAS_DT_BIAS, DT_SOFTPLUS)
-        _ssd_chunk_out(C_ptr, z_ptr, out_ptr, b_h, o_t, m_t, b_dt, b_cum, b_x, b_B, i_h, i_g, causal, o_p, m_p, o_n,
-                       m_n, m_act, b_D, stride_z_t, stride_z_h, stride_C_t, stride_C_g, stride_out_t, stride_out_h,
-                       HAS_Z, HAS_D, DOT_DTYPE, DOT_PRECISION)
-        b_h = _ssd_state_step(b_h, b_x, b_B, b_dt, b_cum, b_last, DOT_DTYPE, DOT_PRECISION)
-        c0 += CHUNK
+    b_h = _ssd_walk(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, start, end, i_h, i_g, o_p, m_p, o_n, m_n, m_act,
+                    b_A, b_D, b_bias, stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t,
+                    stride_B_g, stride_C_t, stride_C_g, stride_out_t, stride_out_h, HAS_Z, HAS_D, HAS_DT_BIAS,
+                    DT_SOFTPLUS, True, CHUNK, STAGES, DOT_DTYPE, DOT_PRECISION)
     tl.store(p_state, b_h.to(state_ptr.dtype.element_ty), mask=both(m_pn, active))
 
 
@@ -630,6 +708,17 @@ def _segment_range(i_s, S, cu_ptr, handles_ptr, init_ptr, table_ptr, kinds_ptr, 
 
 
 @triton.jit
+def _ssd_local_chunk(x_ptr, dt_ptr, B_ptr, b_h, b_decay, c0, end, i_h, i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias,
+                     stride_x_t, stride_x_h, stride_dt_t, stride_B_t, stride_B_g, HAS_DT_BIAS: tl.constexpr,
+                     DT_SOFTPLUS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Pass 1's step over chunk ``[c0, c0 + CHUNK)``: (state after it, decay so far)."""
+    o_t, m_t, b_dt, b_cum, b_last, b_x, b_B = _ssd_chunk_in(
+        x_ptr, dt_ptr, B_ptr, c0, end, i_h, i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias, stride_x_t, stride_x_h,
+        stride_dt_t, stride_B_t, stride_B_g, HAS_DT_BIAS, DT_SOFTPLUS)
+    return _ssd_state_step(b_h, b_x, b_B, b_dt, b_cum, b_last, DOT_DTYPE, DOT_PRECISION), b_decay + b_last
+
+
+@triton.jit
 def mamba2_segment_state_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr,
     seg_state_ptr,    # [S, NH, P, N] fp32 out: the state each segment leaves when it starts from zeros
@@ -640,7 +729,7 @@ def mamba2_segment_state_kernel(
     stride_x_t, stride_x_h, stride_dt_t, stride_B_t, stride_B_g,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Pass 1 of the segmented Mamba2 scan. Grid (S, NH, cdiv(P, BLOCK_P)): each slot's segment of
     one request, chunk by chunk from a zero state, in parallel over the segments of a request."""
@@ -655,14 +744,19 @@ def mamba2_segment_state_kernel(
         A_ptr, A_ptr, dt_bias_ptr, seg_state_ptr, 0, False, i_h, i_p, P, N, False, HAS_DT_BIAS, BLOCK_P, BLOCK_N)
     o_l = tl.arange(0, CHUNK)
     b_decay = tl.sum(tl.zeros((CHUNK,), tl.float32), 0)
-    c0 = seg_start
-    while c0 < seg_end:
-        o_t, m_t, b_dt, b_cum, b_last, b_x, b_B = _ssd_chunk_in(
-            x_ptr, dt_ptr, B_ptr, c0, seg_end, i_h, i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias, stride_x_t,
-            stride_x_h, stride_dt_t, stride_B_t, stride_B_g, HAS_DT_BIAS, DT_SOFTPLUS)
-        b_h = _ssd_state_step(b_h, b_x, b_B, b_dt, b_cum, b_last, DOT_DTYPE, DOT_PRECISION)
-        b_decay += b_last
-        c0 += CHUNK
+    if STAGES > 1:   # pipelined as in _ssd_walk
+        for k in tl.range(0, tl.cdiv(seg_end - seg_start, CHUNK), num_stages=STAGES):
+            b_h, b_decay = _ssd_local_chunk(x_ptr, dt_ptr, B_ptr, b_h, b_decay, seg_start + k * CHUNK, seg_end, i_h,
+                                            i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias, stride_x_t, stride_x_h,
+                                            stride_dt_t, stride_B_t, stride_B_g, HAS_DT_BIAS, DT_SOFTPLUS, DOT_DTYPE,
+                                            DOT_PRECISION)
+    else:
+        c0 = seg_start
+        while c0 < seg_end:
+            b_h, b_decay = _ssd_local_chunk(x_ptr, dt_ptr, B_ptr, b_h, b_decay, c0, seg_end, i_h, i_g, o_l, o_p, m_p,
+                                            o_n, m_n, b_A, b_bias, stride_x_t, stride_x_h, stride_dt_t, stride_B_t,
+                                            stride_B_g, HAS_DT_BIAS, DT_SOFTPLUS, DOT_DTYPE, DOT_PRECISION)
+            c0 += CHUNK
     row = i_s.to(tl.int64) * NH + i_h
     tl.store(seg_state_ptr + row * P * N + o_p[:, None] * N + o_n[None, :], b_h, mask=m_pn)
     tl.store(seg_decay_ptr + row, b_decay, mask=i_p == 0)
@@ -717,7 +811,7 @@ def mamba2_segment_scan_kernel(
     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Pass 3: grid (S + 1, NH, cdiv(P, BLOCK_P)); each slot's segment walked as the fused kernel
     walks a request, from the state pass 2 left for it; slot S writes the packed tail's zeros. The
@@ -733,16 +827,7 @@ def mamba2_segment_scan_kernel(
         A_ptr, D_ptr, dt_bias_ptr, seg_state_ptr, (row - i_h) * P * N, active, i_h, i_p, P, N, HAS_D, HAS_DT_BIAS,
         BLOCK_P, BLOCK_N)
     m_act = both(m_p, active)
-    o_l = tl.arange(0, CHUNK)
-    causal = o_l[:, None] >= o_l[None, :]
-    c0 = seg_start
-    while c0 < seg_end:
-        o_t, m_t, b_dt, b_cum, b_last, b_x, b_B = _ssd_chunk_in(
-            x_ptr, dt_ptr, B_ptr, c0, seg_end, i_h, i_g, o_l, o_p, m_p, o_n, m_n, b_A, b_bias, stride_x_t,
-            stride_x_h, stride_dt_t, stride_B_t, stride_B_g, HAS_DT_BIAS, DT_SOFTPLUS)
-        _ssd_chunk_out(C_ptr, z_ptr, out_ptr, b_h, o_t, m_t, b_dt, b_cum, b_x, b_B, i_h, i_g, causal, o_p, m_p, o_n,
-                       m_n, m_act, b_D, stride_z_t, stride_z_h, stride_C_t, stride_C_g, stride_out_t, stride_out_h,
-                       HAS_Z, HAS_D, DOT_DTYPE, DOT_PRECISION)
-        if c0 + CHUNK < seg_end:
-            b_h = _ssd_state_step(b_h, b_x, b_B, b_dt, b_cum, b_last, DOT_DTYPE, DOT_PRECISION)
-        c0 += CHUNK
+    _ssd_walk(x_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, out_ptr, b_h, seg_start, seg_end, i_h, i_g, o_p, m_p, o_n, m_n,
+              m_act, b_A, b_D, b_bias, stride_x_t, stride_x_h, stride_dt_t, stride_z_t, stride_z_h, stride_B_t,
+              stride_B_g, stride_C_t, stride_C_g, stride_out_t, stride_out_h, HAS_Z, HAS_D, HAS_DT_BIAS, DT_SOFTPLUS,
+              False, CHUNK, STAGES, DOT_DTYPE, DOT_PRECISION)

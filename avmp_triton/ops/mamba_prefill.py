@@ -46,6 +46,7 @@ class MambaPrefillConfig:
     block_t: int | None = None     # conv: tokens per program step, >= d_conv - 1
     num_warps: int | None = None
     segment: int | None = None     # Mamba2 chunked: tokens per program (0: a whole request), from the shape
+    stages: int | None = None      # Mamba2 chunked, conv: token blocks in flight per program (1: none ahead)
 
 
 def _check_batch_meta(cu_seqlens, has_initial_state, batch: int, dev) -> None:
@@ -64,6 +65,15 @@ def _check_batch_meta(cu_seqlens, has_initial_state, batch: int, dev) -> None:
         raise ValueError(f"has_initial_state must have B = {batch} entries, got {has_initial_state.numel()}")
 
 
+def _check_stages(stages, most: int) -> int:
+    """``stages`` (None: 1) is an int in [1, most]."""
+    if stages is None:
+        return 1
+    if not isinstance(stages, int) or isinstance(stages, bool) or not 1 <= stages <= most:
+        raise ValueError(f"stages must be an int in [1, {most}], got {stages!r}")
+    return stages
+
+
 def _check_dt_softplus(v) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"dt_softplus must be a bool, got {v!r}")
@@ -72,7 +82,8 @@ def _check_dt_softplus(v) -> bool:
 
 def _scan_config(config, dev, table, min_chunk: int, auto_chunked: bool = True) -> tuple[bool, MambaPrefillConfig]:
     """(chunked, launch config) of a scan: the algorithm first, then ``table(chunked)`` under the
-    caller's overrides. "auto" on CUDA: chunked if ``auto_chunked``, else serial."""
+    caller's overrides. "auto" on CUDA: chunked if ``auto_chunked`` (a rule from the shapes), else
+    serial."""
     algorithm = config_overrides(config, MambaPrefillConfig).get("algorithm", "auto")
     if algorithm not in _ALGORITHMS:
         raise ValueError(f"algorithm must be one of {_ALGORITHMS}, got {algorithm!r}")
@@ -108,26 +119,46 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def mamba1_prefill_launch_config(d_inner: int, d_state: int, chunked: bool = True) -> MambaPrefillConfig:
-    """The Mamba1 scan's launch table. Serial (what "auto" runs on CUDA): one [block, d_state]
-    state tile per program, ``chunk_size`` tokens unrolled per loop step so their loads share one
-    round trip; Jamba: 32 channels, 1 warp (256 programs at one request), 8 tokens (a first pick,
-    perf/sweep_mamba_prefill.py sweeps them). Chunked: [CHUNK, BLOCK_D, d_state] fp32 pairs in
-    registers through a parallel prefix scan; Jamba (d_state 16): 16 tokens x 16 channels, 4 warps,
-    within 2 % of the fastest swept shape at B=1 x 4096, 4 x 1024 and 16 x 512 on an H100
-    (perf/results/tune_prefill_H100.json), 1.35 ms at 1 x 4096 on an H200."""
+def mamba1_prefill_launch_config(d_inner: int, d_state: int, chunked: bool = True, *, batch: int = 1,
+                                 sms: int = 132) -> MambaPrefillConfig:
+    """The Mamba1 scan's launch table. Serial: one [block, d_state] state tile per program,
+    ``chunk_size`` tokens unrolled per loop step (their loads share one round trip); Jamba: 16
+    channels x 8 tokens, 1 warp while the (batch + 1) x d_inner / 16 programs fit one wave of 32
+    per SM, else 32 channels x 4 tokens (the fastest serial shapes at 1 x 4096, 4 x 1024 and
+    4 x 512 after 1024, and at 16 x 512, on an H100: perf/results/sweep_mamba_prefill_H100_32e7231.log).
+    Chunked: [CHUNK, BLOCK_D, d_state] fp32 pairs in registers through a parallel prefix scan;
+    Jamba (d_state 16): 16 tokens x 16 channels, 4 warps, within 2 % of the fastest swept shape at
+    B=1 x 4096, 4 x 1024 and 16 x 512 on an H100 (perf/results/tune_prefill_H100.json)."""
     if not chunked:
-        return MambaPrefillConfig(algorithm="serial", chunk_size=8,
-                                  block=min(_pow2(d_inner), max(16, 512 // _pow2(d_state))), num_warps=1)
+        narrow = max(16, 256 // _pow2(d_state))
+        if (batch + 1) * triton.cdiv(d_inner, narrow) <= 32 * sms:
+            return MambaPrefillConfig(algorithm="serial", chunk_size=8, block=min(_pow2(d_inner), narrow), num_warps=1)
+        return MambaPrefillConfig(algorithm="serial", chunk_size=4, block=min(_pow2(d_inner), 2 * narrow),
+                                  num_warps=1)
     return MambaPrefillConfig(algorithm="chunked", chunk_size=16,
                               block=min(_pow2(d_inner), max(1, 256 // _pow2(d_state))), num_warps=4)
 
 
-def conv1d_prefill_launch_config(channels: int, d_conv: int) -> MambaPrefillConfig:
-    """The prefill conv's launch table: 8 tokens x 512 channels, 2 warps, within 4 %
-    of the fastest swept shape at B=1 x 4096, 4 x 1024 and 16 x 512 on an H100
-    (perf/results/conv1d_prefill_variants_H100.json)."""
-    return MambaPrefillConfig(block_t=max(8, _pow2(d_conv - 1)), block=min(512, _pow2(channels)), num_warps=2)
+def mamba1_auto_chunked(tokens: int, batch: int) -> bool:
+    """Whether "auto" runs the Mamba1 chunked scan on CUDA: when the requests average over 1024
+    tokens. The serial walk is bound by its longest request's length (about 1.1 us a token at
+    Jamba's 1 x 4096: 4.5 ms), the chunked scan by the tokens in all (1.25-1.36 ms at 4096, 2.4 ms
+    at 16 x 512): chunked wins 1 x 4096 by 3.3x, serial wins 16 x 512 by 1.5x and 4 x 1024 and
+    4 x 512 after 1024 by 3 % (perf/results/sweep_mamba_prefill_H100_32e7231.log); the rule gets
+    every cell there right. Measured before the serial walk deferred its stores (kernel
+    docstring), which cuts its per-token latency: re-check against that sweep's successor."""
+    return tokens > 1024 * max(batch, 1)
+
+
+def conv1d_prefill_launch_config(channels: int, d_conv: int, *, batch: int = 1, tokens: int = 0) -> MambaPrefillConfig:
+    """The prefill conv's launch table: 8 tokens a block, the next block loaded while one is
+    computed; 1024 channels x 4 warps when the requests average 1024 tokens or more (1x4096 and
+    4x1024: 90 and 89 us against 101 and 94 for 512 x 2), else 512 channels x 2 warps (16x512 and
+    4x512 after 1024: 158 and 55 us, 1024 x 4 was 166 and 56) on an H100
+    (perf/results/sweep_mamba_prefill_H100_32e7231.log)."""
+    wide = tokens >= 1024 * max(batch, 1)
+    return MambaPrefillConfig(block_t=max(8, _pow2(d_conv - 1)), block=min(1024 if wide else 512, _pow2(channels)),
+                              num_warps=4 if wide else 2, stages=2)
 
 
 def _conv_workers(device: torch.device, T: int, block_t: int, programs: int) -> int:
@@ -139,19 +170,18 @@ def _conv_workers(device: torch.device, T: int, block_t: int, programs: int) -> 
 
 
 def mamba2_segment(tokens: int, batch: int, nheads: int, p_blocks: int, chunk: int, sms: int) -> int:
-    """Tokens per program of the chunked Mamba2 scan, from the shapes alone: 0 (one program walks a
-    whole request) when the requests' programs fill the ``sms`` SMs about 8 deep, else segments of
-    a power of two of tokens (at least 2 chunks, at least 256) so that the packed chunk splits into
-    about that many programs; 0 again when one segment would hold the whole chunk. ``sms`` 0 (the
-    interpreter) keeps 0: the tests ask for segments explicitly."""
-    if sms <= 0:
+    """Tokens per program of the chunked Mamba2 scan, from the shapes alone: segments of 1024 tokens
+    when the whole-request grid (one program per request, head and head_dim block) has fewer
+    programs than the GPU has SMs, else 0 (one program walks a whole request), and 0 when one
+    segment would hold the whole chunk. On an H100 (Nemotron-H, 128 heads:
+    perf/results/sweep_mamba_prefill_H100_32e7231.log) 1 x 4096 (128 programs) runs 342 us in
+    segments of 1024 against 402 whole (256 and 512: 413, 356); at 4 x 1024, 16 x 512 and 4 x 512
+    after 1024 (512 programs and more) whole requests win, 1.6-1.9x. ``sms`` 0 (the interpreter)
+    keeps 0: the tests ask for segments explicitly."""
+    seg = max(1024, chunk)
+    if sms <= 0 or batch * nheads * p_blocks >= sms or seg >= tokens:
         return 0
-    target = 8 * sms
-    per_segment = nheads * p_blocks
-    if batch * per_segment >= target:
-        return 0
-    seg = max(_pow2(triton.cdiv(max(tokens, 1), triton.cdiv(target, per_segment))), 2 * chunk, 256)
-    return 0 if seg >= tokens else seg
+    return seg
 
 
 def mamba2_prefill_launch_config(head_dim: int, d_state: int, chunked: bool = True) -> MambaPrefillConfig:
@@ -170,7 +200,7 @@ def _causal_conv1d_prefill_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ssm_handles: torch.Tensor,
     cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, arena: torch.Tensor, handle_table: torch.Tensor,
     handle_kinds: torch.Tensor, out: torch.Tensor, state_offset: int, state_dtype: torch.dtype, silu: bool,
-    block_t: int, block_c: int, num_warps: int,
+    block_t: int, block_c: int, num_warps: int, stages: int = 1,
 ) -> None:
     T, C = x.shape
     width = weight.shape[1]
@@ -183,12 +213,12 @@ def _causal_conv1d_prefill_op(
         x.stride(0), out.stride(0), weight.stride(0),
         WIDTH=width, BLOCK_W=_pow2(width - 1), HAS_BIAS=bias is not None, SILU=silu,
         ELEM_BYTES=state_dtype.itemsize, ALIGN=_align(state_offset, state_dtype), BLOCK_T=block_t, BLOCK_C=block_c,
-        BLOCK_B=repeat_block(B), num_warps=num_warps)
+        BLOCK_B=repeat_block(B), STAGES=stages, num_warps=num_warps)
 
 
 @_causal_conv1d_prefill_op.register_fake
 def _(x, weight, bias, ssm_handles, cu_seqlens, has_initial_state, arena, handle_table, handle_kinds, out,
-      state_offset, state_dtype, silu, block_t, block_c, num_warps) -> None:
+      state_offset, state_dtype, silu, block_t, block_c, num_warps, stages=1) -> None:
     return None
 
 
@@ -205,7 +235,7 @@ def causal_conv1d_prefill(
         weight: ``[channels, d_conv]``; bias: ``[channels]`` or None.
         activation: None or "silu".
         config: ``MambaPrefillConfig`` overrides of ``conv1d_prefill_launch_config`` (block_t,
-            block = channels, num_warps).
+            block = channels, num_warps, stages: 2 loads the next token block ahead, 1 does not).
         (the rest: see the module docstring)
     Returns:
         out ``[T, channels]`` in x's dtype. Afterwards layer ``layer``'s conv state
@@ -224,10 +254,11 @@ def causal_conv1d_prefill(
     check_opt_float(bias, "bias", dev, (ch,))
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    cfg = resolve_launch(config, conv1d_prefill_launch_config(ch, d_conv))
+    cfg = resolve_launch(config, conv1d_prefill_launch_config(ch, d_conv, batch=batch, tokens=T))
     if cfg.algorithm is not None or cfg.chunk_size is not None or cfg.segment is not None:
         raise ValueError(f"the conv takes no algorithm, chunk_size or segment, got {cfg.algorithm!r}, "
                          f"{cfg.chunk_size!r}, {cfg.segment!r}")
+    _check_stages(cfg.stages, 2)
     if cfg.block_t < d_conv - 1:
         raise ValueError(f"block_t must be >= d_conv - 1 = {d_conv - 1}, got {cfg.block_t}")
     out = check_out(out, x, {"x": x, "weight": weight, "bias": bias, "arena": cache.arena})
@@ -235,7 +266,7 @@ def causal_conv1d_prefill(
     torch.ops.avmp.causal_conv1d_prefill(
         x, weight, bias, ssm_handles, cu_seqlens, has_initial_state, cache.arena, cache.handle_table,
         cache.handle_kinds, out, layout.conv_offset(layer), dtype, activation is not None, cfg.block_t, cfg.block,
-        cfg.num_warps)
+        cfg.num_warps, cfg.stages)
     return out
 
 
@@ -292,8 +323,9 @@ def mamba1_scan_prefill(
         D, dt_bias: ``[d_inner]`` or None.
         config: ``MambaPrefillConfig`` overrides of ``mamba1_prefill_launch_config``: algorithm
             "serial" (token by token, ``chunk_size`` tokens unrolled per loop step), "chunked"
-            (``chunk_size`` tokens at a time through a parallel prefix scan) or "auto" (serial);
-            chunk_size a power of two in [1, 256]; block = channels per program.
+            (``chunk_size`` tokens at a time through a parallel prefix scan) or "auto" (below);
+            chunk_size a power of two in [1, 256]; block = channels per program. "auto" on CUDA:
+            chunked when the requests average over 1024 tokens (``mamba1_auto_chunked``).
         (the rest: see the module docstring)
     Returns:
         y ``[T, d_inner]`` in x's dtype; layer ``layer``'s ssm state ``[d_inner, d_state]`` of every
@@ -306,9 +338,12 @@ def mamba1_scan_prefill(
     T = x.shape[0]
     check_mamba1_inputs(dev, T, Di, N, x, dt, A, B, C, D, z, dt_bias)
     _check_dt_softplus(dt_softplus)
-    chunked, cfg = _scan_config(config, dev, lambda c: mamba1_prefill_launch_config(Di, N, c), 1, auto_chunked=False)
-    if cfg.segment is not None:
-        raise ValueError(f"segment is the Mamba2 scan's; the Mamba1 scan takes none, got {cfg.segment!r}")
+    sms = sm_count(dev.index or 0) if dev.type == "cuda" else 132
+    chunked, cfg = _scan_config(config, dev, lambda c: mamba1_prefill_launch_config(Di, N, c, batch=nreq, sms=sms), 1,
+                                auto_chunked=mamba1_auto_chunked(T, nreq))
+    if cfg.segment is not None or cfg.stages is not None:
+        raise ValueError(f"segment and stages are the Mamba2 scan's; the Mamba1 scan takes none, got "
+                         f"{cfg.segment!r}, {cfg.stages!r}")
     out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": cache.arena})
     check_on_host(cache.handle_table, cache.handle_kinds, ssm_handles, cu_seqlens, T)
     torch.ops.avmp.mamba1_scan_prefill(
@@ -324,12 +359,12 @@ def _mamba2_scan_prefill_op(
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
     ssm_handles: torch.Tensor, cu_seqlens: torch.Tensor, has_initial_state: torch.Tensor, arena: torch.Tensor,
     handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor, state_offset: int, state_dtype: torch.dtype, dt_softplus: bool,
-    chunked: bool, chunk_size: int, block_p: int, num_warps: int, segment: int = 0,
+    chunked: bool, chunk_size: int, block_p: int, num_warps: int, segment: int = 0, stages: int = 1,
 ) -> None:
     if chunked and segment:
         _mamba2_segmented(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, arena,
                           handle_table, handle_kinds, out, state_offset, state_dtype, dt_softplus, chunk_size, block_p,
-                          num_warps, segment)
+                          num_warps, segment, stages)
         return
     T, nheads, head_dim = x.shape
     n_groups, d_state = B.shape[1], B.shape[2]
@@ -350,7 +385,7 @@ def _mamba2_scan_prefill_op(
         K.mamba2_chunk_scan_prefill_kernel[grid](
             *args, **flags, CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=max(16, _pow2(d_state)),  # tl.dot: >= 16
             DOT_DTYPE=_dot_dtype(x.dtype), DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=num_warps)
+            STAGES=stages, num_warps=num_warps)
     else:
         K.mamba2_scan_prefill_kernel[grid](*args, **flags, BLOCK_P=block_p, BLOCK_N=_pow2(d_state),
                                            num_warps=num_warps)
@@ -359,13 +394,13 @@ def _mamba2_scan_prefill_op(
 @_mamba2_scan_prefill_op.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, arena, handle_table,
       handle_kinds, out, state_offset, state_dtype, dt_softplus, chunked, chunk_size, block_p, num_warps,
-      segment=0) -> None:
+      segment=0, stages=1) -> None:
     return None
 
 
 def _mamba2_segmented(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, arena, handle_table,
                       handle_kinds, out, state_offset, state_dtype, dt_softplus, chunk_size, block_p, num_warps,
-                      segment) -> None:
+                      segment, stages) -> None:
     """The chunked scan with each request cut into segments of ``segment`` tokens, three launches:
     every segment's local state from zeros (parallel over segments), the states passed from segment
     to segment per request (elementwise, short), every segment's outputs from the state entering it.
@@ -379,7 +414,7 @@ def _mamba2_segmented(x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, ha
     meta = (handle_table, handle_kinds, ssm_handles, cu_seqlens, has_initial_state)
     common = dict(ELEM_BYTES=state_dtype.itemsize, ALIGN=_align(state_offset, state_dtype), BLOCK_B=repeat_block(nreq))
     dots = dict(CHUNK=chunk_size, BLOCK_P=block_p, BLOCK_N=max(16, _pow2(d_state)), DOT_DTYPE=_dot_dtype(x.dtype),
-                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps)
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", STAGES=stages, num_warps=num_warps)
     p_blocks = triton.cdiv(head_dim, block_p)
     K.mamba2_segment_state_kernel[(S, nheads, p_blocks)](
         x, dt, A, B, dt_bias if dt_bias is not None else A, seg_state, seg_decay, *meta,
@@ -422,7 +457,8 @@ def mamba2_scan_prefill(
         config: ``MambaPrefillConfig`` overrides of ``mamba2_prefill_launch_config``: algorithm
             "serial", "chunked" (chunks through tl.dot, state passed between chunks) or "auto"
             (chunked on CUDA, serial in the interpreter); chunk_size a power of two in [16, 256];
-            block = head_dim rows per program (chunked: >= 16).
+            block = head_dim rows per program (chunked: >= 16); stages (chunked) = chunks in
+            flight through Triton's pipeliner (1: none ahead; the interpreter always runs 1).
         (the rest: see the module docstring)
     Returns:
         y ``[T, nheads, head_dim]`` in x's dtype; layer ``layer``'s ssm state
@@ -438,12 +474,17 @@ def mamba2_scan_prefill(
     if chunked and cfg.block < 16:
         raise ValueError(f"block must be >= 16 for the chunked scan (tl.dot), got {cfg.block}")
     segment = _segment_of(cfg, chunked, x.shape[0], nreq, x.shape[1], triton.cdiv(P, cfg.block), dev)
+    if not chunked and cfg.stages not in (None, 1):
+        raise ValueError(f"stages is the chunked scan's; the serial scan takes 1 or None, got {cfg.stages!r}")
+    stages = _check_stages(cfg.stages, 4)
+    if _triton_env.interpreter_active():
+        stages = 1   # its counted loops cannot take a runtime bound (kernels' _ssd_walk)
     out = check_out(out, x, {"x": x, "dt": dt, "z": z, "B": B, "C": C, "arena": cache.arena})
     check_on_host(cache.handle_table, cache.handle_kinds, ssm_handles, cu_seqlens, x.shape[0])
     torch.ops.avmp.mamba2_scan_prefill(
         x, dt, A, B, C, D, z, dt_bias, ssm_handles, cu_seqlens, has_initial_state, cache.arena, cache.handle_table,
         cache.handle_kinds, out, layout.ssm_offset(layer), dtype, dt_softplus, chunked, cfg.chunk_size, cfg.block,
-        cfg.num_warps, segment)
+        cfg.num_warps, segment, stages)
     return out
 
 

@@ -435,6 +435,7 @@ def test_allocator_cache_matches_hand_built(kind, algorithm):
 
 
 @pytest.mark.parametrize("kind,launch", [("conv", dict(block_t=4, block=8, num_warps=1)),
+                                         ("conv", dict(block_t=4, block=8, num_warps=1, stages=1)),
                                          ("conv", dict(block_t=32, block=16, num_warps=2)),
                                          ("m2", dict(block=16, num_warps=2)),
                                          ("m1", dict(block=4, num_warps=1))])
@@ -460,16 +461,18 @@ def test_launch_overrides(kind, launch):
     check_arena(env, before, a.arena, ref_arena, handles, STATE_KIND[kind], F32, tol)
 
 
+@pytest.mark.parametrize("algorithm", ["chunked", "serial"])
 @pytest.mark.parametrize("chunk_size", [1, 2, 8, 32])
-def test_mamba1_chunk_sizes(chunk_size):
-    """Every chunk size gives the reference result (17 tokens: full, partial and single chunks)."""
+def test_mamba1_chunk_sizes(chunk_size, algorithm):
+    """Every chunk size (serial: tokens unrolled per step) gives the reference result (17 tokens:
+    full, partial and single chunks)."""
     env = Env(M1_SPEC, F32)
     handles, cu, init, T = env.batch()
     inputs = m1_inputs(env.spec, T, F32)
     a = env.alloc
     before, ref_arena = a.arena.clone(), a.arena.clone()
     want = run_ref("m1", inputs, ref_arena, a.handle_table, handles, cu, init, env.spec)
-    got = run_op("m1", inputs, env.cache, handles, cu, init, algorithm="chunked", chunk_size=chunk_size)
+    got = run_op("m1", inputs, env.cache, handles, cu, init, algorithm=algorithm, chunk_size=chunk_size)
     tol = _tol(F32, F32)
     torch.testing.assert_close(got, want, **tol)
     check_arena(env, before, a.arena, ref_arena, handles, "ssm", F32, tol)
@@ -556,14 +559,43 @@ def test_mamba2_segments_two_chunks_equal_one():
 
 
 def test_mamba2_segment_rule():
-    """The shape rule: one program per request once the requests fill the GPU, else segments."""
+    """The shape rule (the H100 sweep's Nemotron-H cells): segments of 1024 tokens only while the
+    whole-request grid has fewer programs than the GPU has SMs."""
     from avmp_triton.ops.mamba_prefill import mamba2_segment
 
-    assert mamba2_segment(4096, 1, 128, 1, 64, 132) == 512
-    assert mamba2_segment(4096, 4, 128, 1, 64, 132) == 512
+    assert mamba2_segment(4096, 1, 128, 1, 64, 132) == 1024      # 1 x 4096: 128 programs
+    assert mamba2_segment(4096, 4, 128, 1, 64, 132) == 0         # 4 x 1024: 512 programs fill it
     assert mamba2_segment(8192, 16, 128, 1, 64, 132) == 0
-    assert mamba2_segment(100, 1, 128, 1, 64, 132) == 0          # one segment would hold it all
-    assert mamba2_segment(4096, 1, 128, 1, 64, 0) == 0            # the interpreter
+    assert mamba2_segment(2048, 4, 128, 1, 64, 132) == 0         # 4 x 512 after a prefix
+    assert mamba2_segment(16384, 1, 64, 2, 64, 132) == 1024      # 128 programs of two head_dim blocks
+    assert mamba2_segment(1024, 1, 128, 1, 64, 132) == 0         # one segment would hold it all
+    assert mamba2_segment(4096, 1, 128, 1, 64, 0) == 0           # the interpreter
+
+
+def test_mamba1_and_conv_shape_rules():
+    """Mamba1 "auto" and the serial tile, the conv tile: the picks that won every H100 sweep cell
+    (Jamba d_inner 8192, d_state 16; conv over 10240 channels)."""
+    from avmp_triton.ops.mamba_prefill import (
+        conv1d_prefill_launch_config,
+        mamba1_auto_chunked,
+        mamba1_prefill_launch_config,
+    )
+
+    cells = [(1, 4096), (4, 4096), (16, 8192), (4, 2048)]     # (B, packed T): 1x4096, 4x1024, 16x512, 4x512
+    assert [mamba1_auto_chunked(T, B) for B, T in cells] == [True, False, False, False]
+
+    def serial(B):
+        c = mamba1_prefill_launch_config(8192, 16, False, batch=B, sms=132)
+        return c.algorithm, c.chunk_size, c.block, c.num_warps
+
+    assert serial(1) == serial(4) == ("serial", 8, 16, 1)
+    assert serial(16) == ("serial", 4, 32, 1)
+
+    def conv(B, T):
+        c = conv1d_prefill_launch_config(10240, 4, batch=B, tokens=T)
+        return c.block_t, c.block, c.num_warps
+
+    assert [conv(B, T) for B, T in cells] == [(8, 1024, 4), (8, 1024, 4), (8, 512, 2), (8, 512, 2)]
 
 
 def test_custom_ops_registered_and_fake():
@@ -669,7 +701,15 @@ def _bad_calls():
     add("mamba2 serial segment", "m2", env2, lambda c: c.update(launch=dict(segment=32)), ValueError,
         "segment is the chunked scan's")
     add("mamba1 segment", "m1", env1, lambda c: c.update(launch=dict(segment=32)), ValueError,
-        "segment is the Mamba2 scan's")
+        "segment and stages are the Mamba2 scan's")
+    add("mamba1 stages", "m1", env1, lambda c: c.update(launch=dict(stages=2)), ValueError,
+        "segment and stages are the Mamba2 scan's")
+    add("mamba2 serial stages", "m2", env2, lambda c: c.update(launch=dict(stages=2)), ValueError,
+        "stages is the chunked scan's")
+    add("mamba2 stages", "m2", env2, lambda c: c.update(algorithm="chunked", launch=dict(stages=5)), ValueError,
+        r"stages must be an int in \[1, 4\], got 5")
+    add("conv stages", "conv", envc, lambda c: c.update(launch=dict(stages=3)), ValueError,
+        r"stages must be an int in \[1, 2\], got 3")
     return cases
 
 
