@@ -44,13 +44,13 @@ class MambaStateConfig:
 # along d_state. Hand-made, never autotuned (an autotuner re-runs a kernel that updates state).
 
 def mamba1_launch_config(d_inner: int, d_state: int) -> MambaStateConfig:
-    """A ``[block, d_state]`` tile of ~4096 states of one request per program (d_state 16: 256
-    channels, 8 KiB of bf16 state read and written plus 16 KiB of fp32 A from L2). Several
-    requests per program sharing one A tile lost every cell on the H100 (Jamba bf16, B=256: 89.6 us
-    at best against 73.3; B=64: 29.0 against 24.2;
-    perf/results/sweep_decode_variants_H100_32e7231.json), so there is no such launch."""
+    """A ``[block, d_state]`` tile of ~2048 states of one request per program (d_state 16: 128
+    channels, 4 warps): on the H100 it beat 256 channels x 8 warps at Jamba bf16 B=256 (64.4 against
+    67.5 us) and B=64 (21.6 against 22.9; perf/results/sweep_decode_variants_H100_3bc831e.json).
+    Several requests per program sharing one A tile lost every cell (B=256: 89.6 us at best against
+    73.3; perf/results/sweep_decode_variants_H100_32e7231.json), so there is no such launch."""
     bn = triton.next_power_of_2(d_state)
-    block_d = max(4, min(256, 4096 // bn))
+    block_d = max(4, min(256, 2048 // bn))
     block_d = min(block_d, max(4, triton.next_power_of_2(d_inner)))
     return MambaStateConfig(block=block_d, num_warps=8 if block_d * bn >= 4096 else 4)
 
