@@ -12,7 +12,10 @@ exact but the whole is a little slower than unwrapped): per decode step, the wal
 model (the eager forward, or the graph replay with its input staging), of sampling, and of the
 rest of the tick (the scheduler's planning and the allocator calls). The roofline of a decode
 step: weight bytes + the KV bytes read + the SSM and conv state read and written, over the copy
-bandwidth measured in the same run (read + write). Writes JSON (--out) and prints a table last.
+bandwidth measured in the same run (read + write). With graphs, a decode tick's host time is also
+split from the executor's own call spans: the gap between one step's end and the next one's start
+(the scheduler) and the executor's time around the replay and the sampling, medians over the decode
+ticks. Writes JSON (--out) and prints a table last.
 """
 from __future__ import annotations
 
@@ -78,12 +81,37 @@ def step_bytes(spec, B: int, ctx: int, weight_bytes: int) -> int:
     return weight_bytes + kv + 2 * B * spec.ssm_state_raw_bytes   # states read and written
 
 
+def spans(obj, name: str, sink: list):
+    """Replace ``obj.name`` by a wrapper that appends its (start, end) wall times to ``sink``;
+    returns the function that puts the original back."""
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        sink.append((t, time.perf_counter()))
+        return out
+    setattr(obj, name, wrapper)
+    return lambda: setattr(obj, name, fn)
+
+
+def decode_tick_split(steps: list, dec: list, smp: list, first: int) -> dict:
+    """Per decode tick (graph steps from index ``first`` of the executor's calls): the host time
+    between one step's end and the next one's start (the scheduler: its planning, the release
+    and the host side of the allocator calls) and the executor's own time around the graph replay
+    and the sampling; medians in ms."""
+    gaps = [b[0] - a[1] for a, b in zip(steps[first:], steps[first + 1:])]
+    own = [(e - s) - d - m for (s, e), d, m in zip(steps[first:], dec, smp[first:])]
+    return dict(scheduler_gap_ms=statistics.median(gaps) * 1e3 if gaps else None,
+                executor_host_ms=statistics.median(own) * 1e3 if own else None)
+
+
 def _profile(model, mode: str, B: int, args, weight_bytes: int, bw: float, smp: list) -> dict:
     """One engine mode ("eager" or "graphs") at batch B: per decode step the median model time
     (the eager forward, or the graph replay with its input staging), sampling, and the rest."""
     llm = LLM(model, allocator="avmp", memory_gib=40, max_num_seqs=B, max_model_len=args.prompt + args.output,
               enforce_eager=mode == "eager")
-    fwd, dec = [], []
+    fwd, dec, steps = [], [], []
     timed(llm.runner, "forward", fwd)
     if llm.graphs is not None:
         timed(llm.graphs, "run", dec)
@@ -93,11 +121,14 @@ def _profile(model, mode: str, B: int, args, weight_bytes: int, bw: float, smp: 
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     for t in (fwd, dec, smp):
         t.clear()
+    restore = spans(ex.ModelExecutor, "step", steps)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     llm.generate(prompts, sp)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    restore()
+    step_spans = list(steps)
     steps = llm.last_metrics.makespan_ticks
     n_pre = steps - (args.output - 1)          # prefill ticks (one token each for the rest)
     dec_f = dec if llm.graphs is not None else fwd[n_pre:]
@@ -105,7 +136,8 @@ def _profile(model, mode: str, B: int, args, weight_bytes: int, bw: float, smp: 
     tick = (wall - sum(fwd) - sum(dec) - sum(smp)) / steps
     step = f + s + tick
     roof = step_bytes(llm.allocator.spec, B, args.prompt + args.output // 2, weight_bytes) / bw
-    return dict(mode=mode, batch=B, steps=steps, decode_steps=len(dec_f), graph_steps=llm.last_graph_steps,
+    split = decode_tick_split(step_spans, dec, smp, n_pre) if llm.graphs is not None else {}
+    return dict(mode=mode, batch=B, steps=steps, decode_steps=len(dec_f), graph_steps=llm.last_graph_steps, **split,
                 forward_ms=f * 1e3, sample_ms=s * 1e3, sched_alloc_ms=tick * 1e3, step_ms=step * 1e3,
                 roofline_ms=roof * 1e3, roofline_fraction=roof / step, sched_alloc_share=tick / step,
                 host_syncs_per_step=llm.last_metrics.host_syncs_per_step)
@@ -135,10 +167,13 @@ def main() -> None:
                 with open(args.out, "w") as fh:
                     json.dump(res, fh, indent=1)
     print(f"{env['gpu']}  copy {bw / 1e12:.2f} TB/s  weights {weight_bytes / 1e9:.1f} GB")
-    print(f"{'mode':>6s} {'B':>4s} {'forward':>9s} {'sample':>8s} {'sched+alloc':>12s} {'step':>8s} {'roofline':>9s} {'of roof':>8s}")
+    print(f"{'mode':>6s} {'B':>4s} {'forward':>9s} {'sample':>8s} {'sched+alloc':>12s} {'step':>8s} {'roofline':>9s} "
+          f"{'of roof':>8s} {'decode tick: sched':>19s} {'executor':>9s}")
     for r in rows:
+        tick = (f"{r['scheduler_gap_ms']:18.3f}m {r['executor_host_ms']:8.3f}m" if r.get("scheduler_gap_ms") is not None
+                else "")
         print(f"{r['mode']:>6s} {r['batch']:4d} {r['forward_ms']:8.2f}m {r['sample_ms']:7.2f}m {r['sched_alloc_ms']:11.2f}m "
-              f"{r['step_ms']:7.2f}m {r['roofline_ms']:8.2f}m {r['roofline_fraction']:8.1%}")
+              f"{r['step_ms']:7.2f}m {r['roofline_ms']:8.2f}m {r['roofline_fraction']:8.1%} {tick}")
 
 
 if __name__ == "__main__":
