@@ -52,8 +52,8 @@ class Staged:
 
 class DeviceTables:
     """One engine's scheduler state on the device, ``R`` rows of ``W`` pages, at fixed addresses
-    (a CUDA graph may capture them), and ``device_calls``: a tick's growth, proactive step and
-    counts' snapshot, in the order the scheduler makes them."""
+    (a CUDA graph may capture them), and ``device_calls``: the last tick's release, this tick's
+    growth, the proactive step and the counts' snapshot, in the order the scheduler makes them."""
 
     def __init__(self, allocator: ArenaAllocator, R: int, W: int):
         dev = allocator.device
@@ -62,7 +62,9 @@ class DeviceTables:
         self.num_pages = torch.zeros(R, dtype=torch.int32, device=dev)
         self.ssm_handles = torch.full((R,), -1, dtype=torch.int32, device=dev)
         self.need = Staged(R, torch.int32, dev)
+        self.release = Staged(R, torch.int32, dev)   # rows to release, -1 padded
         self.failed = torch.zeros(R, dtype=torch.int32, device=dev)
+        self.status = torch.zeros(3, dtype=torch.int64, device=dev)
         self.release_err = torch.zeros(1, dtype=torch.int64, device=dev)
         self._pools = torch.arange(2, device=dev).unsqueeze(1)
         v = self.counts_vector()
@@ -83,9 +85,18 @@ class DeviceTables:
         slabs = (a.slab_owner.unsqueeze(0) == self._pools).sum(1)
         return torch.cat([a.free_counts, slabs, torch.count_nonzero(self.failed).view(1), self.release_err])
 
-    def device_calls(self, need: torch.Tensor | None) -> None:
-        """Growth by ``need`` (``[R]`` int32 on the device; None: none), the proactive policy
-        (a no-op without one) and the counts' copy to the host: no host sync, capturable."""
+    def release_rows(self, rows: torch.Tensor) -> None:
+        """Frees every unit of ``rows`` (``[M]`` int32, -1 skipped) and empties them; a refusal
+        is kept in ``release_err`` for the next read."""
+        self.a.release_rows(rows, self.block_table, self.num_pages, self.ssm_handles, self.status)
+        torch.maximum(self.release_err, self.status[:1], out=self.release_err)
+
+    def device_calls(self, release: torch.Tensor | None, need: torch.Tensor | None) -> None:
+        """The release of ``release`` (``[R]`` int32 rows, -1 padded; None: none), growth by
+        ``need`` (``[R]`` int32; None: none), the proactive policy (a no-op without one) and the
+        counts' copy to the host, in the scheduler's order: no host sync, capturable."""
+        if release is not None:
+            self.release_rows(release)
         if need is not None:
             self.a.grow_kv(self.block_table, self.num_pages, need, self.failed)
         self.a.proactive_step()
@@ -93,23 +104,22 @@ class DeviceTables:
 
 
 class PendingCalls:
-    """The device calls of a tick the backend has deferred; the model runner takes them into a
-    graph replay (``take``, then ``replayed``) or runs them before an eager step (``flush``)."""
+    """The device calls the backend has deferred: the release of the rows that finished last tick
+    and this tick's growth, proactive step and snapshot. The model runner takes them into a graph
+    replay (``take``, then ``replayed``) or runs them before an eager step (``flush``)."""
 
     def __init__(self, backend: "DeviceBackend"):
         self._be = backend
 
-    @property
-    def pending(self) -> bool:
-        return self._be.pending is not None
-
-    def take(self) -> np.ndarray | None:
-        """The growth per row (None: no grow call this tick), handing the calls to the caller."""
-        need = self._be.pending
-        if need is None:
+    def take(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(rows to release, growth per row), None for a call not to make, handing them to the
+        caller, whose replay must run ``DeviceTables.device_calls`` on them."""
+        be = self._be
+        if be.pending is None:
             raise RuntimeError("no device calls are pending")
-        self._be.pending = None
-        return None if isinstance(need, bool) else need
+        need, release = be.pending, be.pending_release
+        be.pending = be.pending_release = None
+        return release, None if isinstance(need, bool) else need
 
     def replayed(self) -> None:
         """The caller's replay has run the calls: the snapshot's copy is queued."""
@@ -122,9 +132,9 @@ class PendingCalls:
 class DeviceBackend:
     """The allocator's own kernels on ``DeviceTables`` (an engine's own, or fresh ones).
 
-    ``defer``: growth, the proactive step and the snapshot wait in ``pending`` until the model
-    runner runs them (``calls``); every other call flushes them first, so the device sees the
-    scheduler's order either way."""
+    ``defer``: a release waits until the next tick's calls, and growth, the proactive step and the
+    snapshot wait in ``pending`` until the model runner runs them (``calls``); every other call
+    flushes them first, so the device sees the scheduler's order either way."""
 
     name = "device"
 
@@ -138,13 +148,11 @@ class DeviceBackend:
         tables.reset()
         self.a, self.t = alloc, tables
         self.block_table, self.num_pages, self.ssm_handles = tables.block_table, tables.num_pages, tables.ssm_handles
-        dev = alloc.device
-        self._rows = Staged(R, torch.int32, dev)
-        self._status = torch.zeros(3, dtype=torch.int64, device=dev)
-        self._snap_done = torch.cuda.Event() if dev.type == "cuda" else None
+        self._snap_done = torch.cuda.Event() if alloc.device.type == "cuda" else None
         self._snap_pending = False
         self.defer = defer
-        self.pending: np.ndarray | bool | None = None   # deferred calls: the growth per row, or True (none)
+        self.pending: np.ndarray | bool | None = None   # deferred tick calls: the growth per row, or True (none)
+        self.pending_release: np.ndarray | None = None  # deferred release: its rows
         self.calls = PendingCalls(self)
         self.syncs = 0
 
@@ -154,14 +162,24 @@ class DeviceBackend:
         self.t.need.host()[:] = need
         self.a.grow_kv(self.block_table, self.num_pages, self.t.need.send(), self.t.failed)
 
+    def _staged_release(self, rows: np.ndarray) -> torch.Tensor:
+        host = self.t.release.host()
+        host.fill(-1)
+        host[:len(rows)] = rows
+        return self.t.release.send()
+
     def flush(self) -> None:
-        """Runs the deferred calls now (eagerly)."""
-        need, self.pending = self.pending, None
+        """Runs the deferred calls now (eagerly), in order."""
+        need, rows = self.pending, self.pending_release
+        self.pending = self.pending_release = None
+        release = None if rows is None else self._staged_release(rows)
         if need is None:
+            if release is not None:
+                self.t.release_rows(release)
             return
         if not isinstance(need, bool):
             self.t.need.host()[:] = need
-        self.t.device_calls(None if isinstance(need, bool) else self.t.need.send())
+        self.t.device_calls(release, None if isinstance(need, bool) else self.t.need.send())
         self.snapshot_queued()
 
     def snapshot_queued(self) -> None:
@@ -170,18 +188,28 @@ class DeviceBackend:
         self._snap_pending = True
 
     def tick_calls(self, need: np.ndarray | None) -> None:
-        """The tick's growth (None: none), proactive step and counts' snapshot: deferred, or now.
-        The snapshot is queued without waiting: the step's own sync (its sampled tokens)
-        completes it, so the next ``probe`` costs no round trip of its own."""
-        self.flush()
+        """The tick's growth (None: none), proactive step and counts' snapshot: deferred (with a
+        release still pending), or now. The snapshot is queued without waiting: the step's own
+        sync (its sampled tokens) completes it, so the next ``probe`` costs no round trip."""
+        if self.pending is not None:
+            self.flush()
         self.pending = True if need is None else need.copy()
+        if not self.defer:
+            self.flush()
+
+    def release(self, rows: list[int]) -> None:
+        """Frees the rows' units: now, or (deferred) first thing in the next tick's calls."""
+        self.flush()
+        self.pending_release = np.asarray(rows, dtype=np.int32)
         if not self.defer:
             self.flush()
 
     def probe(self, fresh: bool = False) -> Counts:
         """The counts: the pending snapshot's unless ``fresh`` or none is pending, else a read now.
-        A read the host has to wait for counts as a sync (on the CPU every read does)."""
-        self.flush()
+        A read the host has to wait for counts as a sync (on the CPU every read does). A release
+        still deferred stays so: the snapshot predates it and the scheduler adds it itself."""
+        if fresh or not self._snap_pending:
+            self.flush()
         if self._snap_pending and not fresh:
             self._snap_pending = False
             if self._snap_done is None or not self._snap_done.query():
@@ -202,14 +230,6 @@ class DeviceBackend:
         h = self.a.alloc_ssm(len(rows))  # syncs once (its status)
         self.syncs += 1
         self.ssm_handles[torch.tensor(rows, dtype=torch.long, device=self.a.device)] = h
-
-    def release(self, rows: list[int]) -> None:
-        self.flush()
-        host = self._rows.host()
-        host.fill(-1)
-        host[:len(rows)] = rows
-        self.a.release_rows(self._rows.send(), self.block_table, self.num_pages, self.ssm_handles, self._status)
-        torch.maximum(self.t.release_err, self._status[:1], out=self.t.release_err)
 
     def make_room(self, kind: str, n: int, free_now: int) -> None:
         self.flush()

@@ -96,9 +96,10 @@ class ModelRunner(Protocol):
     generated: a recomputed request prefills both again). It may return the indices of requests
     that stop early (a stop token): the scheduler finishes them with the tokens they have.
 
-    A runner whose ``takes_device_calls`` is True gets the tick's growth, proactive step and
-    counts' snapshot deferred in ``batch.device_calls`` (the tables are not grown yet): it must
-    run them, in its own captured step or by ``flush()`` before reading the tables.
+    A runner whose ``takes_device_calls`` is True gets the last tick's release and this tick's
+    growth, proactive step and counts' snapshot deferred in ``batch.device_calls`` (the tables
+    are not updated yet): it must run them, in its own captured step or by ``flush()`` before
+    reading the tables.
     """
 
     def step(self, block_table: torch.Tensor, num_pages: torch.Tensor, ssm_handles: torch.Tensor,

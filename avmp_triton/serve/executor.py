@@ -90,7 +90,8 @@ class ModelExecutor:
         if self.graphs is not None and calls is not None and bool(np.all((q == 1) & (ctx > 1))):
             # a decode-only step (every row adds one token to a non-empty cache): the graph makes
             # the tick's allocator calls too
-            logits = self.graphs.run(rows, self._input_tokens(ids, ctx, rc.reqs), ctx, calls.take())
+            release, need = calls.take()
+            logits = self.graphs.run(rows, self._input_tokens(ids, ctx, rc.reqs), ctx, need, release)
             calls.replayed()
             self.graph_steps += 1
             graphed = True

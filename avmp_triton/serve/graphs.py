@@ -1,11 +1,12 @@
 """CUDA-graph decode: the model's decode step (``HybridRunner.decode``) captured once per batch-size
 bucket, so a decode tick costs one graph launch instead of a thousand kernel launches from Python.
 
-A bucket's graph reads fixed input buffers and writes fixed logits: it makes the tick's allocator
-calls on the scheduler's tables (growth of the rows' pages, the proactive policy, and a copy of
-the allocator's counts to pinned host memory, which the next tick plans from), then gathers its
+A bucket's graph reads fixed input buffers and writes fixed logits: it makes the allocator calls
+on the scheduler's tables (the release of the requests that finished last tick, growth of the
+rows' pages, the proactive policy, and a copy of the allocator's counts to pinned host memory,
+which the next tick plans from), then gathers its
 rows' block-table rows and SSM handles from those tables and runs the model. Before a replay the
-host fills one staging buffer (tokens, lengths, scheduler rows, growth per row) and copies it in
+host fills one staging buffer (tokens, lengths, scheduler rows, growth per row, rows to release) and copies it in
 one transfer from pinned memory; the rows past ``n`` are padding: length 0 and SSM handle -1,
 which the kernels skip (the -1 convention: no byte of any unit is read or written for them).
 Nothing in a replay reads the device on the host.
@@ -32,9 +33,10 @@ def buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """Decode steps of ``runner`` over the scheduler's ``tables`` (``DeviceTables``: ``R`` rows of
     block table, page counts and SSM handles at fixed addresses), for up to ``R`` rows a step;
-    captured as CUDA graphs when the runner is on a GPU. A step first makes the tick's allocator
-    calls (growth, the proactive policy, the counts' copy to the host: ``tables.device_calls``),
-    then gathers its rows' block-table rows and SSM handles and runs the model."""
+    captured as CUDA graphs when the runner is on a GPU. A step first makes the allocator calls
+    (the release of the last tick's finished rows, growth, the proactive policy, the counts' copy
+    to the host: ``tables.device_calls``), then gathers its rows' block-table rows and SSM handles
+    and runs the model."""
 
     def __init__(self, runner, tables):
         if not runner.graph_safe:
@@ -48,10 +50,13 @@ class DecodeGraphs:
         cuda = dev.type == "cuda"
         # staged on the host, copied in one transfer that the graphs read. Per step row i: its
         # token, its length (0: a padding row) and its scheduler row; per scheduler row r: the
-        # pages it grows by (column 3). Row-major, so any bucket's first rows are contiguous.
-        self._host = torch.zeros((R, 4), dtype=torch.int64, pin_memory=cuda)
+        # pages it grows by (column 3); and the rows to release, -1 padded (column 4). Row-major,
+        # so any bucket's first rows are contiguous.
+        self._host = torch.zeros((R, 5), dtype=torch.int64, pin_memory=cuda)
         self._host_np = self._host.numpy()   # the same memory: numpy writes cost less than torch's indexing
-        self._staged = torch.zeros((R, 4), dtype=torch.int64, device=dev)
+        self._host_np[:, 4] = -1
+        self._staged = torch.full((R, 5), -1, dtype=torch.int64, device=dev)
+        self._staged[:, :4] = 0
         self._copied = torch.cuda.Event() if cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replays = 0
@@ -64,12 +69,13 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"{n} rows exceed the largest captured batch {self.buckets[-1]}")
 
-    def run(self, rows: np.ndarray, tokens: np.ndarray, seq_lens: np.ndarray, need: np.ndarray | None) -> torch.Tensor:
+    def run(self, rows: np.ndarray, tokens: np.ndarray, seq_lens: np.ndarray, need: np.ndarray | None,
+            release: np.ndarray | None = None) -> torch.Tensor:
         """Logits ``[n, vocab]`` of a decode step of the scheduler's rows ``rows`` (``[n]`` ints):
-        row ``rows[i]`` adds ``tokens[i]`` and then holds ``seq_lens[i]`` tokens. ``need``
-        (``[R]``, None: none) is the tick's growth in pages per scheduler row, which the step
-        makes before reading the tables. The result is a view of the graphs' output buffer,
-        valid until the next ``run``."""
+        row ``rows[i]`` adds ``tokens[i]`` and then holds ``seq_lens[i]`` tokens. Before reading
+        the tables the step releases the scheduler rows ``release`` (None: none) and grows each
+        scheduler row r by ``need[r]`` pages (``[R]``; None: none). The result is a view of the
+        graphs' output buffer, valid until the next ``run``."""
         n = len(tokens)
         bs = self.bucket(n)
         if self._copied is not None:
@@ -80,6 +86,9 @@ class DecodeGraphs:
         h[:n, 1] = seq_lens
         h[:n, 2] = rows
         h[:, 3] = 0 if need is None else need
+        h[:, 4] = -1
+        if release is not None:
+            h[:len(release), 4] = release
         self._staged.copy_(self._host, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
@@ -92,7 +101,7 @@ class DecodeGraphs:
 
     def _step(self, bs: int) -> None:
         st, t = self._staged, self.tables
-        t.device_calls(st[:, 3].to(torch.int32))
+        t.device_calls(st[:, 4].to(torch.int32), st[:, 3].to(torch.int32))
         rows, seq_lens = st[:bs, 2], st[:bs, 1].to(torch.int32)
         # a padding row (length 0) reads no page; its SSM handle must be -1 so no state is touched
         ssm = torch.where(seq_lens > 0, t.ssm_handles.index_select(0, rows), -1)
