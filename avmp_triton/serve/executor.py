@@ -29,6 +29,7 @@ class EngineRequest:
     generator: torch.Generator | None
     start_s: float = 0.0               # wall time the request arrived (steps: the engine started), for TTFT
     on_token: object = None            # called with each sampled token id
+    # filled by ``ModelExecutor.finish`` at the end of a run (the executor keeps them in arrays)
     output: list[int] = dataclasses.field(default_factory=list)
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
@@ -41,11 +42,6 @@ class EngineRequest:
     @property
     def output_tokens(self) -> int:
         return self.params.max_tokens
-
-    def tokens(self, start: int, end: int) -> list[int]:
-        """Tokens at positions [start, end) of prompt + output."""
-        p = len(self.prompt)
-        return self.prompt[start:min(end, p)] + self.output[max(start - p, 0):max(end - p, 0)]
 
 
 class ModelExecutor:
@@ -64,11 +60,16 @@ class ModelExecutor:
         # work is inside; a prefill chunk that samples nothing is not waited for, and its device
         # time lands in the next step's); the scheduler's share is the run's wall time minus these
         self.graph_s = self.eager_s = 0.0
-        # per request: its tokens so far (prompt + output) and the last one, so that a decode step
-        # gathers its rows' input tokens at once instead of slicing every request's lists
-        self._length = np.array([len(r.prompt) + len(r.output) for r in requests], dtype=np.int64)
-        self._last = np.array([r.tokens(n - 1, n)[0] for r, n in zip(requests, self._length.tolist())],
-                              dtype=np.int64)
+        # per request: what it generated and when (row i, in order; a step writes its rows' tokens
+        # at once instead of appending to every request's lists), its length so far (prompt +
+        # output) and its last token, so that a decode step gathers its rows' input tokens at once
+        n, most = len(requests), max((r.params.max_tokens for r in requests), default=0)
+        self._gen = np.zeros((n, most), dtype=np.int64)
+        self._gen_s = np.zeros((n, most), dtype=np.float64)
+        self._prompt = np.array([len(r.prompt) for r in requests], dtype=np.int64)
+        self._length = self._prompt.copy()
+        self._last = np.array([r.prompt[-1] for r in requests], dtype=np.int64)
+        self._streamed = np.array([r.on_token is not None for r in requests], dtype=bool)
         # and what ends it: its length at max_tokens, its stop ids (-1 padded: no token is -1)
         self._end = np.array([len(r.prompt) + r.params.max_tokens for r in requests], dtype=np.int64)
         self._stops = np.full((len(requests), max((len(r.stop_ids) for r in requests), default=0) or 1), -1,
@@ -91,14 +92,15 @@ class ModelExecutor:
             # a decode-only step (every row adds one token to a non-empty cache): the graph makes
             # the tick's allocator calls too
             release, need = calls.take()
-            logits = self.graphs.run(rows, self._input_tokens(ids, ctx, rc.reqs), ctx, need, release)
+            logits = self.graphs.run(rows, self._input_tokens(ids, ctx), ctx, need, release)
             calls.replayed()
             self.graph_steps += 1
             graphed = True
         else:
             if calls is not None:
                 calls.flush()
-            toks = [torch.tensor(r.tokens(int(c - n), int(c)), dtype=torch.long) for r, c, n in zip(rc.reqs, ctx, q)]
+            toks = [torch.tensor(self._tokens(i, int(c - n), int(c)), dtype=torch.long)
+                    for i, c, n in zip(ids.tolist(), ctx, q)]
             logits = self.runner.forward(toks, block_table[rc.idx], ssm_handles[rc.idx], (ctx - q).tolist())
         self.steps += 1
         pick = np.flatnonzero(batch.sample_mask[rows])
@@ -119,14 +121,27 @@ class ModelExecutor:
             return []
         return self._record(ids[pick], chosen, new, now)
 
+    def finish(self) -> None:
+        """Each request's output tokens and their times into its lists (at the end of a run)."""
+        for i, r in enumerate(self.requests):
+            k = int(self._length[i] - self._prompt[i])
+            r.output = self._gen[i, :k].tolist()
+            r.token_times = self._gen_s[i, :k].tolist()
+
+    def _tokens(self, i: int, start: int, end: int) -> list[int]:
+        """Tokens at positions [start, end) of request i's prompt + output so far."""
+        prompt = self.requests[i].prompt
+        p = len(prompt)
+        return prompt[start:min(end, p)] + self._gen[i, max(start - p, 0):max(end - p, 0)].tolist()
+
     def _record(self, ids: np.ndarray, reqs: list[EngineRequest], tokens: list[int], now: float) -> list[int]:
-        """Appends each request's sampled token (in row order, with its ``on_token`` call); returns
+        """Records each request's sampled token (in row order, with its ``on_token`` call); returns
         the requests that end with it: a stop token ("stop"), else max_tokens reached ("length")."""
-        for r, t in zip(reqs, tokens):
-            r.output.append(t)
-            r.token_times.append(now)
-            if r.on_token is not None:
-                r.on_token(t)
+        k = self._length[ids] - self._prompt[ids]
+        self._gen[ids, k] = tokens
+        self._gen_s[ids, k] = now
+        for j in np.flatnonzero(self._streamed[ids]).tolist():
+            reqs[j].on_token(tokens[j])
         self._length[ids] += 1
         self._last[ids] = tokens
         stop = (self._stops[ids] == self._last[ids][:, None]).any(1)
@@ -135,12 +150,12 @@ class ModelExecutor:
             reqs[j].finish_reason = "stop" if stop[j] else "length"
         return ids[ended].tolist()
 
-    def _input_tokens(self, ids: np.ndarray, ctx: np.ndarray, reqs: list[EngineRequest]) -> np.ndarray:
+    def _input_tokens(self, ids: np.ndarray, ctx: np.ndarray) -> np.ndarray:
         """The token at position ``ctx - 1`` of each row's request: its last token, except in a
         one-token prefill chunk that is not the prompt's last."""
         tokens = self._last[ids]
         for j in np.flatnonzero(self._length[ids] != ctx).tolist():
-            tokens[j] = reqs[j].tokens(int(ctx[j]) - 1, int(ctx[j]))[0]
+            tokens[j] = self._tokens(int(ids[j]), int(ctx[j]) - 1, int(ctx[j]))[0]
         return tokens
 
 

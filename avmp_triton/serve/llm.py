@@ -174,6 +174,7 @@ class LLM:
                           step_time="wall" if arrival_s is not None else None, preemption=self.preemption_mode,
                           model_runner=ex, max_pages_per_request=self.tables.W, tables=self.tables)
         self.last_metrics = sched.run(reqs, progress=progress)
+        ex.finish()
         self.last_steps, self.last_graph_steps = ex.steps, ex.graph_steps
         self.last_step_seconds = dict(graph=ex.graph_s, eager=ex.eager_s)
         return [_output(r, self.tokenizer) for r in reqs]

@@ -76,6 +76,7 @@ def test_decode_rows_feed_their_last_token_and_one_token_chunks_their_prompt_tok
     # request 1 again mid-prompt (10), then request 0 alone decodes its 8
     step(ex, [0, 1], [1, 1], [5, 4], [True, False])
     assert model.fed == [("eager", [[1, 2, 3], [4, 5]]), ("graph", [7, 6]), ("graph", [8, 10])]
+    ex.finish()
     assert reqs[0].output == [7, 8, 9] and reqs[1].output == []
 
 
@@ -98,6 +99,7 @@ def test_sampled_tokens_end_requests_by_stop_token_or_length_in_row_order():
     assert step(ex, [0, 1, 2], [1, 1, 2], [1, 1, 2], [True, True, True]) == [1]
     assert step(ex, [0, -1, 2], [1, 0, 1], [2, 0, 3], [True, False, True]) == [0, 2]
     assert [r.finish_reason for r in reqs] == ["length", "stop", "stop"]
+    ex.finish()
     assert [r.output for r in reqs] == [[3, 4], [5], [2, 4]]
     assert seen == [("a", 3), ("b", 5), ("c", 2), ("a", 4), ("c", 4)]
     assert all(len(r.token_times) == len(r.output) for r in reqs)
