@@ -84,11 +84,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     if not rows:
         return out
     dev = logits.device
-    idx = torch.tensor(rows, device=dev)
-    t = torch.tensor([params[b].temperature for b in rows], dtype=logits.dtype, device=dev)
-    k = torch.tensor([params[b].top_k for b in rows], device=dev)
-    p = torch.tensor([params[b].top_p for b in rows], dtype=logits.dtype, device=dev)
-    probs = filter_logits(logits[idx], t, k, p).softmax(dim=1)
+    # one transfer for the rows and their parameters (top-k and row ids are exact in float64)
+    meta = torch.tensor([rows, [params[b].temperature for b in rows], [params[b].top_k for b in rows],
+                         [params[b].top_p for b in rows]], dtype=torch.float64).to(dev)
+    idx, dt = meta[0].long(), logits.dtype
+    probs = filter_logits(logits[idx], meta[1].to(dt), meta[2].long(), meta[3].to(dt)).softmax(dim=1)
+    # every row draws from torch's generator in one call; a seeded request then draws again from
+    # its own, alone, so its tokens do not depend on its batch
+    out[idx] = torch.multinomial(probs, 1).squeeze(1)
     for i, b in enumerate(rows):
-        out[b] = torch.multinomial(probs[i], 1, generator=generators[b])[0]
+        if generators[b] is not None:
+            out[b] = torch.multinomial(probs[i], 1, generator=generators[b])[0]
     return out

@@ -215,7 +215,8 @@ class Scheduler:
         self.preemption = preemption
         self.model_runner = model_runner
         if tables is not None and (backend != "device" or tables.a is not allocator or tables.R != max_running):
-            raise ValueError("tables must be DeviceTables of this allocator with max_running rows, for the device backend")
+            raise ValueError(f"tables must be DeviceTables of this allocator with max_running={max_running} rows, "
+                             f"for the device backend (got {tables.R} rows, backend {backend!r})")
         self.tables = tables
         self.time_allocator = bool(time_allocator)
         self.backend = backend
