@@ -153,8 +153,13 @@ class DeviceBackend:
         self.defer = defer
         self.pending: np.ndarray | bool | None = None   # deferred tick calls: the growth per row, or True (none)
         self.pending_release: np.ndarray | None = None  # deferred release: its rows
-        self.calls = PendingCalls(self)
         self.syncs = 0
+
+    @property
+    def calls(self) -> PendingCalls:
+        # made on demand: a stored one would make a reference cycle, and the pinned buffers of a
+        # run's backend would then be freed by the garbage collector at any later time
+        return PendingCalls(self)
 
     def grow(self, need: np.ndarray) -> None:
         """Growth now, not deferred."""
