@@ -4,7 +4,8 @@ One run measures, each cell checked against the reference before it is timed:
 - launch cost: host time of one launch of the alloc and free kernels (on scratch buffers, so that
   they change nothing) through ``JITFunction.run`` and through the allocator's launcher (the
   compiled kernel launched again; ``avmp_triton/memory/launch.py``), and of one read of a small
-  device buffer back to the host (``.tolist()``, and the pinned copy + event the allocator uses);
+  device buffer back to the host (``.tolist()``, which the allocator's reads use, and a stream sync
+  + read of pinned memory, which a syncing free uses: its kernel writes its report through);
 - per allocator (AVMP and both baselines) and n in 1, 16, 256, 4096: host time of one Python
   ``alloc_kv(n)`` and one ``free`` (wall time of the call, median of many, nothing synchronised
   inside the timed window), on an idle GPU and back to back; the capturable ``alloc_into`` /
@@ -122,7 +123,7 @@ def bench_launch_cost(b: Bench, ns) -> dict:
             out, handles = i32(n), torch.arange(n, dtype=torch.int32, device=dev)
             alloc = lch_a.bind(status, ticket, *state, 0, 2048, 512, 4, POOL=0, KIND=1, BLOCK=256, num_warps=4)
             free = lch_f.bind(status, mark, epoch, *state, 0, 2048, 512, 512, 4, H, REQ_KIND=0, POOL_KV=0,
-                              POOL_SSM=1, BLOCK=256, num_warps=8)
+                              POOL_SSM=1, BLOCK=256, REPORT_TOPS=False, num_warps=8)
             grid = ((n + 255) // 256,)
             alloc(grid, out, n)  # compiles (or finds) the kernel before anything is timed
             free((1,), handles, n)
@@ -135,15 +136,13 @@ def bench_launch_cost(b: Bench, ns) -> dict:
     buf = i64(8)
     res["read_tolist_us"] = b.host_us(buf.tolist, before=b.sync)
     if b.cuda:
-        host, ev = torch.empty(8, dtype=torch.int64, pin_memory=True), torch.cuda.Event()
+        host = torch.zeros(8, dtype=torch.int64, pin_memory=True)
 
-        def pinned():
-            host.copy_(buf, non_blocking=True)
-            ev.record()
-            ev.synchronize()
+        def mapped():  # what a syncing free reads: the report its kernel wrote through to pinned memory
+            torch.cuda.current_stream().synchronize()
             return host.tolist()
 
-        res["read_pinned_event_us"] = b.host_us(pinned, before=b.sync)
+        res["read_mapped_sync_us"] = b.host_us(mapped, before=b.sync)
     return res
 
 
@@ -399,7 +398,7 @@ def print_table(res: dict) -> None:
             print(f"  launch of {what}_kernel via {mode:8s}: " + "  ".join(f"n={n}: {us:.1f} us" for n, us in by_n.items()))
     print(f"  fast launches so far: {res['launches_fast']}")
     print(f"  read back of 8 int64: .tolist() {lc['read_tolist_us']:.1f} us"
-          + (f", pinned copy + event {lc['read_pinned_event_us']:.1f} us" if "read_pinned_event_us" in lc else ""))
+          + (f", stream sync + pinned report {lc['read_mapped_sync_us']:.1f} us" if "read_mapped_sync_us" in lc else ""))
     f = lambda v: "   -" if v is None else f"{v:6.1f}"  # noqa: E731
     print(f"{'allocator':28s} {'n':>5s} {'alloc':>6s} {'free':>6s} {'pair':>6s} {'a_into':>6s} "
           f"{'f_from':>6s} {'chk_a':>6s} {'chk_f':>6s} {'rd/a':>5s} {'dev':>6s} {'a+f-ret':>7s}   (host us per call; "

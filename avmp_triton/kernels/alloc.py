@@ -157,13 +157,17 @@ def alloc_kernel(
 def free_kernel(
     handles_ptr,      # [n] int32
     n,
-    status_ptr,       # [3] int64 (code, position, value)
+    status_ptr,       # [3] int64 (code, position, value); [8] with REPORT_TOPS
     mark_ptr,         # [H] int64 duplicate marks: the epoch of the last call that saw each handle
     epoch_ptr,        # [1] int64 call counter
     table_ptr, kinds_ptr, hstack_ptr, stacks_ptr, tops_ptr, slot_handle_ptr,
     base1, slab_bytes, unit0, unit1, max_ups, num_handles,
     REQ_KIND: tl.constexpr, POOL_KV: tl.constexpr, POOL_SSM: tl.constexpr, BLOCK: tl.constexpr,
+    REPORT_TOPS: tl.constexpr,
 ):
+    """``REPORT_TOPS``: the status buffer is the host's report (pinned host memory that the GPU
+    writes through, so the host reads it after a stream sync with no copy), and the tops after the
+    call go to its slots 4..6, as the allocator's one-buffer read brings them."""
     err_pos = tl.full((), _BIG, tl.int64)
     err_code = tl.full((), 0, tl.int64)
     err_val = tl.full((), 0, tl.int64)
@@ -178,10 +182,10 @@ def free_kernel(
         start += BLOCK
     tl.store(epoch_ptr, epoch)
     tl.debug_barrier()
+    top0 = tl.load(tops_ptr)
+    top1 = tl.load(tops_ptr + 1)
+    htop = tl.load(tops_ptr + 2)
     if err_pos == _BIG:
-        top0 = tl.load(tops_ptr)
-        top1 = tl.load(tops_ptr + 1)
-        htop = tl.load(tops_ptr + 2)
         start = 0
         while start < n:
             pos = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -197,6 +201,10 @@ def free_kernel(
     tl.store(status_ptr, err_code)
     tl.store(status_ptr + 1, tl.where(err_code == ERR_NONE, -1, err_pos))
     tl.store(status_ptr + 2, err_val)
+    if REPORT_TOPS:
+        tl.store(status_ptr + 4, top0)
+        tl.store(status_ptr + 5, top1)
+        tl.store(status_ptr + 6, htop)
 
 
 @triton.jit(do_not_specialize=["n"])

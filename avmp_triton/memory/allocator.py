@@ -243,9 +243,11 @@ class ArenaAllocator:
         self._io = torch.zeros(8, dtype=torch.int64, device=dev)
         self._status = self._io[0:3]
         self._tops = self._io[4:7]
-        # its host copy: pinned, so a read is one DMA and one event wait (no pageable staging copy)
-        self._io_host = torch.empty(8, dtype=torch.int64, pin_memory=True) if dev.type == "cuda" else None
-        self._io_ready = torch.cuda.Event() if dev.type == "cuda" else None
+        # a syncing free's report (status and tops, as in _io): pinned host memory that the free
+        # kernel writes through (CUDA maps pinned memory into the device's address space), so that
+        # reading it is a stream sync and no copy; a plain tensor on a CPU-only host
+        self._cuda = dev.type == "cuda"
+        self._report = torch.zeros(8, dtype=torch.int64, pin_memory=self._cuda)
         # reads of the status, the tops or the slab counters back to the host by alloc, free, resolve,
         # make_room and rebalance (each one a sync on a GPU; stats() is not counted); an alloc that
         # the pool can certainly serve makes none
@@ -307,8 +309,13 @@ class ArenaAllocator:
         n = handles.numel()
         if n == 0:
             return
-        self._launch_free(handles, req)
-        self._raise_on_handle_error(self._read_status(), kind, "handles")
+        if n <= self.free_one_program_max:
+            self._free_launch("report", req, n)((1,), handles, n)
+            status = self._read_report()
+        else:
+            self._launch_free(handles, req)
+            status = self._read_status()
+        self._raise_on_handle_error(status, kind, "handles")
 
     def alloc_into(self, kind: str, out: torch.Tensor) -> torch.Tensor:
         """Allocate ``out.numel()`` units of ``kind`` ("kv" or "ssm") into ``out``: one launch, no
@@ -546,13 +553,16 @@ class ArenaAllocator:
     def _read_status(self) -> list[int]:
         """The status of the last call (syncs); the tops come with it and tighten the bound."""
         self.host_reads += 1
-        if self._io_host is None:
-            io = self._io.tolist()
-        else:
-            self._io_host.copy_(self._io, non_blocking=True)
-            self._io_ready.record()
-            self._io_ready.synchronize()
-            io = self._io_host.tolist()
+        io = self._io.tolist()  # one pageable copy: faster on the host than a pinned copy + event
+        self._bound.learn(io[4:7])
+        return io[0:3]
+
+    def _read_report(self) -> list[int]:
+        """The status of the last syncing free, which its kernel wrote to ``_report`` (syncs)."""
+        self.host_reads += 1
+        if self._cuda:
+            torch.cuda.current_stream().synchronize()  # the stream the launcher launched on
+        io = self._report.tolist()
         self._bound.learn(io[4:7])
         return io[0:3]
 
@@ -611,7 +621,7 @@ class ArenaAllocator:
 
     def _free_launch(self, which: str, req: int, n: int):
         """The bound launch of one free kernel; what varies with ``n`` (block, warps, padding) keys it."""
-        if which == "free":
+        if which in ("free", "report"):
             shape = _launch_shape(n)
         else:  # the commit kernel reduces over the programs' counts padded to a power of two
             shape = (_FREE_BLOCK, 4, _pow2((n + _FREE_BLOCK - 1) // _FREE_BLOCK)[0] if which == "commit" else 0)
@@ -622,10 +632,12 @@ class ArenaAllocator:
         p0, p1 = self._pool_of[KIND_KV], self._pool_of[KIND_SSM]
         geometry = (self._stack_base[1], self.slab_bytes, self.unit_bytes[0], self.unit_bytes[1],
                     self.max_units_per_slab)
-        if which == "free":
+        if which in ("free", "report"):
+            report = which == "report"
             bound = launcher(K.free_kernel).bind(
-                self._status, self._mark, self._epoch, *self._state, *geometry, self.num_handles,
-                REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=shape[0], num_warps=shape[1])
+                self._report if report else self._status, self._mark, self._epoch, *self._state, *geometry,
+                self.num_handles, REQ_KIND=req, POOL_KV=p0, POOL_SSM=p1, BLOCK=shape[0], REPORT_TOPS=report,
+                num_warps=shape[1])
         elif which == "check":
             bound = launcher(K.free_check_kernel).bind(
                 self._mark, self._epoch, self.handle_kind, self.handle_table, self.num_handles,

@@ -35,6 +35,7 @@ from triton.runtime.jit import JITFunction
 CHECKED_TRITON = ((3, 6), (3, 9))
 MODES = ("compiled", "jit", "interpreter")
 _I32_MIN, _I32_MAX, _U64_FROM = -(1 << 31), (1 << 31) - 1, 1 << 63
+_MISSING = object()
 
 
 def fast_path_supported(version: str = triton.__version__) -> bool:
@@ -87,6 +88,7 @@ class Launcher:
             self.mode = mode or ("compiled" if fast_path_supported() else "jit")
         self._constexpr = tuple(p.is_constexpr for p in getattr(fn, "params", ()))
         self._compiled: dict = {}
+        self._globals_seen: dict = {}  # (name, id(globals)) -> the object last found equal (_globals_unchanged)
         self.launches_fast = 0  # launches that took the fast path (the rest went through JITFunction.run)
 
     def __call__(self, grid: tuple, *args, num_warps: int, **constexprs) -> None:
@@ -155,11 +157,18 @@ class Launcher:
 
     def _globals_unchanged(self) -> bool:
         """JITFunction.run refuses to launch when a global the kernel read has changed since it
-        compiled; the fast path hands such a launch to it so that it raises as it would."""
-        missing = object()
-        for (name, _), (val, globals_dict) in self.fn.used_global_vals.items():
-            if globals_dict.get(name, missing) != val:
+        compiled; the fast path hands such a launch to it so that it raises as it would. Triton
+        keeps deep copies of the values, so each compare builds a constexpr (about 1 us a global):
+        the object found equal is remembered, and while the global still is that object, the
+        compare is an identity check."""
+        seen = self._globals_seen
+        for key, (val, globals_dict) in self.fn.used_global_vals.items():
+            now = globals_dict.get(key[0], _MISSING)
+            if now is seen.get(key, _MISSING):
+                continue
+            if now is _MISSING or now != val:
                 return False
+            seen[key] = now
         return True
 
 

@@ -143,3 +143,26 @@ def test_a_captured_call_that_takes_units_disables_the_bound_for_good(monkeypatc
     b2.forget(0)
     b2.learn([3, 5, 9])
     assert b2.covers(0, 3) and b2.covers(1, 5) and not b2.covers(1, 6)
+
+
+def test_a_syncing_free_reports_its_status_and_the_exact_tops(monkeypatch):
+    """A free of up to free_one_program_max handles reads one report (status and tops) that its
+    kernel wrote: the bound it learns is exact, and a bad handle is named with nothing changed."""
+    from avmp_triton.memory.allocator import InvalidHandleError
+    a = ALLOCS["avmp"]()
+    reads = Counting(a, monkeypatch)
+    kv = a.alloc_kv(3)
+    bt = torch.full((1, 2), -1, dtype=torch.int32, device=DEVICE)
+    a.grow_kv(bt, torch.zeros(1, dtype=torch.int32, device=DEVICE), i32([1]))  # the KV count is unknown now
+    r0 = a.host_reads
+    a.free(kv[:2])
+    assert a.host_reads == r0 + 1 and reads.n == 0, "one read, the report, not the status buffer"
+    a.alloc_kv(a.free_counts.tolist()[0])  # exactly what is free: the report's tops suffice
+    assert reads.n == 0
+    before = [t.clone() for t in a.decision_state()]
+    with pytest.raises(InvalidHandleError, match=rf"handles\[1\]: handle {a.num_handles} "):
+        a.free(torch.cat([kv[2:], i32([a.num_handles])]))
+    assert all(torch.equal(x, y) for x, y in zip(before, a.decision_state())), "a refused free changed state"
+    a.free(kv[2:])
+    assert a.host_reads == r0 + 3 and reads.n == 0
+    assert_bound_holds(a)

@@ -175,6 +175,13 @@ def test_hooks_and_changed_globals_take_the_normal_launch(fast, monkeypatch):
     g["X"] = 2
     go()
     assert (len(normal), lch.launches_fast) == (4, 2)
+    g["X"] = 1.0  # equal to the compiled value, though not the object seen before: fast again
+    go()
+    go()
+    assert (len(normal), lch.launches_fast) == (4, 4)
+    g["X"] = 2  # and a change after the identity was remembered is still seen
+    go()
+    assert (len(normal), lch.launches_fast) == (5, 4)
 
 
 def test_jit_mode_always_takes_the_normal_launch(fast):
