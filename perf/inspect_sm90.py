@@ -181,9 +181,8 @@ _DECODE_SIG = dict(q_ptr=BF, arena_ptr=BF, table_ptr="*i64", kinds_ptr="*i32", b
                    qk_scale="fp32", kv_scale_ptr=F32)
 _DECODE_DIV = _div(_DECODE_SIG, ["stride_q_b", "stride_q_h", "stride_o_b", "stride_o_h", "layer_off", "stride_kv",
                                  "stride_head", "stride_token"])
-_PREFILL_SIG = dict(q_ptr=BF, out_ptr=BF, cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", pages_ptr="*i32",
-                    handle_table_ptr="*i64", kinds_ptr="*i32", kv_ptr=BF, num_seqs="i32", max_pages="i32",
-                    num_handles="i32", max_page_off="i32", num_tokens="i32", stride_q_t="i32", stride_q_h="i32",
+_PREFILL_SIG = dict(q_ptr=BF, out_ptr=BF, cu_seqlens_q_ptr="*i32", seq_lens_ptr="*i32", pages_ptr="*i64",
+                    kv_ptr=BF, num_seqs="i32", max_pages="i32", max_page_off="i32", num_tokens="i32", stride_q_t="i32", stride_q_h="i32",
                     stride_o_t="i32", stride_o_h="i32", stride_pages_b="i32", layer_off="i32", stride_kv="i32", stride_kv_head="i32",
                     stride_kv_token="i32", qk_scale="fp32", kv_scale_ptr=F32)
 _PREFILL_DIV = _div(_PREFILL_SIG, ["stride_q_t", "stride_q_h", "stride_o_t", "stride_o_h", "layer_off", "stride_kv",
@@ -207,12 +206,9 @@ def attention_cases():
            _DECODE_DIV)
     prefill = dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=64, BLOCK_Q=16, BLOCK_N=64,
                    PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False, NUM_KV_HEADS=8,
-                   PAGE_BITS=True, CARRY=True, RESOLVED=False, UNROLL_PAGES=False)
-    yield ("paged_prefill_attention (D 128, GQA 4, 64 x 64 tiles, 4 warps, pages carried)", KPA.paged_prefill_kernel,
+                   PAGE_BITS=True)
+    yield ("paged_prefill_attention (D 128, GQA 4, 64 x 64 tiles, 4 warps, pages unrolled)", KPA.paged_prefill_kernel,
            _PREFILL_SIG, prefill, 4, _PREFILL_DIV)
-    yield ("paged_prefill_attention resolved pages (D 128, GQA 4, 64 x 64 tiles, 4 warps, carried)",
-           KPA.paged_prefill_kernel, dict(_PREFILL_SIG, pages_ptr="*i64"), dict(prefill, RESOLVED=True), 4,
-           _PREFILL_DIV)
 
 
 def padded_head_dim_cases():
@@ -236,7 +232,7 @@ def padded_head_dim_cases():
     yield ("paged_prefill_attention (Zamba2, D 160, GQA 1, 64 x 32 tiles, 8 warps)", KPA.paged_prefill_kernel,
            _PREFILL_SIG, dict(GQA=1, HEAD_DIM=160, BLOCK_D=256, PAGE_TOKENS=16, ELEM_BYTES=2, BLOCK_M=64, BLOCK_Q=64,
                               BLOCK_N=32, PIPELINE=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FP8=False,
-                              NUM_KV_HEADS=32, PAGE_BITS=True, CARRY=False, RESOLVED=False, UNROLL_PAGES=False), 8,
+                              NUM_KV_HEADS=32, PAGE_BITS=True), 8,
            _PREFILL_DIV)
 
 
@@ -249,11 +245,11 @@ def fp8_cases():
                                                   BLOCK_N=64, NUM_SPLITS=3, ELEM_BYTES=1, USE_DOT=True, DOT_FP32=False,
                                                   DOT_DTYPE=tl.float16, Q_RESCALE=True, PIPELINE=True, PREFETCH=True,
                                                   KV_FP8=True, NUM_KV_HEADS=8), 4, _DECODE_DIV)
-    yield ("paged_prefill_attention fp8 (D 128, GQA 4, 64 x 64 tiles, 4 warps, pages carried)", KPA.paged_prefill_kernel,
+    yield ("paged_prefill_attention fp8 (D 128, GQA 4, 64 x 64 tiles, 4 warps)", KPA.paged_prefill_kernel,
            dict(_PREFILL_SIG, kv_ptr=fp8), dict(GQA=4, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1,
                                                 BLOCK_M=64, BLOCK_Q=16, BLOCK_N=64, PIPELINE=True, DOT_PRECISION="tf32",
-                                                UPCAST_DOT=False, KV_FP8=True, NUM_KV_HEADS=8, PAGE_BITS=True,
-                                                CARRY=True, RESOLVED=False, UNROLL_PAGES=False), 4, _PREFILL_DIV)
+                                                UPCAST_DOT=False, KV_FP8=True, NUM_KV_HEADS=8, PAGE_BITS=True), 4,
+           _PREFILL_DIV)
     app = dict(_APPEND_SIG, arena_ptr=fp8)
     yield ("kv_append fp8 (Jamba, 4 warps)", KA.kv_append_kernel, app,
            dict(NUM_KV_HEADS=8, HEADS_PAD=8, HEAD_DIM=128, BLOCK_D=128, PAGE_TOKENS=16, ELEM_BYTES=1, KV_FP8=True,

@@ -1,4 +1,4 @@
-"""Paged prefill / append attention (chunked prefill) reading K/V through the handle table.
+"""Paged prefill / append attention (chunked prefill) reading K/V through resolved page offsets.
 
 Every request b has ``q_len_b = cu_seqlens_q[b+1] - cu_seqlens_q[b]`` new query tokens, packed
 into ``q [T, Hq, D]``, and a context of ``seq_lens[b]`` tokens whose last ``q_len_b`` are the new
@@ -17,17 +17,16 @@ cu[b+1] // BLOCK_Q + b + 1)`` (at least ``cdiv(q_len_b, BLOCK_Q)`` of them), so
 ``num_tiles = T // BLOCK_Q + B`` bounds the grid from shapes alone and a program finds its request
 by a binary search over ``cu_seqlens_q``; surplus tiles exit at once.
 
-KV is walked in steps of ``BLOCK_N`` positions (any power of two; each row resolves its own page,
-so BLOCK_N need not be a multiple of ``page_tokens``): first the blocks every row of the tile may
-see (no causal mask), then the diagonal blocks with the causal mask. Online softmax in fp32 with
-exp2. Pages whose handle is -1, out of range, free or not a KV page are skipped (their scores are
--inf, no byte of their unit is read); a row that sees nothing writes zeros; NaN in q or K/V
-propagates to the output. Query rows outside ``[0, T)`` (a bad ``cu_seqlens_q``) are skipped.
-
-RESOLVED: the pages come as a per-step table of element offsets (``ops.paged_prefill.resolve_pages``:
-block table -> handle table -> kinds done once for every layer of the step), one load per page
-instead of three dependent ones; -1, or an offset that is misaligned or leaves no whole page in the
-arena, skips its page as a bad handle does.
+The pages come as a table of element offsets (``kernels/page_offsets.py``: block table -> handle
+table -> kinds, done once a step for every attention layer), one load per page instead of three
+dependent ones. KV is walked in steps of ``BLOCK_N`` positions (any power of two; each row finds its
+own page, so BLOCK_N need not be a multiple of ``page_tokens``), each step resolving the next
+block's pages: first the blocks every row of the tile may see (no causal mask), then the diagonal
+blocks with the causal mask. Online softmax in fp32 with exp2. A page whose offset is -1 (its
+handle -1, out of range, free or not a KV page), misaligned or leaves no whole page in the arena is
+skipped (its scores are -inf, no byte of it is read); a row that sees nothing writes zeros; NaN in
+q or K/V propagates to the output. Query rows outside ``[0, T)`` (a bad ``cu_seqlens_q``) are
+skipped.
 
 Head dims that are not powers of two run padded to ``BLOCK_D`` lanes, masked, and fp8 pages are
 read as in decode (``kernels/paged_attention.py``).
@@ -35,8 +34,11 @@ read as in decode (``kernels/paged_attention.py``).
 import triton
 import triton.language as tl
 
-from avmp_triton.kernels.handles import KIND_KV, both, unit_offset
+from avmp_triton.kernels.handles import both
 from avmp_triton.kernels.paged_attention import fp8_scales, row_mask
+
+# whole pages a KV block may take as scalars (``_kv_block_unrolled``); more take a page tile
+UNROLL_MAX = tl.constexpr(8)
 
 
 @triton.jit
@@ -48,37 +50,31 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _page_base(pages_row_ptr, i_pg, m_pg, handle_table_ptr, kinds_ptr, num_handles, max_page_off,
-               ELEM_BYTES: tl.constexpr, RESOLVED: tl.constexpr):
+def _page_base(pages_row_ptr, i_pg, m_pg, max_page_off, ELEM_BYTES: tl.constexpr):
     """(usable, element offset of the page, 0 where not usable) of the row's pages ``i_pg`` where
-    ``m_pg`` (scalar or block): from the handles, or from the resolved offsets (RESOLVED)."""
-    if RESOLVED:
-        off = tl.load(pages_row_ptr + i_pg, mask=m_pg, other=-1)
-        # the table is the caller's data, not ours: an offset the 16-byte loads or the arena's end
-        # cannot take is a missing page, not a fault
-        ok = m_pg & (off >= 0) & (off <= max_page_off) & (off % (16 // ELEM_BYTES) == 0)
-        return ok, tl.where(ok, off, 0)
-    else:
-        h = tl.load(pages_row_ptr + i_pg, mask=m_pg, other=-1).to(tl.int64)
-        ok, off = unit_offset(h, m_pg, handle_table_ptr, kinds_ptr, num_handles, KIND_KV)
-        return ok, off // ELEM_BYTES
+    ``m_pg`` (scalar or block), from the resolved offsets."""
+    off = tl.load(pages_row_ptr + i_pg, mask=m_pg, other=-1)
+    # the table is the caller's data, not ours: an offset the 16-byte loads or the arena's end
+    # cannot take is a missing page, not a fault
+    ok = m_pg & (off >= 0) & (off <= max_page_off) & (off % (16 // ELEM_BYTES) == 0)
+    return ok, tl.where(ok, off, 0)
 
 
 @triton.jit
-def _kv_block_unrolled(start, kv_end, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, max_page_off,
-                       stride_kv_token, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr,
-                       RESOLVED: tl.constexpr):
-    """``_kv_block`` of a block of a few whole pages (UNROLL_PAGES), each resolved as a scalar: the
-    rows select their page's offset, the bits gather in a scalar, with no page tile to reshape
-    or reduce across threads (a layout conversion and a barrier each step on sm_90)."""
+def _kv_block_unrolled(start, kv_end, pages_row_ptr, max_pages, max_page_off, stride_kv_token,
+                       PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr):
+    """``_kv_block`` of a block of a few whole pages, each resolved as a scalar: the rows select
+    their page's offset, the bits gather in a scalar, with no page tile to reshape or reduce
+    across threads (a layout conversion and a barrier each step on sm_90; 1.03-1.10x faster at
+    64 x 64, perf/results/sweep_prefill_variants_H100_c562f19.json)."""
     o_n = tl.arange(0, BLOCK_N)
     j_n = o_n // PAGE_TOKENS
     base = tl.zeros([BLOCK_N], dtype=tl.int64)
     pages = start * 0
     for j in tl.static_range(BLOCK_N // PAGE_TOKENS):
         i_pg = start // PAGE_TOKENS + j
-        ok, off = _page_base(bt_row_ptr, i_pg, (i_pg * PAGE_TOKENS < kv_end) & (i_pg < max_pages), handle_table_ptr,
-                             kinds_ptr, num_handles, max_page_off, ELEM_BYTES, RESOLVED)
+        ok, off = _page_base(pages_row_ptr, i_pg, (i_pg * PAGE_TOKENS < kv_end) & (i_pg < max_pages), max_page_off,
+                             ELEM_BYTES)
         base = tl.where(j_n == j, off, base)
         pages = pages | (ok.to(tl.int32) << j)
     m = (((pages >> j_n) & 1) != 0) & (start + o_n < kv_end)
@@ -87,27 +83,24 @@ def _kv_block_unrolled(start, kv_end, bt_row_ptr, max_pages, handle_table_ptr, k
 
 
 @triton.jit
-def _kv_block(start, kv_end, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, max_page_off,
-              stride_kv_token, PAGE_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr,
-              PAGE_BITS: tl.constexpr, RESOLVED: tl.constexpr, UNROLL: tl.constexpr):
+def _kv_block(start, kv_end, pages_row_ptr, max_pages, max_page_off, stride_kv_token, PAGE_TOKENS: tl.constexpr,
+              BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr, PAGE_BITS: tl.constexpr):
     """The K rows of positions ``[start, start + BLOCK_N)``: (element offsets ``[BLOCK_N]`` int64 from
     the head's base, 0 where unreadable; the readable rows ``[BLOCK_N]``; the usable pages).
 
-    Handles resolve once per page, not per row: per row, the three dependent gathers were loaded in
-    the K tile's layout and again in the scores' one, and the pipeliner carried both copies across
-    its stages (255 registers at 128 x 64 on sm_90). The usable pages come back as bits (bit j: the
+    Pages resolve once per page, not per row. The usable pages come back as bits (bit j: the
     block's j-th page, PAGE_BITS, at most 32 pages a block), so the scores' column mask is computed
-    from the column index with no per-column data carried; else as the readable rows themselves."""
-    if UNROLL:
-        return _kv_block_unrolled(start, kv_end, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles,
-                                  max_page_off, stride_kv_token, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, RESOLVED)
+    from the column index with no per-column data carried; else as the readable rows themselves.
+    A block of 1 to UNROLL_MAX whole pages takes them one by one as scalars (``_kv_block_unrolled``)."""
+    if BLOCK_N >= PAGE_TOKENS and BLOCK_N // PAGE_TOKENS <= UNROLL_MAX:
+        return _kv_block_unrolled(start, kv_end, pages_row_ptr, max_pages, max_page_off, stride_kv_token,
+                                  PAGE_TOKENS, BLOCK_N, ELEM_BYTES)
     if BLOCK_N >= PAGE_TOKENS:
         NUM_PAGES: tl.constexpr = BLOCK_N // PAGE_TOKENS
         o_pg = tl.arange(0, NUM_PAGES)
         i_pg = start // PAGE_TOKENS + o_pg
         m_pg = (i_pg * PAGE_TOKENS < kv_end) & (i_pg < max_pages)
-        ok, off = _page_base(bt_row_ptr, i_pg, m_pg, handle_table_ptr, kinds_ptr, num_handles, max_page_off,
-                             ELEM_BYTES, RESOLVED)
+        ok, off = _page_base(pages_row_ptr, i_pg, m_pg, max_page_off, ELEM_BYTES)
         o_tok = tl.arange(0, PAGE_TOKENS)
         m = ok[:, None] & (i_pg[:, None] * PAGE_TOKENS + o_tok[None, :] < kv_end)
         # a row's place inside its page is below the page's size: 32-bit, widened once
@@ -125,8 +118,7 @@ def _kv_block(start, kv_end, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr,
     else:
         # part of one page (both are powers of two, so a block never straddles two)
         i_pg = start // PAGE_TOKENS
-        ok, off = _page_base(bt_row_ptr, i_pg, (start < kv_end) & (i_pg < max_pages), handle_table_ptr, kinds_ptr,
-                             num_handles, max_page_off, ELEM_BYTES, RESOLVED)
+        ok, off = _page_base(pages_row_ptr, i_pg, (start < kv_end) & (i_pg < max_pages), max_page_off, ELEM_BYTES)
         o_tok = start % PAGE_TOKENS + tl.arange(0, BLOCK_N)
         m = both(start + tl.arange(0, BLOCK_N) < kv_end, ok)
         row = tl.where(m, off + (o_tok * stride_kv_token).to(tl.int64), 0)
@@ -191,15 +183,10 @@ def _attn_block(
 def _step(acc, m_i, l_i, nxt, b_q, start, kv_end, q_pos, pages, p_kv_head, stride_kv, qk_scale,
           PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-          KV_FP8: tl.constexpr, PAGE_BITS: tl.constexpr, CARRY: tl.constexpr, RESOLVED: tl.constexpr,
-          UNROLL: tl.constexpr):
-    """Block ``start`` of ``_attend``'s loop; CARRY resolves the next one's pages into ``nxt``."""
-    if CARRY:
-        kv = nxt
-        nxt = _kv_block(start + BLOCK_N, kv_end, *pages, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, PAGE_BITS, RESOLVED,
-                        UNROLL)
-    else:
-        kv = _kv_block(start, kv_end, *pages, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, PAGE_BITS, RESOLVED, UNROLL)
+          KV_FP8: tl.constexpr, PAGE_BITS: tl.constexpr):
+    """Block ``start`` of ``_attend``'s loop (its pages: ``nxt``); resolves the next one's into ``nxt``."""
+    kv = nxt
+    nxt = _kv_block(start + BLOCK_N, kv_end, *pages, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, PAGE_BITS)
     acc, m_i, l_i = _attn_block(acc, m_i, l_i, b_q, start, kv, q_pos, p_kv_head, stride_kv, qk_scale, PAGE_TOKENS,
                                 HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS)
     return acc, m_i, l_i, nxt
@@ -208,36 +195,33 @@ def _step(acc, m_i, l_i, nxt, b_q, start, kv_end, q_pos, pages, p_kv_head, strid
 @triton.jit
 def _attend(
     acc, m_i, l_i, b_q, lo, hi, kv_end,
-    q_pos, bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, max_page_off, p_kv_head, stride_kv,
-    stride_kv_token, qk_scale,
+    q_pos, pages_row_ptr, max_pages, max_page_off, p_kv_head, stride_kv, stride_kv_token, qk_scale,
     PAGE_TOKENS: tl.constexpr, ELEM_BYTES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    KV_FP8: tl.constexpr, PAGE_BITS: tl.constexpr, PIPELINE: tl.constexpr, CARRY: tl.constexpr,
-    RESOLVED: tl.constexpr, UNROLL: tl.constexpr,
+    KV_FP8: tl.constexpr, PAGE_BITS: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     """The blocks starting at ``lo, lo + BLOCK_N, ...`` below ``hi``.
 
-    CARRY: each step resolves the next block's pages, so a block's K/V addresses come in from the
-    previous iteration and the pipeliner sees plain loads (prefetched num_stages - 1 blocks ahead,
-    the page loads themselves synchronous); else the addresses hang on three dependent loads in
-    the step, which the pipeliner spreads over its stages (K/V then prefetched one block ahead)."""
-    pages = (bt_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, max_page_off, stride_kv_token)
-    nxt = 0  # CARRY: the next block's ``_kv_block``
-    if CARRY:
-        nxt = _kv_block(lo, kv_end, *pages, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, PAGE_BITS, RESOLVED, UNROLL)
+    Each step resolves the next block's pages, so a block's K/V addresses come in from the
+    previous iteration and the pipeliner sees plain loads (prefetched num_stages - 1 blocks ahead).
+    Over resolved pages at 64 x 64 it matched resolving inside the step (381 vs 372 TFLOP/s at
+    1x4096, equal elsewhere: sweep_prefill_variants_H100_c562f19); over handles it won 1.1-1.2x
+    (sweep_prefill_variants_H100_2ea8c39), so one path, carried."""
+    pages = (pages_row_ptr, max_pages, max_page_off, stride_kv_token)
+    nxt = _kv_block(lo, kv_end, *pages, PAGE_TOKENS, BLOCK_N, ELEM_BYTES, PAGE_BITS)
     if PIPELINE:
         # scf.for loops get software-pipelined (num_stages); the interpreter cannot run a
         # runtime-bounded range, so it takes the while loop below
         for start in tl.range(lo, hi, BLOCK_N):
             acc, m_i, l_i, nxt = _step(acc, m_i, l_i, nxt, b_q, start, kv_end, q_pos, pages, p_kv_head, stride_kv,
                                        qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
-                                       DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS, CARRY, RESOLVED, UNROLL)
+                                       DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS)
     else:
         start = lo
         while start < hi:
             acc, m_i, l_i, nxt = _step(acc, m_i, l_i, nxt, b_q, start, kv_end, q_pos, pages, p_kv_head, stride_kv,
                                        qk_scale, PAGE_TOKENS, ELEM_BYTES, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
-                                       DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS, CARRY, RESOLVED, UNROLL)
+                                       DOT_PRECISION, UPCAST, KV_FP8, PAGE_BITS)
             start += BLOCK_N
     return acc, m_i, l_i
 
@@ -272,17 +256,15 @@ def _tile_rows(q_start, q_lo, q_len, prefix, i_kvh, num_tokens, GQA: tl.constexp
 
 # sizes only compared against (never strides or offsets): specialising them on 1 or on multiples of
 # 16 bought nothing and compiled the kernel again for every batch that changed their class
-@triton.jit(do_not_specialize=["num_seqs", "max_pages", "num_handles", "max_page_off", "num_tokens"])
+@triton.jit(do_not_specialize=["num_seqs", "max_pages", "max_page_off", "num_tokens"])
 def paged_prefill_kernel(
     q_ptr,             # [T, Hq, D] fp16 / bf16 / fp32
     out_ptr,           # [T, Hq, D] same dtype as q (output)
     cu_seqlens_q_ptr,  # [B+1] int32 query token ranges
     seq_lens_ptr,      # [B] int32 context length including the new tokens
-    pages_ptr,         # [B, W] int32 KV handles, -1 padded; RESOLVED: int64 element offsets, -1 for none
-    handle_table_ptr,  # [H] int64 handle -> byte offset in the arena, -1 when free
-    kinds_ptr,         # [H] int32 handle -> kind (1 = KV page)
+    pages_ptr,         # [B, W] int64 element offsets of the KV pages in kv (resolve_pages), -1 for none
     kv_ptr,            # arena viewed as the KV dtype (q's, or float8_e4m3fn)
-    num_seqs, max_pages, num_handles, max_page_off, num_tokens, stride_q_t, stride_q_h, stride_o_t, stride_o_h,
+    num_seqs, max_pages, max_page_off, num_tokens, stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_pages_b,    # max_page_off: the largest element offset with a whole page in the arena
     layer_off, stride_kv, stride_kv_head, stride_kv_token,   # layer_off: layer * stride_layer, in elements
     qk_scale, kv_scale_ptr,  # softmax scale * log2(e); [2, Hkv] fp32 scales of an fp8 cache (K, V rows)
@@ -290,7 +272,7 @@ def paged_prefill_kernel(
     ELEM_BYTES: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PIPELINE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, KV_FP8: tl.constexpr,
-    PAGE_BITS: tl.constexpr, CARRY: tl.constexpr, RESOLVED: tl.constexpr, UNROLL_PAGES: tl.constexpr,
+    PAGE_BITS: tl.constexpr,
 ):
     # heaviest tiles (the last ones, furthest along the context) start first
     i_tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -322,14 +304,13 @@ def paged_prefill_kernel(
     # loop masking every block, swept as split_diagonal=False, won only at 16 x 512 and lost at the
     # other cells: perf/results/sweep_prefill_variants_H100_2ea8c39.json)
     full_end = tl.maximum((prefix + q_lo + 1) // BLOCK_N * BLOCK_N, 0)
-    args = (q_pos, pages_row_ptr, max_pages, handle_table_ptr, kinds_ptr, num_handles, max_page_off, p_kv_head,
-            stride_kv, stride_kv_token, qk_scale)
+    args = (q_pos, pages_row_ptr, max_pages, max_page_off, p_kv_head, stride_kv, stride_kv_token, qk_scale)
     acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, full_end * 0, full_end, kv_end, *args, PAGE_TOKENS, ELEM_BYTES,
                             HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT, KV_FP8, PAGE_BITS,
-                            PIPELINE, CARRY, RESOLVED, UNROLL_PAGES)
+                            PIPELINE)
     acc, m_i, l_i = _attend(acc, m_i, l_i, b_q, full_end, kv_end, kv_end, *args, PAGE_TOKENS, ELEM_BYTES,
                             HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION, UPCAST_DOT, KV_FP8, PAGE_BITS,
-                            PIPELINE, CARRY, RESOLVED, UNROLL_PAGES)
+                            PIPELINE)
 
     # a row that saw nothing has acc = 0 and l = 0: divide by 1. A NaN l (NaN in q or K/V) must
     # reach the output, as in decode, so no `l > 0` test here

@@ -6,14 +6,15 @@ the pages (append first, as vLLM and FlashInfer do).
 
 Everything here is decided from shapes: no host synchronisation, fixed grid for fixed shapes, an
 ``out=`` buffer, so a step can be captured in a CUDA graph. The op is registered as
-``torch.ops.avmp.paged_prefill_attention`` (mutates ``out``).
+``torch.ops.avmp.paged_prefill_attention`` and ``torch.ops.avmp.resolve_pages`` (each mutates ``out``).
 
 Head dims: multiples of 8 in [16, 256], the rule of ``_args.check_attn_head_dim`` that decode
 shares; one that is not a power of two runs in tiles padded to the next one, masked.
 
-``resolve_pages`` turns a step's block table into the pages' element offsets once, for every
-attention layer of the step (``page_offsets=``): the kernel then loads one value per page instead
-of a handle, its kind and its offset, one after the other.
+``resolve_pages`` (one launch of ``kernels/page_offsets.py``) turns a step's block table into the
+pages' element offsets once, for every attention layer of the step (``page_offsets=``); the
+attention kernel loads one value per page instead of a handle, its kind and its offset, one after
+the other. A call given no offsets resolves them itself.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from typing import Optional
 import torch
 
 from avmp_triton import _triton_env  # noqa: F401  (before triton: the interpreter on CPU-only hosts)
+import triton  # noqa: E402
 from avmp_triton._checks import check_tensor, is_int
 from avmp_triton._triton_env import interpreter_active
+from avmp_triton.kernels.page_offsets import resolve_pages_kernel
 from avmp_triton.kernels.paged_prefill import paged_prefill_kernel
 from avmp_triton.memory.cache import PagedCache
 from avmp_triton.ops._args import (FP8, attn_block_d, check_attn_head_dim, check_kernel_device, check_kv_scale,
@@ -39,29 +42,30 @@ __all__ = ["PrefillConfig", "paged_prefill_attention", "prefill_launch_config", 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
-# (BLOCK_M rows, BLOCK_N kv positions, num_warps, num_stages, carry_pages) by the head dim padded to
-# the kernel's tile (``attn_block_d``: 160 takes the 256 row) for 16-bit inputs on a GPU. Not
-# autotuned (the op writes ``out``; no launcher of this package autotunes). D=128 from the H100
-# sweep perf/results/sweep_prefill_variants_H100_2ea8c39.json (bf16, GQA 4, pages of 16): 64 x 64,
-# 4 warps, 3 stages with pages carried a step ahead (212 regs, two programs an SM) was the fastest
-# at 1x4096, 4x1024 and 4x512+1024 and second at 16x512, 0.98-1.23x SDPA flash's time, where the
-# former 128 x 64 x 8 warps took 1.10-1.34x. D <= 64 take it unmeasured: smaller K/V tiles of the
-# same shape. D=256 (64 x 32, 8 warps, no carry) is the largest tile within 227 KiB of shared
-# memory without spills on sm_90, never swept.
+# (BLOCK_M rows, BLOCK_N kv positions, num_warps, num_stages) by the head dim padded to the kernel's
+# tile (``attn_block_d``: 160 takes the 256 row) for 16-bit inputs on a GPU. Not autotuned (the op
+# writes ``out``; no launcher of this package autotunes). D=128 from the H100 sweeps (bf16, GQA 4,
+# pages of 16): 64 x 64, 4 warps, 3 stages (perf/results/sweep_prefill_variants_H100_2ea8c39.json)
+# over resolved pages taken as scalars (sweep_prefill_variants_H100_c562f19.json: 381, 245, 189 and
+# 308 TFLOP/s at 1x4096, 4x1024, 16x512 and 4x512+1024, 0.71-0.97x SDPA flash's time, where handles
+# resolved in the kernel took 0.94-1.23x). D <= 64 take it unmeasured: smaller K/V tiles of the same
+# shape. D=256 (64 x 32, 8 warps) is the largest tile within 227 KiB of shared memory without
+# spills on sm_90, never swept.
 _GPU_TABLE = {
-    16: (64, 64, 4, 3, True),
-    32: (64, 64, 4, 3, True),
-    64: (64, 64, 4, 3, True),
-    128: (64, 64, 4, 3, True),
-    256: (64, 32, 8, 2, False),
+    16: (64, 64, 4, 3),
+    32: (64, 64, 4, 3),
+    64: (64, 64, 4, 3),
+    128: (64, 64, 4, 3),
+    256: (64, 32, 8, 2),
 }
 # fp32 (tests only) multiplies in IEEE fp32 without tensor cores: larger tiles spill
-_GPU_FP32 = (32, 16, 8, 1, False)
-# the interpreter pays per operation, not per element: middling tiles, few programs; pages carried
-# as on the GPU, so the default path is the one the CPU tests run
-_CPU_CONFIG = (32, 32, 4, 1, True)
+_GPU_FP32 = (32, 16, 8, 1)
+# the interpreter pays per operation, not per element: middling tiles, few programs
+_CPU_CONFIG = (32, 32, 4, 1)
 # pages a KV block may span with their usable-page mask kept as the bits of one int32
 _MAX_BITS = 32
+# entries of the block table per program of ``resolve_pages``
+_RESOLVE_BLOCK = 1024
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,10 +75,6 @@ class PrefillConfig:
     block_n: int | None = None     # KV positions per step
     num_warps: int | None = None
     num_stages: int | None = None
-    carry_pages: bool | None = None     # resolve the next block's pages a step ahead (kernel: CARRY)
-    # a block of 1 to 8 whole pages resolves them one by one as scalars (kernel: UNROLL_PAGES);
-    # other blocks ignore it
-    unroll_pages: bool | None = None
 
 
 def _pow2_at_least(n: int) -> int:
@@ -89,11 +89,11 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu
     ``max_seqlen_q`` shrinks it so a decode-like batch does not pad every tile to 128 rows.
     """
     if not on_gpu:
-        bm, bn, warps, stages, carry = _CPU_CONFIG
+        bm, bn, warps, stages = _CPU_CONFIG
     elif dtype == torch.float32:
-        bm, bn, warps, stages, carry = _GPU_FP32
+        bm, bn, warps, stages = _GPU_FP32
     else:
-        bm, bn, warps, stages, carry = _GPU_TABLE[attn_block_d(head_dim)]
+        bm, bn, warps, stages = _GPU_TABLE[attn_block_d(head_dim)]
     bm = max(bm, _pow2_at_least(gqa))
     if max_seqlen_q is not None:
         short = max(16, _pow2_at_least(gqa * max_seqlen_q))
@@ -101,56 +101,70 @@ def prefill_launch_config(head_dim: int, dtype: torch.dtype, gqa: int, *, on_gpu
             bm = short
             if on_gpu and bm <= 32:
                 warps = 4  # a 16- or 32-row tile keeps no more than one warpgroup busy
-    return PrefillConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, carry_pages=carry,
-                         unroll_pages=False)
+    return PrefillConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
 
 
 @torch.library.custom_op("avmp::paged_prefill_attention", mutates_args=("out",))
 def _paged_prefill_op(
-    q: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-    kv: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor, out: torch.Tensor,
-    page_tokens: int, num_kv_heads: int, layer_off: int, stride_kv: int, stride_kv_head: int,
-    stride_kv_token: int, scale: float, block_m: int, block_n: int, num_warps: int, num_stages: int,
-    kv_scale: Optional[torch.Tensor] = None, carry_pages: bool = False, page_offsets: Optional[torch.Tensor] = None,
-    page_elems: int = 0, unroll_pages: bool = False,
+    q: torch.Tensor, page_offsets: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    kv: torch.Tensor, out: torch.Tensor, page_tokens: int, num_kv_heads: int, layer_off: int, stride_kv: int,
+    stride_kv_head: int, stride_kv_token: int, scale: float, block_m: int, block_n: int, num_warps: int,
+    num_stages: int, page_elems: int, kv_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Validated launch; use ``paged_prefill_attention``. ``kv`` is the arena viewed as the KV dtype
     (q's, or float8_e4m3fn with ``kv_scale``); ``page_elems``: a KV page's elements (all layers),
-    which bounds the resolved offsets the kernel takes."""
+    which bounds the offsets the kernel takes."""
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
     if T == 0 or B == 0:
         return
-    if page_offsets is not None and page_elems < 1:
-        raise ValueError(f"page_offsets need page_elems, a KV page's elements (>= 1), got {page_elems}")
+    if page_elems < 1:
+        raise ValueError(f"page_elems, a KV page's elements, must be >= 1, got {page_elems}")
     gqa = Hq // num_kv_heads
     block_q = block_m // gqa
     grid = (T // block_q + B, num_kv_heads)
     interp = interpreter_active()
-    pages = block_table if page_offsets is None else page_offsets
     # Triton launches on the current device; q may live on another one
     guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with guard:
         paged_prefill_kernel[grid](
-            q, out, cu_seqlens_q, seq_lens, pages, handle_table, handle_kinds, kv,
-            B, block_table.shape[1], handle_table.shape[0], kv.numel() - page_elems, T,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), pages.stride(0),
+            q, out, cu_seqlens_q, seq_lens, page_offsets, kv,
+            B, page_offsets.shape[1], kv.numel() - page_elems, T,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_offsets.stride(0),
             layer_off, stride_kv, stride_kv_head, stride_kv_token, scale * _LOG2E,
             kv_scale if kv_scale is not None else seq_lens,
             GQA=gqa, HEAD_DIM=D, BLOCK_D=attn_block_d(D), PAGE_TOKENS=page_tokens,
             ELEM_BYTES=kv.element_size(), KV_FP8=kv_scale is not None, NUM_KV_HEADS=num_kv_heads,
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-            PIPELINE=not interp, PAGE_BITS=block_n // page_tokens <= _MAX_BITS, CARRY=carry_pages,
-            RESOLVED=page_offsets is not None, UNROLL_PAGES=unroll_pages and 1 <= block_n // page_tokens <= 8,
+            PIPELINE=not interp, PAGE_BITS=block_n // page_tokens <= _MAX_BITS,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST_DOT=interp and q.dtype == torch.bfloat16,
             num_warps=num_warps, num_stages=num_stages)
 
 
 @_paged_prefill_op.register_fake
-def _(q, block_table, seq_lens, cu_seqlens_q, kv, handle_table, handle_kinds, out, page_tokens, num_kv_heads,
-      layer_off, stride_kv, stride_kv_head, stride_kv_token, scale, block_m, block_n, num_warps,
-      num_stages, kv_scale=None, carry_pages=False, page_offsets=None, page_elems=0, unroll_pages=False) -> None:
+def _(q, page_offsets, seq_lens, cu_seqlens_q, kv, out, page_tokens, num_kv_heads, layer_off, stride_kv,
+      stride_kv_head, stride_kv_token, scale, block_m, block_n, num_warps, num_stages, page_elems,
+      kv_scale=None) -> None:
+    return None
+
+
+@torch.library.custom_op("avmp::resolve_pages", mutates_args=("out",))
+def _resolve_pages_op(block_table: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
+                      out: torch.Tensor, elem_bytes: int) -> None:
+    """Validated launch; use ``resolve_pages``."""
+    n = block_table.numel()
+    if n == 0:
+        return
+    guard = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
+    with guard:
+        resolve_pages_kernel[(triton.cdiv(n, _RESOLVE_BLOCK),)](
+            block_table, out, handle_table, handle_kinds, handle_table.shape[0], block_table.shape[1], n,
+            block_table.stride(0), block_table.stride(1), ELEM_BYTES=elem_bytes, BLOCK=_RESOLVE_BLOCK, num_warps=4)
+
+
+@_resolve_pages_op.register_fake
+def _(block_table, handle_table, handle_kinds, out, elem_bytes) -> None:
     return None
 
 
@@ -195,9 +209,10 @@ def paged_prefill_attention(
         page_offsets: optional ``[B, W]`` int64, ``resolve_pages(block_table, cache)`` of this
             step (block_table's shape, rows contiguous): the kernel reads the pages' offsets from it
             and never the handle table. Build it once a step for all attention layers, after the
-            step's allocator calls (a page moved, freed or bound since is read where it was). On
-            the CPU it must equal ``resolve_pages``' answer; on a GPU an entry that is -1,
-            misaligned or past the arena's last page skips its page.
+            step's allocator calls (a page moved, freed or bound since is read where it was);
+            without it the call resolves the pages itself (one more small launch). On the CPU it
+            must equal ``resolve_pages``' answer; on a GPU an entry that is -1, misaligned or past
+            the arena's last page skips its page.
 
     Returns:
         ``out`` ``[T, Hq, D]``. Token i of request b (absolute position
@@ -225,14 +240,13 @@ def paged_prefill_attention(
         _check_metadata(cu_seqlens_q, seq_lens, block_table, cache.handle_table, cache.handle_kinds, T,
                         layout.page_tokens)
     kv_scale = check_kv_scale(kv_scale, cache, dev)
-    _check_page_offsets(page_offsets, block_table, cache)
+    page_offsets = _page_offsets(page_offsets, block_table, cache)
     # PagedCache guarantees whole elements of the KV dtype
     torch.ops.avmp.paged_prefill_attention(
-        q, block_table, seq_lens, cu_seqlens_q, cache.arena.view(cache.kv_dtype), cache.handle_table,
-        cache.handle_kinds, out, layout.page_tokens, layout.num_kv_heads, layer * layout.stride_layer,
-        layout.stride_kv, layout.stride_head, layout.stride_token, float(scale), cfg.block_m, cfg.block_n,
-        cfg.num_warps, cfg.num_stages, kv_scale, cfg.carry_pages, page_offsets,
-        cache.num_attn_layers * layout.stride_layer, cfg.unroll_pages)
+        q, page_offsets, seq_lens, cu_seqlens_q, cache.arena.view(cache.kv_dtype), out, layout.page_tokens,
+        layout.num_kv_heads, layer * layout.stride_layer, layout.stride_kv, layout.stride_head, layout.stride_token,
+        float(scale), cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+        cache.num_attn_layers * layout.stride_layer, kv_scale)
     return out
 
 
@@ -246,8 +260,8 @@ def resolve_pages(block_table: torch.Tensor, cache: PagedCache, *, out: torch.Te
 
     Returns:
         ``out`` ``[B, W]`` int64: the page's element offset in ``cache.arena.view(cache.kv_dtype)``,
-        -1 where the handle is -1, out of range, free or not a KV page. Torch ops on the device,
-        no host sync; valid until the allocator next moves, frees or binds a page.
+        -1 where the handle is -1, out of range, free or not a KV page. One kernel launch (grid from
+        the shape), no host sync; valid until the allocator next moves, frees or binds a page.
     """
     layout = kv_cache_of(cache)
     check_tensor(block_table, "block_table", dim=2, dtypes=(torch.int32,), device=cache.device, beside="the cache")
@@ -258,19 +272,15 @@ def resolve_pages(block_table: torch.Tensor, cache: PagedCache, *, out: torch.Te
                      contiguous=True)
         if out.shape != block_table.shape:
             raise ValueError(f"out must have block_table's shape {tuple(block_table.shape)}, got {tuple(out.shape)}")
-    h = block_table.long()
-    ok = (h >= 0) & (h < cache.handle_table.shape[0])
-    h = torch.where(ok, h, 0)
-    off = cache.handle_table[h]
-    ok &= (cache.handle_kinds[h] == KIND_KV) & (off >= 0)
-    # (offset + 1) * ok - 1: into ``out`` without a tensor for the -1
-    return torch.mul(off // layout.elem_bytes + 1, ok, out=out).sub_(1)
+    torch.ops.avmp.resolve_pages(block_table, cache.handle_table, cache.handle_kinds, out, layout.elem_bytes)
+    return out
 
 
-def _check_page_offsets(page_offsets, block_table, cache) -> None:
-    """``page_offsets``' shape, dtype and device; on the host, its values against ``resolve_pages``."""
+def _page_offsets(page_offsets, block_table, cache) -> torch.Tensor:
+    """The caller's ``page_offsets`` checked (shape, dtype, device; on the host, its values against
+    ``resolve_pages``), or ``resolve_pages`` of ``block_table`` when there are none."""
     if page_offsets is None:
-        return
+        return resolve_pages(block_table, cache)
     check_tensor(page_offsets, "page_offsets", dim=2, dtypes=(torch.int64,), device=block_table.device,
                  beside="q")
     if page_offsets.shape != block_table.shape:
@@ -286,6 +296,7 @@ def _check_page_offsets(page_offsets, block_table, cache) -> None:
             raise ValueError(f"page_offsets[{b}, {j}]={int(page_offsets[b, j])} differs from resolve_pages' "
                              f"{int(want[b, j])} for handle {int(block_table[b, j])} (stale: resolve the pages "
                              f"again after the allocator moves, frees or binds pages)")
+    return page_offsets
 
 
 def _check_q(q, cache) -> torch.device:
@@ -367,9 +378,6 @@ def _launch_shape(D, dtype, gqa, dev, max_seqlen_q, config) -> PrefillConfig:
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {cfg.num_warps!r}")
     if not is_int(cfg.num_stages) or cfg.num_stages < 1:
         raise ValueError(f"num_stages must be a positive int, got {cfg.num_stages!r}")
-    for name in ("carry_pages", "unroll_pages"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise ValueError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
     return cfg
 
 

@@ -1,13 +1,15 @@
 """Pure-torch reference of paged prefill / append attention (``avmp_triton.ops.paged_prefill``).
 
 Gathers each request's pages through the handle table into contiguous K/V, then runs plain
-causal attention in fp64. Slow, host-synchronising, for tests only.
+causal attention in fp64. Slow, host-synchronising, for tests only. ``resolve_pages_ref``: the
+page offsets the kernel reads, in torch ops.
 """
 from __future__ import annotations
 
 import torch
 
 from avmp_triton.layout import KVPageLayout
+from avmp_triton.memory.allocator import KIND_KV
 from avmp_triton.reference.paged_attention import dequantize, gather_kv
 
 
@@ -62,3 +64,16 @@ def paged_prefill_attention_ref(q: torch.Tensor, cu_seqlens_q: torch.Tensor, seq
         assert bool(ok.all()), f"request {b}: the pages of tokens {(~ok).nonzero().flatten().tolist()[:8]} are not readable"
         out[lo:hi] = causal_attention_ref(q[lo:hi], k, v, scale, compute_dtype).float()
     return out
+
+
+def resolve_pages_ref(block_table: torch.Tensor, handle_table: torch.Tensor, handle_kinds: torch.Tensor,
+                      elem_bytes: int) -> torch.Tensor:
+    """Reference of ``resolve_pages``: ``[B, W]`` int64 element offsets of the KV pages of
+    ``block_table`` (the handles' byte offsets // ``elem_bytes``), -1 where the handle is -1, out
+    of range, free or not a KV page."""
+    h = block_table.long()
+    ok = (h >= 0) & (h < handle_table.shape[0])
+    h = torch.where(ok, h, 0)
+    off = handle_table[h]
+    ok &= (handle_kinds[h] == KIND_KV) & (off >= 0)
+    return torch.where(ok, off // elem_bytes, -1)

@@ -14,7 +14,7 @@ import torch
 from avmp_triton import AVMPAllocator, HybridModelSpec, PagedCache
 from avmp_triton.layout import kv_page_layout
 from avmp_triton.ops.paged_prefill import PrefillConfig, paged_prefill_attention, prefill_launch_config, resolve_pages
-from avmp_triton.reference.paged_prefill import causal_attention_ref, paged_prefill_attention_ref
+from avmp_triton.reference.paged_prefill import causal_attention_ref, paged_prefill_attention_ref, resolve_pages_ref
 
 from test_paged_attention import lanes_padded, live_elements
 
@@ -218,12 +218,11 @@ def test_head_dims_not_powers_of_two(d, dtype, hq, hkv, gen):
 
 @pytest.mark.parametrize("blocks", [dict(config=PrefillConfig(block_m=16, block_n=16)),
                                     dict(config=PrefillConfig(block_n=64, num_warps=8)),
-                                    dict(config=PrefillConfig(block_m=16, block_n=16, carry_pages=True)),
-                                    dict(config=PrefillConfig(block_n=32, unroll_pages=True, carry_pages=False)),
+                                    dict(config=PrefillConfig(block_n=32)),
                                     dict(max_seqlen_q=17)])
 def test_block_overrides(blocks, gen):
     # block_m=16 with 2 heads per group: 8-token tiles, several diagonal tiles per request;
-    # block_n=64 spans 8 pages of 8 tokens, more than any request holds
+    # block_n=64 spans 8 pages of 8 tokens, more than any request holds; block_n=32 spans 4
     check_case(Case([17, 5], [33, 0], 4, 2, 64, 8, 1, gen=gen), **blocks)
 
 
@@ -273,25 +272,42 @@ def assert_hidden(case, out, hidden):
         torch.testing.assert_close(out[cu[b]:cu[b + 1]], want.float(), **TOL[case.dtype])
 
 
+def _scattered_handles(case, gen, shape):
+    """Handles of every kind in a random layout: live KV pages, -1, out of range (both sides),
+    freed KV pages and SSM blocks."""
+    a = case.alloc
+    freed = case.spare[:1]
+    a.free(freed)
+    pool = torch.cat([case.handles.cpu(), torch.tensor([-1, -2, a.num_handles, a.num_handles + 5, 2**31 - 1]),
+                      freed.cpu(), a.alloc_ssm(2).cpu()]).int()
+    return pool[torch.randint(pool.numel(), shape, generator=gen)].to(DEVICE)
+
+
 def test_resolve_pages(gen, device_checks_only):
-    """A usable KV page's element offset; -1 for padding, a handle out of range, a freed one and an
-    SSM block's; the op over them reads what it reads through the handles, bit for bit."""
+    """The kernel against ``resolve_pages_ref``: a usable KV page's element offset, -1 for padding,
+    handles out of range, freed ones and SSM blocks; over several programs and a strided table. The
+    op over the offsets reads what it reads when it resolves them itself, bit for bit."""
     case = Case([17, 5], [33, 0], 4, 2, 64, 8, 1, extra_pages=3, gen=gen)
     a = case.alloc
-    a.free(case.spare[:1])
+    for bt in (_scattered_handles(case, gen, (3, 700)), _scattered_handles(case, gen, (4, 10))[:, ::2]):
+        buf = torch.full(bt.shape, 123, dtype=torch.int64, device=DEVICE)
+        got = resolve_pages(bt, case.cache(), out=buf)
+        assert got is buf
+        want = resolve_pages_ref(bt, a.handle_table, a.handle_kind, case.layout.elem_bytes)
+        assert torch.equal(buf, want)
+        assert (want == -1).any() and (want >= 0).any()
     case.block_table[0, 1] = -1
     case.block_table[0, 3] = case.spare[0]          # freed
     case.block_table[1, 0] = a.num_handles + 5      # no such handle
     case.block_table[0, 4] = a.alloc_ssm(1)[0]      # an SSM block
-    buf = torch.full(case.block_table.shape, 123, dtype=torch.int64, device=DEVICE)
-    got = resolve_pages(case.block_table, case.cache(), out=buf)
-    assert got is buf
-    table, kinds = a.handle_table.tolist(), a.handle_kind.tolist()
-    for (b, j), h in zip(torch.cartesian_prod(*map(torch.arange, buf.shape)).tolist(), case.block_table.flatten().tolist()):
-        usable = 0 <= h < len(table) and kinds[h] == 1 and table[h] >= 0
-        assert int(buf[b, j]) == (table[h] // case.layout.elem_bytes if usable else -1), (b, j, h)
-    assert (buf[0, [1, 3, 4]] == -1).all() and int(buf[1, 0]) == -1
-    assert torch.equal(case.run(page_offsets=buf), case.run())
+    po = resolve_pages(case.block_table, case.cache())
+    assert (po[0, [1, 3, 4]] == -1).all() and int(po[1, 0]) == -1
+    assert torch.equal(case.run(page_offsets=po), case.run())
+
+
+def test_resolve_pages_empty(small_case):
+    bt = small_case.block_table[:0]
+    assert resolve_pages(bt, small_case.cache()).shape == (0, 3)
 
 
 def test_bad_page_offsets_are_skipped(gen, device_checks_only):
@@ -310,21 +326,19 @@ def test_bad_page_offsets_are_skipped(gen, device_checks_only):
     assert_hidden(case, case.run(page_offsets=po), {0: [(8, 16), (24, 32)]})
 
 
-@pytest.mark.parametrize("page_tokens,block_n,carry,resolved,unroll", [
-    pytest.param(1, 64, False, False, False, id="p1-n64-64-pages-a-block"),   # too many pages for the mask's bits
-    pytest.param(2, 64, True, True, False, id="p2-n64-32-pages-carry-resolved"),  # the mask's sign bit
-    pytest.param(32, 16, True, False, True, id="p32-n16-part-of-a-page-carry"),  # unroll_pages ignored
-    pytest.param(32, 16, False, True, False, id="p32-n16-part-of-a-page-resolved"),
-    pytest.param(8, 32, False, True, False, id="p8-n32-resolved"),
-    pytest.param(1, 64, True, False, False, id="p1-n64-carry"),
-    pytest.param(8, 64, True, False, True, id="p8-n64-8-pages-unrolled-carry"),
-    pytest.param(4, 16, False, True, True, id="p4-n16-4-pages-unrolled-resolved"),
+@pytest.mark.parametrize("page_tokens,block_n", [
+    pytest.param(1, 64, id="p1-n64-64-pages-a-block"),   # too many pages for the mask's bits
+    pytest.param(2, 64, id="p2-n64-32-pages"),           # the mask's sign bit
+    pytest.param(4, 64, id="p4-n64-16-pages"),           # a page tile, its bits reduced
+    pytest.param(32, 16, id="p32-n16-part-of-a-page"),
+    pytest.param(8, 32, id="p8-n32-4-pages-unrolled"),
+    pytest.param(8, 64, id="p8-n64-8-pages-unrolled"),
+    pytest.param(16, 16, id="p16-n16-1-page-unrolled"),
 ])
-def test_page_masks(page_tokens, block_n, carry, resolved, unroll, gen, device_checks_only):
+def test_page_masks(page_tokens, block_n, gen, device_checks_only):
     """Missing pages in every form the kernel masks them (bits of one int32, the row mask itself,
     a block inside one page, pages unrolled as scalars), the first and the last page of a block
-    among them, pages resolved in the step or carried from the one before, from handles or from
-    ``resolve_pages``."""
+    among them."""
     P = page_tokens
     case = Case([17, 5], [60, 3], 4, 2, 32, P, 1, gen=gen)
     last = block_n // P - 1 if block_n >= P else 0
@@ -332,8 +346,7 @@ def test_page_masks(page_tokens, block_n, carry, resolved, unroll, gen, device_c
     for b, pages in hidden.items():
         for j in pages:
             case.block_table[b, j] = -1
-    out = case.run(config=PrefillConfig(block_n=block_n, carry_pages=carry, unroll_pages=unroll),
-                   page_offsets=case.offsets() if resolved else None)
+    out = case.run(config=PrefillConfig(block_n=block_n))
     assert_hidden(case, out, {b: [(j * P, (j + 1) * P) for j in pages] for b, pages in hidden.items()})
 
 
@@ -466,9 +479,6 @@ BAD = {
     "block-n": (lambda c: dict(config=PrefillConfig(block_n=8)), ValueError, "block_n must be a power of two >= 16, got 8"),
     "num-warps": (lambda c: dict(config=PrefillConfig(num_warps=3)), ValueError, "num_warps .*got 3"),
     "num-stages": (lambda c: dict(config=PrefillConfig(num_stages=0)), ValueError, "num_stages .*got 0"),
-    "carry-pages": (lambda c: dict(config=PrefillConfig(carry_pages=1)), ValueError, "carry_pages must be a bool, got 1"),
-    "unroll-pages": (lambda c: dict(config=PrefillConfig(unroll_pages=1)), ValueError,
-                     "unroll_pages must be a bool, got 1"),
     "page-offsets-int32": (lambda c: dict(page_offsets=c.offsets().int()), TypeError,
                            "page_offsets must be torch.int64, got torch.int32"),
     "page-offsets-shape": (lambda c: dict(page_offsets=c.offsets()[:, :-1]), ValueError,
@@ -539,18 +549,22 @@ def test_custom_op_opcheck(gen):
     c = Case([5, 2], [3, 0], 2, 1, 16, 8, 1, gen=gen)
     L = c.layout
     kv = c.alloc.arena.view(c.dtype)
-    # inputs, metadata, the arena (as q's dtype), handle table, kinds, out, static ints
-    args = (c.q, c.block_table, c.seq_lens, c.cu, kv, c.alloc.handle_table, c.alloc.handle_kind,
-            torch.empty_like(c.q), L.page_tokens, L.num_kv_heads, c.layer * L.stride_layer, L.stride_kv,
-            L.stride_head, L.stride_token, 0.25, 16, 16, 4, 1)
+    po = torch.empty(c.block_table.shape, dtype=torch.int64, device=DEVICE)
+    resolve = (c.block_table, c.alloc.handle_table, c.alloc.handle_kind, po, L.elem_bytes)
+    torch.library.opcheck(torch.ops.avmp.resolve_pages.default, resolve)
+    torch.ops.avmp.resolve_pages(*resolve)
+    # q, offsets, metadata, the arena (as q's dtype), out, static ints, a page's elements
+    args = (c.q, po, c.seq_lens, c.cu, kv, torch.empty_like(c.q), L.page_tokens, L.num_kv_heads,
+            c.layer * L.stride_layer, L.stride_kv, L.stride_head, L.stride_token, 0.25, 16, 16, 4, 1,
+            c.num_layers * L.stride_layer)
     torch.library.opcheck(torch.ops.avmp.paged_prefill_attention.default, args)
-    resolved = dict(page_offsets=c.offsets(), page_elems=c.num_layers * L.stride_layer)
-    torch.library.opcheck(torch.ops.avmp.paged_prefill_attention.default, args, resolved)
     out = torch.full_like(c.q, float("nan"))
-    torch.ops.avmp.paged_prefill_attention(*args[:7], out, *args[8:])
+    torch.ops.avmp.paged_prefill_attention(*args[:5], out, *args[6:])
     ref = paged_prefill_attention_ref(c.q, c.cu, c.seq_lens, c.block_table, c.alloc.arena,
                                       c.alloc.handle_table, L, c.layer, scale=0.25)
     torch.testing.assert_close(out, ref, **TOL[c.dtype])
+    with pytest.raises(ValueError, match="page_elems, a KV page's elements, must be >= 1, got 0"):
+        torch.ops.avmp.paged_prefill_attention(*args[:-1], 0)
 
 
 # ------------------------------------------------------------------ GPU, real sizes
