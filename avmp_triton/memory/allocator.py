@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from avmp_triton._checks import check_tensor, is_int
@@ -30,7 +31,7 @@ from avmp_triton import _triton_env  # first: on CPU-only hosts it chooses the i
 from avmp_triton.kernels import alloc as K
 from avmp_triton.memory.free_bound import FreeBound
 from avmp_triton.memory.launch import launcher
-from avmp_triton.memory.planner import donor_holdings, plan_victims
+from avmp_triton.memory.planner import donor_holdings, plan_victims_array
 from avmp_triton.spec import HybridModelSpec, check_cache_dtypes, check_page_tokens
 
 KIND_FREE, KIND_KV, KIND_SSM = 0, 1, 2
@@ -658,26 +659,27 @@ class ArenaAllocator:
         """Plan (from a snapshot of the slab counters) and run a migration of ``need`` slabs."""
         p = self._pool_of[kind]
         d = 1 - p
-        owner, live = torch.stack([self.slab_owner, self.slab_live]).tolist()  # one read: one sync
+        # one read (one sync), planned on arrays: no Python loop over the slabs
+        owner, live = torch.stack([self.slab_owner, self.slab_live]).cpu().numpy()
         self.host_reads += 1
-        victims = plan_victims(owner, live, d, need, self.units_per_slab[d], eager=eager,
-                               migration_batch=self.migration_batch)
+        victims = plan_victims_array(owner, live, d, need, self.units_per_slab[d], eager=eager,
+                                     migration_batch=self.migration_batch)
         if victims is None:
             if n is not None:
                 raise self._exhausted(kind, n, free)
-            slabs, live_total = donor_holdings(owner, live, d)
+            slabs, live_total = donor_holdings(owner.tolist(), live.tolist(), d)
             raise PoolExhaustedError(
                 f"cannot move {need} slab(s) into the {_KIND_NAMES[kind]} pool: the "
                 f"{self.pool_names[d]!r} pool has {slabs} slab(s) holding {live_total} live unit(s)")
-        self._move_slabs(victims, d, p, sum(live[s] for s in victims))
+        self._move_slabs(victims, d, p, int(live[victims].sum()))
 
-    def _move_slabs(self, victims: list[int], d: int, p: int, n_moves: int) -> None:
+    def _move_slabs(self, victims: np.ndarray, d: int, p: int, n_moves: int) -> None:
         k = len(victims)
         # the victims and the [S] flags of leaving slabs, built on the host, cross in one copy
-        host = torch.zeros(k + self.num_slabs, dtype=torch.int32)
-        host[:k] = torch.tensor(victims, dtype=torch.int32)
-        host[k:][host[:k].long()] = 1
-        both = host.to(self.device)
+        host = np.zeros(k + self.num_slabs, dtype=np.int32)
+        host[:k] = victims
+        host[k + victims] = 1
+        both = torch.from_numpy(host).to(self.device)
         victims_t, flag = both[:k], both[k:]
         stacks_d = self._free_units[self._stack_base[d]:]
         launcher(K.drop_slabs_kernel)((1,), stacks_d, self._tops, flag, self.slab_bytes, POOL=d, BLOCK=_BLOCK,
