@@ -13,6 +13,9 @@ import dataclasses
 
 import torch
 
+from avmp_triton.memory.cache import PagedCache
+from avmp_triton.ops.paged_prefill import resolve_pages
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenGroup:
@@ -23,6 +26,9 @@ class TokenGroup:
     ssm_handles: torch.Tensor        # [b] int32 SSM block handle of each request
     cu_seqlens: torch.Tensor         # [b + 1] int32 ranges of the group's requests in its tokens
     has_initial_state: torch.Tensor  # [b] int32: 1 when the request continues (state in the block)
+    # [b, W] int64 ``resolve_pages(block_table, cache)``: the pages' offsets, resolved once for every
+    # attention layer of the step (prefill only); None: each layer's call resolves them itself
+    page_offsets: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +46,12 @@ class StepBatch:
 
 
 def build_step_batch(block_table: torch.Tensor, ssm_handles: torch.Tensor, cached: list[int],
-                     new: list[int]) -> StepBatch:
+                     new: list[int], kv_cache: PagedCache | None = None) -> StepBatch:
     """Metadata of a step whose request b has ``cached[b]`` tokens in its cache and ``new[b]`` new ones.
 
     ``block_table`` ``[B, W]`` and ``ssm_handles`` ``[B]`` are the step's requests' rows, in step order.
+    ``kv_cache``: the cache whose pages the prefill group's ``page_offsets`` are resolved in (after
+    the step's allocator calls: the offsets hold until it next moves, frees or binds a page).
     """
     dev = block_table.device
     starts = [0]
@@ -56,6 +64,8 @@ def build_step_batch(block_table: torch.Tensor, ssm_handles: torch.Tensor, cache
     for want in (False, True):
         reqs = [b for b, d in enumerate(is_decode) if d == want]
         groups.append(_group(reqs, block_table, ssm_handles, cached, new, starts) if reqs else None)
+    if groups[0] is not None and kv_cache is not None:
+        groups[0] = dataclasses.replace(groups[0], page_offsets=resolve_pages(groups[0].block_table, kv_cache))
     return StepBatch(block_table=block_table, token_req=token_req.to(dev), token_pos=token_pos.to(dev),
                      prefill=groups[0], decode=groups[1])
 

@@ -219,7 +219,7 @@ class PagedAttention:
         if batch.prefill is not None:
             g = batch.prefill
             o[g.tokens] = paged_prefill_attention(q[g.tokens], g.block_table, g.seq_lens, g.cu_seqlens, self.cache,
-                                                  scale=self.scale, **kw)
+                                                  scale=self.scale, page_offsets=g.page_offsets, **kw)
         if batch.decode is not None:
             g = batch.decode
             o[g.tokens] = paged_decode_attention(q[g.tokens], g.block_table, g.seq_lens, self.cache,

@@ -203,7 +203,9 @@ class HybridRunner(abc.ABC):
         if self.tp is not None and self.tp.check_replicas:
             assert_replicas_agree(self.allocator, block_table, ssm_handles, group=self.tp.group,
                                   what="before a step")
-        batch = build_step_batch(block_table, ssm_handles, cached, new)
+        # the pages' offsets resolved once here for every attention layer's prefill
+        batch = build_step_batch(block_table, ssm_handles, cached, new,
+                                 kv_cache=self.cache if self.spec.num_attn_layers else None)
         h = self.embed_tokens(torch.cat(tokens).to(self.device))
         for block in self.blocks:
             h = block(h, batch)
