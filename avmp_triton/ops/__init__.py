@@ -29,7 +29,7 @@ from avmp_triton.ops.paged_attention import (
     kv_append,
     paged_decode_attention,
 )
-from avmp_triton.ops.paged_prefill import PrefillConfig, paged_prefill_attention, prefill_launch_config
+from avmp_triton.ops.paged_prefill import PrefillConfig, paged_prefill_attention, prefill_launch_config, resolve_pages
 
 __all__ = [
     "DecodeConfig", "KIND_KV", "KIND_SSM", "MambaPrefillConfig", "MambaStateConfig", "PagedCache", "PrefillConfig",
@@ -37,5 +37,5 @@ __all__ = [
     "conv1d_prefill_launch_config", "decode_config", "decode_workspace", "decode_workspace_numel", "kv_append",
     "mamba1_launch_config", "mamba1_prefill_launch_config", "mamba1_scan_prefill", "mamba1_state_update",
     "mamba2_launch_config", "mamba2_prefill_launch_config", "mamba2_scan_prefill", "mamba2_state_update",
-    "paged_decode_attention", "paged_prefill_attention", "prefill_launch_config",
+    "paged_decode_attention", "paged_prefill_attention", "prefill_launch_config", "resolve_pages",
 ]
