@@ -84,7 +84,7 @@ class ModelExecutor:
             return []
         ids = batch.request_ids[rows]
         q, ctx = batch.query_lens_host[rows], batch.context_lens_host[rows]
-        rc = self._rows.get(rows, ids, self.requests, block_table.device)
+        rc = self._rows.get(rows, ids, self.requests)
         t0 = time.perf_counter()
         graphed = False
         calls = batch.device_calls
@@ -101,7 +101,8 @@ class ModelExecutor:
                 calls.flush()
             toks = [torch.tensor(self._tokens(i, int(c - n), int(c)), dtype=torch.long)
                     for i, c, n in zip(ids.tolist(), ctx, q)]
-            logits = self.runner.forward(toks, block_table[rc.idx], ssm_handles[rc.idx], (ctx - q).tolist())
+            idx = torch.as_tensor(rows, device=block_table.device)
+            logits = self.runner.forward(toks, block_table[idx], ssm_handles[idx], (ctx - q).tolist())
         self.steps += 1
         pick = np.flatnonzero(batch.sample_mask[rows])
         new = []
@@ -160,17 +161,16 @@ class ModelExecutor:
 
 
 class _RowsCache:
-    """What a step derives from its rows and their requests (the rows' index on the device, the
-    requests and their sampling arguments), kept while the rows hold the same requests: steady
-    decode steps then make no host-to-device copy and no per-request list for it."""
+    """What a step derives from its rows and their requests (the requests and their sampling
+    arguments), kept while the rows hold the same requests: steady decode steps then build no
+    per-request list for it. (A decode graph gathers its rows on the device itself.)"""
 
     def __init__(self):
-        self.rows = self.ids = self.idx = self.reqs = self.params = self.generators = None
+        self.rows = self.ids = self.reqs = self.params = self.generators = None
 
-    def get(self, rows: np.ndarray, ids: np.ndarray, requests: list[EngineRequest], device) -> "_RowsCache":
+    def get(self, rows: np.ndarray, ids: np.ndarray, requests: list[EngineRequest]) -> "_RowsCache":
         if not (np.array_equal(rows, self.rows) and np.array_equal(ids, self.ids)):
             self.rows, self.ids = rows, ids
-            self.idx = torch.as_tensor(rows, device=device)
             self.reqs = [requests[i] for i in ids.tolist()]
             self.params = [r.params for r in self.reqs]
             self.generators = [r.generator for r in self.reqs]
